@@ -1,0 +1,354 @@
+"""The engine a worker drives: ``add_request`` / ``abort_request`` / ``step``.
+
+The core does no I/O: each ``step`` schedules, runs one forward pass over a
+flat batch, samples and returns per-request token deltas. Text (incremental
+detokenization, stop strings) is handled by whoever holds the tokenizer on the
+output side; ``dyn_actor.engine.llm.LLM`` does it for offline use.
+
+Hooks for disaggregated serving:
+
+- ``cached_prefix(tokens)``: which leading blocks are already cached here;
+- ``allocate_remote_prefill(...)``: allocate a prompt's blocks without computing it;
+- ``finish_remote_prefill(id, first_token)``: the blocks were filled externally,
+  continue from the end of the prompt with this first token;
+- ``pool.read_blocks`` / ``pool.write_blocks`` (and the byte variants): raw block memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from dyn_actor.engine.loader import LoadedModel, load_model, resolve_dtype
+from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillSeq
+from dyn_actor.engine.model_config import ModelLoadError
+from dyn_actor.engine.request import Request, RequestStatus
+from dyn_actor.engine.sampling import Logprobs, SamplingParams, sample
+from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
+from dyn_actor.kv.block_manager import BlockManager
+from dyn_actor.kv.events import KvEvent
+from dyn_actor.kv.pool import KvLayout, KvPool
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str = "builtin:tiny"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int = 1 * GiB  # bytes for the KV pool
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[Logprobs] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class RemoteAllocation(msgspec.Struct):
+    block_ids: list[int]
+    num_cached_tokens: int  # leading prompt tokens whose KV is already in those blocks
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_remote: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int
+    prompt_tokens: int
+    prefix_cache_hit_tokens: int
+    generated_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.block_size < 1 or config.block_size > 1024:
+            raise ValueError(f"block_size must be between 1 and 1024, got {config.block_size}")
+        loaded = loaded or load_model(config.model)
+        self.model_name = loaded.name
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.dtype = resolve_dtype(config.dtype, cfg)
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            limit = min(limit, cfg.sliding_window)
+        if config.max_model_len:
+            if config.max_model_len > limit:
+                raise ModelLoadError(f"max_model_len {config.max_model_len} exceeds the model's limit of {limit}")
+            limit = config.max_model_len
+        self.max_model_len = limit
+        bs = config.block_size
+        layout = KvLayout(1, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        blocks_per_seq = -(-limit // bs)
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        else:
+            num_blocks = min(config.kv_cache_memory // layout.block_nbytes, blocks_per_seq * config.max_num_seqs)
+        if num_blocks < blocks_per_seq:
+            raise ModelLoadError(
+                f"the KV cache holds {num_blocks} blocks of {bs} tokens, fewer than one {limit}-token sequence "
+                f"needs ({blocks_per_seq}); raise the KV memory or lower max_model_len"
+            )
+        self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.pool = KvPool(self.layout)
+        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_token_threshold),
+            self.block_manager,
+        )
+        self.requests: dict[str, Request] = {}
+        self._prompt_tokens = 0
+        self._hit_tokens = 0
+        self._generated = 0
+        self._preemptions = 0
+
+    # ------------------------------------------------------------- requests
+    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate(self.model_config.vocab_size)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens, "
+                "which must also hold at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
+        return req
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request. Raises ``ValueError`` (a message for the user) for bad input."""
+        req = self._make_request(request_id, prompt_token_ids, params or SamplingParams())
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks are freed. False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        req.finish_reason = "abort"
+        self.scheduler.finish(req)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def has_work(self) -> bool:
+        """Whether ``step`` would compute something now (requests waiting for remote KV do not count)."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ------------------------------------------------------------ remote KV
+    def cached_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
+        """(block ids, token count) of the leading full blocks of ``token_ids`` cached here."""
+        hits = self.block_manager.find_cached_prefix(token_ids, max_tokens=len(token_ids) - 1)
+        return [b.block_id for b in hits], len(hits) * self.layout.block_size
+
+    def allocate_remote_prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RemoteAllocation | None:
+        """Allocate the prompt's blocks for an external prefill; None when the pool has no room now."""
+        req = self._make_request(request_id, prompt_token_ids, params)
+        if not self.scheduler.allocate_remote(req):
+            return None
+        self.requests[request_id] = req
+        self._count_prompt(req)
+        return RemoteAllocation(self.block_manager.block_ids(request_id), req.num_cached_tokens)
+
+    def finish_remote_prefill(
+        self, request_id: str, first_token_id: int, logprobs: Logprobs | None = None
+    ) -> RequestOutput | None:
+        """The prompt's KV was written into this request's blocks; continue with ``first_token_id``."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
+            return None
+        self.scheduler.resume_remote(req)
+        return self._emit(req, first_token_id, logprobs)
+
+    def fail_remote_prefill(self, request_id: str) -> bool:
+        """The remote prefill is lost: compute the prompt locally in the blocks already held."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
+            return False
+        self.scheduler.fallback_to_local(req)
+        return True
+
+    def remote_request_ids(self) -> list[str]:
+        return list(self.scheduler.remote)
+
+    # ------------------------------------------------------------------ step
+    def _count_prompt(self, req: Request) -> None:
+        self._prompt_tokens += req.num_prompt_tokens
+        self._hit_tokens += max(0, req.num_cached_tokens)
+
+    def _emit(self, req: Request, token: int, lp: Logprobs | None) -> RequestOutput:
+        req.append_token(token)
+        self._generated += 1
+        finished = req.check_stop(self.max_model_len)
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            logprobs=[lp] if lp is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(0, req.num_cached_tokens),
+        )
+        if finished:
+            out.finished = True
+            out.finish_reason = req.finish_reason
+            out.stop_reason = req.stop_reason
+            self.requests.pop(req.request_id, None)
+            self.scheduler.finish(req)
+        return out
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one forward pass; return what each sampled request produced."""
+        sched = self.scheduler.schedule()
+        self._preemptions += len(sched.preempted)
+        if not sched.scheduled:
+            return []
+        for req in sched.admitted:
+            self._count_prompt(req)
+        batch, samplers = self._build_batch(sched.scheduled)
+        logits = self.model.forward(batch, self.pool)
+        for req, n in sched.scheduled:
+            req.num_computed_tokens += n
+        outputs: list[RequestOutput] = []
+        if samplers:
+            self._apply_min_tokens(logits, samplers)
+            result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers])
+            for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
+                outputs.append(self._emit(req, tok, lp))
+        for req, _ in sched.scheduled:
+            if not req.finished:
+                self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        return outputs
+
+    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        for i, req in enumerate(reqs):
+            if req.num_output_tokens < req.params.min_tokens:
+                banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+    def _build_batch(self, scheduled: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request]]:
+        bs = self.layout.block_size
+        decodes = [(r, n) for r, n in scheduled if n == 1]
+        prefills = [(r, n) for r, n in scheduled if n > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        logits_rows: list[int] = []
+        samplers: list[Request] = []
+        table = mask = None
+        nd = len(decodes)
+        if nd:
+            tables = []
+            ctx = []
+            for row, (r, _) in enumerate(decodes):
+                pos = r.num_computed_tokens
+                blocks = self.block_manager.block_ids(r.request_id)
+                ids.append(r.all_token_ids[pos])
+                positions.append(pos)
+                slot_blocks.append(blocks[pos // bs])
+                slot_offsets.append(pos % bs)
+                n_blocks = pos // bs + 1
+                tables.append(blocks[:n_blocks])
+                ctx.append(pos + 1)
+                if pos + 1 == r.num_tokens:
+                    logits_rows.append(row)
+                    samplers.append(r)
+            width = max(len(t) for t in tables)
+            table = torch.zeros((nd, width), dtype=torch.long)
+            for row, t in enumerate(tables):
+                table[row, : len(t)] = torch.tensor(t)
+            mask = (torch.arange(width * bs).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)).view(nd, 1, 1, width * bs)
+        seqs: list[PrefillSeq] = []
+        start = nd
+        for r, n in prefills:
+            c = r.num_computed_tokens
+            blocks = self.block_manager.block_ids(r.request_id)
+            end = c + n
+            ids.extend(r.all_token_ids[c:end])
+            pos = torch.arange(c, end)
+            positions.extend(pos.tolist())
+            bt = torch.tensor(blocks[: -(-end // bs)], dtype=torch.long)
+            slot_blocks.extend(bt[pos // bs].tolist())
+            slot_offsets.extend((pos % bs).tolist())
+            pmask = None
+            if c > 0:
+                pmask = torch.arange(end).unsqueeze(0) <= (pos.unsqueeze(1))
+            seqs.append(PrefillSeq(start, n, c, bt, pmask))
+            if end == r.num_tokens:
+                logits_rows.append(start + n - 1)
+                samplers.append(r)
+            start += n
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long),
+            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long),
+            num_decode=nd,
+            decode_block_table=table,
+            decode_mask=mask,
+            prefills=seqs,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
+        return batch, samplers
+
+    # ---------------------------------------------------------------- status
+    def drain_kv_events(self) -> list[KvEvent]:
+        return self.block_manager.drain_events()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_waiting_remote=len(s.remote),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_cached=bm.num_cached_blocks,
+            prompt_tokens=self._prompt_tokens,
+            prefix_cache_hit_tokens=self._hit_tokens,
+            generated_tokens=self._generated,
+            num_preemptions=self._preemptions,
+        )
+
+    def now(self) -> float:
+        return time.monotonic()

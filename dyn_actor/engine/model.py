@@ -1,0 +1,178 @@
+"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, TinyLlama, SmolLM) over a paged KV pool.
+
+Plain tensors, no ``nn.Module``: the engine feeds one flat batch of tokens
+per step (decode tokens first, then prefill chunks) and gets logits back for
+the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.kv.pool import KvPool
+
+
+@dataclass
+class PrefillSeq:
+    """A run of ``length`` new tokens of one sequence, after ``context_len`` tokens already in the pool."""
+
+    start: int
+    length: int
+    context_len: int
+    block_ids: torch.Tensor  # blocks covering context_len + length tokens
+    mask: torch.Tensor | None  # [length, context_len + length] bool, None when context_len == 0
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_blocks: torch.Tensor  # [T] block id of each token's KV
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decode: int  # rows [0, num_decode) are one token each, attending over their whole context
+    decode_block_table: torch.Tensor | None  # [num_decode, max_blocks]
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSeq]
+    logits_indices: torch.Tensor  # [S] rows whose logits are returned
+
+
+class _Layer:
+    __slots__ = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wdown")
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scale = cfg.head_dim**-0.5
+        w = {k.removeprefix("model."): v for k, v in weights.items()}
+
+        def take(name: str, required: bool = True) -> torch.Tensor | None:
+            t = w.get(name)
+            if t is None:
+                if required:
+                    raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
+                return None
+            return t.to(dtype).contiguous()
+
+        self.embed = take("embed_tokens.weight")
+        self.norm = take("norm.weight")
+        head = weights.get("lm_head.weight")
+        if head is None:
+            if not cfg.tie_word_embeddings and "lm_head.weight" not in weights:
+                # some exports omit it and still tie; accept, as transformers does
+                pass
+            self.lm_head = self.embed
+        else:
+            self.lm_head = head.to(dtype).contiguous()
+        if tuple(self.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ModelLoadError(
+                f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({cfg.vocab_size}, {cfg.hidden_size})"
+            )
+        self.layers: list[_Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            a = p + "self_attn."
+            layer = _Layer()
+            layer.ln1 = take(p + "input_layernorm.weight")
+            layer.ln2 = take(p + "post_attention_layernorm.weight")
+            layer.wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]).contiguous()
+            biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
+            if any(b is not None for b in biases):
+                if any(b is None for b in biases):
+                    raise ModelLoadError(f"layer {i} has a bias on only some of q/k/v")
+                layer.bqkv = torch.cat(biases).contiguous()  # type: ignore[arg-type]
+            else:
+                layer.bqkv = None
+            layer.wo = take(a + "o_proj.weight")
+            layer.bo = take(a + "o_proj.bias", required=False)
+            m = p + "mlp."
+            layer.wgu = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous()
+            layer.wdown = take(m + "down_proj.weight")
+            if take(m + "down_proj.bias", required=False) is not None:
+                raise ModelLoadError("MLP biases are not supported")
+            self.layers.append(layer)
+        inv_freq = cfg.rope_inv_freq()
+        pos = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+
+    # ------------------------------------------------------------------ pieces
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def _attention(self, q, k, v, k_cache, v_cache, b: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        out = torch.empty((q.shape[0], nh, d), dtype=q.dtype)
+        nd = b.num_decode
+        if nd:
+            table = b.decode_block_table
+            s = table.shape[1] * k_cache.shape[1]
+            kd = k_cache[table].view(nd, s, nkv, d).transpose(1, 2)
+            vd = v_cache[table].view(nd, s, nkv, d).transpose(1, 2)
+            qd = q[:nd].view(nd, nkv, nh // nkv, d)  # heads grouped by their kv head
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, scale=self.scale)
+            out[:nd] = o.reshape(nd, nh, d)
+        for p in b.prefills:
+            lo, hi = p.start, p.start + p.length
+            if p.context_len == 0:
+                ks, vs = k[lo:hi], v[lo:hi]
+            else:
+                total = p.context_len + p.length
+                ks = k_cache[p.block_ids].view(-1, nkv, d)[:total]
+                vs = v_cache[p.block_ids].view(-1, nkv, d)[:total]
+            o = F.scaled_dot_product_attention(
+                q[lo:hi].transpose(0, 1),
+                ks.transpose(0, 1),
+                vs.transpose(0, 1),
+                attn_mask=p.mask,
+                is_causal=p.mask is None,
+                scale=self.scale,
+                enable_gqa=nkv != nh,
+            )
+            out[lo:hi] = o.transpose(0, 1)
+        return out.view(q.shape[0], nh * d)
+
+    # ----------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
+        """Run one step; write every token's KV into ``pool``; return float32 logits of ``logits_indices``."""
+        cfg = self.cfg
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        t = b.input_ids.shape[0]
+        x = F.embedding(b.input_ids, self.embed)
+        cos = self.cos[b.positions].unsqueeze(1)
+        sin = self.sin[b.positions].unsqueeze(1)
+        qk_size = (nh + nkv) * d
+        inter = cfg.intermediate_size
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.ln1)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qk = self._rope(qkv[:, :qk_size].view(t, nh + nkv, d), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, qk_size:].view(t, nkv, d)
+            k_cache, v_cache = pool.k[i], pool.v[i]
+            k_cache[b.slot_blocks, b.slot_offsets] = k
+            v_cache[b.slot_blocks, b.slot_offsets] = v
+            attn = self._attention(q, k, v, k_cache, v_cache, b)
+            x = x + F.linear(attn, layer.wo, layer.bo)
+            h = self._rms_norm(x, layer.ln2)
+            gu = F.linear(h, layer.wgu)
+            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.wdown)
+        h = self._rms_norm(x[b.logits_indices], self.norm)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,105 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from dyn_actor.engine.sampling import Logprobs, SamplingParams, make_generator
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    FINISHED = "finished"
+
+
+class Request:
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "params",
+        "output_token_ids",
+        "all_token_ids",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "status",
+        "generator",
+        "eos_token_ids",
+        "max_tokens",
+        "arrival_time",
+        "finish_reason",
+        "stop_reason",
+        "num_preemptions",
+        "pending_logprobs",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        max_tokens: int,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until known
+        self.status = RequestStatus.WAITING
+        self.generator: torch.Generator | None = make_generator(params.seed)
+        self.eos_token_ids = () if params.ignore_eos else eos_token_ids
+        self.max_tokens = max_tokens
+        self.arrival_time = time.monotonic()
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.pending_logprobs: list[Logprobs] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """After a token was appended: set finish_reason/stop_reason and return True if the request is done."""
+        tok = self.output_token_ids[-1]
+        n = len(self.output_token_ids)
+        if n >= self.params.min_tokens:
+            if tok in self.eos_token_ids:
+                self.finish_reason, self.stop_reason = "stop", None
+                return True
+            if tok in self.params.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", tok
+                return True
+        if n >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = "length"
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+            f"out={self.num_output_tokens}, computed={self.num_computed_tokens})"
+        )

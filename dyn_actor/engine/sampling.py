@@ -1,0 +1,162 @@
+"""Sampling parameters and the batched sampler.
+
+Each row of a batch has its own parameters. Greedy rows take the argmax of
+the raw logits; random rows apply temperature, top-k, top-p and min-p, then
+draw by the exponential race (``argmax(p / E)``, ``E ~ Exp(1)``), with the
+noise for a seeded request drawn from that request's own generator: a seeded
+request samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import torch
+
+_GREEDY_EPS = 1e-5
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    skip_special_tokens: bool = True
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Raise ``ValueError`` with a user-facing message for any bad value; return self."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+class Logprobs(msgspec.Struct, array_like=True):
+    """Logprob of the sampled token and of the top alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+class SampleResult(msgspec.Struct):
+    token_ids: list[int]
+    logprobs: list[Logprobs | None]
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) what top-k / top-p exclude, per row. ``top_k`` rows of 0 and ``top_p`` rows of 1 are off."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = top_k.clamp(min=1, max=vocab)
+        k = torch.where(top_k <= 0, torch.full_like(k, vocab), k)
+        kth = sorted_logits.gather(1, (vocab - k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        drop = cum <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> SampleResult:
+    """Sample one token per row of float32 ``logits`` (modified in place by masks the caller applied)."""
+    n = logits.shape[0]
+    raw = logits
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        tokens = logits.argmax(dim=-1)
+    else:
+        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32)
+        x = logits / temps.unsqueeze(1)
+        top_k = top_p = None
+        if any(p.top_k > 0 and not g for p, g in zip(params, greedy)):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long)
+        if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        x = apply_top_k_top_p(x, top_k, top_p)
+        if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
+            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=torch.float32))
+        probs = x.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i in range(n) if generators[i] is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1])).exponential_()
+        for i in range(n):
+            if generators[i] is not None and not greedy[i]:
+                noise[i].exponential_(generator=generators[i])
+        tokens = (probs / noise).argmax(dim=-1)
+        if any(greedy):
+            g_rows = torch.tensor(greedy)
+            tokens = torch.where(g_rows, raw.argmax(dim=-1), tokens)
+    token_list = tokens.tolist()
+    lp: list[Logprobs | None] = [None] * n
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        logp = raw[want].log_softmax(dim=-1)
+        for j, i in enumerate(want):
+            tok = token_list[i]
+            row = logp[j]
+            k = params[i].logprobs or 0
+            val = row[tok].item()
+            rank = int((row > row[tok]).sum().item()) + 1
+            top: list[tuple[int, float]] = []
+            if k:
+                vals, ids = row.topk(k)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            lp[i] = Logprobs(tok, val, rank, top)
+    return SampleResult(token_list, lp)

@@ -1,0 +1,156 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Each step has a token budget. Running requests are served first (a decode
+token each, or the next chunk of an unfinished prefill), oldest first; then
+waiting requests are admitted, their prefix-cache hits skipped, their prompt
+cut into chunks that fit the budget. When blocks run out, the most recently
+admitted running request is preempted: its blocks are freed and it goes back
+to the head of the queue, to be recomputed (mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dyn_actor.engine.request import Request, RequestStatus
+from dyn_actor.kv.block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    #: cap on one request's prefill chunk per step (0: only the step budget caps it)
+    long_prefill_token_threshold: int = 0
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # scheduled for the first time
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.remote: dict[str, Request] = {}  # allocated, KV being written by a prefill worker
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.remote)
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a request that has ended (stop, length, abort) and free its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.remote[req.request_id]
+        req.status = RequestStatus.FINISHED
+        self.bm.free(req.request_id)
+
+    # ------------------------------------------------------------ remote KV
+    def allocate_remote(self, req: Request) -> bool:
+        """Allocate blocks for the whole prompt without computing it (prefix hits are shared)."""
+        hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1)
+        if self.bm.allocate(req.request_id, req.num_tokens, hits) is None:
+            return False
+        req.num_computed_tokens = len(hits) * self.bm.block_size
+        req.num_cached_tokens = req.num_computed_tokens
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.remote[req.request_id] = req
+        return True
+
+    def resume_remote(self, req: Request) -> None:
+        """The prompt's KV is in place: decode from here on."""
+        del self.remote[req.request_id]
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.bm.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def fallback_to_local(self, req: Request) -> None:
+        """A remote prefill failed: compute the prompt here, keeping blocks already allocated."""
+        del self.remote[req.request_id]
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    # --------------------------------------------------------------- schedule
+    def _chunk(self, req: Request, budget: int, computed: int | None = None) -> int:
+        """Tokens to compute for ``req`` this step, from ``computed`` (default: its progress so far)."""
+        done = req.num_computed_tokens if computed is None else computed
+        n = min(req.num_tokens - done, budget)
+        if self.config.long_prefill_token_threshold > 0:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req, budget)
+            if n <= 0:
+                i += 1
+                continue
+            allocated = True
+            while self.bm.allocate(req.request_id, req.num_computed_tokens + n) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    allocated = False
+                    break
+            if not allocated:
+                break
+            out.scheduled.append((req, n))
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits = []
+            if not self.bm.has_request(req.request_id):
+                hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1)
+                computed = len(hits) * self.bm.block_size
+            else:  # blocks kept from a failed remote prefill
+                computed = req.num_computed_tokens
+            n = self._chunk(req, budget, computed)
+            if self.bm.allocate(req.request_id, computed + n, hits) is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = computed
+                out.admitted.append(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+            budget -= n
+        return out

@@ -1,0 +1,155 @@
+"""Tokenizer and chat template of a model folder (or of the built-in model).
+
+Wraps a ``tokenizers.Tokenizer`` (from ``tokenizer.json``) and renders the
+Jinja chat template from ``chat_template.jinja`` or ``tokenizer_config.json``,
+the two places current ``transformers`` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from dyn_actor.engine.model_config import ModelLoadError
+
+
+class ChatTemplateError(ValueError):
+    """The request's messages cannot be rendered with the model's chat template."""
+
+
+def _token_content(tok: Any) -> str | None:
+    if tok is None:
+        return None
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return str(tok)
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        self._tk = tokenizer
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        # Some conversions rely on the config's add_bos_token rather than the
+        # post-processor; add the BOS ourselves only when the post-processor does not.
+        self._manual_bos = False
+        if add_bos_token and self.bos_token_id is not None:
+            probe = tokenizer.encode("a", add_special_tokens=True).ids
+            self._manual_bos = not probe or probe[0] != self.bos_token_id
+        self.special_ids = frozenset(k for k, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        self._template = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        tk_file = path / "tokenizer.json"
+        if not tk_file.is_file():
+            raise ModelLoadError(f"{path} has no tokenizer.json (a fast tokenizer file is required)")
+        tk = tokenizers.Tokenizer.from_file(str(tk_file))
+        cfg: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").is_file():
+            template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        else:
+            template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return cls(
+            tk,
+            chat_template=template,
+            bos_token=_token_content(cfg.get("bos_token")),
+            eos_token=_token_content(cfg.get("eos_token")),
+            add_bos_token=cfg.get("add_bos_token"),
+        )
+
+    # ------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._tk
+
+    # ----------------------------------------------------------- (de)tokenize
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._manual_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
+        return ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tk.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tk.id_to_token(token_id)
+
+    # ---------------------------------------------------------- chat template
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+        except ChatTemplateError:
+            raise
+        except Exception as e:  # jinja errors, template-raised errors
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+        # the template writes the BOS itself when the model wants one
+        return self.encode(text, add_special_tokens=False)
+
+
+def _compile_template(source: str):  # -> jinja2.Template
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ModelLoadError(f"the chat template does not compile: {e}") from None

@@ -1,0 +1,82 @@
+"""The paged KV memory: one tensor, laid out for transfer.
+
+Layout ``[num_blocks, num_layers, 2 (k, v), block_size, num_kv_heads, head_dim]``:
+one block of all layers is one contiguous run of ``block_nbytes`` bytes, so
+moving N blocks between processes is N large copies (or one gather/scatter),
+never N x layers small ones. Each layer sees strided views
+``[num_blocks, block_size, num_kv_heads, head_dim]`` of its keys and values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_numel(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.block_numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_nbytes
+
+
+class KvPool:
+    """KV memory for ``layout.num_blocks`` blocks; optionally over caller-provided storage."""
+
+    def __init__(self, layout: KvLayout, device: str | torch.device = "cpu", data: torch.Tensor | None = None):
+        self.layout = layout
+        if data is None:
+            data = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+        elif tuple(data.shape) != layout.shape or data.dtype != layout.dtype or not data.is_contiguous():
+            raise ValueError(f"KV storage must be a contiguous {layout.dtype} tensor of shape {layout.shape}")
+        self.data = data
+        self.k = [data[:, layer, 0] for layer in range(layout.num_layers)]
+        self.v = [data[:, layer, 1] for layer in range(layout.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of the given blocks, shape ``[len(block_ids), *block_shape]``."""
+        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
+        return self.data.index_select(0, idx)
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+        """Overwrite the given blocks in place with ``blocks`` (as returned by ``read_blocks``)."""
+        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != self.layout.shape[1:]:
+            raise ValueError(f"expected {len(block_ids)} blocks of shape {self.layout.shape[1:]}, got {tuple(blocks.shape)}")
+        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
+        self.data.index_copy_(0, idx, blocks.to(device=self.data.device, dtype=self.data.dtype))
+
+    def block_bytes(self, block_ids: Sequence[int]) -> bytes:
+        """The raw bytes of the given blocks, in order."""
+        return self.read_blocks(block_ids).cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    def write_block_bytes(self, block_ids: Sequence[int], raw: bytes | memoryview) -> None:
+        expected = len(block_ids) * self.layout.block_nbytes
+        if len(raw) != expected:
+            raise ValueError(f"expected {expected} bytes for {len(block_ids)} blocks, got {len(raw)}")
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.layout.dtype)
+        self.write_blocks(block_ids, flat.view(len(block_ids), *self.layout.shape[1:]))
