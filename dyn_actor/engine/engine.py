@@ -16,6 +16,7 @@ Hooks for disaggregated serving:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from dyn_actor.kv.events import KvEvent
 from dyn_actor.kv.pool import KvLayout, KvPool
 
 GiB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,10 +113,15 @@ class LLMEngine:
         else:
             num_blocks = min(config.kv_cache_memory // layout.block_nbytes, blocks_per_seq * config.max_num_seqs)
         if num_blocks < blocks_per_seq:
-            raise ModelLoadError(
-                f"the KV cache holds {num_blocks} blocks of {bs} tokens, fewer than one {limit}-token sequence "
-                f"needs ({blocks_per_seq}); raise the KV memory or lower max_model_len"
-            )
+            if config.max_model_len or num_blocks < 1:
+                raise ModelLoadError(
+                    f"the KV cache holds {num_blocks} blocks of {bs} tokens, fewer than one {limit}-token sequence "
+                    f"needs ({blocks_per_seq}); raise the KV memory or lower max_model_len"
+                )
+            # no explicit context length asked for: serve the longest one that fits
+            limit = num_blocks * bs
+            log.warning("KV cache fits %d tokens: max_model_len lowered to that", limit)
+            self.max_model_len = limit
         self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.pool = KvPool(self.layout)
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit)
@@ -234,6 +241,7 @@ class LLMEngine:
             self.scheduler.finish(req)
         return out
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule and run one forward pass; return what each sampled request produced."""
         sched = self.scheduler.schedule()
@@ -264,10 +272,12 @@ class LLMEngine:
                 if banned:
                     logits[i, banned] = float("-inf")
 
-    def _build_batch(self, scheduled: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request]]:
+    def _build_batch(
+        self, scheduled: list[tuple[Request, int]], all_logits: bool = False
+    ) -> tuple[ForwardBatch, list[Request]]:
         bs = self.layout.block_size
-        decodes = [(r, n) for r, n in scheduled if n == 1]
-        prefills = [(r, n) for r, n in scheduled if n > 1]
+        decodes = [(r, n) for r, n in scheduled if n == 1 and not all_logits]
+        prefills = [(r, n) for r, n in scheduled if n > 1 or all_logits]
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
@@ -296,7 +306,10 @@ class LLMEngine:
             table = torch.zeros((nd, width), dtype=torch.long)
             for row, t in enumerate(tables):
                 table[row, : len(t)] = torch.tensor(t)
-            mask = (torch.arange(width * bs).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)).view(nd, 1, 1, width * bs)
+            table = table.view(-1)
+            valid = torch.arange(width * bs).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
+            mask = torch.zeros((nd, 1, 1, width * bs), dtype=self.dtype)
+            mask.masked_fill_(~valid.view(nd, 1, 1, width * bs), float("-inf"))
         seqs: list[PrefillSeq] = []
         start = nd
         for r, n in prefills:
@@ -313,7 +326,9 @@ class LLMEngine:
             if c > 0:
                 pmask = torch.arange(end).unsqueeze(0) <= (pos.unsqueeze(1))
             seqs.append(PrefillSeq(start, n, c, bt, pmask))
-            if end == r.num_tokens:
+            if all_logits:
+                logits_rows.extend(range(start, start + n))
+            elif end == r.num_tokens:
                 logits_rows.append(start + n - 1)
                 samplers.append(r)
             start += n
@@ -329,6 +344,31 @@ class LLMEngine:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long),
         )
         return batch, samplers
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Logits (float32, ``[len(prompt), vocab]``) at every position of each prompt, in one batched pass.
+
+        Uses the same paged-attention path as serving (blocks are allocated and
+        freed again); for tests and prompt log-probabilities.
+        """
+        reqs = []
+        try:
+            for i, p in enumerate(prompts):
+                req = self._make_request(f"__score_{i}", p, SamplingParams(max_tokens=1))
+                if self.block_manager.allocate(req.request_id, req.num_tokens) is None:
+                    raise RuntimeError("not enough free KV blocks to score these prompts")
+                reqs.append(req)
+            batch, _ = self._build_batch([(r, r.num_tokens) for r in reqs], all_logits=True)
+            logits = self.model.forward(batch, self.pool)
+        finally:
+            for r in reqs:
+                self.block_manager.free(r.request_id)
+        out, start = [], 0
+        for p in prompts:
+            out.append(logits[start : start + len(p)])
+            start += len(p)
+        return out
 
     # ---------------------------------------------------------------- status
     def drain_kv_events(self) -> list[KvEvent]:

@@ -34,8 +34,8 @@ class ForwardBatch:
     slot_blocks: torch.Tensor  # [T] block id of each token's KV
     slot_offsets: torch.Tensor  # [T] offset inside that block
     num_decode: int  # rows [0, num_decode) are one token each, attending over their whole context
-    decode_block_table: torch.Tensor | None  # [num_decode, max_blocks]
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_block_table: torch.Tensor | None  # [num_decode * max_blocks] block ids, row-major
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive (0 / -inf)
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # [S] rows whose logits are returned
 
@@ -115,16 +115,16 @@ class LlamaModel:
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    def _attention(self, q, k, v, k_cache, v_cache, b: ForwardBatch) -> torch.Tensor:
+    def _attention(self, q, k, v, k_rows, v_rows, b: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         out = torch.empty((q.shape[0], nh, d), dtype=q.dtype)
         nd = b.num_decode
         if nd:
             table = b.decode_block_table
-            s = table.shape[1] * k_cache.shape[1]
-            kd = k_cache[table].view(nd, s, nkv, d).transpose(1, 2)
-            vd = v_cache[table].view(nd, s, nkv, d).transpose(1, 2)
+            s = b.decode_mask.shape[-1]
+            kd = k_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
+            vd = v_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             qd = q[:nd].view(nd, nkv, nh // nkv, d)  # heads grouped by their kv head
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, scale=self.scale)
             out[:nd] = o.reshape(nd, nh, d)
@@ -134,8 +134,8 @@ class LlamaModel:
                 ks, vs = k[lo:hi], v[lo:hi]
             else:
                 total = p.context_len + p.length
-                ks = k_cache[p.block_ids].view(-1, nkv, d)[:total]
-                vs = v_cache[p.block_ids].view(-1, nkv, d)[:total]
+                ks = k_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
+                vs = v_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
             o = F.scaled_dot_product_attention(
                 q[lo:hi].transpose(0, 1),
                 ks.transpose(0, 1),
@@ -166,10 +166,9 @@ class LlamaModel:
             qk = self._rope(qkv[:, :qk_size].view(t, nh + nkv, d), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qk_size:].view(t, nkv, d)
-            k_cache, v_cache = pool.k[i], pool.v[i]
-            k_cache[b.slot_blocks, b.slot_offsets] = k
-            v_cache[b.slot_blocks, b.slot_offsets] = v
-            attn = self._attention(q, k, v, k_cache, v_cache, b)
+            pool.k[i][b.slot_blocks, b.slot_offsets] = k
+            pool.v[i][b.slot_blocks, b.slot_offsets] = v
+            attn = self._attention(q, k, v, pool.k_rows[i], pool.v_rows[i], b)
             x = x + F.linear(attn, layer.wo, layer.bo)
             h = self._rms_norm(x, layer.ln2)
             gu = F.linear(h, layer.wgu)

@@ -53,6 +53,10 @@ class KvPool:
         self.data = data
         self.k = [data[:, layer, 0] for layer in range(layout.num_layers)]
         self.v = [data[:, layer, 1] for layer in range(layout.num_layers)]
+        # the same memory as [num_blocks, block_size * num_kv_heads * head_dim] rows:
+        # gathering whole rows with index_select is a memcpy per block
+        self.k_rows = [k.flatten(1) for k in self.k]
+        self.v_rows = [v.flatten(1) for v in self.v]
 
     @property
     def device(self) -> torch.device:

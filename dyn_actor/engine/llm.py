@@ -1,0 +1,82 @@
+"""Offline generation: ``LLM(model).generate(prompts, params)``, text in and text out."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dyn_actor.engine.detokenizer import TextStream
+from dyn_actor.engine.engine import EngineConfig, LLMEngine
+from dyn_actor.engine.sampling import Logprobs, SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[Logprobs] = field(default_factory=list)
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output: CompletionOutput
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    def __init__(self, model: str = "builtin:tiny", **engine_options) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
+        """Run every prompt to completion (continuously batched); outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        engine = self.engine
+        order: list[str] = []
+        state: dict[str, tuple[GenerationOutput, TextStream]] = {}
+        for prompt, sp in zip(prompts, params_list):
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"gen-{next(self._ids)}"
+            engine.add_request(rid, ids, sp)
+            stream = TextStream(self.tokenizer, ids, sp.stop, sp.include_stop_str_in_output, sp.skip_special_tokens)
+            state[rid] = (GenerationOutput(rid, text, ids, CompletionOutput("", [], None)), stream)
+            order.append(rid)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                gen, stream = state[out.request_id]
+                comp = gen.output
+                comp.token_ids.extend(out.new_token_ids)
+                if out.logprobs:
+                    comp.logprobs.extend(out.logprobs)
+                gen.num_cached_tokens = out.num_cached_tokens
+                _, stopped = stream.update(out.new_token_ids, out.finished)
+                if stopped:
+                    if not out.finished:
+                        engine.abort_request(out.request_id)
+                    comp.finish_reason, comp.stop_reason = "stop", stream.stop_reason
+                elif out.finished:
+                    comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
+                comp.text = stream.text
+        return [state[rid][0] for rid in order]
+
+    def chat(
+        self, messages: list[dict], params: SamplingParams | None = None
+    ) -> GenerationOutput:
+        ids = self.tokenizer.encode_chat(messages)
+        return self.generate([ids], params)[0]

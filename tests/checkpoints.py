@@ -1,0 +1,58 @@
+"""Small random Hugging Face checkpoints that tests write for themselves (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dyn_actor.engine import builtin
+
+
+def write_tokenizer(directory: Path) -> None:
+    """The built-in ASCII tokenizer, as tokenizer.json + tokenizer_config.json."""
+    builtin.build_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
+
+
+def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a random ``kind`` ("llama" or "qwen2") model with ``save_pretrained``; return the folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = len(builtin.build_tokenizer().get_vocab())
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+        rms_norm_eps=1e-6,
+    )
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        common.setdefault("tie_word_embeddings", True)
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    # random init from transformers is small and flat; widen it so greedy tokens are well separated
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5)
+    model = model.to(torch.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    write_tokenizer(directory)
+    return directory

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import random
+
+from dyn_actor.engine import LLMEngine, SamplingParams
+
+
+def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], max_steps: int = 10_000):
+    """Add every request, step until all finish; return {id: (tokens, finish_reason, outputs)}."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    got: dict[str, list] = {rid: [[], None, []] for rid in requests}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            entry = got[out.request_id]
+            entry[0].extend(out.new_token_ids)
+            entry[2].append(out)
+            if out.finished:
+                entry[1] = out.finish_reason
+    else:
+        raise AssertionError("requests did not finish")
+    return {rid: (toks, reason, outs) for rid, (toks, reason, outs) in got.items()}
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int = 99) -> list[int]:
+    return [0] + [rng.randrange(2, vocab) for _ in range(n - 1)]

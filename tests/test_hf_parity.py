@@ -1,0 +1,82 @@
+"""The native engine against transformers on small random checkpoints it writes itself."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT_LENS = [3, 16, 37, 70, 97]  # shorter than a block, exact block, several blocks
+
+
+def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[0] + [rng.randrange(2, vocab) for _ in range(n - 1)] for n in PROMPT_LENS]
+
+
+def _hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_match_transformers(kind, llama_dir, qwen2_dir):
+    model_dir = llama_dir if kind == "llama" else qwen2_dir
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256))
+    hf = _hf(model_dir)
+    prompts = _prompts(engine.model_config.vocab_size)
+    ours = engine.score(prompts)
+    for p, logits in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].float()
+        diff = (logits - ref).abs().max().item()
+        assert diff < 1e-4, f"{kind}: prompt of {len(p)} tokens differs by {diff}"
+    assert engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_matches_generate(kind, llama_dir, qwen2_dir):
+    model_dir = llama_dir if kind == "llama" else qwen2_dir
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256))
+    hf = _hf(model_dir)
+    prompts = _prompts(engine.model_config.vocab_size, seed=1)
+    new = 24
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([p]), max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=1
+            )[0, len(p) :].tolist()
+        assert got[str(i)] == ref, f"{kind}: prompt {i} ({len(p)} tokens)"
+
+
+def test_llama3_rope_scaling_matches(tmp_path):
+    from tests.checkpoints import write_checkpoint
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    d = write_checkpoint(tmp_path / "l3", "llama", rope_scaling=scaling, rope_theta=500000.0, max_position_embeddings=1024)
+    engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    assert engine.model_config.rope_scaling["rope_type"] == "llama3"
+    hf = _hf(d)
+    p = _prompts(engine.model_config.vocab_size, seed=3)[-1] * 2
+    (ours,) = engine.score([p])
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4

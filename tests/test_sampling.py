@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from dyn_actor.engine.llm import LLM
+from dyn_actor.engine.sampling import apply_min_p, apply_top_k_top_p, make_generator, sample
+from tests.helpers import random_prompt, run_all
+
+
+def test_top_k_mask():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([2, 0]), None)
+    assert torch.isinf(out[0]).tolist() == [True, False, True, False, True]
+    assert not torch.isinf(out[1]).any()  # 0: off
+
+
+def test_top_p_mask_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = apply_top_k_top_p(probs.log(), None, torch.tensor([0.75]))
+    assert torch.isinf(out[0]).tolist() == [False, False, True, True]
+    out = apply_top_k_top_p(probs.log(), None, torch.tensor([0.1]))
+    assert torch.isinf(out[0]).tolist() == [False, True, True, True]  # the top token always stays
+
+
+def test_min_p_mask():
+    probs = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    out = apply_min_p(probs.log(), torch.tensor([0.2]))  # threshold 0.12
+    assert torch.isinf(out[0]).tolist() == [False, False, True, True]
+
+
+def test_sampling_respects_masks_over_many_draws():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)).repeat(400, 1)
+    top5 = set(logits[0].topk(5).indices.tolist())
+    params = [SamplingParams(temperature=1.5, top_k=5)] * 400
+    res = sample(logits.clone(), params, [None] * 400)
+    assert set(res.token_ids) <= top5 and len(set(res.token_ids)) > 1
+
+
+def test_seeded_rows_reproducible_whatever_the_batch():
+    logits = torch.randn(3, 99, generator=torch.Generator().manual_seed(1))
+    sp = SamplingParams(temperature=1.0, seed=123)
+    draws_alone = [sample(logits[1:2].clone(), [sp], [g]).token_ids[0] for g in [make_generator(123)] for _ in range(1)]
+    g = make_generator(123)
+    mixed = sample(logits.clone(), [SamplingParams(temperature=1.0), sp, SamplingParams(temperature=0)], [None, g, None])
+    assert mixed.token_ids[1] == draws_alone[0]
+    assert mixed.token_ids[2] == logits[2].argmax().item()
+
+
+def test_seeded_request_same_tokens_alone_and_batched():
+    rng = random.Random(3)
+    p = random_prompt(rng, 20)
+    sp = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    e1 = LLMEngine(EngineConfig(num_kv_blocks=64))
+    alone = run_all(e1, {"a": (p, sp)})["a"][0]
+    e2 = LLMEngine(EngineConfig(num_kv_blocks=256))
+    others = {f"o{i}": (random_prompt(rng, 10 + i), SamplingParams(max_tokens=25, temperature=1.0)) for i in range(6)}
+    batched = run_all(e2, {**others, "a": (p, sp)})["a"][0]
+    assert alone == batched
+    unseeded = run_all(e2, {"u": (p, SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True, seed=43))})["u"][0]
+    assert unseeded != alone
+
+
+def test_max_tokens_min_tokens_eos_and_stop_token_ids():
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    p = [0, 40, 41, 42]
+    (toks, reason, _), = run_all(engine, {"a": (p, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))}).values()
+    assert len(toks) == 7 and reason == "length"
+    stop_tok = toks[3]
+    res = run_all(engine, {"b": (p, SamplingParams(max_tokens=7, temperature=0, stop_token_ids=[stop_tok]))})["b"]
+    assert res[0] == toks[: toks.index(stop_tok) + 1] and res[1] == "stop"
+    assert res[2][-1].stop_reason == stop_tok
+    # min_tokens forbids the stop token before that many tokens
+    res = run_all(engine, {"c": (p, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_tok], min_tokens=6))})["c"]
+    assert stop_tok not in res[0][:5] and len(res[0]) >= 6
+    # EOS ends a request (stop_reason None) unless ignore_eos; pretend the model's EOS is that token
+    engine.eos_token_ids = (stop_tok,)
+    res = run_all(engine, {"d": (p, SamplingParams(max_tokens=7, temperature=0))})["d"]
+    assert res[0] == toks[: toks.index(stop_tok) + 1] and res[1] == "stop" and res[2][-1].stop_reason is None
+    res = run_all(engine, {"e": (p, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))})["e"]
+    assert res[0] == toks and res[1] == "length"
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_stop_strings_and_text():
+    llm = LLM("builtin:tiny", num_kv_blocks=64)
+    base = llm.generate(["Hello there"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].output
+    assert len(base.text) > 10
+    stop = base.text[5:8]
+    first = base.text.find(stop)
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True))[0].output
+    assert out.text == base.text[:first] and out.finish_reason == "stop" and out.stop_reason == stop
+    out = llm.generate(
+        ["Hello there"], SamplingParams(max_tokens=30, temperature=0, stop=[stop], include_stop_str_in_output=True, ignore_eos=True)
+    )[0].output
+    assert out.text == base.text[: first + len(stop)]
+    assert llm.engine.block_manager.num_used_blocks == 0  # stopped request was aborted, blocks back
+
+
+def test_logprobs():
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    p = [0, 50, 51, 52, 53]
+    res = run_all(engine, {"a": (p, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))})["a"]
+    lps = [lp for o in res[2] for lp in (o.logprobs or [])]
+    assert len(lps) == 5
+    for tok, lp in zip(res[0], lps):
+        assert lp.token_id == tok and lp.rank == 1  # greedy: the sampled token is the top one
+        assert len(lp.top) == 3 and lp.top[0][0] == tok
+        assert math.isclose(lp.top[0][1], lp.logprob, rel_tol=1e-6)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+        assert lp.logprob <= 0
+    (logits,) = engine.score([p])
+    ref = logits[-1].log_softmax(-1)
+    assert math.isclose(lps[0].logprob, ref[res[0][0]].item(), abs_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=2),
+        dict(min_tokens=5, max_tokens=2),
+        dict(logprobs=50),
+        dict(stop_token_ids=[100000]),
+    ],
+)
+def test_invalid_params_are_rejected(bad):
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    with pytest.raises(ValueError):
+        engine.add_request("x", [0, 5, 6], SamplingParams(**bad))
+    assert not engine.has_unfinished_requests()
+
+
+def test_invalid_prompts_are_rejected():
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=64))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("x", [], SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("x", [5] * 64, SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("x", [5, 100000], SamplingParams())
+    # a request that would run past the context ends there with "length"
+    res = run_all(engine, {"ok": ([5] * 60, SamplingParams(max_tokens=100, ignore_eos=True))})["ok"]
+    assert len(res[0]) == 4 and res[1] == "length" and engine.block_manager.num_used_blocks == 0

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from dyn_actor.engine.request import Request, RequestStatus
+from dyn_actor.engine.sampling import SamplingParams
+from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
+from dyn_actor.kv.block_manager import BlockManager
+
+BS = 4
+
+
+def _req(rid: str, n: int, max_tokens: int = 8) -> Request:
+    return Request(rid, [10 + (i % 50) + int(rid.strip("r") or 0) * 100 for i in range(n)], SamplingParams(max_tokens=max_tokens), (1,), max_tokens)
+
+
+def _run_step(s: Scheduler, out, sample_token: int = 7) -> list[Request]:
+    """What the engine does after a forward pass: advance progress, sample where a request is caught up."""
+    sampled = []
+    for req, n in out.scheduled:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens:
+            req.append_token(sample_token)
+            sampled.append(req)
+            if req.check_stop(10_000):
+                s.finish(req)
+        if not req.finished:
+            s.bm.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+    return sampled
+
+
+def test_token_budget_and_chunked_prefill():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, BS))
+    long, short = _req("r1", 23), _req("r2", 5)
+    s.add(long)
+    s.add(short)
+    out = s.schedule()
+    assert out.scheduled == [(long, 10)]  # the budget caps the first chunk
+    assert _run_step(s, out) == []  # a partial prefill samples nothing
+    out = s.schedule()
+    assert out.scheduled == [(long, 10)]
+    _run_step(s, out)
+    out = s.schedule()
+    assert out.scheduled == [(long, 3), (short, 5)]  # remaining chunk, then the next request fits
+    assert out.num_tokens <= 10
+    assert _run_step(s, out) == [long, short]
+    out = s.schedule()
+    assert out.scheduled == [(long, 1), (short, 1)]  # both decoding
+
+
+def test_long_prefill_threshold_caps_a_chunk():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, long_prefill_token_threshold=8), BlockManager(64, BS))
+    r = _req("r1", 30)
+    s.add(r)
+    assert s.schedule().scheduled == [(r, 8)]
+
+
+def test_max_num_seqs():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockManager(64, BS))
+    reqs = [_req(f"r{i}", 3) for i in range(1, 4)]
+    for r in reqs:
+        s.add(r)
+    out = s.schedule()
+    assert [r for r, _ in out.scheduled] == reqs[:2]
+    assert len(s.waiting) == 1
+
+
+def test_preemption_frees_blocks_and_requeues_last_admitted():
+    bm = BlockManager(6, BS)  # 24 token slots
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100), bm)
+    a, b = _req("r1", 8, max_tokens=12), _req("r2", 8, max_tokens=12)
+    s.add(a)
+    s.add(b)
+    _run_step(s, s.schedule())  # 2 + 2 blocks held; each has 9 tokens now
+    preempted = 0
+    for _ in range(40):
+        if not s.running and not s.waiting:
+            break
+        out = s.schedule()
+        preempted += len(out.preempted)
+        if out.preempted and preempted == len(out.preempted):  # the first preemption
+            assert out.preempted == [b]  # the last admitted goes first
+            assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+            assert s.waiting[0] is b and bm.block_ids("r2") == []
+        _run_step(s, out)
+    assert preempted >= 1
+    assert a.finished and b.finished
+    assert a.num_output_tokens == 12 and b.num_output_tokens == 12
+    assert bm.num_used_blocks == 0
+
+
+def test_abort_anywhere_returns_blocks():
+    bm = BlockManager(64, BS)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), bm)
+    running, waiting = _req("r1", 6), _req("r2", 30)
+    s.add(running)
+    s.add(waiting)
+    _run_step(s, s.schedule())  # r1 prefilled (6) and r2 got a 2-token chunk
+    assert bm.num_used_blocks > 0
+    s.finish(running)
+    s.finish(waiting)
+    assert bm.num_used_blocks == 0 and not s.running and not s.waiting
+    remote = _req("r3", 12)
+    assert s.allocate_remote(remote)
+    assert bm.num_used_blocks == 3
+    s.finish(remote)
+    assert bm.num_used_blocks == 0 and not s.remote
+
+
+def test_prefix_hit_skips_cached_blocks():
+    bm = BlockManager(64, BS)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100), bm)
+    a = _req("r1", 13)
+    s.add(a)
+    _run_step(s, s.schedule())
+    s.finish(a)
+    b = Request("b", list(a.prompt_token_ids), SamplingParams(), (1,), 4)
+    s.add(b)
+    out = s.schedule()
+    assert out.scheduled == [(b, 1)]  # 12 of 13 tokens cached
+    assert b.num_cached_tokens == 12
