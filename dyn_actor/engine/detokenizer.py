@@ -38,6 +38,13 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self._ids.extend(token_ids)
+        last = self._ids[-1]
+        if self._tok.byte_fallback_ids and (
+            last in self._tok.byte_fallback_ids or (self._skip and last in self._tok.special_ids)
+        ):
+            # a run of byte tokens decodes as a unit (skipped special tokens do not
+            # break it): wait until a normal token ends the run
+            return ""
         decode = self._tok.decode
         prefix = decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
         full = decode(self._ids[self._prefix_offset :], self._skip)

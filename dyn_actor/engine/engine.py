@@ -131,6 +131,7 @@ class LLMEngine:
             self.block_manager,
         )
         self.requests: dict[str, Request] = {}
+        self._held: dict[str, Request] = {}  # finished, blocks kept until release_blocks
         self._prompt_tokens = 0
         self._hit_tokens = 0
         self._generated = 0
@@ -157,9 +158,22 @@ class LLMEngine:
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
         return req
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises ``ValueError`` (a message for the user) for bad input."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        hold_blocks: bool = False,
+    ) -> None:
+        """Queue a request. Raises ``ValueError`` (a message for the user) for bad input.
+
+        ``hold_blocks``: keep the request's KV blocks when it finishes, until
+        ``release_blocks`` (a prefill worker copies them out first).
+        """
+        if request_id in self._held:
+            raise ValueError(f"request id {request_id!r} is already in use")
         req = self._make_request(request_id, prompt_token_ids, params or SamplingParams())
+        req.hold_blocks = hold_blocks
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -167,9 +181,20 @@ class LLMEngine:
         """Stop a request wherever it is; its blocks are freed. False if it is unknown or already done."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
+            return self.release_blocks(request_id)
         req.finish_reason = "abort"
         self.scheduler.finish(req)
+        return True
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The KV blocks a live (or finished and held) request owns, in token order."""
+        return self.block_manager.block_ids(request_id)
+
+    def release_blocks(self, request_id: str) -> bool:
+        """Free the blocks of a finished request started with ``hold_blocks=True``."""
+        if self._held.pop(request_id, None) is None:
+            return False
+        self.block_manager.free(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -238,7 +263,9 @@ class LLMEngine:
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
             self.requests.pop(req.request_id, None)
-            self.scheduler.finish(req)
+            self.scheduler.finish(req, free_blocks=not req.hold_blocks)
+            if req.hold_blocks:
+                self._held[req.request_id] = req
         return out
 
     @torch.inference_mode()
@@ -254,15 +281,13 @@ class LLMEngine:
         logits = self.model.forward(batch, self.pool)
         for req, n in sched.scheduled:
             req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         outputs: list[RequestOutput] = []
         if samplers:
             self._apply_min_tokens(logits, samplers)
             result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers])
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
-        for req, _ in sched.scheduled:
-            if not req.finished:
-                self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         return outputs
 
     def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:

@@ -35,6 +35,7 @@ class Request:
         "stop_reason",
         "num_preemptions",
         "pending_logprobs",
+        "hold_blocks",
     )
 
     def __init__(
@@ -61,6 +62,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.pending_logprobs: list[Logprobs] = []
+        self.hold_blocks = False  # keep the KV blocks after finishing (a prefill worker reads them)
 
     @property
     def num_tokens(self) -> int:

@@ -55,8 +55,8 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
-    def finish(self, req: Request) -> None:
-        """Remove a request that has ended (stop, length, abort) and free its blocks."""
+    def finish(self, req: Request, free_blocks: bool = True) -> None:
+        """Remove a request that has ended (stop, length, abort) and free its blocks unless told not to."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
@@ -64,7 +64,8 @@ class Scheduler:
         elif req.status is RequestStatus.WAITING_FOR_REMOTE_KV:
             del self.remote[req.request_id]
         req.status = RequestStatus.FINISHED
-        self.bm.free(req.request_id)
+        if free_blocks:
+            self.bm.free(req.request_id)
 
     # ------------------------------------------------------------ remote KV
     def allocate_remote(self, req: Request) -> bool:

@@ -53,6 +53,7 @@ class Tokenizer:
             self._manual_bos = not probe or probe[0] != self.bos_token_id
         self.special_ids = frozenset(k for k, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._template = None
+        self.byte_fallback_ids = _byte_fallback_ids(tokenizer)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -133,6 +134,22 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         # the template writes the BOS itself when the model wants one
         return self.encode(text, add_special_tokens=False)
+
+
+def _byte_fallback_ids(tk: tokenizers.Tokenizer) -> frozenset[int]:
+    """Ids of ``<0xXX>`` byte tokens when the decoder merges runs of them (SentencePiece byte fallback).
+
+    Such a run decodes as a unit: one invalid byte turns the whole run into
+    replacement characters, so text is final only once the run has ended.
+    """
+    try:
+        decoder = json.dumps(json.loads(tk.to_str()).get("decoder"))
+    except Exception:
+        return frozenset()
+    if "ByteFallback" not in decoder:
+        return frozenset()
+    ids = (tk.token_to_id(f"<0x{i:02X}>") for i in range(256))
+    return frozenset(i for i in ids if i is not None)
 
 
 def _compile_template(source: str):  # -> jinja2.Template
