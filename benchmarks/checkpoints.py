@@ -1,0 +1,72 @@
+"""Random Llama checkpoints for benchmarks, written with safetensors alone (no transformers, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+
+from dyn_actor.engine import builtin
+
+# ~125M parameters: 12 layers of 768, grouped-query attention (12 heads, 4 KV heads), 32k vocabulary
+LLAMA_125M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000)
+
+
+def _wide_tokenizer(vocab_size: int) -> Tokenizer:
+    """The built-in ASCII tokenizer padded with synthetic multi-character tokens to ``vocab_size``."""
+    base = builtin.build_tokenizer()
+    vocab = dict(sorted(base.get_vocab().items(), key=lambda kv: kv[1]))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(vocab) < vocab_size:
+        word = " " + letters[i % 26] + letters[(i // 26) % 26] + letters[(i // 676) % 26] + str(i // 17576)
+        vocab.setdefault(word, len(vocab))
+        i += 1
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tk.normalizer = base.normalizer
+    tk.pre_tokenizer = base.pre_tokenizer
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens([builtin.BOS, builtin.EOS])
+    tk.post_processor = base.post_processor
+    return tk
+
+
+def write_random_llama(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
+    spec = dict(spec or LLAMA_125M)
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32", **spec,
+    }
+    g = torch.Generator().manual_seed(seed)
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+
+    def lin(o: int, i: int) -> torch.Tensor:
+        return torch.randn(o, i, generator=g) / i**0.5
+
+    w = {"model.embed_tokens.weight": torch.randn(v, h, generator=g), "model.norm.weight": torch.ones(h),
+         "lm_head.weight": lin(v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+              p + "self_attn.q_proj.weight": lin(q, h), p + "self_attn.k_proj.weight": lin(kv, h),
+              p + "self_attn.v_proj.weight": lin(kv, h), p + "self_attn.o_proj.weight": lin(h, q),
+              p + "mlp.gate_proj.weight": lin(inter, h), p + "mlp.up_proj.weight": lin(inter, h),
+              p + "mlp.down_proj.weight": lin(h, inter)}
+    from safetensors.torch import save_file
+
+    save_file(w, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    _wide_tokenizer(v).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    return d

