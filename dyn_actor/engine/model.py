@@ -40,6 +40,10 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] rows whose logits are returned
 
 
+def d_half(cfg: ModelConfig) -> int:
+    return cfg.head_dim // 2
+
+
 class _Layer:
     __slots__ = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wdown")
 
@@ -101,7 +105,9 @@ class LlamaModel:
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
+        sin = emb.sin()
+        self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(dtype)
 
     # ------------------------------------------------------------------ pieces
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -111,9 +117,9 @@ class LlamaModel:
         return weight * xf.to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        # x*cos + rotate_half(x)*sin, where rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * sign
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
     def _attention(self, q, k, v, k_rows, v_rows, b: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
@@ -136,16 +142,20 @@ class LlamaModel:
                 total = p.context_len + p.length
                 ks = k_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
                 vs = v_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
+            if nkv != nh:  # repeat KV heads: the CPU flash kernel has no grouped-query path
+                g = nh // nkv
+                ks = ks.unsqueeze(2).expand(-1, nkv, g, d).reshape(-1, nh, d)
+                vs = vs.unsqueeze(2).expand(-1, nkv, g, d).reshape(-1, nh, d)
+            # 4-D inputs: the CPU flash kernel is only chosen for [batch, heads, seq, dim]
             o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1),
-                ks.transpose(0, 1),
-                vs.transpose(0, 1),
+                q[lo:hi].transpose(0, 1).unsqueeze(0),
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
                 attn_mask=p.mask,
                 is_causal=p.mask is None,
                 scale=self.scale,
-                enable_gqa=nkv != nh,
             )
-            out[lo:hi] = o.transpose(0, 1)
+            out[lo:hi] = o[0].transpose(0, 1)
         return out.view(q.shape[0], nh * d)
 
     # ----------------------------------------------------------------- forward
