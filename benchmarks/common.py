@@ -6,6 +6,8 @@ import importlib.metadata
 import importlib.util
 import json
 import multiprocessing as mp
+import os
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ def vllm_available() -> bool:
 
 
 def _trampoline(fn, args, queue) -> None:
+    os.setsid()  # own process group, so whatever the engine spawned can be cleaned up with it
     try:
         queue.put(("ok", fn(*args)))
     except BaseException as e:  # report, don't hang the parent
@@ -52,9 +55,11 @@ def run_isolated(fn, *args, timeout: float = 1800) -> Any:
     try:
         status, value = queue.get(timeout=timeout)
     finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+        proc.join(timeout=60)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # engine helper processes (vLLM's) included
+        except ProcessLookupError:
+            pass
     if status != "ok":
         raise RuntimeError(value)
     return value

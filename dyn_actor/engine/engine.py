@@ -50,6 +50,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     num_threads: int | None = None
+    native_ops: bool = True  # the C decode-attention kernel (falls back to PyTorch without a compiler)
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -124,7 +125,7 @@ class LLMEngine:
             self.max_model_len = limit
         self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.pool = KvPool(self.layout)
-        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit)
+        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_token_threshold),
@@ -309,7 +310,7 @@ class LLMEngine:
         slot_offsets: list[int] = []
         logits_rows: list[int] = []
         samplers: list[Request] = []
-        table = mask = None
+        table = mask = ctx_lens = None
         nd = len(decodes)
         if nd:
             tables = []
@@ -328,13 +329,12 @@ class LLMEngine:
                     logits_rows.append(row)
                     samplers.append(r)
             width = max(len(t) for t in tables)
-            table = torch.zeros((nd, width), dtype=torch.long)
-            for row, t in enumerate(tables):
-                table[row, : len(t)] = torch.tensor(t)
-            table = table.view(-1)
-            valid = torch.arange(width * bs).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
-            mask = torch.zeros((nd, 1, 1, width * bs), dtype=self.dtype)
-            mask.masked_fill_(~valid.view(nd, 1, 1, width * bs), float("-inf"))
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+            ctx_lens = torch.tensor(ctx, dtype=torch.long)
+            if self.model.native is None:
+                valid = torch.arange(width * bs).unsqueeze(0) < ctx_lens.unsqueeze(1)
+                mask = torch.zeros((nd, 1, 1, width * bs), dtype=self.dtype)
+                mask.masked_fill_(~valid.view(nd, 1, 1, width * bs), float("-inf"))
         seqs: list[PrefillSeq] = []
         start = nd
         for r, n in prefills:
@@ -364,6 +364,7 @@ class LLMEngine:
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long),
             num_decode=nd,
             decode_block_table=table,
+            decode_ctx_lens=ctx_lens,
             decode_mask=mask,
             prefills=seqs,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long),

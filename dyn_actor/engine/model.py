@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.engine.native_ops import native_lib, paged_decode_attention
 from dyn_actor.kv.pool import KvPool
 
 
@@ -34,8 +35,9 @@ class ForwardBatch:
     slot_blocks: torch.Tensor  # [T] block id of each token's KV
     slot_offsets: torch.Tensor  # [T] offset inside that block
     num_decode: int  # rows [0, num_decode) are one token each, attending over their whole context
-    decode_block_table: torch.Tensor | None  # [num_decode * max_blocks] block ids, row-major
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive (0 / -inf)
+    decode_block_table: torch.Tensor | None  # [num_decode, max_blocks] block ids (padded with 0)
+    decode_ctx_lens: torch.Tensor | None  # [num_decode] context length including the new token
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive; PyTorch path only
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # [S] rows whose logits are returned
 
@@ -49,8 +51,16 @@ class _Layer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        max_len: int,
+        native_ops: bool = True,
+    ):
         self.cfg = cfg
+        self.native = native_lib() if native_ops and dtype in (torch.float32, torch.bfloat16) else None
         self.dtype = dtype
         self.scale = cfg.head_dim**-0.5
         w = {k.removeprefix("model."): v for k, v in weights.items()}
@@ -121,13 +131,18 @@ class LlamaModel:
         # x*cos + rotate_half(x)*sin, where rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * sign
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
-    def _attention(self, q, k, v, k_rows, v_rows, b: ForwardBatch) -> torch.Tensor:
+    def _attention(self, q, k, v, layer: int, pool: KvPool, b: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         out = torch.empty((q.shape[0], nh, d), dtype=q.dtype)
+        k_rows, v_rows = pool.k_rows[layer], pool.v_rows[layer]
         nd = b.num_decode
-        if nd:
-            table = b.decode_block_table
+        if nd and self.native is not None:
+            out[:nd] = paged_decode_attention(
+                self.native, q[:nd], pool.k[layer], pool.v[layer], b.decode_block_table, b.decode_ctx_lens, self.scale
+            )
+        elif nd:
+            table = b.decode_block_table.view(-1)
             s = b.decode_mask.shape[-1]
             kd = k_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             vd = v_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
@@ -178,7 +193,7 @@ class LlamaModel:
             v = qkv[:, qk_size:].view(t, nkv, d)
             pool.k[i][b.slot_blocks, b.slot_offsets] = k
             pool.v[i][b.slot_blocks, b.slot_offsets] = v
-            attn = self._attention(q, k, v, pool.k_rows[i], pool.v_rows[i], b)
+            attn = self._attention(q, k, v, i, pool, b)
             x = x + F.linear(attn, layer.wo, layer.bo)
             h = self._rms_norm(x, layer.ln2)
             gu = F.linear(h, layer.wgu)

@@ -1,0 +1,105 @@
+"""Optional C kernels for the CPU, compiled on first use with the system C compiler.
+
+``paged_decode_attention`` reads K/V in place from the paged pool instead of
+gathering them into a contiguous copy first (that copy, then attention over
+it, is what the pure-PyTorch path does; it moves ~3x the bytes). When no
+compiler is available, or ``DYN_ACTOR_NATIVE_OPS=0``, the engine uses the
+PyTorch path; both are tested against each other.
+
+The shared library is cached under ``$XDG_CACHE_HOME/dyn_actor`` (or
+``~/.cache/dyn_actor``) keyed by the source's hash, so it is built once per
+machine. It links OpenMP by soname, so it shares the ``libgomp`` that torch
+already loaded (one thread pool, no oversubscription).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("csrc") / "paged_attention.c"
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dyn_actor"
+
+
+def _build() -> ctypes.CDLL | None:
+    src = _SRC.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("no C compiler found: using the PyTorch attention path")
+        return None
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
+             "-fno-trapping-math"]
+    key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"paged_attention-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            proc = subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("building the C attention kernel failed, using PyTorch: %s", proc.stderr.strip()[:500])
+                return None
+            os.replace(tmp_out, out)  # atomic: concurrent builders do not see a partial file
+    lib = ctypes.CDLL(str(out))
+    i64, p, f32, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, f32, cint]
+        fn.restype = None
+    return lib
+
+
+def native_lib() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("DYN_ACTOR_NATIVE_OPS", "1") != "0":
+                try:
+                    _lib = _build()
+                except OSError as e:
+                    log.warning("loading the C attention kernel failed, using PyTorch: %s", e)
+                    _lib = None
+            _tried = True
+    return _lib
+
+
+def paged_decode_attention(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,  # [num_seqs, nh, d], rows may be strided, heads and dims contiguous
+    k_layer: torch.Tensor,  # [num_blocks, block_size, nkv, d] strided view of the pool
+    v_layer: torch.Tensor,
+    table: torch.Tensor,  # [num_seqs, max_blocks] int64, contiguous
+    ctx: torch.Tensor,  # [num_seqs] int64
+    scale: float,
+) -> torch.Tensor:
+    n, nh, d = q.shape
+    nb, bs, nkv, _ = k_layer.shape
+    assert q.stride(2) == 1 and q.stride(1) == d and k_layer.stride(1) == nkv * d and k_layer.stride(3) == 1
+    assert table.is_contiguous() and ctx.is_contiguous() and table.dtype == torch.int64
+    out = torch.empty((n, nh, d), dtype=q.dtype)
+    fn = lib.paged_decode_attention_f32 if q.dtype == torch.float32 else lib.paged_decode_attention_bf16
+    fn(
+        q.data_ptr(), q.stride(0), k_layer.data_ptr(), v_layer.data_ptr(), k_layer.stride(0),
+        table.data_ptr(), table.shape[1], ctx.data_ptr(), out.data_ptr(),
+        n, nh, nkv, d, bs, scale, torch.get_num_threads(),
+    )
+    return out
