@@ -39,11 +39,28 @@ def vllm_available() -> bool:
 
 
 def _trampoline(fn, args, queue) -> None:
-    os.setsid()  # own process group, so whatever the engine spawned can be cleaned up with it
     try:
         queue.put(("ok", fn(*args)))
     except BaseException as e:  # report, don't hang the parent
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def run_isolated(fn, *args, timeout: float = 1800) -> Any:
@@ -55,11 +72,13 @@ def run_isolated(fn, *args, timeout: float = 1800) -> Any:
     try:
         status, value = queue.get(timeout=timeout)
     finally:
+        helpers = _descendants(proc.pid)  # the engine's own helper processes (vLLM spawns some)
         proc.join(timeout=60)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # engine helper processes (vLLM's) included
-        except ProcessLookupError:
-            pass
+        for pid in [proc.pid, *helpers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     if status != "ok":
         raise RuntimeError(value)
     return value

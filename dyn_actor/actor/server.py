@@ -1,0 +1,153 @@
+"""The actor side: a mailbox on a ROUTER socket dispatching typed messages to handlers.
+
+An actor declares ``Message`` (a union of the ``msgspec`` struct types it
+accepts, each with a tag) and maps each type to a handler in ``handlers()``.
+A handler for a *tell* returns nothing, for an *ask* returns a struct, for a
+*stream* returns an async iterator of structs. Tells are handled in arrival
+order before the next message is read; asks and streams run as tasks, and a
+stream's task is cancelled when the caller cancels it or goes away.
+
+Lifecycle: ``on_start`` runs before the mailbox opens, ``on_stop`` after it
+closes (always, also after a failure); ``on_failure`` sees an exception a
+handler raised (the caller gets it as an ``ActorError`` too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from dyn_actor.actor import envelope as env
+from dyn_actor.transport import RouterSocket
+
+log = logging.getLogger(__name__)
+
+
+class Actor:
+    Message: Any = None  # a msgspec struct type or a union of tagged ones
+
+    def handlers(self) -> dict[type, Callable[[Any], Any]]:
+        raise NotImplementedError
+
+    async def on_start(self) -> None:
+        pass
+
+    async def on_stop(self) -> None:
+        pass
+
+    def on_failure(self, msg: Any, exc: BaseException) -> None:
+        log.exception("%s failed handling %s", type(self).__name__, type(msg).__name__, exc_info=exc)
+
+
+class ActorServer:
+    def __init__(self, actor: Actor, endpoint: str) -> None:
+        self.actor = actor
+        self.endpoint = endpoint
+        self._decoder = msgspec.msgpack.Decoder(actor.Message)
+        self._handlers = actor.handlers()
+        self._sock: RouterSocket | None = None
+        self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
+        self._stopped = asyncio.Event()
+        self._peers: set[bytes] = set()
+
+    async def serve(self, ready: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        """Start the actor, open the mailbox, and handle messages until ``stop()``."""
+        await self.actor.on_start()
+        self._sock = RouterSocket(self.endpoint)
+        try:
+            if ready is not None:
+                r = ready()
+                if asyncio.iscoroutine(r):
+                    await r
+            reader = asyncio.ensure_future(self._read_loop())
+            stop = asyncio.ensure_future(self._stopped.wait())
+            done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (reader, stop):
+                if t not in done:
+                    t.cancel()
+            if reader in done and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            for task in list(self._tasks.values()):
+                task.cancel()
+            self._sock.close()
+            await self.actor.on_stop()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            peer, data = await self._sock.recv()
+            try:
+                msg = env.decode_envelope(data)
+            except msgspec.DecodeError:
+                log.warning("dropping an undecodable message from %r", peer)
+                continue
+            if isinstance(msg, env.Ping):
+                await self._sock.send(peer, env.encode(env.Pong(msg.seq)))
+            elif isinstance(msg, env.Call):
+                await self._on_call(peer, msg)
+            elif isinstance(msg, env.Cancel):
+                task = self._tasks.pop((peer, msg.cid), None)
+                if task is not None:
+                    task.cancel()
+
+    async def _reply(self, peer: bytes, reply: env.Reply) -> bool:
+        assert self._sock is not None
+        return await self._sock.send(peer, env.encode(reply))
+
+    async def _on_call(self, peer: bytes, call: env.Call) -> None:
+        try:
+            body = self._decoder.decode(call.body)
+            handler = self._handlers[type(body)]
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
+            if call.mode != env.TELL:
+                await self._reply(peer, env.Reply(call.cid, error=f"bad message: {e}", error_type="BadMessage"))
+            return
+        if call.mode == env.TELL:
+            try:
+                r = handler(body)
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception as e:  # a failing tell must not take the mailbox down
+                self.actor.on_failure(body, e)
+            return
+        runner = self._run_ask if call.mode == env.ASK else self._run_stream
+        task = asyncio.ensure_future(runner(peer, call.cid, handler, body))
+        self._tasks[(peer, call.cid)] = task
+        task.add_done_callback(lambda _t, k=(peer, call.cid): self._tasks.pop(k, None))
+
+    async def _run_ask(self, peer: bytes, cid: int, handler, body) -> None:
+        try:
+            result = handler(body)
+            if asyncio.iscoroutine(result):
+                result = await result
+            await self._reply(peer, env.Reply(cid, body=env.raw(result), has_body=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.actor.on_failure(body, e)
+            await self._reply(peer, env.Reply(cid, error=str(e), error_type=type(e).__name__))
+
+    async def _run_stream(self, peer: bytes, cid: int, handler, body) -> None:
+        it: AsyncIterator | None = None
+        try:
+            it = handler(body)
+            async for item in it:
+                if not await self._reply(peer, env.Reply(cid, body=env.raw(item), has_body=True, end=False)):
+                    return  # the caller is gone
+            await self._reply(peer, env.Reply(cid, end=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.actor.on_failure(body, e)
+            await self._reply(peer, env.Reply(cid, error=str(e), error_type=type(e).__name__))
+        finally:
+            if it is not None and hasattr(it, "aclose"):
+                await it.aclose()

@@ -1,0 +1,171 @@
+"""The actor runtime in one process (inproc) and across processes (ipc), including a dead peer."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import msgspec
+import pytest
+
+from dyn_actor.actor import Actor, ActorDeadError, ActorError, ActorRef, ActorServer
+from dyn_actor.transport import inproc_endpoint, ipc_endpoint, make_run_dir
+
+
+class Add(msgspec.Struct, tag="add"):
+    a: int
+    b: int
+
+
+class Count(msgspec.Struct, tag="count"):
+    n: int
+    delay: float = 0.0
+
+
+class Note(msgspec.Struct, tag="note"):
+    text: str
+
+
+class Boom(msgspec.Struct, tag="boom"):
+    pass
+
+
+class Sleep(msgspec.Struct, tag="sleep"):
+    seconds: float
+
+
+class Int(msgspec.Struct):
+    value: int
+
+
+class Notes(msgspec.Struct, tag="notes"):
+    pass
+
+
+class NoteList(msgspec.Struct):
+    items: list[str]
+
+
+class Calc(Actor):
+    Message = Add | Count | Note | Boom | Sleep | Notes
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.cancelled = 0
+
+    def handlers(self):
+        return {Add: self.add, Count: self.count, Note: self.note, Boom: self.boom, Sleep: self.sleep,
+                Notes: lambda _m: NoteList(self.notes)}
+
+    def add(self, m: Add) -> Int:
+        return Int(m.a + m.b)
+
+    async def count(self, m: Count):
+        try:
+            for i in range(m.n):
+                if m.delay:
+                    await asyncio.sleep(m.delay)
+                yield Int(i)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    def note(self, m: Note) -> None:
+        self.notes.append(m.text)
+
+    def boom(self, m: Boom) -> Int:
+        raise ValueError("kaboom")
+
+    async def sleep(self, m: Sleep) -> Int:
+        await asyncio.sleep(m.seconds)
+        return Int(0)
+
+
+async def _with_actor(endpoint: str, body):
+    actor = Calc()
+    server = ActorServer(actor, endpoint)
+    task = asyncio.ensure_future(server.serve())
+    ref = await ActorRef(endpoint, "calc").start(wait_ready=5)
+    try:
+        await body(ref, actor)
+    finally:
+        await ref.close()
+        server.stop()
+        await task
+
+
+def test_tell_ask_stream_in_process():
+    async def body(ref: ActorRef, actor: Calc):
+        assert (await ref.ask(Add(2, 3), Int)).value == 5
+        await ref.tell(Note("x"))
+        await ref.tell(Note("y"))
+        assert (await ref.ask(Notes(), NoteList)).items == ["x", "y"]  # tells are handled in order
+        assert [i.value async for i in ref.stream(Count(4), Int)] == [0, 1, 2, 3]
+        with pytest.raises(ActorError, match="kaboom") as e:
+            await ref.ask(Boom(), Int)
+        assert e.value.error_type == "ValueError"
+        assert (await ref.ask(Add(1, 1), Int)).value == 2  # still serving after a failure
+        with pytest.raises(asyncio.TimeoutError):
+            await ref.ask(Sleep(5), Int, timeout=0.2)
+
+    asyncio.run(_with_actor(inproc_endpoint("calc-test"), body))
+
+
+def test_leaving_a_stream_cancels_it_on_the_actor():
+    async def body(ref: ActorRef, actor: Calc):
+        got = []
+        async for i in ref.stream(Count(1000, delay=0.01), Int):
+            got.append(i.value)
+            if len(got) == 3:
+                break
+        for _ in range(100):
+            if actor.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert actor.cancelled == 1
+
+    asyncio.run(_with_actor(inproc_endpoint("calc-cancel"), body))
+
+
+def _serve_in_child(endpoint: str) -> None:
+    asyncio.run(ActorServer(Calc(), endpoint).serve())
+
+
+def test_across_processes_and_dead_peer_fails_pending_calls(tmp_path):
+    run_dir = make_run_dir()
+    endpoint = ipc_endpoint(run_dir, "calc")
+    proc = mp.get_context("spawn").Process(target=_serve_in_child, args=(endpoint,), daemon=True)
+    proc.start()
+
+    async def body():
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=0.1, dead_after=1.0).start(wait_ready=30)
+        dead = []
+        ref.on_dead(lambda r: dead.append(r))
+        assert (await ref.ask(Add(20, 22), Int)).value == 42
+        pending = asyncio.ensure_future(ref.ask(Sleep(60), Int, timeout=None))
+        stream = ref.stream(Count(10**6, delay=0.05), Int)
+        assert (await stream.__anext__()).value == 0
+        await asyncio.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ActorDeadError):
+            await pending
+        with pytest.raises(ActorDeadError):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 3
+        assert dead == [ref] and not ref.alive
+        with pytest.raises(ActorDeadError):
+            await ref.ask(Add(1, 1), Int)
+        await ref.close()
+
+    try:
+        asyncio.run(body())
+    finally:
+        proc.join(5)
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
