@@ -85,3 +85,14 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     if name not in table:
         raise ModelLoadError(f"unsupported dtype {name!r}: use auto, float32 or bfloat16")
     return table[name]
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """Only the tokenizer of a model (no weights): what the frontend needs."""
+    if source.startswith(builtin.BUILTIN_PREFIX):
+        builtin.hf_config(source)  # validates the name
+        return Tokenizer(builtin.build_tokenizer(), builtin.CHAT_TEMPLATE, builtin.BOS, builtin.EOS, add_bos_token=True)
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {source!r} does not exist (use a local folder or builtin:tiny)")
+    return Tokenizer.from_dir(path)

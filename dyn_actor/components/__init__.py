@@ -1,0 +1,1 @@
+"""Actors that wire the pure parts (engine, router) to mailboxes, and the HTTP frontend."""

@@ -1,0 +1,482 @@
+"""The HTTP frontend: OpenAI routes, SSE streaming, the processor (chat template, tokenizer,
+incremental detokenization, stop strings) and the router, in one process.
+
+A request makes one hop: the frontend tokenizes, picks a worker, opens a token
+stream to it, and turns token deltas into text. Leaving the stream early (a
+stop string, a client that went away) cancels it, which aborts the request on
+the worker and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.components.messages import GenerateRequest, StatsRequest, TokenDelta, WorkerInfo, WorkerStats
+from dyn_actor.components.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    decode_body,
+    message_text,
+    prompt_list,
+    sampling_params,
+)
+from dyn_actor.engine.detokenizer import TextStream
+from dyn_actor.engine.sampling import Logprobs, SamplingParams
+from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
+from dyn_actor.metrics import Registry
+from dyn_actor.router import NoWorkerAvailable, Router, WorkerEntry
+
+log = logging.getLogger(__name__)
+
+
+class ServiceUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[Logprobs] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.requests = r.counter("dyn_requests_total", "Requests by outcome", ("outcome",))
+        self.ttft = r.histogram("dyn_time_to_first_token_seconds", "Time to first token")
+        self.itl = r.histogram("dyn_inter_token_latency_seconds", "Time between streamed tokens")
+        self.e2e = r.histogram("dyn_e2e_request_latency_seconds", "Request latency, end to end")
+        self.prompt_tokens = r.counter("dyn_prompt_tokens_total", "Prompt tokens of admitted requests")
+        self.generation_tokens = r.counter("dyn_generation_tokens_total", "Generated tokens")
+        self.cache_hits = r.counter("dyn_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")
+        self.local_prefills = r.counter("dyn_local_prefills_total", "Prompts prefilled on their decode/aggregated worker")
+        self.remote_prefills = r.counter("dyn_remote_prefills_total", "Prompts prefilled by a prefill worker")
+        self.kv_bytes = r.counter("dyn_kv_transfer_bytes_total", "KV bytes moved between workers")
+        self.decisions = r.counter("dyn_router_decisions_total", "Requests routed to each worker", ("worker",))
+        self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
+        self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
+        self.blocks_used = r.gauge("dyn_worker_kv_blocks_used", "KV blocks held by live requests", ("worker",))
+        self.blocks_total = r.gauge("dyn_worker_kv_blocks_total", "KV blocks in the worker's pool", ("worker",))
+        self.running = r.gauge("dyn_worker_requests_running", "Requests running on the worker", ("worker",))
+        self.waiting = r.gauge("dyn_worker_requests_waiting", "Requests waiting on the worker", ("worker",))
+        self.preemptions = r.gauge("dyn_worker_preemptions", "Preemptions so far", ("worker",))
+        self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
+
+
+class Frontend:
+    def __init__(self, model_name: str, tokenizer: Tokenizer, router: Router, info: WorkerInfo,
+                 api_key: str | None = None) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.router = router
+        self.info = info
+        self.api_key = api_key
+        self.metrics = FrontendMetrics()
+        self.created = int(time.time())
+        self._in_flight = 0
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                return error_response("invalid or missing API key", 401, "authentication_error", "invalid_api_key")
+        try:
+            return await handler(request)
+        except RequestError as e:
+            self.metrics.requests.inc(1, "rejected")
+            return error_response(str(e), e.status, e.type, e.code, e.param)
+        except (NoWorkerAvailable, ServiceUnavailable) as e:
+            self.metrics.requests.inc(1, "rejected")
+            return error_response(str(e), 503, "service_unavailable", "no_worker")
+        except web.HTTPException as e:
+            if e.status >= 400 and e.content_type != "application/json":
+                return error_response(e.reason or "error", e.status, "invalid_request_error")
+            raise
+        except ActorError as e:
+            self.metrics.requests.inc(1, "error")
+            return error_response(f"the worker failed: {e}", 500 if not isinstance(e, ActorDeadError) else 503,
+                                  "server_error")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: still an OpenAI-shaped answer, and the server keeps serving
+            log.exception("unhandled error on %s", request.path)
+            self.metrics.requests.inc(1, "error")
+            return error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error")
+
+    # ------------------------------------------------------------- processor
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", 404,
+                               "invalid_request_error", "model_not_found", "model")
+
+    def _check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        n, limit = len(prompt_ids), self.info.max_model_len
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if n >= limit:
+            raise RequestError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens, which leaves "
+                "no room for a completion", code="context_length_exceeded")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise RequestError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens and max_tokens "
+                f"asks for {max_tokens}; lower max_tokens to at most {limit - n}", code="context_length_exceeded",
+                param="max_tokens")
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return n
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not req.messages:
+            raise RequestError("messages must not be empty", param="messages")
+        msgs = [{"role": m.role, "content": message_text(m.content)} for m in req.messages]
+        try:
+            return self.tokenizer.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
+        except ChatTemplateError as e:
+            raise RequestError(str(e), param="messages") from None
+
+    # ------------------------------------------------------------ generation
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Route, stream from the worker, detokenize; yields text chunks until the request ends."""
+        entry: WorkerEntry = self.router.pick(prompt_ids)
+        self.router.begin(entry)
+        self.metrics.decisions.inc(1, entry.name)
+        self.metrics.in_flight.set(self._in_flight + 1)
+        self._in_flight += 1
+        stream = TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+                            params.skip_special_tokens)
+        t0 = last = time.monotonic()
+        first = True
+        outcome = "abort"
+        try:
+            async for d in entry.handle.stream(GenerateRequest(request_id, prompt_ids, params), TokenDelta):
+                now = time.monotonic()
+                if first:
+                    self.metrics.ttft.observe(now - t0)
+                    self.metrics.prompt_tokens.inc(len(prompt_ids))
+                    self.metrics.cache_hits.inc(d.num_cached_tokens)
+                    self.metrics.local_prefills.inc()
+                    first = False
+                elif d.token_ids:
+                    gap = (now - last) / len(d.token_ids)
+                    for _ in d.token_ids:
+                        self.metrics.itl.observe(gap)
+                last = now
+                self.metrics.generation_tokens.inc(len(d.token_ids))
+                text, stopped = stream.update(d.token_ids, d.finished)
+                if stopped:
+                    outcome = "success"
+                    yield Chunk(text, d.token_ids, True, "stop", stream.stop_reason, d.logprobs or [],
+                                d.num_cached_tokens)
+                    return  # leaving the stream aborts the request on the worker
+                if d.finished:
+                    outcome = "success"
+                yield Chunk(text, d.token_ids, d.finished, d.finish_reason, d.stop_reason, d.logprobs or [],
+                            d.num_cached_tokens)
+                if d.finished:
+                    return
+        except ActorDeadError:
+            outcome = "error"
+            raise
+        except ActorError as e:
+            if e.error_type == "ValueError":  # the engine refused the input
+                outcome = "rejected"
+                raise RequestError(str(e)) from None
+            outcome = "error"
+            raise
+        finally:
+            self.router.end(entry)
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+            self.metrics.requests.inc(1, outcome)
+            if outcome == "success":
+                self.metrics.e2e.observe(time.monotonic() - t0)
+
+    # ----------------------------------------------------------------- routes
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
+        self._check_model(req.model)
+        prompt_ids = self._chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        lp = (req.top_logprobs or 0) if req.logprobs else None
+        self._check_length(prompt_ids, max_tokens)
+        params = [sampling_params(req, max_tokens, lp, i) for i in range(req.n)]
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
+                                   bool(req.stream_options and req.stream_options.include_usage))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
+        self._check_model(req.model)
+        if req.echo:
+            raise RequestError("echo is not supported", param="echo")
+        if req.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
+        if req.best_of not in (None, 1, req.n):
+            raise RequestError("best_of is not supported", param="best_of")
+        prompts = prompt_list(req.prompt)
+        prompt_ids_list = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        for ids in prompt_ids_list:
+            self._check_length(ids, max_tokens)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise RequestError("logprobs must be between 0 and 20", param="logprobs")
+        if len(prompt_ids_list) * req.n > 64:
+            raise RequestError("at most 64 completions (prompts x n) per request", param="n")
+        if len(prompt_ids_list) > 1 and req.stream:
+            pass  # streamed with choice indices prompt_index * n + i, as OpenAI does
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        params = [sampling_params(req, max_tokens, req.logprobs, i) for i in range(req.n)]
+        return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
+                                   bool(req.stream_options and req.stream_options.include_usage))
+
+    async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage):
+        batches = prompt_ids if kind == "text" else [prompt_ids]
+        jobs = [(pi * len(params) + i, ids, p) for pi, ids in enumerate(batches) for i, p in enumerate(params)]
+        if stream:
+            return await self._stream_response(request, rid, kind, jobs, include_usage)
+        return await self._full_response(rid, kind, jobs)
+
+    async def _full_response(self, rid, kind, jobs) -> web.Response:
+        async def collect(index, ids, p):
+            text, toks, lps, reason, stop_reason, cached = "", [], [], None, None, 0
+            async for c in self.generate(f"{rid}-{index}", ids, p):
+                text += c.text
+                toks.extend(c.token_ids)
+                lps.extend(c.logprobs)
+                cached = c.num_cached_tokens
+                if c.finished:
+                    reason, stop_reason = c.finish_reason, c.stop_reason
+            return index, ids, text, toks, lps, reason, stop_reason, cached
+
+        results = await asyncio.gather(*(collect(*j) for j in jobs))
+        choices = []
+        for index, _ids, text, _toks, lps, reason, stop_reason, _ in results:
+            p = jobs[index][2]
+            if kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": self._chat_logprobs(lps) if p.logprobs is not None else None,
+                                "finish_reason": reason, "stop_reason": stop_reason})
+            else:
+                choices.append({"index": index, "text": text,
+                                "logprobs": self._text_logprobs(lps) if p.logprobs is not None else None,
+                                "finish_reason": reason, "stop_reason": stop_reason})
+        prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
+        usage = _usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                                  "choices": choices, "usage": usage})
+
+    async def _stream_response(self, request, rid, kind, jobs, include_usage) -> web.StreamResponse:
+        queue: asyncio.Queue = asyncio.Queue()
+        stats = {"completion": 0, "cached": 0}
+
+        async def pump(index, ids, p):
+            try:
+                async for c in self.generate(f"{rid}-{index}", ids, p):
+                    await queue.put((index, p, c))
+            except BaseException as e:  # delivered to the writer, which ends the stream with an error
+                await queue.put((index, p, e))
+            finally:
+                await queue.put((index, p, None))
+
+        # errors before the first byte (no worker, bad input caught by the engine) become normal responses
+        tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
+        first_item = await queue.get()
+        if isinstance(first_item[2], BaseException):
+            for t in tasks:
+                t.cancel()
+            raise first_item[2]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
+
+        async def send(payload: dict) -> None:
+            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+        if kind == "chat":
+            for index, _, _ in jobs:
+                await send({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        open_jobs = len(jobs)
+        item = first_item
+        try:
+            while True:
+                index, p, c = item
+                if c is None:
+                    open_jobs -= 1
+                    if open_jobs == 0:
+                        break
+                elif isinstance(c, BaseException):
+                    msg = str(c) or type(c).__name__
+                    await send({"error": {"message": f"the request failed: {msg}", "type": "server_error",
+                                          "code": 503 if isinstance(c, ActorDeadError) else 500}})
+                    await resp.write(b"data: [DONE]\n\n")
+                    for t in tasks:
+                        t.cancel()
+                    return resp
+                else:
+                    stats["completion"] += len(c.token_ids)
+                    stats["cached"] = max(stats["cached"], c.num_cached_tokens)
+                    if c.text or c.finished or (p.logprobs is not None and c.logprobs):
+                        lp = None
+                        if p.logprobs is not None and c.logprobs:
+                            lp = self._chat_logprobs(c.logprobs) if kind == "chat" else self._text_logprobs(c.logprobs)
+                        if kind == "chat":
+                            choice = {"index": index, "delta": {"content": c.text} if c.text else {}, "logprobs": lp,
+                                      "finish_reason": c.finish_reason if c.finished else None}
+                        else:
+                            choice = {"index": index, "text": c.text, "logprobs": lp,
+                                      "finish_reason": c.finish_reason if c.finished else None}
+                        if c.finished:
+                            choice["stop_reason"] = c.stop_reason
+                        await send({**base, "choices": [choice]})
+                item = await queue.get()
+            if include_usage:
+                prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" \
+                    else len(jobs[0][1])
+                await send({**base, "choices": [], "usage": _usage(prompt_tokens, stats["completion"], stats["cached"])})
+            await resp.write(b"data: [DONE]\n\n")
+        finally:
+            for t in tasks:
+                t.cancel()
+        return resp
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, lps: list[Logprobs]) -> dict:
+        content = []
+        for lp in lps:
+            s = self._token_str(lp.token_id)
+            content.append({"token": s, "logprob": lp.logprob, "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": (t := self._token_str(i)), "logprob": v,
+                                              "bytes": list(t.encode())} for i, v in lp.top]})
+        return {"content": content}
+
+    def _text_logprobs(self, lps: list[Logprobs]) -> dict:
+        tokens = [self._token_str(lp.token_id) for lp in lps]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self._token_str(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyn-actor",
+            "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        live = self.router.live_workers()
+        if not live:
+            return web.json_response({"status": "unavailable", "workers": 0}, status=503)
+        return web.json_response({"status": "ok", "workers": len(live)})
+
+    async def refresh_worker_stats(self, timeout: float = 1.0) -> None:
+        async def one(entry: WorkerEntry):
+            try:
+                s = await entry.handle.ask(StatsRequest(), WorkerStats, timeout=timeout)
+            except (ActorError, asyncio.TimeoutError):
+                return
+            m, w = self.metrics, entry.name
+            m.blocks_used.set(s.kv_blocks_used, w)
+            m.blocks_total.set(s.kv_blocks_total, w)
+            m.running.set(s.requests_running, w)
+            m.waiting.set(s.requests_waiting, w)
+            m.preemptions.set(s.num_preemptions, w)
+            m.step_seconds.set(s.step_seconds_total, w)
+
+        for entry in self.router.workers.values():
+            self.metrics.worker_up.set(1 if entry.alive else 0, entry.name)
+        await asyncio.gather(*(one(e) for e in self.router.live_workers()))
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        await self.refresh_worker_stats()
+        return web.Response(text=self.metrics.registry.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req: TokenizeRequest = decode_body(await request.read(), TokenizeRequest)
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise RequestError("give exactly one of prompt or messages")
+        if req.messages is not None:
+            msgs = [{"role": m.role, "content": message_text(m.content)} for m in req.messages]
+            try:
+                ids = self.tokenizer.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
+            except ChatTemplateError as e:
+                raise RequestError(str(e)) from None
+        else:
+            ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.info.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req: DetokenizeRequest = decode_body(await request.read(), DetokenizeRequest)
+        self._check_model(req.model)
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise RequestError(f"token ids must be in [0, {vocab})")
+        return web.json_response({"prompt": self.tokenizer.decode(req.tokens)})
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def error_response(message: str, status: int, type: str, code: str | int | None = None,
+                   param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type, "param": param,
+                                        "code": code if code is not None else status}}, status=status)
+
+
+async def connect_workers(endpoints: dict[str, str], router: Router, wait: float = 60.0) -> WorkerInfo:
+    """Open refs to every worker, register them with the router, return the first worker's info."""
+    from dyn_actor.components.messages import InfoRequest
+
+    info = None
+    for name, ep in endpoints.items():
+        ref = await ActorRef(ep, name).start(wait_ready=wait)
+        entry = router.add_worker(name, ref)
+        ref.on_dead(lambda _r, n=name, e=entry: (router.remove_worker(n),
+                                                log.error("worker %s stopped answering; routing around it", n)))
+        i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
+        info = info or i
+    assert info is not None
+    return info

@@ -1,0 +1,178 @@
+"""The worker actor: owns an engine, runs its step loop on a thread of its own, streams tokens.
+
+The mailbox (asyncio) never waits on the engine: requests and aborts are
+queued to the engine thread and applied between steps, and each step's
+outputs are handed back to the loop, which feeds the per-request streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from dyn_actor.actor import Actor
+from dyn_actor.components.messages import (
+    AbortRequest,
+    GenerateRequest,
+    InfoRequest,
+    StatsRequest,
+    TokenDelta,
+    WorkerInfo,
+    WorkerMessage,
+    WorkerStats,
+)
+from dyn_actor.engine.engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineThread:
+    """Runs ``engine.step()`` in a loop on its own thread; other threads submit commands."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, on_outputs: Callable[[list[RequestOutput]], None]):
+        self.engine = engine
+        self._loop = loop
+        self._on_outputs = on_outputs
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self.step_seconds = 0.0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
+        """Run ``fn(engine)`` on the engine thread before its next step; await the result."""
+        fut = self._loop.create_future()
+        self._cmds.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def _resolve(self, fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._wake.clear()
+            while True:
+                try:
+                    fn, fut = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    result, exc = fn(engine), None
+                except Exception as e:
+                    result, exc = None, e
+                self._loop.call_soon_threadsafe(self._resolve, fut, result, exc)
+            if engine.has_work():
+                t0 = time.perf_counter()
+                try:
+                    outputs = engine.step()
+                except Exception:
+                    log.exception("engine step failed")
+                    raise
+                self.step_seconds += time.perf_counter() - t0
+                self.steps += 1
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+            else:
+                self._wake.wait(timeout=0.5)
+
+
+class Worker(Actor):
+    Message = WorkerMessage
+
+    def __init__(self, name: str, engine: LLMEngine) -> None:
+        self.name = name
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._thread: EngineThread | None = None
+
+    def handlers(self):
+        return {
+            GenerateRequest: self.generate,
+            AbortRequest: self.abort,
+            StatsRequest: self.stats,
+            InfoRequest: self.info,
+        }
+
+    async def on_start(self) -> None:
+        self._thread = EngineThread(self.engine, asyncio.get_running_loop(), self._dispatch)
+        self._thread.start()
+
+    async def on_stop(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    async def generate(self, m: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        assert self._thread is not None
+        rid = m.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already running on {self.name}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = q
+        finished = False
+        try:
+            await self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params))
+            while not finished:
+                out: RequestOutput = await q.get()
+                tokens = list(out.new_token_ids)
+                logprobs = list(out.logprobs) if out.logprobs else None
+                while not out.finished and not q.empty():  # coalesce what piled up
+                    out = q.get_nowait()
+                    tokens.extend(out.new_token_ids)
+                    if out.logprobs:
+                        logprobs = (logprobs or []) + list(out.logprobs)
+                finished = out.finished
+                yield TokenDelta(
+                    tokens, out.finished, out.finish_reason, out.stop_reason, logprobs,
+                    out.num_prompt_tokens, out.num_cached_tokens,
+                )
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # cancelled by the caller, or the caller went away
+                self._thread.submit(lambda e: e.abort_request(rid))
+
+    async def abort(self, m: AbortRequest) -> None:
+        assert self._thread is not None
+        self._thread.submit(lambda e: e.abort_request(m.request_id))
+
+    def stats(self, m: StatsRequest) -> WorkerStats:
+        s = self.engine.stats()  # plain ints read across threads: a consistent-enough snapshot
+        t = self._thread
+        return WorkerStats(
+            self.name, s.kv_blocks_used, s.kv_blocks_total, s.kv_blocks_cached, s.num_running,
+            s.num_waiting + s.num_waiting_remote, s.prompt_tokens, s.prefix_cache_hit_tokens,
+            s.generated_tokens, s.num_preemptions, t.step_seconds if t else 0.0, t.steps if t else 0,
+        )
+
+    def info(self, m: InfoRequest) -> WorkerInfo:
+        e = self.engine
+        return WorkerInfo(
+            self.name, e.model_name, e.max_model_len, e.model_config.vocab_size, e.layout.block_size,
+            list(e.eos_token_ids),
+        )

@@ -1,0 +1,1 @@
+"""``python -m launcher``: start every process of a topology, supervise them, stop them cleanly."""

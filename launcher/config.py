@@ -1,0 +1,114 @@
+"""Command-line flags and ``--config FILE.yaml`` (every flag can come from the file; flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dyn_actor.router import ROUTER_MODES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LaunchConfig:
+    topology: str
+    model: str
+    engine: str
+    router: str
+    host: str
+    port: int
+    workers: int
+    block_size: int
+    max_local_prefill_length: int
+    max_prefill_queue_size: int
+    dtype: str
+    max_model_len: int | None
+    kv_cache_memory_gb: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    api_key: str | None
+    served_model_name: str | None
+    log_level: str
+    ready_timeout: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m launcher",
+        description="Serve an LLM behind an OpenAI-compatible API, one process per worker.",
+    )
+    ap.add_argument("--config", help="YAML file whose keys are these flags' names (flags on the command line win)")
+    ap.add_argument("--topology", default="agg", help="agg (aggregated workers), or 1p1d / <X>p<Y>d (disaggregated)")
+    ap.add_argument("--model", default="builtin:tiny", help="builtin:tiny or a local Hugging Face folder")
+    ap.add_argument("--engine", default="native", choices=["native", "vllm"])
+    ap.add_argument("--router", default="round-robin", choices=["kv", *ROUTER_MODES])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--workers", type=int, default=1, help="aggregated workers (topology agg)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-local-prefill-length", type=int, default=512)
+    ap.add_argument("--max-prefill-queue-size", type=int, default=8)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size per worker, GiB")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> LaunchConfig:
+    ap = build_parser()
+    first, _ = ap.parse_known_args(argv)
+    if first.config:
+        path = Path(first.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of flag names to values")
+        known = {a.dest for a in ap._actions}
+        defaults = {}
+        for key, value in data.items():
+            dest = str(key).replace("-", "_")
+            if dest not in known or dest in ("config", "help"):
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            defaults[dest] = value
+        ap.set_defaults(**defaults)
+    ns = ap.parse_args(argv)
+    ns.__dict__.pop("config", None)
+    cfg = LaunchConfig(**vars(ns))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: LaunchConfig) -> None:
+    if cfg.topology != "agg" and not re.fullmatch(r"[1-9][0-9]*p[1-9][0-9]*d", cfg.topology):
+        raise ConfigError(f"unknown topology {cfg.topology!r}: use agg, 1p1d or <X>p<Y>d")
+    if cfg.topology != "agg":
+        raise ConfigError(f"topology {cfg.topology} (disaggregated prefill/decode) is not available yet; use agg")
+    if cfg.engine != "native":
+        raise ConfigError("the vllm engine adapter is not available yet; use --engine native")
+    if cfg.router == "kv":
+        raise ConfigError("the kv router is not available yet; use --router round-robin or random")
+    if not 1 <= cfg.workers <= 64:
+        raise ConfigError(f"--workers must be between 1 and 64, got {cfg.workers}")
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {cfg.port}")
+    if not 1 <= cfg.block_size <= 1024:
+        raise ConfigError(f"--block-size must be between 1 and 1024, got {cfg.block_size}")
+    if cfg.kv_cache_memory_gb <= 0:
+        raise ConfigError("--kv-cache-memory-gb must be positive")

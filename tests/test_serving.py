@@ -1,0 +1,160 @@
+"""Aggregated serving end to end: the launcher, real worker processes, the openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.server import Server
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--topology", "agg", "--workers", "2", "--max-model-len", "512", "--kv-cache-memory-gb", "0.25")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_and_health(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["builtin:tiny"]
+    raw = requests.get(server.base_url + "/models").json()["data"][0]
+    assert raw["root"] == "builtin:tiny" and raw["max_model_len"] == 512
+    assert requests.get(server.url + "/health").status_code == 200
+
+
+def test_chat_completion_and_usage(server, client):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model="builtin:tiny", messages=msgs, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("length", "stop")
+    n_prompt = requests.post(server.url + "/tokenize", json={"messages": msgs}).json()["count"]
+    assert r.usage.prompt_tokens == n_prompt
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # content given as a list of text parts renders the same prompt
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    r2 = client.chat.completions.create(model="builtin:tiny", messages=parts, max_tokens=12, temperature=0)
+    assert r2.choices[0].message.content == choice.message.content
+    # max_completion_tokens is honoured like max_tokens
+    r3 = client.chat.completions.create(model="builtin:tiny", messages=msgs, max_completion_tokens=3,
+                                        temperature=0, extra_body={"ignore_eos": True})
+    assert r3.usage.completion_tokens == 3
+
+
+def test_streaming_matches_non_streaming_and_counts_tokens(server, client):
+    msgs = [{"role": "user", "content": "Tell me"}]
+    full = client.chat.completions.create(model="builtin:tiny", messages=msgs, max_tokens=30, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model="builtin:tiny", messages=msgs, max_tokens=30, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 30
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_text_token_ids_and_lists(server, client):
+    r = client.completions.create(model="builtin:tiny", prompt="The quick brown", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 8 and r.object == "text_completion"
+    ids = requests.post(server.url + "/tokenize", json={"prompt": "The quick brown"}).json()["tokens"]
+    r_ids = client.completions.create(model="builtin:tiny", prompt=ids, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert r_ids.choices[0].text == r.choices[0].text and r_ids.usage.prompt_tokens == len(ids)
+    many = client.completions.create(model="builtin:tiny", prompt=["The quick brown", "Hello"], max_tokens=4,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in many.choices) == [0, 1]
+    assert next(c for c in many.choices if c.index == 0).text == r.choices[0].text[: len(many.choices[0].text)]
+    stream = list(client.completions.create(model="builtin:tiny", prompt="The quick brown", max_tokens=8,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
+
+
+def test_stop_strings(server, client):
+    base = client.completions.create(model="builtin:tiny", prompt="abc", max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[10:12]
+    r = client.completions.create(model="builtin:tiny", prompt="abc", max_tokens=40, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == base[: base.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="builtin:tiny", prompt="abc", max_tokens=40, temperature=0,
+                                            stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == base[: base.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_n(server, client):
+    kw = dict(model="builtin:tiny", prompt="Once", max_tokens=16, temperature=1.0, top_p=0.95,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    c = client.completions.create(seed=8, **kw).choices[0].text
+    assert a == b and a != c
+    r = client.completions.create(n=3, seed=7, **kw)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    assert len({ch.text for ch in r.choices}) > 1  # different samples
+    assert r.usage.completion_tokens == 48
+    chat = client.chat.completions.create(model="builtin:tiny", messages=[{"role": "user", "content": "x"}], n=2,
+                                          max_tokens=5, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens == 10
+
+
+def test_logprobs(server, client):
+    r = client.chat.completions.create(model="builtin:tiny", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    c = client.completions.create(model="builtin:tiny", prompt="x", max_tokens=3, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    assert len(c.choices[0].logprobs.token_logprobs) == 3 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_vllm_extras_and_detokenize(server, client):
+    r = client.completions.create(model="builtin:tiny", prompt="Hi", max_tokens=10, temperature=0.8, seed=1,
+                                  extra_body={"top_k": 3, "min_p": 0.05, "min_tokens": 10, "ignore_eos": False})
+    assert r.usage.completion_tokens == 10
+    ids = requests.post(server.url + "/tokenize", json={"prompt": "Hello"}).json()["tokens"]
+    assert requests.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello"
+
+
+def test_metrics_names(server, client):
+    client.completions.create(model="builtin:tiny", prompt="m", max_tokens=2)
+    text = requests.get(server.url + "/metrics").text
+    for name in ["dyn_requests_total", "dyn_time_to_first_token_seconds_bucket", "dyn_inter_token_latency_seconds",
+                 "dyn_prompt_tokens_total", "dyn_prefix_cache_hit_tokens_total", "dyn_local_prefills_total",
+                 "dyn_remote_prefills_total", "dyn_kv_transfer_bytes_total", 'dyn_router_decisions_total{worker="worker-0"}',
+                 'dyn_router_decisions_total{worker="worker-1"}', 'dyn_worker_kv_blocks_used{worker="worker-0"}',
+                 'dyn_worker_kv_blocks_total{worker="worker-1"}', "dyn_worker_requests_running",
+                 "dyn_worker_requests_waiting"]:
+        assert name in text, name
+
+
+def test_raw_sse_format(server):
+    with requests.post(server.base_url + "/chat/completions", stream=True, json={
+        "messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines(decode_unicode=True) if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
