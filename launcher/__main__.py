@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cd = config_dict(cfg)
         endpoints = {}
-        log.info("starting %d worker(s) for %s (topology %s)", cfg.workers, cfg.model, cfg.topology)
+        log.info("starting %d worker(s) for %s (topology %s); run directory %s", cfg.workers, cfg.model,
+                 cfg.topology, run_dir)
         for i in range(cfg.workers):
             ep = ipc_endpoint(run_dir, f"worker-{i}")
             endpoints[f"worker-{i}"] = ep

@@ -22,6 +22,7 @@ from aiohttp import web
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.messages import GenerateRequest, StatsRequest, TokenDelta, WorkerInfo, WorkerStats
 from dyn_actor.components.openai_api import (
+    MAX_N,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -138,6 +139,11 @@ class Frontend:
             raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", 404,
                                "invalid_request_error", "model_not_found", "model")
 
+    @staticmethod
+    def _check_n(n: int) -> None:
+        if not 1 <= n <= MAX_N:
+            raise RequestError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+
     def _check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         n, limit = len(prompt_ids), self.info.max_model_len
         if n == 0:
@@ -226,6 +232,7 @@ class Frontend:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
         self._check_model(req.model)
+        self._check_n(req.n)
         prompt_ids = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -240,6 +247,7 @@ class Frontend:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
         self._check_model(req.model)
+        self._check_n(req.n)
         if req.echo:
             raise RequestError("echo is not supported", param="echo")
         if req.suffix:

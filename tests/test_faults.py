@@ -1,0 +1,166 @@
+"""Faults: client disconnects, a worker killed mid-stream, Ctrl-C, a worker that cannot start."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.server import ROOT, Server
+
+
+def _metric_values(url: str, name: str) -> list[float]:
+    text = requests.get(url + "/metrics", timeout=10).text
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def _stream(server: Server, max_tokens: int = 3000):
+    resp = requests.post(server.base_url + "/completions", stream=True, timeout=30, json={
+        "prompt": "tell me a long story", "max_tokens": max_tokens, "stream": True, "ignore_eos": True})
+    assert resp.status_code == 200
+    return resp
+
+
+def test_client_disconnect_frees_kv_blocks():
+    server = Server("--workers", "1", "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25")
+    try:
+        resp = _stream(server)
+        lines = resp.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert sum(_metric_values(server.url, "dyn_worker_kv_blocks_used")) > 0
+        resp.close()  # the client goes away mid-stream
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5:
+            if sum(_metric_values(server.url, "dyn_worker_kv_blocks_used")) == 0 \
+                    and sum(_metric_values(server.url, "dyn_worker_requests_running")) == 0:
+                break
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        assert sum(_metric_values(server.url, "dyn_worker_kv_blocks_used")) == 0
+        assert elapsed < 2.0, f"request still running {elapsed:.1f}s after the client left"
+        # a non-streaming request whose client times out is aborted too
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(server.base_url + "/completions", timeout=1.0,
+                          json={"prompt": "x", "max_tokens": 3500, "ignore_eos": True})
+        time.sleep(1.5)
+        assert sum(_metric_values(server.url, "dyn_worker_requests_running")) == 0
+    finally:
+        server.stop()
+
+
+def test_worker_killed_mid_stream():
+    server = Server("--workers", "2", "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25")
+    try:
+        pids = server.pids()
+        assert set(pids) == {"worker 0", "worker 1", "frontend 0"}
+        streams = [_stream(server), _stream(server)]  # round-robin: one on each worker
+        iters = [s.iter_lines() for s in streams]
+        for it in iters:
+            next(it)
+        os.kill(pids["worker 0"], signal.SIGKILL)
+        t0 = time.monotonic()
+        ended_with_error = []
+        # read each stream until it ends or 8 s pass; the one on the dead worker must end with an error event
+        for it in iters:
+            while time.monotonic() - t0 < 8:
+                try:
+                    line = next(it)
+                except StopIteration:
+                    break
+                if line.startswith(b"data: {") and b'"error"' in line:
+                    ended_with_error.append(time.monotonic() - t0)
+                    break
+                if line == b"data: [DONE]":
+                    break
+        for s in streams:
+            s.close()
+        assert len(ended_with_error) == 1 and ended_with_error[0] < 5
+        for _ in range(4):  # new requests all go to the surviving worker
+            r = requests.post(server.base_url + "/completions", json={"prompt": "ok", "max_tokens": 3}, timeout=30)
+            assert r.status_code == 200
+        assert requests.get(server.url + "/health").json()["workers"] == 1
+        assert _metric_values(server.url, "dyn_worker_up") == [0.0, 1.0]
+    finally:
+        code, err = server.stop()
+    assert re.search(r"worker 0 exited unexpectedly \(exit code -9\)", err)
+
+
+def test_ctrl_c_leaves_nothing_behind():
+    before_dirs = set(glob.glob("/tmp/dyn-actor-*"))
+    server = Server("--workers", "2", "--kv-cache-memory-gb", "0.1")
+    pids = server.pids()
+    assert len(pids) == 3
+    requests.post(server.base_url + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+    t0 = time.monotonic()
+    code, err = server.stop(signal.SIGINT)
+    assert time.monotonic() - t0 < 10
+    assert code == 0, err
+    run_dir = re.search(r"run directory (\S+)", err).group(1)
+    assert not os.path.exists(run_dir)
+    assert set(glob.glob("/tmp/dyn-actor-*")) == before_dirs
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_sigterm_stops_too():
+    server = Server("--workers", "1", "--kv-cache-memory-gb", "0.1")
+    pids = server.pids()
+    code, _ = server.stop(signal.SIGTERM)
+    assert code == 0
+    assert all(not os.path.exists(f"/proc/{p}") for p in pids.values())
+
+
+def _launch_fail(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_worker_that_cannot_start_makes_the_launcher_fail(tmp_path):
+    r = _launch_fail("--model", str(tmp_path / "missing"), "--port", "0")
+    assert r.returncode == 1
+    assert "worker 0" in r.stderr and "does not exist" in r.stderr
+    assert "ready:" not in r.stdout
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    r = _launch_fail("--topology", "banana")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown topology")
+    assert len(r.stderr.strip().splitlines()) == 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workers: 2\nbogus_key: 1\n")
+    r = _launch_fail("--config", str(cfg))
+    assert r.returncode == 2 and "unknown key 'bogus_key'" in r.stderr
+
+
+def test_config_file_sets_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"workers": 2, "max-model-len": 300, "kv-cache-memory-gb": 0.1,
+                               "served-model-name": "tiny"}))
+    server = Server("--config", str(cfg))
+    try:
+        assert len(server.pids()) == 3
+        data = requests.get(server.base_url + "/models", timeout=10).json()["data"][0]
+        assert data["id"] == "tiny" and data["max_model_len"] == 300
+    finally:
+        server.stop()
+
+
+def test_api_key():
+    server = Server("--workers", "1", "--kv-cache-memory-gb", "0.1", "--api-key", "sekret")
+    try:
+        r = requests.get(server.base_url + "/models", timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = requests.get(server.base_url + "/models", headers={"Authorization": "Bearer sekret"}, timeout=10)
+        assert r.status_code == 200
+        assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
