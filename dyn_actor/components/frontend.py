@@ -79,6 +79,7 @@ class FrontendMetrics:
         self.waiting = r.gauge("dyn_worker_requests_waiting", "Requests waiting on the worker", ("worker",))
         self.preemptions = r.gauge("dyn_worker_preemptions", "Preemptions so far", ("worker",))
         self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
+        self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))
 
 
 class Frontend:
@@ -429,6 +430,7 @@ class Frontend:
             m.waiting.set(s.requests_waiting, w)
             m.preemptions.set(s.num_preemptions, w)
             m.step_seconds.set(s.step_seconds_total, w)
+            m.steps.set(s.steps_total, w)
 
         for entry in self.router.workers.values():
             self.metrics.worker_up.set(1 if entry.alive else 0, entry.name)

@@ -1,0 +1,331 @@
+"""Load generator for OpenAI-compatible endpoints: latency percentiles, throughput, goodput.
+
+    # against a running server
+    python benchmarks/serve.py --endpoint native=http://127.0.0.1:8000 --concurrency 8
+    # start this project's server (and vLLM's, when installed) and compare them in one run
+    python benchmarks/serve.py --launch-native "--workers 1" --launch-vllm --concurrency 8,32
+
+Requests are streamed ``/v1/completions`` calls with random token-id prompts
+(``--input-len``) and ``ignore_eos`` so every request makes ``--output-len``
+tokens. Closed loop (``--concurrency``) or open loop (``--request-rate``,
+Poisson arrivals). Reports TTFT, inter-token latency (ITL), time per output
+token (TPOT) and end-to-end latency at p50/p90/p99, request and token
+throughput, and goodput under ``--slo-ttft-ms`` / ``--slo-tpot-ms``. Writes
+JSON and a PNG to ``benchmarks/results/``. With ``--overhead`` it also
+measures what the frontend, router and sockets add over the engine's own
+step time (this project's server only, from its /metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, print_table, vllm_available, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str = ""
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last = None
+    res = Result(ok=False)
+    tokens_seen = 0
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return res
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    res.error = str(obj["error"])
+                    return res
+                if obj.get("usage"):
+                    res.output_tokens = obj["usage"]["completion_tokens"]
+                    res.prompt_tokens = obj["usage"]["prompt_tokens"]
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    tokens_seen += 1
+                    if last is None:
+                        res.ttft = now - t0
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+    except aiohttp.ClientError as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    res.e2e = time.perf_counter() - t0
+    res.ok = res.output_tokens == max_tokens
+    if not res.ok and not res.error:
+        res.error = f"got {res.output_tokens} tokens, wanted {max_tokens}"
+    return res
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int | None,
+                   rate: float | None, seed: int = 0) -> tuple[list[Result], float]:
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    results: list[Result] = []
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        if rate:
+            rng = random.Random(seed)
+            tasks = []
+            for p in prompts:
+                tasks.append(asyncio.ensure_future(one_request(session, url, model, p, max_tokens)))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = list(await asyncio.gather(*tasks))
+        else:
+            queue = list(prompts)
+
+            async def user():
+                while queue:
+                    p = queue.pop()
+                    results.append(await one_request(session, url, model, p, max_tokens))
+
+            await asyncio.gather(*(user() for _ in range(concurrency or 1)))
+        return results, time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(results: list[Result], duration: float, slo_ttft: float, slo_tpot: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok]
+    itl = [x for r in ok for x in r.itl]
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    e2e = [r.e2e for r in ok]
+    good = [r for r in ok if r.ttft <= slo_ttft and
+            (r.output_tokens <= 1 or (r.e2e - r.ttft) / (r.output_tokens - 1) <= slo_tpot)]
+    out = {"requests": len(results), "failed": len(results) - len(ok), "duration_s": duration,
+           "req_per_s": len(ok) / duration, "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
+           "total_tok_per_s": sum(r.output_tokens + r.prompt_tokens for r in ok) / duration,
+           "goodput_req_per_s": len(good) / duration}
+    for name, vals in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", e2e)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}_ms"] = pct(vals, q) * 1000
+        out[f"{name}_mean_ms"] = (statistics.fmean(vals) if vals else float("nan")) * 1000
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+async def scrape(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("dyn_worker_engine_step"):
+            name = line.split("{")[0]
+            vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return vals
+
+
+async def measure_overhead(url: str, model: str, vocab: int, input_len: int, output_len: int, n: int = 20) -> dict:
+    """Sequential requests: the server's latency minus the engine's own step time."""
+    rng = random.Random(123)
+    prompts = [[0] + [rng.randrange(2, vocab) for _ in range(input_len - 1)] for _ in range(n)]
+    before = await scrape(url)
+    results, _ = await run_load(url, model, prompts, output_len, 1, None)
+    after = await scrape(url)
+    ok = [r for r in results if r.ok]
+    step_s = after["dyn_worker_engine_step_seconds_total"] - before["dyn_worker_engine_step_seconds_total"]
+    steps = after["dyn_worker_engine_steps_total"] - before["dyn_worker_engine_steps_total"]
+    mean_step = step_s / steps
+    e2e = statistics.fmean(r.e2e for r in ok)
+    itl = statistics.fmean(x for r in ok for x in r.itl)
+    return {"requests": len(ok), "engine_step_ms": mean_step * 1000, "server_itl_ms": itl * 1000,
+            "overhead_per_token_ms": (itl - mean_step) * 1000, "engine_time_per_request_ms": step_s / len(ok) * 1000,
+            "server_e2e_ms": e2e * 1000, "overhead_per_request_ms": (e2e - step_s / len(ok)) * 1000}
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no PNG)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name in sorted({r["endpoint"] for r in rows}):
+        rs = sorted((r for r in rows if r["endpoint"] == name), key=lambda r: r["load"])
+        xs = [r["load"] for r in rs]
+        axes[0].plot(xs, [r["output_tok_per_s"] for r in rs], "o-", label=name)
+        axes[1].plot(xs, [r["ttft_p50_ms"] for r in rs], "o-", label=name)
+        axes[2].plot(xs, [r["itl_p50_ms"] for r in rs], "o-", label=name)
+    for ax, t in zip(axes, ["output tokens/s", "TTFT p50 (ms)", "ITL p50 (ms)"]):
+        ax.set_title(t)
+        ax.set_xlabel("concurrency / rate")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--endpoint", action="append", default=[], help="NAME=URL of a running server (repeatable)")
+    ap.add_argument("--launch-native", default=None, metavar="ARGS",
+                    help="start this project's server with these launcher flags (e.g. '--workers 1')")
+    ap.add_argument("--launch-vllm", action="store_true", help="also start 'vllm serve' on the same model when vllm is installed")
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in model saved as a folder)")
+    ap.add_argument("--concurrency", default="8", help="comma-separated closed-loop concurrencies")
+    ap.add_argument("--request-rate", default=None, help="comma-separated Poisson rates (req/s); replaces --concurrency")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000)
+    ap.add_argument("--slo-tpot-ms", type=float, default=100)
+    ap.add_argument("--overhead", action="store_true", help="measure the framework's overhead (native server)")
+    ap.add_argument("--name", default="serve")
+    args = ap.parse_args()
+
+    model = args.model
+    if model is None:
+        from dyn_actor.engine.builtin import save_builtin
+
+        d = RESULTS / "checkpoints" / "builtin-tiny"
+        if not (d / "config.json").is_file():
+            save_builtin(d)
+        model = str(d)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    endpoints = dict(e.split("=", 1) for e in args.endpoint)
+    procs = []
+    try:
+        if args.launch_native is not None:
+            port = 8300
+            cmd = [sys.executable, "-m", "launcher", "--model", model, "--port", str(port), "--served-model-name",
+                   model, *args.launch_native.split()]
+            procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{port}", p)
+            endpoints["native"] = f"http://127.0.0.1:{port}"
+        if args.launch_vllm:
+            if not vllm_available():
+                print("vLLM is not installed here: skipping it (it is optional)")
+            else:
+                port = 8301
+                env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", str(port),
+                       "--dtype", "float32", "--max-model-len", "4096", "--disable-log-requests"]
+                procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                wait_http(f"http://127.0.0.1:{port}", p)
+                endpoints["vllm"] = f"http://127.0.0.1:{port}"
+        if not endpoints:
+            ap.error("give --endpoint or --launch-native")
+        rng = random.Random(0)
+        prompts = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)] for _ in range(args.num_prompts)]
+        loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
+        rows = []
+        for load in loads:
+            for name, url in endpoints.items():  # back to back, same prompts
+                asyncio.run(run_load(url, model, prompts[: args.warmup], args.output_len, args.warmup, None))
+                results, dur = asyncio.run(run_load(
+                    url, model, prompts, args.output_len,
+                    None if args.request_rate else int(load), load if args.request_rate else None))
+                rows.append({"endpoint": name, "load": load, **summarize(results, dur, args.slo_ttft_ms / 1000,
+                                                                         args.slo_tpot_ms / 1000)})
+                print(f"{name} @ {load:g}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, "
+                      f"TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms", flush=True)
+        cols = ["endpoint", "load", "failed", "req_per_s", "output_tok_per_s", "goodput_req_per_s", "ttft_p50_ms",
+                "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms", "e2e_p99_ms"]
+        print()
+        print_table(rows, cols)
+        ratios = []
+        names = list(endpoints)
+        if len(names) >= 2:
+            a, b = names[0], names[1]
+            for load in loads:
+                ra = next(r for r in rows if r["endpoint"] == a and r["load"] == load)
+                rb = next(r for r in rows if r["endpoint"] == b and r["load"] == load)
+                ratios.append({"load": load, "throughput_ratio": ra["output_tok_per_s"] / rb["output_tok_per_s"],
+                               "ttft_p50_ratio": ra["ttft_p50_ms"] / rb["ttft_p50_ms"],
+                               "itl_p50_ratio": ra["itl_p50_ms"] / rb["itl_p50_ms"]})
+            print(f"\n{a} / {b}")
+            print_table(ratios, ["load", "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio"])
+        overhead = None
+        if args.overhead and "native" in endpoints:
+            overhead = asyncio.run(measure_overhead(endpoints["native"], model, vocab, args.input_len, 64))
+            print("\nframework overhead (concurrency 1, native server):")
+            print_table([overhead], list(overhead))
+        out = write_json(f"{args.name}.json", {"args": vars(args), "rows": rows, "ratios": ratios,
+                                                "overhead": overhead})
+        png = RESULTS / f"{args.name}.png"
+        plot(rows, png)
+        print(f"\nwrote {out} and {png}")
+    finally:
+        for p in procs:
+            stop(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
