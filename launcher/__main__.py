@@ -132,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the frontend exited; stopping", file=sys.stderr)
                 code = 1
                 break
-            if not any(c.proc.is_alive() for c in children if c.role.startswith("worker")):
-                print("error: every worker exited; stopping", file=sys.stderr)
-                code = 1
-                break
         return code
     finally:
         _shutdown(children)

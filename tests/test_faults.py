@@ -164,3 +164,21 @@ def test_api_key():
         assert requests.get(server.url + "/health", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_no_worker_left_is_503():
+    server = Server("--workers", "1", "--kv-cache-memory-gb", "0.1")
+    try:
+        os.kill(server.pids()["worker 0"], signal.SIGKILL)
+        deadline = time.monotonic() + 6
+        status = None
+        while time.monotonic() < deadline:
+            r = requests.post(server.base_url + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+            status = r.status_code
+            if status == 503:
+                break
+            time.sleep(0.2)
+        assert status == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert requests.get(server.url + "/health", timeout=10).status_code == 503
+    finally:
+        server.stop()

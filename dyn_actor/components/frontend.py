@@ -123,10 +123,12 @@ class Frontend:
             if e.status >= 400 and e.content_type != "application/json":
                 return error_response(e.reason or "error", e.status, "invalid_request_error")
             raise
+        except ActorDeadError as e:
+            self.metrics.requests.inc(1, "error")
+            return error_response(f"the worker serving this request died: {e}", 503, "service_unavailable")
         except ActorError as e:
             self.metrics.requests.inc(1, "error")
-            return error_response(f"the worker failed: {e}", 500 if not isinstance(e, ActorDeadError) else 503,
-                                  "server_error")
+            return error_response(f"the worker failed: {e}", 500, "server_error")
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug: still an OpenAI-shaped answer, and the server keeps serving
@@ -174,12 +176,35 @@ class Frontend:
 
     # ------------------------------------------------------------ generation
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
-        """Route, stream from the worker, detokenize; yields text chunks until the request ends."""
-        entry: WorkerEntry = self.router.pick(prompt_ids)
+        """Route, stream from the worker, detokenize; yields text chunks until the request ends.
+
+        A worker found dead before it produced anything is skipped and the request
+        goes to another one; once tokens have flowed, its death ends the stream.
+        """
+        tried: set[str] = set()
+        while True:
+            entry = self.router.pick(prompt_ids)
+            if entry.name in tried:
+                raise NoWorkerAvailable("no live worker is available to take the request")
+            tried.add(entry.name)
+            produced = False
+            try:
+                async for chunk in self._generate_on(entry, request_id, prompt_ids, params):
+                    produced = True
+                    yield chunk
+                return
+            except ActorDeadError:
+                if produced:
+                    raise
+                self.router.remove_worker(entry.name)
+                log.warning("worker %s is gone; retrying request %s elsewhere", entry.name, request_id)
+
+    async def _generate_on(self, entry: WorkerEntry, request_id: str, prompt_ids: list[int],
+                           params: SamplingParams) -> AsyncIterator[Chunk]:
         self.router.begin(entry)
         self.metrics.decisions.inc(1, entry.name)
-        self.metrics.in_flight.set(self._in_flight + 1)
         self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
         stream = TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
                             params.skip_special_tokens)
         t0 = last = time.monotonic()
