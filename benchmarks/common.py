@@ -94,6 +94,8 @@ def write_json(name: str, data: Any) -> Path:
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
+            if v != v:
+                return "n/a"
             return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
         return str(v)
 

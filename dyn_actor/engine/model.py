@@ -7,6 +7,7 @@ the rows that sample.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,27 @@ def d_half(cfg: ModelConfig) -> int:
 
 
 class _Layer:
-    __slots__ = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "wdown")
+    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown")
+
+
+class Linear:
+    """``y = x @ W.T + b``; float32 weights are also pre-packed for MKL's sgemm when torch has it
+    (about 20% faster for the small batches of decode steps)."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+        if pack and weight.dtype == torch.float32:
+            try:
+                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
+            except (AttributeError, RuntimeError):
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 64)
+        return F.linear(x, self.weight, self.bias)
 
 
 class LlamaModel:
@@ -61,6 +82,7 @@ class LlamaModel:
     ):
         self.cfg = cfg
         self.native = native_lib() if native_ops and dtype in (torch.float32, torch.bfloat16) else None
+        pack = native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
         self.scale = cfg.head_dim**-0.5
         w = {k.removeprefix("model."): v for k, v in weights.items()}
@@ -94,22 +116,23 @@ class LlamaModel:
             layer = _Layer()
             layer.ln1 = take(p + "input_layernorm.weight")
             layer.ln2 = take(p + "post_attention_layernorm.weight")
-            layer.wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]).contiguous()
+            wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
             biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
+            bqkv = None
             if any(b is not None for b in biases):
                 if any(b is None for b in biases):
                     raise ModelLoadError(f"layer {i} has a bias on only some of q/k/v")
-                layer.bqkv = torch.cat(biases).contiguous()  # type: ignore[arg-type]
-            else:
-                layer.bqkv = None
-            layer.wo = take(a + "o_proj.weight")
-            layer.bo = take(a + "o_proj.bias", required=False)
+                bqkv = torch.cat(biases).contiguous()  # type: ignore[arg-type]
+            layer.wqkv = Linear(wqkv.contiguous(), bqkv, pack)
+            layer.wo = Linear(take(a + "o_proj.weight"), take(a + "o_proj.bias", required=False), pack)
             m = p + "mlp."
-            layer.wgu = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous()
-            layer.wdown = take(m + "down_proj.weight")
+            layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
+                               None, pack)
+            layer.wdown = Linear(take(m + "down_proj.weight"), None, pack)
             if take(m + "down_proj.bias", required=False) is not None:
                 raise ModelLoadError("MLP biases are not supported")
             self.layers.append(layer)
+        self.lm_head_linear = Linear(self.lm_head, None, pack)
         inv_freq = cfg.rope_inv_freq()
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
@@ -187,16 +210,16 @@ class LlamaModel:
         inter = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = layer.wqkv(h)
             qk = self._rope(qkv[:, :qk_size].view(t, nh + nkv, d), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qk_size:].view(t, nkv, d)
             pool.k[i][b.slot_blocks, b.slot_offsets] = k
             pool.v[i][b.slot_blocks, b.slot_offsets] = v
             attn = self._attention(q, k, v, i, pool, b)
-            x = x + F.linear(attn, layer.wo, layer.bo)
+            x = x + layer.wo(attn)
             h = self._rms_norm(x, layer.ln2)
-            gu = F.linear(h, layer.wgu)
-            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.wdown)
+            gu = layer.wgu(h)
+            x = x + layer.wdown(F.silu(gu[:, :inter]) * gu[:, inter:])
         h = self._rms_norm(x[b.logits_indices], self.norm)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head_linear(h).float()

@@ -5,11 +5,11 @@
  * Pool element (block, t, kv_head, i) of one layer's K (or V) lives at
  *   base + block * block_stride + (t * nkv + kv_head) * d + i
  * which is the [num_blocks, num_layers, 2, block_size, nkv, d] layout of
- * dyn_actor.kv.pool seen from one layer. The query heads of one KV head
- * (grouped-query attention) are processed together, so each K/V row is read
- * once per step. Two passes over the context: scores + softmax, then the
- * weighted sum of V. Parallel over (sequence, KV head) with OpenMP; built and
- * loaded at run time by dyn_actor.engine.native_ops.
+ * dyn_actor.kv.pool seen from one layer. All query heads of a sequence are
+ * processed together (grouped-query heads share their KV head's part of the
+ * row), so each K/V row is read once per step, front to back. Two passes over the context: scores + softmax, then
+ * the weighted sum of V. Parallel over sequences with OpenMP; built and loaded
+ * at run time by dyn_actor.engine.native_ops.
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,59 +31,62 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* One task per sequence: each K/V row [nkv, d] of a position is read once, sequentially
+ * (a block of one layer is block_size contiguous rows), and serves every query head. */
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                              \
     void NAME(const T *q, int64_t q_stride, const T *k, const T *v, int64_t block_stride,                \
               const int64_t *table, int64_t max_blocks, const int64_t *ctx, T *out, int64_t num_seqs,     \
               int64_t nh, int64_t nkv, int64_t d, int64_t bs, float scale, int nthreads) {                \
         const int64_t G = nh / nkv;                                                                       \
-        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthreads)")              \
+        const int64_t row = nkv * d;                                                                      \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                          \
         for (int64_t b = 0; b < num_seqs; b++) {                                                         \
-            for (int64_t h = 0; h < nkv; h++) {                                                          \
-                const int64_t n = ctx[b];                                                                \
-                const int64_t *tb = table + b * max_blocks;                                              \
-                float *scores = (float *)malloc(sizeof(float) * (size_t)(G * n + G * d + G * d));       \
-                float *qf = scores + G * n;                                                              \
-                float *acc = qf + G * d;                                                                 \
-                const T *qb = q + b * q_stride + h * G * d;                                              \
-                for (int64_t i = 0; i < G * d; i++) qf[i] = LOAD(qb[i]) * scale;                         \
-                for (int64_t pos = 0; pos < n; pos++) {                                                  \
-                    const T *kp = k + tb[pos / bs] * block_stride + ((pos % bs) * nkv + h) * d;          \
-                    for (int64_t g = 0; g < G; g++) {                                                    \
-                        const float *qg = qf + g * d;                                                    \
-                        float s = 0.f;                                                                   \
-                        _Pragma("omp simd reduction(+ : s)")                                            \
-                        for (int64_t i = 0; i < d; i++) s += qg[i] * LOAD(kp[i]);                        \
-                        scores[g * n + pos] = s;                                                         \
-                    }                                                                                    \
+            const int64_t n = ctx[b];                                                                    \
+            const int64_t *tb = table + b * max_blocks;                                                  \
+            float *scores = (float *)malloc(sizeof(float) * (size_t)(nh * n + 2 * nh * d));             \
+            float *qf = scores + nh * n;                                                                 \
+            float *acc = qf + nh * d;                                                                    \
+            const T *qb = q + b * q_stride;                                                              \
+            for (int64_t i = 0; i < nh * d; i++) qf[i] = LOAD(qb[i]) * scale;                            \
+            for (int64_t pos = 0; pos < n; pos++) {                                                      \
+                const T *kr = k + tb[pos / bs] * block_stride + (pos % bs) * row;                        \
+                for (int64_t h = 0; h < nh; h++) {                                                       \
+                    const T *kp = kr + (h / G) * d;                                                      \
+                    const float *qh = qf + h * d;                                                        \
+                    float s = 0.f;                                                                       \
+                    _Pragma("omp simd reduction(+ : s)")                                                \
+                    for (int64_t i = 0; i < d; i++) s += qh[i] * LOAD(kp[i]);                            \
+                    scores[h * n + pos] = s;                                                             \
                 }                                                                                        \
-                for (int64_t g = 0; g < G; g++) {                                                        \
-                    float *sg = scores + g * n;                                                          \
-                    float m = -INFINITY;                                                                 \
-                    _Pragma("omp simd reduction(max : m)")                                              \
-                    for (int64_t pos = 0; pos < n; pos++) m = sg[pos] > m ? sg[pos] : m;                 \
-                    float sum = 0.f;                                                                     \
-                    _Pragma("omp simd reduction(+ : sum)")                                              \
-                    for (int64_t pos = 0; pos < n; pos++) {                                              \
-                        sg[pos] = expf(sg[pos] - m);                                                     \
-                        sum += sg[pos];                                                                  \
-                    }                                                                                    \
-                    const float inv = 1.f / sum;                                                         \
-                    for (int64_t pos = 0; pos < n; pos++) sg[pos] *= inv;                                \
-                }                                                                                        \
-                memset(acc, 0, sizeof(float) * (size_t)(G * d));                                         \
-                for (int64_t pos = 0; pos < n; pos++) {                                                  \
-                    const T *vp = v + tb[pos / bs] * block_stride + ((pos % bs) * nkv + h) * d;          \
-                    for (int64_t g = 0; g < G; g++) {                                                    \
-                        const float p = scores[g * n + pos];                                             \
-                        float *restrict ag = acc + g * d;                                                \
-                        _Pragma("omp simd")                                                              \
-                        for (int64_t i = 0; i < d; i++) ag[i] += p * LOAD(vp[i]);                        \
-                    }                                                                                    \
-                }                                                                                        \
-                T *ob = out + (b * nh + h * G) * d;                                                      \
-                for (int64_t i = 0; i < G * d; i++) ob[i] = STORE(acc[i]);                               \
-                free(scores);                                                                            \
             }                                                                                            \
+            for (int64_t h = 0; h < nh; h++) {                                                           \
+                float *sh = scores + h * n;                                                              \
+                float m = -INFINITY;                                                                     \
+                _Pragma("omp simd reduction(max : m)")                                                  \
+                for (int64_t pos = 0; pos < n; pos++) m = sh[pos] > m ? sh[pos] : m;                     \
+                float sum = 0.f;                                                                         \
+                _Pragma("omp simd reduction(+ : sum)")                                                  \
+                for (int64_t pos = 0; pos < n; pos++) {                                                  \
+                    sh[pos] = expf(sh[pos] - m);                                                         \
+                    sum += sh[pos];                                                                      \
+                }                                                                                        \
+                const float inv = 1.f / sum;                                                             \
+                for (int64_t pos = 0; pos < n; pos++) sh[pos] *= inv;                                    \
+            }                                                                                            \
+            memset(acc, 0, sizeof(float) * (size_t)(nh * d));                                            \
+            for (int64_t pos = 0; pos < n; pos++) {                                                      \
+                const T *vr = v + tb[pos / bs] * block_stride + (pos % bs) * row;                        \
+                for (int64_t h = 0; h < nh; h++) {                                                       \
+                    const T *vp = vr + (h / G) * d;                                                      \
+                    const float p = scores[h * n + pos];                                                 \
+                    float *restrict ah = acc + h * d;                                                    \
+                    _Pragma("omp simd")                                                                  \
+                    for (int64_t i = 0; i < d; i++) ah[i] += p * LOAD(vp[i]);                            \
+                }                                                                                        \
+            }                                                                                            \
+            T *ob = out + b * nh * d;                                                                    \
+            for (int64_t i = 0; i < nh * d; i++) ob[i] = STORE(acc[i]);                                  \
+            free(scores);                                                                                \
         }                                                                                                \
     }
 
