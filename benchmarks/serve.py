@@ -274,7 +274,7 @@ def main() -> int:
                 port = 8301
                 env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", str(port),
-                       "--dtype", "float32", "--max-model-len", "4096", "--disable-log-requests"]
+                       "--dtype", "float32", "--max-model-len", "4096"]
                 procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 wait_http(f"http://127.0.0.1:{port}", p)

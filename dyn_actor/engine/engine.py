@@ -17,7 +17,6 @@ Hooks for disaggregated serving:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import msgspec
@@ -51,6 +50,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     native_ops: bool = True  # the C decode-attention kernel (falls back to PyTorch without a compiler)
+    shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -124,7 +124,12 @@ class LLMEngine:
             log.warning("KV cache fits %d tokens: max_model_len lowered to that", limit)
             self.max_model_len = limit
         self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        self.pool = KvPool(self.layout)
+        if config.shared_kv:
+            from dyn_actor.kv.transfer import SharedKvPool
+
+            self.pool: KvPool = SharedKvPool(self.layout)
+        else:
+            self.pool = KvPool(self.layout)
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -416,5 +421,8 @@ class LLMEngine:
             num_preemptions=self._preemptions,
         )
 
-    def now(self) -> float:
-        return time.monotonic()
+    def close(self) -> None:
+        """Release resources that outlive the process otherwise (a shared-memory KV pool)."""
+        close = getattr(self.pool, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,131 @@
+"""Moving KV blocks between processes: the decode worker's pool is shared, a prefill worker
+writes blocks straight into it.
+
+One interface, chosen by device:
+
+- CPU: the pool lives in a POSIX shared-memory segment (``/dev/shm``). The
+  owner exports a ``KvPoolDescriptor`` (segment name, shape, dtype); a peer
+  attaches once and writes blocks in place with one ``index_copy_`` per
+  transfer (a scatter of whole blocks, each one contiguous run).
+- GPU: the pool is device memory exported by CUDA IPC handle (torch's
+  storage sharing); the peer opens it once, scatters with one fused copy, and
+  synchronises its stream before it reports completion. (Not yet run on a
+  GPU in this project: no GPU was available to the sessions that wrote it.)
+
+Only descriptors travel through sockets, never tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
+
+import msgspec
+import torch
+
+from dyn_actor.kv.pool import KvLayout, KvPool
+
+SHM_PREFIX = "dyn-actor-kv-"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KvPoolDescriptor(msgspec.Struct, frozen=True):
+    kind: str  # "shm" | "cuda_ipc"
+    name: str  # shared-memory segment name (shm)
+    shape: list[int]
+    dtype: str
+    device: int = -1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class SharedKvPool(KvPool):
+    """A ``KvPool`` whose memory is a shared-memory segment this process owns (and removes)."""
+
+    def __init__(self, layout: KvLayout) -> None:
+        name = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(layout.nbytes, 1))
+        data = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=layout.nbytes).view(layout.dtype)
+        data = data.view(layout.shape)
+        data.zero_()
+        super().__init__(layout, data=data)
+        self.name = name
+
+    def descriptor(self) -> KvPoolDescriptor:
+        return KvPoolDescriptor("shm", self.name, list(self.layout.shape), _dtype_name(self.layout.dtype))
+
+    def close(self) -> None:
+        """Drop the tensor views and remove the segment (idempotent)."""
+        if self._shm is None:
+            return
+        self.data = self.k = self.v = self.k_rows = self.v_rows = None  # type: ignore[assignment]
+        shm, self._shm = self._shm, None
+        try:
+            shm.close()
+        except BufferError:  # a view is still alive somewhere; the unlink below still frees the name
+            pass
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class RemoteKvPool:
+    """Another process's pool, attached once; blocks are written in place."""
+
+    def __init__(self, desc: KvPoolDescriptor) -> None:
+        if desc.kind != "shm":
+            raise ValueError(f"unsupported KV pool kind {desc.kind!r} on this device")
+        self.descriptor = desc
+        self._shm = shared_memory.SharedMemory(name=desc.name, create=False)
+        # attaching registers the segment with this process's resource tracker, which would
+        # unlink it when we exit: the owner removes it, not us
+        try:
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        dtype = _DTYPES[desc.dtype]
+        numel = 1
+        for s in desc.shape:
+            numel *= s
+        self.data = torch.frombuffer(self._shm.buf, dtype=dtype, count=numel).view(desc.shape)
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
+        """Scatter ``blocks`` (``[len(block_ids), *block_shape]``) into the given block ids; return bytes written."""
+        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(self.data.shape[1:]):
+            raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(self.data.shape[1:])}, "
+                             f"got {tuple(blocks.shape)}")
+        if not block_ids:
+            return 0
+        idx = torch.as_tensor(list(block_ids), dtype=torch.long)
+        self.data.index_copy_(0, idx, blocks.to(self.data.dtype))
+        return len(block_ids) * self.block_nbytes
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return self.data.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))
+
+    def close(self) -> None:
+        if self._shm is None:
+            return
+        self.data = None  # type: ignore[assignment]
+        shm, self._shm = self._shm, None
+        try:
+            shm.close()
+        except BufferError:
+            pass
+
+
+def leftover_segments() -> list[str]:
+    """Segments of this project still in /dev/shm (for tests and cleanup)."""
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,68 @@
+"""Shared-memory KV pools: a peer process writes blocks in place; segments never outlive their owner."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import torch
+
+from dyn_actor.kv.pool import KvLayout
+from dyn_actor.kv.transfer import KvPoolDescriptor, RemoteKvPool, SharedKvPool, leftover_segments
+
+LAYOUT = KvLayout(num_blocks=32, num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def _peer_writes(desc: KvPoolDescriptor, ids: list[int], seed: int, conn) -> None:
+    remote = RemoteKvPool(desc)
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn((len(ids), *desc.shape[1:]), generator=g)
+    n = remote.write_blocks(ids, blocks)
+    remote.close()
+    conn.send(n)
+
+
+def test_peer_process_writes_blocks_in_place():
+    pool = SharedKvPool(LAYOUT)
+    try:
+        assert pool.name in leftover_segments()
+        ids = [7, 2, 30, 11]
+        parent, child = mp.get_context("spawn").Pipe()
+        p = mp.get_context("spawn").Process(target=_peer_writes, args=(pool.descriptor(), ids, 5, child))
+        p.start()
+        written = parent.recv()
+        p.join(30)
+        assert written == 4 * LAYOUT.block_nbytes
+        expected = torch.randn((4, *LAYOUT.shape[1:]), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(pool.read_blocks(ids), expected)
+        assert pool.read_blocks([0]).abs().sum() == 0  # untouched blocks stay as they were
+        assert pool.name in leftover_segments()  # the peer's exit did not remove the owner's segment
+    finally:
+        pool.close()
+    assert pool.name not in leftover_segments()
+    pool.close()  # idempotent
+
+
+def test_engine_pool_views_work_over_shared_memory():
+    pool = SharedKvPool(LAYOUT)
+    try:
+        pool.k[1][3, 4] = torch.ones(2, 8)
+        assert pool.k_rows[1][3].view(16, 2, 8)[4].sum() == 16
+        raw = pool.block_bytes([3])
+        assert len(raw) == LAYOUT.block_nbytes
+    finally:
+        pool.close()
+
+
+def test_engine_with_shared_pool_generates_the_same_and_cleans_up():
+    from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.helpers import run_all
+
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompt = [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+    plain = run_all(LLMEngine(EngineConfig(num_kv_blocks=32)), {"a": (prompt, sp)})["a"][0]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=32, shared_kv=True))
+    name = engine.pool.name
+    assert name in leftover_segments()
+    assert run_all(engine, {"a": (prompt, sp)})["a"][0] == plain
+    engine.close()
+    assert name not in leftover_segments()
