@@ -63,6 +63,10 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, f32, cint]
         fn.restype = None
+    for name in ("scatter_blocks", "gather_blocks"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, i64, i64, cint]
+        fn.restype = None
     return lib
 
 
@@ -103,3 +107,26 @@ def paged_decode_attention(
         n, nh, nkv, d, bs, scale, torch.get_num_threads(),
     )
     return out
+
+
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, ids: list[int], scatter: bool) -> None:
+    """``dst[ids[i]] = src[i]`` (scatter) or ``dst[i] = src[ids[i]]`` (gather), whole blocks along dim 0.
+
+    Both tensors are contiguous CPU tensors of one dtype whose dim-0 slices are blocks.
+    One call: parallel memcpy per block in C, or a loop of block copies without it.
+    """
+    if not ids:
+        return
+    lib = native_lib()
+    if lib is not None:
+        idx = torch.as_tensor(ids, dtype=torch.int64)
+        block_bytes = src[0].numel() * src.element_size()
+        fn = lib.scatter_blocks if scatter else lib.gather_blocks
+        fn(dst.data_ptr(), src.data_ptr(), idx.data_ptr(), len(ids), block_bytes, torch.get_num_threads())
+        return
+    if scatter:
+        for i, b in enumerate(ids):
+            dst[b].copy_(src[i])
+    else:
+        for i, b in enumerate(ids):
+            dst[i].copy_(src[b])

@@ -64,14 +64,29 @@ class KvPool:
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of the given blocks, shape ``[len(block_ids), *block_shape]``."""
-        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
+        ids = list(block_ids)
+        if self.data.device.type == "cpu":
+            from dyn_actor.engine.native_ops import copy_blocks
+
+            _check_ids(ids, self.layout.num_blocks)
+            out = torch.empty((len(ids), *self.layout.shape[1:]), dtype=self.data.dtype)
+            copy_blocks(out, self.data, ids, scatter=False)
+            return out
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.data.device)
         return self.data.index_select(0, idx)
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
         """Overwrite the given blocks in place with ``blocks`` (as returned by ``read_blocks``)."""
         if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != self.layout.shape[1:]:
             raise ValueError(f"expected {len(block_ids)} blocks of shape {self.layout.shape[1:]}, got {tuple(blocks.shape)}")
-        idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.data.device)
+        ids = list(block_ids)
+        if self.data.device.type == "cpu":
+            from dyn_actor.engine.native_ops import copy_blocks
+
+            _check_ids(ids, self.layout.num_blocks)
+            copy_blocks(self.data, blocks.to(dtype=self.data.dtype).contiguous(), ids, scatter=True)
+            return
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.data.device)
         self.data.index_copy_(0, idx, blocks.to(device=self.data.device, dtype=self.data.dtype))
 
     def block_bytes(self, block_ids: Sequence[int]) -> bytes:
@@ -84,3 +99,8 @@ class KvPool:
             raise ValueError(f"expected {expected} bytes for {len(block_ids)} blocks, got {len(raw)}")
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.layout.dtype)
         self.write_blocks(block_ids, flat.view(len(block_ids), *self.layout.shape[1:]))
+
+
+def _check_ids(ids: list[int], num_blocks: int) -> None:
+    if ids and (min(ids) < 0 or max(ids) >= num_blocks):
+        raise ValueError(f"block ids must be in [0, {num_blocks})")

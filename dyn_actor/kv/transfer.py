@@ -17,14 +17,17 @@ Only descriptors travel through sockets, never tensors.
 
 from __future__ import annotations
 
+import _posixshmem
+import mmap
 import os
 import uuid
 from collections.abc import Sequence
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import msgspec
 import torch
 
+from dyn_actor.engine.native_ops import copy_blocks
 from dyn_actor.kv.pool import KvLayout, KvPool
 
 SHM_PREFIX = "dyn-actor-kv-"
@@ -81,18 +84,19 @@ class RemoteKvPool:
         if desc.kind != "shm":
             raise ValueError(f"unsupported KV pool kind {desc.kind!r} on this device")
         self.descriptor = desc
-        self._shm = shared_memory.SharedMemory(name=desc.name, create=False)
-        # attaching registers the segment with this process's resource tracker, which would
-        # unlink it when we exit: the owner removes it, not us
+        # Mapped by hand rather than with SharedMemory(create=False), which would register the
+        # segment with a resource tracker (possibly the owner's) and unlink it behind its back.
+        fd = _posixshmem.shm_open("/" + desc.name, os.O_RDWR, mode=0o600)
         try:
-            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:
-            pass
+            size = os.fstat(fd).st_size
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
         dtype = _DTYPES[desc.dtype]
         numel = 1
         for s in desc.shape:
             numel *= s
-        self.data = torch.frombuffer(self._shm.buf, dtype=dtype, count=numel).view(desc.shape)
+        self.data = torch.frombuffer(self._mmap, dtype=dtype, count=numel).view(desc.shape)
 
     @property
     def block_nbytes(self) -> int:
@@ -105,21 +109,22 @@ class RemoteKvPool:
                              f"got {tuple(blocks.shape)}")
         if not block_ids:
             return 0
-        idx = torch.as_tensor(list(block_ids), dtype=torch.long)
-        self.data.index_copy_(0, idx, blocks.to(self.data.dtype))
+        if max(block_ids) >= self.data.shape[0] or min(block_ids) < 0:
+            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
+        copy_blocks(self.data, blocks.to(self.data.dtype).contiguous(), list(block_ids), scatter=True)
         return len(block_ids) * self.block_nbytes
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         return self.data.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))
 
     def close(self) -> None:
-        if self._shm is None:
+        if self._mmap is None:
             return
         self.data = None  # type: ignore[assignment]
-        shm, self._shm = self._shm, None
+        mm, self._mmap = self._mmap, None
         try:
-            shm.close()
-        except BufferError:
+            mm.close()
+        except BufferError:  # a view is still alive; the mapping goes when it does
             pass
 
 

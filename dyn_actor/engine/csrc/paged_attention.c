@@ -94,3 +94,16 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 #define STORE_F32(x) (x)
 DEFINE_DECODE(paged_decode_attention_f32, float, LOAD_F32, STORE_F32)
 DEFINE_DECODE(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* Whole-block copies between KV pools: block i of src goes to block ids[i] of dst
+ * (scatter), or block ids[i] of src to block i of dst (gather). Each block is one
+ * contiguous run, so this is n memcpy calls spread over the threads. */
+void scatter_blocks(char *dst, const char *src, const int64_t *ids, int64_t n, int64_t block_bytes, int nthreads) {
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t i = 0; i < n; i++) memcpy(dst + ids[i] * block_bytes, src + i * block_bytes, (size_t)block_bytes);
+}
+
+void gather_blocks(char *dst, const char *src, const int64_t *ids, int64_t n, int64_t block_bytes, int nthreads) {
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * block_bytes, src + ids[i] * block_bytes, (size_t)block_bytes);
+}
