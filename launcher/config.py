@@ -37,6 +37,7 @@ class LaunchConfig:
     served_model_name: str | None
     log_level: str
     ready_timeout: float
+    torch_threads: int | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="compute threads per worker (default: torch's choice, the machine's cores)")
     return ap
 
 

@@ -57,7 +57,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn) -> None:
         engine = LLMEngine(EngineConfig(
             model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, max_model_len=cfg.max_model_len,
             kv_cache_memory=int(cfg.kv_cache_memory_gb * (1 << 30)), max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens))
+            max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads))
     except Exception as e:
         conn.send(("failed", f"worker {index}: {e}"))
         sys.exit(1)
