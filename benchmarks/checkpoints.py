@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models
 
 from dyn_actor.engine import builtin
@@ -45,28 +44,12 @@ def write_random_llama(directory: str | Path, spec: dict | None = None, seed: in
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
         "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32", **spec,
     }
-    g = torch.Generator().manual_seed(seed)
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-
-    def lin(o: int, i: int) -> torch.Tensor:
-        return torch.randn(o, i, generator=g) / i**0.5
-
-    w = {"model.embed_tokens.weight": torch.randn(v, h, generator=g), "model.norm.weight": torch.ones(h),
-         "lm_head.weight": lin(v, h)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-              p + "self_attn.q_proj.weight": lin(q, h), p + "self_attn.k_proj.weight": lin(kv, h),
-              p + "self_attn.v_proj.weight": lin(kv, h), p + "self_attn.o_proj.weight": lin(h, q),
-              p + "mlp.gate_proj.weight": lin(inter, h), p + "mlp.up_proj.weight": lin(inter, h),
-              p + "mlp.down_proj.weight": lin(h, inter)}
+    w = builtin.random_llama_weights(cfg, seed)
     from safetensors.torch import save_file
 
     save_file(w, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    _wide_tokenizer(v).save(str(d / "tokenizer.json"))
+    _wide_tokenizer(cfg["vocab_size"]).save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     return d

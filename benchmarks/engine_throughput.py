@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     patch_vllm_version,
     print_table,
+    pyplot,
     run_isolated,
     vllm_available,
     write_json,
@@ -123,13 +124,8 @@ def prepare_models(names: list[str]) -> dict[str, tuple[str, int]]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no PNG)")
+    plt = pyplot()
+    if plt is None:
         return
     keys = sorted({(r["model"], r["workload"]) for r in rows})
     engines = sorted({r["engine"] for r in rows})

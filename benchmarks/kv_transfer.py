@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, print_table, pyplot, write_json  # noqa: E402
 from dyn_actor.kv.pool import KvLayout  # noqa: E402
 from dyn_actor.kv.transfer import RemoteKvPool, SharedKvPool  # noqa: E402
 
@@ -76,12 +76,8 @@ def cpu_benchmark(counts: list[int]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["MiB"] for r in rows], [r["transfer_GBps"] for r in rows], "o-", label="shm scatter (other process)")

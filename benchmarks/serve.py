@@ -35,7 +35,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, print_table, vllm_available, write_json  # noqa: E402
+from benchmarks.common import RESULTS, print_table, pyplot, vllm_available, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,13 +206,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no PNG)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name in sorted({r["endpoint"] for r in rows}):

@@ -83,31 +83,45 @@ def hf_config(name: str = BUILTIN_TINY) -> dict[str, Any]:
     }
 
 
-def build_weights(name: str = BUILTIN_TINY) -> dict[str, torch.Tensor]:
-    cfg = hf_config(name)
-    g = torch.Generator().manual_seed(_SEED)
+def random_llama_weights(
+    cfg: dict[str, Any], seed: int, norm_jitter: float = 0.0, residual_scale: float = 1.0, head_scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a Llama ``config.json`` dict, named as in a Hugging Face checkpoint.
+
+    Projections are N(0, 1/fan_in); ``residual_scale`` scales the o/down projections,
+    ``head_scale`` the LM head, ``norm_jitter`` the RMSNorm weights around 1.
+    """
+    g = torch.Generator().manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q = cfg["num_attention_heads"] * cfg["head_dim"]
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
 
-    def lin(out: int, inp: int) -> torch.Tensor:
-        return torch.randn(out, inp, generator=g) / inp**0.5
+    def lin(out: int, inp: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(out, inp, generator=g) * (scale / inp**0.5)
+
+    def norm() -> torch.Tensor:
+        return 1 + norm_jitter * torch.randn(h, generator=g) if norm_jitter else torch.ones(h)
 
     w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(v, h, generator=g)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=g)
-        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=g)
+        w[p + "input_layernorm.weight"] = norm()
+        w[p + "post_attention_layernorm.weight"] = norm()
         w[p + "self_attn.q_proj.weight"] = lin(q, h)
         w[p + "self_attn.k_proj.weight"] = lin(kv, h)
         w[p + "self_attn.v_proj.weight"] = lin(kv, h)
-        w[p + "self_attn.o_proj.weight"] = lin(h, q) * 0.5
+        w[p + "self_attn.o_proj.weight"] = lin(h, q, residual_scale)
         w[p + "mlp.gate_proj.weight"] = lin(inter, h)
         w[p + "mlp.up_proj.weight"] = lin(inter, h)
-        w[p + "mlp.down_proj.weight"] = lin(h, inter) * 0.5
+        w[p + "mlp.down_proj.weight"] = lin(h, inter, residual_scale)
     w["model.norm.weight"] = torch.ones(h)
-    w["lm_head.weight"] = lin(v, h) * 4.0  # peaked logits: readable, varied greedy text
+    w["lm_head.weight"] = lin(v, h, head_scale)
     return w
+
+
+def build_weights(name: str = BUILTIN_TINY) -> dict[str, torch.Tensor]:
+    # peaked logits (head_scale 4): readable, varied greedy text
+    return random_llama_weights(hf_config(name), _SEED, norm_jitter=0.1, residual_scale=0.5, head_scale=4.0)
 
 
 def tokenizer_config() -> dict[str, Any]:
