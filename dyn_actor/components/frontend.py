@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
-from dyn_actor.components.messages import GenerateRequest, StatsRequest, TokenDelta, WorkerInfo, WorkerStats
+from dyn_actor.components.messages import (
+    AbortRequest,
+    GenerateRequest,
+    OutputBatch,
+    StatsRequest,
+    Subscribe,
+    TokenDelta,
+    WorkerInfo,
+    WorkerStats,
+)
 from dyn_actor.components.openai_api import (
     MAX_N,
     ChatCompletionRequest,
@@ -44,6 +53,64 @@ log = logging.getLogger(__name__)
 
 class ServiceUnavailable(RuntimeError):
     pass
+
+
+class WorkerClient:
+    """The frontend's side of one worker: one ``Subscribe`` stream of per-step ``OutputBatch``es,
+    demultiplexed into a queue per request."""
+
+    def __init__(self, name: str, ref: ActorRef) -> None:
+        self.name = name
+        self.ref = ref
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._dead: ActorError | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for batch in self.ref.stream(Subscribe(), OutputBatch):
+                for item in batch.items:
+                    q = self._queues.get(item.request_id)
+                    if q is not None:
+                        q.put_nowait(item)
+            err: ActorError = ActorDeadError(f"{self.name} closed its output stream")
+        except ActorDeadError as e:
+            err = e
+        except ActorError as e:
+            err = ActorDeadError(f"{self.name}: {e}")
+        self._dead = err
+        for q in self._queues.values():
+            q.put_nowait(err)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """The request's deltas; leaving early aborts it on the worker."""
+        if self._dead is not None:
+            raise self._dead
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        finished = False
+        try:
+            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params))
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise ActorError(item.error, "ValueError")
+                yield item.delta
+                if item.delta.finished:
+                    finished = True
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self._dead is None and self.ref.alive:
+                # fire and forget: this may run while the request's task is being cancelled
+                asyncio.ensure_future(self.ref.tell(AbortRequest(request_id)))
 
 
 @dataclass
@@ -211,7 +278,7 @@ class Frontend:
         first = True
         outcome = "abort"
         try:
-            async for d in entry.handle.stream(GenerateRequest(request_id, prompt_ids, params), TokenDelta):
+            async for d in entry.handle.generate(request_id, prompt_ids, params):
                 now = time.monotonic()
                 if first:
                     self.metrics.ttft.observe(now - t0)
@@ -445,7 +512,7 @@ class Frontend:
     async def refresh_worker_stats(self, timeout: float = 1.0) -> None:
         async def one(entry: WorkerEntry):
             try:
-                s = await entry.handle.ask(StatsRequest(), WorkerStats, timeout=timeout)
+                s = await entry.handle.ref.ask(StatsRequest(), WorkerStats, timeout=timeout)
             except (ActorError, asyncio.TimeoutError):
                 return
             m, w = self.metrics, entry.name
@@ -508,7 +575,9 @@ async def connect_workers(endpoints: dict[str, str], router: Router, wait: float
     info = None
     for name, ep in endpoints.items():
         ref = await ActorRef(ep, name).start(wait_ready=wait)
-        entry = router.add_worker(name, ref)
+        client = WorkerClient(name, ref)
+        client.start()
+        entry = router.add_worker(name, client)
         ref.on_dead(lambda _r, n=name, e=entry: (router.remove_worker(n),
                                                 log.error("worker %s stopped answering; routing around it", n)))
         i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)

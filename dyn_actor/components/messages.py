@@ -10,11 +10,15 @@ from dyn_actor.engine.sampling import Logprobs, SamplingParams
 
 
 class GenerateRequest(msgspec.Struct, tag="generate"):
-    """Stream of ``TokenDelta`` until the request finishes; cancelling the stream aborts it."""
+    """A tell: start a request; its output comes in the subscriber's ``OutputBatch`` stream."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+
+
+class Subscribe(msgspec.Struct, tag="subscribe"):
+    """A stream of ``OutputBatch``: one per engine step, every request's new tokens together."""
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):
@@ -29,7 +33,7 @@ class InfoRequest(msgspec.Struct, tag="info"):
     pass
 
 
-WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest
+WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest | Subscribe
 
 # --------------------------------------------------------------- from a worker
 
@@ -42,6 +46,16 @@ class TokenDelta(msgspec.Struct, omit_defaults=True):
     logprobs: list[Logprobs] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+
+
+class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):
+    request_id: str
+    delta: TokenDelta | None = None
+    error: str | None = None  # the engine refused the request (bad input): it never started
+
+
+class OutputBatch(msgspec.Struct, array_like=True):
+    items: list[RequestDelta]
 
 
 class WorkerStats(msgspec.Struct):

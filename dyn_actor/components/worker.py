@@ -20,7 +20,10 @@ from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
     InfoRequest,
+    OutputBatch,
+    RequestDelta,
     StatsRequest,
+    Subscribe,
     TokenDelta,
     WorkerInfo,
     WorkerMessage,
@@ -98,13 +101,18 @@ class EngineThread:
 
 
 class Worker(Actor):
+    """Requests come in as tells; every step's outputs go out as one ``OutputBatch`` to the
+    subscribers (the frontend), which demultiplex them per request. One message per step
+    instead of one per request and token keeps both processes' Python work small."""
+
     Message = WorkerMessage
 
     def __init__(self, name: str, engine: LLMEngine) -> None:
         self.name = name
         self.engine = engine
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._subscribers: list[asyncio.Queue] = []
         self._thread: EngineThread | None = None
+        self._live: set[str] = set()  # requests started and not finished
 
     def handlers(self):
         return {
@@ -112,6 +120,7 @@ class Worker(Actor):
             AbortRequest: self.abort,
             StatsRequest: self.stats,
             InfoRequest: self.info,
+            Subscribe: self.subscribe,
         }
 
     async def on_start(self) -> None:
@@ -122,44 +131,52 @@ class Worker(Actor):
         if self._thread is not None:
             self._thread.stop()
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            q = self._streams.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+    def _publish(self, items: list[RequestDelta]) -> None:
+        for q in self._subscribers:
+            q.put_nowait(items)
 
-    async def generate(self, m: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        items = []
+        for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
+            items.append(RequestDelta(out.request_id, TokenDelta(
+                list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
+                list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens)))
+        self._publish(items)
+
+    async def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._subscribers.append(q)
+        try:
+            while True:
+                items = await q.get()
+                while not q.empty():  # the subscriber fell behind: send what piled up at once
+                    items = items + q.get_nowait()
+                yield OutputBatch(items)
+        finally:
+            self._subscribers.remove(q)
+            if not self._subscribers:  # the frontend went away: nobody will read these
+                for rid in list(self._live):
+                    self._abort(rid)
+
+    async def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None
         rid = m.request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already running on {self.name}")
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = q
-        finished = False
+        self._live.add(rid)
         try:
             await self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params))
-            while not finished:
-                out: RequestOutput = await q.get()
-                tokens = list(out.new_token_ids)
-                logprobs = list(out.logprobs) if out.logprobs else None
-                while not out.finished and not q.empty():  # coalesce what piled up
-                    out = q.get_nowait()
-                    tokens.extend(out.new_token_ids)
-                    if out.logprobs:
-                        logprobs = (logprobs or []) + list(out.logprobs)
-                finished = out.finished
-                yield TokenDelta(
-                    tokens, out.finished, out.finish_reason, out.stop_reason, logprobs,
-                    out.num_prompt_tokens, out.num_cached_tokens,
-                )
-        finally:
-            self._streams.pop(rid, None)
-            if not finished:  # cancelled by the caller, or the caller went away
-                self._thread.submit(lambda e: e.abort_request(rid))
+        except ValueError as e:
+            self._live.discard(rid)
+            self._publish([RequestDelta(rid, error=str(e))])
+
+    def _abort(self, rid: str) -> None:
+        assert self._thread is not None
+        self._live.discard(rid)
+        self._thread.submit(lambda e: e.abort_request(rid))
 
     async def abort(self, m: AbortRequest) -> None:
-        assert self._thread is not None
-        self._thread.submit(lambda e: e.abort_request(m.request_id))
+        self._abort(m.request_id)
 
     def stats(self, m: StatsRequest) -> WorkerStats:
         s = self.engine.stats()  # plain ints read across threads: a consistent-enough snapshot
