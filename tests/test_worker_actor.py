@@ -1,0 +1,73 @@
+"""The worker actor and the frontend's WorkerClient in one process (inproc://), no launcher."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dyn_actor.actor import ActorError, ActorRef, ActorServer
+from dyn_actor.components.frontend import WorkerClient
+from dyn_actor.components.messages import StatsRequest, WorkerStats
+from dyn_actor.components.worker import Worker
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from dyn_actor.transport import inproc_endpoint
+from tests.helpers import run_all
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+async def _with_worker(name: str, body):
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
+    endpoint = inproc_endpoint(name)
+    server = ActorServer(Worker(name, engine), endpoint)
+    task = asyncio.ensure_future(server.serve())
+    ref = await ActorRef(endpoint, name).start(wait_ready=5)
+    client = WorkerClient(name, ref)
+    client.start()
+    try:
+        await body(client, engine)
+    finally:
+        await ref.close()
+        server.stop()
+        await task
+
+
+def test_concurrent_requests_match_the_engine_alone():
+    prompts = {f"r{i}": [0] + [5 + i + j for j in range(10 + 7 * i)] for i in range(4)}
+    expected = run_all(LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512)),
+                       {k: (p, GREEDY) for k, p in prompts.items()})
+
+    async def body(client: WorkerClient, engine: LLMEngine):
+        async def one(rid):
+            toks = []
+            async for d in client.generate(rid, prompts[rid], GREEDY):
+                toks.extend(d.token_ids)
+            return rid, toks
+
+        got = dict(await asyncio.gather(*(one(r) for r in prompts)))
+        assert got == {k: v[0] for k, v in expected.items()}
+        stats = await client.ref.ask(StatsRequest(), WorkerStats)
+        assert stats.kv_blocks_used == 0 and stats.generated_tokens == 48
+
+    asyncio.run(_with_worker("w-concurrent", body))
+
+
+def test_leaving_early_aborts_and_bad_input_is_an_error():
+    async def body(client: WorkerClient, engine: LLMEngine):
+        n = 0
+        async for d in client.generate("long", [0, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True)):
+            n += len(d.token_ids)
+            if n >= 3:
+                break
+        for _ in range(100):
+            if engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        assert engine.block_manager.num_used_blocks == 0
+        with pytest.raises(ActorError, match="token ids") as e:
+            async for _ in client.generate("bad", [0, 10**6], GREEDY):
+                pass
+        assert e.value.error_type == "ValueError"
+
+    asyncio.run(_with_worker("w-abort", body))
