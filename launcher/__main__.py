@@ -16,8 +16,8 @@ import sys
 import time
 from multiprocessing.connection import wait
 
-from launcher.config import ConfigError, parse_args
-from launcher.processes import config_dict, frontend_main, set_single_thread_env, worker_main
+from launcher.config import ConfigError, parse_args, topology_counts
+from launcher.processes import config_dict, frontend_main, queue_main, set_single_thread_env, worker_entry
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
@@ -98,15 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cd = config_dict(cfg)
         endpoints = {}
-        log.info("starting %d worker(s) for %s (topology %s); run directory %s", cfg.workers, cfg.model,
-                 cfg.topology, run_dir)
-        for i in range(cfg.workers):
-            ep = ipc_endpoint(run_dir, f"worker-{i}")
-            endpoints[f"worker-{i}"] = ep
+        n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
+        log.info("starting topology %s for %s; run directory %s", cfg.topology, cfg.model, run_dir)
+
+        def spawn(role: str, index: int, target, args) -> None:
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(i, cd, ep, child), name=f"dyn-actor worker {i}")
+            p = ctx.Process(target=target, args=(*args, child), name=f"dyn-actor {role} {index}")
             p.start()
-            children.append(Child(f"worker {i}", p, parent))
+            children.append(Child(f"{role} {index}", p, parent))
+
+        queue_ep = None
+        if n_prefill:
+            queue_ep = ipc_endpoint(run_dir, "prefill-queue")
+            spawn("prefill-queue", 0, queue_main, (cd, queue_ep))
+        for role, count in (("worker", n_agg), ("decode", n_decode), ("prefill", n_prefill)):
+            for i in range(count):
+                ep = ipc_endpoint(run_dir, f"{role}-{i}")
+                if role != "prefill":
+                    endpoints[f"{role}-{i}"] = ep
+                spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep))
         err = _wait_ready(children, cfg.ready_timeout, lambda: stop_flag["stop"])
         if err is None:
             parent, child = ctx.Pipe(duplex=False)

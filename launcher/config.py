@@ -38,6 +38,7 @@ class LaunchConfig:
     log_level: str
     ready_timeout: float
     torch_threads: int | None = None
+    remote_prefill_timeout: float = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
+    ap.add_argument("--remote-prefill-timeout", type=float, default=30.0,
+                    help="seconds a decode worker waits for a prefill worker before prefilling locally")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="compute threads per worker (default: torch's choice, the machine's cores)")
     return ap
@@ -101,8 +104,6 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
 def validate(cfg: LaunchConfig) -> None:
     if cfg.topology != "agg" and not re.fullmatch(r"[1-9][0-9]*p[1-9][0-9]*d", cfg.topology):
         raise ConfigError(f"unknown topology {cfg.topology!r}: use agg, 1p1d or <X>p<Y>d")
-    if cfg.topology != "agg":
-        raise ConfigError(f"topology {cfg.topology} (disaggregated prefill/decode) is not available yet; use agg")
     if cfg.engine != "native":
         raise ConfigError("the vllm engine adapter is not available yet; use --engine native")
     if cfg.router == "kv":
@@ -115,3 +116,12 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"--block-size must be between 1 and 1024, got {cfg.block_size}")
     if cfg.kv_cache_memory_gb <= 0:
         raise ConfigError("--kv-cache-memory-gb must be positive")
+
+
+def topology_counts(topology: str, workers: int) -> tuple[int, int, int]:
+    """(aggregated workers, prefill workers, decode workers) of a topology string."""
+    if topology == "agg":
+        return workers, 0, 0
+    m = re.fullmatch(r"([1-9][0-9]*)p([1-9][0-9]*)d", topology)
+    assert m is not None
+    return 0, int(m.group(1)), int(m.group(2))

@@ -46,9 +46,11 @@ def _stop_on_sigterm(stop) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop)
 
 
-def worker_main(index: int, cfg_dict: dict, endpoint: str, conn) -> None:
+def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "worker",
+                queue_endpoint: str | None = None) -> None:
+    """An aggregated worker (role ``worker``), a decode worker or a prefill worker."""
     cfg = LaunchConfig(**cfg_dict)
-    _child_setup(f"dyn-actor worker {index}", cfg.log_level)
+    _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
     from dyn_actor.actor import ActorServer
     from dyn_actor.components.worker import Worker
     from dyn_actor.engine.engine import EngineConfig, LLMEngine
@@ -57,15 +59,50 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn) -> None:
         engine = LLMEngine(EngineConfig(
             model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, max_model_len=cfg.max_model_len,
             kv_cache_memory=int(cfg.kv_cache_memory_gb * (1 << 30)), max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads))
+            max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
+            shared_kv=role == "decode"))
     except Exception as e:
-        conn.send(("failed", f"worker {index}: {e}"))
+        conn.send(("failed", f"{role} {index}: {e}"))
         sys.exit(1)
 
     async def main() -> None:
-        server = ActorServer(Worker(f"worker-{index}", engine), endpoint)
+        name = f"{role}-{index}"
+        if role == "decode":
+            from dyn_actor.components.disagg import DecodeWorker, DisaggPolicy
+
+            actor: Worker = DecodeWorker(name, engine, endpoint, queue_endpoint or "", DisaggPolicy(
+                cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout))
+        elif role == "prefill":
+            from dyn_actor.components.disagg import PrefillWorker
+
+            actor = PrefillWorker(name, engine, queue_endpoint or "")
+        else:
+            actor = Worker(name, engine)
+        server = ActorServer(actor, endpoint)
         _stop_on_sigterm(server.stop)
-        await server.serve(ready=lambda: conn.send(("ready", f"worker {index}")))
+        try:
+            await server.serve(ready=lambda: conn.send(("ready", f"{role} {index}")))
+        finally:
+            engine.close()
+
+    _run(main)
+
+
+def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, conn) -> None:
+    """``worker_main`` with the pipe last, as the launcher's spawn helper passes it."""
+    worker_main(index, cd, ep, conn, role, queue_ep)
+
+
+def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:
+    cfg = LaunchConfig(**cfg_dict)
+    _child_setup("dyn-actor prefill-queue 0", cfg.log_level)
+    from dyn_actor.actor import ActorServer
+    from dyn_actor.components.prefill_queue import PrefillQueue
+
+    async def main() -> None:
+        server = ActorServer(PrefillQueue(), endpoint)
+        _stop_on_sigterm(server.stop)
+        await server.serve(ready=lambda: conn.send(("ready", "prefill-queue 0")))
 
     _run(main)
 

@@ -284,7 +284,11 @@ class Frontend:
                     self.metrics.ttft.observe(now - t0)
                     self.metrics.prompt_tokens.inc(len(prompt_ids))
                     self.metrics.cache_hits.inc(d.num_cached_tokens)
-                    self.metrics.local_prefills.inc()
+                    if d.remote_prefill:
+                        self.metrics.remote_prefills.inc()
+                        self.metrics.kv_bytes.inc(d.kv_transfer_bytes)
+                    else:
+                        self.metrics.local_prefills.inc()
                     first = False
                 elif d.token_ids:
                     gap = (now - last) / len(d.token_ids)

@@ -46,6 +46,8 @@ class TokenDelta(msgspec.Struct, omit_defaults=True):
     logprobs: list[Logprobs] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    remote_prefill: bool = False  # set on a request's first delta when a prefill worker computed its prompt
+    kv_transfer_bytes: int = 0
 
 
 class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):

@@ -1,0 +1,284 @@
+"""Disaggregated serving: the decode worker (decides local vs remote prefill) and the prefill worker.
+
+Flow of a remote prefill: the decode worker allocates the prompt's blocks in its
+shared KV pool and pushes a ``RemotePrefillRequest`` to the prefill queue; a
+prefill worker pulls it, computes the prompt, writes the KV straight into the
+decode worker's blocks, and only then tells it ``RemotePrefillDone`` with the
+first token. If nothing comes back in time, the decode worker computes the
+prompt itself in the same blocks: a request is never left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.components.disagg_messages import (
+    Depth,
+    Drop,
+    Pull,
+    Pulled,
+    Push,
+    QueueDepth,
+    RemotePrefillDone,
+    RemotePrefillFailed,
+    RemotePrefillRequest,
+)
+from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, TokenDelta, WorkerMessage
+from dyn_actor.components.worker import EngineThread, Worker
+from dyn_actor.engine.engine import LLMEngine, RequestOutput
+from dyn_actor.engine.sampling import SamplingParams
+from dyn_actor.kv.transfer import RemoteKvPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DisaggPolicy:
+    max_local_prefill_length: int = 512
+    max_prefill_queue_size: int = 8
+    remote_prefill_timeout: float = 30.0
+
+
+def prefill_remotely(uncached_prompt_tokens: int, queue_depth: int, policy: DisaggPolicy) -> bool:
+    """The conditional-disaggregation decision: remote when the uncached part of the prompt is
+    longer than ``max_local_prefill_length`` and the queue has room."""
+    return uncached_prompt_tokens > policy.max_local_prefill_length and queue_depth < policy.max_prefill_queue_size
+
+
+class DecodeWorker(Worker):
+    Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed
+
+    def __init__(self, name: str, engine: LLMEngine, endpoint: str, queue_endpoint: str, policy: DisaggPolicy) -> None:
+        super().__init__(name, engine)
+        self.endpoint = endpoint
+        self.policy = policy
+        self._queue_endpoint = queue_endpoint
+        self._queue: ActorRef | None = None
+        self._remote: dict[str, asyncio.TimerHandle] = {}  # in flight on a prefill worker
+        self._abort_after_remote: set[str] = set()
+
+    def handlers(self):
+        h = super().handlers()
+        h[RemotePrefillDone] = self.remote_done
+        h[RemotePrefillFailed] = self.remote_failed
+        return h
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._queue = await ActorRef(self._queue_endpoint, "prefill-queue").start(wait_ready=60)
+
+    async def on_stop(self) -> None:
+        for t in self._remote.values():
+            t.cancel()
+        if self._queue is not None:
+            await self._queue.close()
+        await super().on_stop()
+        self.engine.close()  # removes the shared-memory KV pool
+
+    async def generate(self, m: GenerateRequest) -> None:
+        assert self._thread is not None and self._queue is not None
+        rid, prompt = m.request_id, m.prompt_token_ids
+        _, cached = await self._thread.submit(lambda e: e.cached_prefix(prompt))
+        try:
+            depth = (await self._queue.ask(Depth(), QueueDepth, timeout=2.0)).depth
+        except (ActorError, asyncio.TimeoutError):
+            depth = None  # no queue: prefill here
+        if depth is None or not prefill_remotely(len(prompt) - cached, depth, self.policy):
+            await super().generate(m)
+            return
+        self._live.add(rid)
+        try:
+            alloc = await self._thread.submit(lambda e: e.allocate_remote_prefill(rid, prompt, m.params))
+        except ValueError as e:
+            self._live.discard(rid)
+            self._publish([RequestDelta(rid, error=str(e))])
+            return
+        if alloc is None:  # no room for the whole prompt now: let the scheduler queue it locally
+            self._live.discard(rid)
+            await super().generate(m)
+            return
+        bs = self.engine.layout.block_size
+        req = RemotePrefillRequest(rid, prompt, m.params, self.name, self.endpoint, self.engine.pool.descriptor(),
+                                   alloc.block_ids, alloc.num_cached_tokens // bs)
+        loop = asyncio.get_running_loop()
+        self._remote[rid] = loop.call_later(self.policy.remote_prefill_timeout, self._fallback, rid, "timed out")
+        try:
+            await self._queue.tell(Push(req))
+        except ActorError:
+            self._fallback(rid, "the prefill queue is gone")
+
+    def _fallback(self, rid: str, why: str) -> None:
+        """Compute the prompt here, in the blocks already allocated."""
+        timer = self._remote.pop(rid, None)
+        if timer is None:
+            return
+        timer.cancel()
+        log.warning("remote prefill of %s %s: prefilling locally", rid, why)
+        if self._queue is not None and self._queue.alive:
+            asyncio.ensure_future(self._queue.tell(Drop(rid)))
+        assert self._thread is not None
+        if rid in self._abort_after_remote:
+            self._abort_after_remote.discard(rid)
+            self._thread.submit(lambda e: e.abort_request(rid))
+        else:
+            self._thread.submit(lambda e: e.fail_remote_prefill(rid))
+
+    async def remote_done(self, m: RemotePrefillDone) -> None:
+        timer = self._remote.pop(m.request_id, None)
+        if timer is None:
+            return  # fell back to local already, or unknown
+        timer.cancel()
+        assert self._thread is not None
+        rid = m.request_id
+        if rid in self._abort_after_remote:
+            self._abort_after_remote.discard(rid)
+            self._thread.submit(lambda e: e.abort_request(rid))
+            return
+        out: RequestOutput | None = await self._thread.submit(
+            lambda e: e.finish_remote_prefill(rid, m.first_token, m.logprobs))
+        if out is None:
+            return
+        self._dispatch([out], remote={rid: m.kv_bytes})
+
+    async def remote_failed(self, m: RemotePrefillFailed) -> None:
+        self._fallback(m.request_id, f"failed ({m.reason})")
+
+    async def abort(self, m: AbortRequest) -> None:
+        if m.request_id in self._remote:
+            # a prefill worker may be writing into the request's blocks right now: free them only
+            # once it reports (or the deadline passes), so no other request can get them meanwhile
+            self._abort_after_remote.add(m.request_id)
+            self._live.discard(m.request_id)
+            return
+        await super().abort(m)
+
+    def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, int] | None = None) -> None:
+        if not remote:
+            return super()._dispatch(outputs)
+        items = []
+        for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
+            items.append(RequestDelta(out.request_id, TokenDelta(
+                list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
+                list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
+                remote_prefill=out.request_id in remote, kv_transfer_bytes=remote.get(out.request_id, 0))))
+        self._publish(items)
+
+
+class PrefillWorker(Worker):
+    """Pulls remote prefills when it has room, computes them, writes the KV into the decode worker's pool."""
+
+    def __init__(self, name: str, engine: LLMEngine, queue_endpoint: str, concurrency: int = 4) -> None:
+        super().__init__(name, engine)
+        self._queue_endpoint = queue_endpoint
+        self._queue: ActorRef | None = None
+        self._pools: dict[str, RemoteKvPool] = {}
+        self._decoders: dict[str, ActorRef] = {}
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._concurrency = concurrency
+        self._loops: list[asyncio.Task] = []
+        self.prefills_done = 0
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._queue = await ActorRef(self._queue_endpoint, "prefill-queue").start(wait_ready=60)
+        self._loops = [asyncio.ensure_future(self._pull_loop()) for _ in range(self._concurrency)]
+
+    async def on_stop(self) -> None:
+        for t in self._loops:
+            t.cancel()
+        for ref in self._decoders.values():
+            await ref.close()
+        if self._queue is not None:
+            await self._queue.close()
+        for pool in self._pools.values():
+            pool.close()
+        await super().on_stop()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            fut = self._waiting.pop(out.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(out)
+
+    async def _decoder(self, r: RemotePrefillRequest) -> ActorRef:
+        ref = self._decoders.get(r.decode_endpoint)
+        if ref is None or not ref.alive:
+            ref = await ActorRef(r.decode_endpoint, r.decode_worker).start()
+            self._decoders[r.decode_endpoint] = ref
+        return ref
+
+    async def _pull_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            try:
+                pulled = await self._queue.ask(Pull(wait=1.0), Pulled, timeout=5.0)
+            except asyncio.TimeoutError:
+                continue
+            except ActorDeadError:
+                log.error("the prefill queue is gone")
+                return
+            r = pulled.request
+            if r is None:
+                continue
+            decoder = await self._decoder(r)
+            try:
+                done = await self._prefill(r)
+                await decoder.tell(done)
+            except ActorDeadError:
+                log.warning("decode worker %s is gone; dropping %s", r.decode_worker, r.request_id)
+            except Exception as e:  # report, so the decode worker falls back at once
+                log.exception("prefill of %s failed", r.request_id)
+                if decoder.alive:
+                    await decoder.tell(RemotePrefillFailed(r.request_id, f"{type(e).__name__}: {e}"))
+
+    async def _prefill(self, r: RemotePrefillRequest) -> RemotePrefillDone:
+        assert self._thread is not None
+        rid = f"prefill-{r.request_id}"
+        p = r.params
+        params = SamplingParams(max_tokens=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                min_p=p.min_p, seed=p.seed, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+                                min_tokens=min(1, p.min_tokens), logprobs=p.logprobs)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            await self._thread.submit(lambda e: e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True))
+            out: RequestOutput = await fut
+        finally:
+            self._waiting.pop(rid, None)
+        pool = self._pools.get(r.pool.name)
+        if pool is None:
+            pool = self._pools[r.pool.name] = RemoteKvPool(r.pool)
+        k = r.num_computed_blocks
+
+        def transfer(e: LLMEngine) -> int:
+            try:
+                mine = e.block_ids(rid)
+                if len(mine) != len(r.block_ids):
+                    raise RuntimeError(f"block count mismatch: {len(mine)} here, {len(r.block_ids)} there")
+                return pool.write_blocks(r.block_ids[k:], e.pool.read_blocks(mine[k:]))
+            finally:
+                e.release_blocks(rid)
+
+        nbytes = await self._thread.submit(transfer)  # the writes are done when this returns
+        self.prefills_done += 1
+        lp = out.logprobs[0] if out.logprobs else None
+        return RemotePrefillDone(r.request_id, out.new_token_ids[0], lp, nbytes)
+
+    async def generate(self, m: GenerateRequest) -> None:  # prefill workers take work from the queue only
+        self._publish([RequestDelta(m.request_id, error="this is a prefill worker")])
+
+
+async def serve_queue(endpoint: str, ready) -> None:
+    from dyn_actor.actor import ActorServer
+    from dyn_actor.components.prefill_queue import PrefillQueue
+
+    server = ActorServer(PrefillQueue(), endpoint)
+    await server.serve(ready=ready)
+
+
+__all__ = ["DecodeWorker", "DisaggPolicy", "EngineThread", "PrefillWorker", "prefill_remotely", "serve_queue"]

@@ -1,0 +1,131 @@
+"""Disaggregated prefill/decode through the launcher: determinism against agg, concurrency, faults, cleanup."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import random
+import signal
+import time
+
+import pytest
+import requests
+
+from dyn_actor.kv.transfer import leftover_segments
+from tests.server import Server
+
+LENGTHS = [3, 15, 16, 17, 32, 40, 77, 130]
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[0] + [rng.randrange(2, 99) for _ in range(n - 1)] for n in LENGTHS]
+
+
+def _complete(server: Server, prompt: list[int], max_tokens: int = 16) -> dict:
+    r = requests.post(server.base_url + "/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _tokens(resp: dict) -> list[str]:
+    return resp["choices"][0]["logprobs"]["tokens"]
+
+
+def _metric(server: Server, name: str) -> float:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+@pytest.fixture(scope="module")
+def agg_tokens():
+    s = Server("--topology", "agg", "--kv-cache-memory-gb", "0.1")
+    try:
+        return [_tokens(_complete(s, p)) for p in _prompts()]
+    finally:
+        s.stop()
+
+
+def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
+    before = set(leftover_segments())
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
+    try:
+        assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0", "frontend 0"}
+        prompts = _prompts()
+        for p, want in zip(prompts, agg_tokens):
+            assert _tokens(_complete(s, p)) == want, f"{len(p)}-token prompt"
+        assert _metric(s, "dyn_remote_prefills_total") == len(prompts)
+        assert _metric(s, "dyn_local_prefills_total") == 0
+        assert _metric(s, "dyn_kv_transfer_bytes_total") > 0
+        # again: the decode side now has the prefixes cached; only the rest is prefilled remotely
+        hits = _metric(s, "dyn_prefix_cache_hit_tokens_total")
+        for p, want in zip(prompts, agg_tokens):
+            assert _tokens(_complete(s, p)) == want
+        assert _metric(s, "dyn_prefix_cache_hit_tokens_total") > hits
+        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+    finally:
+        code, err = s.stop()
+    assert code == 0, err
+    assert set(leftover_segments()) <= before  # the decode worker's shared KV pool is gone
+
+
+def test_short_prompts_stay_local():
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "64", "--kv-cache-memory-gb", "0.1")
+    try:
+        _complete(s, [0] + [5] * 20)
+        _complete(s, [0] + [6] * 100)
+        assert _metric(s, "dyn_local_prefills_total") == 1 and _metric(s, "dyn_remote_prefills_total") == 1
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("topology", ["2p1d", "1p2d"])
+def test_64_concurrent_requests(topology):
+    s = Server("--topology", topology, "--max-local-prefill-length", "16", "--kv-cache-memory-gb", "0.1")
+    try:
+        rng = random.Random(3)
+        jobs = [([0] + [rng.randrange(2, 99) for _ in range(rng.choice([5, 20, 60, 150]))], rng.randint(1, 12))
+                for _ in range(64)]
+        with cf.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda j: _complete(s, j[0], j[1]), jobs))
+        for (prompt, n), r in zip(jobs, results):
+            assert r["usage"]["completion_tokens"] == n and r["usage"]["prompt_tokens"] == len(prompt)
+        assert _metric(s, "dyn_remote_prefills_total") > 0
+        time.sleep(0.5)
+        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+        assert _metric(s, "dyn_worker_requests_running") == 0
+    finally:
+        s.stop()
+
+
+def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--remote-prefill-timeout", "2",
+               "--kv-cache-memory-gb", "0.1")
+    try:
+        os.kill(s.pids()["prefill 0"], signal.SIGKILL)
+        t0 = time.monotonic()
+        prompt = _prompts()[-1]
+        assert _tokens(_complete(s, prompt)) == agg_tokens[-1]
+        assert time.monotonic() - t0 < 10
+        assert _metric(s, "dyn_local_prefills_total") == 1
+        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+    finally:
+        s.stop()
+
+
+def test_disconnect_during_remote_prefill_leaks_nothing():
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
+    try:
+        for _ in range(5):
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.post(s.base_url + "/completions", timeout=0.05,
+                              json={"prompt": [0] + [7] * 300, "max_tokens": 2000, "ignore_eos": True})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _metric(s, "dyn_worker_kv_blocks_used") > 0:
+            time.sleep(0.2)
+        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+        assert _complete(s, [0, 5, 6])["usage"]["completion_tokens"] == 16
+    finally:
+        s.stop()
