@@ -17,7 +17,7 @@ import time
 from multiprocessing.connection import wait
 
 from launcher.config import ConfigError, parse_args, topology_counts
-from launcher.processes import config_dict, frontend_main, queue_main, set_single_thread_env, worker_entry
+from launcher.processes import config_dict, frontend_entry, queue_main, set_single_thread_env, worker_entry
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         err = _wait_ready(children, cfg.ready_timeout, lambda: stop_flag["stop"])
         if err is None:
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=frontend_main, args=(cd, endpoints, child), name="dyn-actor frontend 0")
+            p = ctx.Process(target=frontend_entry, args=(cd, endpoints, queue_ep, child), name="dyn-actor frontend 0")
             p.start()
             children.append(Child("frontend", p, parent))
             err = _wait_ready(children, cfg.ready_timeout, lambda: stop_flag["stop"])

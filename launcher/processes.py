@@ -88,6 +88,10 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     _run(main)
 
 
+def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, conn) -> None:
+    frontend_main(cd, endpoints, conn, queue_ep)
+
+
 def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, conn) -> None:
     """``worker_main`` with the pipe last, as the launcher's spawn helper passes it."""
     worker_main(index, cd, ep, conn, role, queue_ep)
@@ -107,7 +111,7 @@ def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:
     _run(main)
 
 
-def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn) -> None:
+def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoint: str | None = None) -> None:
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor frontend 0", cfg.log_level)
     from aiohttp import web
@@ -124,6 +128,10 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn) -> None:
             router = Router(cfg.router)
             info = await connect_workers(endpoints, router, wait=cfg.ready_timeout)
             frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, router, info, cfg.api_key)
+            if queue_endpoint:
+                from dyn_actor.actor import ActorRef
+
+                frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, cfg.host, cfg.port)

@@ -77,6 +77,15 @@ def test_short_prompts_stay_local():
         _complete(s, [0] + [5] * 20)
         _complete(s, [0] + [6] * 100)
         assert _metric(s, "dyn_local_prefills_total") == 1 and _metric(s, "dyn_remote_prefills_total") == 1
+        text = requests.get(s.url + "/metrics", timeout=10).text
+        assert "dyn_prefill_queue_depth 0" in text and "dyn_remote_prefill_latency_seconds_count 1" in text
+        # the threshold changes at run time, without a restart
+        r = requests.post(s.base_url + "/disagg/policy", json={"max_local_prefill_length": 1000}, timeout=10)
+        assert r.json() == {"workers": {"decode-0": {"max_local_prefill_length": 1000, "max_prefill_queue_size": 8}}}
+        _complete(s, [0] + [7] * 100)
+        assert _metric(s, "dyn_local_prefills_total") == 2 and _metric(s, "dyn_remote_prefills_total") == 1
+        assert requests.post(s.base_url + "/disagg/policy", json={"max_prefill_queue_size": -1},
+                             timeout=10).status_code == 400
     finally:
         s.stop()
 

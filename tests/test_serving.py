@@ -158,3 +158,8 @@ def test_raw_sse_format(server):
     assert events[-1] == "data: [DONE]"
     last = json.loads(events[-2][6:])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+
+
+def test_disagg_policy_route_refuses_on_agg(server):
+    r = requests.post(server.base_url + "/disagg/policy", json={"max_local_prefill_length": 5})
+    assert r.status_code == 400 and "not disaggregated" in r.json()["error"]["message"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import (
     Depth,
+    DisaggPolicyState,
     Drop,
     Pull,
     Pulled,
@@ -25,6 +26,7 @@ from dyn_actor.components.disagg_messages import (
     RemotePrefillDone,
     RemotePrefillFailed,
     RemotePrefillRequest,
+    SetDisaggPolicy,
 )
 from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, TokenDelta, WorkerMessage
 from dyn_actor.components.worker import EngineThread, Worker
@@ -49,7 +51,7 @@ def prefill_remotely(uncached_prompt_tokens: int, queue_depth: int, policy: Disa
 
 
 class DecodeWorker(Worker):
-    Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed
+    Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed | SetDisaggPolicy
 
     def __init__(self, name: str, engine: LLMEngine, endpoint: str, queue_endpoint: str, policy: DisaggPolicy) -> None:
         super().__init__(name, engine)
@@ -58,13 +60,26 @@ class DecodeWorker(Worker):
         self._queue_endpoint = queue_endpoint
         self._queue: ActorRef | None = None
         self._remote: dict[str, asyncio.TimerHandle] = {}  # in flight on a prefill worker
+        self._remote_started: dict[str, float] = {}
         self._abort_after_remote: set[str] = set()
 
     def handlers(self):
         h = super().handlers()
         h[RemotePrefillDone] = self.remote_done
         h[RemotePrefillFailed] = self.remote_failed
+        h[SetDisaggPolicy] = self.set_policy
         return h
+
+    def set_policy(self, m: SetDisaggPolicy) -> DisaggPolicyState:
+        if m.max_local_prefill_length is not None:
+            if m.max_local_prefill_length < 0:
+                raise ValueError("max_local_prefill_length must be >= 0")
+            self.policy.max_local_prefill_length = m.max_local_prefill_length
+        if m.max_prefill_queue_size is not None:
+            if m.max_prefill_queue_size < 0:
+                raise ValueError("max_prefill_queue_size must be >= 0")
+            self.policy.max_prefill_queue_size = m.max_prefill_queue_size
+        return DisaggPolicyState(self.policy.max_local_prefill_length, self.policy.max_prefill_queue_size)
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -105,6 +120,7 @@ class DecodeWorker(Worker):
                                    alloc.block_ids, alloc.num_cached_tokens // bs)
         loop = asyncio.get_running_loop()
         self._remote[rid] = loop.call_later(self.policy.remote_prefill_timeout, self._fallback, rid, "timed out")
+        self._remote_started[rid] = loop.time()
         try:
             await self._queue.tell(Push(req))
         except ActorError:
@@ -113,6 +129,7 @@ class DecodeWorker(Worker):
     def _fallback(self, rid: str, why: str) -> None:
         """Compute the prompt here, in the blocks already allocated."""
         timer = self._remote.pop(rid, None)
+        self._remote_started.pop(rid, None)
         if timer is None:
             return
         timer.cancel()
@@ -128,9 +145,11 @@ class DecodeWorker(Worker):
 
     async def remote_done(self, m: RemotePrefillDone) -> None:
         timer = self._remote.pop(m.request_id, None)
+        started = self._remote_started.pop(m.request_id, None)
         if timer is None:
             return  # fell back to local already, or unknown
         timer.cancel()
+        seconds = asyncio.get_running_loop().time() - started if started is not None else 0.0
         assert self._thread is not None
         rid = m.request_id
         if rid in self._abort_after_remote:
@@ -141,7 +160,7 @@ class DecodeWorker(Worker):
             lambda e: e.finish_remote_prefill(rid, m.first_token, m.logprobs))
         if out is None:
             return
-        self._dispatch([out], remote={rid: m.kv_bytes})
+        self._dispatch([out], remote={rid: (m.kv_bytes, seconds)})
 
     async def remote_failed(self, m: RemotePrefillFailed) -> None:
         self._fallback(m.request_id, f"failed ({m.reason})")
@@ -155,7 +174,7 @@ class DecodeWorker(Worker):
             return
         await super().abort(m)
 
-    def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, int] | None = None) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, tuple[int, float]] | None = None) -> None:
         if not remote:
             return super()._dispatch(outputs)
         items = []
@@ -165,7 +184,8 @@ class DecodeWorker(Worker):
             items.append(RequestDelta(out.request_id, TokenDelta(
                 list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
                 list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
-                remote_prefill=out.request_id in remote, kv_transfer_bytes=remote.get(out.request_id, 0))))
+                remote_prefill=out.request_id in remote, kv_transfer_bytes=remote.get(out.request_id, (0, 0.0))[0],
+                remote_prefill_seconds=remote.get(out.request_id, (0, 0.0))[1])))
         self._publish(items)
 
 

@@ -68,3 +68,15 @@ class RemotePrefillDone(msgspec.Struct, tag="prefill_done"):
 class RemotePrefillFailed(msgspec.Struct, tag="prefill_failed"):
     request_id: str
     reason: str
+
+
+class SetDisaggPolicy(msgspec.Struct, tag="set_policy"):
+    """Change the local/remote thresholds of a decode worker at run time (fields left None stay)."""
+
+    max_local_prefill_length: int | None = None
+    max_prefill_queue_size: int | None = None
+
+
+class DisaggPolicyState(msgspec.Struct):
+    max_local_prefill_length: int
+    max_prefill_queue_size: int

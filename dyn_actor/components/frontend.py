@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
@@ -137,6 +138,9 @@ class FrontendMetrics:
         self.local_prefills = r.counter("dyn_local_prefills_total", "Prompts prefilled on their decode/aggregated worker")
         self.remote_prefills = r.counter("dyn_remote_prefills_total", "Prompts prefilled by a prefill worker")
         self.kv_bytes = r.counter("dyn_kv_transfer_bytes_total", "KV bytes moved between workers")
+        self.remote_prefill_latency = r.histogram("dyn_remote_prefill_latency_seconds",
+                                                  "From queueing a remote prefill to its KV being in the decode pool")
+        self.queue_depth = r.gauge("dyn_prefill_queue_depth", "Remote prefills waiting in the prefill queue")
         self.decisions = r.counter("dyn_router_decisions_total", "Requests routed to each worker", ("worker",))
         self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
         self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
@@ -160,6 +164,7 @@ class Frontend:
         self.metrics = FrontendMetrics()
         self.created = int(time.time())
         self._in_flight = 0
+        self.prefill_queue: ActorRef | None = None  # disaggregated topologies
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -171,7 +176,26 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/v1/disagg/policy", self.disagg_policy)
+        app.router.add_post("/v1/disagg/policy", self.disagg_policy)
         return app
+
+    async def disagg_policy(self, request: web.Request) -> web.Response:
+        """Read (GET) or change (POST) every decode worker's local/remote prefill thresholds, live."""
+        body = SetDisaggPolicy()
+        if request.method == "POST":
+            body = decode_body(await request.read(), SetDisaggPolicy)
+        states = {}
+        for entry in self.router.live_workers():
+            try:
+                st = await entry.handle.ref.ask(body, DisaggPolicyState, timeout=5)
+            except ActorError as e:
+                if e.error_type == "BadMessage":
+                    raise RequestError("this topology has no decode workers (it is not disaggregated)") from None
+                raise RequestError(str(e)) from None
+            states[entry.name] = {"max_local_prefill_length": st.max_local_prefill_length,
+                                  "max_prefill_queue_size": st.max_prefill_queue_size}
+        return web.json_response({"workers": states})
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -287,6 +311,7 @@ class Frontend:
                     if d.remote_prefill:
                         self.metrics.remote_prefills.inc()
                         self.metrics.kv_bytes.inc(d.kv_transfer_bytes)
+                        self.metrics.remote_prefill_latency.observe(d.remote_prefill_seconds)
                     else:
                         self.metrics.local_prefills.inc()
                     first = False
@@ -528,9 +553,18 @@ class Frontend:
             m.step_seconds.set(s.step_seconds_total, w)
             m.steps.set(s.steps_total, w)
 
+        async def queue_depth():
+            if self.prefill_queue is None or not self.prefill_queue.alive:
+                return
+            try:
+                d = await self.prefill_queue.ask(Depth(), QueueDepth, timeout=timeout)
+            except (ActorError, asyncio.TimeoutError):
+                return
+            self.metrics.queue_depth.set(d.depth)
+
         for entry in self.router.workers.values():
             self.metrics.worker_up.set(1 if entry.alive else 0, entry.name)
-        await asyncio.gather(*(one(e) for e in self.router.live_workers()))
+        await asyncio.gather(*(one(e) for e in self.router.live_workers()), queue_depth())
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         await self.refresh_worker_stats()
