@@ -71,6 +71,12 @@ def _shutdown(children: list[Child]) -> None:
             log.warning("%s did not stop in %.0fs; killing it", c.role, GRACE_SECONDS)
             c.proc.kill()
             c.proc.join(timeout=2)
+    # a worker that was killed cannot remove its shared-memory KV pool: do it for it
+    from dyn_actor.kv.transfer import remove_segments_of
+
+    for c in children:
+        for name in remove_segments_of(c.proc.pid):
+            log.info("removed %s left by %s", name, c.role)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,16 @@ def test_64_concurrent_requests(topology):
         s.stop()
 
 
+def test_killed_decode_worker_leaves_no_segment():
+    before = set(leftover_segments())
+    s = Server("--topology", "1p1d", "--kv-cache-memory-gb", "0.1")
+    pid = s.pids()["decode 0"]
+    assert any(n.startswith(f"dyn-actor-kv-{pid}-") for n in leftover_segments())
+    os.kill(pid, signal.SIGKILL)
+    code, err = s.stop()
+    assert set(leftover_segments()) <= before, err
+
+
 def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
     s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--remote-prefill-timeout", "2",
                "--kv-cache-memory-gb", "0.1")

@@ -134,3 +134,16 @@ def leftover_segments() -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX))
     except FileNotFoundError:
         return []
+
+
+def remove_segments_of(pid: int) -> list[str]:
+    """Remove the KV segments a (dead) process created; return their names."""
+    removed = []
+    for name in leftover_segments():
+        if name.startswith(f"{SHM_PREFIX}{pid}-"):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
