@@ -246,6 +246,9 @@ class PrefillWorker(Worker):
             if r is None:
                 continue
             decoder = await self._decoder(r)
+            if not decoder.alive:  # its decode worker died while the request waited: skip the work
+                log.warning("decode worker %s is gone; dropping %s", r.decode_worker, r.request_id)
+                continue
             try:
                 done = await self._prefill(r)
                 await decoder.tell(done)
@@ -258,6 +261,9 @@ class PrefillWorker(Worker):
 
     async def _prefill(self, r: RemotePrefillRequest) -> RemotePrefillDone:
         assert self._thread is not None
+        pool = self._pools.get(r.pool.name)
+        if pool is None:  # attach first: a pool that is gone means there is nothing to compute for
+            pool = self._pools[r.pool.name] = RemoteKvPool(r.pool)
         rid = f"prefill-{r.request_id}"
         p = r.params
         params = SamplingParams(max_tokens=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
@@ -270,9 +276,6 @@ class PrefillWorker(Worker):
             out: RequestOutput = await fut
         finally:
             self._waiting.pop(rid, None)
-        pool = self._pools.get(r.pool.name)
-        if pool is None:
-            pool = self._pools[r.pool.name] = RemoteKvPool(r.pool)
         k = r.num_computed_blocks
 
         def transfer(e: LLMEngine) -> int:
