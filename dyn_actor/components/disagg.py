@@ -28,7 +28,7 @@ from dyn_actor.components.disagg_messages import (
     RemotePrefillRequest,
     SetDisaggPolicy,
 )
-from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, TokenDelta, WorkerMessage
+from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, WorkerMessage
 from dyn_actor.components.worker import EngineThread, Worker
 from dyn_actor.engine.engine import LLMEngine, RequestOutput
 from dyn_actor.engine.sampling import SamplingParams
@@ -173,20 +173,6 @@ class DecodeWorker(Worker):
             self._live.discard(m.request_id)
             return
         await super().abort(m)
-
-    def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, tuple[int, float]] | None = None) -> None:
-        if not remote:
-            return super()._dispatch(outputs)
-        items = []
-        for out in outputs:
-            if out.finished:
-                self._live.discard(out.request_id)
-            items.append(RequestDelta(out.request_id, TokenDelta(
-                list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
-                list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
-                remote_prefill=out.request_id in remote, kv_transfer_bytes=remote.get(out.request_id, (0, 0.0))[0],
-                remote_prefill_seconds=remote.get(out.request_id, (0, 0.0))[1])))
-        self._publish(items)
 
 
 class PrefillWorker(Worker):

@@ -135,14 +135,19 @@ class Worker(Actor):
         for q in self._subscribers:
             q.put_nowait(items)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, tuple[int, float]] | None = None) -> None:
+        """Publish one step's outputs as one batch. ``remote``: request id -> (KV bytes, seconds) of
+        requests whose prompt a prefill worker computed (their first delta carries it)."""
         items = []
         for out in outputs:
             if out.finished:
                 self._live.discard(out.request_id)
+            kv_bytes, seconds = remote.get(out.request_id, (0, 0.0)) if remote else (0, 0.0)
             items.append(RequestDelta(out.request_id, TokenDelta(
                 list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
-                list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens)))
+                list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
+                remote_prefill=bool(remote) and out.request_id in remote, kv_transfer_bytes=kv_bytes,
+                remote_prefill_seconds=seconds)))
         self._publish(items)
 
     async def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
