@@ -17,7 +17,7 @@ import time
 from multiprocessing.connection import wait
 
 from launcher.config import ConfigError, parse_args, topology_counts
-from launcher.processes import config_dict, frontend_entry, queue_main, set_single_thread_env, worker_entry
+from launcher.processes import config_dict, frontend_entry, queue_main, set_child_env, worker_entry
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s launcher %(levelname)s: %(message)s")
-    set_single_thread_env()
+    set_child_env()
     from dyn_actor.transport import ipc_endpoint, make_run_dir
 
     stop_flag = {"stop": False}

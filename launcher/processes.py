@@ -162,6 +162,6 @@ def config_dict(cfg: LaunchConfig) -> dict:
     return asdict(cfg)
 
 
-def set_single_thread_env() -> None:
-    """Each worker process gets the machine's threads unless told otherwise (torch picks)."""
+def set_child_env() -> None:
+    """Environment the spawned processes inherit: no tokenizer thread pool (it would fight torch's)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

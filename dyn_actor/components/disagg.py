@@ -29,7 +29,7 @@ from dyn_actor.components.disagg_messages import (
     SetDisaggPolicy,
 )
 from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, WorkerMessage
-from dyn_actor.components.worker import EngineThread, Worker
+from dyn_actor.components.worker import Worker
 from dyn_actor.engine.engine import LLMEngine, RequestOutput
 from dyn_actor.engine.sampling import SamplingParams
 from dyn_actor.kv.transfer import RemoteKvPool
@@ -282,12 +282,4 @@ class PrefillWorker(Worker):
         self._publish([RequestDelta(m.request_id, error="this is a prefill worker")])
 
 
-async def serve_queue(endpoint: str, ready) -> None:
-    from dyn_actor.actor import ActorServer
-    from dyn_actor.components.prefill_queue import PrefillQueue
-
-    server = ActorServer(PrefillQueue(), endpoint)
-    await server.serve(ready=ready)
-
-
-__all__ = ["DecodeWorker", "DisaggPolicy", "EngineThread", "PrefillWorker", "prefill_remotely", "serve_queue"]
+__all__ = ["DecodeWorker", "DisaggPolicy", "PrefillWorker", "prefill_remotely"]

@@ -52,10 +52,6 @@ from dyn_actor.router import NoWorkerAvailable, Router, WorkerEntry
 log = logging.getLogger(__name__)
 
 
-class ServiceUnavailable(RuntimeError):
-    pass
-
-
 class WorkerClient:
     """The frontend's side of one worker: one ``Subscribe`` stream of per-step ``OutputBatch``es,
     demultiplexed into a queue per request."""
@@ -207,7 +203,7 @@ class Frontend:
         except RequestError as e:
             self.metrics.requests.inc(1, "rejected")
             return error_response(str(e), e.status, e.type, e.code, e.param)
-        except (NoWorkerAvailable, ServiceUnavailable) as e:
+        except NoWorkerAvailable as e:
             self.metrics.requests.inc(1, "rejected")
             return error_response(str(e), 503, "service_unavailable", "no_worker")
         except web.HTTPException as e:
@@ -385,8 +381,6 @@ class Frontend:
             raise RequestError("logprobs must be between 0 and 20", param="logprobs")
         if len(prompt_ids_list) * req.n > 64:
             raise RequestError("at most 64 completions (prompts x n) per request", param="n")
-        if len(prompt_ids_list) > 1 and req.stream:
-            pass  # streamed with choice indices prompt_index * n + i, as OpenAI does
         rid = f"cmpl-{uuid.uuid4().hex}"
         params = [sampling_params(req, max_tokens, req.logprobs, i) for i in range(req.n)]
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,

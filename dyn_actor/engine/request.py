@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from dyn_actor.engine.sampling import Logprobs, SamplingParams, make_generator
+from dyn_actor.engine.sampling import SamplingParams, make_generator
 
 
 class RequestStatus(enum.Enum):
@@ -34,7 +34,6 @@ class Request:
         "finish_reason",
         "stop_reason",
         "num_preemptions",
-        "pending_logprobs",
         "hold_blocks",
     )
 
@@ -61,7 +60,6 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
-        self.pending_logprobs: list[Logprobs] = []
         self.hold_blocks = False  # keep the KV blocks after finishing (a prefill worker reads them)
 
     @property
