@@ -59,8 +59,8 @@ class DecodeWorker(Worker):
         self.policy = policy
         self._queue_endpoint = queue_endpoint
         self._queue: ActorRef | None = None
-        self._remote: dict[str, asyncio.TimerHandle] = {}  # in flight on a prefill worker
-        self._remote_started: dict[str, float] = {}
+        # in flight on a prefill worker: the deadline timer and when it was queued
+        self._remote: dict[str, tuple[asyncio.TimerHandle, float]] = {}
         self._abort_after_remote: set[str] = set()
 
     def handlers(self):
@@ -86,8 +86,8 @@ class DecodeWorker(Worker):
         self._queue = await ActorRef(self._queue_endpoint, "prefill-queue").start(wait_ready=60)
 
     async def on_stop(self) -> None:
-        for t in self._remote.values():
-            t.cancel()
+        for timer, _ in self._remote.values():
+            timer.cancel()
         if self._queue is not None:
             await self._queue.close()
         await super().on_stop()
@@ -119,43 +119,45 @@ class DecodeWorker(Worker):
         req = RemotePrefillRequest(rid, prompt, m.params, self.name, self.endpoint, self.engine.pool.descriptor(),
                                    alloc.block_ids, alloc.num_cached_tokens // bs)
         loop = asyncio.get_running_loop()
-        self._remote[rid] = loop.call_later(self.policy.remote_prefill_timeout, self._fallback, rid, "timed out")
-        self._remote_started[rid] = loop.time()
+        self._remote[rid] = (loop.call_later(self.policy.remote_prefill_timeout, self._fallback, rid, "timed out"),
+                             loop.time())
         try:
             await self._queue.tell(Push(req))
         except ActorError:
             self._fallback(rid, "the prefill queue is gone")
 
+    def _settle(self, rid: str) -> float | None:
+        """The remote prefill of ``rid`` is over (done, failed or timed out). Returns the seconds since
+        it was queued, or None when there is nothing more to do (unknown, or aborted meanwhile: its
+        blocks are freed now that no prefill worker can still be writing them)."""
+        entry = self._remote.pop(rid, None)
+        if entry is None:
+            return None
+        timer, started = entry
+        timer.cancel()
+        if rid in self._abort_after_remote:
+            self._abort_after_remote.discard(rid)
+            assert self._thread is not None
+            self._thread.submit(lambda e: e.abort_request(rid))
+            return None
+        return asyncio.get_running_loop().time() - started
+
     def _fallback(self, rid: str, why: str) -> None:
         """Compute the prompt here, in the blocks already allocated."""
-        timer = self._remote.pop(rid, None)
-        self._remote_started.pop(rid, None)
-        if timer is None:
-            return
-        timer.cancel()
-        log.warning("remote prefill of %s %s: prefilling locally", rid, why)
-        if self._queue is not None and self._queue.alive:
+        if self._queue is not None and self._queue.alive and rid in self._remote:
             asyncio.ensure_future(self._queue.tell(Drop(rid)))
+        if self._settle(rid) is None:
+            return
+        log.warning("remote prefill of %s %s: prefilling locally", rid, why)
         assert self._thread is not None
-        if rid in self._abort_after_remote:
-            self._abort_after_remote.discard(rid)
-            self._thread.submit(lambda e: e.abort_request(rid))
-        else:
-            self._thread.submit(lambda e: e.fail_remote_prefill(rid))
+        self._thread.submit(lambda e: e.fail_remote_prefill(rid))
 
     async def remote_done(self, m: RemotePrefillDone) -> None:
-        timer = self._remote.pop(m.request_id, None)
-        started = self._remote_started.pop(m.request_id, None)
-        if timer is None:
-            return  # fell back to local already, or unknown
-        timer.cancel()
-        seconds = asyncio.get_running_loop().time() - started if started is not None else 0.0
-        assert self._thread is not None
         rid = m.request_id
-        if rid in self._abort_after_remote:
-            self._abort_after_remote.discard(rid)
-            self._thread.submit(lambda e: e.abort_request(rid))
-            return
+        seconds = self._settle(rid)
+        if seconds is None:
+            return  # fell back to local already, aborted, or unknown
+        assert self._thread is not None
         out: RequestOutput | None = await self._thread.submit(
             lambda e: e.finish_remote_prefill(rid, m.first_token, m.logprobs))
         if out is None:

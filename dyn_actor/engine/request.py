@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 import torch
 
@@ -30,7 +29,6 @@ class Request:
         "generator",
         "eos_token_ids",
         "max_tokens",
-        "arrival_time",
         "finish_reason",
         "stop_reason",
         "num_preemptions",
@@ -56,7 +54,6 @@ class Request:
         self.generator: torch.Generator | None = make_generator(params.seed)
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.max_tokens = max_tokens
-        self.arrival_time = time.monotonic()
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
