@@ -131,3 +131,41 @@ def test_bad_sizes():
         BlockManager(0, 16)
     with pytest.raises(ValueError):
         hash_blocks([1, 2], 0)
+
+
+def test_import_cached_blocks_registers_missing_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    toks = list(range(1, 14))  # 3 full blocks + 1 token
+    _fill(bm, "a", toks[:8])  # blocks 0-1 cached here already
+    bm.free("a")
+    bm.drain_events()
+    todo = bm.import_cached_blocks(toks, 3)
+    assert [i for i, _ in todo] == [2]  # only the third block has to be copied in
+    (ev,) = bm.drain_events()
+    assert isinstance(ev, BlockStored) and ev.block_hashes == hash_blocks(toks, 4)[2:3]
+    assert ev.parent_hash == hash_blocks(toks, 4)[1]
+    assert len(bm.find_cached_prefix(toks)) == 3
+    assert bm.num_used_blocks == 0  # cached, held by nobody
+    assert bm.import_cached_blocks(toks, 3) == []  # all there now
+
+
+def test_import_never_evicts_its_own_prefix():
+    bm = BlockManager(num_blocks=3, block_size=2)
+    toks = [1, 2, 3, 4, 5, 6, 7]
+    _fill(bm, "a", toks[:2])  # block 0 cached, at the LRU head once freed
+    bm.free("a")
+    todo = bm.import_cached_blocks(toks, 3)
+    # block 0 was kept (moved to the tail), blocks 1 and 2 took the two other free blocks
+    assert [i for i, _ in todo] == [1, 2]
+    assert len(bm.find_cached_prefix(toks)) == 3
+    bm2 = BlockManager(num_blocks=2, block_size=2)
+    assert [i for i, _ in bm2.import_cached_blocks(toks, 3)] == [0, 1]  # stops when the pool is full
+
+
+def test_discard_cached_forgets_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    todo = bm.import_cached_blocks([1, 2, 3, 4, 5], 2)
+    bm.drain_events()
+    bm.discard_cached([b for _, b in todo])
+    assert bm.find_cached_prefix([1, 2, 3, 4, 5]) == []
+    assert [type(e) for e in bm.drain_events()] == [BlockRemoved, BlockRemoved]

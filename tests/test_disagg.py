@@ -148,3 +148,37 @@ def test_disconnect_during_remote_prefill_leaks_nothing():
         assert _complete(s, [0, 5, 6])["usage"]["completion_tokens"] == 16
     finally:
         s.stop()
+
+
+def test_killed_decode_worker_does_not_stall_the_other():
+    """1p2d, every prefill remote: SIGKILL one decode worker while prefills for both are queued.
+    Its requests fail with an error, the other worker's complete, the queue empties, and the
+    prefill worker goes on serving."""
+    s = Server("--topology", "1p2d", "--max-local-prefill-length", "0", "--max-prefill-queue-size", "100",
+               "--router", "round-robin", "--kv-cache-memory-gb", "0.1")
+    try:
+        rng = random.Random(5)
+        prompts = [[0] + [rng.randrange(2, 99) for _ in range(400)] for _ in range(12)]
+
+        def run(p):
+            r = requests.post(s.base_url + "/completions", timeout=120,
+                              json={"prompt": p, "max_tokens": 4, "ignore_eos": True})
+            return r.status_code, r.json()
+
+        with cf.ThreadPoolExecutor(12) as pool:
+            futs = [pool.submit(run, p) for p in prompts]
+            time.sleep(1.0)
+            os.kill(s.pids()["decode 0"], signal.SIGKILL)
+            results = [f.result() for f in futs]
+        ok = [body for code, body in results if code == 200]
+        failed = [body for code, body in results if code != 200]
+        assert all(b["usage"]["completion_tokens"] == 4 for b in ok)
+        assert all("error" in b for b in failed)
+        assert len(ok) >= 6  # at least decode 1's share
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _metric(s, "dyn_prefill_queue_depth") > 0:
+            time.sleep(0.2)
+        assert _metric(s, "dyn_prefill_queue_depth") == 0
+        assert _complete(s, prompts[0], 3)["usage"]["completion_tokens"] == 3
+    finally:
+        s.stop()

@@ -106,3 +106,32 @@ def test_raw_block_bytes_round_trip():
     assert torch.equal(b.pool.read_blocks([5, 6, 7]), a.pool.read_blocks([0, 1, 2]))
     with pytest.raises(ValueError):
         b.pool.write_block_bytes([1], raw)
+
+
+def test_prefill_side_reads_the_decode_sides_prefix_instead_of_recomputing_it():
+    rng = random.Random(3)
+    shared = random_prompt(rng, 40)
+    prompt = shared + [rng.randrange(2, 99) for _ in range(20)]
+    local = run_all(_engine(), {"r": (prompt, PARAMS)})["r"][0]
+
+    def run(read) -> tuple[list[int], int]:
+        decode, prefill = _engine(), _engine()
+        run_all(decode, {"warm": (shared, SamplingParams(max_tokens=1))})
+        alloc = decode.allocate_remote_prefill("r", prompt, PARAMS)
+        k = alloc.num_cached_tokens // 16
+        assert k == 2
+        assert prefill.import_prefix(prompt, k, lambda idx: read(decode, [alloc.block_ids[i] for i in idx])) == 2
+        assert prefill.import_prefix(prompt, k, lambda idx: pytest.fail("read again")) == 0
+        first, kv = _prefill_elsewhere(prefill, "r", prompt)
+        decode.pool.write_blocks(alloc.block_ids[k:], kv[k:])
+        tokens = list(decode.finish_remote_prefill("r", first).new_token_ids)
+        while decode.has_unfinished_requests():
+            for o in decode.step():
+                tokens.extend(o.new_token_ids)
+        return tokens, prefill.stats().prefix_cache_hit_tokens
+
+    tokens, hit = run(lambda d, ids: d.pool.read_blocks(ids))
+    assert hit == 32 and tokens == local  # 32 tokens read, not computed, and the same answer
+    # the imported KV really is what the prefill used: garbage in gives another answer
+    tokens, hit = run(lambda d, ids: torch.randn_like(d.pool.read_blocks(ids)) * 10)
+    assert hit == 32 and tokens != local

@@ -181,7 +181,12 @@ class ActorRef:
     async def _heartbeat_loop(self) -> None:
         seq = itertools.count()
         while self._dead is None:
-            await self._sock.send(env.encode(env.Ping(next(seq))))
+            try:
+                # a DEALER blocks on send while it has no peer (an inproc actor that stopped): the
+                # ping may not go out, but the liveness check below must still run
+                await asyncio.wait_for(self._sock.send(env.encode(env.Ping(next(seq)))), self.heartbeat_interval)
+            except asyncio.TimeoutError:
+                pass
             await asyncio.sleep(self.heartbeat_interval)
             if time.monotonic() - self._last_seen > self.dead_after:
                 self._declare_dead(ActorDeadError(f"actor {self.name} stopped answering (no heartbeat for {self.dead_after}s)"))

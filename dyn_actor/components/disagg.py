@@ -187,6 +187,8 @@ class PrefillWorker(Worker):
         self._pools: dict[str, RemoteKvPool] = {}
         self._decoders: dict[str, ActorRef] = {}
         self._waiting: dict[str, asyncio.Future] = {}
+        self._pool_names: dict[str, str] = {}  # decode endpoint -> its pool's name
+        self._running: dict[str, set[str]] = {}  # decode endpoint -> engine request ids computing for it
         self._concurrency = concurrency
         self._loops: list[asyncio.Task] = []
         self.prefills_done = 0
@@ -217,8 +219,25 @@ class PrefillWorker(Worker):
         ref = self._decoders.get(r.decode_endpoint)
         if ref is None or not ref.alive:
             ref = await ActorRef(r.decode_endpoint, r.decode_worker).start()
+            ref.on_dead(lambda _ref, ep=r.decode_endpoint: self._decoder_died(ep))
             self._decoders[r.decode_endpoint] = ref
         return ref
+
+    def _decoder_died(self, endpoint: str) -> None:
+        """Cancel the prefills computing for a decode worker that is gone, and forget its pool."""
+        ref = self._decoders.get(endpoint)
+        if ref is not None and ref.alive:
+            return  # an older ref; a new one is in use
+        for rid in list(self._running.get(endpoint, ())):
+            fut = self._waiting.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ActorDeadError(f"the decode worker of {rid} is gone"))
+            assert self._thread is not None
+            self._thread.submit(lambda e, rid=rid: e.abort_request(rid))
+            log.warning("decode worker at %s is gone; cancelled %s", endpoint, rid)
+        pool = self._pools.pop(self._pool_names.pop(endpoint, ""), None)
+        if pool is not None and self._thread is not None:
+            self._thread.submit(lambda e: pool.close())  # after any copy the engine thread is doing
 
     async def _pull_loop(self) -> None:
         assert self._queue is not None
@@ -252,19 +271,28 @@ class PrefillWorker(Worker):
         pool = self._pools.get(r.pool.name)
         if pool is None:  # attach first: a pool that is gone means there is nothing to compute for
             pool = self._pools[r.pool.name] = RemoteKvPool(r.pool)
+            self._pool_names[r.decode_endpoint] = r.pool.name
         rid = f"prefill-{r.request_id}"
+        k = r.num_computed_blocks
         p = r.params
         params = SamplingParams(max_tokens=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                                 min_p=p.min_p, seed=p.seed, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
                                 min_tokens=min(1, p.min_tokens), logprobs=p.logprobs)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
+        def start(e: LLMEngine) -> None:
+            # the decode worker's already computed blocks are read, not recomputed: copied into this
+            # engine's prefix cache (those it lacks), so the request below computes only the rest
+            e.import_prefix(r.prompt_token_ids, k, lambda idx: pool.read_blocks([r.block_ids[i] for i in idx]))
+            e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True)
+
+        self._running.setdefault(r.decode_endpoint, set()).add(rid)
         try:
-            await self._thread.submit(lambda e: e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True))
+            await self._thread.submit(start)
             out: RequestOutput = await fut
         finally:
             self._waiting.pop(rid, None)
-        k = r.num_computed_blocks
+            self._running[r.decode_endpoint].discard(rid)
 
         def transfer(e: LLMEngine) -> int:
             try:

@@ -17,6 +17,7 @@ Hooks for disaggregated serving:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -215,6 +216,25 @@ class LLMEngine:
         """(block ids, token count) of the leading full blocks of ``token_ids`` cached here."""
         hits = self.block_manager.find_cached_prefix(token_ids, max_tokens=len(token_ids) - 1)
         return [b.block_id for b in hits], len(hits) * self.layout.block_size
+
+    def import_prefix(
+        self, token_ids: list[int], num_blocks: int, read_blocks: Callable[[list[int]], torch.Tensor]
+    ) -> int:
+        """Put KV computed elsewhere for the first ``num_blocks`` full blocks of ``token_ids`` into
+        this engine's prefix cache, so a request for that prompt computes only the rest.
+
+        ``read_blocks(indices)`` returns the KV of those prompt blocks (``[n, *block_shape]``); it is
+        called only for blocks not cached here already. Returns how many blocks were copied in.
+        """
+        todo = self.block_manager.import_cached_blocks(token_ids, num_blocks)
+        if todo:
+            ids = [b for _, b in todo]
+            try:
+                self.pool.write_blocks(ids, read_blocks([i for i, _ in todo]))
+            except BaseException:
+                self.block_manager.discard_cached(ids)  # never leave unwritten blocks in the cache
+                raise
+        return len(todo)
 
     def allocate_remote_prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

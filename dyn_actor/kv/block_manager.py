@@ -196,6 +196,67 @@ class BlockManager:
         if stored_hashes:
             self._events.append(BlockStored(stored_hashes, stored_parent, stored_tokens, bs))
 
+    def import_cached_blocks(self, token_ids: Sequence[int], num_blocks: int) -> list[tuple[int, int]]:
+        """Make the first ``num_blocks`` full blocks of ``token_ids`` cached here, for KV that comes
+        from elsewhere (another worker's pool).
+
+        Blocks already cached are kept (and marked recently used); for each missing one a free block
+        is registered under its hash, and ``(prompt block index, block id)`` is returned: the caller
+        must write that block's KV before anything can use it (before the next allocation). Stops
+        early when there is no free block left that is not part of this prefix.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        num_blocks = min(num_blocks, len(token_ids) // bs)
+        to_write: list[tuple[int, int]] = []
+        stored_hashes: list[int] = []
+        stored_tokens: list[int] = []
+        stored_parent: int | None = None
+        parent: int | None = None
+        prefix_free = 0  # blocks of this prefix now at the tail of the free queue
+        for i in range(num_blocks):
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = self._hash_fn(parent, chunk)
+            block = self._cached.get(h)
+            if block is not None and block.token_ids != chunk:
+                break  # a hash collision: leave the existing entry alone
+            if block is not None:
+                if block.ref_cnt == 0:
+                    self._free.move_to_end(block.block_id)  # keep it from being evicted below
+                    prefix_free += 1
+                if stored_hashes:
+                    self._events.append(BlockStored(stored_hashes, stored_parent, stored_tokens, bs))
+                    stored_hashes, stored_tokens = [], []
+                stored_parent = h
+            else:
+                # the blocks of this prefix seen so far sit at the LRU tail; take only from before them
+                if len(self._free) <= prefix_free:
+                    break
+                block = self._take_free_block()
+                block.block_hash, block.token_ids, block.ref_cnt = h, chunk, 0
+                self._cached[h] = block
+                self._free[block.block_id] = block
+                prefix_free += 1
+                to_write.append((i, block.block_id))
+                stored_hashes.append(h)
+                stored_tokens.extend(chunk)
+            parent = h
+        if stored_hashes:
+            self._events.append(BlockStored(stored_hashes, stored_parent, stored_tokens, bs))
+        return to_write
+
+    def discard_cached(self, block_ids: Sequence[int]) -> None:
+        """Drop free blocks from the prefix cache (their content is not what their hash says)."""
+        for bid in block_ids:
+            block = self.blocks[bid]
+            if block.ref_cnt == 0 and block.block_hash is not None:
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                    self._events.append(BlockRemoved([block.block_hash]))
+                block.block_hash = None
+                block.token_ids = None
+
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for an unknown request)."""
         owned = self._req_blocks.pop(request_id, None)

@@ -115,7 +115,13 @@ class RemoteKvPool:
         return len(block_ids) * self.block_nbytes
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return self.data.index_select(0, torch.as_tensor(list(block_ids), dtype=torch.long))
+        """A copy of the given blocks (``[len(block_ids), *block_shape]``), gathered in one call."""
+        ids = list(block_ids)
+        if ids and (max(ids) >= self.data.shape[0] or min(ids) < 0):
+            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
+        out = torch.empty((len(ids), *self.data.shape[1:]), dtype=self.data.dtype)
+        copy_blocks(out, self.data, ids, scatter=False)
+        return out
 
     def close(self) -> None:
         if self._mmap is None:
