@@ -32,7 +32,7 @@ from dyn_actor.components.messages import AbortRequest, GenerateRequest, Request
 from dyn_actor.components.worker import Worker
 from dyn_actor.engine.engine import LLMEngine, RequestOutput
 from dyn_actor.engine.sampling import SamplingParams
-from dyn_actor.kv.transfer import RemoteKvPool
+from dyn_actor.kv.transfer import open_remote_pool
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class PrefillWorker(Worker):
         super().__init__(name, engine)
         self._queue_endpoint = queue_endpoint
         self._queue: ActorRef | None = None
-        self._pools: dict[str, RemoteKvPool] = {}
+        self._pools: dict = {}  # pool name -> RemoteKvPool | RemoteCudaKvPool
         self._decoders: dict[str, ActorRef] = {}
         self._waiting: dict[str, asyncio.Future] = {}
         self._pool_names: dict[str, str] = {}  # decode endpoint -> its pool's name
@@ -270,7 +270,7 @@ class PrefillWorker(Worker):
         assert self._thread is not None
         pool = self._pools.get(r.pool.name)
         if pool is None:  # attach first: a pool that is gone means there is nothing to compute for
-            pool = self._pools[r.pool.name] = RemoteKvPool(r.pool)
+            pool = self._pools[r.pool.name] = open_remote_pool(r.pool)
             self._pool_names[r.decode_endpoint] = r.pool.name
         rid = f"prefill-{r.request_id}"
         k = r.num_computed_blocks

@@ -126,9 +126,9 @@ class LLMEngine:
             self.max_model_len = limit
         self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if config.shared_kv:
-            from dyn_actor.kv.transfer import SharedKvPool
+            from dyn_actor.kv.transfer import make_shared_pool
 
-            self.pool: KvPool = SharedKvPool(self.layout)
+            self.pool: KvPool = make_shared_pool(self.layout, "cpu")
         else:
             self.pool = KvPool(self.layout)
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops)

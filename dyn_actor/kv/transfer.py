@@ -7,10 +7,13 @@ One interface, chosen by device:
   owner exports a ``KvPoolDescriptor`` (segment name, shape, dtype); a peer
   attaches once and writes blocks in place with one ``index_copy_`` per
   transfer (a scatter of whole blocks, each one contiguous run).
-- GPU: the pool is device memory exported by CUDA IPC handle (torch's
-  storage sharing); the peer opens it once, scatters with one fused copy, and
-  synchronises its stream before it reports completion. (Not yet run on a
-  GPU in this project: no GPU was available to the sessions that wrote it.)
+- GPU (``dyn_actor.kv.cuda_ipc``): the pool is device memory exported by CUDA
+  IPC handle (torch's storage sharing); the peer opens it once, scatters with
+  one fused kernel, and synchronises its stream before it reports completion.
+  (Not yet run on a GPU in this project: no GPU was lent to the sessions that
+  wrote it.)
+
+``make_shared_pool`` and ``open_remote_pool`` choose the implementation.
 
 Only descriptors travel through sockets, never tensors.
 """
@@ -28,6 +31,7 @@ import msgspec
 import torch
 
 from dyn_actor.engine.native_ops import copy_blocks
+from dyn_actor.kv.cuda_ipc import CudaIpcHandle
 from dyn_actor.kv.pool import KvLayout, KvPool
 
 SHM_PREFIX = "dyn-actor-kv-"
@@ -40,6 +44,7 @@ class KvPoolDescriptor(msgspec.Struct, frozen=True):
     shape: list[int]
     dtype: str
     device: int = -1
+    cuda: CudaIpcHandle | None = None  # kind "cuda_ipc" only
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -132,6 +137,24 @@ class RemoteKvPool:
             mm.close()
         except BufferError:  # a view is still alive; the mapping goes when it does
             pass
+
+
+def make_shared_pool(layout: KvLayout, device: str | torch.device = "cpu") -> KvPool:
+    """A pool other processes can write into: shared memory on CPU, CUDA IPC on a GPU."""
+    if torch.device(device).type == "cuda":
+        from dyn_actor.kv.cuda_ipc import CudaKvPool
+
+        return CudaKvPool(layout, device)
+    return SharedKvPool(layout)
+
+
+def open_remote_pool(desc: KvPoolDescriptor):
+    """Attach to another process's pool from its descriptor (``RemoteKvPool`` or ``RemoteCudaKvPool``)."""
+    if desc.kind == "cuda_ipc":
+        from dyn_actor.kv.cuda_ipc import RemoteCudaKvPool
+
+        return RemoteCudaKvPool(desc)
+    return RemoteKvPool(desc)
 
 
 def leftover_segments() -> list[str]:

@@ -1,0 +1,167 @@
+"""KV transfer on a GPU: the decode worker's pool is device memory shared by CUDA IPC handle.
+
+- ``CudaKvPool`` (owner): the pool tensor on its device; ``descriptor()`` exports the
+  storage's IPC handle (torch's storage sharing, the same mechanism as
+  ``torch.multiprocessing``), which travels as plain bytes in a ``KvPoolDescriptor``.
+- ``RemoteCudaKvPool`` (a prefill worker): opens the handle once and scatters
+  blocks into it with one fused kernel per transfer (``scatter_blocks``: one Triton
+  program per block row and chunk; ``index_copy_`` where Triton is missing), then
+  synchronises the stream, so a caller that reports completion after
+  ``write_blocks`` returns never reports KV that is still in flight.
+
+An IPC handle cannot be opened by the process that exported it: owner and writer are
+always two processes. NOT YET RUN ON A GPU in this project (no GPU was lent to the
+sessions that wrote it); ``scripts/gpu_check.sh`` runs its tests and benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import torch
+
+from dyn_actor.kv.pool import KvLayout, KvPool
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CudaIpcHandle(msgspec.Struct, frozen=True):
+    """What ``UntypedStorage._share_cuda_()`` returns, as bytes and ints."""
+
+    device: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+
+# --------------------------------------------------------------------------- scatter kernel
+_kernel = None
+
+
+def _triton_kernel():
+    global _kernel
+    if _kernel is None:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _kernel = False
+            return _kernel
+
+        @triton.jit
+        def scatter_rows(dst, src, ids, row_words, BLOCK: tl.constexpr):
+            row = tl.program_id(0)
+            chunk = tl.program_id(1)
+            dst_row = tl.load(ids + row).to(tl.int64)
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < row_words
+            vals = tl.load(src + row.to(tl.int64) * row_words + offs, mask=mask)
+            tl.store(dst + dst_row * row_words + offs, vals, mask=mask)
+
+        _kernel = (triton, scatter_rows)
+    return _kernel
+
+
+def _words(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` as ``[rows, words]`` of the widest integer type that divides a row."""
+    flat = t.view(torch.uint8).view(rows, -1)
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if flat.shape[1] % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def scatter_blocks(dst: torch.Tensor, src: torch.Tensor, ids: torch.Tensor, use_triton: bool = True) -> None:
+    """``dst[ids[i]] = src[i]`` for whole blocks (dim 0), both contiguous on one CUDA device: one launch."""
+    n = src.shape[0]
+    if n == 0:
+        return
+    kernel = _triton_kernel() if use_triton else False
+    if not kernel:
+        dst.index_copy_(0, ids, src)
+        return
+    triton, scatter_rows = kernel
+    d, s = _words(dst, dst.shape[0]), _words(src, n)
+    row_words = s.shape[1]
+    block = 4096 if row_words >= 4096 else triton.next_power_of_2(row_words)
+    grid = (n, triton.cdiv(row_words, block))
+    scatter_rows[grid](d, s, ids, row_words, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+
+# ---------------------------------------------------------------------------- the pools
+class CudaKvPool(KvPool):
+    """A ``KvPool`` in device memory that other processes can open by IPC handle."""
+
+    def __init__(self, layout: KvLayout, device: str | torch.device = "cuda") -> None:
+        super().__init__(layout, device=device)
+        if self.data.device.type != "cuda":
+            raise ValueError(f"CudaKvPool needs a CUDA device, got {self.data.device}")
+
+    def descriptor(self):
+        from dyn_actor.kv.transfer import KvPoolDescriptor
+
+        storage = self.data.untyped_storage()
+        dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
+        ipc = CudaIpcHandle(int(dev), bytes(handle), int(size), int(offset), bytes(rc_handle), int(rc_offset),
+                            None if ev_handle is None else bytes(ev_handle), bool(ev_sync))
+        return KvPoolDescriptor("cuda_ipc", f"cuda-{dev}-{offset}", list(self.layout.shape),
+                                str(self.layout.dtype).removeprefix("torch."), device=int(dev), cuda=ipc)
+
+    def close(self) -> None:
+        self.data = self.k = self.v = self.k_rows = self.v_rows = None  # type: ignore[assignment]
+
+
+class RemoteCudaKvPool:
+    """Another process's device pool, opened once by IPC handle; blocks are written in place."""
+
+    def __init__(self, desc) -> None:
+        if desc.kind != "cuda_ipc" or desc.cuda is None:
+            raise ValueError(f"not a CUDA IPC descriptor: {desc.kind!r}")
+        h: CudaIpcHandle = desc.cuda
+        torch.cuda._lazy_init()
+        storage = torch.UntypedStorage._new_shared_cuda(
+            h.device, h.handle, h.size_bytes, h.offset_bytes, h.ref_counter_handle, h.ref_counter_offset,
+            h.event_handle, h.event_sync_required)
+        dtype = _DTYPES[desc.dtype]
+        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        shape = tuple(desc.shape)
+        stride, acc = [], 1
+        for s in reversed(shape):
+            stride.append(acc)
+            acc *= s
+        self.data: torch.Tensor = torch._utils._rebuild_tensor(typed, 0, shape, tuple(reversed(stride)))
+        self.descriptor = desc
+        self.device = self.data.device
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
+        """Scatter ``blocks`` into the given block ids with one kernel, and wait until it is done."""
+        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(self.data.shape[1:]):
+            raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(self.data.shape[1:])}, "
+                             f"got {tuple(blocks.shape)}")
+        if not block_ids:
+            return 0
+        if max(block_ids) >= self.data.shape[0] or min(block_ids) < 0:
+            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
+        src = blocks.to(device=self.device, dtype=self.data.dtype).contiguous()
+        ids = torch.as_tensor(list(block_ids), dtype=torch.int64).to(self.device, non_blocking=True)
+        with torch.cuda.device(self.device):
+            scatter_blocks(self.data, src, ids)
+            # the completion signal: nothing is reported before the writes are done
+            torch.cuda.current_stream(self.device).synchronize()
+        return len(block_ids) * self.block_nbytes
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        return self.data.index_select(0, ids)
+
+    def close(self) -> None:
+        self.data = None  # type: ignore[assignment]
