@@ -39,6 +39,9 @@ class LaunchConfig:
     ready_timeout: float
     torch_threads: int | None = None
     remote_prefill_timeout: float = 30.0
+    kv_overlap_weight: float = 1.0
+    router_temperature: float = 0.0
+    router_busy_threshold: float = 0.95
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--topology", default="agg", help="agg (aggregated workers), or 1p1d / <X>p<Y>d (disaggregated)")
     ap.add_argument("--model", default="builtin:tiny", help="builtin:tiny or a local Hugging Face folder")
     ap.add_argument("--engine", default="native", choices=["native", "vllm"])
-    ap.add_argument("--router", default="round-robin", choices=["kv", *ROUTER_MODES])
+    ap.add_argument("--router", default="kv", choices=ROUTER_MODES,
+                    help="kv: where the prompt's prefix is cached, weighed against load (default)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--workers", type=int, default=1, help="aggregated workers (topology agg)")
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
     ap.add_argument("--remote-prefill-timeout", type=float, default=30.0,
                     help="seconds a decode worker waits for a prefill worker before prefilling locally")
+    ap.add_argument("--kv-overlap-weight", type=float, default=1.0,
+                    help="kv router: weight of prefill blocks against active decode blocks in the cost")
+    ap.add_argument("--router-temperature", type=float, default=0.0,
+                    help="kv router: 0 picks the lowest cost; above 0 samples a softmax over the costs")
+    ap.add_argument("--router-busy-threshold", type=float, default=0.95,
+                    help="kv router: skip workers whose KV usage is above this while others have room")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="compute threads per worker (default: torch's choice, the machine's cores)")
     return ap
@@ -106,8 +116,12 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"unknown topology {cfg.topology!r}: use agg, 1p1d or <X>p<Y>d")
     if cfg.engine != "native":
         raise ConfigError("the vllm engine adapter is not available yet; use --engine native")
-    if cfg.router == "kv":
-        raise ConfigError("the kv router is not available yet; use --router round-robin or random")
+    if cfg.kv_overlap_weight < 0:
+        raise ConfigError("--kv-overlap-weight must be >= 0")
+    if cfg.router_temperature < 0:
+        raise ConfigError("--router-temperature must be >= 0")
+    if not 0 < cfg.router_busy_threshold <= 1:
+        raise ConfigError("--router-busy-threshold must be in (0, 1]")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"--workers must be between 1 and 64, got {cfg.workers}")
     if not 0 <= cfg.port <= 65535:

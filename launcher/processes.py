@@ -65,19 +65,23 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         conn.send(("failed", f"{role} {index}: {e}"))
         sys.exit(1)
 
+    # KV events (for the kv router) go out next to the actor's own socket: ipc://.../decode-0-kv
+    events_endpoint = endpoint + "-kv" if role in ("worker", "decode") and endpoint.startswith("ipc://") else None
+
     async def main() -> None:
         name = f"{role}-{index}"
         if role == "decode":
             from dyn_actor.components.disagg import DecodeWorker, DisaggPolicy
 
             actor: Worker = DecodeWorker(name, engine, endpoint, queue_endpoint or "", DisaggPolicy(
-                cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout))
+                cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout),
+                events_endpoint=events_endpoint)
         elif role == "prefill":
             from dyn_actor.components.disagg import PrefillWorker
 
             actor = PrefillWorker(name, engine, queue_endpoint or "")
         else:
-            actor = Worker(name, engine)
+            actor = Worker(name, engine, events_endpoint)
         server = ActorServer(actor, endpoint)
         _stop_on_sigterm(server.stop)
         try:
@@ -117,6 +121,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
     from aiohttp import web
 
     from dyn_actor.components.frontend import Frontend, connect_workers
+    from dyn_actor.components.kv_events import KvEventFeed
     from dyn_actor.engine.loader import load_tokenizer
     from dyn_actor.router import Router
 
@@ -125,8 +130,11 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
         _stop_on_sigterm(stop.set)
         try:
             tokenizer = load_tokenizer(cfg.model)
-            router = Router(cfg.router)
-            info = await connect_workers(endpoints, router, wait=cfg.ready_timeout)
+            router = Router(cfg.router, block_size=cfg.block_size, overlap_weight=cfg.kv_overlap_weight,
+                            temperature=cfg.router_temperature, busy_threshold=cfg.router_busy_threshold)
+            feed = KvEventFeed(router)
+            feed.start()
+            info = await connect_workers(endpoints, router, wait=cfg.ready_timeout, feed=feed)
             frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, router, info, cfg.api_key)
             if queue_endpoint:
                 from dyn_actor.actor import ActorRef
@@ -153,6 +161,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
         poller = asyncio.ensure_future(poll_stats())
         await stop.wait()
         poller.cancel()
+        await feed.close()
         await runner.cleanup()
 
     _run(main)

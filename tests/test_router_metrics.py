@@ -13,9 +13,9 @@ def test_round_robin_spreads_and_skips_dead_workers():
     r = Router("round-robin")
     for name in "abc":
         r.add_worker(name, None)
-    assert [r.pick().name for _ in range(6)] == list("abcabc")
+    assert [r.pick().entry.name for _ in range(6)] == list("abcabc")
     r.remove_worker("b")
-    assert {r.pick().name for _ in range(6)} == {"a", "c"}
+    assert {r.pick().entry.name for _ in range(6)} == {"a", "c"}
     r.remove_worker("a")
     r.remove_worker("c")
     with pytest.raises(NoWorkerAvailable):
@@ -26,16 +26,20 @@ def test_random_router_covers_workers_and_counts_load():
     r = Router("random", seed=1)
     for name in "ab":
         r.add_worker(name, None)
-    picks = Tally(r.pick().name for _ in range(200))
+    picks = Tally(r.pick().entry.name for _ in range(200))
     assert set(picks) == {"a", "b"} and min(picks.values()) > 60
-    e = r.pick()
-    r.begin(e)
-    r.begin(e)
-    assert e.in_flight == 2 and e.routed_total == 2
-    r.end(e)
-    r.end(e)
-    r.end(e)
-    assert e.in_flight == 0
+    r1, r2 = r.pick(list(range(40))), r.pick(list(range(40)))
+    e = r1.entry
+    r2.entry = e
+    r.begin(r1)
+    r.begin(r2)
+    assert e.in_flight == 2 and e.routed_total == 2 and e.active_blocks == 6 and e.pending_prefill_blocks == 6
+    r.first_token(r1)
+    assert e.pending_prefill_blocks == 3
+    r.end(r1)
+    r.end(r2)
+    r.end(r2)  # ending twice counts once
+    assert e.in_flight == 0 and e.active_blocks == 0 and e.pending_prefill_blocks == 0
     with pytest.raises(ValueError):
         Router("nope")
 

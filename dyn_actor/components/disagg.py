@@ -53,8 +53,9 @@ def prefill_remotely(uncached_prompt_tokens: int, queue_depth: int, policy: Disa
 class DecodeWorker(Worker):
     Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed | SetDisaggPolicy
 
-    def __init__(self, name: str, engine: LLMEngine, endpoint: str, queue_endpoint: str, policy: DisaggPolicy) -> None:
-        super().__init__(name, engine)
+    def __init__(self, name: str, engine: LLMEngine, endpoint: str, queue_endpoint: str, policy: DisaggPolicy,
+                 events_endpoint: str | None = None) -> None:
+        super().__init__(name, engine, events_endpoint)
         self.endpoint = endpoint
         self.policy = policy
         self._queue_endpoint = queue_endpoint

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
+from dyn_actor.components.kv_events import KvEventFeed
 from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
@@ -47,7 +48,7 @@ from dyn_actor.engine.detokenizer import TextStream
 from dyn_actor.engine.sampling import Logprobs, SamplingParams
 from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
 from dyn_actor.metrics import Registry
-from dyn_actor.router import NoWorkerAvailable, Router, WorkerEntry
+from dyn_actor.router import NoWorkerAvailable, Route, Router, WorkerEntry
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,23 @@ class FrontendMetrics:
                                                   "From queueing a remote prefill to its KV being in the decode pool")
         self.queue_depth = r.gauge("dyn_prefill_queue_depth", "Remote prefills waiting in the prefill queue")
         self.decisions = r.counter("dyn_router_decisions_total", "Requests routed to each worker", ("worker",))
+        self.predicted_overlap = r.counter("dyn_router_predicted_overlap_tokens_total",
+                                           "Prompt tokens the router expected the chosen worker to have cached",
+                                           ("worker",))
+        self.worker_cache_hits = r.counter("dyn_worker_prefix_cache_hit_tokens_total",
+                                           "Prompt tokens the worker served from its prefix cache", ("worker",))
+        self.worker_prompt_tokens = r.counter("dyn_worker_prompt_tokens_total", "Prompt tokens routed to the worker",
+                                              ("worker",))
+        self.kv_index_blocks = r.gauge("dyn_router_kv_index_blocks", "Distinct cached blocks in the router's index")
+        self.kv_worker_blocks = r.gauge("dyn_router_kv_indexed_blocks", "Cached blocks the index holds per worker",
+                                        ("worker",))
+        self.kv_event_batches = r.gauge("dyn_router_kv_event_batches_total", "KV event batches applied", ("worker",))
+        self.kv_resyncs = r.gauge("dyn_router_kv_resyncs_total", "Event-stream gaps that forced a resync",
+                                  ("worker",))
+        self.kv_errors = r.gauge("dyn_router_kv_errors_total",
+                                 "KV-event problems (block_size_mismatch, no_events) per worker", ("worker", "reason"))
+        self.router_active_blocks = r.gauge("dyn_router_active_blocks", "Decode blocks the router counts per worker",
+                                            ("worker",))
         self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
         self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
         self.blocks_used = r.gauge("dyn_worker_kv_blocks_used", "KV blocks held by live requests", ("worker",))
@@ -172,6 +190,7 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/v1/router/state", self.router_state)
         app.router.add_get("/v1/disagg/policy", self.disagg_policy)
         app.router.add_post("/v1/disagg/policy", self.disagg_policy)
         return app
@@ -270,13 +289,14 @@ class Frontend:
         """
         tried: set[str] = set()
         while True:
-            entry = self.router.pick(prompt_ids)
+            route = self.router.pick(prompt_ids)
+            entry = route.entry
             if entry.name in tried:
                 raise NoWorkerAvailable("no live worker is available to take the request")
             tried.add(entry.name)
             produced = False
             try:
-                async for chunk in self._generate_on(entry, request_id, prompt_ids, params):
+                async for chunk in self._generate_on(route, request_id, prompt_ids, params):
                     produced = True
                     yield chunk
                 return
@@ -286,10 +306,12 @@ class Frontend:
                 self.router.remove_worker(entry.name)
                 log.warning("worker %s is gone; retrying request %s elsewhere", entry.name, request_id)
 
-    async def _generate_on(self, entry: WorkerEntry, request_id: str, prompt_ids: list[int],
+    async def _generate_on(self, route: Route, request_id: str, prompt_ids: list[int],
                            params: SamplingParams) -> AsyncIterator[Chunk]:
-        self.router.begin(entry)
+        entry = route.entry
+        self.router.begin(route)
         self.metrics.decisions.inc(1, entry.name)
+        self.metrics.predicted_overlap.inc(route.overlap_blocks * self.router.block_size, entry.name)
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         stream = TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
@@ -301,9 +323,12 @@ class Frontend:
             async for d in entry.handle.generate(request_id, prompt_ids, params):
                 now = time.monotonic()
                 if first:
+                    self.router.first_token(route)
                     self.metrics.ttft.observe(now - t0)
                     self.metrics.prompt_tokens.inc(len(prompt_ids))
                     self.metrics.cache_hits.inc(d.num_cached_tokens)
+                    self.metrics.worker_cache_hits.inc(d.num_cached_tokens, entry.name)
+                    self.metrics.worker_prompt_tokens.inc(len(prompt_ids), entry.name)
                     if d.remote_prefill:
                         self.metrics.remote_prefills.inc()
                         self.metrics.kv_bytes.inc(d.kv_transfer_bytes)
@@ -339,7 +364,7 @@ class Frontend:
             outcome = "error"
             raise
         finally:
-            self.router.end(entry)
+            self.router.end(route)
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.requests.inc(1, outcome)
@@ -556,9 +581,22 @@ class Frontend:
                 return
             self.metrics.queue_depth.set(d.depth)
 
-        for entry in self.router.workers.values():
-            self.metrics.worker_up.set(1 if entry.alive else 0, entry.name)
+        m, router = self.metrics, self.router
+        m.kv_index_blocks.set(router.index.num_blocks)
+        for entry in router.workers.values():
+            m.worker_up.set(1 if entry.alive else 0, entry.name)
+            m.kv_worker_blocks.set(router.index.num_blocks_of(entry.name), entry.name)
+            m.kv_event_batches.set(entry.kv.batches, entry.name)
+            m.kv_resyncs.set(entry.kv.resyncs, entry.name)
+            m.router_active_blocks.set(entry.active_blocks, entry.name)
+        for (worker, reason), n in router.kv_errors.items():
+            m.kv_errors.set(n, worker, reason)
         await asyncio.gather(*(one(e) for e in self.router.live_workers()), queue_depth())
+
+    async def router_state(self, request: web.Request) -> web.Response:
+        """The router's view, for people debugging a deployment: index size, per-worker load and
+        KV-event stream health."""
+        return web.json_response(self.router.state())
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         await self.refresh_worker_stats()
@@ -600,8 +638,10 @@ def error_response(message: str, status: int, type: str, code: str | int | None 
                                         "code": code if code is not None else status}}, status=status)
 
 
-async def connect_workers(endpoints: dict[str, str], router: Router, wait: float = 60.0) -> WorkerInfo:
-    """Open refs to every worker, register them with the router, return the first worker's info."""
+async def connect_workers(endpoints: dict[str, str], router: Router, wait: float = 60.0,
+                          feed: KvEventFeed | None = None) -> WorkerInfo:
+    """Open refs to every worker, register them with the router (and their KV-event streams with
+    ``feed``), return the first worker's info."""
     from dyn_actor.components.messages import InfoRequest
 
     info = None
@@ -613,6 +653,9 @@ async def connect_workers(endpoints: dict[str, str], router: Router, wait: float
         ref.on_dead(lambda _r, n=name, e=entry: (router.remove_worker(n),
                                                 log.error("worker %s stopped answering; routing around it", n)))
         i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
+        router.check_block_size(name, i.block_size)
+        if feed is not None and i.kv_events_endpoint:
+            feed.add(name, i.kv_events_endpoint, ref)
         info = info or i
     assert info is not None
     return info

@@ -33,7 +33,11 @@ class InfoRequest(msgspec.Struct, tag="info"):
     pass
 
 
-WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest | Subscribe
+class KvSnapshotRequest(msgspec.Struct, tag="kv_snapshot"):
+    """Ask for every cached block hash (answered with ``dyn_actor.kv.events.KvSnapshot``)."""
+
+
+WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest | Subscribe | KvSnapshotRequest
 
 # --------------------------------------------------------------- from a worker
 
@@ -83,3 +87,4 @@ class WorkerInfo(msgspec.Struct):
     vocab_size: int
     block_size: int
     eos_token_ids: list[int]
+    kv_events_endpoint: str = ""  # where the worker publishes its KV events ("" if it does not)

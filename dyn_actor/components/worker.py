@@ -15,11 +15,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+
 from dyn_actor.actor import Actor
 from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
     InfoRequest,
+    KvSnapshotRequest,
     OutputBatch,
     RequestDelta,
     StatsRequest,
@@ -30,6 +33,8 @@ from dyn_actor.components.messages import (
     WorkerStats,
 )
 from dyn_actor.engine.engine import LLMEngine, RequestOutput
+from dyn_actor.kv.events import KvEvent, KvEventBatch, KvSnapshot, WorkerLoad
+from dyn_actor.transport import PubSocket
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,13 @@ log = logging.getLogger(__name__)
 class EngineThread:
     """Runs ``engine.step()`` in a loop on its own thread; other threads submit commands."""
 
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, on_outputs: Callable[[list[RequestOutput]], None]):
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, on_outputs: Callable[[list[RequestOutput]], None],
+                 on_kv_events: Callable[[int, list[KvEvent]], None] | None = None):
         self.engine = engine
         self._loop = loop
         self._on_outputs = on_outputs
+        self._on_kv_events = on_kv_events
+        self.kv_seq = 0  # KV event batches handed out so far (engine thread only)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -85,6 +93,7 @@ class EngineThread:
                 except Exception as e:
                     result, exc = None, e
                 self._loop.call_soon_threadsafe(self._resolve, fut, result, exc)
+            self._drain_kv_events()
             if engine.has_work():
                 t0 = time.perf_counter()
                 try:
@@ -96,8 +105,23 @@ class EngineThread:
                 self.steps += 1
                 if outputs:
                     self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+                self._drain_kv_events()
             else:
                 self._wake.wait(timeout=0.5)
+
+
+    def _drain_kv_events(self) -> None:
+        """Hand the block manager's new events to the publisher as one numbered batch (engine thread)."""
+        events = self.engine.drain_kv_events()
+        if events and self._on_kv_events is not None:
+            self.kv_seq += 1
+            self._loop.call_soon_threadsafe(self._on_kv_events, self.kv_seq, events)
+
+    def kv_snapshot(self, engine: LLMEngine) -> tuple[int, list[int]]:
+        """(seq, every cached block hash), consistent with the event stream: events up to ``seq`` are
+        reflected in it, later ones are not. Run on the engine thread (through ``submit``)."""
+        self._drain_kv_events()
+        return self.kv_seq, engine.block_manager.cached_hashes()
 
 
 class Worker(Actor):
@@ -107,12 +131,20 @@ class Worker(Actor):
 
     Message = WorkerMessage
 
-    def __init__(self, name: str, engine: LLMEngine) -> None:
+    LOAD_INTERVAL = 0.2  # seconds between WorkerLoad publications
+
+    def __init__(self, name: str, engine: LLMEngine, events_endpoint: str | None = None) -> None:
         self.name = name
         self.engine = engine
         self._subscribers: list[asyncio.Queue] = []
         self._thread: EngineThread | None = None
         self._live: set[str] = set()  # requests started and not finished
+        # KV events and load, published on a PUB socket for the KV-aware router
+        self.events_endpoint = events_endpoint
+        self._pub: PubSocket | None = None
+        self._pub_queue: asyncio.Queue = asyncio.Queue()
+        self._pub_seq = 0  # the last event batch queued for sending
+        self._pub_tasks: list[asyncio.Task] = []
 
     def handlers(self):
         return {
@@ -121,15 +153,52 @@ class Worker(Actor):
             StatsRequest: self.stats,
             InfoRequest: self.info,
             Subscribe: self.subscribe,
+            KvSnapshotRequest: self.kv_snapshot,
         }
 
     async def on_start(self) -> None:
-        self._thread = EngineThread(self.engine, asyncio.get_running_loop(), self._dispatch)
+        on_kv = None
+        if self.events_endpoint:
+            self._pub = PubSocket(self.events_endpoint)
+            on_kv = self._queue_kv_events
+            self._pub_tasks = [asyncio.ensure_future(self._send_publications()),
+                               asyncio.ensure_future(self._publish_load())]
+        self._thread = EngineThread(self.engine, asyncio.get_running_loop(), self._dispatch, on_kv)
         self._thread.start()
 
     async def on_stop(self) -> None:
         if self._thread is not None:
             self._thread.stop()
+        for t in self._pub_tasks:
+            t.cancel()
+        if self._pub is not None:
+            self._pub.close()
+
+    # ------------------------------------------------------------- KV events
+    def _queue_kv_events(self, seq: int, events: list[KvEvent]) -> None:
+        self._pub_seq = seq
+        self._pub_queue.put_nowait(KvEventBatch(self.name, seq, self.engine.layout.block_size, events))
+
+    async def _send_publications(self) -> None:
+        """One sender, so batches and loads go out in the order they were queued."""
+        assert self._pub is not None
+        while True:
+            msg = await self._pub_queue.get()
+            await self._pub.send(msgspec.msgpack.encode(msg))
+
+    async def _publish_load(self) -> None:
+        while True:
+            s = self.engine.stats()
+            self._pub_queue.put_nowait(WorkerLoad(self.name, self._pub_seq, self.engine.layout.block_size,
+                                                  s.kv_blocks_used, s.kv_blocks_total,
+                                                  s.num_waiting + s.num_waiting_remote, s.num_running))
+            await asyncio.sleep(self.LOAD_INTERVAL)
+
+    async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:
+        assert self._thread is not None
+        thread = self._thread
+        seq, hashes = await thread.submit(thread.kv_snapshot)
+        return KvSnapshot(self.name, seq, self.engine.layout.block_size, hashes)
 
     def _publish(self, items: list[RequestDelta]) -> None:
         for q in self._subscribers:
@@ -196,5 +265,5 @@ class Worker(Actor):
         e = self.engine
         return WorkerInfo(
             self.name, e.model_name, e.max_model_len, e.model_config.vocab_size, e.layout.block_size,
-            list(e.eos_token_ids),
+            list(e.eos_token_ids), self.events_endpoint or "",
         )

@@ -77,6 +77,10 @@ class BlockManager:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
+    def cached_hashes(self) -> list[int]:
+        """The hash of every cached block (what a KV-aware router's index should hold for us)."""
+        return list(self._cached)
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self._req_blocks.get(request_id, ())]
 

@@ -29,3 +29,42 @@ class AllBlocksCleared(msgspec.Struct, tag="cleared", frozen=True):
 
 
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+# ------------------------------------------------------------------ on the wire
+# What a worker publishes on its KV-event PUB socket (msgpack), one stream per worker.
+
+
+class KvEventBatch(msgspec.Struct, tag="kv_events", frozen=True):
+    """The KV events of one engine step. ``seq`` counts batches from 1 without gaps, so a
+    subscriber that sees ``seq`` jump knows it missed some and must resynchronise."""
+
+    worker: str
+    seq: int
+    block_size: int
+    events: list[KvEvent]
+
+
+class WorkerLoad(msgspec.Struct, tag="load", frozen=True):
+    """The worker's load, a few times a second; ``seq`` is the last event batch sent before it
+    (so a lost trailing batch is noticed too)."""
+
+    worker: str
+    seq: int
+    block_size: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    requests_waiting: int
+    requests_running: int
+
+
+KvPublication = KvEventBatch | WorkerLoad
+
+
+class KvSnapshot(msgspec.Struct, frozen=True):
+    """Every block a worker has cached, as of event batch ``seq`` (the answer to a resync)."""
+
+    worker: str
+    seq: int
+    block_size: int
+    block_hashes: list[int]
