@@ -111,7 +111,7 @@ def choose(costs: dict[str, float], temperature: float, rng: random.Random) -> s
 
 
 class Router:
-    def __init__(self, mode: str = "kv", block_size: int = 16, overlap_weight: float = 1.0,
+    def __init__(self, mode: str = "kv", block_size: int = 16, overlap_weight: float = 4.0,
                  temperature: float = 0.0, busy_threshold: float = 0.95, silent_after: float = 5.0,
                  seed: int | None = None) -> None:
         if mode not in ROUTER_MODES:
@@ -163,6 +163,10 @@ class Router:
         costs = {w.name: kv_cost(overlaps.get(w.name, 0), prompt_blocks, w.pending_prefill_blocks, w.active_blocks,
                                  self.overlap_weight) for w in candidates}
         name = choose(costs, self.temperature, self._rng)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("kv route: %d blocks -> %s; %s", prompt_blocks, name, ", ".join(
+                f"{w.name}: overlap {overlaps.get(w.name, 0)} pending {w.pending_prefill_blocks} "
+                f"active {w.active_blocks} cost {costs[w.name]:g}" for w in candidates))
         return Route(self.workers[name], prompt_blocks, overlaps.get(name, 0))
 
     def begin(self, route: Route) -> None:

@@ -39,7 +39,7 @@ class LaunchConfig:
     ready_timeout: float
     torch_threads: int | None = None
     remote_prefill_timeout: float = 30.0
-    kv_overlap_weight: float = 1.0
+    kv_overlap_weight: float = 4.0
     router_temperature: float = 0.0
     router_busy_threshold: float = 0.95
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
     ap.add_argument("--remote-prefill-timeout", type=float, default=30.0,
                     help="seconds a decode worker waits for a prefill worker before prefilling locally")
-    ap.add_argument("--kv-overlap-weight", type=float, default=1.0,
+    ap.add_argument("--kv-overlap-weight", type=float, default=4.0,
                     help="kv router: weight of prefill blocks against active decode blocks in the cost")
     ap.add_argument("--router-temperature", type=float, default=0.0,
                     help="kv router: 0 picks the lowest cost; above 0 samples a softmax over the costs")
