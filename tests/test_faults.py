@@ -58,7 +58,7 @@ def test_client_disconnect_frees_kv_blocks():
 
 
 def test_worker_killed_mid_stream():
-    server = Server("--workers", "2", "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25")
+    server = Server("--workers", "2", "--router", "round-robin", "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25")
     try:
         pids = server.pids()
         assert set(pids) == {"worker 0", "worker 1", "frontend 0"}
@@ -182,3 +182,49 @@ def test_no_worker_left_is_503():
         assert requests.get(server.url + "/health", timeout=10).status_code == 503
     finally:
         server.stop()
+
+
+def test_a_stalled_worker_is_routed_around_then_rejoins():
+    """SIGSTOP a worker past its heartbeat limit: the frontend routes around it; once it runs
+    again it is connected afresh and gets requests again."""
+    s = Server("--topology", "agg", "--workers", "2", "--router", "round-robin")
+    try:
+        pid = s.pids()["worker 1"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(3.0)  # past the 2 s heartbeat limit
+            up = _metrics_worker_up(s)
+            assert up == {"worker-0": 1.0, "worker-1": 0.0}, up
+            for _ in range(4):  # all on the survivor meanwhile
+                assert _complete_ok(s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _metrics_worker_up(s).get("worker-1") != 1.0:
+            time.sleep(0.2)
+        assert _metrics_worker_up(s) == {"worker-0": 1.0, "worker-1": 1.0}
+        before = _decisions(s).get("worker-1", 0)
+        for _ in range(4):
+            assert _complete_ok(s)
+        assert _decisions(s).get("worker-1", 0) >= before + 2  # round-robin uses it again
+    finally:
+        s.stop()
+
+
+def _metric_lines(s: Server, prefix: str) -> dict[str, float]:
+    text = requests.get(s.url + "/metrics", timeout=10).text
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(prefix + "{")}
+
+
+def _metrics_worker_up(s: Server) -> dict[str, float]:
+    return _metric_lines(s, "dyn_worker_up")
+
+
+def _decisions(s: Server) -> dict[str, float]:
+    return _metric_lines(s, "dyn_router_decisions_total")
+
+
+def _complete_ok(s: Server) -> bool:
+    r = requests.post(s.base_url + "/completions", timeout=30, json={"prompt": "Hi", "max_tokens": 3})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -72,6 +72,7 @@ class ActorRef:
             deadline = time.monotonic() + wait_ready
             while not self._ever_seen:
                 if self._dead is not None or time.monotonic() > deadline:
+                    await self.close()  # no socket or task left behind by a failed start
                     raise ActorDeadError(f"actor {self.name} did not answer within {wait_ready}s")
                 await asyncio.sleep(0.01)
         return self

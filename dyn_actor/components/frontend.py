@@ -639,23 +639,54 @@ def error_response(message: str, status: int, type: str, code: str | int | None 
 
 
 async def connect_workers(endpoints: dict[str, str], router: Router, wait: float = 60.0,
-                          feed: KvEventFeed | None = None) -> WorkerInfo:
+                          feed: KvEventFeed | None = None, rejoin_interval: float = 1.0) -> WorkerInfo:
     """Open refs to every worker, register them with the router (and their KV-event streams with
-    ``feed``), return the first worker's info."""
-    from dyn_actor.components.messages import InfoRequest
+    ``feed``), return the first worker's info.
 
+    A worker whose heartbeat lapses is routed around at once. It may only have been starved
+    (an overloaded machine) rather than dead, so the frontend keeps knocking, every
+    ``rejoin_interval`` seconds; a worker that answers again is connected afresh and routed to.
+    """
     info = None
     for name, ep in endpoints.items():
-        ref = await ActorRef(ep, name).start(wait_ready=wait)
-        client = WorkerClient(name, ref)
-        client.start()
-        entry = router.add_worker(name, client)
-        ref.on_dead(lambda _r, n=name, e=entry: (router.remove_worker(n),
-                                                log.error("worker %s stopped answering; routing around it", n)))
-        i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
-        router.check_block_size(name, i.block_size)
-        if feed is not None and i.kv_events_endpoint:
-            feed.add(name, i.kv_events_endpoint, ref)
+        i = await _connect_worker(name, ep, router, feed, rejoin_interval, wait)
         info = info or i
     assert info is not None
     return info
+
+
+async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed | None, rejoin_interval: float,
+                          wait: float) -> WorkerInfo:
+    from dyn_actor.components.messages import InfoRequest
+
+    ref = await ActorRef(ep, name).start(wait_ready=wait)
+    try:
+        i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
+    except BaseException:
+        await ref.close()
+        raise
+    client = WorkerClient(name, ref)
+    client.start()
+    router.add_worker(name, client)
+    router.check_block_size(name, i.block_size)
+    if feed is not None and i.kv_events_endpoint:
+        feed.add(name, i.kv_events_endpoint, ref)
+
+    def on_dead(_ref: ActorRef) -> None:
+        router.remove_worker(name)
+        log.error("worker %s stopped answering; routing around it", name)
+        asyncio.ensure_future(_rejoin(name, ep, router, feed, rejoin_interval))
+
+    ref.on_dead(on_dead)
+    return i
+
+
+async def _rejoin(name: str, ep: str, router: Router, feed: KvEventFeed | None, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await _connect_worker(name, ep, router, feed, interval, wait=interval)
+        except (ActorError, asyncio.TimeoutError):
+            continue
+        log.warning("worker %s answers again; routing to it", name)
+        return
