@@ -111,6 +111,8 @@ def choose(costs: dict[str, float], temperature: float, rng: random.Random) -> s
 
 
 class Router:
+    MAX_HELD = 4096  # event batches held per worker while its snapshot is awaited
+
     def __init__(self, mode: str = "kv", block_size: int = 16, overlap_weight: float = 4.0,
                  temperature: float = 0.0, busy_threshold: float = 0.95, silent_after: float = 5.0,
                  seed: int | None = None) -> None:
@@ -230,6 +232,8 @@ class Router:
                 return self._start_resync(entry, "missed" if kv.state == "live" else "first contact")
             return False
         if kv.state == "resync":
+            if len(kv.held) >= self.MAX_HELD:  # the snapshot is slow in coming: a later one will cover these
+                kv.held.clear()
             kv.held.append(msg)
             return False
         if kv.state == "waiting" or msg.seq != kv.seq + 1:
