@@ -111,16 +111,24 @@ async def run_workload(url: str, args) -> tuple[list[dict], float]:
         return out, time.perf_counter() - t0
 
 
-def decisions(url: str) -> dict[str, float]:
+def scrape(url: str) -> tuple[dict[str, float], float, float]:
+    """(requests routed per worker, prompt tokens the router predicted cached, that the workers reported)."""
     import urllib.request
 
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("dyn_router_decisions_total{")}
+
+    def per_worker(name: str) -> dict[str, float]:
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(name + "{")}
+
+    return (per_worker("dyn_router_decisions_total"),
+            sum(per_worker("dyn_router_predicted_overlap_tokens_total").values()),
+            sum(per_worker("dyn_worker_prefix_cache_hit_tokens_total").values()))
 
 
-def summarize(mode: str, results: list[dict], duration: float, per_worker: dict[str, float]) -> dict:
+def summarize(mode: str, results: list[dict], duration: float, per_worker: dict[str, float],
+              predicted: float) -> dict:
     ttft = [r["ttft"] * 1e3 for r in results]
     later = [r["ttft"] * 1e3 for r in results if r["turn"] > 0]
     prompt = sum(r["prompt_tokens"] for r in results)
@@ -128,6 +136,7 @@ def summarize(mode: str, results: list[dict], duration: float, per_worker: dict[
     fair = len(results) / max(1, len(per_worker))
     return {"router": mode, "requests": len(results), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "ttft_p50_later_turns_ms": pct(later, 50), "hit_rate": cached / prompt,
+            "predicted_hit_rate": predicted / prompt,  # what the router's index expected (kv mode)
             "kept_prefix": sum(r["kept_prefix"] for r in results if r["turn"] > 0) / max(1, len(later)),
             "output_tok_per_s": sum(r["completion_tokens"] for r in results) / duration,
             "max_share_over_fair": max(per_worker.values()) / fair if per_worker else 0.0,
@@ -163,11 +172,11 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             wait_http(url, proc)
             results, dur = asyncio.run(run_workload(url, args))
-            per_worker = decisions(url)
+            per_worker, predicted, _ = scrape(url)
         finally:
             stop(proc)
         raw[mode] = results
-        rows.append(summarize(mode, results, dur, per_worker))
+        rows.append(summarize(mode, results, dur, per_worker, predicted))
         r = rows[-1]
         print(f"{mode}: TTFT p50 {r['ttft_p50_ms']:.0f} ms, hit rate {r['hit_rate']:.2f}, "
               f"{r['output_tok_per_s']:.0f} tok/s, per worker {r['per_worker']}", flush=True)
