@@ -672,9 +672,10 @@ async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed 
     if feed is not None and i.kv_events_endpoint:
         feed.add(name, i.kv_events_endpoint, ref)
 
-    def on_dead(_ref: ActorRef) -> None:
+    def on_dead(dead: ActorRef) -> None:
         router.remove_worker(name)
         log.error("worker %s stopped answering; routing around it", name)
+        asyncio.ensure_future(dead.close())  # its socket and reader go; a rejoin opens new ones
         asyncio.ensure_future(_rejoin(name, ep, router, feed, rejoin_interval))
 
     ref.on_dead(on_dead)
