@@ -97,7 +97,13 @@ class DecodeWorker(Worker):
     async def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None and self._queue is not None
         rid, prompt = m.request_id, m.prompt_token_ids
-        _, cached = await self._thread.submit(lambda e: e.cached_prefix(prompt))
+        if m.cached_tokens is not None:
+            # the router's match: no wait for the engine thread's next step boundary. If the
+            # blocks went meanwhile, the decision is off, never the result: the allocation
+            # below and local prefill both use what is really cached.
+            cached = min(m.cached_tokens, len(prompt) - 1)
+        else:
+            _, cached = await self._thread.submit(lambda e: e.cached_prefix(prompt))
         try:
             depth = (await self._queue.ask(Depth(), QueueDepth, timeout=2.0)).depth
         except (ActorError, asyncio.TimeoutError):

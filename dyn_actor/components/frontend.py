@@ -83,7 +83,8 @@ class WorkerClient:
         for q in self._queues.values():
             q.put_nowait(err)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       cached_tokens: int | None = None) -> AsyncIterator[TokenDelta]:
         """The request's deltas; leaving early aborts it on the worker."""
         if self._dead is not None:
             raise self._dead
@@ -91,7 +92,7 @@ class WorkerClient:
         self._queues[request_id] = q
         finished = False
         try:
-            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params))
+            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params, cached_tokens))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -320,7 +321,7 @@ class Frontend:
         first = True
         outcome = "abort"
         try:
-            async for d in entry.handle.generate(request_id, prompt_ids, params):
+            async for d in entry.handle.generate(request_id, prompt_ids, params, self.router.cached_tokens(route)):
                 now = time.monotonic()
                 if first:
                     self.router.first_token(route)
