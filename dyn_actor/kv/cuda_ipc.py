@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import msgspec
 import torch
 
-from dyn_actor.kv.pool import KvLayout, KvPool
+from dyn_actor.kv.pool import KvLayout, KvPool, check_block_write
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,13 +144,9 @@ class RemoteCudaKvPool:
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
         """Scatter ``blocks`` into the given block ids with one kernel, and wait until it is done."""
-        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(self.data.shape[1:]):
-            raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(self.data.shape[1:])}, "
-                             f"got {tuple(blocks.shape)}")
+        check_block_write(self.data.shape, block_ids, blocks)
         if not block_ids:
             return 0
-        if max(block_ids) >= self.data.shape[0] or min(block_ids) < 0:
-            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
         src = blocks.to(device=self.device, dtype=self.data.dtype).contiguous()
         ids = torch.as_tensor(list(block_ids), dtype=torch.int64).to(self.device, non_blocking=True)
         with torch.cuda.device(self.device):

@@ -77,13 +77,11 @@ class KvPool:
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
         """Overwrite the given blocks in place with ``blocks`` (as returned by ``read_blocks``)."""
-        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != self.layout.shape[1:]:
-            raise ValueError(f"expected {len(block_ids)} blocks of shape {self.layout.shape[1:]}, got {tuple(blocks.shape)}")
+        check_block_write(self.layout.shape, block_ids, blocks)
         ids = list(block_ids)
         if self.data.device.type == "cpu":
             from dyn_actor.engine.native_ops import copy_blocks
 
-            _check_ids(ids, self.layout.num_blocks)
             copy_blocks(self.data, blocks.to(dtype=self.data.dtype).contiguous(), ids, scatter=True)
             return
         idx = torch.as_tensor(ids, dtype=torch.long, device=self.data.device)
@@ -101,6 +99,13 @@ class KvPool:
         self.write_blocks(block_ids, flat.view(len(block_ids), *self.layout.shape[1:]))
 
 
-def _check_ids(ids: list[int], num_blocks: int) -> None:
+def _check_ids(ids: Sequence[int], num_blocks: int) -> None:
     if ids and (min(ids) < 0 or max(ids) >= num_blocks):
         raise ValueError(f"block ids must be in [0, {num_blocks})")
+
+
+def check_block_write(pool_shape: Sequence[int], block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``blocks`` is one block of the pool's shape per id, every id in range."""
+    if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(pool_shape[1:]):
+        raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(pool_shape[1:])}, got {tuple(blocks.shape)}")
+    _check_ids(block_ids, pool_shape[0])

@@ -32,7 +32,7 @@ import torch
 
 from dyn_actor.engine.native_ops import copy_blocks
 from dyn_actor.kv.cuda_ipc import CudaIpcHandle
-from dyn_actor.kv.pool import KvLayout, KvPool
+from dyn_actor.kv.pool import KvLayout, KvPool, check_block_write
 
 SHM_PREFIX = "dyn-actor-kv-"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,13 +109,9 @@ class RemoteKvPool:
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
         """Scatter ``blocks`` (``[len(block_ids), *block_shape]``) into the given block ids; return bytes written."""
-        if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(self.data.shape[1:]):
-            raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(self.data.shape[1:])}, "
-                             f"got {tuple(blocks.shape)}")
+        check_block_write(self.data.shape, block_ids, blocks)
         if not block_ids:
             return 0
-        if max(block_ids) >= self.data.shape[0] or min(block_ids) < 0:
-            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
         copy_blocks(self.data, blocks.to(self.data.dtype).contiguous(), list(block_ids), scatter=True)
         return len(block_ids) * self.block_nbytes
 
