@@ -287,6 +287,7 @@ class PrefillWorker(Worker):
                                 min_tokens=min(1, p.min_tokens), logprobs=p.logprobs)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
+
         def start(e: LLMEngine) -> None:
             # the decode worker's already computed blocks are read, not recomputed: copied into this
             # engine's prefix cache (those it lacks), so the request below computes only the rest

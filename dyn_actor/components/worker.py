@@ -109,7 +109,6 @@ class EngineThread:
             else:
                 self._wake.wait(timeout=0.5)
 
-
     def _drain_kv_events(self) -> None:
         """Hand the block manager's new events to the publisher as one numbered batch (engine thread)."""
         events = self.engine.drain_kv_events()
