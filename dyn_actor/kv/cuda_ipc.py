@@ -21,9 +21,7 @@ from collections.abc import Sequence
 import msgspec
 import torch
 
-from dyn_actor.kv.pool import KvLayout, KvPool, check_block_write
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool
 
 
 class CudaIpcHandle(msgspec.Struct, frozen=True):
@@ -116,7 +114,7 @@ class CudaKvPool(KvPool):
         self.data = self.k = self.v = self.k_rows = self.v_rows = None  # type: ignore[assignment]
 
 
-class RemoteCudaKvPool:
+class RemoteCudaKvPool(RemotePool):
     """Another process's device pool, opened once by IPC handle; blocks are written in place."""
 
     def __init__(self, desc) -> None:
@@ -127,7 +125,7 @@ class RemoteCudaKvPool:
         storage = torch.UntypedStorage._new_shared_cuda(
             h.device, h.handle, h.size_bytes, h.offset_bytes, h.ref_counter_handle, h.ref_counter_offset,
             h.event_handle, h.event_sync_required)
-        dtype = _DTYPES[desc.dtype]
+        dtype = DTYPES[desc.dtype]
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         shape = tuple(desc.shape)
         stride, acc = [], 1
@@ -138,22 +136,13 @@ class RemoteCudaKvPool:
         self.descriptor = desc
         self.device = self.data.device
 
-    @property
-    def block_nbytes(self) -> int:
-        return self.data[0].numel() * self.data.element_size()
-
-    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
-        """Scatter ``blocks`` into the given block ids with one kernel, and wait until it is done."""
-        check_block_write(self.data.shape, block_ids, blocks)
-        if not block_ids:
-            return 0
+    def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """One kernel, and the stream synchronised: nothing is reported before the writes are done."""
         src = blocks.to(device=self.device, dtype=self.data.dtype).contiguous()
-        ids = torch.as_tensor(list(block_ids), dtype=torch.int64).to(self.device, non_blocking=True)
+        ids = torch.as_tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         with torch.cuda.device(self.device):
             scatter_blocks(self.data, src, ids)
-            # the completion signal: nothing is reported before the writes are done
             torch.cuda.current_stream(self.device).synchronize()
-        return len(block_ids) * self.block_nbytes
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.device)

@@ -41,6 +41,9 @@ class KvLayout:
         return self.num_blocks * self.block_nbytes
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class KvPool:
     """KV memory for ``layout.num_blocks`` blocks; optionally over caller-provided storage."""
 
@@ -68,7 +71,7 @@ class KvPool:
         if self.data.device.type == "cpu":
             from dyn_actor.engine.native_ops import copy_blocks
 
-            _check_ids(ids, self.layout.num_blocks)
+            check_block_ids(ids, self.layout.num_blocks)
             out = torch.empty((len(ids), *self.layout.shape[1:]), dtype=self.data.dtype)
             copy_blocks(out, self.data, ids, scatter=False)
             return out
@@ -99,7 +102,7 @@ class KvPool:
         self.write_blocks(block_ids, flat.view(len(block_ids), *self.layout.shape[1:]))
 
 
-def _check_ids(ids: Sequence[int], num_blocks: int) -> None:
+def check_block_ids(ids: Sequence[int], num_blocks: int) -> None:
     if ids and (min(ids) < 0 or max(ids) >= num_blocks):
         raise ValueError(f"block ids must be in [0, {num_blocks})")
 
@@ -108,4 +111,27 @@ def check_block_write(pool_shape: Sequence[int], block_ids: Sequence[int], block
     """Raise ``ValueError`` unless ``blocks`` is one block of the pool's shape per id, every id in range."""
     if blocks.shape[0] != len(block_ids) or tuple(blocks.shape[1:]) != tuple(pool_shape[1:]):
         raise ValueError(f"expected {len(block_ids)} blocks of shape {tuple(pool_shape[1:])}, got {tuple(blocks.shape)}")
-    _check_ids(block_ids, pool_shape[0])
+    check_block_ids(block_ids, pool_shape[0])
+
+
+class RemotePool:
+    """Another process's pool, attached in this one (shared memory or CUDA IPC): blocks are written in
+    place. Subclasses set ``data`` and implement ``_scatter`` (one fused copy, finished on return)."""
+
+    data: torch.Tensor
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
+        """Scatter ``blocks`` (``[len(block_ids), *block_shape]``) into the given block ids; return the
+        bytes written. The writes are complete when this returns."""
+        check_block_write(self.data.shape, block_ids, blocks)
+        if not block_ids:
+            return 0
+        self._scatter(list(block_ids), blocks)
+        return len(block_ids) * self.block_nbytes
+
+    def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        raise NotImplementedError

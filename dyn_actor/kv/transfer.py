@@ -32,10 +32,9 @@ import torch
 
 from dyn_actor.engine.native_ops import copy_blocks
 from dyn_actor.kv.cuda_ipc import CudaIpcHandle
-from dyn_actor.kv.pool import KvLayout, KvPool, check_block_write
+from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool, check_block_ids
 
 SHM_PREFIX = "dyn-actor-kv-"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KvPoolDescriptor(msgspec.Struct, frozen=True):
@@ -82,7 +81,7 @@ class SharedKvPool(KvPool):
             pass
 
 
-class RemoteKvPool:
+class RemoteKvPool(RemotePool):
     """Another process's pool, attached once; blocks are written in place."""
 
     def __init__(self, desc: KvPoolDescriptor) -> None:
@@ -97,29 +96,19 @@ class RemoteKvPool:
             self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        dtype = _DTYPES[desc.dtype]
+        dtype = DTYPES[desc.dtype]
         numel = 1
         for s in desc.shape:
             numel *= s
         self.data = torch.frombuffer(self._mmap, dtype=dtype, count=numel).view(desc.shape)
 
-    @property
-    def block_nbytes(self) -> int:
-        return self.data[0].numel() * self.data.element_size()
-
-    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> int:
-        """Scatter ``blocks`` (``[len(block_ids), *block_shape]``) into the given block ids; return bytes written."""
-        check_block_write(self.data.shape, block_ids, blocks)
-        if not block_ids:
-            return 0
-        copy_blocks(self.data, blocks.to(self.data.dtype).contiguous(), list(block_ids), scatter=True)
-        return len(block_ids) * self.block_nbytes
+    def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        copy_blocks(self.data, blocks.to(self.data.dtype).contiguous(), block_ids, scatter=True)
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of the given blocks (``[len(block_ids), *block_shape]``), gathered in one call."""
         ids = list(block_ids)
-        if ids and (max(ids) >= self.data.shape[0] or min(ids) < 0):
-            raise ValueError(f"block ids must be in [0, {self.data.shape[0]})")
+        check_block_ids(ids, self.data.shape[0])
         out = torch.empty((len(ids), *self.data.shape[1:]), dtype=self.data.dtype)
         copy_blocks(out, self.data, ids, scatter=False)
         return out
