@@ -1,9 +1,18 @@
 """``python -m launcher --topology agg --workers 2``: start, supervise and stop a serving topology.
 
 Prints ``ready: http://HOST:PORT`` once every process is serving. Exits
-non-zero with a one-line reason if any process fails to start. Ctrl-C or
-SIGTERM stops every process (SIGTERM, then SIGKILL after a grace period) and
-removes the run directory with its socket files.
+non-zero with a one-line reason if any process fails to start.
+
+Supervision: a worker, decode worker, prefill worker or the prefill queue that
+exits unexpectedly has its shared-memory segments removed at once and is
+restarted at the same endpoint (``--restart-policy always``, with a back-off
+and a budget); its peers' refs reconnect to it the moment it answers, which it
+does only once it is ready. The frontend exiting stops everything.
+
+Ctrl-C or SIGTERM drains: the frontend takes no new requests (503) and gives
+those in flight ``--drain-timeout`` seconds; then the processes stop in order
+(frontend, decode and aggregated workers, prefill workers, queue) and the run
+directory with its socket files is removed. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -21,13 +30,41 @@ from launcher.processes import config_dict, frontend_entry, queue_main, set_chil
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart, doubling while restarts keep failing
+HEALTHY_AFTER = 60.0  # a child up this long has its back-off reset
+RESTART_BUDGET, RESTART_WINDOW = 10, 600.0  # at most this many restarts of one child per window
+STOP_ORDER = ("frontend", "worker", "decode", "prefill", "prefill-queue")
 
 
 class Child:
-    def __init__(self, role: str, proc: mp.Process, conn) -> None:
-        self.role, self.proc, self.conn = role, proc, conn
+    def __init__(self, role: str, index: int, target, args: tuple, ctx) -> None:
+        self.role, self.index, self.target, self.args, self._ctx = role, index, target, args, ctx
+        self.name = f"{role} {index}" if role != "frontend" else "frontend"
+        self.proc: mp.Process
+        self.conn = None
         self.ready = False
-        self.reported_exit = False
+        self.detail = ""
+        self.exited = False  # its exit was seen (and handled)
+        self.started_at = 0.0
+        self.restarts: list[float] = []  # times of restarts, for the budget
+        self.backoff = BACKOFF_FIRST
+        self.restart_at: float | None = None
+
+    def spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=False)
+        self.proc = self._ctx.Process(target=self.target, args=(*self.args, child), name=f"dyn-actor {self.role} {self.index}")
+        self.proc.start()
+        child.close()
+        self.conn, self.ready, self.exited, self.started_at = parent, False, False, time.monotonic()
+
+    def poll_ready(self) -> tuple[str, str] | None:
+        """('ready' | 'failed', detail) once the child reported; None while it is starting."""
+        if self.conn is None or not self.conn.poll():
+            return None
+        try:
+            return self.conn.recv()
+        except EOFError:
+            return "failed", f"{self.name} exited before it was ready"
 
 
 def _wait_ready(children: list[Child], timeout: float, stopping) -> str | None:
@@ -40,43 +77,105 @@ def _wait_ready(children: list[Child], timeout: float, stopping) -> str | None:
             return "interrupted while starting"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return f"{', '.join(c.role for c in pending)} did not start within {timeout:.0f}s"
-        ready_objs = wait([c.conn for c in pending] + [c.proc.sentinel for c in pending], timeout=min(remaining, 0.2))
+            return f"{', '.join(c.name for c in pending)} did not start within {timeout:.0f}s"
+        wait([c.conn for c in pending] + [c.proc.sentinel for c in pending], timeout=min(remaining, 0.2))
         for c in pending:
-            if c.conn in ready_objs or c.conn.poll():
-                try:
-                    status, detail = c.conn.recv()
-                except EOFError:
-                    status, detail = "failed", f"{c.role} exited before it was ready"
+            got = c.poll_ready()
+            if got is not None:
+                status, detail = got
                 if status == "failed":
                     return detail
-                c.ready = True
-                log.info("%s ready (%.1fs)", c.role, time.monotonic() - t0)
-                c.detail = detail  # type: ignore[attr-defined]
-            elif c.proc.sentinel in ready_objs and not c.proc.is_alive():
-                return f"{c.role} exited with code {c.proc.exitcode} before it was ready"
+                c.ready, c.detail = True, detail
+                log.info("%s ready (%.1fs)", c.name, time.monotonic() - t0)
+            elif not c.proc.is_alive():
+                return f"{c.name} exited with code {c.proc.exitcode} before it was ready"
         pending = [c for c in children if not c.ready]
     return None
 
 
-def _shutdown(children: list[Child]) -> None:
-    for c in children:
-        if c.proc.is_alive():
-            c.proc.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS
-    for c in children:
-        c.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-    for c in children:
-        if c.proc.is_alive():
-            log.warning("%s did not stop in %.0fs; killing it", c.role, GRACE_SECONDS)
-            c.proc.kill()
-            c.proc.join(timeout=2)
-    # a worker that was killed cannot remove its shared-memory KV pool: do it for it
+def _remove_segments(c: Child) -> None:
+    """A process that was killed cannot remove its shared-memory KV pool: do it for it."""
     from dyn_actor.kv.transfer import remove_segments_of
 
+    for name in remove_segments_of(c.proc.pid):
+        log.info("removed %s left by %s", name, c.name)
+
+
+def _stop(children: list[Child], grace: float, force=lambda: False) -> None:
+    alive = [c for c in children if c.proc.is_alive()]
+    for c in alive:
+        c.proc.terminate()
+    deadline = time.monotonic() + grace
+    while any(c.proc.is_alive() for c in alive) and time.monotonic() < deadline and not force():
+        wait([c.proc.sentinel for c in alive if c.proc.is_alive()], timeout=0.2)
+    for c in alive:
+        if c.proc.is_alive():
+            log.warning("%s did not stop in %.0fs; killing it", c.name, grace)
+            c.proc.kill()
+            c.proc.join(timeout=2)
     for c in children:
-        for name in remove_segments_of(c.proc.pid):
-            log.info("removed %s left by %s", name, c.role)
+        _remove_segments(c)
+
+
+def _shutdown(children: list[Child], drain_timeout: float, force) -> None:
+    """Stop in order: the frontend first (it drains), then those that serve it, the queue last."""
+    for role in STOP_ORDER:
+        group = [c for c in children if c.role == role and hasattr(c, "proc")]
+        if not group:
+            continue
+        grace = drain_timeout + GRACE_SECONDS if role == "frontend" else GRACE_SECONDS
+        _stop(group, grace, force)
+
+
+class Supervisor:
+    """Restarts children that exit unexpectedly, with a back-off and a budget."""
+
+    def __init__(self, children: list[Child], policy: str) -> None:
+        self.children = children
+        self.policy = policy
+
+    def tick(self) -> str | None:
+        """Handle exits, due restarts and restarted children becoming ready. Returns a reason to
+        stop everything, or None."""
+        now = time.monotonic()
+        for c in self.children:
+            if not c.exited and not c.proc.is_alive():
+                c.exited = True
+                log.error("%s exited unexpectedly (exit code %s)", c.name, c.proc.exitcode)
+                _remove_segments(c)
+                if c.role == "frontend":
+                    return "the frontend exited"
+                self._plan_restart(c, now)
+            elif c.restart_at is not None and now >= c.restart_at:
+                c.restart_at = None
+                c.restarts.append(now)
+                c.spawn()
+                log.warning("restarting %s (pid %d, restart %d)", c.name, c.proc.pid, len(c.restarts))
+            elif not c.ready and not c.exited:
+                got = c.poll_ready()
+                if got is not None:
+                    status, detail = got
+                    if status == "ready":
+                        c.ready = True
+                        log.warning("%s is back (pid %d); its peers reconnect to it", c.name, c.proc.pid)
+                    else:
+                        log.error("%s failed to restart: %s", c.name, detail)
+            elif c.ready and now - c.started_at > HEALTHY_AFTER:
+                c.backoff = BACKOFF_FIRST
+        return None
+
+    def _plan_restart(self, c: Child, now: float) -> None:
+        if self.policy != "always":
+            log.error("%s is not restarted (--restart-policy %s)", c.name, self.policy)
+            return
+        c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW]
+        if len(c.restarts) >= RESTART_BUDGET:
+            log.error("%s exited %d times in %.0f s: not restarting it again", c.name, len(c.restarts), RESTART_WINDOW)
+            return
+        delay = c.backoff if now - c.started_at < HEALTHY_AFTER else BACKOFF_FIRST
+        c.backoff = min(BACKOFF_MAX, delay * 2)
+        c.restart_at = now + delay
+        log.warning("%s restarts in %.0f s", c.name, delay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     set_child_env()
     from dyn_actor.transport import ipc_endpoint, make_run_dir
 
-    stop_flag = {"stop": False}
+    signals = {"count": 0}
 
     def on_signal(signum, _frame) -> None:
-        stop_flag["stop"] = True
+        signals["count"] += 1
+        if signals["count"] == 1:
+            log.info("%s: draining (up to %.0f s; again to stop at once)", signal.Signals(signum).name,
+                     cfg.drain_timeout)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    stopping = lambda: signals["count"] > 0  # noqa: E731
     ctx = mp.get_context("spawn")
     run_dir = make_run_dir()
     children: list[Child] = []
@@ -107,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
         log.info("starting topology %s for %s; run directory %s", cfg.topology, cfg.model, run_dir)
 
-        def spawn(role: str, index: int, target, args) -> None:
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=target, args=(*args, child), name=f"dyn-actor {role} {index}")
-            p.start()
-            children.append(Child(f"{role} {index}", p, parent))
+        def spawn(role: str, index: int, target, args) -> Child:
+            c = Child(role, index, target, args, ctx)
+            c.spawn()
+            children.append(c)
+            return c
 
         queue_ep = None
         if n_prefill:
@@ -123,34 +226,28 @@ def main(argv: list[str] | None = None) -> int:
                 if role != "prefill":
                     endpoints[f"{role}-{i}"] = ep
                 spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep))
-        err = _wait_ready(children, cfg.ready_timeout, lambda: stop_flag["stop"])
+        err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None:
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=frontend_entry, args=(cd, endpoints, queue_ep, child), name="dyn-actor frontend 0")
-            p.start()
-            children.append(Child("frontend", p, parent))
-            err = _wait_ready(children, cfg.ready_timeout, lambda: stop_flag["stop"])
+            frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep))
+            err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is not None:
-            if not stop_flag["stop"]:
+            if not stopping():
                 print(f"error: {err}", file=sys.stderr)
                 code = 1
             return code
-        url = children[-1].detail  # type: ignore[attr-defined]
-        print(f"ready: {url}", flush=True)
-        frontend = children[-1]
-        while not stop_flag["stop"]:
-            wait([c.proc.sentinel for c in children if c.proc.is_alive()], timeout=0.5)
-            for c in children:
-                if not c.proc.is_alive() and not c.reported_exit:
-                    c.reported_exit = True
-                    log.error("%s exited unexpectedly (exit code %s)", c.role, c.proc.exitcode)
-            if not frontend.proc.is_alive():
-                print("error: the frontend exited; stopping", file=sys.stderr)
+        print(f"ready: {frontend.detail}", flush=True)
+        supervisor = Supervisor(children, cfg.restart_policy)
+        while not stopping():
+            conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
+            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns, timeout=0.5)
+            reason = supervisor.tick()
+            if reason is not None:
+                print(f"error: {reason}; stopping", file=sys.stderr)
                 code = 1
                 break
         return code
     finally:
-        _shutdown(children)
+        _shutdown(children, cfg.drain_timeout, lambda: signals["count"] > 1)
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
 

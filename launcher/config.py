@@ -42,6 +42,8 @@ class LaunchConfig:
     kv_overlap_weight: float = 4.0
     router_temperature: float = 0.0
     router_busy_threshold: float = 0.95
+    restart_policy: str = "always"
+    drain_timeout: float = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv router: 0 picks the lowest cost; above 0 samples a softmax over the costs")
     ap.add_argument("--router-busy-threshold", type=float, default=0.95,
                     help="kv router: skip workers whose KV usage is above this while others have room")
+    ap.add_argument("--restart-policy", default="always", choices=["always", "never"],
+                    help="restart a worker, prefill worker or the prefill queue that exits unexpectedly "
+                         "(with a back-off, at most 10 times in 10 minutes)")
+    ap.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="on Ctrl-C / SIGTERM: seconds that requests in flight get to finish (new ones get 503)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="compute threads per worker (default: torch's choice, the machine's cores)")
     return ap
@@ -128,6 +135,10 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"--port must be between 0 and 65535, got {cfg.port}")
     if not 1 <= cfg.block_size <= 1024:
         raise ConfigError(f"--block-size must be between 1 and 1024, got {cfg.block_size}")
+    if cfg.drain_timeout < 0:
+        raise ConfigError("--drain-timeout must be >= 0")
+    if cfg.remote_prefill_timeout <= 0:
+        raise ConfigError("--remote-prefill-timeout must be positive")
     if cfg.kv_cache_memory_gb <= 0:
         raise ConfigError("--kv-cache-memory-gb must be positive")
 

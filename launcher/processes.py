@@ -79,7 +79,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         elif role == "prefill":
             from dyn_actor.components.disagg import PrefillWorker
 
-            actor = PrefillWorker(name, engine, queue_endpoint or "")
+            actor = PrefillWorker(name, engine, queue_endpoint or "", endpoint)
         else:
             actor = Worker(name, engine, events_endpoint)
         server = ActorServer(actor, endpoint)
@@ -105,10 +105,10 @@ def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor prefill-queue 0", cfg.log_level)
     from dyn_actor.actor import ActorServer
-    from dyn_actor.components.prefill_queue import PrefillQueue
+    from dyn_actor.components.prefill_queue import PrefillQueue, depth_endpoint
 
     async def main() -> None:
-        server = ActorServer(PrefillQueue(), endpoint)
+        server = ActorServer(PrefillQueue(depth_endpoint(endpoint)), endpoint)
         _stop_on_sigterm(server.stop)
         await server.serve(ready=lambda: conn.send(("ready", "prefill-queue 0")))
 
@@ -127,7 +127,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
 
     async def main() -> None:
         stop = asyncio.Event()
-        _stop_on_sigterm(stop.set)
+        _stop_on_sigterm(stop.set)  # the launcher's SIGTERM: drain, then stop
         try:
             tokenizer = load_tokenizer(cfg.model)
             router = Router(cfg.router, block_size=cfg.block_size, overlap_weight=cfg.kv_overlap_weight,
@@ -160,6 +160,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
 
         poller = asyncio.ensure_future(poll_stats())
         await stop.wait()
+        await frontend.drain(cfg.drain_timeout)
         poller.cancel()
         await feed.close()
         await runner.cleanup()

@@ -87,11 +87,20 @@ def test_worker_killed_mid_stream():
         for _ in range(4):  # new requests all go to the surviving worker
             r = requests.post(server.base_url + "/completions", json={"prompt": "ok", "max_tokens": 3}, timeout=30)
             assert r.status_code == 200
-        assert requests.get(server.url + "/health").json()["workers"] == 1
-        assert _metric_values(server.url, "dyn_worker_up") == [0.0, 1.0]
+        # the launcher restarts it; once it answers, the frontend routes to it again
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and requests.get(server.url + "/health").json().get("workers") != 2:
+            time.sleep(0.2)
+        assert _metric_values(server.url, "dyn_worker_up") == [1.0, 1.0]
+        assert server.pids()["worker 0"] != pids["worker 0"]
+        before = _decisions(server).get("worker-0", 0)
+        for _ in range(4):
+            assert _complete_ok(server)
+        assert _decisions(server).get("worker-0", 0) >= before + 2  # round-robin uses it again
     finally:
         code, err = server.stop()
     assert re.search(r"worker 0 exited unexpectedly \(exit code -9\)", err)
+    assert "restarting worker 0" in err and "worker 0 is back" in err
 
 
 def test_ctrl_c_leaves_nothing_behind():
@@ -167,7 +176,7 @@ def test_api_key():
 
 
 def test_no_worker_left_is_503():
-    server = Server("--workers", "1", "--kv-cache-memory-gb", "0.1")
+    server = Server("--workers", "1", "--kv-cache-memory-gb", "0.1", "--restart-policy", "never")
     try:
         os.kill(server.pids()["worker 0"], signal.SIGKILL)
         deadline = time.monotonic() + 6

@@ -3,8 +3,14 @@ cancellation and heartbeats.
 
 The ref pings the actor every ``heartbeat_interval`` seconds; when no answer
 has come for ``dead_after`` seconds the actor is declared dead: every pending
-``ask`` and open ``stream`` fails at once with ``ActorDeadError`` and
-``on_dead`` callbacks run. Nothing waits forever.
+``ask`` and open ``stream`` fails at once with ``ActorDeadError``, calls fail
+fast, and ``on_dead`` callbacks run. Nothing waits forever.
+
+A ref declared dead keeps knocking: the moment the actor answers again (it was
+only stalled, or a supervisor restarted it at the same endpoint) the ref is
+alive again, cancels on the actor the streams it gave up on, and runs its
+``on_alive`` callbacks. So a stall costs only its own duration. Time during
+which this process's own event loop was stalled is not held against the peer.
 """
 
 from __future__ import annotations
@@ -60,8 +66,12 @@ class ActorRef:
         self._last_seen = time.monotonic()
         self._ever_seen = False
         self._dead: ActorDeadError | None = None
+        self._closed = False
         self._on_dead: list[Callable[[ActorRef], None]] = []
+        self._on_alive: list[Callable[[ActorRef], None]] = []
+        self._orphans: list[int] = []  # streams open when the actor was declared dead: cancelled on revival
         self._tasks: list[asyncio.Task] = []
+        self.deaths = 0  # times declared dead (each followed by a revival, or not)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self, wait_ready: float | None = None) -> ActorRef:
@@ -80,12 +90,22 @@ class ActorRef:
     def on_dead(self, callback: Callable[[ActorRef], None]) -> None:
         self._on_dead.append(callback)
 
+    def on_alive(self, callback: Callable[[ActorRef], None]) -> None:
+        """Run ``callback(ref)`` each time the actor answers again after being declared dead."""
+        self._on_alive.append(callback)
+
     @property
     def alive(self) -> bool:
         return self._dead is None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
+        self._closed = True
         self._declare_dead(ActorDeadError(f"ref to {self.name} closed"), notify=False)
+        self._dead = ActorDeadError(f"ref to {self.name} closed")
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -100,6 +120,14 @@ class ActorRef:
         """Send and forget."""
         self._check()
         await self._sock.send(env.encode(env.Call(next(self._cids), env.TELL, env.raw(msg))))
+
+    async def try_tell(self, msg: msgspec.Struct) -> bool:
+        """``tell`` for a message that is moot once the actor is gone: False instead of an error."""
+        try:
+            await self.tell(msg)
+        except ActorError:
+            return False
+        return True
 
     async def ask(self, msg: msgspec.Struct, reply_type: type[T], timeout: float | None = 10.0) -> T:
         """Send and wait for one reply of ``reply_type``; ``asyncio.TimeoutError`` past ``timeout``."""
@@ -156,6 +184,8 @@ class ActorRef:
             data = await self._sock.recv()
             self._last_seen = time.monotonic()
             self._ever_seen = True
+            if self._dead is not None and not self._closed:
+                await self._revive()
             try:
                 msg = env.decode_envelope(data)
             except msgspec.DecodeError:
@@ -179,26 +209,47 @@ class ActorRef:
                     if msg.end:
                         queue.put_nowait(_END)
 
+    async def _revive(self) -> None:
+        self._dead = None
+        orphans, self._orphans = self._orphans, []
+        for cid in orphans:  # the actor may still be running streams nobody reads: stop them
+            await self._cancel(cid)
+        log.info("actor %s answers again", self.name)
+        for cb in self._on_alive:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("on_alive callback failed")
+
     async def _heartbeat_loop(self) -> None:
         seq = itertools.count()
-        while self._dead is None:
+        while not self._closed:
             try:
-                # a DEALER blocks on send while it has no peer (an inproc actor that stopped): the
-                # ping may not go out, but the liveness check below must still run
+                # a DEALER blocks on send while it has no peer (an inproc actor that stopped, a
+                # process being restarted): the ping may not go out, but the check below must run
                 await asyncio.wait_for(self._sock.send(env.encode(env.Ping(next(seq)))), self.heartbeat_interval)
             except asyncio.TimeoutError:
                 pass
+            t0 = time.monotonic()
             await asyncio.sleep(self.heartbeat_interval)
-            if time.monotonic() - self._last_seen > self.dead_after:
+            now = time.monotonic()
+            stalled = now - t0 - self.heartbeat_interval
+            if stalled > self.heartbeat_interval:
+                # our own loop was held up (a long handler, a frozen process): the peer's answers may
+                # be waiting unread in the socket, so that time does not count against it
+                self._last_seen += stalled
+            if self._dead is None and now - self._last_seen > self.dead_after:
                 self._declare_dead(ActorDeadError(f"actor {self.name} stopped answering (no heartbeat for {self.dead_after}s)"))
 
     def _declare_dead(self, err: ActorDeadError, notify: bool = True) -> None:
         if self._dead is not None:
             return
         self._dead = err
+        self.deaths += 1
         for fut in self._asks.values():
             if not fut.done():
                 fut.set_exception(err)
+        self._orphans.extend(self._streams)
         for queue in self._streams.values():
             queue.put_nowait(err)
         if notify:

@@ -3,9 +3,18 @@
 An actor declares ``Message`` (a union of the ``msgspec`` struct types it
 accepts, each with a tag) and maps each type to a handler in ``handlers()``.
 A handler for a *tell* returns nothing, for an *ask* returns a struct, for a
-*stream* returns an async iterator of structs. Tells are handled in arrival
-order before the next message is read; asks and streams run as tasks, and a
-stream's task is cancelled when the caller cancels it or goes away.
+*stream* returns an async iterator of structs.
+
+The mailbox never waits on a handler: a tell's handler should be a plain
+function that enqueues work and returns (plain tell handlers run in arrival
+order); a coroutine tell handler, an ask and a stream each run as a task of
+their own, and a stream's task is cancelled when the caller cancels it or goes
+away. So heartbeats, aborts and the next requests are read whatever the
+handlers are doing.
+
+An actor that cannot go on (its engine thread died) calls ``self.stop(error)``:
+the mailbox closes and ``serve`` raises ``error``, so the process exits non-zero
+and its supervisor restarts it.
 
 Lifecycle: ``on_start`` runs before the mailbox opens, ``on_stop`` after it
 closes (always, also after a failure); ``on_failure`` sees an exception a
@@ -29,6 +38,12 @@ log = logging.getLogger(__name__)
 
 class Actor:
     Message: Any = None  # a msgspec struct type or a union of tagged ones
+    _server: ActorServer | None = None
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """Close this actor's mailbox; with ``error``, ``serve`` raises it once the actor has stopped."""
+        if self._server is not None:
+            self._server.stop(error)
 
     def handlers(self) -> dict[type, Callable[[Any], Any]]:
         raise NotImplementedError
@@ -52,10 +67,12 @@ class ActorServer:
         self._sock: RouterSocket | None = None
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
         self._stopped = asyncio.Event()
-        self._peers: set[bytes] = set()
+        self._failure: BaseException | None = None
+        self._tell_tasks: set[asyncio.Task] = set()
 
     async def serve(self, ready: Callable[[], Awaitable[None] | None] | None = None) -> None:
         """Start the actor, open the mailbox, and handle messages until ``stop()``."""
+        self.actor._server = self
         await self.actor.on_start()
         self._sock = RouterSocket(self.endpoint)
         try:
@@ -72,12 +89,16 @@ class ActorServer:
             if reader in done and reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]
         finally:
-            for task in list(self._tasks.values()):
+            for task in [*self._tasks.values(), *self._tell_tasks]:
                 task.cancel()
             self._sock.close()
             await self.actor.on_stop()
+        if self._failure is not None:
+            raise self._failure
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
+        if error is not None and self._failure is None:
+            self._failure = error
         self._stopped.set()
 
     async def _read_loop(self) -> None:
@@ -113,15 +134,26 @@ class ActorServer:
         if call.mode == env.TELL:
             try:
                 r = handler(body)
-                if asyncio.iscoroutine(r):
-                    await r
             except Exception as e:  # a failing tell must not take the mailbox down
                 self.actor.on_failure(body, e)
+                return
+            if asyncio.iscoroutine(r):  # never awaited here: the mailbox goes on reading
+                task = asyncio.ensure_future(self._run_tell(r, body))
+                self._tell_tasks.add(task)
+                task.add_done_callback(self._tell_tasks.discard)
             return
         runner = self._run_ask if call.mode == env.ASK else self._run_stream
         task = asyncio.ensure_future(runner(peer, call.cid, handler, body))
         self._tasks[(peer, call.cid)] = task
         task.add_done_callback(lambda _t, k=(peer, call.cid): self._tasks.pop(k, None))
+
+    async def _run_tell(self, coro, body) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.actor.on_failure(body, e)
 
     async def _run_ask(self, peer: bytes, cid: int, handler, body) -> None:
         try:

@@ -27,13 +27,18 @@ class Push(msgspec.Struct, tag="push"):
 
 
 class Pull(msgspec.Struct, tag="pull"):
-    """Ask for the next request; answered with ``Pulled`` (``request`` None after ``wait`` seconds)."""
+    """Ask for the next request; answered with ``Pulled`` (``request`` None after ``wait`` seconds).
+    ``puller`` / ``puller_endpoint`` name the prefill worker, so that a later ``Drop`` of a request
+    it took can be passed on to it as ``CancelPrefill``."""
 
     wait: float = 1.0
+    puller: str = ""
+    puller_endpoint: str = ""
 
 
 class Drop(msgspec.Struct, tag="drop"):
-    """Forget a queued request (aborted, or its decode worker is gone)."""
+    """Forget a request (timed out, aborted): removed if still queued, else the prefill worker that
+    pulled it is told to cancel it."""
 
     request_id: str
 
@@ -50,7 +55,28 @@ class Pulled(msgspec.Struct):
 
 
 class QueueDepth(msgspec.Struct):
+    """The queue's depth: the answer to ``Depth``, and what the queue publishes on every change."""
+
     depth: int
+
+
+# ------------------------------------------------------------- to a prefill worker
+
+
+class CancelPrefill(msgspec.Struct, tag="cancel_prefill"):
+    """Stop computing this request (its decode worker no longer wants it); a tell."""
+
+    request_id: str
+
+
+class WriteStatus(msgspec.Struct, tag="write_status"):
+    """Is a write into the decode worker's blocks of this request possible still? (an ask)"""
+
+    request_id: str
+
+
+class WriteState(msgspec.Struct):
+    active: bool  # granted and not yet finished: the blocks may still change
 
 
 # ------------------------------------------------------------- to a decode worker
@@ -66,8 +92,28 @@ class RemotePrefillDone(msgspec.Struct, tag="prefill_done"):
 
 
 class RemotePrefillFailed(msgspec.Struct, tag="prefill_failed"):
+    """The prefill worker will not write this request's blocks (it failed, or was not granted)."""
+
     request_id: str
     reason: str
+
+
+class BeginWrite(msgspec.Struct, tag="begin_write"):
+    """Asked by a prefill worker before it writes a request's blocks; answered with ``WriteGrant``.
+
+    The fence against stale writes: a decode worker grants a request's blocks to one writer, only
+    while it still waits for them. Once it has given up on a remote prefill it refuses, so nothing
+    is written into blocks that may have been reused; if it gives up after granting, it keeps the
+    blocks out of circulation until the writer is known to be done (or its process is gone)."""
+
+    request_id: str
+    writer: str
+    writer_endpoint: str
+    writer_pid: int
+
+
+class WriteGrant(msgspec.Struct):
+    ok: bool
 
 
 class SetDisaggPolicy(msgspec.Struct, tag="set_policy"):

@@ -25,6 +25,7 @@ from dyn_actor.components.kv_events import KvEventFeed
 from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
+    InfoRequest,
     OutputBatch,
     StatsRequest,
     Subscribe,
@@ -53,6 +54,9 @@ from dyn_actor.router import NoWorkerAvailable, Route, Router, WorkerEntry
 log = logging.getLogger(__name__)
 
 
+_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
 class WorkerClient:
     """The frontend's side of one worker: one ``Subscribe`` stream of per-step ``OutputBatch``es,
     demultiplexed into a queue per request."""
@@ -65,6 +69,8 @@ class WorkerClient:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
+        """Open (or, after the worker came back, reopen) the output stream."""
+        self._dead = None
         self._task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
@@ -80,7 +86,8 @@ class WorkerClient:
         except ActorError as e:
             err = ActorDeadError(f"{self.name}: {e}")
         self._dead = err
-        for q in self._queues.values():
+        queues, self._queues = self._queues, {}
+        for q in queues.values():  # those requests are lost with the stream: each ends with the error
             q.put_nowait(err)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -100,7 +107,7 @@ class WorkerClient:
                     raise item
                 if item.error is not None:
                     finished = True
-                    raise ActorError(item.error, "ValueError")
+                    raise ActorError(item.error, item.error_type)
                 yield item.delta
                 if item.delta.finished:
                     finished = True
@@ -164,6 +171,10 @@ class FrontendMetrics:
         self.running = r.gauge("dyn_worker_requests_running", "Requests running on the worker", ("worker",))
         self.waiting = r.gauge("dyn_worker_requests_waiting", "Requests waiting on the worker", ("worker",))
         self.preemptions = r.gauge("dyn_worker_preemptions", "Preemptions so far", ("worker",))
+        self.remote_timeouts = r.gauge("dyn_worker_remote_prefill_timeouts_total",
+                                       "Remote prefills a decode worker gave up on at the deadline", ("worker",))
+        self.fenced = r.gauge("dyn_worker_kv_blocks_fenced",
+                              "KV blocks held back while a late remote-prefill write may still land", ("worker",))
         self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
         self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))
 
@@ -179,7 +190,22 @@ class Frontend:
         self.metrics = FrontendMetrics()
         self.created = int(time.time())
         self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
         self.prefill_queue: ActorRef | None = None  # disaggregated topologies
+
+    async def drain(self, timeout: float) -> bool:
+        """Take no new requests (503) and wait up to ``timeout`` s for those in flight to finish.
+        False if some were still running at the deadline."""
+        self.draining = True
+        log.info("draining: %d requests in flight", self._in_flight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout (%.0fs): %d requests still in flight are cut off", timeout, self._in_flight)
+            return False
+        return True
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -218,6 +244,8 @@ class Frontend:
         if self.api_key and request.path.startswith("/v1/"):
             if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
                 return error_response("invalid or missing API key", 401, "authentication_error", "invalid_api_key")
+        if self.draining and request.method == "POST" and request.path in _GENERATION_ROUTES:
+            return error_response("the server is shutting down", 503, "service_unavailable", "shutting_down")
         try:
             return await handler(request)
         except RequestError as e:
@@ -314,6 +342,7 @@ class Frontend:
         self.metrics.decisions.inc(1, entry.name)
         self.metrics.predicted_overlap.inc(route.overlap_blocks * self.router.block_size, entry.name)
         self._in_flight += 1
+        self._idle.clear()
         self.metrics.in_flight.set(self._in_flight)
         stream = TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
                             params.skip_special_tokens)
@@ -367,6 +396,8 @@ class Frontend:
         finally:
             self.router.end(route)
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.requests.inc(1, outcome)
             if outcome == "success":
@@ -553,6 +584,8 @@ class Frontend:
             "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}]})
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
         live = self.router.live_workers()
         if not live:
             return web.json_response({"status": "unavailable", "workers": 0}, status=503)
@@ -570,6 +603,8 @@ class Frontend:
             m.running.set(s.requests_running, w)
             m.waiting.set(s.requests_waiting, w)
             m.preemptions.set(s.num_preemptions, w)
+            m.remote_timeouts.set(s.remote_prefill_timeouts, w)
+            m.fenced.set(s.kv_blocks_fenced, w)
             m.step_seconds.set(s.step_seconds_total, w)
             m.steps.set(s.steps_total, w)
 
@@ -644,9 +679,9 @@ async def connect_workers(endpoints: dict[str, str], router: Router, wait: float
     """Open refs to every worker, register them with the router (and their KV-event streams with
     ``feed``), return the first worker's info.
 
-    A worker whose heartbeat lapses is routed around at once. It may only have been starved
-    (an overloaded machine) rather than dead, so the frontend keeps knocking, every
-    ``rejoin_interval`` seconds; a worker that answers again is connected afresh and routed to.
+    A worker whose heartbeat lapses is routed around at once. It may only have been stalled, or
+    its supervisor restarts it at the same endpoint: its ref keeps knocking, and a worker that
+    answers again is asked who it is, subscribed to afresh and routed to.
     """
     info = None
     for name, ep in endpoints.items():
@@ -658,8 +693,6 @@ async def connect_workers(endpoints: dict[str, str], router: Router, wait: float
 
 async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed | None, rejoin_interval: float,
                           wait: float) -> WorkerInfo:
-    from dyn_actor.components.messages import InfoRequest
-
     ref = await ActorRef(ep, name).start(wait_ready=wait)
     try:
         i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
@@ -667,28 +700,31 @@ async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed 
         await ref.close()
         raise
     client = WorkerClient(name, ref)
-    client.start()
-    router.add_worker(name, client)
-    router.check_block_size(name, i.block_size)
-    if feed is not None and i.kv_events_endpoint:
-        feed.add(name, i.kv_events_endpoint, ref)
 
-    def on_dead(dead: ActorRef) -> None:
+    def join(info: WorkerInfo) -> None:
+        client.start()
+        router.add_worker(name, client)
+        router.check_block_size(name, info.block_size)
+        if feed is not None and info.kv_events_endpoint:
+            feed.add(name, info.kv_events_endpoint, ref)
+
+    def on_dead(_ref: ActorRef) -> None:
         router.remove_worker(name)
+        if feed is not None:
+            feed.remove(name)
         log.error("worker %s stopped answering; routing around it", name)
-        asyncio.ensure_future(dead.close())  # its socket and reader go; a rejoin opens new ones
-        asyncio.ensure_future(_rejoin(name, ep, router, feed, rejoin_interval))
+
+    async def rejoin() -> None:
+        # the worker answers again (it was stalled, or restarted at the same endpoint): it may be a
+        # new process, so ask who it is before routing to it
+        try:
+            info = await ref.ask(InfoRequest(), WorkerInfo, timeout=max(rejoin_interval, 5.0))
+        except (ActorError, asyncio.TimeoutError):
+            return  # dead again: the next revival tries again
+        log.warning("worker %s answers again; routing to it", name)
+        join(info)
 
     ref.on_dead(on_dead)
+    ref.on_alive(lambda _ref: asyncio.ensure_future(rejoin()))
+    join(i)
     return i
-
-
-async def _rejoin(name: str, ep: str, router: Router, feed: KvEventFeed | None, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await _connect_worker(name, ep, router, feed, interval, wait=interval)
-        except (ActorError, asyncio.TimeoutError):
-            continue
-        log.warning("worker %s answers again; routing to it", name)
-        return

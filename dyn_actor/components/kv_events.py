@@ -36,9 +36,10 @@ class KvEventFeed:
         self._watchdog = asyncio.ensure_future(self._watch())
 
     def add(self, worker: str, endpoint: str, ref: ActorRef) -> None:
+        """Follow ``worker``'s KV events (again, after ``remove``: a worker that came back)."""
+        self.remove(worker)
         sock = self._socks[worker] = SubSocket(endpoint)
         self._tasks[worker] = asyncio.ensure_future(self._read(worker, sock, ref))
-        ref.on_dead(lambda _r: self.remove(worker))
 
     def remove(self, worker: str) -> None:
         task = self._tasks.pop(worker, None)

@@ -62,6 +62,7 @@ class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     request_id: str
     delta: TokenDelta | None = None
     error: str | None = None  # the engine refused the request (bad input): it never started
+    error_type: str = "ValueError"  # ValueError: the client's input; anything else: the server's fault
 
 
 class OutputBatch(msgspec.Struct, array_like=True):
@@ -81,6 +82,8 @@ class WorkerStats(msgspec.Struct):
     num_preemptions: int
     step_seconds_total: float
     steps_total: int
+    remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
+    kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
 
 
 class WorkerInfo(msgspec.Struct):

@@ -2,8 +2,11 @@
 
 A pull waits (up to its ``wait``) for work, so an idle prefill worker gets a
 request the moment one is pushed, and a busy one is never handed anything.
-The queue watches (by heartbeat) every decode worker that pushed to it; when
-one dies, its queued requests are dropped: nobody would read their KV.
+The queue publishes its depth on every change (and twice a second, so that a
+silent queue is noticed), so decode workers never ask for it per request. It
+watches (by heartbeat) every decode worker that pushed to it; when one dies,
+its queued requests are dropped: nobody would read their KV. A ``Drop`` of a
+request already pulled is passed on to the prefill worker that took it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import asyncio
 import logging
 from collections import OrderedDict
 
+import msgspec
+
 from dyn_actor.actor import Actor, ActorRef
 from dyn_actor.components.disagg_messages import (
+    CancelPrefill,
     Depth,
     Drop,
     PrefillQueueMessage,
@@ -23,49 +29,95 @@ from dyn_actor.components.disagg_messages import (
     QueueDepth,
     RemotePrefillRequest,
 )
+from dyn_actor.transport import PubSocket
 
 log = logging.getLogger(__name__)
+
+PUBLISH_INTERVAL = 0.5
+PULLED_REMEMBERED = 4096  # pulled request ids kept, to pass a late Drop on to the puller
 
 
 class PrefillQueue(Actor):
     Message = PrefillQueueMessage
 
-    def __init__(self) -> None:
+    def __init__(self, depth_endpoint: str | None = None) -> None:
         self._items: OrderedDict[str, RemotePrefillRequest] = OrderedDict()
         self._arrived = asyncio.Event()
         self._decoders: dict[str, ActorRef] = {}  # endpoint -> heartbeat watch of a decode worker
+        self._pulled: OrderedDict[str, tuple[str, str]] = OrderedDict()  # request id -> (puller, endpoint)
+        self._pullers: dict[str, ActorRef] = {}
+        self._depth_endpoint = depth_endpoint
+        self._pub: PubSocket | None = None
+        self._publisher: asyncio.Task | None = None
+        self._changed = asyncio.Event()
         self.dropped = 0
 
     def handlers(self):
         return {Push: self.push, Pull: self.pull, Drop: self.drop, Depth: self.depth}
 
+    async def on_start(self) -> None:
+        if self._depth_endpoint:
+            self._pub = PubSocket(self._depth_endpoint)
+            self._publisher = asyncio.ensure_future(self._publish())
+
     async def on_stop(self) -> None:
-        refs, self._decoders = list(self._decoders.values()), {}
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self._pub is not None:
+            self._pub.close()
+        refs = [*self._decoders.values(), *self._pullers.values()]
+        self._decoders, self._pullers = {}, {}
         for ref in refs:
             await ref.close()
 
-    async def push(self, m: Push) -> None:
+    async def _publish(self) -> None:
+        assert self._pub is not None
+        while True:
+            await self._pub.send(msgspec.msgpack.encode(QueueDepth(len(self._items))))
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), PUBLISH_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+
+    def _set_changed(self) -> None:
+        self._changed.set()
+
+    def push(self, m: Push) -> None:
         r = m.request
         ref = self._decoders.get(r.decode_endpoint)
         if ref is None:
-            ref = self._decoders[r.decode_endpoint] = await ActorRef(r.decode_endpoint, r.decode_worker).start()
+            ref = self._decoders[r.decode_endpoint] = ActorRef(r.decode_endpoint, r.decode_worker)
             ref.on_dead(self._decoder_died)
+            asyncio.ensure_future(ref.start())
         elif not ref.alive:
-            return  # from a decode worker already known dead
+            return  # from a decode worker not answering now: it takes its queued work back itself
         self._items[r.request_id] = r
         self._arrived.set()
+        self._set_changed()
 
     def _decoder_died(self, ref: ActorRef) -> None:
-        if self._decoders.get(ref.endpoint) is ref:
-            del self._decoders[ref.endpoint]  # a restarted worker at the same endpoint gets a new watch
         gone = [rid for rid, r in self._items.items() if r.decode_endpoint == ref.endpoint]
         for rid in gone:
             del self._items[rid]
         self.dropped += len(gone)
-        log.warning("decode worker %s is gone: dropped its %d queued prefills", ref.name, len(gone))
+        self._set_changed()
+        if gone:
+            log.warning("decode worker %s stopped answering: dropped its %d queued prefills", ref.name, len(gone))
 
     def drop(self, m: Drop) -> None:
-        self._items.pop(m.request_id, None)
+        if self._items.pop(m.request_id, None) is not None:
+            self._set_changed()
+            return
+        puller = self._pulled.pop(m.request_id, None)
+        if puller is None:
+            return
+        name, endpoint = puller
+        ref = self._pullers.get(endpoint)
+        if ref is None:
+            ref = self._pullers[endpoint] = ActorRef(endpoint, name)
+            asyncio.ensure_future(ref.start())
+        asyncio.ensure_future(ref.try_tell(CancelPrefill(m.request_id)))
 
     def depth(self, m: Depth) -> QueueDepth:
         return QueueDepth(len(self._items))
@@ -82,5 +134,17 @@ class PrefillQueue(Actor):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 return Pulled(None)
-        _, req = self._items.popitem(last=False)
+        rid, req = self._items.popitem(last=False)
+        self._set_changed()
+        if m.puller_endpoint:
+            self._pulled[rid] = (m.puller, m.puller_endpoint)
+            while len(self._pulled) > PULLED_REMEMBERED:
+                self._pulled.popitem(last=False)
         return Pulled(req)
+
+
+def depth_endpoint(queue_endpoint: str) -> str:
+    """Where the prefill queue at ``queue_endpoint`` publishes its depth."""
+    if queue_endpoint.startswith("ipc://"):
+        return queue_endpoint.removesuffix(".sock") + "-depth.sock"
+    return queue_endpoint + "-depth"

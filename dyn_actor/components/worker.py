@@ -43,11 +43,14 @@ class EngineThread:
     """Runs ``engine.step()`` in a loop on its own thread; other threads submit commands."""
 
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, on_outputs: Callable[[list[RequestOutput]], None],
-                 on_kv_events: Callable[[int, list[KvEvent]], None] | None = None):
+                 on_kv_events: Callable[[int, list[KvEvent]], None] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         self.engine = engine
         self._loop = loop
         self._on_outputs = on_outputs
         self._on_kv_events = on_kv_events
+        self._on_fatal = on_fatal
+        self.dead: BaseException | None = None
         self.kv_seq = 0  # KV event batches handed out so far (engine thread only)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -65,8 +68,12 @@ class EngineThread:
         self._thread.join(timeout=5)
 
     def submit(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
-        """Run ``fn(engine)`` on the engine thread before its next step; await the result."""
+        """Run ``fn(engine)`` on the engine thread before its next step; await the result. Every
+        command pending at a step boundary runs there, so a burst is admitted at one step."""
         fut = self._loop.create_future()
+        if self.dead is not None:
+            fut.set_exception(RuntimeError(f"the engine thread died: {self.dead}"))
+            return fut
         self._cmds.put((fn, fut))
         self._wake.set()
         return fut
@@ -80,6 +87,15 @@ class EngineThread:
             fut.set_result(result)
 
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        except BaseException as e:  # noqa: BLE001 - whatever killed the thread, the worker must not linger
+            log.critical("engine thread died: %s: %s", type(e).__name__, e, exc_info=e)
+            self.dead = e
+            if self._on_fatal is not None:
+                self._loop.call_soon_threadsafe(self._on_fatal, e)
+
+    def _loop_steps(self) -> None:
         engine = self.engine
         while not self._stop:
             self._wake.clear()
@@ -96,11 +112,7 @@ class EngineThread:
             self._drain_kv_events()
             if engine.has_work():
                 t0 = time.perf_counter()
-                try:
-                    outputs = engine.step()
-                except Exception:
-                    log.exception("engine step failed")
-                    raise
+                outputs = engine.step()
                 self.step_seconds += time.perf_counter() - t0
                 self.steps += 1
                 if outputs:
@@ -162,8 +174,12 @@ class Worker(Actor):
             on_kv = self._queue_kv_events
             self._pub_tasks = [asyncio.ensure_future(self._send_publications()),
                                asyncio.ensure_future(self._publish_load())]
-        self._thread = EngineThread(self.engine, asyncio.get_running_loop(), self._dispatch, on_kv)
+        self._thread = EngineThread(self.engine, asyncio.get_running_loop(), self._dispatch, on_kv, self._engine_died)
         self._thread.start()
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """Nothing can be served without the engine: stop, so the process exits and is restarted."""
+        self.stop(RuntimeError(f"{self.name}: the engine thread died ({type(exc).__name__}: {exc})"))
 
     async def on_stop(self) -> None:
         if self._thread is not None:
@@ -233,22 +249,34 @@ class Worker(Actor):
                 for rid in list(self._live):
                     self._abort(rid)
 
-    async def generate(self, m: GenerateRequest) -> None:
+    def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None
         rid = m.request_id
         self._live.add(rid)
-        try:
-            await self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params))
-        except ValueError as e:
-            self._live.discard(rid)
-            self._publish([RequestDelta(rid, error=str(e))])
+        self._admit(rid, self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params)))
+
+    def _admit(self, rid: str, fut: asyncio.Future, then: Callable[[Any], None] | None = None) -> None:
+        """When the engine thread has taken request ``rid`` (``fut``): report a refusal to the
+        subscribers as the request's error, or hand the result to ``then``. Never waits."""
+
+        def done(f: asyncio.Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                self._live.discard(rid)
+                if not isinstance(exc, ValueError):
+                    log.error("admitting %s failed: %s: %s", rid, type(exc).__name__, exc)
+                self._publish([RequestDelta(rid, error=str(exc))])
+            elif then is not None:
+                then(f.result())
+
+        fut.add_done_callback(done)
 
     def _abort(self, rid: str) -> None:
         assert self._thread is not None
         self._live.discard(rid)
         self._thread.submit(lambda e: e.abort_request(rid))
 
-    async def abort(self, m: AbortRequest) -> None:
+    def abort(self, m: AbortRequest) -> None:
         self._abort(m.request_id)
 
     def stats(self, m: StatsRequest) -> WorkerStats:

@@ -34,6 +34,7 @@ from dyn_actor.kv.events import KvEvent
 from dyn_actor.kv.pool import KvLayout, KvPool
 
 GiB = 1 << 30
+_FENCE = "\x00fence:"  # owner name of fenced blocks (no request id from a client can start with NUL)
 log = logging.getLogger(__name__)
 
 
@@ -139,6 +140,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished, blocks kept until release_blocks
+        self._fenced: dict[str, int] = {}  # request id -> blocks held back from a remote prefill that may still write
         self._prompt_tokens = 0
         self._hit_tokens = 0
         self._generated = 0
@@ -264,6 +266,34 @@ class LLMEngine:
             return False
         self.scheduler.fallback_to_local(req)
         return True
+
+    def fence_remote_blocks(self, request_id: str, restart: bool = True) -> int:
+        """A remote prefill was given up while its writer may still be writing: take the request's
+        blocks out of circulation (until ``release_fence``) and, with ``restart``, compute the prompt
+        here in fresh blocks; without it the request ends. Returns the blocks fenced."""
+        n = self.block_manager.transfer(request_id, _FENCE + request_id)
+        self._fenced[request_id] = n
+        req = self.requests.get(request_id)
+        if req is not None and req.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+            if restart:
+                req.num_computed_tokens = 0
+                self.scheduler.fallback_to_local(req)  # it owns no blocks now: admitted afresh
+            else:
+                self.requests.pop(request_id)
+                req.finish_reason = "abort"
+                self.scheduler.finish(req, free_blocks=False)
+        return n
+
+    def release_fence(self, request_id: str) -> bool:
+        """No write can land in the fenced blocks of ``request_id`` any more: free them."""
+        if self._fenced.pop(request_id, None) is None:
+            return False
+        self.block_manager.free(_FENCE + request_id)
+        return True
+
+    @property
+    def num_fenced_blocks(self) -> int:
+        return sum(self._fenced.values())
 
     def remote_request_ids(self) -> list[str]:
         return list(self.scheduler.remote)

@@ -261,6 +261,18 @@ class BlockManager:
                 block.block_hash = None
                 block.token_ids = None
 
+    def transfer(self, request_id: str, new_owner: str) -> int:
+        """Hand every block of ``request_id`` to ``new_owner`` (not yet an owner); returns the count."""
+        if new_owner in self._req_blocks:
+            raise ValueError(f"{new_owner!r} already owns blocks")
+        owned = self._req_blocks.pop(request_id, None)
+        hashes = self._req_hashes.pop(request_id, None)
+        if owned is None:
+            return 0
+        self._req_blocks[new_owner] = owned
+        self._req_hashes[new_owner] = hashes or []
+        return len(owned)
+
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for an unknown request)."""
         owned = self._req_blocks.pop(request_id, None)
