@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import time
 
@@ -37,6 +38,12 @@ class Sleep(msgspec.Struct, tag="sleep"):
     seconds: float
 
 
+class Hold(msgspec.Struct, tag="hold"):
+    """A tell whose handler is busy (awaiting) for ``seconds``."""
+
+    seconds: float
+
+
 class Int(msgspec.Struct):
     value: int
 
@@ -50,7 +57,7 @@ class NoteList(msgspec.Struct):
 
 
 class Calc(Actor):
-    Message = Add | Count | Note | Boom | Sleep | Notes
+    Message = Add | Count | Note | Boom | Sleep | Notes | Hold
 
     def __init__(self) -> None:
         self.notes: list[str] = []
@@ -58,7 +65,10 @@ class Calc(Actor):
 
     def handlers(self):
         return {Add: self.add, Count: self.count, Note: self.note, Boom: self.boom, Sleep: self.sleep,
-                Notes: lambda _m: NoteList(self.notes)}
+                Notes: lambda _m: NoteList(self.notes), Hold: self.hold}
+
+    async def hold(self, m: Hold) -> None:
+        await asyncio.sleep(m.seconds)
 
     def add(self, m: Add) -> Int:
         return Int(m.a + m.b)
@@ -168,4 +178,91 @@ def test_across_processes_and_dead_peer_fails_pending_calls(tmp_path):
         proc.join(5)
         import shutil
 
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _spawn_calc(endpoint: str) -> mp.Process:
+    proc = mp.get_context("spawn").Process(target=_serve_in_child, args=(endpoint,), daemon=True)
+    proc.start()
+    return proc
+
+
+def test_a_handler_busy_for_10s_does_not_get_its_actor_declared_dead():
+    """Handlers never hold up the mailbox: heartbeats, asks and tells go on while a tell's handler
+    and an ask's handler are both busy for 10 s."""
+    run_dir = make_run_dir()
+    endpoint = ipc_endpoint(run_dir, "calc")
+    proc = _spawn_calc(endpoint)
+
+    async def body():
+        ref = await ActorRef(endpoint, "calc", dead_after=2.0).start(wait_ready=30)
+        await ref.tell(Hold(10.0))
+        slow = asyncio.ensure_future(ref.ask(Sleep(10.0), Int, timeout=30))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10.5:
+            assert ref.alive
+            assert (await ref.ask(Add(1, 2), Int, timeout=1.0)).value == 3  # answered at once meanwhile
+            await ref.tell(Note("x"))
+            await asyncio.sleep(0.5)
+        assert (await slow).value == 0 and ref.deaths == 0
+        await ref.close()
+
+    try:
+        asyncio.run(body())
+    finally:
+        proc.kill()
+        proc.join(5)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_ref_reconnects_after_a_stall_and_after_a_restart():
+    """A peer frozen past ``dead_after`` is declared dead, then alive again when it answers; one
+    restarted at the same endpoint is too."""
+    run_dir = make_run_dir()
+    endpoint = ipc_endpoint(run_dir, "calc")
+    proc = _spawn_calc(endpoint)
+
+    async def body():
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=0.1, dead_after=1.0).start(wait_ready=30)
+        events: list[str] = []
+        ref.on_dead(lambda r: events.append("dead"))
+        ref.on_alive(lambda r: events.append("alive"))
+        stream = ref.stream(Count(10**6, delay=0.05), Int)
+        assert (await stream.__anext__()).value == 0
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.0)
+            assert events == ["dead"] and not ref.alive
+            with pytest.raises(ActorDeadError):
+                async for _ in stream:
+                    pass
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        t0 = time.monotonic()
+        while not ref.alive and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.05)
+        assert events == ["dead", "alive"] and time.monotonic() - t0 < 1.0  # costs only the stall
+        assert (await ref.ask(Add(2, 2), Int)).value == 4
+        # a restart at the same endpoint: the same ref resumes
+        proc.kill()
+        proc.join(5)
+        await asyncio.sleep(1.5)
+        assert events == ["dead", "alive", "dead"]
+        new = _spawn_calc(endpoint)
+        try:
+            t0 = time.monotonic()
+            while not ref.alive and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.05)
+            assert events == ["dead", "alive", "dead", "alive"]
+            assert (await ref.ask(Add(3, 4), Int)).value == 7
+        finally:
+            await ref.close()
+            new.kill()
+            new.join(5)
+
+    try:
+        asyncio.run(body())
+    finally:
+        proc.kill()
+        proc.join(5)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -71,3 +71,35 @@ def test_leaving_early_aborts_and_bad_input_is_an_error():
         assert e.value.error_type == "ValueError"
 
     asyncio.run(_with_worker("w-abort", body))
+
+
+def test_a_burst_of_32_requests_is_admitted_at_one_engine_step():
+    """The mailbox does not wait for the engine thread: requests sent together reach the engine at
+    one step boundary, so all 32 get their first token in the same step."""
+    from dyn_actor.components.messages import GenerateRequest, OutputBatch, Subscribe
+
+    async def body(client: WorkerClient, engine: LLMEngine):
+        ref = client.ref
+        steps: list[set[str]] = []  # request ids that got their first token, per output batch
+        seen: set[str] = set()
+        done = asyncio.Event()
+        ids = [f"burst-{i}" for i in range(32)]
+
+        async def watch():
+            async for batch in ref.stream(Subscribe(), OutputBatch):
+                firsts = {it.request_id for it in batch.items if it.request_id not in seen}
+                if firsts:
+                    seen.update(firsts)
+                    steps.append(firsts)
+                if seen >= set(ids):
+                    done.set()
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0.2)
+        for i, rid in enumerate(ids):
+            await ref.tell(GenerateRequest(rid, [0, 5 + i, 6, 7], SamplingParams(max_tokens=2, temperature=0)))
+        await asyncio.wait_for(done.wait(), 30)
+        watcher.cancel()
+        assert len(steps) == 1, [len(s) for s in steps]
+
+    asyncio.run(_with_worker("w-burst", body))

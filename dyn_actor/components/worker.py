@@ -37,6 +37,7 @@ from dyn_actor.kv.events import KvEvent, KvEventBatch, KvSnapshot, WorkerLoad
 from dyn_actor.transport import PubSocket
 
 log = logging.getLogger(__name__)
+BURST_WINDOW = 0.005  # seconds an idle engine thread waits for the rest of a burst of commands
 
 
 class EngineThread:
@@ -118,8 +119,20 @@ class EngineThread:
                 if outputs:
                     self._loop.call_soon_threadsafe(self._on_outputs, outputs)
                 self._drain_kv_events()
-            else:
-                self._wake.wait(timeout=0.5)
+            elif self._wake.wait(timeout=0.5):
+                self._settle_burst()
+
+    def _settle_burst(self) -> None:
+        """Woken from idle by a command: let the rest of a burst land (a few ms at most), so requests
+        that arrive together are admitted at one step rather than the first one alone."""
+        deadline = time.monotonic() + BURST_WINDOW
+        n = self._cmds.qsize()
+        while time.monotonic() < deadline:
+            time.sleep(BURST_WINDOW / 10)
+            m = self._cmds.qsize()
+            if m == n:
+                return
+            n = m
 
     def _drain_kv_events(self) -> None:
         """Hand the block manager's new events to the publisher as one numbered batch (engine thread)."""
