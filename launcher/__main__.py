@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import sys
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    wake_r, wake_w = os.pipe()  # a signal wakes the supervision loop at once, not at its next tick
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
     stopping = lambda: signals["count"] > 0  # noqa: E731
     ctx = mp.get_context("spawn")
     run_dir = make_run_dir()
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(children, cfg.restart_policy)
         while not stopping():
             conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
-            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns, timeout=0.5)
+            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r], timeout=0.5)
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class Server:
             [sys.executable, "-m", "launcher", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        # read the log as it comes: a long test must not fill the pipe and block the launcher
+        self._log: list[str] = []
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         line = ""
         while time.monotonic() < deadline:
@@ -35,12 +40,21 @@ class Server:
             if line.startswith("ready: "):
                 break
             if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}")
+                self._reader.join(timeout=10)
+                raise RuntimeError(f"launcher exited ({self.proc.returncode}): {self.log()[-2000:]}")
         else:
             self.stop()
             raise RuntimeError("launcher did not become ready")
         self.url = line.split("ready: ", 1)[1].strip()
         self.base_url = self.url + "/v1"
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self._log.append(line)
+
+    def log(self) -> str:
+        """What the launcher and its processes logged so far."""
+        return "".join(self._log)
 
     def pids(self) -> dict[str, int]:
         """Role -> pid of the processes this launcher started (by their process titles)."""
@@ -57,8 +71,10 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        self._reader.join(timeout=10)
+        self.proc.stdout.close()
+        return self.proc.returncode, self.log()

@@ -32,6 +32,7 @@ from dyn_actor.components.disagg_messages import (
     CancelPrefill,
     DisaggPolicyState,
     Drop,
+    PrefillLost,
     Pull,
     Pulled,
     Push,
@@ -96,7 +97,7 @@ class RemotePrefill:
 
 
 class DecodeWorker(Worker):
-    Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed | SetDisaggPolicy | BeginWrite
+    Message = WorkerMessage | RemotePrefillDone | RemotePrefillFailed | SetDisaggPolicy | BeginWrite | PrefillLost
 
     def __init__(self, name: str, engine: LLMEngine, endpoint: str, queue_endpoint: str, policy: DisaggPolicy,
                  events_endpoint: str | None = None) -> None:
@@ -121,6 +122,7 @@ class DecodeWorker(Worker):
         h[RemotePrefillFailed] = self.remote_failed
         h[SetDisaggPolicy] = self.set_policy
         h[BeginWrite] = self.begin_write
+        h[PrefillLost] = self.prefill_lost
         return h
 
     def set_policy(self, m: SetDisaggPolicy) -> DisaggPolicyState:
@@ -296,6 +298,11 @@ class DecodeWorker(Worker):
                 self._dispatch([out], remote={rid: (m.kv_bytes, seconds)})
 
         fut.add_done_callback(resumed)
+
+    def prefill_lost(self, m: PrefillLost) -> None:
+        entry = self._remote.get(m.request_id)
+        if entry is not None and entry.writer is None:  # granted: the fence decides, not the queue
+            self._give_up(m.request_id, "was lost with its prefill worker")
 
     def remote_failed(self, m: RemotePrefillFailed) -> None:
         entry = self._remote.get(m.request_id)
@@ -485,14 +492,18 @@ class PrefillWorker(Worker):
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
 
+        imported: list[int] = []
+
         def start(e: LLMEngine) -> None:
             # the decode worker's already computed blocks are read, not recomputed: copied into this
             # engine's prefix cache (those it lacks), so the request below computes only the rest
-            e.import_prefix(r.prompt_token_ids, k, lambda idx: pool.read_blocks([r.block_ids[i] for i in idx]))
+            imported.extend(e.import_prefix(r.prompt_token_ids, k,
+                                            lambda idx: pool.read_blocks([r.block_ids[i] for i in idx])))
             e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True)
 
         running = self._running.setdefault(r.decode_endpoint, set())
         running.add(r.request_id)
+        granted = False
         try:
             await self._thread.submit(start)
             out: RequestOutput = await fut
@@ -500,7 +511,8 @@ class PrefillWorker(Worker):
             try:
                 grant = await decoder.ask(BeginWrite(r.request_id, self.name, self.endpoint, os.getpid()), WriteGrant,
                                           timeout=5.0)
-                if not grant.ok:
+                granted = grant.ok
+                if not granted:
                     log.info("decode worker %s no longer waits for %s: nothing written", r.decode_worker,
                              r.request_id)
                     return None
@@ -517,7 +529,15 @@ class PrefillWorker(Worker):
         finally:
             self._waiting.pop(rid, None)
             running.discard(r.request_id)
-            self._thread.submit(lambda e: e.abort_request(rid))  # frees the blocks, whichever state they are in
+
+            def end(e: LLMEngine) -> None:
+                e.abort_request(rid)  # frees the blocks, whichever state they are in
+                if imported and not granted:
+                    # the decode worker did not vouch that it held those blocks all along: what was
+                    # read from them may belong to another request by now, so it is not kept
+                    e.discard_prefix(imported)
+
+            self._thread.submit(end)
         self.prefills_done += 1
         lp = out.logprobs[0] if out.logprobs else None
         return RemotePrefillDone(r.request_id, out.new_token_ids[0], lp, nbytes)

@@ -98,6 +98,13 @@ class RemotePrefillFailed(msgspec.Struct, tag="prefill_failed"):
     reason: str
 
 
+class PrefillLost(msgspec.Struct, tag="prefill_lost"):
+    """From the queue: the prefill worker that pulled this request stopped answering. The decode
+    worker takes the request back unless that worker was already granted the blocks."""
+
+    request_id: str
+
+
 class BeginWrite(msgspec.Struct, tag="begin_write"):
     """Asked by a prefill worker before it writes a request's blocks; answered with ``WriteGrant``.
 

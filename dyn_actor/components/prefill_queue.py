@@ -5,8 +5,11 @@ request the moment one is pushed, and a busy one is never handed anything.
 The queue publishes its depth on every change (and twice a second, so that a
 silent queue is noticed), so decode workers never ask for it per request. It
 watches (by heartbeat) every decode worker that pushed to it; when one dies,
-its queued requests are dropped: nobody would read their KV. A ``Drop`` of a
-request already pulled is passed on to the prefill worker that took it.
+its queued requests are dropped: nobody would read their KV. It watches every
+prefill worker that pulled from it too: a ``Drop`` of a request already pulled
+is passed on to the prefill worker that took it, and when that worker stops
+answering, the decode workers are told (``PrefillLost``) at once rather than at
+their deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dyn_actor.components.disagg_messages import (
     CancelPrefill,
     Depth,
     Drop,
+    PrefillLost,
     PrefillQueueMessage,
     Pull,
     Pulled,
@@ -44,7 +48,7 @@ class PrefillQueue(Actor):
         self._items: OrderedDict[str, RemotePrefillRequest] = OrderedDict()
         self._arrived = asyncio.Event()
         self._decoders: dict[str, ActorRef] = {}  # endpoint -> heartbeat watch of a decode worker
-        self._pulled: OrderedDict[str, tuple[str, str]] = OrderedDict()  # request id -> (puller, endpoint)
+        self._pulled: OrderedDict[str, tuple[str, RemotePrefillRequest]] = OrderedDict()  # id -> (puller endpoint, request)
         self._pullers: dict[str, ActorRef] = {}
         self._depth_endpoint = depth_endpoint
         self._pub: PubSocket | None = None
@@ -109,15 +113,26 @@ class PrefillQueue(Actor):
         if self._items.pop(m.request_id, None) is not None:
             self._set_changed()
             return
-        puller = self._pulled.pop(m.request_id, None)
-        if puller is None:
+        pulled = self._pulled.pop(m.request_id, None)
+        if pulled is not None and pulled[0] in self._pullers:
+            asyncio.ensure_future(self._pullers[pulled[0]].try_tell(CancelPrefill(m.request_id)))
+
+    def _watch_puller(self, name: str, endpoint: str) -> None:
+        if endpoint in self._pullers:
             return
-        name, endpoint = puller
-        ref = self._pullers.get(endpoint)
-        if ref is None:
-            ref = self._pullers[endpoint] = ActorRef(endpoint, name)
-            asyncio.ensure_future(ref.start())
-        asyncio.ensure_future(ref.try_tell(CancelPrefill(m.request_id)))
+        ref = self._pullers[endpoint] = ActorRef(endpoint, name)
+        ref.on_dead(self._puller_died)
+        asyncio.ensure_future(ref.start())
+
+    def _puller_died(self, ref: ActorRef) -> None:
+        lost = [(rid, r) for rid, (ep, r) in self._pulled.items() if ep == ref.endpoint]
+        for rid, r in lost:
+            del self._pulled[rid]
+            decoder = self._decoders.get(r.decode_endpoint)
+            if decoder is not None:
+                asyncio.ensure_future(decoder.try_tell(PrefillLost(rid)))
+        log.warning("prefill worker %s stopped answering: %d requests it pulled go back to their decode workers",
+                    ref.name, len(lost))
 
     def depth(self, m: Depth) -> QueueDepth:
         return QueueDepth(len(self._items))
@@ -137,7 +152,8 @@ class PrefillQueue(Actor):
         rid, req = self._items.popitem(last=False)
         self._set_changed()
         if m.puller_endpoint:
-            self._pulled[rid] = (m.puller, m.puller_endpoint)
+            self._watch_puller(m.puller, m.puller_endpoint)
+            self._pulled[rid] = (m.puller_endpoint, req)
             while len(self._pulled) > PULLED_REMEMBERED:
                 self._pulled.popitem(last=False)
         return Pulled(req)

@@ -221,22 +221,27 @@ class LLMEngine:
 
     def import_prefix(
         self, token_ids: list[int], num_blocks: int, read_blocks: Callable[[list[int]], torch.Tensor]
-    ) -> int:
+    ) -> list[int]:
         """Put KV computed elsewhere for the first ``num_blocks`` full blocks of ``token_ids`` into
         this engine's prefix cache, so a request for that prompt computes only the rest.
 
         ``read_blocks(indices)`` returns the KV of those prompt blocks (``[n, *block_shape]``); it is
-        called only for blocks not cached here already. Returns how many blocks were copied in.
+        called only for blocks not cached here already. Returns the ids of the blocks copied in (for
+        ``discard_prefix`` if what was read turns out not to be trustworthy).
         """
         todo = self.block_manager.import_cached_blocks(token_ids, num_blocks)
+        ids = [b for _, b in todo]
         if todo:
-            ids = [b for _, b in todo]
             try:
                 self.pool.write_blocks(ids, read_blocks([i for i, _ in todo]))
             except BaseException:
                 self.block_manager.discard_cached(ids)  # never leave unwritten blocks in the cache
                 raise
-        return len(todo)
+        return ids
+
+    def discard_prefix(self, block_ids: list[int]) -> None:
+        """Forget blocks put in the prefix cache by ``import_prefix`` (those no request holds now)."""
+        self.block_manager.discard_cached(block_ids)
 
     def allocate_remote_prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
