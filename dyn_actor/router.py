@@ -171,13 +171,6 @@ class Router:
                 f"active {w.active_blocks} cost {costs[w.name]:g}" for w in candidates))
         return Route(self.workers[name], prompt_blocks, overlaps.get(name, 0))
 
-    def cached_tokens(self, route: Route) -> int | None:
-        """The prompt tokens the index says the chosen worker has cached; None when the index cannot
-        know (not kv mode, or the worker's event stream is not live)."""
-        if self.mode != "kv" or route.entry.kv.state != "live":
-            return None
-        return route.overlap_blocks * self.block_size
-
     def begin(self, route: Route) -> None:
         e = route.entry
         e.in_flight += 1

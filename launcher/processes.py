@@ -71,13 +71,14 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     async def main() -> None:
         name = f"{role}-{index}"
         if role == "decode":
-            from dyn_actor.components.disagg import DecodeWorker, DisaggPolicy
+            from dyn_actor.components.decode_worker import DecodeWorker
+            from dyn_actor.components.disagg import DisaggPolicy
 
             actor: Worker = DecodeWorker(name, engine, endpoint, queue_endpoint or "", DisaggPolicy(
                 cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout),
                 events_endpoint=events_endpoint)
         elif role == "prefill":
-            from dyn_actor.components.disagg import PrefillWorker
+            from dyn_actor.components.prefill_worker import PrefillWorker
 
             actor = PrefillWorker(name, engine, queue_endpoint or "", endpoint)
         else:

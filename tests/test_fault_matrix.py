@@ -231,6 +231,7 @@ def test_fault(server: Server, fault: str, seconds: float, delay: float):
     if action == "kill":
         assert f"{role} exited unexpectedly (exit code -9)" in server.log()
         assert f"{role} is back" in server.log()
+        assert not [n for n in leftover_segments() if n.startswith(f"dyn-actor-kv-{old}-")]  # removed at once
 
 
 def test_client_disconnect(server: Server):

@@ -19,7 +19,8 @@ import time
 import requests
 
 from dyn_actor.actor import Actor, ActorRef, ActorServer
-from dyn_actor.components.disagg import DecodeWorker, DisaggPolicy
+from dyn_actor.components.decode_worker import DecodeWorker
+from dyn_actor.components.disagg import DisaggPolicy
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     Pull,

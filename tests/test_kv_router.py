@@ -182,16 +182,3 @@ def test_block_size_mismatch_and_silence_are_loud(caplog):
     state = r.state()
     assert state["workers"][0]["errors"] == {"block_size_mismatch": 1}
     assert state["workers"][1]["errors"] == {"no_events": 1}
-
-
-def test_cached_tokens_passed_on_only_when_the_index_can_know():
-    r = _kv_router("a", "b")
-    conv = _prompt(10, 40)
-    r.apply(KvEventBatch("a", 1, BS, [BlockStored(hash_blocks(conv, BS), None, conv, BS)]))
-    route = r.pick(conv + [1, 2])
-    assert route.entry.name == "a" and r.cached_tokens(route) == 40
-    r.workers["a"].kv.state = "resync"  # the index is not trustworthy for it right now
-    assert r.cached_tokens(route) is None
-    rr = Router("round-robin", block_size=BS)
-    rr.add_worker("a", None)
-    assert rr.cached_tokens(rr.pick(conv)) is None

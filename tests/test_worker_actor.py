@@ -103,3 +103,30 @@ def test_a_burst_of_32_requests_is_admitted_at_one_engine_step():
         assert len(steps) == 1, [len(s) for s in steps]
 
     asyncio.run(_with_worker("w-burst", body))
+
+
+def test_a_worker_whose_engine_thread_dies_stops_instead_of_lingering():
+    """The engine thread raising ends the actor: ``serve`` raises, so its process exits (and the
+    launcher restarts it), and the request in flight ends with an error rather than hanging."""
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    engine.step = broken_step
+
+    async def main():
+        endpoint = inproc_endpoint("w-dies")
+        server = ActorServer(Worker("w-dies", engine), endpoint)
+        task = asyncio.ensure_future(server.serve())
+        ref = await ActorRef(endpoint, "w-dies", heartbeat_interval=0.1, dead_after=0.5).start(wait_ready=5)
+        client = WorkerClient("w-dies", ref)
+        client.start()
+        with pytest.raises(ActorError):
+            async for _ in client.generate("r", [0, 5, 6], GREEDY):
+                pass
+        with pytest.raises(RuntimeError, match="engine thread died"):
+            await asyncio.wait_for(task, 5)
+        await ref.close()
+
+    asyncio.run(main())

@@ -90,8 +90,7 @@ class WorkerClient:
         for q in queues.values():  # those requests are lost with the stream: each ends with the error
             q.put_nowait(err)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       cached_tokens: int | None = None) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
         """The request's deltas; leaving early aborts it on the worker."""
         if self._dead is not None:
             raise self._dead
@@ -99,7 +98,7 @@ class WorkerClient:
         self._queues[request_id] = q
         finished = False
         try:
-            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params, cached_tokens))
+            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -350,7 +349,7 @@ class Frontend:
         first = True
         outcome = "abort"
         try:
-            async for d in entry.handle.generate(request_id, prompt_ids, params, self.router.cached_tokens(route)):
+            async for d in entry.handle.generate(request_id, prompt_ids, params):
                 now = time.monotonic()
                 if first:
                     self.router.first_token(route)

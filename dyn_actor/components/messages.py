@@ -15,9 +15,6 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    # leading prompt tokens the KV router found cached on this worker (None: not known); a decode
-    # worker decides local vs remote prefill on it without asking its engine thread first
-    cached_tokens: int | None = None
 
 
 class Subscribe(msgspec.Struct, tag="subscribe"):
