@@ -48,7 +48,8 @@ class PrefillQueue(Actor):
         self._items: OrderedDict[str, RemotePrefillRequest] = OrderedDict()
         self._arrived = asyncio.Event()
         self._decoders: dict[str, ActorRef] = {}  # endpoint -> heartbeat watch of a decode worker
-        self._pulled: OrderedDict[str, tuple[str, RemotePrefillRequest]] = OrderedDict()  # id -> (puller endpoint, request)
+        # request id -> (endpoint of the prefill worker that pulled it, endpoint of its decode worker)
+        self._pulled: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._pullers: dict[str, ActorRef] = {}
         self._depth_endpoint = depth_endpoint
         self._pub: PubSocket | None = None
@@ -125,10 +126,10 @@ class PrefillQueue(Actor):
         asyncio.ensure_future(ref.start())
 
     def _puller_died(self, ref: ActorRef) -> None:
-        lost = [(rid, r) for rid, (ep, r) in self._pulled.items() if ep == ref.endpoint]
-        for rid, r in lost:
+        lost = [(rid, decode_ep) for rid, (ep, decode_ep) in self._pulled.items() if ep == ref.endpoint]
+        for rid, decode_ep in lost:
             del self._pulled[rid]
-            decoder = self._decoders.get(r.decode_endpoint)
+            decoder = self._decoders.get(decode_ep)
             if decoder is not None:
                 asyncio.ensure_future(decoder.try_tell(PrefillLost(rid)))
         log.warning("prefill worker %s stopped answering: %d requests it pulled go back to their decode workers",
@@ -153,7 +154,7 @@ class PrefillQueue(Actor):
         self._set_changed()
         if m.puller_endpoint:
             self._watch_puller(m.puller, m.puller_endpoint)
-            self._pulled[rid] = (m.puller_endpoint, req)
+            self._pulled[rid] = (m.puller_endpoint, req.decode_endpoint)
             while len(self._pulled) > PULLED_REMEMBERED:
                 self._pulled.popitem(last=False)
         return Pulled(req)
