@@ -188,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s launcher %(levelname)s: %(message)s")
     set_child_env()
+    from dyn_actor.components.http_edge import is_loopback
     from dyn_actor.transport import ipc_endpoint, make_run_dir
+
+    if not is_loopback(cfg.host) and not cfg.api_key:
+        print(f"warning: serving on {cfg.host}:{cfg.port} without --api-key: anyone who can reach this port can "
+              "use the server", file=sys.stderr)
 
     signals = {"count": 0}
 

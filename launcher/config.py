@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -44,6 +45,10 @@ class LaunchConfig:
     router_busy_threshold: float = 0.95
     restart_policy: str = "always"
     drain_timeout: float = 30.0
+    api_key_file: str | None = None
+    metrics_require_key: bool = False
+    allowed_hosts: list[str] = field(default_factory=list)
+    max_request_bytes: int = 4 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size per worker, GiB")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics); "
+                         "$DYN_API_KEY or --api-key-file keep it out of the process list")
+    ap.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+    ap.add_argument("--metrics-require-key", action="store_true", help="/metrics needs the API key too")
+    ap.add_argument("--allowed-hosts", type=lambda s: [h.strip() for h in s.split(",") if h.strip()], default=[],
+                    help="comma-separated extra names the Host header may carry ('*': any); by default only "
+                         "names of this server")
+    ap.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                    help="largest request body accepted (default 4 MiB); larger ones get 413 unread")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
@@ -114,8 +128,27 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     ns = ap.parse_args(argv)
     ns.__dict__.pop("config", None)
     cfg = LaunchConfig(**vars(ns))
+    if isinstance(cfg.allowed_hosts, str):  # from a config file
+        cfg.allowed_hosts = [h.strip() for h in cfg.allowed_hosts.split(",") if h.strip()]
+    cfg.api_key = resolve_api_key(cfg.api_key, cfg.api_key_file)
     validate(cfg)
     return cfg
+
+
+def resolve_api_key(flag: str | None, path: str | None) -> str | None:
+    """The key from ``--api-key``, else ``--api-key-file``, else ``$DYN_API_KEY``."""
+    if flag:
+        return flag
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {path}: {e.strerror}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"--api-key-file {path} is empty")
+        return key
+    return os.environ.get("DYN_API_KEY") or None
 
 
 def validate(cfg: LaunchConfig) -> None:
@@ -135,6 +168,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"--port must be between 0 and 65535, got {cfg.port}")
     if not 1 <= cfg.block_size <= 1024:
         raise ConfigError(f"--block-size must be between 1 and 1024, got {cfg.block_size}")
+    if not 1024 <= cfg.max_request_bytes <= 1 << 30:
+        raise ConfigError("--max-request-bytes must be between 1024 and 1073741824")
     if cfg.drain_timeout < 0:
         raise ConfigError("--drain-timeout must be >= 0")
     if cfg.remote_prefill_timeout <= 0:

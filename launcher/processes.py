@@ -122,6 +122,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
     from aiohttp import web
 
     from dyn_actor.components.frontend import Frontend, connect_workers
+    from dyn_actor.components.http_edge import EdgePolicy, answer_parser_errors_in_json
     from dyn_actor.components.kv_events import KvEventFeed
     from dyn_actor.engine.loader import load_tokenizer
     from dyn_actor.router import Router
@@ -136,13 +137,16 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
             feed = KvEventFeed(router)
             feed.start()
             info = await connect_workers(endpoints, router, wait=cfg.ready_timeout, feed=feed)
-            frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, router, info, cfg.api_key)
+            edge = EdgePolicy(cfg.host, cfg.api_key, cfg.metrics_require_key, frozenset(cfg.allowed_hosts),
+                              cfg.max_request_bytes)
+            frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, router, info, edge)
             if queue_endpoint:
                 from dyn_actor.actor import ActorRef
 
                 frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()
+            answer_parser_errors_in_json(runner)
             site = web.TCPSite(runner, cfg.host, cfg.port)
             await site.start()
         except OSError as e:

@@ -10,11 +10,16 @@ from tests.server import Server
 MSGS = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--workers", "1", "--max-model-len", "256", "--kv-cache-memory-gb", "0.1")
+@pytest.fixture(scope="module", params=["agg", "1p1d"])
+def server(request):
+    s = Server("--topology", request.param, "--max-model-len", "256", "--kv-cache-memory-gb", "0.1",
+               "--max-local-prefill-length", "8")
     yield s
     s.stop()
+
+
+BIG = [2**63, 2**64, 10**30, -(2**63) - 1]
+DEEP = b"[" * 10_000 + b"]" * 10_000
 
 
 CASES = [
@@ -50,6 +55,44 @@ CASES = [
     ("completions", {"prompt": "hi", "model": "nope"}, 404),
     ("completions", {"prompt": "hi", "min_tokens": 5, "max_tokens": 2}, 400),
     ("completions", {}, 400),
+    # integers the engine would put in a tensor, at 2**63 and beyond, and negative
+    *[("completions", {"prompt": "hi", field: v}, 400)
+      for field in ("top_k", "seed", "min_tokens", "max_tokens") for v in BIG],
+    *[("completions", {"prompt": "hi", "stop_token_ids": [v]}, 400) for v in BIG],
+    ("completions", {"prompt": "hi", "top_k": -2}, 400),
+    ("completions", {"prompt": "hi", "max_tokens": -(2**63)}, 400),
+    ("completions", {"prompt": [5, 2**63]}, 400),
+    # floats where integers go
+    ("completions", {"prompt": "hi", "max_tokens": 1.5}, 400),
+    ("completions", {"prompt": "hi", "top_k": 2.5}, 400),
+    ("completions", {"prompt": "hi", "n": 1.5}, 400),
+    ("completions", {"prompt": "hi", "seed": 0.5}, 400),
+    # huge counts
+    ("chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 10**9}, 400),
+    ("chat/completions", {"messages": MSGS, "n": 10**9}, 400),
+    ("completions", {"prompt": "hi", "best_of": 10**9}, 400),
+    ("completions", {"prompt": "hi", "stop": ["x"] * 10_000}, 400),
+    ("completions", {"prompt": "hi", "temperature": 1e308}, 400),
+    ("chat/completions", {"messages": MSGS, "model": "m" * 1_000_000}, 400),
+    # malformed bodies
+    ("chat/completions", b'{"messages": ' + DEEP + b"}", 400),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "extra": ' + DEEP + b"}", 400),
+    ("completions", b'{"prompt": ' + DEEP + b"}", 400),
+    ("completions", b'{"prompt": "\xff\xfe"}', 400),
+    ("completions", b'{"prompt": "hi \xff there"}', 400),
+    ("completions", b'{"prompt": "\xed\xa0\x80"}', 400),
+    # features this server does not implement
+    ("chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("chat/completions", {"messages": MSGS, "tool_choice": "auto"}, 400),
+    ("chat/completions", {"messages": MSGS, "functions": [{"name": "f"}]}, 400),
+    ("chat/completions", {"messages": MSGS, "response_format": {"type": "json_object"}}, 400),
+    ("chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {}}}, 400),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, 400),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("chat/completions", {"messages": [{"role": "user"}]}, 400),
+    ("chat/completions", {"messages": MSGS, "stream_options": {"include_usage": True}}, 400),
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400),
 ]
 
 
@@ -60,9 +103,22 @@ def test_bad_request(server, route, body, status):
         r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
     else:
         r = requests.post(url, json=body, timeout=30)
-    assert r.status_code == status, r.text
+    assert r.status_code == status, r.text[:500]
     err = r.json()["error"]
     assert err["message"] and err["type"] and "code" in err
+    assert len(r.content) < 10_000  # nothing of the request echoed back at length
+
+
+def test_unsupported_features_are_named(server):
+    r = requests.post(server.base_url + "/chat/completions", timeout=30,
+                      json={"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = requests.post(server.base_url + "/completions", timeout=30, json={"prompt": "hi", "top_k": 2**63})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    # what is harmless passes: a plain-text response format, tool_choice none
+    r = requests.post(server.base_url + "/chat/completions", timeout=30, json={
+        "messages": MSGS, "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"})
+    assert r.status_code == 200, r.text
 
 
 def test_wrong_method_and_path(server):
@@ -75,7 +131,11 @@ def test_wrong_method_and_path(server):
 def test_still_serving_after_bad_input(server):
     before = server.pids()
     for route, body, _ in CASES:
-        requests.post(f"{server.base_url}/{route}", json=body if isinstance(body, dict) else None, timeout=30)
+        if isinstance(body, bytes):
+            requests.post(f"{server.base_url}/{route}", data=body, headers={"Content-Type": "application/json"},
+                          timeout=30)
+        else:
+            requests.post(f"{server.base_url}/{route}", json=body, timeout=30)
     r = requests.post(server.base_url + "/chat/completions", json={"messages": MSGS, "max_tokens": 5}, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
     assert server.pids() == before  # nothing crashed or restarted

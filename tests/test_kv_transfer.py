@@ -66,3 +66,13 @@ def test_engine_with_shared_pool_generates_the_same_and_cleans_up():
     assert run_all(engine, {"a": (prompt, sp)})["a"][0] == plain
     engine.close()
     assert name not in leftover_segments()
+
+
+def test_a_pool_that_shm_cannot_hold_is_refused_with_the_sizes_and_the_flag():
+    import pytest
+
+    from dyn_actor.kv.transfer import check_shm_room
+
+    with pytest.raises(MemoryError, match=r"MiB free: lower --kv-cache-memory-gb"):
+        check_shm_room(1 << 60)
+    check_shm_room(1 << 20)  # a small one fits

@@ -130,3 +130,24 @@ def test_a_worker_whose_engine_thread_dies_stops_instead_of_lingering():
         await ref.close()
 
     asyncio.run(main())
+
+
+def test_a_failing_step_is_an_error_for_its_requests_and_the_worker_goes_on():
+    async def body(client: WorkerClient, engine: LLMEngine):
+        forward = engine.model.forward
+
+        def broken(*args, **kwargs):
+            engine.model.forward = forward  # fails once
+            raise RuntimeError("device lost")
+
+        engine.model.forward = broken
+        with pytest.raises(ActorError, match="device lost") as e:
+            async for _ in client.generate("doomed", [0, 5, 6], GREEDY):
+                pass
+        assert e.value.error_type == "EngineError"  # the server's fault: a 500, not a 400
+        toks = []
+        async for d in client.generate("next", [0, 5, 6], GREEDY):
+            toks.extend(d.token_ids)
+        assert len(toks) == 12 and engine.block_manager.num_used_blocks == 0
+
+    asyncio.run(_with_worker("w-step-fails", body))

@@ -58,7 +58,7 @@ class TokenDelta(msgspec.Struct, omit_defaults=True):
 class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     request_id: str
     delta: TokenDelta | None = None
-    error: str | None = None  # the engine refused the request (bad input): it never started
+    error: str | None = None  # the request ended with this error (refused as bad input, or its step failed)
     error_type: str = "ValueError"  # ValueError: the client's input; anything else: the server's fault
 
 

@@ -4,7 +4,7 @@ change the result and are not implemented: those are refused with a 400."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -22,6 +22,21 @@ class RequestError(ValueError):
         self.status, self.type, self.code, self.param = status, type, code, param
 
 
+# Bounds of every field, checked while the body is decoded (a 400 naming the field). Integers that
+# end up in a tensor or a generator fit 32 (token ids, counts) or 64 bits (seeds).
+I32 = 2**31 - 1
+Count = Annotated[int, msgspec.Meta(ge=0, le=I32)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=I32)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1 - MAX_N)]  # + the choice index stays in int64
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+StopString = Annotated[str, msgspec.Meta(max_length=1024)]
+MAX_STOP = 64
+NULL = msgspec.Raw(b"null")  # a field given as null, or not given
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGPROBS = 20
+ROLES = ("system", "developer", "user", "assistant")
+
+
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -35,54 +50,66 @@ class TextPart(msgspec.Struct):
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Name | None = None
+    tool_calls: msgspec.Raw = NULL
+    tool_call_id: str | None = None
 
 
 class _Common(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
+    model: Name | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=I32)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] | None = None
+    logit_bias: msgspec.Raw = NULL
+    user: Name | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # features this server does not implement: present (and not null) is a 400 naming them
+    tools: msgspec.Raw = NULL
+    tool_choice: msgspec.Raw = NULL
+    functions: msgspec.Raw = NULL
+    function_call: msgspec.Raw = NULL
+    parallel_tool_calls: msgspec.Raw = NULL
+    response_format: msgspec.Raw = NULL
+    guided_json: msgspec.Raw = NULL
+    guided_regex: msgspec.Raw = NULL
+    guided_choice: msgspec.Raw = NULL
+    guided_grammar: msgspec.Raw = NULL
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1, le=I32)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: str | list[Any]  # text, token ids, or a list of either (checked in prompt_list)
-    logprobs: int | None = None
+    # text, token ids, or a list of either (checked in prompt_list); no deeper nesting is decoded
+    prompt: str | list[TokenId | str | list[TokenId]]
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
-    model: str | None = None
+    model: Name | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
@@ -90,17 +117,73 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
-    tokens: list[int]
-    model: str | None = None
+    tokens: list[TokenId]
+    model: Name | None = None
+
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def check_supported(req: _Common) -> None:
+    """A 400 naming the first feature the request asks for that this server does not implement."""
+    for name in UNSUPPORTED:
+        raw = getattr(req, name)
+        if bytes(raw) == b"null":
+            continue
+        if name == "response_format" and _is_plain_text_format(raw):
+            continue
+        if name == "tool_choice" and bytes(raw) == b'"none"':
+            continue
+        raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _is_plain_text_format(raw: msgspec.Raw) -> bool:
+    try:
+        value = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return value == {"type": "text"}
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """Roles this server can render, each message with text content."""
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            what = "tool messages are" if m.role in ("tool", "function") else f"the role {m.role[:32]!r} is"
+            raise RequestError(f"messages[{i}]: {what} not supported by this server (roles: {', '.join(ROLES)})",
+                               param="messages")
+        if bytes(m.tool_calls) not in (b"null", b"[]"):
+            raise RequestError(f"messages[{i}]: tool_calls are not supported by this server", param="messages")
+        if m.content is None:
+            raise RequestError(f"messages[{i}] has no content", param="messages")
 
 
 def decode_body(body: bytes, kind: type) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
-        raise RequestError(f"invalid request: {e}") from None
+        raise RequestError(f"invalid request: {e}", param=_field_of(e)) from None
     except msgspec.DecodeError as e:
         raise RequestError(f"the body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise RequestError("the body is not valid UTF-8") from None
+    except RecursionError:
+        raise RequestError("the body is nested too deeply") from None
+
+
+def _field_of(e: msgspec.ValidationError) -> str | None:
+    """The top-level field a validation error names (``... - at `$.top_k` ``), for ``param``."""
+    text = str(e)
+    at = text.rfind("`$.")
+    if at < 0:
+        return None
+    name = text[at + 3 :].rstrip("`")
+    for sep in ".[":
+        name = name.split(sep, 1)[0]
+    return name or None
 
 
 def message_text(content: str | list[TextPart] | None) -> str | list[dict[str, str]]:
@@ -123,12 +206,8 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
             raise RequestError(f"{name} is not supported by this server (only 0)", param=name)
     if req.repetition_penalty not in (None, 1, 1.0):
         raise RequestError("repetition_penalty is not supported by this server (only 1)", param="repetition_penalty")
-    if req.logit_bias:
+    if bytes(req.logit_bias).strip() not in (b"null", b"{}"):
         raise RequestError("logit_bias is not supported by this server", param="logit_bias")
-    if not 1 <= req.n <= MAX_N:
-        raise RequestError(f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sp = SamplingParams(
         max_tokens=max_tokens,

@@ -83,8 +83,12 @@ class PrefillWorker(Worker):
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             fut = self._waiting.pop(out.request_id, None)
-            if fut is not None and not fut.done():
+            if fut is None or fut.done():
+                continue
+            if out.error is None:
                 fut.set_result(out)
+            else:
+                fut.set_exception(RuntimeError(out.error))
 
     def _decoder(self, r: RemotePrefillRequest) -> ActorRef | None:
         """The ref to the decode worker of ``r`` (one per endpoint, kept: it reconnects by itself)."""

@@ -128,6 +128,9 @@ class Worker(Actor):
         for out in outputs:
             if out.finished:
                 self._live.discard(out.request_id)
+            if out.error is not None:  # its step failed: the request ended with the error
+                items.append(RequestDelta(out.request_id, error=out.error, error_type="EngineError"))
+                continue
             kv_bytes, seconds = remote.get(out.request_id, (0, 0.0)) if remote else (0, 0.0)
             items.append(RequestDelta(out.request_id, TokenDelta(
                 list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,

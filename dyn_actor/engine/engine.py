@@ -66,6 +66,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     logprobs: list[Logprobs] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # the step that computed this request failed: it ended with this error
 
 
 class RemoteAllocation(msgspec.Struct):
@@ -338,9 +339,15 @@ class LLMEngine:
             return []
         for req in sched.admitted:
             self._count_prompt(req)
-        batch, samplers = self._build_batch(sched.scheduled)
+        try:
+            return self._run(sched.scheduled)
+        except Exception as e:  # noqa: BLE001 - whatever one batch did, the engine goes on
+            return self._fail([r for r, _ in sched.scheduled], e)
+
+    def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
+        batch, samplers = self._build_batch(scheduled)
         logits = self.model.forward(batch, self.pool)
-        for req, n in sched.scheduled:
+        for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         outputs: list[RequestOutput] = []
@@ -349,6 +356,22 @@ class LLMEngine:
             result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers])
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
+        return outputs
+
+    def _fail(self, reqs: list[Request], exc: Exception) -> list[RequestOutput]:
+        """A step raised: end the requests of its batch, each with the error, and free their blocks.
+        The others, and the engine, go on with the next step."""
+        log.error("engine step failed (%s: %s): ending its %d requests", type(exc).__name__, exc, len(reqs),
+                  exc_info=exc)
+        outputs = []
+        for req in reqs:
+            if self.requests.pop(req.request_id, None) is None:
+                continue
+            req.finish_reason = "error"
+            self.scheduler.finish(req)
+            outputs.append(RequestOutput(request_id=req.request_id, new_token_ids=[], finished=True,
+                                         finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                                         num_prompt_tokens=req.num_prompt_tokens))
         return outputs
 
     def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:

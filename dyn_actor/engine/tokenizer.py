@@ -8,6 +8,7 @@ the two places current ``transformers`` writes it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +55,8 @@ class Tokenizer:
         self.special_ids = frozenset(k for k, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._template = None
         self.byte_fallback_ids = _byte_fallback_ids(tokenizer)
+        self._special_texts: tuple[str, ...] | None = None
+        self._plain: tokenizers.Tokenizer | None = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -95,7 +98,9 @@ class Tokenizer:
 
     # ----------------------------------------------------------- (de)tokenize
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode does not): a long text tokenized on
+        # another thread does not stop this process's event loop
+        ids = self._tk.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self._manual_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
         return ids
@@ -131,9 +136,63 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
-        # the template writes the BOS itself when the model wants one
-        return self.encode(text, add_special_tokens=False)
+        """The rendered conversation's token ids. Special tokens come only from the template: text
+        in a message that spells one (a user typing ``</s>``) is tokenized as the text it is."""
+        if not any(self._spells_special(t) for m in messages for t in _texts(m.get("content"))):
+            text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+            # the template writes the BOS itself when the model wants one
+            return self.encode(text, add_special_tokens=False)
+        # render with every message text replaced by a placeholder; then the template's own text is
+        # tokenized with its special tokens, and the messages' text as plain text
+        originals: list[str] = []
+
+        def mark(text: str) -> str:
+            originals.append(text)
+            return f"\ue000{len(originals) - 1}\ue001"
+
+        marked = [{**m, "content": _map_texts(m.get("content"), mark)} for m in messages]
+        rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **extra)
+        ids: list[int] = []
+        for i, piece in enumerate(_PLACEHOLDER.split(rendered)):
+            if i % 2:  # a placeholder's index
+                ids.extend(self._plain_tokenizer().encode_batch([originals[int(piece)]], add_special_tokens=False)[0].ids)
+            elif piece:
+                ids.extend(self._tk.encode_batch([piece], add_special_tokens=False)[0].ids)
+        return ids
+
+    def _spells_special(self, text: str) -> bool:
+        if self._special_texts is None:
+            decoder = self._tk.get_added_tokens_decoder()
+            self._special_texts = tuple(t.content for t in decoder.values() if t.special and t.content)
+        return any(s in text for s in self._special_texts)
+
+    def _plain_tokenizer(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special-token text as plain text."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self._tk.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+
+_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+def _map_texts(content: Any, fn) -> Any:
+    if isinstance(content, str):
+        return fn(content)
+    if isinstance(content, list):
+        return [{**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+                for p in content]
+    return content
 
 
 def _byte_fallback_ids(tk: tokenizers.Tokenizer) -> frozenset[int]:

@@ -54,6 +54,7 @@ class SharedKvPool(KvPool):
     """A ``KvPool`` whose memory is a shared-memory segment this process owns (and removes)."""
 
     def __init__(self, layout: KvLayout) -> None:
+        check_shm_room(layout.nbytes)
         name = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(layout.nbytes, 1))
         data = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=layout.nbytes).view(layout.dtype)
@@ -122,6 +123,22 @@ class RemoteKvPool(RemotePool):
             mm.close()
         except BufferError:  # a view is still alive; the mapping goes when it does
             pass
+
+
+def check_shm_room(nbytes: int, path: str = "/dev/shm") -> None:
+    """Refuse a pool that ``/dev/shm`` cannot hold: the segment would be created, then the process
+    killed by SIGBUS when it first touches the pages that do not fit."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        mib = 1 << 20
+        raise MemoryError(
+            f"the KV pool needs {nbytes / mib:,.0f} MiB of shared memory but {path} has {free / mib:,.0f} MiB free: "
+            f"lower --kv-cache-memory-gb (to at most {free / (1 << 30) * 0.9:.2f}) or give {path} more room "
+            "(in Docker: --shm-size)")
 
 
 def make_shared_pool(layout: KvLayout, device: str | torch.device = "cpu") -> KvPool:
