@@ -130,12 +130,14 @@ def test_a_huge_body_is_refused_unread_and_others_keep_being_served(open_server:
     t0 = time.monotonic()
     r = requests.post(s.base_url + "/completions", data=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    assert time.monotonic() - t0 < 5
+    refused = time.monotonic() - t0
+    assert refused < 5
     # a body just under the limit is read and tokenized off the event loop
     text = "hello world " * (300_000)
     r = requests.post(s.url + "/tokenize", json={"prompt": text}, timeout=60)
     assert r.status_code == 200 and r.json()["count"] > 1_000_000
     other.join()
+    print(f"64 MiB body refused in {refused:.2f}s; others' slowest request meanwhile {max(latencies):.2f}s")
     assert max(latencies) < 1.0, latencies
 
 
@@ -179,4 +181,5 @@ def test_300_clients_leaving_at_once_free_every_block(open_server: Server):
             break
         time.sleep(0.1)
     assert used == 0
+    print(f"300 clients left: every block free {time.monotonic() - t0:.2f}s later")
     assert time.monotonic() - t0 < 2.0, f"blocks freed only after {time.monotonic() - t0:.1f}s"
