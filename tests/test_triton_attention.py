@@ -1,0 +1,113 @@
+"""The Triton paged-attention kernels against a PyTorch reference. Without a GPU they run under
+Triton's interpreter on CPU tensors (small shapes); with one, on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+triton = pytest.importorskip("triton")
+
+from dyn_actor.engine.triton_attention import paged_decode_attention, paged_prefill_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _pool(num_blocks: int, bs: int, nkv: int, d: int, dtype: torch.dtype, layers: int = 2):
+    """K and V of layer 1 of a pool laid out as the engine's: strided [blocks, bs, nkv, d] views."""
+    g = torch.Generator().manual_seed(num_blocks * 131 + bs + nkv * 7 + d)
+    data = torch.randn((num_blocks, layers, 2, bs, nkv, d), generator=g).to(dtype).to(DEVICE)
+    return data[:, 1, 0], data[:, 1, 1]
+
+
+def _tables(lens: list[int], bs: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """Block tables in random order (each sequence's blocks scattered over the pool)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-n // bs) for n in lens)
+    rows, k = [], 0
+    for n in lens:
+        need = -(-n // bs)
+        rows.append(order[k:k + need] + [0] * (width - need))
+        k += need
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+def _gather(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    bs = cache.shape[1]
+    blocks = table_row[: -(-n // bs)].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:n]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
+    """q [m, nh, d], k/v [n, nkv, d] -> [m, nh, d], in float64."""
+    g = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(g, dim=1)
+    v = v.double().repeat_interleave(g, dim=1)
+    s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", s.softmax(-1), v)
+
+
+DECODE = [  # (context lengths, G, num_kv_heads, head_dim, block size, dtype)
+    ([1, 15, 16, 17], 1, 2, 64, 16, torch.float32),
+    ([100, 300, 33], 2, 2, 64, 16, torch.float32),
+    ([300, 7], 4, 2, 128, 16, torch.float32),
+    ([64, 129, 250], 8, 1, 64, 16, torch.float32),
+    ([200, 31], 4, 2, 64, 32, torch.float32),
+    ([1, 77, 300], 2, 2, 64, 16, torch.bfloat16),
+    ([150], 8, 2, 128, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lens,g,nkv,d,bs,dtype", DECODE)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_matches_reference(lens, g, nkv, d, bs, dtype, splits):
+    nh = g * nkv
+    num_blocks = sum(-(-n // bs) for n in lens) + 5
+    kc, vc = _pool(num_blocks, bs, nkv, d, dtype)
+    table = _tables(lens, bs, num_blocks, seed=len(lens) * 10 + g)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn((len(lens), nh, d), generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    got = paged_decode_attention(q, kc, vc, table, ctx, scale, num_splits=splits)
+    for b, n in enumerate(lens):
+        want = _attend(q[b:b + 1], _gather(kc, table[b], n), _gather(vc, table[b], n), scale, None)[0]
+        torch.testing.assert_close(got[b].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+PREFILL = [  # (per sequence (cached prefix, new tokens), G, num_kv_heads, head_dim, block size, dtype)
+    ([(0, 5), (0, 40)], 1, 2, 64, 16, torch.float32),
+    ([(32, 17), (16, 1), (0, 70)], 2, 2, 64, 16, torch.float32),
+    ([(100, 50)], 4, 2, 128, 16, torch.float32),
+    ([(48, 33), (5, 12)], 8, 1, 64, 16, torch.float32),
+    ([(64, 40)], 2, 2, 64, 32, torch.float32),
+    ([(30, 45), (0, 20)], 4, 2, 64, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("seqs,g,nkv,d,bs,dtype", PREFILL)
+def test_prefill_after_a_cached_prefix_matches_reference(seqs, g, nkv, d, bs, dtype):
+    nh = g * nkv
+    totals = [c + n for c, n in seqs]
+    num_blocks = sum(-(-t // bs) for t in totals) + 3
+    kc, vc = _pool(num_blocks, bs, nkv, d, dtype)
+    table = _tables(totals, bs, num_blocks, seed=7 * g + bs)
+    q_lens = [n for _, n in seqs]
+    starts = [sum(q_lens[:i]) for i in range(len(seqs))]
+    q = torch.randn((sum(q_lens), nh, d), generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    scale = d ** -0.5
+    got = paged_prefill_attention(q, kc, vc, table, as_t(starts), as_t(q_lens), as_t([c for c, _ in seqs]), scale,
+                                  max(q_lens), block_m=16)
+    for s, (c, n) in enumerate(seqs):
+        k, v = _gather(kc, table[s], c + n), _gather(vc, table[s], c + n)
+        mask = torch.arange(c + n, device=DEVICE)[None, :] <= (c + torch.arange(n, device=DEVICE))[:, None]
+        want = _attend(q[starts[s]:starts[s] + n], k, v, scale, mask)
+        torch.testing.assert_close(got[starts[s]:starts[s] + n].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
