@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from dyn_actor.engine.loader import LoadedModel, load_model, resolve_dtype
-from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillSeq
+from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.engine.sampling import Logprobs, SamplingParams, sample
@@ -52,6 +52,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     native_ops: bool = True  # the C decode-attention kernel (falls back to PyTorch without a compiler)
+    device: str = "auto"  # auto: the GPU when torch sees one
+    # attention kernels: auto (Triton on a GPU, the C kernel / PyTorch on the CPU), native, torch, or
+    # triton (on the CPU only under Triton's interpreter, to test the GPU path)
+    attention: str = "auto"
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
 
@@ -100,7 +104,13 @@ class LLMEngine:
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
-        self.dtype = resolve_dtype(config.dtype, cfg)
+        self.device = torch.device(resolve_device(config.device))
+        self.dtype = resolve_dtype(config.dtype, cfg, self.device.type)
+        self.attention = config.attention
+        if self.attention == "auto":
+            self.attention = "triton" if self.device.type == "cuda" else "native"
+        if self.attention not in ("native", "torch", "triton"):
+            raise ValueError(f"unknown attention backend {config.attention!r}: use auto, native, torch or triton")
         limit = cfg.max_position_embeddings
         if cfg.sliding_window:
             limit = min(limit, cfg.sliding_window)
@@ -130,10 +140,12 @@ class LLMEngine:
         if config.shared_kv:
             from dyn_actor.kv.transfer import make_shared_pool
 
-            self.pool: KvPool = make_shared_pool(self.layout, "cpu")
+            self.pool: KvPool = make_shared_pool(self.layout, self.device)
         else:
-            self.pool = KvPool(self.layout)
-        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops)
+            self.pool = KvPool(self.layout, self.device)
+        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit,
+                                native_ops=config.native_ops, device=self.device,
+                                attention=self.attention)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_token_threshold),
@@ -414,7 +426,7 @@ class LLMEngine:
             width = max(len(t) for t in tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
             ctx_lens = torch.tensor(ctx, dtype=torch.long)
-            if self.model.native is None:
+            if self.model.native is None and self.attention != "triton":
                 valid = torch.arange(width * bs).unsqueeze(0) < ctx_lens.unsqueeze(1)
                 mask = torch.zeros((nd, 1, 1, width * bs), dtype=self.dtype)
                 mask.masked_fill_(~valid.view(nd, 1, 1, width * bs), float("-inf"))
@@ -440,17 +452,34 @@ class LLMEngine:
                 logits_rows.append(start + n - 1)
                 samplers.append(r)
             start += n
+        meta = None
+        if seqs and self.attention == "triton":
+            width = max(len(p.block_ids) for p in seqs)
+            meta = PrefillMeta(
+                torch.stack([torch.nn.functional.pad(p.block_ids, (0, width - len(p.block_ids))) for p in seqs]),
+                torch.tensor([p.start - nd for p in seqs], dtype=torch.long),
+                torch.tensor([p.length for p in seqs], dtype=torch.long),
+                torch.tensor([p.context_len for p in seqs], dtype=torch.long),
+                max(p.length for p in seqs))
+        dev = self.device
+        to = (lambda t: t) if dev.type == "cpu" else (lambda t: None if t is None else t.to(dev, non_blocking=True))
+        if dev.type != "cpu":  # one host-to-device copy per tensor, the step's metadata only
+            seqs = [PrefillSeq(p.start, p.length, p.context_len, to(p.block_ids), to(p.mask)) for p in seqs]
+            if meta is not None:
+                meta = PrefillMeta(to(meta.block_tables), to(meta.q_starts), to(meta.q_lens), to(meta.ctx_lens),
+                                   meta.max_q_len)
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long),
-            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long),
+            input_ids=to(torch.tensor(ids, dtype=torch.long)),
+            positions=to(torch.tensor(positions, dtype=torch.long)),
+            slot_blocks=to(torch.tensor(slot_blocks, dtype=torch.long)),
+            slot_offsets=to(torch.tensor(slot_offsets, dtype=torch.long)),
             num_decode=nd,
-            decode_block_table=table,
-            decode_ctx_lens=ctx_lens,
-            decode_mask=mask,
+            decode_block_table=to(table),
+            decode_ctx_lens=to(ctx_lens),
+            decode_mask=to(mask),
             prefills=seqs,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+            logits_indices=to(torch.tensor(logits_rows, dtype=torch.long)),
+            prefill_meta=meta,
         )
         return batch, samplers
 

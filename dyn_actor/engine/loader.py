@@ -77,14 +77,29 @@ def _eos_ids(cfg: ModelConfig, tok: Tokenizer, gen_cfg: dict | None) -> tuple[in
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """``auto`` serves float32 checkpoints in float32 and everything else in bfloat16 (fast on CPUs with AMX)."""
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+def resolve_dtype(name: str, cfg: ModelConfig, device: str = "cpu") -> torch.dtype:
+    """``auto``: bfloat16 on a GPU; on the CPU, float32 checkpoints in float32 and everything else in
+    bfloat16 (fast on CPUs with AMX)."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
     if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
         return torch.float32 if cfg.torch_dtype in ("float32", "torch.float32") else torch.bfloat16
     if name not in table:
-        raise ModelLoadError(f"unsupported dtype {name!r}: use auto, float32 or bfloat16")
+        raise ModelLoadError(f"unsupported dtype {name!r}: use auto, float32, bfloat16 or float16")
     return table[name]
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the GPU when torch sees one, else the CPU. Refuses ``cuda`` without one."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda: torch sees no GPU here (a CPU build of torch, or no visible device)")
+    if torch.device(name).type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {name!r}: use auto, cpu or cuda")
+    return name
 
 
 def load_tokenizer(source: str) -> Tokenizer:

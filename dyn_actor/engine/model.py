@@ -41,6 +41,16 @@ class ForwardBatch:
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] additive; PyTorch path only
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # [S] rows whose logits are returned
+    prefill_meta: PrefillMeta | None = None  # the prefills as tensors, for the Triton kernel
+
+
+@dataclass
+class PrefillMeta:
+    block_tables: torch.Tensor  # [P, max_blocks]
+    q_starts: torch.Tensor  # [P] first row of each prefill, counted from the first prefill row
+    q_lens: torch.Tensor  # [P]
+    ctx_lens: torch.Tensor  # [P] tokens already in the pool before the chunk
+    max_q_len: int
 
 
 def d_half(cfg: ModelConfig) -> int:
@@ -79,10 +89,21 @@ class LlamaModel:
         dtype: torch.dtype,
         max_len: int,
         native_ops: bool = True,
+        device: torch.device | str = "cpu",
+        attention: str = "native",
     ):
         self.cfg = cfg
-        self.native = native_lib() if native_ops and dtype in (torch.float32, torch.bfloat16) else None
-        pack = native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
+        self.device = device = torch.device(device)
+        self.attention = attention
+        on_cpu = device.type == "cpu"
+        self.native = None
+        if attention == "native" and on_cpu and native_ops and dtype in (torch.float32, torch.bfloat16):
+            self.native = native_lib()
+        if attention == "triton":
+            from dyn_actor.engine import triton_attention
+
+            self.triton = triton_attention
+        pack = on_cpu and native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
         self.scale = cfg.head_dim**-0.5
         w = {k.removeprefix("model."): v for k, v in weights.items()}
@@ -93,7 +114,7 @@ class LlamaModel:
                 if required:
                     raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
                 return None
-            return t.to(dtype).contiguous()
+            return t.to(device=device, dtype=dtype).contiguous()
 
         self.embed = take("embed_tokens.weight")
         self.norm = take("norm.weight")
@@ -104,7 +125,7 @@ class LlamaModel:
                 pass
             self.lm_head = self.embed
         else:
-            self.lm_head = head.to(dtype).contiguous()
+            self.lm_head = head.to(device=device, dtype=dtype).contiguous()
         if tuple(self.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
             raise ModelLoadError(
                 f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({cfg.vocab_size}, {cfg.hidden_size})"
@@ -137,10 +158,10 @@ class LlamaModel:
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
         # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
         sin = emb.sin()
-        self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(dtype)
+        self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ pieces
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -157,9 +178,19 @@ class LlamaModel:
     def _attention(self, q, k, v, layer: int, pool: KvPool, b: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        out = torch.empty((q.shape[0], nh, d), dtype=q.dtype)
+        out = torch.empty((q.shape[0], nh, d), dtype=q.dtype, device=q.device)
         k_rows, v_rows = pool.k_rows[layer], pool.v_rows[layer]
         nd = b.num_decode
+        if self.attention == "triton":
+            kc, vc = pool.k[layer], pool.v[layer]
+            if nd:
+                self.triton.paged_decode_attention(q[:nd], kc, vc, b.decode_block_table, b.decode_ctx_lens,
+                                                   self.scale, out=out[:nd])
+            m = b.prefill_meta
+            if m is not None:
+                self.triton.paged_prefill_attention(q[nd:], kc, vc, m.block_tables, m.q_starts, m.q_lens, m.ctx_lens,
+                                                    self.scale, m.max_q_len, out=out[nd:])
+            return out.view(q.shape[0], nh * d)
         if nd and self.native is not None:
             out[:nd] = paged_decode_attention(
                 self.native, q[:nd], pool.k[layer], pool.v[layer], b.decode_block_table, b.decode_ctx_lens, self.scale

@@ -126,27 +126,31 @@ def sample(
     if all(greedy):
         tokens = logits.argmax(dim=-1)
     else:
-        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32)
+        dev = logits.device
+        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32,
+                             device=dev)
         x = logits / temps.unsqueeze(1)
         top_k = top_p = None
         if any(p.top_k > 0 and not g for p, g in zip(params, greedy)):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long, device=dev)
         if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
         x = apply_top_k_top_p(x, top_k, top_p)
         if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
-            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=torch.float32))
+            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev))
         probs = x.softmax(dim=-1)
         noise = torch.empty_like(probs)
         unseeded = [i for i in range(n) if generators[i] is None]
         if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1])).exponential_()
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_()
         for i in range(n):
             if generators[i] is not None and not greedy[i]:
-                noise[i].exponential_(generator=generators[i])
+                # a seeded row draws from its own (CPU) generator: the same tokens on every device
+                row = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generators[i])
+                noise[i] = row if dev.type == "cpu" else row.to(dev)
         tokens = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            g_rows = torch.tensor(greedy)
+            g_rows = torch.tensor(greedy, device=dev)
             tokens = torch.where(g_rows, raw.argmax(dim=-1), tokens)
     token_list = tokens.tolist()
     lp: list[Logprobs | None] = [None] * n
