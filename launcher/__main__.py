@@ -26,7 +26,7 @@ import sys
 import time
 from multiprocessing.connection import wait
 
-from launcher.config import ConfigError, parse_args, topology_counts
+from launcher.config import ConfigError, gpu_plan, parse_args, resolve_gpus, topology_counts
 from launcher.processes import config_dict, frontend_entry, queue_main, set_child_env, worker_entry
 
 log = logging.getLogger("launcher")
@@ -87,7 +87,7 @@ def _wait_ready(children: list[Child], timeout: float, stopping) -> str | None:
                 if status == "failed":
                     return detail
                 c.ready, c.detail = True, detail
-                log.info("%s ready (%.1fs)", c.name, time.monotonic() - t0)
+                log.info("%s ready (%.1fs)", detail if " on " in detail else c.name, time.monotonic() - t0)
             elif not c.proc.is_alive():
                 return f"{c.name} exited with code {c.proc.exitcode} before it was ready"
         pending = [c for c in children if not c.ready]
@@ -182,6 +182,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        gpus = resolve_gpus(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -229,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         if n_prefill:
             queue_ep = ipc_endpoint(run_dir, "prefill-queue")
             spawn("prefill-queue", 0, queue_main, (cd, queue_ep))
-        for role, count in (("worker", n_agg), ("decode", n_decode), ("prefill", n_prefill)):
-            for i in range(count):
-                ep = ipc_endpoint(run_dir, f"{role}-{i}")
-                if role != "prefill":
-                    endpoints[f"{role}-{i}"] = ep
-                spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep))
+        engines = [(role, i) for role, count in (("worker", n_agg), ("decode", n_decode), ("prefill", n_prefill))
+                   for i in range(count)]
+        plan = gpu_plan([f"{r} {i}" for r, i in engines], gpus, cfg.gpu_memory_utilization)
+        if gpus:
+            log.info("GPUs %s: %s", ",".join(map(str, gpus)),
+                     ", ".join(f"{name} on GPU {g} ({share:.2f} of it)" for name, (g, share) in plan.items()))
+        for role, i in engines:
+            ep = ipc_endpoint(run_dir, f"{role}-{i}")
+            if role != "prefill":
+                endpoints[f"{role}-{i}"] = ep
+            gpu, share = plan.get(f"{role} {i}", (None, cfg.gpu_memory_utilization))
+            spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share))
         err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None:
             frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep))

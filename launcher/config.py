@@ -31,7 +31,7 @@ class LaunchConfig:
     max_prefill_queue_size: int
     dtype: str
     max_model_len: int | None
-    kv_cache_memory_gb: float
+    kv_cache_memory_gb: float | None
     max_num_seqs: int
     max_num_batched_tokens: int
     api_key: str | None
@@ -45,6 +45,9 @@ class LaunchConfig:
     router_busy_threshold: float = 0.95
     restart_policy: str = "always"
     drain_timeout: float = 30.0
+    device: str = "auto"
+    gpus: list[int] | None = None
+    gpu_memory_utilization: float = 0.9
     api_key_file: str | None = None
     metrics_require_key: bool = False
     allowed_hosts: list[str] = field(default_factory=list)
@@ -68,9 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-local-prefill-length", type=int, default=512)
     ap.add_argument("--max-prefill-queue-size", type=int, default=8)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on a GPU; on the CPU the checkpoint's float32, else bfloat16")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: the GPUs when torch sees any, else the CPU")
+    ap.add_argument("--gpus", type=_gpu_list, default=None,
+                    help="GPUs to use, e.g. 0,1 (default: every visible one); one engine process per GPU, decode and "
+                         "aggregated workers first; more processes than GPUs share cards")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="share of each GPU for the engine processes on it (split between processes sharing a card)")
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size per worker, GiB")
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                    help="KV pool size per worker, GiB (default: 1 on the CPU; on a GPU what the weights and a "
+                         "profiling step leave of --gpu-memory-utilization)")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--api-key", default=None,
@@ -102,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="compute threads per worker (default: torch's choice, the machine's cores)")
     return ap
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus takes GPU indices such as 0,1 (got {text!r})") from None
+    if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"--gpus takes distinct GPU indices such as 0,1 (got {text!r})")
+    return gpus
 
 
 def parse_args(argv: list[str] | None = None) -> LaunchConfig:
@@ -174,8 +197,46 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--drain-timeout must be >= 0")
     if cfg.remote_prefill_timeout <= 0:
         raise ConfigError("--remote-prefill-timeout must be positive")
-    if cfg.kv_cache_memory_gb <= 0:
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+    if cfg.kv_cache_memory_gb is not None and cfg.kv_cache_memory_gb <= 0:
         raise ConfigError("--kv-cache-memory-gb must be positive")
+
+
+def resolve_gpus(cfg: LaunchConfig) -> list[int]:
+    """The GPUs the engine processes run on ([] for the CPU), as indices the children can put in
+    ``CUDA_VISIBLE_DEVICES``. Torch is asked only when the machine has an NVIDIA device at all."""
+    if cfg.device == "cpu":
+        return []
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and cfg.device == "auto":
+        return []
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        if cfg.device == "cuda":
+            raise ConfigError("--device cuda: torch sees no GPU here (a CPU build of torch, or no visible device)")
+        return []
+    gpus = cfg.gpus or list(range(n))
+    bad = [g for g in gpus if g >= n]
+    if bad:
+        raise ConfigError(f"--gpus {','.join(map(str, bad))}: only {n} GPUs are visible")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:  # the children name the cards as the machine does, not as this process sees them
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        return [int(ids[g]) if ids[g].isdigit() else g for g in gpus]
+    return gpus
+
+
+def gpu_plan(engine_processes: list[str], gpus: list[int], utilization: float) -> dict[str, tuple[int, float]]:
+    """Process name -> (GPU, share of its memory): handed out in order (the caller lists decode and
+    aggregated workers first), round-robin when there are more processes than GPUs, each card's
+    ``utilization`` split between the processes on it."""
+    if not gpus:
+        return {}
+    placed = {name: gpus[i % len(gpus)] for i, name in enumerate(engine_processes)}
+    per_card = {g: sum(1 for v in placed.values() if v == g) for g in gpus}
+    return {name: (g, utilization / per_card[g]) for name, g in placed.items()}
 
 
 def topology_counts(topology: str, workers: int) -> tuple[int, int, int]:

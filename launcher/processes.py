@@ -47,8 +47,11 @@ def _stop_on_sigterm(stop) -> None:
 
 
 def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "worker",
-                queue_endpoint: str | None = None) -> None:
-    """An aggregated worker (role ``worker``), a decode worker or a prefill worker."""
+                queue_endpoint: str | None = None, gpu: int | None = None, gpu_share: float = 0.9) -> None:
+    """An aggregated worker (role ``worker``), a decode worker or a prefill worker; on GPU ``gpu``
+    (the only card it sees) with ``gpu_share`` of its memory, when given."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
     cfg = LaunchConfig(**cfg_dict)
     _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
     from dyn_actor.actor import ActorServer
@@ -56,14 +59,17 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     from dyn_actor.engine.engine import EngineConfig, LLMEngine
 
     try:
+        kv = None if cfg.kv_cache_memory_gb is None else int(cfg.kv_cache_memory_gb * (1 << 30))
         engine = LLMEngine(EngineConfig(
             model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, max_model_len=cfg.max_model_len,
-            kv_cache_memory=int(cfg.kv_cache_memory_gb * (1 << 30)), max_num_seqs=cfg.max_num_seqs,
+            kv_cache_memory=kv, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
-            shared_kv=role == "decode"))
+            shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
+            gpu_memory_utilization=gpu_share))
     except Exception as e:
         conn.send(("failed", f"{role} {index}: {e}"))
         sys.exit(1)
+    device = engine.device_name if gpu is None else f"GPU {gpu}, {engine.device_name}"
 
     # KV events (for the kv router) go out next to the actor's own socket: ipc://.../decode-0-kv
     events_endpoint = endpoint + "-kv" if role in ("worker", "decode") and endpoint.startswith("ipc://") else None
@@ -86,7 +92,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         server = ActorServer(actor, endpoint)
         _stop_on_sigterm(server.stop)
         try:
-            await server.serve(ready=lambda: conn.send(("ready", f"{role} {index}")))
+            await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on {device}")))
         finally:
             engine.close()
 
@@ -97,9 +103,10 @@ def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, co
     frontend_main(cd, endpoints, conn, queue_ep)
 
 
-def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, conn) -> None:
+def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, gpu: int | None,
+                 gpu_share: float, conn) -> None:
     """``worker_main`` with the pipe last, as the launcher's spawn helper passes it."""
-    worker_main(index, cd, ep, conn, role, queue_ep)
+    worker_main(index, cd, ep, conn, role, queue_ep, gpu, gpu_share)
 
 
 def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:

@@ -45,7 +45,8 @@ def test_every_route_but_health_and_metrics_needs_the_key(keyed: Server):
         assert r.status_code == 401, route
         r = requests.request(method, keyed.url + route, json=body, headers=GOOD, timeout=30)
         assert r.status_code == 200, (route, r.text)
-    assert requests.get(keyed.url + "/health", timeout=10).status_code == 200
+    health = requests.get(keyed.url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["devices"] == {"decode-0": "cpu"}
     assert requests.get(keyed.url + "/metrics", timeout=10).status_code == 200
     # the key came from a file: it is in no process's command line
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

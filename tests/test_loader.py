@@ -120,3 +120,14 @@ def test_real_checkpoint_tokenizer_and_eos(llama_dir, tmp_path):
     loaded = load_model(str(d))
     assert set(loaded.eos_token_ids) == {1, 7}
     assert loaded.config.architecture == "LlamaForCausalLM"
+
+
+def test_gpu_plan_hands_out_cards_in_order_and_splits_shared_ones():
+    from launcher.config import gpu_plan
+
+    assert gpu_plan(["decode 0", "prefill 0"], [], 0.9) == {}
+    assert gpu_plan(["decode 0", "prefill 0"], [0, 1], 0.9) == {"decode 0": (0, 0.9), "prefill 0": (1, 0.9)}
+    plan = gpu_plan(["decode 0", "prefill 0"], [3], 0.9)  # 1p1d on one card: each gets half of it
+    assert plan == {"decode 0": (3, 0.45), "prefill 0": (3, 0.45)}
+    plan = gpu_plan(["decode 0", "decode 1", "prefill 0"], [0, 1], 0.8)
+    assert plan == {"decode 0": (0, 0.4), "decode 1": (1, 0.8), "prefill 0": (0, 0.4)}

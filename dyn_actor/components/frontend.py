@@ -71,6 +71,7 @@ class WorkerClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._dead: ActorError | None = None
         self._task: asyncio.Task | None = None
+        self.info: WorkerInfo | None = None  # what the worker said it is, at its last (re)join
 
     def start(self) -> None:
         """Open (or, after the worker came back, reopen) the output stream."""
@@ -597,7 +598,8 @@ class Frontend:
         live = self.router.live_workers()
         if not live:
             return web.json_response({"status": "unavailable", "workers": 0}, status=503)
-        return web.json_response({"status": "ok", "workers": len(live)})
+        devices = {e.name: e.handle.info.device for e in live if getattr(e.handle, "info", None) is not None}
+        return web.json_response({"status": "ok", "workers": len(live), "devices": devices})
 
     async def refresh_worker_stats(self, timeout: float = 1.0) -> None:
         async def one(entry: WorkerEntry):
@@ -710,6 +712,7 @@ async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed 
     client = WorkerClient(name, ref)
 
     def join(info: WorkerInfo) -> None:
+        client.info = info
         client.start()
         router.add_worker(name, client)
         router.check_block_size(name, info.block_size)

@@ -91,3 +91,4 @@ class WorkerInfo(msgspec.Struct):
     block_size: int
     eos_token_ids: list[int]
     kv_events_endpoint: str = ""  # where the worker publishes its KV events ("" if it does not)
+    device: str = "cpu"  # where its engine runs: cpu, or cuda (card name)

@@ -43,7 +43,8 @@ class EngineConfig:
     model: str = "builtin:tiny"
     dtype: str = "auto"
     block_size: int = 16
-    kv_cache_memory: int = 1 * GiB  # bytes for the KV pool
+    kv_cache_memory: int | None = 1 * GiB  # bytes for the KV pool; None on a GPU: what profiling leaves free
+    gpu_memory_utilization: float = 0.9  # share of the card this engine may use (weights, activations, KV)
     num_kv_blocks: int | None = None  # overrides kv_cache_memory
     max_model_len: int | None = None
     max_num_seqs: int = 128
@@ -120,12 +121,19 @@ class LLMEngine:
             limit = config.max_model_len
         self.max_model_len = limit
         bs = config.block_size
+        # the model first: on a GPU the KV pool gets what the weights and a full step leave free
+        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops,
+                                device=self.device, attention=self.attention)
         layout = KvLayout(1, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         blocks_per_seq = -(-limit // bs)
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
         else:
-            num_blocks = min(config.kv_cache_memory // layout.block_nbytes, blocks_per_seq * config.max_num_seqs)
+            kv_bytes = config.kv_cache_memory
+            if kv_bytes is None:
+                kv_bytes = self._free_memory_for_kv(config.gpu_memory_utilization) if self.device.type == "cuda" \
+                    else 1 * GiB
+            num_blocks = min(kv_bytes // layout.block_nbytes, blocks_per_seq * config.max_num_seqs)
         if num_blocks < blocks_per_seq:
             if config.max_model_len or num_blocks < 1:
                 raise ModelLoadError(
@@ -143,9 +151,6 @@ class LLMEngine:
             self.pool: KvPool = make_shared_pool(self.layout, self.device)
         else:
             self.pool = KvPool(self.layout, self.device)
-        self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit,
-                                native_ops=config.native_ops, device=self.device,
-                                attention=self.attention)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_token_threshold),
@@ -158,6 +163,41 @@ class LLMEngine:
         self._hit_tokens = 0
         self._generated = 0
         self._preemptions = 0
+
+    @property
+    def device_name(self) -> str:
+        """``cpu``, or ``cuda:N (card name)`` with N as this process sees it."""
+        if self.device.type != "cuda":
+            return "cpu"
+        return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+
+    def _free_memory_for_kv(self, utilization: float) -> int:
+        """Bytes of this GPU the KV pool may take: ``utilization`` of the card, less the weights and
+        the peak of a profiling step at the largest batch of prompt tokens (and never more than is
+        free now: other processes may share the card)."""
+        cfg, bs = self.model_config, self.config.block_size
+        n = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
+        blocks = -(-n // bs)
+        scratch = KvPool(KvLayout(blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype), self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        pos = torch.arange(n, device=self.device)
+        rows = torch.arange(min(n, self.config.max_num_seqs), device=self.device)
+        seq = PrefillSeq(0, n, 0, torch.arange(blocks, device=self.device), None)
+        meta = PrefillMeta(seq.block_ids.unsqueeze(0), *(torch.tensor([v], device=self.device) for v in (0, n, 0)), n)
+        batch = ForwardBatch(torch.zeros(n, dtype=torch.long, device=self.device), pos, pos // bs, pos % bs, 0,
+                             None, None, None, [seq], rows, meta)
+        self.model.forward(batch, scratch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch.layout.nbytes
+        del scratch, batch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * utilization) - peak
+        kv = max(0, min(budget, int(free * 0.95)))
+        log.info("GPU memory: %.1f GiB card, %.2f GiB for weights and a %d-token step, %.2f GiB for the KV cache "
+                 "(utilization %.2f)", total / GiB, peak / GiB, n, kv / GiB, utilization)
+        return kv
 
     # ------------------------------------------------------------- requests
     def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
