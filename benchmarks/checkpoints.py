@@ -13,6 +13,10 @@ from dyn_actor.engine import builtin
 LLAMA_125M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=4, head_dim=64, vocab_size=32000)
 
+# the shape of Llama-3.2-1B (random weights): 16 layers of 2048, 32 heads over 8 KV heads, 128k vocabulary
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+
 
 def _wide_tokenizer(vocab_size: int) -> Tokenizer:
     """The built-in ASCII tokenizer padded with synthetic multi-character tokens to ``vocab_size``."""

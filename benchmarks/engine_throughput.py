@@ -42,7 +42,8 @@ from benchmarks.common import (  # noqa: E402
 
 patch_vllm_version()  # vLLM's spawned processes re-import this module
 
-WORKLOADS = {"short": (64, 128, 128), "long": (8, 1536, 32)}
+WORKLOADS = {"short": (64, 128, 128), "long": (8, 1536, 32),
+             "gpu64": (64, 128, 128), "gpu256": (256, 1024, 128)}  # the GPU issue's two workloads
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -73,12 +74,13 @@ def _timed_passes(generate, vocab: int, workload: tuple[int, int, int]) -> dict:
     }
 
 
-def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int) -> dict:
+def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
+               device: str = "cpu") -> dict:
     from dyn_actor.engine.llm import LLM
     from dyn_actor.engine.sampling import SamplingParams
 
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-              kv_cache_memory=4 << 30, max_model_len=4096)
+              kv_cache_memory=None if device == "cuda" else 4 << 30, max_model_len=4096, device=device)
 
     def generate(prompts, max_tokens):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -87,7 +89,8 @@ def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, 
     return _timed_passes(generate, vocab, workload)
 
 
-def run_vllm(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int) -> dict:
+def run_vllm(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
+             device: str = "cpu") -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     patch_vllm_version()
     from vllm import LLM, SamplingParams
@@ -118,6 +121,10 @@ def prepare_models(names: list[str]) -> dict[str, tuple[str, int]]:
         if not (d / "config.json").is_file():
             save_builtin(d)
         out["tiny"] = (str(d), hf_config()["vocab_size"])
+    if "1b" in names:
+        from benchmarks.checkpoints import LLAMA_1B
+
+        out["1b"] = (str(write_random_llama(ckpt / "llama-1b-random", LLAMA_1B)), LLAMA_1B["vocab_size"])
     if "125m" in names:
         out["125m"] = (str(write_random_llama(ckpt / "llama-125m-random")), LLAMA_125M["vocab_size"])
     return out
@@ -148,7 +155,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,125m")
     ap.add_argument("--workloads", default="short,long")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: e.g. --device cuda --models 1b --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
@@ -168,7 +177,8 @@ def main() -> int:
             wl = WORKLOADS[wname]
             for ename, fn in engines:
                 print(f"running {ename} on {mname}/{wname} ...", flush=True)
-                res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens)
+                res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
+                                   args.device)
                 rows.append({"model": mname, "workload": wname, "engine": ename, **res})
     cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s"]
     print()
@@ -185,7 +195,7 @@ def main() -> int:
     if ratios:
         print("\nnative / vLLM (>1: native is faster)")
         print_table(ratios, ["model", "workload", *cols[3:]])
-    meta = {"dtype": args.dtype, "threads": __import__("torch").get_num_threads(), "cpus": os.cpu_count()}
+    meta = {"dtype": args.dtype, "device": args.device, "threads": __import__("torch").get_num_threads(), "cpus": os.cpu_count()}
     out = write_json("engine_throughput.json", {"meta": meta, "rows": rows, "ratios": ratios})
     png = RESULTS / "engine_throughput.png"
     plot(rows, png)
