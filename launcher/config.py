@@ -48,6 +48,7 @@ class LaunchConfig:
     device: str = "auto"
     gpus: list[int] | None = None
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
     api_key_file: str | None = None
     metrics_require_key: bool = False
     allowed_hosts: list[str] = field(default_factory=list)
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=_gpu_list, default=None,
                     help="GPUs to use, e.g. 0,1 (default: every visible one); one engine process per GPU, decode and "
                          "aggregated workers first; more processes than GPUs share cards")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="share of each GPU for the engine processes on it (split between processes sharing a card)")
     ap.add_argument("--max-model-len", type=int, default=None)

@@ -65,7 +65,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
             kv_cache_memory=kv, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
             shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
-            gpu_memory_utilization=gpu_share))
+            gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto"))
     except Exception as e:
         conn.send(("failed", f"{role} {index}: {e}"))
         sys.exit(1)

@@ -57,6 +57,9 @@ class EngineConfig:
     # attention kernels: auto (Triton on a GPU, the C kernel / PyTorch on the CPU), native, torch, or
     # triton (on the CPU only under Triton's interpreter, to test the GPU path)
     attention: str = "auto"
+    # decode steps from CUDA graphs: auto (on a GPU), off (--enforce-eager), on (on the CPU: the same
+    # bucketing and padding replayed eagerly, for tests)
+    cuda_graphs: str = "auto"
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
 
@@ -144,7 +147,9 @@ class LLMEngine:
             limit = num_blocks * bs
             log.warning("KV cache fits %d tokens: max_model_len lowered to that", limit)
             self.max_model_len = limit
-        self.layout = KvLayout(num_blocks, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda")
+        # with graphs, one more block than the block manager hands out: the padding rows' scratch
+        self.layout = KvLayout(num_blocks + graphs, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if config.shared_kv:
             from dyn_actor.kv.transfer import make_shared_pool
 
@@ -156,6 +161,13 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_token_threshold),
             self.block_manager,
         )
+        self.graphs = None
+        if graphs:
+            from dyn_actor.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.pool, config.max_num_seqs, blocks_per_seq,
+                                       scratch_block=num_blocks)
+            self.graphs.capture()
         self.requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished, blocks kept until release_blocks
         self._fenced: dict[str, int] = {}  # request id -> blocks held back from a remote prefill that may still write
@@ -398,7 +410,10 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
         batch, samplers = self._build_batch(scheduled)
-        logits = self.model.forward(batch, self.pool)
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.model.forward(batch, self.pool)
         for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)

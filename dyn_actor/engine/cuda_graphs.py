@@ -1,0 +1,109 @@
+"""Decode steps replayed from CUDA graphs captured at bucketed batch sizes.
+
+A decode-only step (one token per sequence, no prefill) costs a few milliseconds of kernel
+launches in eager mode on a GPU, more than the kernels themselves for a small model. Captured
+once per batch-size bucket at start-up, the step is one graph launch. The graph reads its inputs
+from static buffers: a step of ``n`` sequences copies its metadata into the first ``n`` rows of
+the bucket ``b >= n`` and pads the rest with rows that read and write only a scratch KV block
+that no request ever owns. The attention kernels' grids depend only on the bucket and the block
+table's width (``max_blocks``, fixed), never on the contexts, which is what makes them capturable.
+
+On the CPU (for tests) the same runner "replays" by running the forward pass on the static
+buffers: the bucketing, padding and copying are the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from dyn_actor.engine.model import ForwardBatch, LlamaModel
+from dyn_actor.kv.pool import KvPool
+
+log = logging.getLogger(__name__)
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 64 and of 16 beyond, up to ``max_batch`` (at most 512)."""
+    top = max(1, min(max_batch, 512))
+    sizes = {1, 2, 4, 8, *range(16, 65, 8), *range(80, 513, 16)}
+    out = sorted(s for s in sizes if s < top)
+    return [*out, top]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, pool: KvPool, max_batch: int, max_blocks: int, scratch_block: int) -> None:
+        self.model, self.pool = model, pool
+        self.buckets = graph_buckets(max_batch)
+        self.max_batch, self.max_blocks, self.scratch = self.buckets[-1], max_blocks, scratch_block
+        dev = pool.device
+        n = self.max_batch
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot_blocks = torch.full((n,), scratch_block, dtype=torch.long, device=dev)
+        self.slot_offsets = torch.zeros(n, dtype=torch.long, device=dev)
+        self.table = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=dev)
+        self.ctx = torch.ones(n, dtype=torch.long, device=dev)
+        self.rows = torch.arange(n, device=dev)
+        self._replays: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
+        self._mempool = None
+
+    def _static(self, b: int) -> ForwardBatch:
+        return ForwardBatch(self.ids[:b], self.positions[:b], self.slot_blocks[:b], self.slot_offsets[:b], b,
+                            self.table[:b], self.ctx[:b], None, [], self.rows[:b])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, the largest first (the smaller ones reuse its memory pool)."""
+        if self.pool.device.type != "cuda":
+            for b in self.buckets:
+                out = torch.empty(0)
+
+                def replay(b: int = b) -> None:
+                    self._replays[b] = (self._replays[b][0], self.model.forward(self._static(b), self.pool))
+
+                self._replays[b] = (replay, out)
+            return
+        self._mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks its kernels) outside the capture
+                self.model.forward(self._static(self.max_batch), self.pool)
+        torch.cuda.current_stream().wait_stream(stream)
+        for b in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                out = self.model.forward(self._static(b), self.pool)
+            self._replays[b] = (graph.replay, out)
+        torch.cuda.synchronize()
+        log.info("captured decode graphs for batch sizes %s", ",".join(map(str, self.buckets)))
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        return (not batch.prefills and batch.num_decode > 0 and batch.num_decode <= self.max_batch
+                and batch.decode_block_table is not None and batch.decode_block_table.shape[1] <= self.max_blocks)
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """The step's logits for ``batch.logits_indices``, from the smallest bucket that holds it."""
+        n = batch.num_decode
+        b = next(s for s in self.buckets if s >= n)
+        w = batch.decode_block_table.shape[1]
+        self.ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_blocks[:n].copy_(batch.slot_blocks, non_blocking=True)
+        self.slot_offsets[:n].copy_(batch.slot_offsets, non_blocking=True)
+        self.table[:n, :w].copy_(batch.decode_block_table, non_blocking=True)
+        self.ctx[:n].copy_(batch.decode_ctx_lens, non_blocking=True)
+        if b > n:  # padding rows: one token of context, in the scratch block
+            self.ids[n:b].zero_()
+            self.positions[n:b].zero_()
+            self.slot_blocks[n:b].fill_(self.scratch)
+            self.slot_offsets[n:b].zero_()
+            self.table[n:b, 0].fill_(self.scratch)
+            self.ctx[n:b].fill_(1)
+        replay, _ = self._replays[b]
+        replay()
+        return self._replays[b][1][batch.logits_indices]
