@@ -187,14 +187,24 @@ def _spawn_calc(endpoint: str) -> mp.Process:
     return proc
 
 
-def test_a_handler_busy_for_10s_does_not_get_its_actor_declared_dead():
-    """Handlers never hold up the mailbox: heartbeats, asks and tells go on while a tell's handler
-    and an ask's handler are both busy for 10 s."""
+def _run_against_child(body) -> None:
+    """``asyncio.run(body(endpoint, proc))`` with a Calc actor in a child process, cleaned up after."""
     run_dir = make_run_dir()
     endpoint = ipc_endpoint(run_dir, "calc")
     proc = _spawn_calc(endpoint)
+    try:
+        asyncio.run(body(endpoint, proc))
+    finally:
+        proc.kill()
+        proc.join(5)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
-    async def body():
+
+def test_a_handler_busy_for_10s_does_not_get_its_actor_declared_dead():
+    """Handlers never hold up the mailbox: heartbeats, asks and tells go on while a tell's handler
+    and an ask's handler are both busy for 10 s."""
+
+    async def body(endpoint: str, proc: mp.Process):
         ref = await ActorRef(endpoint, "calc", dead_after=2.0).start(wait_ready=30)
         await ref.tell(Hold(10.0))
         slow = asyncio.ensure_future(ref.ask(Sleep(10.0), Int, timeout=30))
@@ -207,22 +217,14 @@ def test_a_handler_busy_for_10s_does_not_get_its_actor_declared_dead():
         assert (await slow).value == 0 and ref.deaths == 0
         await ref.close()
 
-    try:
-        asyncio.run(body())
-    finally:
-        proc.kill()
-        proc.join(5)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    _run_against_child(body)
 
 
 def test_a_ref_reconnects_after_a_stall_and_after_a_restart():
     """A peer frozen past ``dead_after`` is declared dead, then alive again when it answers; one
     restarted at the same endpoint is too."""
-    run_dir = make_run_dir()
-    endpoint = ipc_endpoint(run_dir, "calc")
-    proc = _spawn_calc(endpoint)
 
-    async def body():
+    async def body(endpoint: str, proc: mp.Process):
         ref = await ActorRef(endpoint, "calc", heartbeat_interval=0.1, dead_after=1.0).start(wait_ready=30)
         events: list[str] = []
         ref.on_dead(lambda r: events.append("dead"))
@@ -260,9 +262,4 @@ def test_a_ref_reconnects_after_a_stall_and_after_a_restart():
             new.kill()
             new.join(5)
 
-    try:
-        asyncio.run(body())
-    finally:
-        proc.kill()
-        proc.join(5)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    _run_against_child(body)

@@ -30,6 +30,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """One block of keys in an online softmax: fold ``k``/``v`` (``[BS, D]``) into the running max
+    ``m_i``, sum ``l_i`` and output ``acc`` of the query rows ``q``, where ``visible`` allows."""
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, BT, CL, OP, LP,
     s_qb, s_qh,
@@ -61,21 +81,7 @@ def _decode_split_kernel(
         blk = tl.load(BT + b * s_btb + j).to(tl.int64)
         k = tl.load(K + blk * s_kb + t[:, None] * s_kt + h * s_kh + d[None, :])
         v = tl.load(V + blk * s_vb + t[:, None] * s_vt + h * s_vh + d[None, :])
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        s = tl.where((j * BS + t)[None, :] < ctx, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, (j * BS + t)[None, :] < ctx, m_i, l_i, acc, scale, IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -207,22 +213,7 @@ def _prefill_kernel(
         blk = tl.load(BT + seq * s_btb + j).to(tl.int64)
         k = tl.load(K + blk * s_kb + t[:, None] * s_kt + h * s_kh + d[None, :])
         v = tl.load(V + blk * s_vb + t[:, None] * s_vt + h * s_vh + d[None, :])
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        kpos = j * BS + t
-        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, (j * BS + t)[None, :] <= qpos[:, None], m_i, l_i, acc, scale, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + (q_start + i)[:, None] * s_ot + hq * s_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=imask[:, None])
