@@ -156,16 +156,16 @@ def sample(
     lp: list[Logprobs | None] = [None] * n
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
-        logp = raw[want].log_softmax(dim=-1)
+        # every row's figures computed together, then copied to the host at once (not per request)
+        rows = torch.tensor(want, device=logits.device)
+        logp = raw.index_select(0, rows).log_softmax(dim=-1)
+        chosen = tokens.index_select(0, rows).unsqueeze(1)
+        vals = logp.gather(1, chosen)
+        ranks = (logp > vals).sum(dim=-1) + 1
+        kmax = max(params[i].logprobs or 0 for i in want)
+        top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], chosen[:, :0])
+        vals_l, ranks_l, top_vl, top_il = vals[:, 0].tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
         for j, i in enumerate(want):
-            tok = token_list[i]
-            row = logp[j]
             k = params[i].logprobs or 0
-            val = row[tok].item()
-            rank = int((row > row[tok]).sum().item()) + 1
-            top: list[tuple[int, float]] = []
-            if k:
-                vals, ids = row.topk(k)
-                top = list(zip(ids.tolist(), vals.tolist()))
-            lp[i] = Logprobs(tok, val, rank, top)
+            lp[i] = Logprobs(token_list[i], vals_l[j], ranks_l[j], list(zip(top_il[j][:k], top_vl[j][:k])))
     return SampleResult(token_list, lp)
