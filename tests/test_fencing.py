@@ -120,6 +120,22 @@ async def _fence_scenario() -> None:
         assert await asyncio.wait_for(job, 20) == expected["late"][0]
         s = await stats()
         assert s.remote_prefill_timeouts == 2 and s.kv_blocks_fenced == 0 and s.kv_blocks_used == 0
+
+        # 3. the frontend goes away (its stream ends) after a grant: the blocks wait for the writer
+        job = asyncio.ensure_future(run("granted"))
+        r = (await queue.ask(Pull(wait=5.0, puller="fake", puller_endpoint=w_ep), Pulled)).request
+        assert (await ref.ask(BeginWrite("granted", "fake", w_ep, os.getpid()), WriteGrant)).ok
+        client._task.cancel()  # the frontend's subscription ends: every request of it is aborted
+        await asyncio.sleep(0.3)
+        assert all(engine.block_manager.blocks[b].ref_cnt > 0 for b in r.block_ids[:-1])  # not freed yet
+        await ref.tell(RemotePrefillDone("granted", 1))  # the writer is done: now they go
+        for _ in range(50):
+            if (await stats()).kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.1)
+        s = await stats()
+        assert s.kv_blocks_used == 0 and s.kv_blocks_fenced == 0 and s.remote_prefill_timeouts == 2
+        job.cancel()
     finally:
         await queue.close()
         await ref.close()

@@ -152,7 +152,7 @@ class Worker(Actor):
             self._subscribers.remove(q)
             if not self._subscribers:  # the frontend went away: nobody will read these
                 for rid in list(self._live):
-                    self._abort(rid)
+                    self.abort(AbortRequest(rid))  # the actor's own abort: a decode worker fences, too
 
     def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None
