@@ -264,6 +264,6 @@ def test_sigterm_drains_in_flight_requests_then_leaves_nothing(server: Server):
     tail = log[log.index("SIGTERM: draining"):]
     assert not re.search(r"\bERROR\b", tail), tail[-3000:]
     assert not os.path.exists(run_dir) and not glob.glob(run_dir + "*")
-    assert set(leftover_segments()) == server.segments_before  # type: ignore[attr-defined]
+    assert set(leftover_segments()) <= server.segments_before  # type: ignore[attr-defined]
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

@@ -136,6 +136,18 @@ async def _fence_scenario() -> None:
         s = await stats()
         assert s.kv_blocks_used == 0 and s.kv_blocks_fenced == 0 and s.remote_prefill_timeouts == 2
         job.cancel()
+        client.start()  # the frontend is back
+
+        # 4. a remote prefill that completes: its first token is streamed first, even when the next
+        #    step's tokens are ready before the event loop gets to it
+        job = asyncio.ensure_future(run("late"))
+        r = (await queue.ask(Pull(wait=5.0, puller="fake", puller_endpoint=w_ep), Pulled)).request
+        assert r is not None and (await ref.ask(BeginWrite("late", "fake", w_ep, os.getpid()), WriteGrant)).ok
+        await ref.tell(RemotePrefillDone("late", 77))
+        await asyncio.sleep(0.02)  # the decode worker hands it to its engine thread ...
+        time.sleep(0.3)  # ... which resumes the request and runs steps while the event loop is held up
+        toks = await asyncio.wait_for(job, 20)
+        assert toks[0] == 77 and len(toks) == GREEDY.max_tokens
     finally:
         await queue.close()
         await ref.close()
@@ -147,7 +159,7 @@ async def _fence_scenario() -> None:
 def test_a_write_granted_before_the_deadline_fences_the_blocks_and_a_late_one_is_refused():
     before = set(leftover_segments())
     asyncio.run(_fence_scenario())
-    assert set(leftover_segments()) == before
+    assert set(leftover_segments()) <= before  # no segment of ours is left
 
 
 # ------------------------------------------------------------------ real processes

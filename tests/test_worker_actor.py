@@ -151,3 +151,40 @@ def test_a_failing_step_is_an_error_for_its_requests_and_the_worker_goes_on():
         assert len(toks) == 12 and engine.block_manager.num_used_blocks == 0
 
     asyncio.run(_with_worker("w-step-fails", body))
+
+
+def test_outputs_a_command_produces_are_published_before_the_steps_after_it():
+    """A command's own outputs (a remote prefill's first token) must reach the subscribers before
+    the tokens of the steps that follow it. A done callback of the command's future would run after
+    step outputs already queued on a busy event loop: ``submit_publishing`` keeps them in order."""
+    import time
+
+    from dyn_actor.components.engine_thread import EngineThread
+    from dyn_actor.engine.engine import RequestOutput
+
+    async def main():
+        engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
+        events: list[str] = []
+        loop = asyncio.get_running_loop()
+        thread = EngineThread(engine, loop, lambda outs: events.extend(f"step:{o.request_id}" for o in outs))
+        thread.start()
+        try:
+            def start(rid):
+                def cmd(e):
+                    e.add_request(rid, [0, 5, 6], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+                    return [RequestOutput(request_id=rid, new_token_ids=[1])]
+                return cmd
+
+            fut = thread.submit(start("late"))  # the order a done callback gives
+            fut.add_done_callback(lambda f: events.append(f"first:{f.result()[0].request_id}"))
+            time.sleep(0.3)  # the event loop is busy while the engine thread runs the command and steps
+            await asyncio.sleep(0.2)
+            assert events.index("first:late") > events.index("step:late")
+            thread.submit_publishing(start("kept"), lambda outs: events.append(f"first:{outs[0].request_id}"))
+            time.sleep(0.3)
+            await asyncio.sleep(0.2)
+            assert events.index("first:kept") < events.index("step:kept")
+        finally:
+            thread.stop()
+
+    asyncio.run(main())

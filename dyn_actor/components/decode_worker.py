@@ -46,6 +46,7 @@ class RemotePrefill:
     timer: asyncio.TimerHandle
     started: float
     writer: BeginWrite | None = None  # the prefill worker granted the blocks, once one asked
+    granted_at: float = 0.0
     aborted: bool = False  # the client went away after the grant: free the blocks once the writer is done
 
 
@@ -95,7 +96,7 @@ class DecodeWorker(Worker):
         self._queue.on_dead(self._queue_lost)
         self._queue.on_alive(lambda _ref: log.info("the prefill queue answers again; remote prefill resumes"))
         self._depth_sub = SubSocket(depth_endpoint(self._queue_endpoint))
-        self._tasks = [asyncio.ensure_future(self._read_depth()), asyncio.ensure_future(self._watch_fences())]
+        self._tasks = [asyncio.ensure_future(self._read_depth()), asyncio.ensure_future(self._watch_writers())]
 
     async def on_stop(self) -> None:
         for entry in self._remote.values():
@@ -229,6 +230,7 @@ class DecodeWorker(Worker):
         if entry is None or entry.aborted or entry.writer is not None:
             return WriteGrant(False)
         entry.writer = m
+        entry.granted_at = asyncio.get_running_loop().time()
         return WriteGrant(True)
 
     def remote_done(self, m: RemotePrefillDone) -> None:
@@ -243,14 +245,14 @@ class DecodeWorker(Worker):
             self._thread.submit(lambda e: e.abort_request(rid))  # the writes are done: the blocks can go
             return
         seconds = asyncio.get_running_loop().time() - entry.started
-        fut = self._thread.submit(lambda e: e.finish_remote_prefill(rid, m.first_token, m.logprobs))
 
-        def resumed(f: asyncio.Future) -> None:
-            out: RequestOutput | None = None if f.exception() else f.result()
-            if out is not None:
-                self._dispatch([out], remote={rid: (m.kv_bytes, seconds)})
+        def resume(e: LLMEngine) -> list[RequestOutput]:
+            out = e.finish_remote_prefill(rid, m.first_token, m.logprobs)
+            return [out] if out is not None else []
 
-        fut.add_done_callback(resumed)
+        # the first token goes out in order with the tokens of the steps after it (a done callback
+        # of the command's future would run after the next step's outputs were published)
+        self._thread.submit_publishing(resume, lambda outs: self._dispatch(outs, remote={rid: (m.kv_bytes, seconds)}))
 
     def prefill_lost(self, m: PrefillLost) -> None:
         entry = self._remote.get(m.request_id)
@@ -286,21 +288,34 @@ class DecodeWorker(Worker):
         assert self._thread is not None
         self._thread.submit(lambda e: e.release_fence(rid))
 
-    async def _watch_fences(self) -> None:
-        """Lift a fence once its writer's process is gone or the writer says it is not writing (its
-        report may have been lost to a stall)."""
+    async def _watch_writers(self) -> None:
+        """Every second: lift a fence once its writer's process is gone or the writer says it is not
+        writing; and take back a granted remote prefill whose writer says so (its report was lost,
+        say to a stall: without this the request would wait for its deadline)."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(FENCE_CHECK_INTERVAL)
             for rid, w in list(self._fenced.items()):
                 if not process_alive(w.writer_pid):
                     self._release_fence(rid, f"{w.writer} (pid {w.writer_pid}) is gone")
-                    continue
-                ref = self._writers.get(w.writer_endpoint)
-                if ref is None:
-                    ref = self._writers[w.writer_endpoint] = await ActorRef(w.writer_endpoint, w.writer).start()
-                try:
-                    state = await ref.ask(WriteStatus(rid), WriteState, timeout=FENCE_CHECK_INTERVAL)
-                except (ActorError, asyncio.TimeoutError):
-                    continue
-                if not state.active:
+                elif await self._writer_idle(w, rid) is True:
                     self._release_fence(rid, f"{w.writer} is not writing it")
+            for rid, entry in list(self._remote.items()):
+                w = entry.writer
+                if w is None or loop.time() - entry.granted_at < FENCE_CHECK_INTERVAL:
+                    continue
+                if not process_alive(w.writer_pid) or await self._writer_idle(w, rid) is True:
+                    if self._remote.get(rid) is entry:
+                        entry.writer = None  # it will not write: the blocks are the decode worker's again
+                        self._give_up(rid, f"was granted to {w.writer}, which is not writing it")
+
+    async def _writer_idle(self, w: BeginWrite, rid: str) -> bool | None:
+        """Whether the prefill worker granted ``rid`` says it is done with it (None: no answer)."""
+        ref = self._writers.get(w.writer_endpoint)
+        if ref is None:
+            ref = self._writers[w.writer_endpoint] = await ActorRef(w.writer_endpoint, w.writer).start()
+        try:
+            state = await ref.ask(WriteStatus(rid), WriteState, timeout=FENCE_CHECK_INTERVAL)
+        except (ActorError, asyncio.TimeoutError):
+            return None
+        return not state.active

@@ -34,6 +34,7 @@ class Pull(msgspec.Struct, tag="pull"):
     wait: float = 1.0
     puller: str = ""
     puller_endpoint: str = ""
+    finished: list[str] = []  # request ids this puller is done with since its last pull
 
 
 class Drop(msgspec.Struct, tag="drop"):

@@ -57,6 +57,18 @@ class EngineThread:
         self._wake.set()
         return fut
 
+    def submit_publishing(self, fn: Callable[[LLMEngine], list[RequestOutput]],
+                          publish: Callable[[list[RequestOutput]], None]) -> asyncio.Future:
+        """``submit`` for a command that produces outputs itself: they reach ``publish`` on the loop in
+        order with the outputs of the steps before and after it (through the same queue)."""
+
+        def cmd(engine: LLMEngine) -> None:
+            outputs = fn(engine)
+            if outputs:
+                self._loop.call_soon_threadsafe(publish, outputs)
+
+        return self.submit(cmd)
+
     def _resolve(self, fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
         if fut.done():
             return

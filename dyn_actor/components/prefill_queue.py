@@ -139,6 +139,8 @@ class PrefillQueue(Actor):
         return QueueDepth(len(self._items))
 
     async def pull(self, m: Pull) -> Pulled:
+        for rid in m.finished:  # no Drop or PrefillLost needs to reach these any more
+            self._pulled.pop(rid, None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, m.wait)
         while not self._items:

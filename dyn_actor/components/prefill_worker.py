@@ -51,6 +51,7 @@ class PrefillWorker(Worker):
         self._pool_names: dict[str, str] = {}  # decode endpoint -> its pool's name
         self._running: dict[str, set[str]] = {}  # decode endpoint -> request ids computing for it
         self._writing: set[str] = set()  # request ids asking for or holding a write grant
+        self._finished: list[str] = []  # request ids served since the last pull (the queue forgets them)
         self._concurrency = concurrency
         self._loops: list[asyncio.Task] = []
         self.prefills_done = 0
@@ -132,14 +133,18 @@ class PrefillWorker(Worker):
         assert self._queue is not None
         while True:
             try:
-                pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint), Pulled, timeout=60.0)
+                finished, self._finished = self._finished, []
+                pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint, finished), Pulled, timeout=60.0)
             except asyncio.TimeoutError:
                 continue
             except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again
                 await asyncio.sleep(0.5)
                 continue
             if pulled.request is not None:
-                await self._serve(pulled.request)
+                try:
+                    await self._serve(pulled.request)
+                finally:
+                    self._finished.append(pulled.request.request_id)
 
     async def _serve(self, r: RemotePrefillRequest) -> None:
         decoder = self._decoder(r)
