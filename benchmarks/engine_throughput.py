@@ -43,7 +43,8 @@ from benchmarks.common import (  # noqa: E402
 patch_vllm_version()  # vLLM's spawned processes re-import this module
 
 WORKLOADS = {"short": (64, 128, 128), "long": (8, 1536, 32),
-             "gpu64": (64, 128, 128), "gpu256": (256, 1024, 128)}  # the GPU issue's two workloads
+             "gpu64": (64, 128, 128), "gpu256": (256, 1024, 128),  # the GPU issue's two workloads
+             "smoke": (4, 32, 8)}
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -71,7 +72,43 @@ def _timed_passes(generate, vocab: int, workload: tuple[int, int, int]) -> dict:
         "decode_tok_s": decode_tok_s,
         "output_tok_s": n * n_out / t_full,
         "total_tok_s": n * (n_in + n_out) / t_full,
+        # one decode step of the whole batch (decode time over the steps after the first token)
+        "decode_step_ms": 1000 * decode_time / max(1, n_out - 1) if decode_time > 0.25 * t_full else float("nan"),
     }
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a plain device-to-device copy (read + write counted once, as payload)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync()
+    return 5 * nbytes / (time.perf_counter() - t0)
+
+
+def run_transformers(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
+                     device: str = "cpu") -> dict:
+    """transformers' ``generate()`` on the same checkpoint and device: the baseline of the GPU issue."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+
+    def generate(prompts, max_tokens):
+        ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=1)
+        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+    return _timed_passes(generate, vocab, workload)
 
 
 def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
@@ -161,10 +198,13 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
+    ap.add_argument("--transformers", action="store_true", help="also run transformers' generate() (the baseline)")
     args = ap.parse_args()
 
     models = prepare_models(args.models.split(","))
     engines = [("native", run_native)]
+    if args.transformers:
+        engines.append(("transformers", run_transformers))
     if args.no_vllm:
         print("vLLM: skipped (--no-vllm)")
     elif vllm_available():
@@ -180,7 +220,8 @@ def main() -> int:
                 res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.device)
                 rows.append({"model": mname, "workload": wname, "engine": ename, **res})
-    cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s"]
+    cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s",
+            "decode_step_ms"]
     print()
     print_table(rows, cols)
     ratios = []
@@ -191,11 +232,32 @@ def main() -> int:
                   and x["workload"] == r["workload"]), None)
         if v:
             ratios.append({"model": r["model"], "workload": r["workload"],
-                           **{k: r[k] / v[k] for k in cols[3:]}})
+                           **{k: r[k] / v[k] for k in cols[3:-1]}})
     if ratios:
         print("\nnative / vLLM (>1: native is faster)")
-        print_table(ratios, ["model", "workload", *cols[3:]])
-    meta = {"dtype": args.dtype, "device": args.device, "threads": __import__("torch").get_num_threads(), "cpus": os.cpu_count()}
+        print_table(ratios, ["model", "workload", *cols[3:-1]])
+    floors = {}
+    if args.device == "cuda":  # a decode step reads every weight once: its floor at copy bandwidth
+        import torch
+
+        bw = copy_bandwidth("cuda")
+        for mname, (path, _) in models.items():
+            from safetensors import safe_open
+
+            nbytes = 0
+            for f in Path(path).glob("*.safetensors"):
+                with safe_open(str(f), "pt") as st:
+                    for k in st.keys():
+                        sl = st.get_slice(k)
+                        numel = 1
+                        for s in sl.get_shape():
+                            numel *= s
+                        nbytes += numel * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+            floors[mname] = {"weight_bytes": nbytes, "copy_GBps": bw / 1e9, "step_floor_ms": 1000 * nbytes / bw}
+        print("\ndecode-step floor (weights read once at copy bandwidth): " + ", ".join(
+            f"{m}: {f['weight_bytes'] / 1e9:.2f} GB at {f['copy_GBps']:,.0f} GB/s = {f['step_floor_ms']:.2f} ms"
+            for m, f in floors.items()))
+    meta = {"dtype": args.dtype, "device": args.device, "floors": floors, "threads": __import__("torch").get_num_threads(), "cpus": os.cpu_count()}
     out = write_json("engine_throughput.json", {"meta": meta, "rows": rows, "ratios": ratios})
     png = RESULTS / "engine_throughput.png"
     plot(rows, png)
