@@ -207,7 +207,8 @@ class PrefillWorker(Worker):
                     mine = e.block_ids(rid)
                     if len(mine) != len(r.block_ids):
                         raise RuntimeError(f"block count mismatch: {len(mine)} here, {len(r.block_ids)} there")
-                    return pool.write_blocks(r.block_ids[k:], e.pool.read_blocks(mine[k:]))
+                    # straight from this engine's pool into the decode worker's: one kernel, no staging copy
+                    return pool.write_blocks_from(r.block_ids[k:], e.pool.data, mine[k:])
 
                 nbytes = await self._thread.submit(transfer)  # the writes are done when this returns
             finally:

@@ -67,6 +67,8 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i64, i64, cint]
         fn.restype = None
+    lib.move_blocks.argtypes = [p, p, p, p, i64, i64, cint]
+    lib.move_blocks.restype = None
     return lib
 
 
@@ -130,3 +132,22 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, ids: list[int], scatter: b
     else:
         for i, b in enumerate(ids):
             dst[i].copy_(src[b])
+
+
+def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: list[int], src_ids: list[int]) -> None:
+    """``dst[dst_ids[i]] = src[src_ids[i]]``, whole blocks along dim 0 of two contiguous CPU tensors of
+    one dtype and block shape: straight from one pool into another, no staging copy."""
+    if len(dst_ids) != len(src_ids):
+        raise ValueError(f"{len(dst_ids)} destination blocks for {len(src_ids)} source blocks")
+    if not dst_ids:
+        return
+    lib = native_lib()
+    if lib is not None:
+        di = torch.as_tensor(dst_ids, dtype=torch.int64)
+        si = torch.as_tensor(src_ids, dtype=torch.int64)
+        block_bytes = src[0].numel() * src.element_size()
+        lib.move_blocks(dst.data_ptr(), src.data_ptr(), di.data_ptr(), si.data_ptr(), len(dst_ids), block_bytes,
+                        torch.get_num_threads())
+        return
+    for d, s in zip(dst_ids, src_ids):
+        dst[d].copy_(src[s])

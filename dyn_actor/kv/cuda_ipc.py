@@ -61,7 +61,17 @@ def _triton_kernel():
             vals = tl.load(src + row.to(tl.int64) * row_words + offs, mask=mask)
             tl.store(dst + dst_row * row_words + offs, vals, mask=mask)
 
-        _kernel = (triton, scatter_rows)
+        @triton.jit
+        def move_rows(dst, src, dst_ids, src_ids, row_words, BLOCK: tl.constexpr):
+            row = tl.program_id(0)
+            chunk = tl.program_id(1)
+            d = tl.load(dst_ids + row).to(tl.int64)
+            s = tl.load(src_ids + row).to(tl.int64)
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < row_words
+            tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=mask), mask=mask)
+
+        _kernel = (triton, scatter_rows, move_rows)
     return _kernel
 
 
@@ -83,12 +93,32 @@ def scatter_blocks(dst: torch.Tensor, src: torch.Tensor, ids: torch.Tensor, use_
     if not kernel:
         dst.index_copy_(0, ids, src)
         return
-    triton, scatter_rows = kernel
+    triton, scatter_rows, _ = kernel
     d, s = _words(dst, dst.shape[0]), _words(src, n)
     row_words = s.shape[1]
     block = 4096 if row_words >= 4096 else triton.next_power_of_2(row_words)
     grid = (n, triton.cdiv(row_words, block))
     scatter_rows[grid](d, s, ids, row_words, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+
+def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: torch.Tensor, src_ids: torch.Tensor,
+                use_triton: bool = True) -> None:
+    """``dst[dst_ids[i]] = src[src_ids[i]]`` for whole blocks of two pools of one dtype and block shape:
+    one kernel reading source rows and writing destination rows, no staging tensor. Without Triton,
+    ``index_copy_`` of an ``index_select`` (one staging copy)."""
+    n = dst_ids.shape[0]
+    if n == 0:
+        return
+    kernel = _triton_kernel() if use_triton else False
+    if not kernel:
+        dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
+        return
+    triton, _, move_rows = kernel
+    d, s = _words(dst, dst.shape[0]), _words(src, src.shape[0])
+    row_words = d.shape[1]
+    block = 4096 if row_words >= 4096 else triton.next_power_of_2(row_words)
+    grid = (n, triton.cdiv(row_words, block))
+    move_rows[grid](d, s, dst_ids, src_ids, row_words, BLOCK=block, num_warps=8 if block >= 2048 else 4)
 
 
 # ---------------------------------------------------------------------------- the pools
@@ -142,6 +172,14 @@ class RemoteCudaKvPool(RemotePool):
         ids = torch.as_tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         with torch.cuda.device(self.device):
             scatter_blocks(self.data, src, ids)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _move(self, block_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
+        """Straight from the writer's own pool into this one: one kernel, then the stream is synchronised."""
+        dst_ids = torch.as_tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        s_ids = torch.as_tensor(src_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        with torch.cuda.device(self.device):
+            move_blocks(self.data, src, dst_ids, s_ids)
             torch.cuda.current_stream(self.device).synchronize()
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:

@@ -135,3 +135,24 @@ class RemotePool:
 
     def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def write_blocks_from(self, block_ids: Sequence[int], src: torch.Tensor, src_ids: Sequence[int]) -> int:
+        """Copy blocks ``src_ids`` of the pool tensor ``src`` (this process's own) into blocks
+        ``block_ids`` here, in one kernel and without a staging copy; return the bytes written. The
+        writes are complete when this returns."""
+        if len(block_ids) != len(src_ids):
+            raise ValueError(f"{len(block_ids)} destination blocks for {len(src_ids)} source blocks")
+        if tuple(src.shape[1:]) != tuple(self.data.shape[1:]):
+            raise ValueError(f"source blocks of shape {tuple(src.shape[1:])}, expected {tuple(self.data.shape[1:])}")
+        check_block_ids(block_ids, self.data.shape[0])
+        check_block_ids(src_ids, src.shape[0])
+        if not block_ids:
+            return 0
+        if src.dtype != self.data.dtype or src.device != self.data.device:  # a conversion: through a copy
+            self._scatter(list(block_ids), src[torch.as_tensor(list(src_ids), device=src.device)])
+        else:
+            self._move(list(block_ids), src, list(src_ids))
+        return len(block_ids) * self.block_nbytes
+
+    def _move(self, block_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
+        raise NotImplementedError

@@ -30,7 +30,7 @@ from multiprocessing import shared_memory
 import msgspec
 import torch
 
-from dyn_actor.engine.native_ops import copy_blocks
+from dyn_actor.engine.native_ops import copy_blocks, move_blocks
 from dyn_actor.kv.cuda_ipc import CudaIpcHandle
 from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool, check_block_ids
 
@@ -105,6 +105,9 @@ class RemoteKvPool(RemotePool):
 
     def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         copy_blocks(self.data, blocks.to(self.data.dtype).contiguous(), block_ids, scatter=True)
+
+    def _move(self, block_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
+        move_blocks(self.data, src, block_ids, src_ids)
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of the given blocks (``[len(block_ids), *block_shape]``), gathered in one call."""

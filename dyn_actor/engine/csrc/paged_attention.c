@@ -107,3 +107,11 @@ void gather_blocks(char *dst, const char *src, const int64_t *ids, int64_t n, in
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
     for (int64_t i = 0; i < n; i++) memcpy(dst + i * block_bytes, src + ids[i] * block_bytes, (size_t)block_bytes);
 }
+
+/* dst block dst_ids[i] = src block src_ids[i]: pool to pool, no staging copy. */
+void move_blocks(char *dst, const char *src, const int64_t *dst_ids, const int64_t *src_ids, int64_t n,
+                 int64_t block_bytes, int nthreads) {
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + dst_ids[i] * block_bytes, src + src_ids[i] * block_bytes, (size_t)block_bytes);
+}
