@@ -3,15 +3,17 @@
     python benchmarks/kv_transfer.py
 
 CPU: the owner (decode side) creates its pool in shared memory; a second
-process (prefill side) attaches and writes N blocks at scattered block ids
-with ``RemoteKvPool.write_blocks`` (one ``index_copy_``). The baseline, in
-the same writer process and run, is ``dst.copy_(src)`` of the same number of
-bytes between two private contiguous tensors. Target: at least 0.7x.
+process (prefill side) attaches and moves N blocks from scattered ids of its own
+pool to scattered ids of the shared one with ``RemoteKvPool.write_blocks_from``
+(one call, no staging copy), beside the older gather-then-scatter path. The
+baseline, in the same writer process and run, is ``dst.copy_(src)`` of the same
+number of bytes between two private contiguous tensors. Target: at least 0.7x.
 GPU (CUDA IPC), when a GPU is present: the owner's pool is device memory; the
-writer process opens it by IPC handle and scatters N blocks with the fused kernel
-(``RemoteCudaKvPool.write_blocks``, stream synchronised), against a contiguous
-device-to-device ``copy_`` of the same bytes and ``index_copy_`` through the same
-mapping, in the same run. Target: at least 1000 GB/s on an H100/H200.
+writer process opens it by IPC handle and moves N blocks from its own device pool
+with one kernel (``RemoteCudaKvPool.write_blocks_from``, stream synchronised),
+against a contiguous device-to-device ``copy_`` of the same bytes, the scatter of
+a staged tensor and ``index_copy_`` through the same mapping, in the same run.
+Target: at least 0.85x of the copy for 128 MiB and more.
 
     python benchmarks/kv_transfer.py [--gpu-only]
 """
