@@ -25,7 +25,7 @@ step "triton kernels vs reference" $PY -m pytest -q -p no:cacheprovider tests/te
 step "engine on the GPU" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_gpu.py
 step "CUDA IPC transfer tests" env DYN_ACTOR_NATIVE_OPS=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_kv_transfer_gpu.py
 step "CUDA IPC transfer benchmark" $PY benchmarks/kv_transfer.py --gpu-only
-step "agg and 1p1d on the GPU agree" $PY -m pytest -q -p no:cacheprovider tests/test_disagg.py -k matches_agg
+step "agg and 1p1d on the GPU agree" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_disagg_gpu.py
 step "engine throughput, 1B bf16" timeout 300 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
     --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm --transformers --max-num-seqs 256 --max-num-batched-tokens 8192
 echo
