@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from dataclasses import asdict
 
 from launcher.config import LaunchConfig
@@ -33,12 +34,27 @@ def _child_setup(title: str, log_level: str) -> None:
 
 
 def _run(main) -> None:
-    try:
-        import uvloop
+    """Run the process's main coroutine, then exit at once (non-zero if it raised). A process whose
+    work is over must not hang on the way out: tasks still pending (a stream nobody reads any more,
+    a ref's reader) are not waited for, nor is ZeroMQ's teardown of sockets left open."""
 
-        uvloop.run(main())
+    async def main_then_exit() -> None:
+        code = 0
+        try:
+            await main()
+        except BaseException:  # noqa: BLE001 - reported, and the exit code says so
+            traceback.print_exc()
+            code = 1
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    try:
+        from uvloop import run
     except ImportError:
-        asyncio.run(main())
+        run = asyncio.run
+    run(main_then_exit())
 
 
 def _stop_on_sigterm(stop) -> None:

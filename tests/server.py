@@ -67,7 +67,7 @@ class Server:
                 found[f"{m.group(1)} {m.group(2)}"] = int(pid)
         return found
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> tuple[int, str]:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
