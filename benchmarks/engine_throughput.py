@@ -112,18 +112,62 @@ def run_transformers(model: str, vocab: int, workload, dtype: str, max_num_seqs:
 
 
 def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
-               device: str = "cpu") -> dict:
-    from dyn_actor.engine.llm import LLM
+               device: str = "cpu", profile: str | None = None) -> dict:
+    """The engine driven directly (token ids in and out, no detokenizing: as vLLM's ``detokenize=False``)."""
+    from dyn_actor.engine import EngineConfig, LLMEngine
     from dyn_actor.engine.sampling import SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-              kv_cache_memory=None if device == "cuda" else 4 << 30, max_model_len=4096, device=device)
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs,
+                                    max_num_batched_tokens=max_batched,
+                                    kv_cache_memory=None if device == "cuda" else 4 << 30, max_model_len=4096,
+                                    device=device))
+    ids = iter(range(1 << 62))
 
     def generate(prompts, max_tokens):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        return sum(len(o.output.token_ids) for o in llm.generate(prompts, sp))
+        for p in prompts:
+            engine.add_request(f"r{next(ids)}", p, sp)
+        produced = 0
+        while engine.has_unfinished_requests():
+            produced += sum(len(o.new_token_ids) for o in engine.step())
+        return produced
 
-    return _timed_passes(generate, vocab, workload)
+    result = _timed_passes(generate, vocab, workload)
+    if profile and device == "cuda":
+        result["profile"] = _profile_decode(engine, vocab, workload, profile)
+    return result
+
+
+def _profile_decode(engine, vocab: int, workload, path: str) -> str:
+    """Where a decode step's time goes: torch profiler over 16 steps of the whole batch, after its
+    prefill; the top kernels and CPU ops by self time, printed and written to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dyn_actor.engine.sampling import SamplingParams
+
+    n, n_in, _ = workload
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i, p in enumerate(make_prompts(n, n_in, vocab, 3)):
+        engine.add_request(f"prof{i}", p, sp)
+    for _ in range(8):  # the prefill and the first decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(16):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 16
+    while engine.has_unfinished_requests():
+        engine.step()
+    avg = prof.key_averages()
+    text = (f"decode steps profiled: 16 at batch {n}, {1000 * wall:.2f} ms a step under the profiler\n"
+            + avg.table(sort_by="self_cuda_time_total", row_limit=15)
+            + "\n" + avg.table(sort_by="self_cpu_time_total", row_limit=15))
+    Path(path).write_text(text)
+    print(text, flush=True)
+    return path
 
 
 def run_vllm(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
@@ -199,6 +243,8 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
     ap.add_argument("--transformers", action="store_true", help="also run transformers' generate() (the baseline)")
+    ap.add_argument("--profile", metavar="PATH", help="cuda: write a torch profiler summary of the native engine's "
+                    "decode steps (per workload: PATH with the workload name added)")
     args = ap.parse_args()
 
     models = prepare_models(args.models.split(","))
@@ -216,9 +262,13 @@ def main() -> int:
         for wname in args.workloads.split(","):
             wl = WORKLOADS[wname]
             for ename, fn in engines:
+                if ename == "transformers" and wl[0] > 64:  # its padded batch of 256 long prompts: not a baseline
+                    print(f"transformers on {mname}/{wname}: skipped (more than 64 prompts)")
+                    continue
                 print(f"running {ename} on {mname}/{wname} ...", flush=True)
+                extra = (f"{args.profile}.{mname}-{wname}.txt",) if ename == "native" and args.profile else ()
                 res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
-                                   args.device)
+                                   args.device, *extra)
                 rows.append({"model": mname, "workload": wname, "engine": ename, **res})
     cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s",
             "decode_step_ms"]

@@ -1,33 +1,63 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one script for a lent GPU machine (ends within about 8 minutes on
 # one H100/H200 and prints its summary last):
-#   1. the Triton attention kernels against the PyTorch reference, natively on the GPU;
-#   2. the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
-#   3. the CUDA IPC KV transfer tests and benchmark;
-#   4. the launcher on the GPU: agg and 1p1d give the same greedy tokens;
-#   5. engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here).
-# Needs torch with CUDA, triton, transformers, msgspec, pyzmq, pytest; wheels the machine lacks can be
-# put in ./wheels (pip installs them offline first).
+#   correctness, run side by side (each is small next to the card):
+#     1. the Triton attention kernels against the PyTorch reference, natively, up to serving sizes;
+#     2. the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
+#     3. the CUDA IPC KV transfer tests;
+#     4. the launcher on the GPU: agg and 1p1d give the same greedy tokens, a killed prefill worker;
+#   then the measurements, one at a time (alone on the card):
+#     5. the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy);
+#     6. engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
+#        transformers' generate() in the same run and a torch profiler summary of decode steps.
+# Needs torch with CUDA, triton, transformers, msgspec, pyzmq, setproctitle, pytest; wheels the
+# machine lacks can be put in ./wheels (pip installs them offline first). Logs and results go to
+# $OUT (or /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp/gpu_check}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls wheels/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --find-links wheels msgspec pyzmq pytest setproctitle || true
 fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 summary=()
-step() {  # name, command...
-    local name=$1; shift
-    local t0=$SECONDS
-    if "$@"; then summary+=("ok    $name ($((SECONDS - t0)) s)"); else summary+=("FAIL  $name ($((SECONDS - t0)) s)"); fi
+declare -A pids names started
+launch() {  # key, name, limit_s, command...: in the background, output to $LOG/key.log
+    local key=$1 name=$2 limit=$3; shift 3
+    names[$key]=$name; started[$key]=$SECONDS
+    timeout -k 10 "$limit" "$@" >"$LOG/$key.log" 2>&1 &
+    pids[$key]=$!
 }
-step "triton kernels vs reference" $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
-step "engine on the GPU" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_gpu.py
-step "CUDA IPC transfer tests" env DYN_ACTOR_NATIVE_OPS=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_kv_transfer_gpu.py
-step "CUDA IPC transfer benchmark" $PY benchmarks/kv_transfer.py --gpu-only
-step "agg and 1p1d on the GPU agree" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_disagg_gpu.py
-step "engine throughput, 1B bf16" timeout 300 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
-    --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm --transformers --max-num-seqs 256 --max-num-batched-tokens 8192
+collect() {  # key: wait for it and add its line to the summary
+    local key=$1 rc
+    wait "${pids[$key]}"; rc=$?
+    local took=$((SECONDS - started[$key]))
+    if [ $rc -eq 0 ]; then
+        summary+=("ok    ${names[$key]} (${took} s)")
+    else
+        summary+=("FAIL  ${names[$key]} (rc $rc, ${took} s; $LOG/$key.log)")
+        echo "---- ${names[$key]}: last lines of $key.log"
+        tail -n 40 "$LOG/$key.log"
+    fi
+}
+PYT=($PY -m pytest -q -p no:cacheprovider -x)
+launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py
+launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
+launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
+launch disagg "agg and 1p1d on the GPU agree" 200 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
+for k in kernels ipc engine disagg; do collect $k; done
+launch kvbench "CUDA IPC transfer benchmark" 60 $PY benchmarks/kv_transfer.py --gpu-only
+collect kvbench
+cat "$LOG/kvbench.log"
+launch thru "engine throughput, 1B bf16" 200 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
+    --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm --transformers --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --profile "$LOG/profile"
+collect thru
+grep -v "^running" "$LOG/thru.log" | grep -v "^ *\(Name\|---\|Self\)" | tail -n 40
 echo
 echo "== GPU check summary =="
 printf '%s\n' "${summary[@]}"
