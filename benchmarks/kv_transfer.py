@@ -108,10 +108,14 @@ def _cuda_time(fn, reps: int = 20) -> float:
     return statistics.median(samples)
 
 
-def _gpu_writer(descs: dict, conn) -> None:
+SWEEP = [(w, nw) for w in (512, 1024, 2048, 4096, 8192) for nw in (4, 8, 16)]
+
+
+def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
+    from dyn_actor.kv.cuda_ipc import move_blocks
     from dyn_actor.kv.transfer import open_remote_pool
 
-    rows = []
+    rows, sweep_rows = [], []
     for label, desc in descs.items():
         remote = open_remote_pool(desc)
         num_blocks = desc.shape[0]
@@ -125,6 +129,12 @@ def _gpu_writer(descs: dict, conn) -> None:
             ids = torch.as_tensor(ids_list, device=remote.device)
             src_ids = torch.as_tensor(src_list, device=remote.device)
             t_direct = _cuda_time(lambda r=remote, i=ids_list, s=src_list, o=own: r.write_blocks_from(i, o, s))
+            # the kernel alone: ids already on the device
+            t_kernel = _cuda_time(lambda r=remote, i=ids, s=src_ids, o=own: move_blocks(r.data, o, i, s))
+            for cfg in SWEEP if sweep else ():
+                t = _cuda_time(lambda r=remote, i=ids, s=src_ids, o=own, c=cfg: move_blocks(r.data, o, i, s, config=c))
+                sweep_rows.append({"block": label, "MiB": n * block_bytes / 2**20, "words": cfg[0],
+                                   "warps": cfg[1], "GBps": n * block_bytes / t / 1e9})
             t_ipc = _cuda_time(lambda r=remote, src=src, ids_list=ids_list: r.write_blocks(ids_list, src))
             t_index_copy = _cuda_time(
                 lambda r=remote, ids=ids, s=src_ids, o=own: r.data.index_copy_(0, ids, o.index_select(0, s)))
@@ -132,16 +142,18 @@ def _gpu_writer(descs: dict, conn) -> None:
             t_copy = _cuda_time(lambda dst=dst, src=src: dst.copy_(src))
             nbytes = src.numel() * src.element_size()
             rows.append({"block": label, "blocks": n, "MiB": nbytes / 2**20,
-                         "direct_GBps": nbytes / t_direct / 1e9, "ipc_scatter_GBps": nbytes / t_ipc / 1e9,
+                         "direct_GBps": nbytes / t_direct / 1e9, "kernel_GBps": nbytes / t_kernel / 1e9,
+                         "ipc_scatter_GBps": nbytes / t_ipc / 1e9,
                          "index_copy_GBps": nbytes / t_index_copy / 1e9,
-                         "d2d_copy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_direct})
+                         "d2d_copy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_direct,
+                         "kernel_ratio": t_copy / t_kernel})
             del src, dst, ids, src_ids
         del own
         remote.close()
-    conn.send(rows)
+    conn.send((rows, sweep_rows))
 
 
-def gpu_benchmark() -> list[dict]:
+def gpu_benchmark(sweep: bool = False) -> tuple[list[dict], list[dict]]:
     from dyn_actor.kv.transfer import make_shared_pool
 
     pools = {}
@@ -151,7 +163,7 @@ def gpu_benchmark() -> list[dict]:
     try:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_gpu_writer, args=({k: v.descriptor() for k, v in pools.items()}, child))
+        p = ctx.Process(target=_gpu_writer, args=({k: v.descriptor() for k, v in pools.items()}, child, sweep))
         p.start()
         rows = parent.recv()
         p.join(120)
@@ -180,6 +192,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU part")
+    ap.add_argument("--sweep", action="store_true", help="GPU: also time the move kernel's (words, warps) configs")
     args = ap.parse_args()
     rows: list[dict] = []
     if not args.gpu_only:
@@ -187,16 +200,21 @@ def main() -> int:
         print(f"CPU, block = {KvLayout(1, **LAYOUT).block_nbytes // 1024} KiB (12 layers x K/V x 16 tokens x 4 x 64 fp32)")
         print("transfer: the writer's own pool straight into the shared one (one call); staged: gathered first")
         print_table(rows, ["blocks", "MiB", "transfer_ms", "transfer_GBps", "staged_GBps", "memcpy_GBps", "ratio"])
-    gpu = None
+    gpu = sweep = None
     if torch.cuda.is_available():
-        gpu = gpu_benchmark()
+        gpu, sweep = gpu_benchmark(args.sweep)
         print(f"\nGPU ({torch.cuda.get_device_name(0)}): pool to pool through CUDA IPC from another process "
-              "(direct: one kernel, source ids in, destination ids out) vs a d2d copy of the same bytes")
-        print_table(gpu, ["block", "blocks", "MiB", "direct_GBps", "ipc_scatter_GBps", "index_copy_GBps",
-                          "d2d_copy_GBps", "ratio"])
+              "(direct: write_blocks_from with Python id lists, one kernel, source ids in, destination ids out; "
+              "kernel: the same kernel with the ids already on the device) vs a d2d copy of the same bytes")
+        print_table(gpu, ["block", "blocks", "MiB", "direct_GBps", "kernel_GBps", "ipc_scatter_GBps",
+                          "index_copy_GBps", "d2d_copy_GBps", "ratio", "kernel_ratio"])
+        if sweep:
+            print("\nmove kernel configs (GB/s, ids on the device)")
+            print_table(sweep, ["block", "MiB", "words", "warps", "GBps"])
     else:
         print("\nGPU: none on this machine; the CUDA IPC path was not run")
-    out = write_json("kv_transfer_gpu.json" if args.gpu_only else "kv_transfer.json", {"cpu": rows, "gpu": gpu})
+    out = write_json("kv_transfer_gpu.json" if args.gpu_only else "kv_transfer.json", {"cpu": rows, "gpu": gpu,
+                                                                                       "sweep": sweep})
     if rows:
         png = RESULTS / "kv_transfer.png"
         plot(rows, png)

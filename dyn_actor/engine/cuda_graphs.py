@@ -40,13 +40,20 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.scratch = self.buckets[-1], max_blocks, scratch_block
         dev = pool.device
         n = self.max_batch
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_blocks = torch.full((n,), scratch_block, dtype=torch.long, device=dev)
-        self.slot_offsets = torch.zeros(n, dtype=torch.long, device=dev)
+        # the graphs' inputs: the per-row values (token, position, slot block, slot offset, context
+        # length) in one [5, n] tensor, the block table in another; each has a host twin (pinned on
+        # a GPU) that a step fills in place and copies over whole, one copy each
+        self.vec = torch.zeros((5, n), dtype=torch.long, device=dev)
+        self.vec[2].fill_(scratch_block)
+        self.vec[4].fill_(1)
+        self.ids, self.positions, self.slot_blocks, self.slot_offsets, self.ctx = self.vec.unbind(0)
         self.table = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=dev)
-        self.ctx = torch.ones(n, dtype=torch.long, device=dev)
         self.rows = torch.arange(n, device=dev)
+        pin = dev.type == "cuda"
+        self.host_vec = self.vec.cpu().pin_memory() if pin else self.vec.clone()
+        self._host_table = self.table.cpu().pin_memory() if pin else self.table.clone()
+        self._host_vec_np = self.host_vec.numpy()
+        self._host_table_np = self._host_table.numpy()
         self._replays: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self._mempool = None
 
@@ -84,6 +91,38 @@ class DecodeGraphs:
     def fits(self, batch: ForwardBatch) -> bool:
         return (not batch.prefills and batch.num_decode > 0 and batch.num_decode <= self.max_batch
                 and batch.decode_block_table is not None and batch.decode_block_table.shape[1] <= self.max_blocks)
+
+    def host_rows(self):
+        """numpy views of the host twin's rows (ids, positions, slot blocks, slot offsets, context
+        lengths): a step writes its first rows, ``replay_host`` pads the rest."""
+        return tuple(self._host_vec_np)
+
+    @property
+    def host_table(self):
+        """numpy view of the host block table: row ``i`` holds sequence ``i``'s blocks (later columns
+        may hold stale ids: every kernel reads only a sequence's context)."""
+        return self._host_table_np
+
+    @torch.inference_mode()
+    def replay_host(self, n: int, width: int) -> torch.Tensor:
+        """Replay the bucket that holds ``n`` rows the caller wrote into the host twins (``width``
+        table columns used); the logits of rows ``[0, n)``."""
+        b = next(s for s in self.buckets if s >= n)
+        if width > self.max_blocks:
+            raise ValueError(f"a block table of {width} blocks, the graphs hold {self.max_blocks}")
+        v = self._host_vec_np
+        if b > n:  # padding rows: one token of context, in the scratch block
+            v[0, n:b] = 0
+            v[1, n:b] = 0
+            v[2, n:b] = self.scratch
+            v[3, n:b] = 0
+            v[4, n:b] = 1
+            self._host_table_np[n:b, 0] = self.scratch
+        self.vec.copy_(self.host_vec, non_blocking=True)
+        self.table[:b].copy_(self._host_table[:b], non_blocking=True)
+        replay, _ = self._replays[b]
+        replay()
+        return self._replays[b][1][:n]
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:

@@ -147,7 +147,10 @@ class LLMEngine:
             limit = num_blocks * bs
             log.warning("KV cache fits %d tokens: max_model_len lowered to that", limit)
             self.max_model_len = limit
-        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda")
+        # the graphs replay the Triton kernels (or, on the CPU, the C ones); the PyTorch path's padded
+        # mask is not capturable
+        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda"
+                                                and self.attention == "triton")
         # with graphs, one more block than the block manager hands out: the padding rows' scratch
         self.layout = KvLayout(num_blocks + graphs, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if config.shared_kv:
@@ -409,11 +412,15 @@ class LLMEngine:
             return self._fail([r for r, _ in sched.scheduled], e)
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
-        batch, samplers = self._build_batch(scheduled)
-        if self.graphs is not None and self.graphs.fits(batch):
-            logits = self.graphs.run(batch)
+        g = self.graphs
+        if g is not None and len(scheduled) <= g.max_batch and all(n == 1 for _, n in scheduled):
+            logits, samplers = self._decode_from_graph(scheduled)
         else:
-            logits = self.model.forward(batch, self.pool)
+            batch, samplers = self._build_batch(scheduled)
+            if g is not None and g.fits(batch):
+                logits = g.run(batch)
+            else:
+                logits = self.model.forward(batch, self.pool)
         for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -447,6 +454,36 @@ class LLMEngine:
                 banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
+
+    def _decode_from_graph(self, scheduled: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
+        """A decode-only step straight into the graphs' host buffers: no per-field tensors, one
+        host-to-device copy, one replay."""
+        bs = self.layout.block_size
+        g = self.graphs
+        blocks_of = self.block_manager.block_ids
+        ids, positions, slot_blocks, slot_offsets, ctx = g.host_rows()
+        table = g.host_table
+        samplers: list[Request] = []
+        rows: list[int] = []
+        width = 0
+        for row, (r, _) in enumerate(scheduled):
+            pos = r.num_computed_tokens
+            blocks = blocks_of(r.request_id)
+            ids[row] = r.all_token_ids[pos]
+            positions[row] = pos
+            slot_blocks[row] = blocks[pos // bs]
+            slot_offsets[row] = pos % bs
+            ctx[row] = pos + 1
+            n_blocks = pos // bs + 1
+            table[row, :n_blocks] = blocks[:n_blocks]
+            width = max(width, n_blocks)
+            if pos + 1 == r.num_tokens:
+                rows.append(row)
+                samplers.append(r)
+        logits = g.replay_host(len(scheduled), width)
+        if len(rows) != len(scheduled):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return logits, samplers
 
     def _build_batch(
         self, scheduled: list[tuple[Request, int]], all_logits: bool = False

@@ -100,9 +100,10 @@ class LlamaModel:
         if attention == "native" and on_cpu and native_ops and dtype in (torch.float32, torch.bfloat16):
             self.native = native_lib()
         if attention == "triton":
-            from dyn_actor.engine import triton_attention
+            from dyn_actor.engine import triton_attention, triton_ops
 
             self.triton = triton_attention
+            self.ops = triton_ops  # the fused norms, RoPE + KV write and SiLU-mul
         pack = on_cpu and native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
         self.scale = cfg.head_dim**-0.5
@@ -231,6 +232,8 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
         """Run one step; write every token's KV into ``pool``; return float32 logits of ``logits_indices``."""
+        if self.attention == "triton":
+            return self._forward_fused(b, pool)
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         t = b.input_ids.shape[0]
@@ -253,4 +256,25 @@ class LlamaModel:
             gu = layer.wgu(h)
             x = x + layer.wdown(F.silu(gu[:, :inter]) * gu[:, inter:])
         h = self._rms_norm(x[b.logits_indices], self.norm)
+        return self.lm_head_linear(h).float()
+
+    def _forward_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
+        """The Triton path: the same computation with the elementwise work fused (``triton_ops``):
+        per layer three matrix products around attention and the MLP, and four small kernels."""
+        cfg, ops = self.cfg, self.ops
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        t = b.input_ids.shape[0]
+        x = F.embedding(b.input_ids, self.embed)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            h = ops.add_rms_norm(x, delta, layer.ln1, eps)
+            qkv = layer.wqkv(h)
+            ops.rope_and_store(qkv, self.cos, self.sin, b.positions, b.slot_blocks, b.slot_offsets, pool.k[i],
+                               pool.v[i], nh, nkv, d)
+            attn = self._attention(qkv[:, : nh * d].view(t, nh, d), None, None, i, pool, b)
+            h = ops.add_rms_norm(x, layer.wo(attn), layer.ln2, eps)
+            delta = layer.wdown(ops.silu_mul(layer.wgu(h)))
+        x = x[b.logits_indices]
+        h = ops.add_rms_norm(x, delta[b.logits_indices], self.norm, eps)
         return self.lm_head_linear(h).float()

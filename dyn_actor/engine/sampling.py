@@ -119,53 +119,63 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> SampleResult:
-    """Sample one token per row of float32 ``logits`` (modified in place by masks the caller applied)."""
+    """Sample one token per row of float32 ``logits`` (modified in place by masks the caller applied).
+
+    On a GPU: the rows' parameters go over in one host-to-device copy, and the tokens (with the
+    logprob figures when any row asks for them) come back in one device-to-host copy."""
     n = logits.shape[0]
+    dev = logits.device
     raw = logits
     greedy = [p.greedy for p in params]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
     else:
-        dev = logits.device
-        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32,
-                             device=dev)
+        # one table of every row's parameters: temperature, top-k, top-p, min-p, greedy
+        table = torch.tensor([[1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                              [float(p.top_k if p.top_k > 0 else 0) for p in params],
+                              [p.top_p for p in params],
+                              [p.min_p for p in params],
+                              [1.0 if g else 0.0 for g in greedy]], dtype=torch.float32)
+        if dev.type != "cpu":
+            table = table.pin_memory().to(dev, non_blocking=True)
+        temps, top_k_f, top_p_t, min_p_t, greedy_t = table.unbind(0)
         x = logits / temps.unsqueeze(1)
-        top_k = top_p = None
-        if any(p.top_k > 0 and not g for p, g in zip(params, greedy)):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.long, device=dev)
-        if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        top_k = top_k_f.long() if any(p.top_k > 0 and not g for p, g in zip(params, greedy)) else None
+        top_p = top_p_t if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)) else None
         x = apply_top_k_top_p(x, top_k, top_p)
         if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
-            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev))
+            x = apply_min_p(x, min_p_t)
         probs = x.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i in range(n) if generators[i] is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_()
+        noise = torch.empty_like(probs).exponential_()
         for i in range(n):
             if generators[i] is not None and not greedy[i]:
                 # a seeded row draws from its own (CPU) generator: the same tokens on every device
                 row = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generators[i])
-                noise[i] = row if dev.type == "cpu" else row.to(dev)
+                noise[i] = row if dev.type == "cpu" else row.to(dev, non_blocking=True)
         tokens = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            g_rows = torch.tensor(greedy, device=dev)
-            tokens = torch.where(g_rows, raw.argmax(dim=-1), tokens)
-    token_list = tokens.tolist()
-    lp: list[Logprobs | None] = [None] * n
+            tokens = torch.where(greedy_t.bool(), raw.argmax(dim=-1), tokens)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if want:
-        # every row's figures computed together, then copied to the host at once (not per request)
-        rows = torch.tensor(want, device=logits.device)
-        logp = raw.index_select(0, rows).log_softmax(dim=-1)
-        chosen = tokens.index_select(0, rows).unsqueeze(1)
-        vals = logp.gather(1, chosen)
-        ranks = (logp > vals).sum(dim=-1) + 1
-        kmax = max(params[i].logprobs or 0 for i in want)
-        top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], chosen[:, :0])
-        vals_l, ranks_l, top_vl, top_il = vals[:, 0].tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(want):
-            k = params[i].logprobs or 0
-            lp[i] = Logprobs(token_list[i], vals_l[j], ranks_l[j], list(zip(top_il[j][:k], top_vl[j][:k])))
+    if not want:
+        return SampleResult(tokens.tolist(), [None] * n)
+    # every row's figures computed together, then copied to the host with the tokens, at once
+    kmax = max(params[i].logprobs or 0 for i in want)
+    rows = torch.tensor(want)
+    rows = rows if dev.type == "cpu" else rows.pin_memory().to(dev, non_blocking=True)
+    logp = raw.index_select(0, rows).log_softmax(dim=-1)
+    chosen = tokens.index_select(0, rows).unsqueeze(1)
+    vals = logp.gather(1, chosen)
+    ranks = (logp > vals).sum(dim=-1, keepdim=True)
+    top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], chosen[:, :0])
+    # float64 holds token ids and ranks exactly
+    figures = torch.cat([vals.double(), ranks.double() + 1, top_v.double(), top_i.double()], dim=1)
+    packed = torch.cat([tokens.double(), figures.flatten()]).tolist()
+    token_list = [int(t) for t in packed[:n]]
+    lp: list[Logprobs | None] = [None] * n
+    width = 2 + 2 * kmax
+    for j, i in enumerate(want):
+        row = packed[n + j * width: n + (j + 1) * width]
+        k = params[i].logprobs or 0
+        tv, ti = row[2:2 + kmax], row[2 + kmax:]
+        lp[i] = Logprobs(token_list[i], row[0], int(row[1]), [(int(ti[m]), tv[m]) for m in range(k)])
     return SampleResult(token_list, lp)

@@ -58,30 +58,40 @@ def _decode_split_kernel(
     s_btb,
     s_ob, s_oh, s_os,
     s_lb, s_lh,
-    scale, blocks_per_split,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    scale, num_splits,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
     split = tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
-    t = tl.arange(0, BS)
     heads = h * G + g
     gmask = g < G
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
     ctx = tl.load(CL + b)
     n_blocks = tl.cdiv(ctx, BS)
-    start = split * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, n_blocks)
+    # this sequence's own blocks split evenly over the slices (the grid stays fixed; the loop
+    # bounds follow the data), KB blocks per iteration
+    per = tl.cdiv(n_blocks, num_splits)
+    start = split * per
+    end = tl.minimum(start + per, n_blocks)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    for j in range(start, end):
-        blk = tl.load(BT + b * s_btb + j).to(tl.int64)
-        k = tl.load(K + blk * s_kb + t[:, None] * s_kt + h * s_kh + d[None, :])
-        v = tl.load(V + blk * s_vb + t[:, None] * s_vt + h * s_vh + d[None, :])
-        m_i, l_i, acc = _attend_block(q, k, v, (j * BS + t)[None, :] < ctx, m_i, l_i, acc, scale, IEEE)
+    tok = tl.arange(0, KB * BS)
+    for j0 in range(start, end, KB):
+        jt = j0 + tok // BS  # the block of each token of the tile
+        valid = jt < end
+        blk = tl.load(BT + b * s_btb + jt, mask=valid, other=0).to(tl.int64)
+        off = tok % BS
+        k = tl.load(K + blk[:, None] * s_kb + off[:, None] * s_kt + h * s_kh + d[None, :], mask=valid[:, None],
+                    other=0.0)
+        v = tl.load(V + blk[:, None] * s_vb + off[:, None] * s_vt + h * s_vh + d[None, :], mask=valid[:, None],
+                    other=0.0)
+        m_i, l_i, acc = _attend_block(q, k, v, (valid & (jt * BS + off < ctx))[None, :], m_i, l_i, acc, scale,
+                                      IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -118,11 +128,12 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_num_splits(max_blocks: int, batch: int) -> int:
-    """Slices of the context per sequence: enough programs to fill a GPU at small batches, one
-    slice per 8 blocks at most, never more than 16."""
-    want = max(1, 128 // max(batch, 1))
-    return max(1, min(16, want, triton.cdiv(max_blocks, 8)))
+def default_num_splits(max_blocks: int, batch: int, num_kv_heads: int = 8) -> int:
+    """Slices of each sequence's context: about 1,024 programs over the batch and KV heads (enough
+    to fill a large GPU), at most one slice per 4 blocks the table can hold, never more than 32.
+    The count depends on the batch and the table's width only, never on the contexts."""
+    want = max(1, 1024 // max(batch * num_kv_heads, 1))
+    return max(1, min(32, want, triton.cdiv(max_blocks, 4)))
 
 
 def paged_decode_attention(
@@ -150,8 +161,7 @@ def paged_decode_attention(
         raise ValueError("the head dimension must be contiguous")
     g = nh // nkv
     max_blocks = block_table.shape[1]
-    splits = num_splits or default_num_splits(max_blocks, bsz)
-    per_split = triton.cdiv(max_blocks, splits)
+    splits = num_splits or default_num_splits(max_blocks, bsz, nkv)
     part = torch.empty((bsz, nh, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((bsz, nh, splits), dtype=torch.float32, device=q.device)
     if out is None:
@@ -166,8 +176,8 @@ def paged_decode_attention(
         block_table.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        scale, per_split,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, IEEE=_ieee(q.dtype),
+        scale, splits,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=max(1, 64 // bs), IEEE=_ieee(q.dtype),
     )
     _decode_reduce_kernel[(bsz, nh)](
         part, lse, out,

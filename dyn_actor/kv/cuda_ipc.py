@@ -101,8 +101,12 @@ def scatter_blocks(dst: torch.Tensor, src: torch.Tensor, ids: torch.Tensor, use_
     scatter_rows[grid](d, s, ids, row_words, BLOCK=block, num_warps=8 if block >= 2048 else 4)
 
 
+# (block words, warps) of the move kernel, by row size in bytes; see benchmarks/kv_transfer.py --sweep
+MOVE_CONFIG = {"small": (1024, 4), "large": (4096, 8)}
+
+
 def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: torch.Tensor, src_ids: torch.Tensor,
-                use_triton: bool = True) -> None:
+                use_triton: bool = True, config: tuple[int, int] | None = None) -> None:
     """``dst[dst_ids[i]] = src[src_ids[i]]`` for whole blocks of two pools of one dtype and block shape:
     one kernel reading source rows and writing destination rows, no staging tensor. Without Triton,
     ``index_copy_`` of an ``index_select`` (one staging copy)."""
@@ -116,9 +120,11 @@ def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: torch.Tensor, src
     triton, _, move_rows = kernel
     d, s = _words(dst, dst.shape[0]), _words(src, src.shape[0])
     row_words = d.shape[1]
-    block = 4096 if row_words >= 4096 else triton.next_power_of_2(row_words)
+    if config is None:
+        config = MOVE_CONFIG["small" if d.shape[1] * d.element_size() <= 65536 else "large"]
+    block = min(config[0], triton.next_power_of_2(row_words))
     grid = (n, triton.cdiv(row_words, block))
-    move_rows[grid](d, s, dst_ids, src_ids, row_words, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    move_rows[grid](d, s, dst_ids, src_ids, row_words, BLOCK=block, num_warps=config[1])
 
 
 # ---------------------------------------------------------------------------- the pools
@@ -165,6 +171,7 @@ class RemoteCudaKvPool(RemotePool):
         self.data: torch.Tensor = torch._utils._rebuild_tensor(typed, 0, shape, tuple(reversed(stride)))
         self.descriptor = desc
         self.device = self.data.device
+        self._pinned: torch.Tensor | None = None  # block ids on their way to the device
 
     def _scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """One kernel, and the stream synchronised: nothing is reported before the writes are done."""
@@ -175,12 +182,22 @@ class RemoteCudaKvPool(RemotePool):
             torch.cuda.current_stream(self.device).synchronize()
 
     def _move(self, block_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
-        """Straight from the writer's own pool into this one: one kernel, then the stream is synchronised."""
-        dst_ids = torch.as_tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        s_ids = torch.as_tensor(src_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        """Straight from the writer's own pool into this one: the two id lists in one host-to-device
+        copy (through a pinned buffer), one kernel, then the stream is synchronised."""
+        ids = self._device_ids(block_ids, src_ids)
         with torch.cuda.device(self.device):
-            move_blocks(self.data, src, dst_ids, s_ids)
+            move_blocks(self.data, src, ids[0], ids[1])
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _device_ids(self, *lists: Sequence[int]) -> torch.Tensor:
+        n = len(lists[0])
+        need = len(lists) * n
+        if self._pinned is None or self._pinned.numel() < need:
+            self._pinned = torch.empty(max(need, 4096), dtype=torch.int64).pin_memory()
+        host = self._pinned[:need].numpy().reshape(len(lists), n)
+        for row, ids in zip(host, lists):
+            row[:] = ids
+        return self._pinned[:need].view(len(lists), n).to(self.device, non_blocking=True)
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.device)

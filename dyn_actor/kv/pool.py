@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -103,7 +104,14 @@ class KvPool:
 
 
 def check_block_ids(ids: Sequence[int], num_blocks: int) -> None:
-    if ids and (min(ids) < 0 or max(ids) >= num_blocks):
+    if len(ids) > 64:  # long lists: numpy's min and max are ~10x faster than Python's
+        arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        lo, hi = int(arr.min()), int(arr.max())
+    elif ids:
+        lo, hi = min(ids), max(ids)
+    else:
+        return
+    if lo < 0 or hi >= num_blocks:
         raise ValueError(f"block ids must be in [0, {num_blocks})")
 
 
