@@ -1,13 +1,16 @@
 """Aggregated vs disaggregated serving under a mixed workload, in one run.
 
     python benchmarks/disagg.py                 # agg --workers 2, then 1p1d, on builtin:tiny
+    python benchmarks/disagg.py --device cuda   # on one GPU: the random 1B-shaped bf16 model, GPU-sized load
 
 Steady users send short prompts and decode continuously while long prompts
 arrive at random (Poisson). Each topology is started with the launcher, loaded
 for ``--duration`` seconds and stopped, one after the other. Reported per
 topology: TTFT p50/p99 (short and long requests), inter-token latency p50/p99 of
 the short requests (the decode smoothness a long prefill disturbs), output
-throughput; a PNG of every short request's inter-token gaps over time.
+throughput; a PNG of every short request's inter-token gaps over time. Then, at no
+other load, the TTFT of a few fresh 2,000-token prompts (one token each): on 1p1d
+they are prefilled remotely, so the difference to agg is what a remote prefill adds.
 """
 
 from __future__ import annotations
@@ -70,6 +73,19 @@ async def load(url: str, args) -> tuple[list[dict], float]:
     return results, time.perf_counter() - t_start
 
 
+async def idle_ttft(url: str, n: int, length: int, seed: int) -> list[float]:
+    """TTFT of ``n`` fresh ``length``-token prompts, one at a time, with nothing else running."""
+    rng = random.Random(seed)
+    out: list[float] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for _ in range(n):
+            results: list[dict] = []
+            prompt = [0] + [rng.randrange(2, 99) for _ in range(length - 1)]
+            await stream(session, url, prompt, 2, time.perf_counter(), "idle", results)
+            out.extend(r["ttft"] for r in results)
+    return out
+
+
 def summarize(name: str, results: list[dict], duration: float) -> dict:
     short = [r for r in results if r["kind"] == "short"]
     long = [r for r in results if r["kind"] == "long"]
@@ -94,32 +110,59 @@ def main() -> int:
     ap.add_argument("--long-rate", type=float, default=0.5, help="long prompts per second")
     ap.add_argument("--agg", default="--topology agg --workers 2")
     ap.add_argument("--disagg", default="--topology 1p1d --max-local-prefill-length 256")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both topologies on this GPU, the random 1B-shaped bf16 model, and unless given "
+                         "--users 48 --long-len 2048 --long-rate 4 --short-out 128")
+    ap.add_argument("--model", default=None, help="default: builtin:tiny on the CPU, the random 1B model on cuda")
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=None, help="per worker (default 0.5 CPU, 8 cuda)")
+    ap.add_argument("--idle-prompts", type=int, default=5, help="2,000-token prompts timed alone per topology")
     args = ap.parse_args()
     import subprocess
+
+    extra: list[str] = []
+    if args.device == "cuda":
+        gpu_defaults = {"users": 48, "long_len": 2048, "long_rate": 4.0, "short_out": 128}
+        for k, v in gpu_defaults.items():
+            if f"--{k.replace('_', '-')}" not in sys.argv:
+                setattr(args, k, v)
+        if args.model is None:
+            from benchmarks.checkpoints import LLAMA_1B, write_random_llama
+
+            args.model = str(write_random_llama(RESULTS / "checkpoints" / "llama-1b-random", LLAMA_1B))
+        extra = ["--device", "cuda", "--dtype", "bfloat16", "--max-model-len", "4096"]
+    if args.model:
+        extra += ["--model", args.model]
+    kv_gb = args.kv_cache_memory_gb or (8.0 if args.device == "cuda" else 0.5)
 
     rows, raw = [], {}
     for name, flags in (("agg", args.agg), ("disagg", args.disagg)):
         port = 8400
-        cmd = [sys.executable, "-m", "launcher", "--port", str(port), "--kv-cache-memory-gb", "0.5", *flags.split()]
+        cmd = [sys.executable, "-m", "launcher", "--port", str(port), "--kv-cache-memory-gb", str(kv_gb), *extra,
+               *flags.split()]
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_http(url, proc)
             results, dur = asyncio.run(load(url, args))
+            idle = asyncio.run(idle_ttft(url, args.idle_prompts, 2000, seed=7))
         finally:
             stop(proc)
         raw[name] = results
         rows.append(summarize(name, results, dur))
+        rows[-1]["ttft_2k_idle_p50_ms"] = pct(idle, 50) * 1e3
         print(f"{name}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, ITL p99 {rows[-1]['itl_p99_ms']:.1f} ms",
               flush=True)
     print()
     print_table(rows, list(rows[0]))
     a, d = rows
     ratios = {"itl_p99_disagg_over_agg": d["itl_p99_ms"] / a["itl_p99_ms"],
-              "throughput_disagg_over_agg": d["output_tok_per_s"] / a["output_tok_per_s"]}
+              "throughput_disagg_over_agg": d["output_tok_per_s"] / a["output_tok_per_s"],
+              "remote_prefill_adds_ms_2k_idle": d["ttft_2k_idle_p50_ms"] - a["ttft_2k_idle_p50_ms"]}
     print(f"\n1p1d / agg: ITL p99 {ratios['itl_p99_disagg_over_agg']:.2f}x, "
-          f"throughput {ratios['throughput_disagg_over_agg']:.2f}x")
-    out = write_json("disagg.json", {"args": vars(args), "rows": rows, "ratios": ratios})
+          f"throughput {ratios['throughput_disagg_over_agg']:.2f}x; a remote prefill of 2,000 tokens at no load adds "
+          f"{ratios['remote_prefill_adds_ms_2k_idle']:.1f} ms to TTFT (p50)")
+    out = write_json(f"disagg{'_cuda' if args.device == 'cuda' else ''}.json",
+                     {"args": vars(args), "rows": rows, "ratios": ratios})
     png = RESULTS / "disagg.png"
     plt = pyplot()
     if plt is not None:

@@ -150,8 +150,10 @@ def _profile_decode(engine, vocab: int, workload, path: str) -> str:
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     for i, p in enumerate(make_prompts(n, n_in, vocab, 3)):
         engine.add_request(f"prof{i}", p, sp)
-    for _ in range(8):  # the prefill and the first decode steps
-        engine.step()
+    seen: dict[str, int] = {}
+    while len(seen) < n or min(seen.values()) < 2:  # every prompt prefilled and decoding
+        for o in engine.step():
+            seen[o.request_id] = seen.get(o.request_id, 0) + len(o.new_token_ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -294,13 +296,14 @@ def main() -> int:
         for mname, (path, _) in models.items():
             from safetensors import safe_open
 
-            nbytes, names = 0, []
-            for f in Path(path).glob("*.safetensors"):
+            nbytes = 0
+            files = list(Path(path).glob("*.safetensors"))
+            has_head = any("lm_head.weight" in safe_open(str(f), "pt").keys() for f in files)
+            for f in files:
                 with safe_open(str(f), "pt") as st:
-                    names += list(st.keys())
                     for k in st.keys():
-                        if k.endswith("embed_tokens.weight"):
-                            continue  # a decode step reads 64 of its rows, not the table
+                        if k.endswith("embed_tokens.weight") and has_head:
+                            continue  # a decode step reads a few of its rows, not the table
                         numel = 1
                         for dim in st.get_slice(k).get_shape():
                             numel *= dim

@@ -2,21 +2,25 @@
 # Everything that needs a GPU, as one script for a lent GPU machine (ends within about 8 minutes on
 # one H100/H200 and prints its summary last):
 #   correctness, run side by side (each is small next to the card):
-#     1. the Triton attention kernels against the PyTorch reference, natively, up to serving sizes;
-#     2. the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
-#     3. the CUDA IPC KV transfer tests;
-#     4. the launcher on the GPU: agg and 1p1d give the same greedy tokens, a killed prefill worker;
+#     kernels  the Triton attention and fused elementwise kernels against PyTorch, up to serving sizes;
+#     engine   the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
+#     ipc      the CUDA IPC KV transfer tests;
+#     disagg   the launcher on the GPU: agg and 1p1d give the same greedy tokens, a killed prefill worker;
+#     faults   the fault matrix (tests/test_fault_matrix.py) with every server on the GPU (about 3 min);
 #   then the measurements, one at a time (alone on the card):
-#     5. the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy);
-#     6. engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
-#        transformers' generate() in the same run and a torch profiler summary of decode steps.
-# Needs torch with CUDA, triton, transformers, msgspec, pyzmq, setproctitle, pytest; wheels the
-# machine lacks can be put in ./wheels (pip installs them offline first). Logs and results go to
-# $OUT (or /tmp/gpu_check).
+#     kvbench  the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy,
+#              and the move kernel's configs);
+#     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
+#              transformers' generate() in the same run and a torch profiler summary of decode steps;
+#     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load.
+# ONLY="kernels thru" runs a subset. Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
+# setproctitle, pytest, aiohttp; wheels the machine lacks can be put in ./wheels (installed offline
+# first). Logs and results go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
+ONLY=${ONLY:-kernels engine ipc disagg faults kvbench thru dbench}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls wheels/*.whl >/dev/null 2>&1; then
@@ -26,14 +30,17 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 summary=()
 declare -A pids names started
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 launch() {  # key, name, limit_s, command...: in the background, output to $LOG/key.log
     local key=$1 name=$2 limit=$3; shift 3
+    want "$key" || return 0
     names[$key]=$name; started[$key]=$SECONDS
     timeout -k 10 "$limit" "$@" >"$LOG/$key.log" 2>&1 &
     pids[$key]=$!
 }
 collect() {  # key: wait for it and add its line to the summary
     local key=$1 rc
+    want "$key" || return 0
     wait "${pids[$key]}"; rc=$?
     local took=$((SECONDS - started[$key]))
     if [ $rc -eq 0 ]; then
@@ -41,23 +48,32 @@ collect() {  # key: wait for it and add its line to the summary
     else
         summary+=("FAIL  ${names[$key]} (rc $rc, ${took} s; $LOG/$key.log)")
         echo "---- ${names[$key]}: last lines of $key.log"
-        tail -n 40 "$LOG/$key.log"
+        tail -n 30 "$LOG/$key.log"
     fi
 }
-PYT=($PY -m pytest -q -p no:cacheprovider -x)
-launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py
+PYT=($PY -m pytest -q -p no:cacheprovider)
+launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py tests/test_triton_ops.py
 launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
 launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
 launch disagg "agg and 1p1d on the GPU agree" 200 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
-for k in kernels ipc engine disagg; do collect $k; done
-launch kvbench "CUDA IPC transfer benchmark" 60 $PY benchmarks/kv_transfer.py --gpu-only
+launch faults "fault matrix on the GPU" 300 env DYN_TEST_SERVER_FLAGS="--device cuda --dtype float32" \
+    "${PYT[@]}" tests/test_fault_matrix.py
+for k in kernels ipc engine disagg faults; do collect $k; done
+# the correctness logs in one file (at most 8 files come back from a lent machine)
+for k in kernels ipc engine disagg faults; do
+    if [ -f "$LOG/$k.log" ]; then echo "==== $k"; cat "$LOG/$k.log"; rm "$LOG/$k.log"; fi
+done >"$LOG/tests.log"
+launch kvbench "CUDA IPC transfer benchmark" 90 $PY benchmarks/kv_transfer.py --gpu-only --sweep
 collect kvbench
-cat "$LOG/kvbench.log"
-launch thru "engine throughput, 1B bf16" 200 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
+want kvbench && grep -v "^ *$" "$LOG/kvbench.log" | head -n 12
+launch thru "engine throughput, 1B bf16" 240 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
     --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm --transformers --max-num-seqs 256 \
     --max-num-batched-tokens 8192 --profile "$LOG/profile"
 collect thru
-grep -v "^running" "$LOG/thru.log" | grep -v "^ *\(Name\|---\|Self\)" | tail -n 40
+want thru && grep -A8 "^model " "$LOG/thru.log" && grep "decode-step floor\|profiled:" "$LOG/thru.log"
+launch dbench "disagg.py --device cuda" 240 $PY benchmarks/disagg.py --device cuda --duration 20
+collect dbench
+want dbench && tail -n 7 "$LOG/dbench.log"
 echo
 echo "== GPU check summary =="
 printf '%s\n' "${summary[@]}"

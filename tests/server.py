@@ -24,7 +24,9 @@ def free_port() -> int:
 class Server:
     def __init__(self, *args: str, timeout: float = 120.0) -> None:
         self.port = free_port()
-        self.args = ["--port", str(self.port), *args]
+        # DYN_TEST_SERVER_FLAGS: flags added to every server a test starts, e.g. "--device cuda
+        # --dtype float32" to run the fault matrix on a GPU (scripts/gpu_check.sh does)
+        self.args = ["--port", str(self.port), *args, *os.environ.get("DYN_TEST_SERVER_FLAGS", "").split()]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
