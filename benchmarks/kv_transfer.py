@@ -129,6 +129,8 @@ def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
             ids = torch.as_tensor(ids_list, device=remote.device)
             src_ids = torch.as_tensor(src_list, device=remote.device)
             t_direct = _cuda_time(lambda r=remote, i=ids_list, s=src_list, o=own: r.write_blocks_from(i, o, s))
+            # where the direct call's time goes: the two id lists to the device (checks, pinned copy)
+            t_ids = _cuda_time(lambda r=remote, i=ids_list, s=src_list: r._device_ids(i, s))
             # the kernel alone: ids already on the device
             t_kernel = _cuda_time(lambda r=remote, i=ids, s=src_ids, o=own: move_blocks(r.data, o, i, s))
             for cfg in SWEEP if sweep else ():
@@ -146,7 +148,8 @@ def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
                          "ipc_scatter_GBps": nbytes / t_ipc / 1e9,
                          "index_copy_GBps": nbytes / t_index_copy / 1e9,
                          "d2d_copy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_direct,
-                         "kernel_ratio": t_copy / t_kernel})
+                         "kernel_ratio": t_copy / t_kernel,
+                         "direct_us": t_direct * 1e6, "ids_us": t_ids * 1e6, "kernel_us": t_kernel * 1e6})
             del src, dst, ids, src_ids
         del own
         remote.close()
@@ -207,7 +210,8 @@ def main() -> int:
               "(direct: write_blocks_from with Python id lists, one kernel, source ids in, destination ids out; "
               "kernel: the same kernel with the ids already on the device) vs a d2d copy of the same bytes")
         print_table(gpu, ["block", "blocks", "MiB", "direct_GBps", "kernel_GBps", "ipc_scatter_GBps",
-                          "index_copy_GBps", "d2d_copy_GBps", "ratio", "kernel_ratio"])
+                          "index_copy_GBps", "d2d_copy_GBps", "ratio", "kernel_ratio", "direct_us", "ids_us",
+                          "kernel_us"])
         if sweep:
             print("\nmove kernel configs (GB/s, ids on the device)")
             print_table(sweep, ["block", "MiB", "words", "warps", "GBps"])

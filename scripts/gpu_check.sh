@@ -10,17 +10,23 @@
 #   then the measurements, one at a time (alone on the card):
 #     kvbench  the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy,
 #              and the move kernel's configs);
+#     asweep   the decode-attention kernel's configs (benchmarks/attention_sweep.py); thru then runs
+#              with the best one (DYN_ACTOR_DECODE_TUNING), which the summary prints;
 #     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
 #              transformers' generate() in the same run and a torch profiler summary of decode steps;
 #     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load.
-# ONLY="kernels thru" runs a subset. Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
+# ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
+# measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
+# "--transformers". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
 # setproctitle, pytest, aiohttp; wheels the machine lacks can be put in ./wheels (installed offline
 # first). Logs and results go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
-ONLY=${ONLY:-kernels engine ipc disagg faults kvbench thru dbench}
+ONLY=${ONLY:-kernels engine ipc disagg faults kvbench asweep thru dbench}
+THRU_EXTRA=${THRU_EXTRA---transformers}
+FAULTS_BESIDE=${FAULTS_BESIDE:-0}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls wheels/*.whl >/dev/null 2>&1; then
@@ -56,24 +62,34 @@ launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_a
 launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
 launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
 launch disagg "agg and 1p1d on the GPU agree" 200 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
-launch faults "fault matrix on the GPU" 300 env DYN_TEST_SERVER_FLAGS="--device cuda --dtype float32" \
+launch faults "fault matrix on the GPU" ${FAULTS_LIMIT:-300} env DYN_TEST_SERVER_FLAGS="--device cuda --dtype float32" \
     "${PYT[@]}" tests/test_fault_matrix.py
-for k in kernels ipc engine disagg faults; do collect $k; done
+A=(kernels ipc engine disagg)
+[ "$FAULTS_BESIDE" = 1 ] || A+=(faults)
+for k in "${A[@]}"; do collect $k; done
 # the correctness logs in one file (at most 8 files come back from a lent machine)
-for k in kernels ipc engine disagg faults; do
+for k in "${A[@]}"; do
     if [ -f "$LOG/$k.log" ]; then echo "==== $k"; cat "$LOG/$k.log"; rm "$LOG/$k.log"; fi
 done >"$LOG/tests.log"
 launch kvbench "CUDA IPC transfer benchmark" 90 $PY benchmarks/kv_transfer.py --gpu-only --sweep
 collect kvbench
 want kvbench && grep -v "^ *$" "$LOG/kvbench.log" | head -n 12
+launch asweep "decode attention sweep" 150 $PY benchmarks/attention_sweep.py
+collect asweep
+if want asweep; then
+    head -n 20 "$LOG/asweep.log"
+    best=$(grep "^BEST " "$LOG/asweep.log" | cut -c6-)
+    [ -n "$best" ] && export DYN_ACTOR_DECODE_TUNING="$best" && summary+=("      thru ran with DYN_ACTOR_DECODE_TUNING=$best")
+fi
 launch thru "engine throughput, 1B bf16" 240 $PY benchmarks/engine_throughput.py --device cuda --models 1b \
-    --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm --transformers --max-num-seqs 256 \
+    --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm $THRU_EXTRA --max-num-seqs 256 \
     --max-num-batched-tokens 8192 --profile "$LOG/profile"
 collect thru
 want thru && grep -A8 "^model " "$LOG/thru.log" && grep "decode-step floor\|profiled:" "$LOG/thru.log"
 launch dbench "disagg.py --device cuda" 240 $PY benchmarks/disagg.py --device cuda --duration 20
 collect dbench
 want dbench && tail -n 7 "$LOG/dbench.log"
+if [ "$FAULTS_BESIDE" = 1 ]; then collect faults; want faults && tail -n 5 "$LOG/faults.log"; fi
 echo
 echo "== GPU check summary =="
 printf '%s\n' "${summary[@]}"

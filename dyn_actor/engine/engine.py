@@ -16,6 +16,7 @@ Hooks for disaggregated serving:
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,6 +179,10 @@ class LLMEngine:
         self._hit_tokens = 0
         self._generated = 0
         self._preemptions = 0
+        # what start-up made (modules, weights' wrappers, graphs) lives as long as the process: out of
+        # the cyclic collector's way, whose full passes over it cost ~0.5 ms a step on a busy step loop
+        gc.collect()
+        gc.freeze()
 
     @property
     def device_name(self) -> str:

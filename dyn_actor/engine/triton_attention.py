@@ -22,6 +22,7 @@ against a PyTorch reference.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -128,12 +129,21 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_num_splits(max_blocks: int, batch: int, num_kv_heads: int = 8) -> int:
-    """Slices of each sequence's context: about 1,024 programs over the batch and KV heads (enough
-    to fill a large GPU), at most one slice per 4 blocks the table can hold, never more than 32.
-    The count depends on the batch and the table's width only, never on the contexts."""
-    want = max(1, 1024 // max(batch * num_kv_heads, 1))
-    return max(1, min(32, want, triton.cdiv(max_blocks, 4)))
+# The decode kernel's shape: programs aimed at over the batch, KV heads and context slices; key
+# blocks per loop iteration (as tokens: at most 64 // block_size blocks); warps and pipeline stages.
+# Measured on an H100 by ``benchmarks/attention_sweep.py``; DYN_ACTOR_DECODE_TUNING (JSON of these
+# keys) overrides, for sweeps.
+DECODE_TUNING = {"programs": 1024, "tile_tokens": 64, "num_warps": 4, "num_stages": 3}
+if os.environ.get("DYN_ACTOR_DECODE_TUNING"):
+    DECODE_TUNING = {**DECODE_TUNING, **json.loads(os.environ["DYN_ACTOR_DECODE_TUNING"])}
+
+
+def default_num_splits(max_blocks: int, batch: int, num_kv_heads: int = 8, programs: int | None = None) -> int:
+    """Slices of each sequence's context: about ``programs`` programs over the batch and KV heads
+    (enough to fill a large GPU), at most one slice per 4 blocks the table can hold, never more
+    than 64. The count depends on the batch and the table's width only, never on the contexts."""
+    want = max(1, (programs or DECODE_TUNING["programs"]) // max(batch * num_kv_heads, 1))
+    return max(1, min(64, want, triton.cdiv(max_blocks, 4)))
 
 
 def paged_decode_attention(
@@ -145,6 +155,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    tuning: dict | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -161,7 +172,11 @@ def paged_decode_attention(
         raise ValueError("the head dimension must be contiguous")
     g = nh // nkv
     max_blocks = block_table.shape[1]
-    splits = num_splits or default_num_splits(max_blocks, bsz, nkv)
+    tune = tuning or DECODE_TUNING
+    splits = num_splits or default_num_splits(max_blocks, bsz, nkv, tune["programs"])
+    kb = max(1, tune["tile_tokens"] // bs)
+    extra = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": tune["num_warps"],
+                                                                   "num_stages": tune["num_stages"]}
     part = torch.empty((bsz, nh, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((bsz, nh, splits), dtype=torch.float32, device=q.device)
     if out is None:
@@ -177,7 +192,7 @@ def paged_decode_attention(
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         scale, splits,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=max(1, 64 // bs), IEEE=_ieee(q.dtype),
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=kb, IEEE=_ieee(q.dtype), **extra,
     )
     _decode_reduce_kernel[(bsz, nh)](
         part, lse, out,
