@@ -133,7 +133,7 @@ def _ieee(dtype: torch.dtype) -> bool:
 # blocks per loop iteration (as tokens: at most 64 // block_size blocks); warps and pipeline stages.
 # Measured on an H100 by ``benchmarks/attention_sweep.py``; DYN_ACTOR_DECODE_TUNING (JSON of these
 # keys) overrides, for sweeps.
-DECODE_TUNING = {"programs": 1024, "tile_tokens": 64, "num_warps": 4, "num_stages": 3}
+DECODE_TUNING = {"programs": 4096, "tile_tokens": 128, "num_warps": 4, "num_stages": 3}
 if os.environ.get("DYN_ACTOR_DECODE_TUNING"):
     DECODE_TUNING = {**DECODE_TUNING, **json.loads(os.environ["DYN_ACTOR_DECODE_TUNING"])}
 
