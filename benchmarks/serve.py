@@ -51,8 +51,11 @@ class Result:
     error: str = ""
 
 
+SAMPLING = {"temperature": 0.0}  # --temperature; 1.0 samples (with top_p 1, no seed)
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **SAMPLING, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last = None
@@ -241,7 +244,9 @@ def main() -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=100)
     ap.add_argument("--overhead", action="store_true", help="measure the framework's overhead (native server)")
     ap.add_argument("--name", default="serve")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sampled")
     args = ap.parse_args()
+    SAMPLING["temperature"] = args.temperature
 
     model = args.model
     if model is None:
@@ -301,11 +306,12 @@ def main() -> int:
             for load in loads:
                 ra = next(r for r in rows if r["endpoint"] == a and r["load"] == load)
                 rb = next(r for r in rows if r["endpoint"] == b and r["load"] == load)
-                ratios.append({"load": load, "throughput_ratio": ra["output_tok_per_s"] / rb["output_tok_per_s"],
+                ratios.append({"load": load, "req_ratio": ra["req_per_s"] / rb["req_per_s"],
+                               "throughput_ratio": ra["output_tok_per_s"] / rb["output_tok_per_s"],
                                "ttft_p50_ratio": ra["ttft_p50_ms"] / rb["ttft_p50_ms"],
                                "itl_p50_ratio": ra["itl_p50_ms"] / rb["itl_p50_ms"]})
             print(f"\n{a} / {b}")
-            print_table(ratios, ["load", "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio"])
+            print_table(ratios, ["load", "req_ratio", "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio"])
         overhead = None
         if args.overhead and "native" in endpoints:
             overhead = asyncio.run(measure_overhead(endpoints["native"], model, vocab, args.input_len, 64))

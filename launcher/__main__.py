@@ -17,6 +17,7 @@ directory with its socket files is removed. A second Ctrl-C stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -26,7 +27,14 @@ import sys
 import time
 from multiprocessing.connection import wait
 
-from launcher.config import ConfigError, gpu_plan, parse_args, resolve_gpus, topology_counts
+from launcher.config import (
+    ConfigError,
+    default_torch_threads,
+    gpu_plan,
+    parse_args,
+    resolve_gpus,
+    topology_counts,
+)
 from launcher.processes import config_dict, frontend_entry, queue_main, set_child_env, worker_entry
 
 log = logging.getLogger("launcher")
@@ -215,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
     code = 0
     try:
+        n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
+        if cfg.torch_threads is None:
+            cfg = dataclasses.replace(cfg, torch_threads=default_torch_threads(n_agg + n_prefill + n_decode,
+                                                                               bool(gpus)))
+            log.info("torch threads per engine process: %d (--torch-threads to change)", cfg.torch_threads)
         cd = config_dict(cfg)
         endpoints = {}
-        n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
         log.info("starting topology %s for %s; run directory %s", cfg.topology, cfg.model, run_dir)
 
         def spawn(role: str, index: int, target, args) -> Child:

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on Ctrl-C / SIGTERM: seconds that requests in flight get to finish (new ones get 503)")
     ap.add_argument("--torch-threads", type=int, default=None,
-                    help="compute threads per worker (default: torch's choice, the machine's cores)")
+                    help="compute threads per engine process (default: on the CPU, the cores this launcher may "
+                         "use less one, shared out between the engine processes, at least 1; on a GPU, up to 4)")
     return ap
 
 
@@ -249,3 +250,15 @@ def topology_counts(topology: str, workers: int) -> tuple[int, int, int]:
     m = re.fullmatch(r"([1-9][0-9]*)p([1-9][0-9]*)d", topology)
     assert m is not None
     return 0, int(m.group(1)), int(m.group(2))
+
+
+def default_torch_threads(engine_processes: int, on_gpu: bool, cores: int | None = None) -> int:
+    """Compute threads per engine process when ``--torch-threads`` is not given. On the CPU the
+    engine processes share the cores this process may use, less one for the frontend (HTTP,
+    tokenizer, detokenizer) and the queue: two threads per worker on a 2-core machine
+    oversubscribe it (measured in docs/benchmarks.md: one thread each serves more requests). On a
+    GPU the host threads only launch work: a few are enough."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, (cores - 1) // max(1, engine_processes))
+    return min(4, share) if on_gpu else share

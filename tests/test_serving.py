@@ -163,3 +163,28 @@ def test_raw_sse_format(server):
 def test_disagg_policy_route_refuses_on_agg(server):
     r = requests.post(server.base_url + "/disagg/policy", json={"max_local_prefill_length": 5})
     assert r.status_code == 400 and "not disaggregated" in r.json()["error"]["message"]
+
+
+def _sse(server, path: str, body: dict) -> list[dict]:
+    with requests.post(server.base_url + path, stream=True, json={**body, "stream": True}) as resp:
+        return [json.loads(line[6:]) for line in resp.iter_lines(decode_unicode=True)
+                if line and line != "data: [DONE]"]
+
+
+def test_one_chunk_per_token_as_vllm_streams(server):
+    """Every generated token is its own chunk (with its text, possibly empty), and the chunks' text
+    is the non-streamed text."""
+    body = {"max_tokens": 17, "ignore_eos": True, "temperature": 0}
+    events = _sse(server, "/completions", {**body, "prompt": "hello"})
+    assert len(events) == 17
+    whole = requests.post(server.base_url + "/completions", json={**body, "prompt": "hello"}).json()
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None] * 16 + ["length"]
+    chat = _sse(server, "/chat/completions", {**body, "messages": [{"role": "user", "content": "hi"}]})
+    assert len(chat) == 1 + 17  # the role chunk, then one per token
+    assert all("content" in e["choices"][0]["delta"] for e in chat)
+
+
+def test_version(server):
+    r = requests.get(server.url + "/version")
+    assert r.status_code == 200 and r.json()["version"]

@@ -220,6 +220,7 @@ class Frontend:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
@@ -379,16 +380,24 @@ class Frontend:
                         self.metrics.itl.observe(gap)
                 last = now
                 self.metrics.generation_tokens.inc(len(d.token_ids))
-                text, stopped = stream.update(d.token_ids, d.finished)
-                if stopped:
-                    outcome = "success"
-                    yield Chunk(text, d.token_ids, True, "stop", stream.stop_reason, d.logprobs or [],
+                # one chunk per token, as vLLM streams (a token that completes no character yet
+                # gets an empty text); a delta carries several when the frontend fell behind
+                toks = d.token_ids or [None]
+                lps = d.logprobs or []
+                for i, tok in enumerate(toks):
+                    last_tok = i == len(toks) - 1
+                    fin = d.finished and last_tok
+                    ids = [] if tok is None else [tok]
+                    text, stopped = stream.update(ids, fin)
+                    lp = lps[i:i + 1] if len(lps) == len(toks) else (lps if last_tok else [])
+                    if stopped:
+                        outcome = "success"
+                        yield Chunk(text, ids, True, "stop", stream.stop_reason, lp, d.num_cached_tokens)
+                        return  # leaving the stream aborts the request on the worker
+                    if fin:
+                        outcome = "success"
+                    yield Chunk(text, ids, fin, d.finish_reason if fin else None, d.stop_reason if fin else None, lp,
                                 d.num_cached_tokens)
-                    return  # leaving the stream aborts the request on the worker
-                if d.finished:
-                    outcome = "success"
-                yield Chunk(text, d.token_ids, d.finished, d.finish_reason, d.stop_reason, d.logprobs or [],
-                            d.num_cached_tokens)
                 if d.finished:
                     return
         except ActorDeadError:
@@ -545,12 +554,13 @@ class Frontend:
             else:
                 stats["completion"] += len(c.token_ids)
                 stats["cached"] = max(stats["cached"], c.num_cached_tokens)
-                if c.text or c.finished or (p.logprobs is not None and c.logprobs):
+                if c.token_ids or c.text or c.finished:  # one chunk per token, with or without text
                     lp = None
                     if p.logprobs is not None and c.logprobs:
                         lp = self._chat_logprobs(c.logprobs) if kind == "chat" else self._text_logprobs(c.logprobs)
                     if kind == "chat":
-                        choice = {"index": index, "delta": {"content": c.text} if c.text else {}, "logprobs": lp,
+                        delta = {"content": c.text} if c.text or c.token_ids else {}
+                        choice = {"index": index, "delta": delta, "logprobs": lp,
                                   "finish_reason": c.finish_reason if c.finished else None}
                     else:
                         choice = {"index": index, "text": c.text, "logprobs": lp,
@@ -591,6 +601,11 @@ class Frontend:
         return web.json_response({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyn-actor",
             "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}]})
+
+    async def version(self, request: web.Request) -> web.Response:
+        from dyn_actor import __version__
+
+        return web.json_response({"version": __version__})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.draining:

@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-OPEN_ROUTES = frozenset({"/health"})
+OPEN_ROUTES = frozenset({"/health", "/version"})
 
 
 def is_loopback(host: str) -> bool:
