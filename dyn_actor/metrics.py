@@ -1,108 +1,113 @@
-"""Prometheus metrics without a client library: counters, gauges and histograms with labels."""
+"""The frontend's Prometheus metrics, on ``prometheus-client``: a registry of its own (never the
+process-global one), counters, gauges and histograms with labels, rendered in the text format.
+
+A thin layer keeps the call sites short (``counter.inc(n, *label_values)``) and the names exactly
+as documented in the README; ``_created`` series are left out.
+"""
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+
+prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values))
-    return "{" + inner + "}"
+class _Labeled:
+    __slots__ = ("metric", "labeled")
+
+    def __init__(self, metric, labels: tuple[str, ...]) -> None:
+        self.metric, self.labeled = metric, bool(labels)
+
+    def _child(self, labels: tuple[str, ...]):
+        return self.metric.labels(*labels) if self.labeled else self.metric
 
 
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
-        self.name, self.help, self.label_names = name, help, labels
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.values: dict[tuple[str, ...], float] = defaultdict(float)
-
+class Counter(_Labeled):
     def inc(self, amount: float = 1.0, *labels: str) -> None:
-        self.values[labels] += amount
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        if not self.label_names and not self.values:
-            lines.append(f"{self.name} 0")
-        for lv, v in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.label_names, lv)} {v:g}")
-        return lines
+        self._child(labels).inc(amount)
 
 
-class Gauge(Counter):
-    kind = "gauge"
+class Gauge(_Labeled):
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        self._child(labels).inc(amount)
 
     def set(self, value: float, *labels: str) -> None:
-        self.values[labels] = value
+        self._child(labels).set(value)
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        super().__init__(name, help)
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
+class Histogram(_Labeled):
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        acc = 0
-        for b, c in zip(self.buckets, self.counts):
-            acc += c
-            lines.append(f'{self.name}_bucket{{le="{b:g}"}} {acc}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {self.sum:g}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
+        self.metric.observe(value)
 
 
 class Registry:
     def __init__(self) -> None:
-        self.metrics: list[_Metric] = []
+        self.registry = CollectorRegistry(auto_describe=True)
 
     def counter(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
-        m = Counter(name, help, labels)
-        self.metrics.append(m)
-        return m
+        # prometheus-client adds "_total" to a counter's name itself
+        return Counter(prometheus_client.Counter(name.removesuffix("_total"), help, labels, registry=self.registry),
+                       labels)
 
     def gauge(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Gauge:
-        m = Gauge(name, help, labels)
-        self.metrics.append(m)
-        return m
+        return Gauge(prometheus_client.Gauge(name, help, labels, registry=self.registry), labels)
 
     def histogram(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
-        m = Histogram(name, help, buckets)
-        self.metrics.append(m)
-        return m
+        return Histogram(prometheus_client.Histogram(name, help, buckets=buckets, registry=self.registry), ())
 
     def render(self) -> str:
-        lines: list[str] = []
-        for m in self.metrics:
-            lines.extend(m.render())  # type: ignore[attr-defined]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
+
+
+class FrontendMetrics:
+    """Every metric the frontend serves on ``/metrics`` (names and labels as in the README)."""
+
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        self.requests = r.counter("dyn_requests_total", "Requests by outcome", ("outcome",))
+        self.ttft = r.histogram("dyn_time_to_first_token_seconds", "Time to first token")
+        self.itl = r.histogram("dyn_inter_token_latency_seconds", "Time between streamed tokens")
+        self.e2e = r.histogram("dyn_e2e_request_latency_seconds", "Request latency, end to end")
+        self.prompt_tokens = r.counter("dyn_prompt_tokens_total", "Prompt tokens of admitted requests")
+        self.generation_tokens = r.counter("dyn_generation_tokens_total", "Generated tokens")
+        self.cache_hits = r.counter("dyn_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")
+        self.local_prefills = r.counter("dyn_local_prefills_total", "Prompts prefilled on their decode/aggregated worker")
+        self.remote_prefills = r.counter("dyn_remote_prefills_total", "Prompts prefilled by a prefill worker")
+        self.kv_bytes = r.counter("dyn_kv_transfer_bytes_total", "KV bytes moved between workers")
+        self.remote_prefill_latency = r.histogram("dyn_remote_prefill_latency_seconds",
+                                                  "From queueing a remote prefill to its KV being in the decode pool")
+        self.queue_depth = r.gauge("dyn_prefill_queue_depth", "Remote prefills waiting in the prefill queue")
+        self.decisions = r.counter("dyn_router_decisions_total", "Requests routed to each worker", ("worker",))
+        self.predicted_overlap = r.counter("dyn_router_predicted_overlap_tokens_total",
+                                           "Prompt tokens the router expected the chosen worker to have cached",
+                                           ("worker",))
+        self.worker_cache_hits = r.counter("dyn_worker_prefix_cache_hit_tokens_total",
+                                           "Prompt tokens the worker served from its prefix cache", ("worker",))
+        self.worker_prompt_tokens = r.counter("dyn_worker_prompt_tokens_total", "Prompt tokens routed to the worker",
+                                              ("worker",))
+        self.kv_index_blocks = r.gauge("dyn_router_kv_index_blocks", "Distinct cached blocks in the router's index")
+        self.kv_worker_blocks = r.gauge("dyn_router_kv_indexed_blocks", "Cached blocks the index holds per worker",
+                                        ("worker",))
+        self.kv_event_batches = r.gauge("dyn_router_kv_event_batches_total", "KV event batches applied", ("worker",))
+        self.kv_resyncs = r.gauge("dyn_router_kv_resyncs_total", "Event-stream gaps that forced a resync",
+                                  ("worker",))
+        self.kv_errors = r.gauge("dyn_router_kv_errors_total",
+                                 "KV-event problems (block_size_mismatch, no_events) per worker", ("worker", "reason"))
+        self.router_active_blocks = r.gauge("dyn_router_active_blocks", "Decode blocks the router counts per worker",
+                                            ("worker",))
+        self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
+        self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
+        self.blocks_used = r.gauge("dyn_worker_kv_blocks_used", "KV blocks held by live requests", ("worker",))
+        self.blocks_total = r.gauge("dyn_worker_kv_blocks_total", "KV blocks in the worker's pool", ("worker",))
+        self.running = r.gauge("dyn_worker_requests_running", "Requests running on the worker", ("worker",))
+        self.waiting = r.gauge("dyn_worker_requests_waiting", "Requests waiting on the worker", ("worker",))
+        self.preemptions = r.gauge("dyn_worker_preemptions", "Preemptions so far", ("worker",))
+        self.remote_timeouts = r.gauge("dyn_worker_remote_prefill_timeouts_total",
+                                       "Remote prefills a decode worker gave up on at the deadline", ("worker",))
+        self.fenced = r.gauge("dyn_worker_kv_blocks_fenced",
+                              "KV blocks held back while a late remote-prefill write may still land", ("worker",))
+        self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
+        self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,15 @@ class LaunchConfig:
     max_request_bytes: int = 4 << 20
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+class _FileParser(argparse.ArgumentParser):
+    """The same flags, for a config file's values: an error is a ``ConfigError``, not an exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap = cls(
         prog="python -m launcher",
         description="Serve an LLM behind an OpenAI-compatible API, one process per worker.",
     )
@@ -144,14 +152,14 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
             raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of flag names to values")
-        known = {a.dest for a in ap._actions}
-        defaults = {}
-        for key, value in data.items():
-            dest = str(key).replace("-", "_")
-            if dest not in known or dest in ("config", "help"):
-                raise ConfigError(f"config file {path}: unknown key {key!r}")
-            defaults[dest] = value
-        ap.set_defaults(**defaults)
+        # the file's values become flags in front of the command line's, so they pass through the
+        # very same types, choices and checks (and a flag given on the command line wins)
+        file_argv = _file_argv(ap, data, path)
+        try:
+            build_parser(_FileParser).parse_args(file_argv)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        argv = file_argv + list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_args(argv)
     ns.__dict__.pop("config", None)
     cfg = LaunchConfig(**vars(ns))
@@ -160,6 +168,24 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     cfg.api_key = resolve_api_key(cfg.api_key, cfg.api_key_file)
     validate(cfg)
     return cfg
+
+
+def _file_argv(ap: argparse.ArgumentParser, data: dict, path: Path) -> list[str]:
+    by_dest = {a.dest: a for a in ap._actions}
+    argv: list[str] = []
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = by_dest.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config file {path}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
 
 
 def resolve_api_key(flag: str | None, path: str | None) -> str | None:

@@ -144,9 +144,10 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
     _child_setup("dyn-actor frontend 0", cfg.log_level)
     from aiohttp import web
 
-    from dyn_actor.components.frontend import Frontend, connect_workers
+    from dyn_actor.components.frontend import Frontend
     from dyn_actor.components.http_edge import EdgePolicy, answer_parser_errors_in_json
     from dyn_actor.components.kv_events import KvEventFeed
+    from dyn_actor.components.worker_client import connect_workers
     from dyn_actor.engine.loader import load_tokenizer
     from dyn_actor.router import Router
 

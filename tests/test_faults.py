@@ -148,6 +148,15 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     cfg.write_text("workers: 2\nbogus_key: 1\n")
     r = _launch_fail("--config", str(cfg))
     assert r.returncode == 2 and "unknown key 'bogus_key'" in r.stderr
+    # a file's values pass the flags' own checks: what the flag refuses, the file may not set
+    for text, words in (("router: foo\n", ("--router", "invalid choice", "'foo'")),
+                        ("dtype: float8\n", ("--dtype", "invalid choice")),
+                        ("workers: many\n", ("--workers", "invalid int value")),
+                        ("enforce_eager: maybe\n", ("enforce_eager", "true or false"))):
+        cfg.write_text(text)
+        r = _launch_fail("--config", str(cfg))
+        assert r.returncode == 2 and all(w in r.stderr for w in words), (text, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_config_file_sets_flags(tmp_path):

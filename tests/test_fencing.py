@@ -30,9 +30,9 @@ from dyn_actor.components.disagg_messages import (
     WriteState,
     WriteStatus,
 )
-from dyn_actor.components.frontend import WorkerClient
 from dyn_actor.components.messages import StatsRequest, WorkerStats
 from dyn_actor.components.prefill_queue import PrefillQueue, depth_endpoint
+from dyn_actor.components.worker_client import WorkerClient
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
 from dyn_actor.kv.transfer import leftover_segments
 from tests.helpers import random_prompt, run_all

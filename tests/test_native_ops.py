@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-from dyn_actor.engine.native_ops import native_lib, paged_decode_attention
 from dyn_actor.kv.pool import KvLayout, KvPool
+from dyn_actor.native_ops import native_lib, paged_decode_attention
 from tests.helpers import random_prompt, run_all
 
 lib = native_lib()

@@ -8,7 +8,7 @@ from dyn_actor.actor import Actor, ActorRef, ActorServer
 from dyn_actor.components.disagg_messages import Depth, Pull, Pulled, Push, QueueDepth, RemotePrefillRequest
 from dyn_actor.components.prefill_queue import PrefillQueue
 from dyn_actor.engine.sampling import SamplingParams
-from dyn_actor.kv.transfer import KvPoolDescriptor
+from dyn_actor.kv.descriptor import KvPoolDescriptor
 from dyn_actor.transport import inproc_endpoint
 
 

@@ -45,6 +45,8 @@ def test_random_router_covers_workers_and_counts_load():
 
 
 def test_prometheus_rendering():
+    from prometheus_client.parser import text_string_to_metric_families
+
     reg = Registry()
     c = reg.counter("dyn_x_total", "x", ("worker",))
     c.inc(2, "w0")
@@ -53,13 +55,20 @@ def test_prometheus_rendering():
     for v in (0.05, 0.5, 5):
         h.observe(v)
     g = reg.gauge("dyn_plain", "plain")
-    text = reg.render()
-    assert 'dyn_x_total{worker="w0"} 2' in text and 'dyn_x_total{worker="w\\"1"} 1' in text
-    assert 'dyn_lat_seconds_bucket{le="0.1"} 1' in text and 'dyn_lat_seconds_bucket{le="1"} 2' in text
-    assert 'dyn_lat_seconds_bucket{le="+Inf"} 3' in text and "dyn_lat_seconds_count 3" in text
-    assert "dyn_plain 0" in text and "# TYPE dyn_lat_seconds histogram" in text
+
+    def samples() -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(reg.render()) for s in fam.samples}
+
+    got = samples()
+    assert got[("dyn_x_total", (("worker", "w0"),))] == 2 and got[("dyn_x_total", (("worker", 'w"1'),))] == 1
+    assert got[("dyn_lat_seconds_bucket", (("le", "0.1"),))] == 1
+    assert got[("dyn_lat_seconds_bucket", (("le", "1.0"),))] == 2
+    assert got[("dyn_lat_seconds_bucket", (("le", "+Inf"),))] == 3 and got[("dyn_lat_seconds_count", ())] == 3
+    assert got[("dyn_plain", ())] == 0 and "# TYPE dyn_lat_seconds histogram" in reg.render()
+    assert not any(name.endswith("_created") for name, _ in got)
     g.set(4)
-    assert "dyn_plain 4" in reg.render()
+    assert samples()[("dyn_plain", ())] == 4
 
 
 def test_openai_request_parsing():

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from dyn_actor.actor import ActorError, ActorRef, ActorServer
-from dyn_actor.components.frontend import WorkerClient
 from dyn_actor.components.messages import StatsRequest, WorkerStats
 from dyn_actor.components.worker import Worker
+from dyn_actor.components.worker_client import WorkerClient
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
 from dyn_actor.transport import inproc_endpoint
 from tests.helpers import run_all

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from dyn_actor.engine.sampling import Logprobs, SamplingParams
-from dyn_actor.kv.transfer import KvPoolDescriptor
+from dyn_actor.kv.descriptor import KvPoolDescriptor
+from dyn_actor.protocol import Logprobs, SamplingParams
 
 
 class RemotePrefillRequest(msgspec.Struct):

@@ -24,15 +24,8 @@ from aiohttp import web
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.http_edge import EdgePolicy
-from dyn_actor.components.kv_events import KvEventFeed
 from dyn_actor.components.messages import (
-    AbortRequest,
-    GenerateRequest,
-    InfoRequest,
-    OutputBatch,
     StatsRequest,
-    Subscribe,
-    TokenDelta,
     WorkerInfo,
     WorkerStats,
 )
@@ -45,82 +38,19 @@ from dyn_actor.components.openai_api import (
     check_messages,
     check_supported,
     decode_body,
-    message_text,
     prompt_list,
     sampling_params,
 )
-from dyn_actor.engine.detokenizer import TextStream
-from dyn_actor.engine.sampling import Logprobs, SamplingParams
-from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
-from dyn_actor.metrics import Registry
+from dyn_actor.components.processor import Processor
+from dyn_actor.engine.tokenizer import Tokenizer
+from dyn_actor.metrics import FrontendMetrics
+from dyn_actor.protocol import Logprobs, SamplingParams
 from dyn_actor.router import NoWorkerAvailable, Route, Router, WorkerEntry
 
 log = logging.getLogger(__name__)
 
 
 _GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
-
-
-class WorkerClient:
-    """The frontend's side of one worker: one ``Subscribe`` stream of per-step ``OutputBatch``es,
-    demultiplexed into a queue per request."""
-
-    def __init__(self, name: str, ref: ActorRef) -> None:
-        self.name = name
-        self.ref = ref
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._dead: ActorError | None = None
-        self._task: asyncio.Task | None = None
-        self.info: WorkerInfo | None = None  # what the worker said it is, at its last (re)join
-
-    def start(self) -> None:
-        """Open (or, after the worker came back, reopen) the output stream."""
-        self._dead = None
-        self._task = asyncio.ensure_future(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for batch in self.ref.stream(Subscribe(), OutputBatch):
-                for item in batch.items:
-                    q = self._queues.get(item.request_id)
-                    if q is not None:
-                        q.put_nowait(item)
-            err: ActorError = ActorDeadError(f"{self.name} closed its output stream")
-        except ActorDeadError as e:
-            err = e
-        except ActorError as e:
-            err = ActorDeadError(f"{self.name}: {e}")
-        self._dead = err
-        queues, self._queues = self._queues, {}
-        for q in queues.values():  # those requests are lost with the stream: each ends with the error
-            q.put_nowait(err)
-
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        """The request's deltas; leaving early aborts it on the worker."""
-        if self._dead is not None:
-            raise self._dead
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
-        finished = False
-        try:
-            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params))
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.error is not None:
-                    finished = True
-                    raise ActorError(item.error, item.error_type)
-                yield item.delta
-                if item.delta.finished:
-                    finished = True
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished and self._dead is None and self.ref.alive:
-                # fire and forget: this may run while the request's task is being cancelled
-                asyncio.ensure_future(self.ref.tell(AbortRequest(request_id)))
 
 
 @dataclass
@@ -134,60 +64,12 @@ class Chunk:
     num_cached_tokens: int = 0
 
 
-class FrontendMetrics:
-    def __init__(self) -> None:
-        r = self.registry = Registry()
-        self.requests = r.counter("dyn_requests_total", "Requests by outcome", ("outcome",))
-        self.ttft = r.histogram("dyn_time_to_first_token_seconds", "Time to first token")
-        self.itl = r.histogram("dyn_inter_token_latency_seconds", "Time between streamed tokens")
-        self.e2e = r.histogram("dyn_e2e_request_latency_seconds", "Request latency, end to end")
-        self.prompt_tokens = r.counter("dyn_prompt_tokens_total", "Prompt tokens of admitted requests")
-        self.generation_tokens = r.counter("dyn_generation_tokens_total", "Generated tokens")
-        self.cache_hits = r.counter("dyn_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")
-        self.local_prefills = r.counter("dyn_local_prefills_total", "Prompts prefilled on their decode/aggregated worker")
-        self.remote_prefills = r.counter("dyn_remote_prefills_total", "Prompts prefilled by a prefill worker")
-        self.kv_bytes = r.counter("dyn_kv_transfer_bytes_total", "KV bytes moved between workers")
-        self.remote_prefill_latency = r.histogram("dyn_remote_prefill_latency_seconds",
-                                                  "From queueing a remote prefill to its KV being in the decode pool")
-        self.queue_depth = r.gauge("dyn_prefill_queue_depth", "Remote prefills waiting in the prefill queue")
-        self.decisions = r.counter("dyn_router_decisions_total", "Requests routed to each worker", ("worker",))
-        self.predicted_overlap = r.counter("dyn_router_predicted_overlap_tokens_total",
-                                           "Prompt tokens the router expected the chosen worker to have cached",
-                                           ("worker",))
-        self.worker_cache_hits = r.counter("dyn_worker_prefix_cache_hit_tokens_total",
-                                           "Prompt tokens the worker served from its prefix cache", ("worker",))
-        self.worker_prompt_tokens = r.counter("dyn_worker_prompt_tokens_total", "Prompt tokens routed to the worker",
-                                              ("worker",))
-        self.kv_index_blocks = r.gauge("dyn_router_kv_index_blocks", "Distinct cached blocks in the router's index")
-        self.kv_worker_blocks = r.gauge("dyn_router_kv_indexed_blocks", "Cached blocks the index holds per worker",
-                                        ("worker",))
-        self.kv_event_batches = r.gauge("dyn_router_kv_event_batches_total", "KV event batches applied", ("worker",))
-        self.kv_resyncs = r.gauge("dyn_router_kv_resyncs_total", "Event-stream gaps that forced a resync",
-                                  ("worker",))
-        self.kv_errors = r.gauge("dyn_router_kv_errors_total",
-                                 "KV-event problems (block_size_mismatch, no_events) per worker", ("worker", "reason"))
-        self.router_active_blocks = r.gauge("dyn_router_active_blocks", "Decode blocks the router counts per worker",
-                                            ("worker",))
-        self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
-        self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
-        self.blocks_used = r.gauge("dyn_worker_kv_blocks_used", "KV blocks held by live requests", ("worker",))
-        self.blocks_total = r.gauge("dyn_worker_kv_blocks_total", "KV blocks in the worker's pool", ("worker",))
-        self.running = r.gauge("dyn_worker_requests_running", "Requests running on the worker", ("worker",))
-        self.waiting = r.gauge("dyn_worker_requests_waiting", "Requests waiting on the worker", ("worker",))
-        self.preemptions = r.gauge("dyn_worker_preemptions", "Preemptions so far", ("worker",))
-        self.remote_timeouts = r.gauge("dyn_worker_remote_prefill_timeouts_total",
-                                       "Remote prefills a decode worker gave up on at the deadline", ("worker",))
-        self.fenced = r.gauge("dyn_worker_kv_blocks_fenced",
-                              "KV blocks held back while a late remote-prefill write may still land", ("worker",))
-        self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
-        self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))
-
-
 class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, router: Router, info: WorkerInfo,
                  edge: EdgePolicy | None = None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
+        self.processor = Processor(model_name, tokenizer, info.max_model_len, info.vocab_size)
         self.edge = edge or EdgePolicy()
         # tokenizing and rendering templates take time in proportion to the body: off the event loop
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
@@ -283,39 +165,9 @@ class Frontend:
             return error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error")
 
     # ------------------------------------------------------------- processor
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", 404,
-                               "invalid_request_error", "model_not_found", "model")
-
-    def _check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        n, limit = len(prompt_ids), self.info.max_model_len
-        if n == 0:
-            raise RequestError("the prompt is empty", param="prompt")
-        if n >= limit:
-            raise RequestError(
-                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens, which leaves "
-                "no room for a completion", code="context_length_exceeded")
-        if max_tokens is not None and n + max_tokens > limit:
-            raise RequestError(
-                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens and max_tokens "
-                f"asks for {max_tokens}; lower max_tokens to at most {limit - n}", code="context_length_exceeded",
-                param="max_tokens")
-        vocab = self.info.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return n
-
     async def _off_loop(self, fn, *args):
         """Run ``fn(*args)`` on the tokenizer threads: a long prompt never holds up other requests."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
-
-    async def _chat_prompt(self, messages, add_generation_prompt: bool) -> list[int]:
-        msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
-        try:
-            return await self._off_loop(self.tokenizer.encode_chat, msgs, add_generation_prompt)
-        except ChatTemplateError as e:
-            raise RequestError(str(e), param="messages") from None
 
     # ------------------------------------------------------------ generation
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
@@ -352,8 +204,7 @@ class Frontend:
         self._in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.set(self._in_flight)
-        stream = TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
-                            params.skip_special_tokens)
+        stream = self.processor.text_stream(prompt_ids, params)
         t0 = last = time.monotonic()
         first = True
         outcome = "abort"
@@ -422,23 +273,23 @@ class Frontend:
     # ----------------------------------------------------------------- routes
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
-        self._check_model(req.model)
+        self.processor.check_model(req.model)
         check_supported(req)
         check_messages(req.messages)
-        prompt_ids = await self._chat_prompt(req.messages, req.add_generation_prompt)
+        prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        self._check_length(prompt_ids, max_tokens)
         params = [sampling_params(req, max_tokens, lp, i) for i in range(req.n)]
+        self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
-        self._check_model(req.model)
+        self.processor.check_model(req.model)
         check_supported(req)
         if req.echo:
             raise RequestError("echo is not supported", param="echo")
@@ -447,14 +298,15 @@ class Frontend:
         if req.best_of not in (None, 1, req.n):
             raise RequestError("best_of is not supported", param="best_of")
         prompts = prompt_list(req.prompt)
-        prompt_ids_list = [await self._off_loop(self.tokenizer.encode, p) if isinstance(p, str) else p for p in prompts]
+        prompt_ids_list = [await self._off_loop(self.processor.encode, p) if isinstance(p, str) else p
+                           for p in prompts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = [sampling_params(req, max_tokens, req.logprobs, i) for i in range(req.n)]
         for ids in prompt_ids_list:
-            self._check_length(ids, max_tokens)
+            self.processor.check_prompt(ids, max_tokens, params[0])
         if len(prompt_ids_list) * req.n > 64:
             raise RequestError("at most 64 completions (prompts x n) per request", param="n")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params = [sampling_params(req, max_tokens, req.logprobs, i) for i in range(req.n)]
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage))
 
@@ -483,11 +335,11 @@ class Frontend:
             p = jobs[index][2]
             if kind == "chat":
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": self._chat_logprobs(lps) if p.logprobs is not None else None,
+                                "logprobs": self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
                                 "finish_reason": reason, "stop_reason": stop_reason})
             else:
                 choices.append({"index": index, "text": text,
-                                "logprobs": self._text_logprobs(lps) if p.logprobs is not None else None,
+                                "logprobs": self.processor.text_logprobs(lps) if p.logprobs is not None else None,
                                 "finish_reason": reason, "stop_reason": stop_reason})
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
         usage = _usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
@@ -557,7 +409,7 @@ class Frontend:
                 if c.token_ids or c.text or c.finished:  # one chunk per token, with or without text
                     lp = None
                     if p.logprobs is not None and c.logprobs:
-                        lp = self._chat_logprobs(c.logprobs) if kind == "chat" else self._text_logprobs(c.logprobs)
+                        lp = self.processor.chat_logprobs(c.logprobs) if kind == "chat" else self.processor.text_logprobs(c.logprobs)
                     if kind == "chat":
                         delta = {"content": c.text} if c.text or c.token_ids else {}
                         choice = {"index": index, "delta": delta, "logprobs": lp,
@@ -575,27 +427,6 @@ class Frontend:
             await send({**base, "choices": [], "usage": _usage(prompt_tokens, stats["completion"], stats["cached"])})
         await resp.write(b"data: [DONE]\n\n")
         return resp
-
-    def _token_str(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _chat_logprobs(self, lps: list[Logprobs]) -> dict:
-        content = []
-        for lp in lps:
-            s = self._token_str(lp.token_id)
-            content.append({"token": s, "logprob": lp.logprob, "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": (t := self._token_str(i)), "logprob": v,
-                                              "bytes": list(t.encode())} for i, v in lp.top]})
-        return {"content": content}
-
-    def _text_logprobs(self, lps: list[Logprobs]) -> dict:
-        tokens = [self._token_str(lp.token_id) for lp in lps]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self._token_str(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
@@ -666,12 +497,12 @@ class Frontend:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         req: TokenizeRequest = decode_body(await request.read(), TokenizeRequest)
-        self._check_model(req.model)
+        self.processor.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise RequestError("give exactly one of prompt or messages")
         if req.messages is not None:
             check_messages(req.messages)
-            ids = await self._chat_prompt(req.messages, req.add_generation_prompt)
+            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt)
         else:
             ids = await self._off_loop(self.tokenizer.encode, req.prompt or "", req.add_special_tokens)
         # a long prompt's ids: msgspec encodes them ~20x faster than json, on the event loop
@@ -681,7 +512,7 @@ class Frontend:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         req: DetokenizeRequest = decode_body(await request.read(), DetokenizeRequest)
-        self._check_model(req.model)
+        self.processor.check_model(req.model)
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise RequestError(f"token ids must be in [0, {vocab})")
@@ -697,60 +528,3 @@ def error_response(message: str, status: int, type: str, code: str | int | None 
                    param: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": type, "param": param,
                                         "code": code if code is not None else status}}, status=status)
-
-
-async def connect_workers(endpoints: dict[str, str], router: Router, wait: float = 60.0,
-                          feed: KvEventFeed | None = None, rejoin_interval: float = 1.0) -> WorkerInfo:
-    """Open refs to every worker, register them with the router (and their KV-event streams with
-    ``feed``), return the first worker's info.
-
-    A worker whose heartbeat lapses is routed around at once. It may only have been stalled, or
-    its supervisor restarts it at the same endpoint: its ref keeps knocking, and a worker that
-    answers again is asked who it is, subscribed to afresh and routed to.
-    """
-    info = None
-    for name, ep in endpoints.items():
-        i = await _connect_worker(name, ep, router, feed, rejoin_interval, wait)
-        info = info or i
-    assert info is not None
-    return info
-
-
-async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed | None, rejoin_interval: float,
-                          wait: float) -> WorkerInfo:
-    ref = await ActorRef(ep, name).start(wait_ready=wait)
-    try:
-        i = await ref.ask(InfoRequest(), WorkerInfo, timeout=wait)
-    except BaseException:
-        await ref.close()
-        raise
-    client = WorkerClient(name, ref)
-
-    def join(info: WorkerInfo) -> None:
-        client.info = info
-        client.start()
-        router.add_worker(name, client)
-        router.check_block_size(name, info.block_size)
-        if feed is not None and info.kv_events_endpoint:
-            feed.add(name, info.kv_events_endpoint, ref)
-
-    def on_dead(_ref: ActorRef) -> None:
-        router.remove_worker(name)
-        if feed is not None:
-            feed.remove(name)
-        log.error("worker %s stopped answering; routing around it", name)
-
-    async def rejoin() -> None:
-        # the worker answers again (it was stalled, or restarted at the same endpoint): it may be a
-        # new process, so ask who it is before routing to it
-        try:
-            info = await ref.ask(InfoRequest(), WorkerInfo, timeout=max(rejoin_interval, 5.0))
-        except (ActorError, asyncio.TimeoutError):
-            return  # dead again: the next revival tries again
-        log.warning("worker %s answers again; routing to it", name)
-        join(info)
-
-    ref.on_dead(on_dead)
-    ref.on_alive(lambda _ref: asyncio.ensure_future(rejoin()))
-    join(i)
-    return i

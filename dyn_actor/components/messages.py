@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from dyn_actor.engine.sampling import Logprobs, SamplingParams
+from dyn_actor.protocol import Logprobs, SamplingParams
 
 # ----------------------------------------------------------------- to a worker
 

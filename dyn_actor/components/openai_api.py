@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dyn_actor.engine.sampling import SamplingParams
+from dyn_actor.protocol import SamplingParams
 
 MAX_N = 16
 

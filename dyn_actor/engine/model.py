@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
-from dyn_actor.engine.native_ops import native_lib, paged_decode_attention
 from dyn_actor.kv.pool import KvPool
+from dyn_actor.native_ops import native_lib, paged_decode_attention
 
 
 @dataclass

@@ -11,73 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import msgspec
 import torch
 
-_GREEDY_EPS = 1e-5
-
-
-_I32 = 2**31 - 1  # integers that go into tensors
-
-
-class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
-    skip_special_tokens: bool = True
-
-    def validate(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise ``ValueError`` with a user-facing message for any bad value; return self."""
-        if self.max_tokens is not None and not 1 <= self.max_tokens <= _I32:
-            raise ValueError(f"max_tokens must be between 1 and {_I32}, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not -1 <= self.top_k <= _I32:
-            raise ValueError(f"top_k must be -1 (off), 0 (off) or positive (at most {_I32}), got {self.top_k}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 <= self.min_tokens <= _I32:
-            raise ValueError(f"min_tokens must be between 0 and {_I32}, got {self.min_tokens}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-        if vocab_size is not None:
-            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
-
-
-class Logprobs(msgspec.Struct, array_like=True):
-    """Logprob of the sampled token and of the top alternatives at one position."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
-
-
-class SampleResult(msgspec.Struct):
-    token_ids: list[int]
-    logprobs: list[Logprobs | None]
+from dyn_actor.protocol import _GREEDY_EPS, Logprobs, SampleResult, SamplingParams  # noqa: F401  (re-exported)
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

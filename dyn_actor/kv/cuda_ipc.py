@@ -18,24 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import msgspec
 import torch
 
+from dyn_actor.kv.descriptor import CudaIpcHandle, KvPoolDescriptor
 from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool
-
-
-class CudaIpcHandle(msgspec.Struct, frozen=True):
-    """What ``UntypedStorage._share_cuda_()`` returns, as bytes and ints."""
-
-    device: int
-    handle: bytes
-    size_bytes: int
-    offset_bytes: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes | None
-    event_sync_required: bool
-
 
 # --------------------------------------------------------------------------- scatter kernel
 _kernel = None
@@ -137,8 +123,6 @@ class CudaKvPool(KvPool):
             raise ValueError(f"CudaKvPool needs a CUDA device, got {self.data.device}")
 
     def descriptor(self):
-        from dyn_actor.kv.transfer import KvPoolDescriptor
-
         storage = self.data.untyped_storage()
         dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
         ipc = CudaIpcHandle(int(dev), bytes(handle), int(size), int(offset), bytes(rc_handle), int(rc_offset),

@@ -70,7 +70,7 @@ class KvPool:
         """A copy of the given blocks, shape ``[len(block_ids), *block_shape]``."""
         ids = list(block_ids)
         if self.data.device.type == "cpu":
-            from dyn_actor.engine.native_ops import copy_blocks
+            from dyn_actor.native_ops import copy_blocks
 
             check_block_ids(ids, self.layout.num_blocks)
             out = torch.empty((len(ids), *self.layout.shape[1:]), dtype=self.data.dtype)
@@ -84,7 +84,7 @@ class KvPool:
         check_block_write(self.layout.shape, block_ids, blocks)
         ids = list(block_ids)
         if self.data.device.type == "cpu":
-            from dyn_actor.engine.native_ops import copy_blocks
+            from dyn_actor.native_ops import copy_blocks
 
             copy_blocks(self.data, blocks.to(dtype=self.data.dtype).contiguous(), ids, scatter=True)
             return

@@ -27,23 +27,13 @@ import uuid
 from collections.abc import Sequence
 from multiprocessing import shared_memory
 
-import msgspec
 import torch
 
-from dyn_actor.engine.native_ops import copy_blocks, move_blocks
-from dyn_actor.kv.cuda_ipc import CudaIpcHandle
+from dyn_actor.kv.descriptor import KvPoolDescriptor
 from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool, check_block_ids
+from dyn_actor.native_ops import copy_blocks, move_blocks
 
 SHM_PREFIX = "dyn-actor-kv-"
-
-
-class KvPoolDescriptor(msgspec.Struct, frozen=True):
-    kind: str  # "shm" | "cuda_ipc"
-    name: str  # shared-memory segment name (shm)
-    shape: list[int]
-    dtype: str
-    device: int = -1
-    cuda: CudaIpcHandle | None = None  # kind "cuda_ipc" only
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

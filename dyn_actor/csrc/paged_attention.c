@@ -9,7 +9,7 @@
  * processed together (grouped-query heads share their KV head's part of the
  * row), so each K/V row is read once per step, front to back. Two passes over the context: scores + softmax, then
  * the weighted sum of V. Parallel over sequences with OpenMP; built and loaded
- * at run time by dyn_actor.engine.native_ops.
+ * at run time by dyn_actor.native_ops.
  */
 #include <math.h>
 #include <stdint.h>

@@ -1,0 +1,87 @@
+"""The processor: what the frontend does with text and token ids, with no I/O of its own (pure,
+so it is unit-tested without a server). The model's limits checked on a prompt, chat templates,
+tokenizing, the per-request text stream (incremental detokenization and stop strings), and the
+OpenAI shapes of logprobs."""
+
+from __future__ import annotations
+
+from dyn_actor.components.openai_api import RequestError, message_text
+from dyn_actor.engine.detokenizer import TextStream
+from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
+from dyn_actor.protocol import Logprobs, SamplingParams
+
+
+class Processor:
+    def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    # ------------------------------------------------------------- requests
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", 404,
+                               "invalid_request_error", "model_not_found", "model")
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, params: SamplingParams | None = None) -> int:
+        """What only the model can tell of a request: the context length, the vocabulary of the
+        prompt and of ``stop_token_ids``. A 400 naming the parameter; return the prompt's length."""
+        n, limit = len(prompt_ids), self.max_model_len
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if n >= limit:
+            raise RequestError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens, which leaves "
+                "no room for a completion", code="context_length_exceeded")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise RequestError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens and max_tokens "
+                f"asks for {max_tokens}; lower max_tokens to at most {limit - n}", code="context_length_exceeded",
+                param="max_tokens")
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if params is not None:
+            bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab})",
+                                   param="stop_token_ids")
+        return n
+
+    def chat_prompt(self, messages, add_generation_prompt: bool) -> list[int]:
+        """The chat template applied and tokenized (slow for long conversations: call it off the loop)."""
+        msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
+        try:
+            return self.tokenizer.encode_chat(msgs, add_generation_prompt)
+        except ChatTemplateError as e:
+            raise RequestError(str(e), param="messages") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    # -------------------------------------------------------------- outputs
+    def text_stream(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
+        return TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+                          params.skip_special_tokens)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(self, lps: list[Logprobs]) -> dict:
+        content = []
+        for lp in lps:
+            s = self.token_str(lp.token_id)
+            content.append({"token": s, "logprob": lp.logprob, "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": (t := self.token_str(i)), "logprob": v,
+                                              "bytes": list(t.encode())} for i, v in lp.top]})
+        return {"content": content}
+
+    def text_logprobs(self, lps: list[Logprobs]) -> dict:
+        tokens = [self.token_str(lp.token_id) for lp in lps]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.token_str(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
