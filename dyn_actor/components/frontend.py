@@ -10,7 +10,6 @@ the worker and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -344,8 +343,8 @@ class Frontend:
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
         usage = _usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                                  "choices": choices, "usage": usage})
+        return _json({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                      "choices": choices, "usage": usage})
 
     async def _stream_response(self, request, rid, kind, jobs, include_usage) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
@@ -383,7 +382,7 @@ class Frontend:
         base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
 
         async def send(payload: dict) -> None:
-            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+            await resp.write(b"data: " + _encode(payload) + b"\n\n")
 
         if kind == "chat":
             for index, _, _ in jobs:
@@ -517,6 +516,13 @@ class Frontend:
         if any(not 0 <= t < vocab for t in req.tokens):
             raise RequestError(f"token ids must be in [0, {vocab})")
         return web.json_response({"prompt": self.tokenizer.decode(req.tokens)})
+
+
+_encode = msgspec.json.Encoder().encode  # response bodies: encoded once, by msgspec (~5x json.dumps)
+
+
+def _json(obj, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(obj), status=status, content_type="application/json")
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict:

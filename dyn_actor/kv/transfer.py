@@ -10,8 +10,6 @@ One interface, chosen by device:
 - GPU (``dyn_actor.kv.cuda_ipc``): the pool is device memory exported by CUDA
   IPC handle (torch's storage sharing); the peer opens it once, scatters with
   one fused kernel, and synchronises its stream before it reports completion.
-  (Not yet run on a GPU in this project: no GPU was lent to the sessions that
-  wrote it.)
 
 ``make_shared_pool`` and ``open_remote_pool`` choose the implementation.
 
