@@ -71,7 +71,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     cfg = LaunchConfig(**cfg_dict)
     _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
     if cfg.engine == "vllm":
-        vllm_worker_main(index, cfg, endpoint, conn, role)
+        vllm_worker_main(index, cfg, endpoint, conn, role, gpu is not None, gpu_share)
         return
     from dyn_actor.actor import ActorServer
     from dyn_actor.components.worker import Worker
@@ -118,12 +118,13 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     _run(main)
 
 
-def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: str) -> None:
+def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: str, on_gpu: bool,
+                     gpu_share: float) -> None:
     """``--engine vllm``: an aggregated worker driving vLLM's AsyncLLM (its engine core runs in a
     process of vLLM's own, a child of this one)."""
     from dyn_actor.actor import ActorServer
     from dyn_actor.components.messages import WorkerInfo
-    from dyn_actor.components.vllm_worker import VllmWorker, engine_args, patch_vllm_version
+    from dyn_actor.components.vllm_worker import VllmWorker, cpu_memory_share, engine_args, patch_vllm_version
 
     if role != "worker":
         conn.send(("failed", f"{role} {index}: --engine vllm serves --topology agg only (its KV connector "
@@ -140,8 +141,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
 
             from dyn_actor.engine.loader import load_tokenizer
 
+            util = gpu_share if on_gpu else cpu_memory_share(cfg.kv_cache_memory_gb or 1.0)
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
-                                                        cfg.gpu_memory_utilization, cfg.vllm_args))
+                                                        util, cfg.vllm_args))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)

@@ -4,12 +4,13 @@ vLLM's own offline ``LLM`` on the same checkpoint. One launch for the module."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 import requests
 
-from dyn_actor.components.vllm_worker import patch_vllm_version
+from dyn_actor.components.vllm_worker import cpu_memory_share, patch_vllm_version
 from tests.server import Server
 
 pytestmark = pytest.mark.vllm
@@ -71,11 +72,15 @@ def test_greedy_tokens_equal_vllm_offline(server, model_dir):
             "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text
         got.append(r.json()["choices"][0]["text"])
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, seed=0)
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, seed=0,
+              gpu_memory_utilization=cpu_memory_share(1.0))  # beside the server's own vLLM
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    want = [list(o.outputs[0].token_ids) for o in outs]
+    del llm, outs  # vLLM's engine core goes now, not at interpreter exit
+    gc.collect()
     tok = load_tokenizer(str(model_dir))
-    assert got == [tok.decode(list(o.outputs[0].token_ids)) for o in outs]
+    assert got == [tok.decode(w) for w in want]
 
 
 def test_unsupported_and_bad_input_are_400s(server):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from dyn_actor.actor import Actor
@@ -59,6 +60,13 @@ def patch_vllm_version() -> None:
 
     version._dyn_patched = True  # type: ignore[attr-defined]
     importlib.metadata.version = version
+
+
+def cpu_memory_share(kv_cache_gb: float) -> float:
+    """On the CPU, vLLM reads ``gpu_memory_utilization`` as the share of the machine's memory it
+    reserves: ask for the KV cache and ~2 GiB besides, not 90% of the machine."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return round(min(0.9, max(0.05, (kv_cache_gb + 2.0) / total)), 3)
 
 
 def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager: bool,
