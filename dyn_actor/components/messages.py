@@ -126,3 +126,9 @@ class Subscribers:
             self._queues.remove(q)
             if not self._queues:
                 self._on_last_gone()
+
+
+def worker_handlers(w) -> dict:
+    """The handlers every worker actor (native or vLLM) has, by message type."""
+    return {GenerateRequest: w.generate, AbortRequest: w.abort, StatsRequest: w.stats, InfoRequest: w.info,
+            Subscribe: w.subscribe, KvSnapshotRequest: w.kv_snapshot}

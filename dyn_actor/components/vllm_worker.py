@@ -35,6 +35,7 @@ from dyn_actor.components.messages import (
     WorkerInfo,
     WorkerMessage,
     WorkerStats,
+    worker_handlers,
 )
 from dyn_actor.kv.events import KvSnapshot
 from dyn_actor.protocol import Logprobs, SamplingParams
@@ -133,14 +134,7 @@ class VllmWorker(Actor):
         self._generated = 0
 
     def handlers(self):
-        return {
-            GenerateRequest: self.generate,
-            AbortRequest: self.abort,
-            StatsRequest: self.stats,
-            InfoRequest: self.info,
-            Subscribe: self.subscribe,
-            KvSnapshotRequest: self.kv_snapshot,
-        }
+        return worker_handlers(self)
 
     async def on_stop(self) -> None:
         for t in list(self._tasks.values()):

@@ -30,6 +30,7 @@ from dyn_actor.components.messages import (
     WorkerInfo,
     WorkerMessage,
     WorkerStats,
+    worker_handlers,
 )
 from dyn_actor.engine.engine import LLMEngine, RequestOutput
 from dyn_actor.kv.events import KvEvent, KvEventBatch, KvSnapshot, WorkerLoad
@@ -61,14 +62,7 @@ class Worker(Actor):
         self._pub_tasks: list[asyncio.Task] = []
 
     def handlers(self):
-        return {
-            GenerateRequest: self.generate,
-            AbortRequest: self.abort,
-            StatsRequest: self.stats,
-            InfoRequest: self.info,
-            Subscribe: self.subscribe,
-            KvSnapshotRequest: self.kv_snapshot,
-        }
+        return worker_handlers(self)
 
     async def on_start(self) -> None:
         on_kv = None
