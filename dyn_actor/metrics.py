@@ -111,3 +111,6 @@ class FrontendMetrics:
                               "KV blocks held back while a late remote-prefill write may still land", ("worker",))
         self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
         self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))
+        self.planner_decisions = r.counter("dyn_planner_decisions_total",
+                                           "Planner decisions by action (observe mode: what it would do)",
+                                           ("action",))

@@ -173,3 +173,24 @@ def replay(snapshots: Iterable[Snapshot], cfg: PlannerConfig) -> list[Decision]:
     """The decisions a fresh planner takes on these snapshots, in order."""
     p = Planner(cfg)
     return [p.tick(s) for s in snapshots]
+
+
+# ------------------------------------------------------------------ windows of histograms
+def window_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of what a cumulative histogram gained between two readings
+    (``[(upper bound, cumulative count)]``, ``+Inf`` last), interpolated inside its bucket; None
+    when nothing was observed."""
+    prev = dict(before)
+    counts = [(le, c - prev.get(le, 0.0)) for le, c in after]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, c in counts:
+        if c >= rank:
+            if le == float("inf"):
+                return lower
+            span = c - below
+            return lower + (le - lower) * ((rank - below) / span if span > 0 else 1.0)
+        lower, below = le, c
+    return lower

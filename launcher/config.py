@@ -54,6 +54,14 @@ class LaunchConfig:
     metrics_require_key: bool = False
     allowed_hosts: list[str] = field(default_factory=list)
     vllm_args: list[str] = field(default_factory=list)
+    planner: str = "observe"
+    planner_interval: float = 2.0
+    planner_log: str | None = None
+    ttft_slo_ms: float = 2000.0
+    itl_slo_ms: float = 100.0
+    max_workers: int | None = None
+    min_prefill: int = 1
+    min_decode: int = 1
     max_request_bytes: int = 4 << 20
 
 
@@ -127,6 +135,18 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "(with a back-off, at most 10 times in 10 minutes)")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on Ctrl-C / SIGTERM: seconds that requests in flight get to finish (new ones get 503)")
+    ap.add_argument("--planner", default="observe", choices=["off", "observe", "active"],
+                    help="disaggregated topologies: observe logs, counts and shows what the planner would change "
+                         "(GET /v1/planner/state); active is not available yet")
+    ap.add_argument("--planner-interval", type=float, default=2.0, help="seconds between planner ticks")
+    ap.add_argument("--planner-log", default=None, metavar="PATH",
+                    help="append every planner tick (snapshot and decision) to this JSON-lines file")
+    ap.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="planner: the TTFT target (p90)")
+    ap.add_argument("--itl-slo-ms", type=float, default=100.0, help="planner: the inter-token latency target (p90)")
+    ap.add_argument("--max-workers", type=int, default=None,
+                    help="planner: prefill + decode workers at most (default: as launched, or the GPUs)")
+    ap.add_argument("--min-prefill", type=int, default=1, help="planner: prefill workers at least")
+    ap.add_argument("--min-decode", type=int, default=1, help="planner: decode workers at least")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="compute threads per engine process (default: on the CPU, the cores this launcher may "
                          "use less one, shared out between the engine processes, at least 1; on a GPU, up to 4)")
@@ -219,6 +239,13 @@ def validate(cfg: LaunchConfig) -> None:
         if cfg.topology != "agg":
             raise ConfigError("--engine vllm serves --topology agg only for now (disaggregation through our KV "
                               "connector is not written yet)")
+    if cfg.planner == "active":
+        raise ConfigError("--planner active is not available yet (the launcher cannot add or remove workers while "
+                          "serving); use --planner observe")
+    if cfg.planner_interval <= 0 or cfg.ttft_slo_ms <= 0 or cfg.itl_slo_ms <= 0:
+        raise ConfigError("--planner-interval, --ttft-slo-ms and --itl-slo-ms must be positive")
+    if cfg.min_prefill < 1 or cfg.min_decode < 1 or (cfg.max_workers is not None and cfg.max_workers < 2):
+        raise ConfigError("--min-prefill and --min-decode must be >= 1, --max-workers >= 2")
     if cfg.kv_overlap_weight < 0:
         raise ConfigError("--kv-overlap-weight must be >= 0")
     if cfg.router_temperature < 0:

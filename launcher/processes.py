@@ -215,6 +215,17 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 from dyn_actor.actor import ActorRef
 
                 frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
+                if cfg.planner == "observe":
+                    from dyn_actor.components.planner_loop import PlannerLoop
+                    from dyn_actor.planner import PlannerConfig
+                    from launcher.config import topology_counts
+
+                    _, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
+                    frontend.planner = PlannerLoop(frontend, PlannerConfig(
+                        ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
+                        min_decode=cfg.min_decode, max_workers=cfg.max_workers or n_prefill + n_decode),
+                        n_prefill, cfg.planner_interval, cfg.planner_log)
+                    frontend.planner.start()
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()
             answer_parser_errors_in_json(runner)
@@ -238,6 +249,8 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
         await stop.wait()
         await frontend.drain(cfg.drain_timeout)
         poller.cancel()
+        if frontend.planner is not None:
+            frontend.planner.stop()
         await feed.close()
         await runner.cleanup()
 

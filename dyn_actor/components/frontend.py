@@ -81,6 +81,8 @@ class Frontend:
         self._idle.set()
         self.draining = False
         self.prefill_queue: ActorRef | None = None  # disaggregated topologies
+        self.queue_depth = 0  # the prefill queue's depth at the last refresh
+        self.planner = None  # a components.planner_loop.PlannerLoop (--planner observe)
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests (503) and wait up to ``timeout`` s for those in flight to finish.
@@ -106,6 +108,7 @@ class Frontend:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/router/state", self.router_state)
+        app.router.add_get("/v1/planner/state", self.planner_state)
         app.router.add_get("/v1/disagg/policy", self.disagg_policy)
         app.router.add_post("/v1/disagg/policy", self.disagg_policy)
         return app
@@ -470,6 +473,7 @@ class Frontend:
                 d = await self.prefill_queue.ask(Depth(), QueueDepth, timeout=timeout)
             except (ActorError, asyncio.TimeoutError):
                 return
+            self.queue_depth = d.depth
             self.metrics.queue_depth.set(d.depth)
 
         m, router = self.metrics, self.router
@@ -483,6 +487,11 @@ class Frontend:
         for (worker, reason), n in router.kv_errors.items():
             m.kv_errors.set(n, worker, reason)
         await asyncio.gather(*(one(e) for e in self.router.live_workers()), queue_depth())
+
+    async def planner_state(self, request: web.Request) -> web.Response:
+        if self.planner is None:
+            return _json({"mode": "off", "recent": []})
+        return _json(self.planner.state())
 
     async def router_state(self, request: web.Request) -> web.Response:
         """The router's view, for people debugging a deployment: index size, per-worker load and
