@@ -96,8 +96,9 @@ class WorkerInfo(msgspec.Struct):
 
 class Subscribers:
     """A worker's output streams: ``publish`` hands one step's deltas to every subscriber;
-    ``stream`` is the body of a ``Subscribe`` handler (a subscriber that fell behind gets what
-    piled up as one batch). ``on_last_gone`` runs when the last subscriber leaves (the frontend
+    ``stream`` is the body of a ``Subscribe`` handler: an empty batch first (the subscriber knows it
+    is registered), then a batch per step (a subscriber that fell behind gets what piled up as
+    one). ``on_last_gone`` runs when the last subscriber leaves (the frontend
     went away: nobody will read the requests' outputs)."""
 
     def __init__(self, on_last_gone) -> None:
@@ -117,6 +118,7 @@ class Subscribers:
         q: asyncio.Queue = asyncio.Queue()
         self._queues.append(q)
         try:
+            yield OutputBatch([])  # registered: from here on, the subscriber sees every output
             while True:
                 items = await q.get()
                 while not q.empty():

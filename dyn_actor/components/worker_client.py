@@ -36,15 +36,27 @@ class WorkerClient:
         self._dead: ActorError | None = None
         self._task: asyncio.Task | None = None
         self.info: WorkerInfo | None = None  # what the worker said it is, at its last (re)join
+        self._subscribed = asyncio.Event()  # the worker has registered the stream (its first, empty batch came)
 
     def start(self) -> None:
         """Open (or, after the worker came back, reopen) the output stream."""
         self._dead = None
+        self._subscribed.clear()
         self._task = asyncio.ensure_future(self._pump())
+
+    async def subscribed(self, timeout: float) -> bool:
+        """Wait until the worker has the stream: a request sent before that could have its first
+        outputs published to nobody."""
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _pump(self) -> None:
         try:
             async for batch in self.ref.stream(Subscribe(), OutputBatch):
+                self._subscribed.set()
                 for item in batch.items:
                     q = self._queues.get(item.request_id)
                     if q is not None:
@@ -114,9 +126,11 @@ async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed 
         raise
     client = WorkerClient(name, ref)
 
-    def join(info: WorkerInfo) -> None:
+    async def join(info: WorkerInfo, timeout: float) -> None:
         client.info = info
         client.start()
+        if not await client.subscribed(timeout):  # routed to only once its outputs have a reader
+            log.warning("worker %s took over %.0f s to accept the output stream; routing to it anyway", name, timeout)
         router.add_worker(name, client)
         router.check_block_size(name, info.block_size)
         if feed is not None and info.kv_events_endpoint:
@@ -136,9 +150,9 @@ async def _connect_worker(name: str, ep: str, router: Router, feed: KvEventFeed 
         except (ActorError, asyncio.TimeoutError):
             return  # dead again: the next revival tries again
         log.warning("worker %s answers again; routing to it", name)
-        join(info)
+        await join(info, max(rejoin_interval, 5.0))
 
     ref.on_dead(on_dead)
     ref.on_alive(lambda _ref: asyncio.ensure_future(rejoin()))
-    join(i)
+    await join(i, wait)
     return i
