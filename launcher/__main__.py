@@ -58,6 +58,8 @@ class Child:
         self.restarts: list[float] = []  # times of restarts, for the budget
         self.backoff = BACKOFF_FIRST
         self.restart_at: float | None = None
+        self.added = False  # started by the planner while serving
+        self.retiring = False  # stopped on purpose (the planner removed it): not restarted
 
     def spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=False)
@@ -147,8 +149,13 @@ class Supervisor:
         """Handle exits, due restarts and restarted children becoming ready. Returns a reason to
         stop everything, or None."""
         now = time.monotonic()
-        for c in self.children:
-            if not c.exited and not c.proc.is_alive():
+        for c in list(self.children):
+            if c.retiring and not c.proc.is_alive():
+                c.exited = True
+                log.warning("%s stopped (removed by the planner; exit code %s)", c.name, c.proc.exitcode)
+                _remove_segments(c)
+                self.children.remove(c)
+            elif not c.exited and not c.proc.is_alive():
                 c.exited = True
                 log.error("%s exited unexpectedly (exit code %s)", c.name, c.proc.exitcode)
                 _remove_segments(c)
@@ -164,7 +171,10 @@ class Supervisor:
                 got = c.poll_ready()
                 if got is not None:
                     status, detail = got
-                    if status == "ready":
+                    if status == "ready" and c.added and not c.restarts:
+                        c.ready = True
+                        log.warning("%s is up (added by the planner; pid %d)", c.name, c.proc.pid)
+                    elif status == "ready":
                         c.ready = True
                         log.warning("%s is back (pid %d); its peers reconnect to it", c.name, c.proc.pid)
                     else:
@@ -265,9 +275,39 @@ def main(argv: list[str] | None = None) -> int:
             return code
         print(f"ready: {frontend.detail}", flush=True)
         supervisor = Supervisor(children, cfg.restart_policy)
+
+        def scale(action: str) -> None:
+            """The planner (active) asks, through the frontend's pipe: a prefill worker more or less."""
+            prefill = [c for c in children if c.role == "prefill" and not c.retiring]
+            if action == "add_prefill":
+                i = max((c.index for c in children if c.role == "prefill"), default=-1) + 1
+                gpu = gpus[i % len(gpus)] if gpus else None
+                c = spawn("prefill", i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"prefill-{i}"), "prefill",
+                                                       queue_ep, gpu, cfg.gpu_memory_utilization / 2))
+                c.added = True
+                log.warning("planner: adding prefill %d (pid %d)", i, c.proc.pid)
+            elif action == "remove_prefill" and len(prefill) > 1:
+                c = max(prefill, key=lambda c: c.index)
+                c.retiring = True
+                log.warning("planner: removing %s: it finishes what it holds, then exits", c.name)
+                try:
+                    os.kill(c.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            else:
+                log.warning("planner: %s is not carried out here", action)
+
         while not stopping():
             conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
-            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r], timeout=0.5)
+            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r, frontend.conn],
+                 timeout=0.5)
+            while frontend.ready and not frontend.exited and frontend.conn.poll():
+                try:
+                    msg = frontend.conn.recv()
+                except EOFError:
+                    break
+                if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "scale":
+                    scale(msg[1])
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

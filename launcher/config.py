@@ -57,6 +57,8 @@ class LaunchConfig:
     planner: str = "observe"
     planner_interval: float = 2.0
     planner_log: str | None = None
+    planner_cooldown: float = 20.0
+    planner_warmup: float = 10.0
     ttft_slo_ms: float = 2000.0
     itl_slo_ms: float = 100.0
     max_workers: int | None = None
@@ -137,8 +139,11 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="on Ctrl-C / SIGTERM: seconds that requests in flight get to finish (new ones get 503)")
     ap.add_argument("--planner", default="observe", choices=["off", "observe", "active"],
                     help="disaggregated topologies: observe logs, counts and shows what the planner would change "
-                         "(GET /v1/planner/state); active is not available yet")
+                         "(GET /v1/planner/state); active also adds and removes prefill workers while serving")
     ap.add_argument("--planner-interval", type=float, default=2.0, help="seconds between planner ticks")
+    ap.add_argument("--planner-cooldown", type=float, default=20.0, help="planner: seconds after an action")
+    ap.add_argument("--planner-warmup", type=float, default=10.0,
+                    help="planner: seconds a new worker's samples are not trusted (nothing is decided meanwhile)")
     ap.add_argument("--planner-log", default=None, metavar="PATH",
                     help="append every planner tick (snapshot and decision) to this JSON-lines file")
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="planner: the TTFT target (p90)")
@@ -239,9 +244,8 @@ def validate(cfg: LaunchConfig) -> None:
         if cfg.topology != "agg":
             raise ConfigError("--engine vllm serves --topology agg only for now (disaggregation through our KV "
                               "connector is not written yet)")
-    if cfg.planner == "active":
-        raise ConfigError("--planner active is not available yet (the launcher cannot add or remove workers while "
-                          "serving); use --planner observe")
+    if cfg.planner_cooldown < 0 or cfg.planner_warmup < 0:
+        raise ConfigError("--planner-cooldown and --planner-warmup must be >= 0")
     if cfg.planner_interval <= 0 or cfg.ttft_slo_ms <= 0 or cfg.itl_slo_ms <= 0:
         raise ConfigError("--planner-interval, --ttft-slo-ms and --itl-slo-ms must be positive")
     if cfg.min_prefill < 1 or cfg.min_decode < 1 or (cfg.max_workers is not None and cfg.max_workers < 2):

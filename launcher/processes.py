@@ -109,7 +109,10 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         else:
             actor = Worker(name, engine, events_endpoint)
         server = ActorServer(actor, endpoint)
-        _stop_on_sigterm(server.stop)
+        if role == "prefill":  # finish what was pulled first (the planner may be removing this worker)
+            _stop_on_sigterm(lambda: asyncio.ensure_future(actor.drain(cfg.drain_timeout)))
+        else:
+            _stop_on_sigterm(server.stop)
         try:
             await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on {device}")))
         finally:
@@ -215,7 +218,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 from dyn_actor.actor import ActorRef
 
                 frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
-                if cfg.planner == "observe":
+                if cfg.planner in ("observe", "active"):
                     from dyn_actor.components.planner_loop import PlannerLoop
                     from dyn_actor.planner import PlannerConfig
                     from launcher.config import topology_counts
@@ -223,8 +226,10 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                     _, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
                     frontend.planner = PlannerLoop(frontend, PlannerConfig(
                         ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
-                        min_decode=cfg.min_decode, max_workers=cfg.max_workers or n_prefill + n_decode),
-                        n_prefill, cfg.planner_interval, cfg.planner_log)
+                        min_decode=cfg.min_decode, max_workers=cfg.max_workers or n_prefill + n_decode,
+                        cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup),
+                        n_prefill, cfg.planner_interval, cfg.planner_log,
+                        act=(lambda action: conn.send(("scale", action))) if cfg.planner == "active" else None)
                     frontend.planner.start()
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()

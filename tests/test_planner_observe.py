@@ -61,13 +61,44 @@ def test_planner_flags():
         s.stop()
 
 
-def test_active_mode_is_refused_with_one_line():
-    import subprocess
-    import sys
+def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
+    """--planner active: a burst of long prompts missing the TTFT target adds a prefill worker
+    (the launcher starts it while serving); when the burst is over the planner removes it (it
+    finishes what it pulled, then exits). No request fails; nothing is left after stop."""
+    s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--max-local-prefill-length", "8",
+               "--ttft-slo-ms", "1", "--planner-interval", "0.5", "--planner-cooldown", "2", "--planner-warmup", "1",
+               "--kv-cache-memory-gb", "0.1")
+    stop, failures, done = threading.Event(), [], []
 
-    from tests.server import ROOT
+    def load():
+        while not stop.is_set():
+            r = requests.post(s.base_url + "/completions", timeout=60,
+                              json={"prompt": "a long prompt " * 30, "max_tokens": 4})
+            (done if r.status_code == 200 else failures).append(r.status_code)
 
-    r = subprocess.run([sys.executable, "-m", "launcher", "--planner", "active"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "--planner active is not available yet" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "prefill 1 is up (added by the planner" not in s.log():
+            time.sleep(0.5)
+        assert "prefill 1 is up (added by the planner" in s.log(), s.log()[-3000:]
+        assert "prefill 1" in s.pids()
+        stop.set()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "prefill 1 stopped (removed by the planner" not in s.log():
+            time.sleep(0.5)
+        assert "prefill 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
+        assert "prefill 1" not in s.pids() and "prefill 0" in s.pids()
+        assert done and not failures, failures
+        state = requests.get(s.base_url + "/planner/state", timeout=10).json()
+        assert state["mode"] == "active" and state["prefill_workers"] == 1
+        assert requests.post(s.base_url + "/completions", timeout=60,
+                             json={"prompt": "a long prompt " * 30, "max_tokens": 4}).status_code == 200
+    finally:
+        stop.set()
+        code, err = s.stop()
+    assert code == 0, err[-2000:]

@@ -1,4 +1,4 @@
-"""The planner in observe mode, in the frontend process: every ``--planner-interval`` seconds it
+"""The planner in the frontend process: every ``--planner-interval`` seconds it
 builds a ``Snapshot`` from what the frontend already knows (the decode workers' load as they
 publish it, the prefill queue's depth, the TTFT/ITL histograms over the last interval), asks
 ``dyn_actor.planner.decide`` what to change, and logs, counts (``dyn_planner_decisions_total``)
@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 from dyn_actor.planner import Planner, PlannerConfig, Snapshot, WorkerSample, record, window_quantile
 
@@ -31,10 +32,11 @@ def _buckets(hist) -> list[tuple[float, float]]:
 
 class PlannerLoop:
     def __init__(self, frontend, cfg: PlannerConfig, num_prefill: int, interval: float = 2.0,
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, act: Callable[[str], None] | None = None) -> None:
         self.frontend = frontend
         self.planner = Planner(cfg)
-        self.num_prefill = num_prefill
+        self.act = act
+        self.prefill_started = [time.monotonic()] * num_prefill
         self.interval = interval
         self.log_path = log_path
         self.started = time.monotonic()
@@ -65,7 +67,7 @@ class PlannerLoop:
         (t0, i0, e0), self._last = self._last, (ttft, itl, e2e)
         finished = (e2e[-1][1] - e0[-1][1]) if e2e and e0 else 0.0
         q_ttft, q_itl = window_quantile(t0, ttft, 0.9), window_quantile(i0, itl, 0.9)
-        workers = [WorkerSample(f"prefill-{i}", "prefill", now - self.started) for i in range(self.num_prefill)]
+        workers = [WorkerSample(f"prefill-{i}", "prefill", now - t) for i, t in enumerate(self.prefill_started)]
         for e in f.router.live_workers():
             load = e.load
             workers.append(WorkerSample(e.name, "decode", now - e.added_at,
@@ -79,9 +81,17 @@ class PlannerLoop:
         snap = self.snapshot()
         d = self.planner.tick(snap)
         self.frontend.metrics.planner_decisions.inc(1, d.action)
-        if d.action != "none":
-            log.info("planner (observe): would %s: %s; %s", d.action, d.reason,
-                     " ".join(f"{k}={v:g}" for k, v in d.numbers.items()))
+        numbers = " ".join(f"{k}={v:g}" for k, v in d.numbers.items())
+        if d.action in ("add_prefill", "remove_prefill") and self.act is not None:
+            log.info("planner: %s: %s; %s", d.action, d.reason, numbers)
+            self.act(d.action)
+            if d.action == "add_prefill":
+                self.prefill_started.append(time.monotonic())
+            else:
+                self.prefill_started.pop()
+        elif d.action != "none":
+            tail = "" if self.act is None else " (not carried out: only prefill workers are scaled so far)"
+            log.info("planner (observe): would %s: %s; %s%s", d.action, d.reason, numbers, tail)
         self.recent.append({"t": round(snap.t, 1), "action": d.action, "reason": d.reason, "numbers": d.numbers})
         if self.log_path:
             with open(self.log_path, "ab") as fh:
@@ -89,5 +99,5 @@ class PlannerLoop:
         return d
 
     def state(self) -> dict:
-        return {"mode": "observe", "interval_s": self.interval, "config": self.planner.cfg,
-                "prefill_workers_as_launched": self.num_prefill, "recent": list(self.recent)}
+        return {"mode": "observe" if self.act is None else "active", "interval_s": self.interval,
+                "config": self.planner.cfg, "prefill_workers": len(self.prefill_started), "recent": list(self.recent)}

@@ -54,6 +54,7 @@ class PrefillWorker(Worker):
         self._finished: list[str] = []  # request ids served since the last pull (the queue forgets them)
         self._concurrency = concurrency
         self._loops: list[asyncio.Task] = []
+        self._draining = False
         self.prefills_done = 0
 
     def handlers(self):
@@ -129,9 +130,20 @@ class PrefillWorker(Worker):
     def write_status(self, m: WriteStatus) -> WriteState:
         return WriteState(m.request_id in self._writing)
 
+    async def drain(self, timeout: float) -> None:
+        """Take no more work from the queue, let what was pulled finish (up to ``timeout`` s), then
+        stop: how a prefill worker leaves on SIGTERM (the planner removing it, or the launcher
+        stopping)."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: prefills still running after %.0f s of drain; stopping anyway", self.name, timeout)
+        self.stop()
+
     async def _pull_loop(self) -> None:
         assert self._queue is not None
-        while True:
+        while not self._draining:
             try:
                 finished, self._finished = self._finished, []
                 pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint, finished), Pulled, timeout=60.0)
