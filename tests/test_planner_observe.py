@@ -1,5 +1,6 @@
-"""The planner in observe mode on a real 1p1d server: it ticks, logs, counts and shows what it
-would change, and its JSON-lines log replays to the same decisions."""
+"""The planner on a real 1p1d server: in observe mode it ticks, logs, counts and shows what it
+would change, and its JSON-lines log replays to the same decisions; in active mode it adds a
+prefill worker under load and removes it after."""
 
 from __future__ import annotations
 
