@@ -169,3 +169,24 @@ def test_discard_cached_forgets_blocks():
     bm.discard_cached([b for _, b in todo])
     assert bm.find_cached_prefix([1, 2, 3, 4, 5]) == []
     assert [type(e) for e in bm.drain_events()] == [BlockRemoved, BlockRemoved]
+
+
+def test_a_prompt_looked_up_twice_is_hashed_once():
+    """A decode worker looks a prompt up, then allocates it (the scheduler looks again, on its
+    own copy of the token list): each block is hashed once, plus the first block's probe."""
+    calls = []
+
+    def counting(parent, tokens):
+        calls.append(1)
+        return hash_block(parent, tokens)
+
+    bm = BlockManager(64, 4, hash_fn=counting)
+    prompt = list(range(1, 42))  # 10 full blocks
+    bm.allocate("a", len(prompt))
+    bm.cache_full_blocks("a", prompt, len(prompt))
+    calls.clear()
+    first = bm.find_cached_prefix(list(prompt))
+    second = bm.find_cached_prefix(list(prompt), max_tokens=len(prompt) - 1)
+    assert len(first) == len(second) == 10
+    assert len(calls) == 10 + 2  # the chain once, and each lookup's first-block probe
+    assert bm.find_cached_prefix([99] + prompt[1:]) == []  # another prompt: its own hashes, no hit

@@ -58,6 +58,24 @@ class BlockManager:
         self._req_blocks: dict[str, list[KvBlock]] = {}
         self._req_hashes: dict[str, list[int]] = {}
         self._events: list[KvEvent] = []
+        # the last prompt's chained block hashes: a decode worker looks a prompt up (local or
+        # remote?) and then allocates it, the scheduler may look again; each block is hashed once
+        self._memo_tokens: tuple[int, ...] = ()
+        self._memo_hashes: list[int] = []
+
+    def _chain(self, tokens: tuple[int, ...]) -> list[int]:
+        """Chained hashes of the full blocks of ``tokens`` (reusing the last call's common prefix)."""
+        bs = self.block_size
+        n = len(tokens) // bs
+        memo, hashes = self._memo_tokens, self._memo_hashes
+        keep = min(len(hashes), n)
+        if keep and tokens[: keep * bs] != memo[: keep * bs]:
+            keep = 0
+        hashes = hashes[:keep]
+        for i in range(keep, n):
+            hashes.append(self._hash_fn(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+        self._memo_tokens, self._memo_hashes = tokens, hashes
+        return hashes
 
     # ------------------------------------------------------------------ queries
     @property
@@ -97,16 +115,15 @@ class BlockManager:
             return []
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
         bs = self.block_size
+        tokens = tuple(token_ids[: limit - limit % bs])
         hits: list[KvBlock] = []
-        parent: int | None = None
-        for start in range(0, limit - bs + 1, bs):
-            chunk = tuple(token_ids[start : start + bs])
-            h = self._hash_fn(parent, chunk)
+        if not tokens or self._cached.get(self._hash_fn(None, tokens[:bs])) is None:
+            return hits  # not even the first block: no need to hash the rest
+        for i, h in enumerate(self._chain(tokens)):
             block = self._cached.get(h)
-            if block is None or block.token_ids != chunk:
+            if block is None or block.token_ids != tokens[i * bs:(i + 1) * bs]:
                 break
             hits.append(block)
-            parent = h
         return hits
 
     # -------------------------------------------------------------- allocation
