@@ -88,10 +88,6 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", ",".join(map(str, self.buckets)))
 
-    def fits(self, batch: ForwardBatch) -> bool:
-        return (not batch.prefills and batch.num_decode > 0 and batch.num_decode <= self.max_batch
-                and batch.decode_block_table is not None and batch.decode_block_table.shape[1] <= self.max_blocks)
-
     def host_rows(self):
         """numpy views of the host twin's rows (ids, positions, slot blocks, slot offsets, context
         lengths): a step writes its first rows, ``replay_host`` pads the rest."""
@@ -123,26 +119,3 @@ class DecodeGraphs:
         replay, _ = self._replays[b]
         replay()
         return self._replays[b][1][:n]
-
-    @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """The step's logits for ``batch.logits_indices``, from the smallest bucket that holds it."""
-        n = batch.num_decode
-        b = next(s for s in self.buckets if s >= n)
-        w = batch.decode_block_table.shape[1]
-        self.ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_blocks[:n].copy_(batch.slot_blocks, non_blocking=True)
-        self.slot_offsets[:n].copy_(batch.slot_offsets, non_blocking=True)
-        self.table[:n, :w].copy_(batch.decode_block_table, non_blocking=True)
-        self.ctx[:n].copy_(batch.decode_ctx_lens, non_blocking=True)
-        if b > n:  # padding rows: one token of context, in the scratch block
-            self.ids[n:b].zero_()
-            self.positions[n:b].zero_()
-            self.slot_blocks[n:b].fill_(self.scratch)
-            self.slot_offsets[n:b].zero_()
-            self.table[n:b, 0].fill_(self.scratch)
-            self.ctx[n:b].fill_(1)
-        replay, _ = self._replays[b]
-        replay()
-        return self._replays[b][1][batch.logits_indices]

@@ -421,11 +421,8 @@ class LLMEngine:
         if g is not None and len(scheduled) <= g.max_batch and all(n == 1 for _, n in scheduled):
             logits, samplers = self._decode_from_graph(scheduled)
         else:
-            batch, samplers = self._build_batch(scheduled)
-            if g is not None and g.fits(batch):
-                logits = g.run(batch)
-            else:
-                logits = self.model.forward(batch, self.pool)
+            batch, samplers = self._build_batch(scheduled)  # prefill and mixed steps: eager
+            logits = self.model.forward(batch, self.pool)
         for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
