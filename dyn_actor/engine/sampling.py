@@ -73,7 +73,7 @@ def sample(
                               [p.min_p for p in params],
                               [1.0 if g else 0.0 for g in greedy]], dtype=torch.float32)
         if dev.type != "cpu":
-            table = table.pin_memory().to(dev, non_blocking=True)
+            table = table.to(dev)  # one small copy: pinning a fresh buffer each step would cost more
         temps, top_k_f, top_p_t, min_p_t, greedy_t = table.unbind(0)
         x = logits / temps.unsqueeze(1)
         top_k = top_k_f.long() if any(p.top_k > 0 and not g for p, g in zip(params, greedy)) else None
@@ -97,7 +97,7 @@ def sample(
     # every row's figures computed together, then copied to the host with the tokens, at once
     kmax = max(params[i].logprobs or 0 for i in want)
     rows = torch.tensor(want)
-    rows = rows if dev.type == "cpu" else rows.pin_memory().to(dev, non_blocking=True)
+    rows = rows.to(dev)
     logp = raw.index_select(0, rows).log_softmax(dim=-1)
     chosen = tokens.index_select(0, rows).unsqueeze(1)
     vals = logp.gather(1, chosen)
