@@ -281,13 +281,17 @@ def main() -> int:
                 endpoints["vllm"] = f"http://127.0.0.1:{port}"
         if not endpoints:
             ap.error("give --endpoint or --launch-native")
-        rng = random.Random(0)
-        prompts = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)] for _ in range(args.num_prompts)]
         loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
         rows = []
-        for load in loads:
+        for i, load in enumerate(loads):
+            # fresh prompts at each load (a prompt seen before would be a prefix-cache hit), the same
+            # for every endpoint; the warm-up's own prompts are not measured
+            rng = random.Random(1000 * i)
+            prompts = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)]
+                       for _ in range(args.num_prompts + args.warmup)]
+            warm, prompts = prompts[: args.warmup], prompts[args.warmup:]
             for name, url in endpoints.items():  # back to back, same prompts
-                asyncio.run(run_load(url, model, prompts[: args.warmup], args.output_len, args.warmup, None))
+                asyncio.run(run_load(url, model, warm, args.output_len, args.warmup, None))
                 results, dur = asyncio.run(run_load(
                     url, model, prompts, args.output_len,
                     None if args.request_rate else int(load), load if args.request_rate else None))

@@ -29,6 +29,7 @@ from multiprocessing.connection import wait
 
 from launcher.config import (
     ConfigError,
+    default_prefill_threads,
     default_torch_threads,
     gpu_plan,
     parse_args,
@@ -235,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
         if cfg.torch_threads is None:
-            cfg = dataclasses.replace(cfg, torch_threads=default_torch_threads(n_agg + n_prefill + n_decode,
-                                                                               bool(gpus)))
-            log.info("torch threads per engine process: %d (--torch-threads to change)", cfg.torch_threads)
+            n_engines = n_agg + n_prefill + n_decode
+            cfg = dataclasses.replace(cfg, torch_threads=default_torch_threads(n_engines, bool(gpus)),
+                                      prefill_threads=default_prefill_threads(n_engines, bool(gpus)))
+            log.info("torch threads per engine process: %d, %s for a prefill step (--torch-threads to change)",
+                     cfg.torch_threads, cfg.prefill_threads or cfg.torch_threads)
         cd = config_dict(cfg)
         endpoints = {}
         log.info("starting topology %s for %s; run directory %s", cfg.topology, cfg.model, run_dir)

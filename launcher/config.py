@@ -40,6 +40,7 @@ class LaunchConfig:
     log_level: str
     ready_timeout: float
     torch_threads: int | None = None
+    prefill_threads: int | None = None  # not a flag: set with the torch-threads default (default_prefill_threads)
     remote_prefill_timeout: float = 30.0
     kv_overlap_weight: float = 4.0
     router_temperature: float = 0.0
@@ -329,3 +330,14 @@ def default_torch_threads(engine_processes: int, on_gpu: bool, cores: int | None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, (cores - 1) // max(1, engine_processes))
     return min(4, share) if on_gpu else share
+
+
+def default_prefill_threads(engine_processes: int, on_gpu: bool, cores: int | None = None) -> int | None:
+    """Threads for an engine step that computes many prompt tokens, when ``--torch-threads`` is not
+    given: the cores shared out between the engine processes, without the one kept for the frontend
+    (a prefill step streams nothing, so the frontend is idle meanwhile). None on a GPU."""
+    if on_gpu:
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, engine_processes))

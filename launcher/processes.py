@@ -83,6 +83,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
             model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, max_model_len=cfg.max_model_len,
             kv_cache_memory=kv, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
+            prefill_threads=cfg.prefill_threads,
             shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
             gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto"))
     except Exception as e:
@@ -133,6 +134,10 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
         conn.send(("failed", f"{role} {index}: --engine vllm serves --topology agg only (its KV connector "
                              "for disaggregation is not written yet)"))
         sys.exit(1)
+    cores = sorted(os.sched_getaffinity(0))
+    if not on_gpu and index > 0 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM binds its CPU threads to the first core by default: spread the other workers' cores
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[index % len(cores)])
     if cfg.kv_cache_memory_gb is not None:  # vLLM's CPU backend sizes its KV cache from this (GiB)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_memory_gb))))
     patch_vllm_version()
@@ -145,20 +150,23 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             from dyn_actor.engine.loader import load_tokenizer
 
             util = gpu_share if on_gpu else cpu_memory_share(cfg.kv_cache_memory_gb or 1.0)
+            # vLLM's KV events (its own sockets, next to ours) -> this worker -> ours, for the kv router
+            ours = endpoint + "-kv" if endpoint.startswith("ipc://") else ""
+            theirs = (endpoint + "-vllm-kv", endpoint + "-vllm-replay") if ours else None
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
-                                                        util, cfg.vllm_args))
+                                                        util, cfg.vllm_args, cfg.block_size, theirs))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)
             eos_ids = [*(eos if isinstance(eos, list) else [] if eos is None else [eos]),
                        *([] if tok.eos_token_id is None else [tok.eos_token_id])]
             info = WorkerInfo(name, cfg.model, mc.max_model_len, mc.get_vocab_size(),
-                              llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), "",
+                              llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), ours,
                               device=str(llm.vllm_config.device_config.device_type))
         except Exception as e:  # noqa: BLE001 - any start-up failure is a one-line error in the launcher
             conn.send(("failed", f"{role} {index}: vLLM did not start: {type(e).__name__}: {e}"))
             return
-        server = ActorServer(VllmWorker(name, llm, info), endpoint)
+        server = ActorServer(VllmWorker(name, llm, info, theirs), endpoint)
         _stop_on_sigterm(server.stop)
         await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on vLLM ({info.device})")))
 

@@ -9,16 +9,25 @@ strings and ``n`` stay in our frontend: vLLM gets token ids and returns token id
 Sampling parameters map one to one; what vLLM cannot do as asked is refused with the request's
 error (a 400 at the frontend), never silently dropped. vLLM is an optional extra
 (``pip install -e '.[vllm]'``): nothing here is imported unless ``--engine vllm`` is asked for.
-Not done yet: disaggregation through a KV connector of ours, and KV events for the router (a
-vLLM worker publishes none, so ``--router kv`` routes on load alone).
+
+KV events: vLLM's scheduler publishes its prefix cache's changes on a ZeroMQ socket of its own
+(``KVEventsConfig``); this worker subscribes, translates them to our events with our block hash
+(``vllm_kv_events``) and publishes those, numbered, with load reports, on the same kind of socket
+as a native worker, and answers the router's resync from the translated state. A gap in vLLM's
+numbering is filled from vLLM's replay socket.
+Not done yet: disaggregation through a KV connector of ours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
+
+import msgspec
+import zmq
 
 from dyn_actor.actor import Actor
 from dyn_actor.components.messages import (
@@ -37,8 +46,10 @@ from dyn_actor.components.messages import (
     WorkerStats,
     worker_handlers,
 )
-from dyn_actor.kv.events import KvSnapshot
+from dyn_actor.components.vllm_kv_events import END_SEQ, KvEventTranslator
+from dyn_actor.kv.events import KvEvent, KvEventBatch, KvSnapshot, WorkerLoad
 from dyn_actor.protocol import Logprobs, SamplingParams
+from dyn_actor.transport import PubSocket, context
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +83,11 @@ def cpu_memory_share(kv_cache_gb: float) -> float:
 
 
 def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager: bool,
-                gpu_memory_utilization: float, extra: list[str]):
+                gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
+                kv_events: tuple[str, str] | None = None):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
-    YAML: numbers, booleans and lists come out typed)."""
+    YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
+    replay) where vLLM's scheduler is to publish its KV events."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -82,6 +95,13 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
                 "gpu_memory_utilization": gpu_memory_utilization, "seed": 0, "disable_log_stats": True}
     if max_model_len:
         kw["max_model_len"] = max_model_len
+    if block_size:
+        kw["block_size"] = block_size  # the router hashes blocks of --block-size tokens
+    if kv_events is not None:
+        from vllm.config import KVEventsConfig
+
+        kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                endpoint=kv_events[0], replay_endpoint=kv_events[1])
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -121,10 +141,22 @@ def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:
 class VllmWorker(Actor):
     Message = WorkerMessage
 
-    def __init__(self, name: str, llm, info: WorkerInfo) -> None:
+    LOAD_INTERVAL = 0.2  # seconds between WorkerLoad publications
+    REPLAY_TIMEOUT = 5.0  # seconds to wait for each message of vLLM's replay socket
+
+    def __init__(self, name: str, llm, info: WorkerInfo, vllm_events: tuple[str, str] | None = None) -> None:
         self.name = name
         self.llm = llm
         self._info = info
+        # KV events: vLLM's (publisher, replay) endpoints in, ours (info.kv_events_endpoint) out
+        self._vllm_events = vllm_events
+        self._translator = KvEventTranslator()
+        self._pub: PubSocket | None = None
+        self._pub_queue: asyncio.Queue = asyncio.Queue()
+        self._pub_seq = 0
+        self._pub_tasks: list[asyncio.Task] = []
+        self._tokens: dict[str, int] = {}  # running request -> tokens it holds (for the load report)
+        self._num_blocks = int(getattr(llm.vllm_config.cache_config, "num_gpu_blocks", 0) or 0)
         self._subscribers = Subscribers(self._cancel_all)
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: list[RequestDelta] = []
@@ -136,10 +168,97 @@ class VllmWorker(Actor):
     def handlers(self):
         return worker_handlers(self)
 
+    async def on_start(self) -> None:
+        if self._vllm_events is not None and self._info.kv_events_endpoint:
+            self._pub = PubSocket(self._info.kv_events_endpoint)
+            self._pub_tasks = [asyncio.ensure_future(self._send_publications()),
+                               asyncio.ensure_future(self._relay_kv_events()),
+                               asyncio.ensure_future(self._publish_load())]
+
     async def on_stop(self) -> None:
         for t in list(self._tasks.values()):
             t.cancel()
+        for t in self._pub_tasks:
+            t.cancel()
+        if self._pub is not None:
+            self._pub.close()
         self.llm.shutdown()
+
+    # -------------------------------------------------------------- KV events
+    def _queue_events(self, events: list[KvEvent]) -> None:
+        if events:
+            self._pub_seq += 1
+            self._pub_queue.put_nowait(KvEventBatch(self.name, self._pub_seq, self._info.block_size, events))
+
+    async def _send_publications(self) -> None:
+        """One sender, so batches and loads go out in the order they were queued."""
+        assert self._pub is not None
+        while True:
+            await self._pub.send(msgspec.msgpack.encode(await self._pub_queue.get()))
+
+    async def _publish_load(self) -> None:
+        bs = self._info.block_size
+        while True:
+            used = sum(math.ceil(n / bs) for n in self._tokens.values())  # an estimate: vLLM's own is inside its core
+            self._pub_queue.put_nowait(WorkerLoad(self.name, self._pub_seq, bs, min(used, self._num_blocks),
+                                                  self._num_blocks, 0, len(self._tasks)))
+            await asyncio.sleep(self.LOAD_INTERVAL)
+
+    async def _relay_kv_events(self) -> None:
+        """vLLM's event batches, in order, translated and republished; a gap is replayed."""
+        assert self._vllm_events is not None
+        sub = context().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(self._vllm_events[0])
+        t = self._translator
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                seq = int.from_bytes(frames[1], "big", signed=True)
+                if seq <= t.seq:
+                    continue  # replayed already
+                if not t.expects(seq):
+                    await self._replay(t.seq + 1, seq)
+                    if seq <= t.seq:
+                        continue
+                    if not t.expects(seq):
+                        self._queue_events(t.lost(seq))
+                self._queue_events(t.apply(seq, frames[2]))
+        except msgspec.DecodeError as e:
+            log.error("%s: vLLM's KV events cannot be read (%s): the router no longer sees this worker's cache",
+                      self.name, e)
+        finally:
+            sub.close()
+
+    async def _replay(self, start: int, upto: int) -> None:
+        """Ask vLLM's replay socket for the batches from ``start`` on (it has the last few thousand)."""
+        assert self._vllm_events is not None
+        t = self._translator
+        log.warning("%s: vLLM KV events %d..%d missed; replaying them", self.name, start, upto - 1)
+        dealer = context().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._vllm_events[1])
+        try:
+            await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                frames = await asyncio.wait_for(dealer.recv_multipart(), self.REPLAY_TIMEOUT)
+                if len(frames) != 4:
+                    continue
+                seq = int.from_bytes(frames[2], "big", signed=True)
+                if seq == END_SEQ:
+                    return
+                if seq <= t.seq:
+                    continue
+                if not t.expects(seq):
+                    self._queue_events(t.lost(seq))
+                self._queue_events(t.apply(seq, frames[3]))
+        except (asyncio.TimeoutError, zmq.ZMQError) as e:
+            log.warning("%s: vLLM's KV-event replay failed (%s)", self.name, type(e).__name__)
+        finally:
+            dealer.close()
 
     # ---------------------------------------------------------------- outputs
     def _emit(self, item: RequestDelta) -> None:
@@ -178,9 +297,11 @@ class VllmWorker(Actor):
             return
         first = True
         try:
+            self._tokens[rid] = len(ids)
             async for out in self.llm.generate({"prompt_token_ids": list(ids)}, sp, request_id=rid):
                 o = out.outputs[0]
                 new = list(o.token_ids)
+                self._tokens[rid] += len(new)
                 cached = int(getattr(out, "num_cached_tokens", 0) or 0)
                 if first:
                     self._prompt_tokens += len(ids)
@@ -202,6 +323,7 @@ class VllmWorker(Actor):
             self._emit(RequestDelta(rid, error=f"{type(e).__name__}: {e}", error_type="EngineError"))
         finally:
             self._tasks.pop(rid, None)
+            self._tokens.pop(rid, None)
 
     def abort(self, m: AbortRequest) -> None:
         t = self._tasks.pop(m.request_id, None)
@@ -217,4 +339,5 @@ class VllmWorker(Actor):
                            self._generated, 0, 0.0, 0)
 
     async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:
-        return KvSnapshot(self.name, 0, self._info.block_size, [])
+        """What vLLM's cache holds as of our last batch (translator and numbering move together)."""
+        return KvSnapshot(self.name, self._pub_seq, self._info.block_size, self._translator.snapshot())

@@ -31,8 +31,26 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* exp(x) for the softmax's x <= 0: 2^k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its
+ * Taylor polynomial to degree 6 (relative error below 2e-7). Plain float arithmetic, so the
+ * compiler vectorizes the loop around it (glibc's expf is vectorized only under -ffast-math). */
+static inline float exp_nonpositive(float x) {
+    /* e^-60 is nothing next to the max's e^0 (float's epsilon is e^-16), and cutting there keeps the
+     * probabilities, and their products with V, clear of subnormal floats (slow on x86) */
+    if (x < -60.f) return 0.f;
+    const float kf = rintf(x * 1.44269504088896341f);
+    const float r = x - kf * 0.693145751953125f - kf * 1.428606765330187045e-06f; /* ln 2 in two parts */
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+    const int32_t bits = ((int32_t)kf + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* One task per sequence: each K/V row [nkv, d] of a position is read once, sequentially
- * (a block of one layer is block_size contiguous rows), and serves every query head. */
+ * (a block of one layer is block_size contiguous rows), and serves every query head. The loops
+ * run block by block and KV head by KV head, so the inner loops divide nothing (an integer
+ * division per position and head cost as much as the arithmetic). */
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                              \
     void NAME(const T *q, int64_t q_stride, const T *k, const T *v, int64_t block_stride,                \
               const int64_t *table, int64_t max_blocks, const int64_t *ctx, T *out, int64_t num_seqs,     \
@@ -48,15 +66,21 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
             float *acc = qf + nh * d;                                                                    \
             const T *qb = q + b * q_stride;                                                              \
             for (int64_t i = 0; i < nh * d; i++) qf[i] = LOAD(qb[i]) * scale;                            \
-            for (int64_t pos = 0; pos < n; pos++) {                                                      \
-                const T *kr = k + tb[pos / bs] * block_stride + (pos % bs) * row;                        \
-                for (int64_t h = 0; h < nh; h++) {                                                       \
-                    const T *kp = kr + (h / G) * d;                                                      \
-                    const float *qh = qf + h * d;                                                        \
-                    float s = 0.f;                                                                       \
-                    _Pragma("omp simd reduction(+ : s)")                                                \
-                    for (int64_t i = 0; i < d; i++) s += qh[i] * LOAD(kp[i]);                            \
-                    scores[h * n + pos] = s;                                                             \
+            for (int64_t start = 0, blk = 0; start < n; start += bs, blk++) {                            \
+                const T *kb = k + tb[blk] * block_stride;                                                \
+                const int64_t lim = n - start < bs ? n - start : bs;                                     \
+                for (int64_t t = 0; t < lim; t++) {                                                      \
+                    const T *kr = kb + t * row;                                                          \
+                    for (int64_t kh = 0, h = 0; kh < nkv; kh++) {                                        \
+                        const T *kp = kr + kh * d;                                                       \
+                        for (int64_t g = 0; g < G; g++, h++) {                                           \
+                            const float *qh = qf + h * d;                                                \
+                            float s = 0.f;                                                               \
+                            _Pragma("omp simd reduction(+ : s)")                                        \
+                            for (int64_t i = 0; i < d; i++) s += qh[i] * LOAD(kp[i]);                    \
+                            scores[h * n + start + t] = s;                                               \
+                        }                                                                                \
+                    }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
             for (int64_t h = 0; h < nh; h++) {                                                           \
@@ -67,21 +91,27 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
                 float sum = 0.f;                                                                         \
                 _Pragma("omp simd reduction(+ : sum)")                                                  \
                 for (int64_t pos = 0; pos < n; pos++) {                                                  \
-                    sh[pos] = expf(sh[pos] - m);                                                         \
+                    sh[pos] = exp_nonpositive(sh[pos] - m);                                                         \
                     sum += sh[pos];                                                                      \
                 }                                                                                        \
                 const float inv = 1.f / sum;                                                             \
                 for (int64_t pos = 0; pos < n; pos++) sh[pos] *= inv;                                    \
             }                                                                                            \
             memset(acc, 0, sizeof(float) * (size_t)(nh * d));                                            \
-            for (int64_t pos = 0; pos < n; pos++) {                                                      \
-                const T *vr = v + tb[pos / bs] * block_stride + (pos % bs) * row;                        \
-                for (int64_t h = 0; h < nh; h++) {                                                       \
-                    const T *vp = vr + (h / G) * d;                                                      \
-                    const float p = scores[h * n + pos];                                                 \
-                    float *restrict ah = acc + h * d;                                                    \
-                    _Pragma("omp simd")                                                                  \
-                    for (int64_t i = 0; i < d; i++) ah[i] += p * LOAD(vp[i]);                            \
+            for (int64_t start = 0, blk = 0; start < n; start += bs, blk++) {                            \
+                const T *vb = v + tb[blk] * block_stride;                                                \
+                const int64_t lim = n - start < bs ? n - start : bs;                                     \
+                for (int64_t t = 0; t < lim; t++) {                                                      \
+                    const T *vr = vb + t * row;                                                          \
+                    for (int64_t kh = 0, h = 0; kh < nkv; kh++) {                                        \
+                        const T *vp = vr + kh * d;                                                       \
+                        for (int64_t g = 0; g < G; g++, h++) {                                           \
+                            const float p = scores[h * n + start + t];                                   \
+                            float *restrict ah = acc + h * d;                                            \
+                            _Pragma("omp simd")                                                          \
+                            for (int64_t i = 0; i < d; i++) ah[i] += p * LOAD(vp[i]);                    \
+                        }                                                                                \
+                    }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
             T *ob = out + b * nh * d;                                                                    \

@@ -39,6 +39,10 @@ _FENCE = "\x00fence:"  # owner name of fenced blocks (no request id from a clien
 log = logging.getLogger(__name__)
 
 
+#: a step with at least this many tokens runs with ``EngineConfig.prefill_threads``
+PREFILL_THREADS_MIN_TOKENS = 128
+
+
 @dataclass
 class EngineConfig:
     model: str = "builtin:tiny"
@@ -53,6 +57,10 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     num_threads: int | None = None
+    # threads for a step that computes many prompt tokens (at least PREFILL_THREADS_MIN_TOKENS); None:
+    # num_threads. A prefill step is compute-bound and produces no tokens for the frontend to stream,
+    # so the core kept free for the frontend during decoding can help it (docs/benchmarks.md)
+    prefill_threads: int | None = None
     native_ops: bool = True  # the C decode-attention kernel (falls back to PyTorch without a compiler)
     device: str = "auto"  # auto: the GPU when torch sees one
     # attention kernels: auto (Triton on a GPU, the C kernel / PyTorch on the CPU), native, torch, or
@@ -102,6 +110,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        self._threads = torch.get_num_threads()
+        self._prefill_threads = (config.prefill_threads if config.prefill_threads and config.prefill_threads > self._threads
+                                 else 0)
         if config.block_size < 1 or config.block_size > 1024:
             raise ValueError(f"block_size must be between 1 and 1024, got {config.block_size}")
         loaded = loaded or load_model(config.model)
@@ -422,7 +433,14 @@ class LLMEngine:
             logits, samplers = self._decode_from_graph(scheduled)
         else:
             batch, samplers = self._build_batch(scheduled)  # prefill and mixed steps: eager
-            logits = self.model.forward(batch, self.pool)
+            wide = self._prefill_threads and sum(n for _, n in scheduled) >= PREFILL_THREADS_MIN_TOKENS
+            if wide:
+                torch.set_num_threads(self._prefill_threads)
+            try:
+                logits = self.model.forward(batch, self.pool)
+            finally:
+                if wide:
+                    torch.set_num_threads(self._threads)
         for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
