@@ -118,8 +118,8 @@ class Router:
                  seed: int | None = None) -> None:
         if mode not in ROUTER_MODES:
             raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(ROUTER_MODES)}")
-        if block_size < 1:
-            raise ValueError("block_size must be positive")
+        if block_size < 0:
+            raise ValueError("block_size must be positive (or 0: the first worker's)")
         self.mode = mode
         self.block_size = block_size
         self.overlap_weight = overlap_weight
@@ -203,6 +203,9 @@ class Router:
 
     def check_block_size(self, worker: str, block_size: int) -> bool:
         entry = self.workers.get(worker)
+        if self.block_size == 0:  # adopt the first worker's (vLLM chooses its own)
+            self.block_size = block_size
+            log.info("kv router: hashing %d-token blocks, as worker %s's", block_size, worker)
         if block_size == self.block_size:
             return True
         self._error(worker, "block_size_mismatch",

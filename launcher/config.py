@@ -27,7 +27,7 @@ class LaunchConfig:
     host: str
     port: int
     workers: int
-    block_size: int
+    block_size: int | None  # None: 16 for the native engine (set by load_config), vLLM's own for vLLM
     max_local_prefill_length: int
     max_prefill_queue_size: int
     dtype: str
@@ -92,7 +92,9 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--workers", type=int, default=1, help="aggregated workers (topology agg)")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size in tokens (default 16; with --engine vllm, vLLM's own: on the CPU it takes "
+                         "multiples of 32 only); the kv router hashes blocks of the workers' size")
     ap.add_argument("--max-local-prefill-length", type=int, default=512)
     ap.add_argument("--max-prefill-queue-size", type=int, default=8)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -261,7 +263,9 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"--workers must be between 1 and 64, got {cfg.workers}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {cfg.port}")
-    if not 1 <= cfg.block_size <= 1024:
+    if cfg.block_size is None and cfg.engine != "vllm":
+        cfg.block_size = 16
+    if cfg.block_size is not None and not 1 <= cfg.block_size <= 1024:
         raise ConfigError(f"--block-size must be between 1 and 1024, got {cfg.block_size}")
     if not 1024 <= cfg.max_request_bytes <= 1 << 30:
         raise ConfigError("--max-request-bytes must be between 1024 and 1073741824")

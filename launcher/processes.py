@@ -214,7 +214,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
         _stop_on_sigterm(stop.set)  # the launcher's SIGTERM: drain, then stop
         try:
             tokenizer = load_tokenizer(cfg.model)
-            router = Router(cfg.router, block_size=cfg.block_size, overlap_weight=cfg.kv_overlap_weight,
+            router = Router(cfg.router, block_size=cfg.block_size or 0, overlap_weight=cfg.kv_overlap_weight,
                             temperature=cfg.router_temperature, busy_threshold=cfg.router_busy_threshold)
             feed = KvEventFeed(router)
             feed.start()

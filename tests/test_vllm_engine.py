@@ -1,6 +1,8 @@
 """``--engine vllm`` (skipped unless vLLM is installed; ``.ci/run`` installs it for a second pass):
 the launcher serves through vLLM's async engine with our frontend, and greedy tokens equal
-vLLM's own offline ``LLM`` on the same checkpoint. One launch for the module."""
+vLLM's own offline ``LLM`` on the same checkpoint; with three workers and ``--router kv``, vLLM's
+KV events reach the router and conversations stick to the worker that caches their prefix. One
+launch for the module."""
 
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server("--engine", "vllm", "--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
-               "--kv-cache-memory-gb", "1", "--served-model-name", "tiny", timeout=300)
+    s = Server("--engine", "vllm", "--model", str(model_dir), "--dtype", "float32", "--max-model-len", "1024",
+               "--kv-cache-memory-gb", "1", "--served-model-name", "tiny", "--workers", "3", "--router", "kv",
+               timeout=420)
     yield s
     code, err = s.stop()
     assert code == 0, err[-2000:]
@@ -89,3 +92,60 @@ def test_unsupported_and_bad_input_are_400s(server):
     r = requests.post(server.base_url + "/completions", json={"prompt": "a", "presence_penalty": 1}, timeout=30)
     assert r.status_code == 400 and "presence_penalty" in r.text
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_kv_events_route_conversations_to_their_cache(server):
+    """Each later turn of a conversation goes where its prefix is cached: the hit tokens are vLLM's own
+    count (``num_cached_tokens``); with 3 workers a load-only choice would miss 2 times in 3."""
+    import random
+    import string
+
+    state = requests.get(server.base_url + "/router/state", timeout=10).json()
+    bs = state["block_size"]  # vLLM's own (128 on the CPU): the router adopted it
+    assert bs >= 16 and len(state["workers"]) == 3
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(string.ascii_letters + " ") for _ in range(n))
+
+    convs = [f"system: you are assistant {i}. {text(2 * bs)}" for i in range(6)]
+    prev = [0] * len(convs)
+    checks = []
+    for turn in range(3):
+        for i in range(len(convs)):
+            prompt = convs[i] + f"\nuser: {text(40)}\nassistant:"
+            r = requests.post(server.base_url + "/completions", timeout=120, json={
+                "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            u = r.json()["usage"]
+            if turn:
+                checks.append((u["prompt_tokens_details"]["cached_tokens"], prev[i] // bs * bs))
+            prev[i] = u["prompt_tokens"]
+            convs[i] = prompt + r.json()["choices"][0]["text"]
+    assert all(cached >= want > 0 for cached, want in checks), checks
+    state = requests.get(server.base_url + "/router/state", timeout=10).json()
+    assert state["index"]["blocks"] > 0
+    for w in state["workers"]:
+        assert w["kv_events"]["state"] == "live" and w["errors"] == {}, w
+    assert sum(w["kv_events"]["events"] for w in state["workers"]) > 0
+
+
+def test_vllm_event_encoding_is_what_the_translator_reads():
+    """vLLM's own event classes, encoded as its publisher does, decode and translate."""
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    from dyn_actor.components.vllm_kv_events import KvEventTranslator
+    from dyn_actor.kv import events as ours
+    from dyn_actor.kv.block_hash import hash_blocks
+
+    toks = list(range(3, 11))
+    batch = KVEventBatch(ts=1.0, events=[
+        BlockStored(block_hashes=[b"h1", b"h2"], parent_block_hash=None, token_ids=toks, block_size=4, lora_id=None,
+                    medium="GPU", lora_name=None, group_idx=0),
+        BlockRemoved(block_hashes=[b"h1"], medium="GPU", group_idx=0),
+        AllBlocksCleared()], data_parallel_rank=0)
+    t = KvEventTranslator()
+    h = hash_blocks(toks, 4)
+    assert t.apply(0, msgspec.msgpack.Encoder().encode(batch)) == [
+        ours.BlockStored(h, None, toks, 4), ours.BlockRemoved([h[0]]), ours.AllBlocksCleared()]
