@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from dyn_actor.engine import LLMEngine, SamplingParams
 
@@ -26,3 +27,14 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
 
 def random_prompt(rng: random.Random, n: int, vocab: int = 99) -> list[int]:
     return [0] + [rng.randrange(2, vocab) for _ in range(n - 1)]
+
+
+def eventually(check, timeout: float = 3.0, interval: float = 0.05):
+    """``check()`` until it is truthy or ``timeout`` seconds pass; its last value. For what the
+    frontend learns from the workers' load reports (a few times a second): /metrics gauges."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from dyn_actor.kv.transfer import leftover_segments
+from tests.helpers import eventually
 from tests.server import Server
 
 LENGTHS = [3, 15, 16, 17, 32, 40, 77, 130]
@@ -64,7 +65,7 @@ def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
         for p, want in zip(prompts, agg_tokens):
             assert _tokens(_complete(s, p)) == want
         assert _metric(s, "dyn_prefix_cache_hit_tokens_total") > hits
-        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         code, err = s.stop()
     assert code == 0, err
@@ -103,8 +104,8 @@ def test_64_concurrent_requests(topology):
             assert r["usage"]["completion_tokens"] == n and r["usage"]["prompt_tokens"] == len(prompt)
         assert _metric(s, "dyn_remote_prefills_total") > 0
         time.sleep(0.5)
-        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
-        assert _metric(s, "dyn_worker_requests_running") == 0
+        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert eventually(lambda: _metric(s, "dyn_worker_requests_running") == 0)
     finally:
         s.stop()
 
@@ -129,7 +130,7 @@ def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
         assert _tokens(_complete(s, prompt)) == agg_tokens[-1]
         assert time.monotonic() - t0 < 10
         assert _metric(s, "dyn_local_prefills_total") == 1
-        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         s.stop()
 
@@ -144,7 +145,7 @@ def test_disconnect_during_remote_prefill_leaks_nothing():
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _metric(s, "dyn_worker_kv_blocks_used") > 0:
             time.sleep(0.2)
-        assert _metric(s, "dyn_worker_kv_blocks_used") == 0
+        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
         assert _complete(s, [0, 5, 6])["usage"]["completion_tokens"] == 16
     finally:
         s.stop()

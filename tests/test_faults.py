@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from tests.helpers import eventually
 from tests.server import ROOT, Server
 
 
@@ -36,7 +37,7 @@ def test_client_disconnect_frees_kv_blocks():
         lines = resp.iter_lines()
         for _ in range(5):
             next(lines)
-        assert sum(_metric_values(server.url, "dyn_worker_kv_blocks_used")) > 0
+        assert eventually(lambda: sum(_metric_values(server.url, "dyn_worker_kv_blocks_used")) > 0)
         resp.close()  # the client goes away mid-stream
         t0 = time.monotonic()
         while time.monotonic() - t0 < 5:

@@ -24,9 +24,7 @@ from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.http_edge import EdgePolicy
 from dyn_actor.components.messages import (
-    StatsRequest,
     WorkerInfo,
-    WorkerStats,
 )
 from dyn_actor.components.openai_api import (
     ChatCompletionRequest,
@@ -450,10 +448,11 @@ class Frontend:
         return web.json_response({"status": "ok", "workers": len(live), "devices": devices})
 
     async def refresh_worker_stats(self, timeout: float = 1.0) -> None:
-        async def one(entry: WorkerEntry):
-            try:
-                s = await entry.handle.ref.ask(StatsRequest(), WorkerStats, timeout=timeout)
-            except (ActorError, asyncio.TimeoutError):
+        """The gauges from each worker's last load report (published with its KV events, a few times
+        a second: no ask per refresh) and the prefill queue's depth."""
+        def one(entry: WorkerEntry) -> None:
+            s = entry.load
+            if s is None:
                 return
             m, w = self.metrics, entry.name
             m.blocks_used.set(s.kv_blocks_used, w)
@@ -486,7 +485,9 @@ class Frontend:
             m.router_active_blocks.set(entry.active_blocks, entry.name)
         for (worker, reason), n in router.kv_errors.items():
             m.kv_errors.set(n, worker, reason)
-        await asyncio.gather(*(one(e) for e in self.router.live_workers()), queue_depth())
+        for e in self.router.live_workers():
+            one(e)
+        await queue_depth()
 
     async def planner_state(self, request: web.Request) -> web.Response:
         if self.planner is None:

@@ -200,8 +200,11 @@ class VllmWorker(Actor):
         bs = self._info.block_size
         while True:
             used = sum(math.ceil(n / bs) for n in self._tokens.values())  # an estimate: vLLM's own is inside its core
-            self._pub_queue.put_nowait(WorkerLoad(self.name, self._pub_seq, bs, min(used, self._num_blocks),
-                                                  self._num_blocks, 0, len(self._tasks)))
+            self._pub_queue.put_nowait(WorkerLoad(
+                worker=self.name, seq=self._pub_seq, block_size=bs, kv_blocks_used=min(used, self._num_blocks),
+                kv_blocks_total=self._num_blocks, requests_waiting=0, requests_running=len(self._tasks),
+                prompt_tokens=self._prompt_tokens, prefix_cache_hit_tokens=self._cached_tokens,
+                generated_tokens=self._generated))
             await asyncio.sleep(self.LOAD_INTERVAL)
 
     async def _relay_kv_events(self) -> None:

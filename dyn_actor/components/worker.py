@@ -100,10 +100,15 @@ class Worker(Actor):
 
     async def _publish_load(self) -> None:
         while True:
-            s = self.engine.stats()
-            self._pub_queue.put_nowait(WorkerLoad(self.name, self._pub_seq, self.engine.layout.block_size,
-                                                  s.kv_blocks_used, s.kv_blocks_total,
-                                                  s.num_waiting + s.num_waiting_remote, s.num_running))
+            s = self.stats(None)
+            self._pub_queue.put_nowait(WorkerLoad(
+                worker=self.name, seq=self._pub_seq, block_size=self.engine.layout.block_size,
+                kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                requests_waiting=s.requests_waiting, requests_running=s.requests_running,
+                kv_blocks_cached=s.kv_blocks_cached, prompt_tokens=s.prompt_tokens,
+                prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, generated_tokens=s.generated_tokens,
+                num_preemptions=s.num_preemptions, step_seconds_total=s.step_seconds_total, steps_total=s.steps_total,
+                remote_prefill_timeouts=s.remote_prefill_timeouts, kv_blocks_fenced=s.kv_blocks_fenced))
             await asyncio.sleep(self.LOAD_INTERVAL)
 
     async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:

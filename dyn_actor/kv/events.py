@@ -46,8 +46,9 @@ class KvEventBatch(msgspec.Struct, tag="kv_events", frozen=True):
 
 
 class WorkerLoad(msgspec.Struct, tag="load", frozen=True):
-    """The worker's load, a few times a second; ``seq`` is the last event batch sent before it
-    (so a lost trailing batch is noticed too)."""
+    """The worker's load and counters, a few times a second: the one channel by which the frontend
+    learns them (the router's load, the /metrics gauges, the planner). ``seq`` is the last event
+    batch sent before it (so a lost trailing batch is noticed too)."""
 
     worker: str
     seq: int
@@ -56,6 +57,15 @@ class WorkerLoad(msgspec.Struct, tag="load", frozen=True):
     kv_blocks_total: int
     requests_waiting: int
     requests_running: int
+    kv_blocks_cached: int = 0
+    prompt_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    generated_tokens: int = 0
+    num_preemptions: int = 0
+    step_seconds_total: float = 0.0
+    steps_total: int = 0
+    remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
+    kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
 
 
 KvPublication = KvEventBatch | WorkerLoad
