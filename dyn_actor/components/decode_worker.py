@@ -165,12 +165,12 @@ class DecodeWorker(Worker):
                 _, cached = e.cached_prefix(prompt)
                 depth = self._depth + self._pushed_since_depth
                 if prefill_remotely(len(prompt) - cached, depth, policy):
-                    alloc = e.allocate_remote_prefill(rid, prompt, params)
+                    alloc = e.allocate_remote_prefill(rid, prompt, params, validated=True)
                     if alloc is not None:
                         self._pushed_since_depth += 1
                         return alloc
                     # no room for the whole prompt now: the scheduler queues it locally
-            e.add_request(rid, prompt, params)
+            e.add_request(rid, prompt, params, validated=True)
             return None
 
         self._admit(rid, self._thread.submit(admit), lambda alloc: alloc and self._push_remote(m, alloc))

@@ -197,7 +197,7 @@ class PrefillWorker(Worker):
             # engine's prefix cache (those it lacks), so the request below computes only the rest
             imported.extend(e.import_prefix(r.prompt_token_ids, k,
                                             lambda idx: pool.read_blocks([r.block_ids[i] for i in idx])))
-            e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True)
+            e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True, validated=True)
 
         running = self._running.setdefault(r.decode_endpoint, set())
         running.add(r.request_id)

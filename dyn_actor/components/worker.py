@@ -150,7 +150,7 @@ class Worker(Actor):
         assert self._thread is not None
         rid = m.request_id
         self._live.add(rid)
-        self._admit(rid, self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params)))
+        self._admit(rid, self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params, validated=True)))
 
     def _admit(self, rid: str, fut: asyncio.Future, then: Callable[[Any], None] | None = None) -> None:
         """When the engine thread has taken request ``rid`` (``fut``): report a refusal to the
@@ -162,7 +162,7 @@ class Worker(Actor):
                 self._live.discard(rid)
                 if not isinstance(exc, ValueError):
                     log.error("admitting %s failed: %s: %s", rid, type(exc).__name__, exc)
-                self._publish([RequestDelta(rid, error=str(exc))])
+                self._publish([RequestDelta(rid, error=str(exc), error_type=type(exc).__name__)])
             elif then is not None:
                 then(f.result())
 

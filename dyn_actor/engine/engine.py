@@ -231,9 +231,25 @@ class LLMEngine:
         return kv
 
     # ------------------------------------------------------------- requests
-    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      validated: bool = False) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if validated:  # checked at the edge (the frontend's processor): only the invariants a step relies on
+            assert 0 < n < self.max_model_len, f"{request_id}: a {n}-token prompt"
+            assert 0 <= min(prompt_token_ids) and max(prompt_token_ids) < self.model_config.vocab_size, \
+                f"{request_id}: prompt token ids outside the vocabulary"
+        else:
+            self.validate_request(prompt_token_ids, params)
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
+        return req
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ``ValueError`` (a message for the user) for input this engine cannot run: what a
+        caller without the frontend's checks (the offline API, tests) gets from ``add_request``."""
         params.validate(self.model_config.vocab_size)
         n = len(prompt_token_ids)
         if n == 0:
@@ -246,10 +262,6 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        room = self.max_model_len - n
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
-        return req
 
     def add_request(
         self,
@@ -257,15 +269,17 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams | None = None,
         hold_blocks: bool = False,
+        validated: bool = False,
     ) -> None:
         """Queue a request. Raises ``ValueError`` (a message for the user) for bad input.
 
         ``hold_blocks``: keep the request's KV blocks when it finishes, until
-        ``release_blocks`` (a prefill worker copies them out first).
+        ``release_blocks`` (a prefill worker copies them out first). ``validated``: the input was
+        checked at the edge (a worker's requests come from the frontend, which did): not again.
         """
         if request_id in self._held:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = self._make_request(request_id, prompt_token_ids, params or SamplingParams())
+        req = self._make_request(request_id, prompt_token_ids, params or SamplingParams(), validated)
         req.hold_blocks = hold_blocks
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -328,10 +342,10 @@ class LLMEngine:
         self.block_manager.discard_cached(block_ids)
 
     def allocate_remote_prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, validated: bool = False
     ) -> RemoteAllocation | None:
         """Allocate the prompt's blocks for an external prefill; None when the pool has no room now."""
-        req = self._make_request(request_id, prompt_token_ids, params)
+        req = self._make_request(request_id, prompt_token_ids, params, validated)
         if not self.scheduler.allocate_remote(req):
             return None
         self.requests[request_id] = req
