@@ -36,14 +36,22 @@ from launcher.config import (
     resolve_gpus,
     topology_counts,
 )
-from launcher.processes import config_dict, frontend_entry, queue_main, set_child_env, worker_entry
+from launcher.processes import (
+    config_dict,
+    frontend_entry,
+    planner_endpoints_in,
+    planner_main,
+    queue_main,
+    set_child_env,
+    worker_entry,
+)
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart, doubling while restarts keep failing
 HEALTHY_AFTER = 60.0  # a child up this long has its back-off reset
 RESTART_BUDGET, RESTART_WINDOW = 10, 600.0  # at most this many restarts of one child per window
-STOP_ORDER = ("frontend", "worker", "decode", "prefill", "prefill-queue")
+STOP_ORDER = ("planner", "frontend", "worker", "decode", "prefill", "prefill-queue")
 
 
 class Child:
@@ -268,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             gpu, share = plan.get(f"{role} {i}", (None, cfg.gpu_memory_utilization))
             spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share))
         err = _wait_ready(children, cfg.ready_timeout, stopping)
+        planner_eps = planner_endpoints_in(run_dir)
+        planner = None
         if err is None:
-            frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep))
+            frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep, planner_eps))
+            err = _wait_ready(children, cfg.ready_timeout, stopping)
+        if err is None and cfg.planner != "off":
+            planner = spawn("planner", 0, planner_main, (cd, endpoints, queue_ep, planner_eps, n_prefill, n_decode))
             err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is not None:
             if not stopping():
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(children, cfg.restart_policy)
 
         def scale(action: str) -> None:
-            """The planner (active) asks, through the frontend's pipe: a prefill worker more or less."""
+            """The planner (active) asks, through its pipe: a prefill worker more or less."""
             prefill = [c for c in children if c.role == "prefill" and not c.retiring]
             if action == "add_prefill":
                 i = max((c.index for c in children if c.role == "prefill"), default=-1) + 1
@@ -302,11 +315,12 @@ def main(argv: list[str] | None = None) -> int:
 
         while not stopping():
             conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
-            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r, frontend.conn],
+            planner_conn = [planner.conn] if planner is not None and planner.ready and not planner.exited else []
+            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r] + planner_conn,
                  timeout=0.5)
-            while frontend.ready and not frontend.exited and frontend.conn.poll():
+            while planner_conn and planner.ready and not planner.exited and planner.conn.poll():
                 try:
-                    msg = frontend.conn.recv()
+                    msg = planner.conn.recv()
                 except EOFError:
                     break
                 if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "scale":

@@ -173,8 +173,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
     _run(main)
 
 
-def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, conn) -> None:
-    frontend_main(cd, endpoints, conn, queue_ep)
+def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, planner_eps: dict[str, str] | None,
+                   conn) -> None:
+    frontend_main(cd, endpoints, conn, queue_ep, planner_eps)
 
 
 def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, gpu: int | None,
@@ -197,7 +198,15 @@ def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:
     _run(main)
 
 
-def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoint: str | None = None) -> None:
+def planner_endpoints_in(run_dir) -> dict[str, str]:
+    """Where the frontend publishes its latency histograms and the planner its decisions."""
+    from dyn_actor.transport import ipc_endpoint
+
+    return {"frontend": ipc_endpoint(run_dir, "frontend-0-load"), "report": ipc_endpoint(run_dir, "planner-0")}
+
+
+def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoint: str | None = None,
+                  planner_endpoints: dict[str, str] | None = None) -> None:
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor frontend 0", cfg.log_level)
     from aiohttp import web
@@ -226,19 +235,15 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 from dyn_actor.actor import ActorRef
 
                 frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
-                if cfg.planner in ("observe", "active"):
-                    from dyn_actor.components.planner_loop import PlannerLoop
-                    from dyn_actor.planner import PlannerConfig
-                    from launcher.config import topology_counts
+            planner_tasks = []
+            if cfg.planner != "off":  # the planner process reads our latency histograms; we show its decisions
+                from dyn_actor.components.planner_process import PlannerView, publish_frontend_report
 
-                    _, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
-                    frontend.planner = PlannerLoop(frontend, PlannerConfig(
-                        ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
-                        min_decode=cfg.min_decode, max_workers=cfg.max_workers or n_prefill + n_decode,
-                        cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup),
-                        n_prefill, cfg.planner_interval, cfg.planner_log,
-                        act=(lambda action: conn.send(("scale", action))) if cfg.planner == "active" else None)
-                    frontend.planner.start()
+                frontend.planner = PlannerView(cfg.planner, planner_endpoints["report"],
+                                               frontend.metrics.planner_decisions)
+                frontend.planner.start()
+                planner_tasks.append(asyncio.ensure_future(
+                    publish_frontend_report(frontend.metrics, planner_endpoints["frontend"])))
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()
             answer_parser_errors_in_json(runner)
@@ -264,8 +269,40 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
         poller.cancel()
         if frontend.planner is not None:
             frontend.planner.stop()
+        for t in planner_tasks:
+            t.cancel()
         await feed.close()
         await runner.cleanup()
+
+    _run(main)
+
+
+def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str | None,
+                 planner_endpoints: dict[str, str], num_prefill: int, num_decode: int, conn) -> None:
+    """The planner process: listens to the workers', the queue's and the frontend's publications,
+    decides each tick, reports to the frontend; in active mode asks the launcher to carry it out."""
+    cfg = LaunchConfig(**cfg_dict)
+    _child_setup("dyn-actor planner 0", cfg.log_level)
+    from dyn_actor.components.planner_process import PlannerProcess
+    from dyn_actor.components.prefill_queue import depth_endpoint
+    from dyn_actor.planner import PlannerConfig
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_sigterm(stop.set)
+        pcfg = PlannerConfig(ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
+                             min_decode=cfg.min_decode, max_workers=cfg.max_workers or num_prefill + num_decode,
+                             cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup)
+        planner = PlannerProcess(
+            pcfg, interval=cfg.planner_interval, workers={name: ep + "-kv" for name, ep in endpoints.items()},
+            depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
+            frontend_endpoint=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
+            num_prefill=num_prefill, log_path=cfg.planner_log,
+            act=(lambda action: conn.send(("scale", action))) if cfg.planner == "active" else None)
+        planner.start()
+        conn.send(("ready", f"planner 0 ({cfg.planner})"))
+        await stop.wait()
+        planner.stop()
 
     _run(main)
 

@@ -53,7 +53,7 @@ def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
     before = set(leftover_segments())
     s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
     try:
-        assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0", "frontend 0"}
+        assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0", "frontend 0", "planner 0"}
         prompts = _prompts()
         for p, want in zip(prompts, agg_tokens):
             assert _tokens(_complete(s, p)) == want, f"{len(p)}-token prompt"

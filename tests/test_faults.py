@@ -62,7 +62,7 @@ def test_worker_killed_mid_stream():
     server = Server("--workers", "2", "--router", "round-robin", "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25")
     try:
         pids = server.pids()
-        assert set(pids) == {"worker 0", "worker 1", "frontend 0"}
+        assert set(pids) == {"worker 0", "worker 1", "frontend 0", "planner 0"}
         streams = [_stream(server), _stream(server)]  # round-robin: one on each worker
         iters = [s.iter_lines() for s in streams]
         for it in iters:
@@ -108,7 +108,7 @@ def test_ctrl_c_leaves_nothing_behind():
     before_dirs = set(glob.glob("/tmp/dyn-actor-*"))
     server = Server("--workers", "2", "--kv-cache-memory-gb", "0.1")
     pids = server.pids()
-    assert len(pids) == 3
+    assert len(pids) == 4  # 2 workers, the frontend, the planner
     requests.post(server.base_url + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     t0 = time.monotonic()
     code, err = server.stop(signal.SIGINT)
@@ -166,7 +166,7 @@ def test_config_file_sets_flags(tmp_path):
                                "served-model-name": "tiny"}))
     server = Server("--config", str(cfg))
     try:
-        assert len(server.pids()) == 3
+        assert len(server.pids()) == 4  # 2 workers, the frontend, the planner
         data = requests.get(server.base_url + "/models", timeout=10).json()["data"][0]
         assert data["id"] == "tiny" and data["max_model_len"] == 300
     finally:

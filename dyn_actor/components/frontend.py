@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.components import responses as R
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.http_edge import EdgePolicy
 from dyn_actor.components.messages import (
@@ -80,7 +81,7 @@ class Frontend:
         self.draining = False
         self.prefill_queue: ActorRef | None = None  # disaggregated topologies
         self.queue_depth = 0  # the prefill queue's depth at the last refresh
-        self.planner = None  # a components.planner_loop.PlannerLoop (--planner observe)
+        self.planner = None  # a components.planner_process.PlannerView (unless --planner off)
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests (503) and wait up to ``timeout`` s for those in flight to finish.
@@ -330,22 +331,21 @@ class Frontend:
             return index, ids, text, toks, lps, reason, stop_reason, cached
 
         results = await asyncio.gather(*(collect(*j) for j in jobs))
-        choices = []
+        choices: list = []
         for index, _ids, text, _toks, lps, reason, stop_reason, _ in results:
             p = jobs[index][2]
             if kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
-                                "finish_reason": reason, "stop_reason": stop_reason})
+                choices.append(R.ChatChoice(index, R.ChatMessage("assistant", text),
+                                            self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
+                                            reason, stop_reason))
             else:
-                choices.append({"index": index, "text": text,
-                                "logprobs": self.processor.text_logprobs(lps) if p.logprobs is not None else None,
-                                "finish_reason": reason, "stop_reason": stop_reason})
+                choices.append(R.CompletionChoice(index, text,
+                                                  self.processor.text_logprobs(lps) if p.logprobs is not None else None,
+                                                  reason, stop_reason))
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
-        usage = _usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
+        usage = R.usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        return _json({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                      "choices": choices, "usage": usage})
+        return _json(R.CompletionResponse(rid, obj, int(time.time()), self.model_name, choices, usage))
 
     async def _stream_response(self, request, rid, kind, jobs, include_usage) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
@@ -380,15 +380,15 @@ class Frontend:
         stats["resp"] = resp
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
+        model = self.model_name
 
-        async def send(payload: dict) -> None:
+        async def send(payload) -> None:
             await resp.write(b"data: " + _encode(payload) + b"\n\n")
 
         if kind == "chat":
             for index, _, _ in jobs:
-                await send({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
+                await send(R.Chunk(rid, obj, created, model,
+                                   [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
         open_jobs = len(jobs)
         item = first_item
         while True:
@@ -399,8 +399,8 @@ class Frontend:
                     break
             elif isinstance(c, BaseException):
                 msg = str(c) or type(c).__name__
-                await send({"error": {"message": f"the request failed: {msg}", "type": "server_error",
-                                      "code": 503 if isinstance(c, ActorDeadError) else 500}})
+                await send(R.ErrorBody(R.ErrorDetail(f"the request failed: {msg}", "server_error", None,
+                                                     503 if isinstance(c, ActorDeadError) else 500)))
                 await resp.write(b"data: [DONE]\n\n")
                 return resp
             else:
@@ -410,21 +410,20 @@ class Frontend:
                     lp = None
                     if p.logprobs is not None and c.logprobs:
                         lp = self.processor.chat_logprobs(c.logprobs) if kind == "chat" else self.processor.text_logprobs(c.logprobs)
+                    reason = c.finish_reason if c.finished else None
+                    stop_reason = c.stop_reason if c.finished else R.UNSET
                     if kind == "chat":
-                        delta = {"content": c.text} if c.text or c.token_ids else {}
-                        choice = {"index": index, "delta": delta, "logprobs": lp,
-                                  "finish_reason": c.finish_reason if c.finished else None}
+                        delta = R.ChatDelta(content=c.text) if c.text or c.token_ids else R.ChatDelta()
+                        choice = R.ChatChunkChoice(index, delta, lp, reason, stop_reason)
                     else:
-                        choice = {"index": index, "text": c.text, "logprobs": lp,
-                                  "finish_reason": c.finish_reason if c.finished else None}
-                    if c.finished:
-                        choice["stop_reason"] = c.stop_reason
-                    await send({**base, "choices": [choice]})
+                        choice = R.CompletionChunkChoice(index, c.text, lp, reason, stop_reason)
+                    await send(R.Chunk(rid, obj, created, model, [choice]))
             item = await queue.get()
         if include_usage:
             prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" \
                 else len(jobs[0][1])
-            await send({**base, "choices": [], "usage": _usage(prompt_tokens, stats["completion"], stats["cached"])})
+            await send(R.Chunk(rid, obj, created, model, [], R.usage(prompt_tokens, stats["completion"],
+                                                                     stats["cached"])))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -528,19 +527,13 @@ class Frontend:
         return web.json_response({"prompt": self.tokenizer.decode(req.tokens)})
 
 
-_encode = msgspec.json.Encoder().encode  # response bodies: encoded once, by msgspec (~5x json.dumps)
+_encode = R.encode  # response bodies: typed structs (components/responses.py) encoded once, by msgspec
 
 
 def _json(obj, status: int = 200) -> web.Response:
     return web.Response(body=_encode(obj), status=status, content_type="application/json")
 
 
-def _usage(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def error_response(message: str, status: int, type: str, code: str | int | None = None,
                    param: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type, "param": param,
-                                        "code": code if code is not None else status}}, status=status)
+    return _json(R.ErrorBody(R.ErrorDetail(message, type, param, code if code is not None else status)), status)

@@ -1,0 +1,264 @@
+"""The planner as a process of its own (``dyn-actor planner 0``), started by the launcher in every
+topology unless ``--planner off``.
+
+It only listens to what the system already publishes: each aggregated or decode worker's load
+reports (``WorkerLoad``, with its KV events), the prefill queue's depth, and the frontend's
+latency histograms (``FrontendReport``, cumulative buckets, twice a second). Every
+``--planner-interval`` seconds it builds a ``Snapshot``, asks ``dyn_actor.planner.decide`` what
+to change, logs it (one line with the numbers), appends it to ``--planner-log`` as a JSON line
+that ``planner.replay`` reproduces, and publishes a ``PlannerReport`` that the frontend turns
+into ``dyn_planner_decisions_total{action}`` and ``GET /v1/planner/state`` (``PlannerView``).
+In ``active`` mode it also asks the launcher (through its pipe) to carry the decision out; the
+launcher adds and removes prefill workers so far (decode workers and role moves are logged, not
+carried out). A worker's age for the warm-up rule counts from its first load report; prefill
+workers publish no load, so they are counted from when the planner started or added them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from dyn_actor.components.disagg_messages import QueueDepth
+from dyn_actor.kv.events import KvPublication, WorkerLoad
+from dyn_actor.planner import Planner, PlannerConfig, Snapshot, WorkerSample, record, window_quantile
+from dyn_actor.transport import PubSocket, SubSocket
+
+log = logging.getLogger(__name__)
+
+Buckets = list[tuple[float, float]]  # [(upper bound, cumulative count)], +Inf last
+
+#: actions the launcher carries out in active mode
+CARRIED_OUT = ("add_prefill", "remove_prefill")
+
+
+class FrontendReport(msgspec.Struct, frozen=True):
+    """What the frontend publishes for the planner: its latency histograms, cumulative."""
+
+    ttft: Buckets
+    itl: Buckets
+    e2e: Buckets
+
+
+class PlannerReport(msgspec.Struct, frozen=True):
+    """One tick of the planner, as it publishes it to the frontend."""
+
+    mode: str
+    interval_s: float
+    config: PlannerConfig
+    prefill_workers: int
+    t: float
+    action: str
+    reason: str
+    numbers: dict[str, float]
+
+
+def histogram_buckets(hist) -> Buckets:
+    """``[(upper bound, cumulative count)]`` of a prometheus-client histogram."""
+    out = []
+    for metric in hist.collect():
+        for s in metric.samples:
+            if s.name.endswith("_bucket"):
+                out.append((float(s.labels["le"]), s.value))
+    return out
+
+
+async def publish_frontend_report(metrics, endpoint: str, interval: float = 0.5) -> None:
+    """The frontend's side: its TTFT/ITL/E2E histograms on ``endpoint`` every ``interval`` s."""
+    pub = PubSocket(endpoint)
+    enc = msgspec.msgpack.Encoder()
+    try:
+        while True:
+            await pub.send(enc.encode(FrontendReport(histogram_buckets(metrics.ttft.metric),
+                                                     histogram_buckets(metrics.itl.metric),
+                                                     histogram_buckets(metrics.e2e.metric))))
+            await asyncio.sleep(interval)
+    finally:
+        pub.close()
+
+
+class PlannerView:
+    """The frontend's view of the planner: the decisions it publishes, counted and kept."""
+
+    def __init__(self, mode: str, endpoint: str, decisions_counter) -> None:
+        self.mode = mode
+        self.endpoint = endpoint
+        self.counter = decisions_counter
+        self.last: PlannerReport | None = None
+        self.recent: collections.deque = collections.deque(maxlen=20)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._read())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _read(self) -> None:
+        sub = SubSocket(self.endpoint)
+        dec = msgspec.msgpack.Decoder(PlannerReport)
+        try:
+            while True:
+                try:
+                    r = dec.decode(await sub.recv())
+                except msgspec.DecodeError:
+                    continue
+                self.last = r
+                self.counter.inc(1, r.action)
+                self.recent.append({"t": r.t, "action": r.action, "reason": r.reason, "numbers": r.numbers})
+        finally:
+            sub.close()
+
+    def state(self) -> dict:
+        r = self.last
+        if r is None:  # the planner has not ticked yet
+            return {"mode": self.mode, "recent": []}
+        return {"mode": r.mode, "interval_s": r.interval_s, "config": r.config, "prefill_workers": r.prefill_workers,
+                "recent": list(self.recent)}
+
+
+class PlannerProcess:
+    """Subscribes, ticks, decides, reports; ``act`` (active mode) carries a decision out."""
+
+    def __init__(self, cfg: PlannerConfig, *, interval: float, workers: dict[str, str], depth_endpoint: str | None,
+                 frontend_endpoint: str, report_endpoint: str, num_prefill: int, log_path: str | None = None,
+                 act: Callable[[str], None] | None = None) -> None:
+        self.planner = Planner(cfg)
+        self.interval = interval
+        self.workers = workers  # name -> where it publishes its KV events and loads
+        self.depth_endpoint = depth_endpoint
+        self.frontend_endpoint = frontend_endpoint
+        self.report_endpoint = report_endpoint
+        self.log_path = log_path
+        self.act = act
+        self.started = time.monotonic()
+        self.prefill_started = [self.started] * num_prefill
+        self.loads: dict[str, WorkerLoad] = {}
+        self.first_seen: dict[str, float] = {}
+        self.queue_depth = 0
+        self.latest: FrontendReport | None = None
+        self._window_start: FrontendReport | None = None
+        self._pub: PubSocket | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def mode(self) -> str:
+        return "observe" if self.act is None else "active"
+
+    def start(self) -> None:
+        self._pub = PubSocket(self.report_endpoint)
+        for name, ep in self.workers.items():
+            self._tasks.append(asyncio.ensure_future(self._read_loads(name, ep)))
+        if self.depth_endpoint:
+            self._tasks.append(asyncio.ensure_future(self._read_depth(self.depth_endpoint)))
+        self._tasks.append(asyncio.ensure_future(self._read_frontend()))
+        self._tasks.append(asyncio.ensure_future(self._run()))
+
+    def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._pub is not None:
+            self._pub.close()
+
+    # ------------------------------------------------------------------ inputs
+    async def _read_loads(self, name: str, endpoint: str) -> None:
+        sub = SubSocket(endpoint)
+        dec = msgspec.msgpack.Decoder(KvPublication)
+        try:
+            while True:
+                try:
+                    msg = dec.decode(await sub.recv())
+                except msgspec.DecodeError:
+                    continue
+                if isinstance(msg, WorkerLoad):
+                    self.loads[name] = msg
+                    self.first_seen.setdefault(name, time.monotonic())
+        finally:
+            sub.close()
+
+    async def _read_depth(self, endpoint: str) -> None:
+        sub = SubSocket(endpoint)
+        dec = msgspec.msgpack.Decoder(QueueDepth)
+        try:
+            while True:
+                try:
+                    self.queue_depth = dec.decode(await sub.recv()).depth
+                except msgspec.DecodeError:
+                    continue
+        finally:
+            sub.close()
+
+    async def _read_frontend(self) -> None:
+        sub = SubSocket(self.frontend_endpoint)
+        dec = msgspec.msgpack.Decoder(FrontendReport)
+        try:
+            while True:
+                try:
+                    self.latest = dec.decode(await sub.recv())
+                except msgspec.DecodeError:
+                    continue
+        finally:
+            sub.close()
+
+    # ------------------------------------------------------------------ ticks
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - a bad tick is logged; the next one comes
+                log.exception("planner tick failed")
+
+    def snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        before, after = self._window_start, self.latest
+        self._window_start = after
+        ttft = itl = None
+        finished = 0.0
+        if before is not None and after is not None:
+            ttft = window_quantile(before.ttft, after.ttft, 0.9)
+            itl = window_quantile(before.itl, after.itl, 0.9)
+            if after.e2e and before.e2e:
+                finished = after.e2e[-1][1] - before.e2e[-1][1]
+        workers = [WorkerSample(f"prefill-{i}", "prefill", now - t) for i, t in enumerate(self.prefill_started)]
+        for name in self.workers:
+            load = self.loads.get(name)
+            if load is None:  # not heard from yet: warming up as far as the planner knows
+                workers.append(WorkerSample(name, "decode" if name.startswith("decode") else "worker", 0.0))
+                continue
+            usage = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
+            role = "decode" if name.startswith("decode") else "worker"
+            workers.append(WorkerSample(name, role, now - self.first_seen[name], load.requests_running,
+                                        load.requests_waiting, usage))
+        return Snapshot(t=now - self.started, workers=workers, queue_depth=self.queue_depth, requests=int(finished),
+                        ttft_p90_ms=None if ttft is None else 1000 * ttft,
+                        itl_p90_ms=None if itl is None else 1000 * itl)
+
+    async def tick(self):
+        snap = self.snapshot()
+        d = self.planner.tick(snap)
+        numbers = " ".join(f"{k}={v:g}" for k, v in d.numbers.items())
+        if d.action in CARRIED_OUT and self.act is not None:
+            log.info("planner: %s: %s; %s", d.action, d.reason, numbers)
+            self.act(d.action)
+            if d.action == "add_prefill":
+                self.prefill_started.append(time.monotonic())
+            elif len(self.prefill_started) > 1:
+                self.prefill_started.pop()
+        elif d.action != "none":
+            tail = "" if self.act is None else " (not carried out: only prefill workers are scaled so far)"
+            log.info("planner (%s): would %s: %s; %s%s", self.mode, d.action, d.reason, numbers, tail)
+        if self._pub is not None:
+            await self._pub.send(msgspec.msgpack.encode(PlannerReport(
+                self.mode, self.interval, self.planner.cfg, len(self.prefill_started), round(snap.t, 1), d.action,
+                d.reason, d.numbers)))
+        if self.log_path:
+            with open(self.log_path, "ab") as fh:
+                fh.write(record(snap, d))
+        return d
