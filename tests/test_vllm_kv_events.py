@@ -109,6 +109,16 @@ def test_worker_relays_in_order_and_replays_a_gap(tmp_path):
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(ours_ep)
         await asyncio.sleep(0.3)  # both subscriptions settle
+
+        async def our_batches(n: int) -> list[KvEventBatch]:
+            """The next ``n`` event batches the worker publishes (its load reports skipped)."""
+            out = []
+            while len(out) < n:
+                msg = msgspec.msgpack.decode(await asyncio.wait_for(sub.recv(), 5))
+                if msg["type"] == "kv_events":
+                    out.append(msgspec.convert(msg, KvEventBatch))
+            return out
+
         toks = list(range(20, 32))
         batches = [_payload(BlockStoredV([b"x1"], None, toks[:4], BS)),
                    _payload(BlockStoredV([b"x2"], b"x1", toks[4:8], BS)),
@@ -121,11 +131,7 @@ def test_worker_relays_in_order_and_replays_a_gap(tmp_path):
         for seq in (1, 2):
             await vreplay.send_multipart([client, b"", b"", seq.to_bytes(8, "big"), batches[seq]])
         await vreplay.send_multipart([client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
-        got = []
-        while len(got) < 3:
-            msg = msgspec.msgpack.decode(await asyncio.wait_for(sub.recv(), 5))
-            if msg["type"] == "kv_events":
-                got.append(msgspec.convert(msg, KvEventBatch))
+        got = await our_batches(3)
         assert [b.seq for b in got] == [1, 2, 3]
         ours = hash_blocks(toks, BS)
         assert [e.block_hashes for b in got for e in b.events] == [[h] for h in ours]
@@ -135,11 +141,7 @@ def test_worker_relays_in_order_and_replays_a_gap(tmp_path):
         await vpub.send_multipart([b"", (9).to_bytes(8, "big"), _payload(BlockStoredV([b"y"], None, toks[:4], BS))])
         client, _, start = await asyncio.wait_for(vreplay.recv_multipart(), 5)
         await vreplay.send_multipart([client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
-        rest = []
-        while len(rest) < 2:
-            msg = msgspec.msgpack.decode(await asyncio.wait_for(sub.recv(), 5))
-            if msg["type"] == "kv_events":
-                rest.append(msgspec.convert(msg, KvEventBatch))
+        rest = await our_batches(2)
         assert rest[0].events == [AllBlocksCleared()] and rest[1].events[0].block_hashes == ours[:1]
         await w.on_stop()
         for s in (vpub, vreplay, sub):

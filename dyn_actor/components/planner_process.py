@@ -58,6 +58,20 @@ class PlannerReport(msgspec.Struct, frozen=True):
     numbers: dict[str, float]
 
 
+async def follow(endpoint: str, decoder: msgspec.msgpack.Decoder, on_message: Callable) -> None:
+    """Subscribe to ``endpoint`` and hand each message that decodes to ``on_message`` (until cancelled)."""
+    sub = SubSocket(endpoint)
+    try:
+        while True:
+            try:
+                msg = decoder.decode(await sub.recv())
+            except msgspec.DecodeError:
+                continue
+            on_message(msg)
+    finally:
+        sub.close()
+
+
 def histogram_buckets(hist) -> Buckets:
     """``[(upper bound, cumulative count)]`` of a prometheus-client histogram."""
     out = []
@@ -101,19 +115,12 @@ class PlannerView:
             self._task.cancel()
 
     async def _read(self) -> None:
-        sub = SubSocket(self.endpoint)
-        dec = msgspec.msgpack.Decoder(PlannerReport)
-        try:
-            while True:
-                try:
-                    r = dec.decode(await sub.recv())
-                except msgspec.DecodeError:
-                    continue
-                self.last = r
-                self.counter.inc(1, r.action)
-                self.recent.append({"t": r.t, "action": r.action, "reason": r.reason, "numbers": r.numbers})
-        finally:
-            sub.close()
+        await follow(self.endpoint, msgspec.msgpack.Decoder(PlannerReport), self._report)
+
+    def _report(self, r: PlannerReport) -> None:
+        self.last = r
+        self.counter.inc(1, r.action)
+        self.recent.append({"t": r.t, "action": r.action, "reason": r.reason, "numbers": r.numbers})
 
     def state(self) -> dict:
         r = self.last
@@ -153,11 +160,14 @@ class PlannerProcess:
 
     def start(self) -> None:
         self._pub = PubSocket(self.report_endpoint)
+        loads = msgspec.msgpack.Decoder(KvPublication)
         for name, ep in self.workers.items():
-            self._tasks.append(asyncio.ensure_future(self._read_loads(name, ep)))
+            self._tasks.append(asyncio.ensure_future(follow(ep, loads, lambda m, name=name: self._load(name, m))))
         if self.depth_endpoint:
-            self._tasks.append(asyncio.ensure_future(self._read_depth(self.depth_endpoint)))
-        self._tasks.append(asyncio.ensure_future(self._read_frontend()))
+            self._tasks.append(asyncio.ensure_future(follow(
+                self.depth_endpoint, msgspec.msgpack.Decoder(QueueDepth), self._depth)))
+        self._tasks.append(asyncio.ensure_future(follow(
+            self.frontend_endpoint, msgspec.msgpack.Decoder(FrontendReport), self._frontend)))
         self._tasks.append(asyncio.ensure_future(self._run()))
 
     def stop(self) -> None:
@@ -167,44 +177,16 @@ class PlannerProcess:
             self._pub.close()
 
     # ------------------------------------------------------------------ inputs
-    async def _read_loads(self, name: str, endpoint: str) -> None:
-        sub = SubSocket(endpoint)
-        dec = msgspec.msgpack.Decoder(KvPublication)
-        try:
-            while True:
-                try:
-                    msg = dec.decode(await sub.recv())
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(msg, WorkerLoad):
-                    self.loads[name] = msg
-                    self.first_seen.setdefault(name, time.monotonic())
-        finally:
-            sub.close()
+    def _load(self, name: str, msg) -> None:
+        if isinstance(msg, WorkerLoad):  # its KV-event batches travel on the same socket: not ours
+            self.loads[name] = msg
+            self.first_seen.setdefault(name, time.monotonic())
 
-    async def _read_depth(self, endpoint: str) -> None:
-        sub = SubSocket(endpoint)
-        dec = msgspec.msgpack.Decoder(QueueDepth)
-        try:
-            while True:
-                try:
-                    self.queue_depth = dec.decode(await sub.recv()).depth
-                except msgspec.DecodeError:
-                    continue
-        finally:
-            sub.close()
+    def _depth(self, msg: QueueDepth) -> None:
+        self.queue_depth = msg.depth
 
-    async def _read_frontend(self) -> None:
-        sub = SubSocket(self.frontend_endpoint)
-        dec = msgspec.msgpack.Decoder(FrontendReport)
-        try:
-            while True:
-                try:
-                    self.latest = dec.decode(await sub.recv())
-                except msgspec.DecodeError:
-                    continue
-        finally:
-            sub.close()
+    def _frontend(self, msg: FrontendReport) -> None:
+        self.latest = msg
 
     # ------------------------------------------------------------------ ticks
     async def _run(self) -> None:
