@@ -64,6 +64,7 @@ class WorkerEntry:
     in_flight: int = 0
     routed_total: int = 0
     alive: bool = True
+    draining: bool = False  # being retired: no new requests, the ones it holds finish
     # load as this router counts it (routed, not yet seen finish / first token)
     active_blocks: int = 0
     pending_prefill_blocks: int = 0
@@ -145,8 +146,20 @@ class Router:
             entry.alive = False
         self.index.remove_worker(name)
 
+    def drain(self, name: str) -> WorkerEntry | None:
+        """Route nothing new to ``name`` (it is being retired); what it holds goes on."""
+        entry = self.workers.get(name)
+        if entry is not None:
+            entry.draining = True
+        return entry
+
+    def forget(self, name: str) -> None:
+        """A retired worker: gone from routing, the index and the state."""
+        self.workers.pop(name, None)
+        self.index.remove_worker(name)
+
     def live_workers(self) -> list[WorkerEntry]:
-        return [w for w in self.workers.values() if w.alive]
+        return [w for w in self.workers.values() if w.alive and not w.draining]
 
     # --------------------------------------------------------------- routing
     def pick(self, token_ids: Sequence[int] = ()) -> Route:

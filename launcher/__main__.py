@@ -69,9 +69,10 @@ class Child:
         self.restart_at: float | None = None
         self.added = False  # started by the planner while serving
         self.retiring = False  # stopped on purpose (the planner removed it): not restarted
+        self.on_up = None  # called once an added child is ready (announce it)
 
     def spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=False)
+        parent, child = self._ctx.Pipe()  # both ways: READY up; while serving, announcements down
         self.proc = self._ctx.Process(target=self.target, args=(*self.args, child), name=f"dyn-actor {self.role} {self.index}")
         self.proc.start()
         child.close()
@@ -183,6 +184,8 @@ class Supervisor:
                     if status == "ready" and c.added and not c.restarts:
                         c.ready = True
                         log.warning("%s is up (added by the planner; pid %d)", c.name, c.proc.pid)
+                        if c.on_up is not None:
+                            c.on_up(c)
                     elif status == "ready":
                         c.ready = True
                         log.warning("%s is back (pid %d); its peers reconnect to it", c.name, c.proc.pid)
@@ -292,9 +295,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready: {frontend.detail}", flush=True)
         supervisor = Supervisor(children, cfg.restart_policy)
 
+        def tell(child, msg) -> None:
+            if child is not None and child.ready and not child.exited:
+                try:
+                    child.conn.send(msg)
+                except OSError:
+                    pass
+
+        def announce(c: Child) -> None:
+            """An added decode worker is ready: the frontend routes to it, the planner follows its load."""
+            ep = ipc_endpoint(run_dir, f"decode-{c.index}")
+            tell(frontend, ("add_worker", f"decode-{c.index}", ep))
+            tell(planner, ("add_worker", f"decode-{c.index}", ep + "-kv"))
+
         def scale(action: str) -> None:
-            """The planner (active) asks, through its pipe: a prefill worker more or less."""
+            """The planner (active) asks, through its pipe: a prefill or decode worker more or less."""
             prefill = [c for c in children if c.role == "prefill" and not c.retiring]
+            decode = [c for c in children if c.role == "decode" and not c.retiring]
+            if action == "add_decode" and decode:
+                i = max(c.index for c in children if c.role == "decode") + 1
+                gpu = gpus[i % len(gpus)] if gpus else None
+                c = spawn("decode", i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"decode-{i}"), "decode",
+                                                      queue_ep, gpu, cfg.gpu_memory_utilization / 2))
+                c.added, c.on_up = True, announce
+                log.warning("planner: adding decode %d (pid %d)", i, c.proc.pid)
+                return
+            if action == "remove_decode" and len(decode) > 1:
+                c = max(decode, key=lambda c: c.index)
+                c.retiring = True  # not restarted if it exits meanwhile
+                log.warning("planner: removing %s: the frontend drains it first", c.name)
+                tell(planner, ("remove_worker", f"decode-{c.index}"))
+                tell(frontend, ("retire_worker", f"decode-{c.index}", cfg.drain_timeout))
+                return
             if action == "add_prefill":
                 i = max((c.index for c in children if c.role == "prefill"), default=-1) + 1
                 gpu = gpus[i % len(gpus)] if gpus else None
@@ -313,11 +345,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log.warning("planner: %s is not carried out here", action)
 
+        def retired(name: str, left: int) -> None:
+            role, _, index = name.rpartition("-")
+            for c in children:
+                if c.role == role and str(c.index) == index and c.retiring and c.proc.is_alive():
+                    log.warning("planner: %s drained (%d requests still running); stopping it", c.name, left)
+                    try:
+                        os.kill(c.proc.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+
         while not stopping():
             conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
             planner_conn = [planner.conn] if planner is not None and planner.ready and not planner.exited else []
-            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r] + planner_conn,
-                 timeout=0.5)
+            frontend_conn = [frontend.conn] if frontend.ready and not frontend.exited else []
+            wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r] + planner_conn
+                 + frontend_conn, timeout=0.5)
             while planner_conn and planner.ready and not planner.exited and planner.conn.poll():
                 try:
                     msg = planner.conn.recv()
@@ -325,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "scale":
                     scale(msg[1])
+            while frontend.ready and not frontend.exited and frontend.conn.poll():
+                try:
+                    msg = frontend.conn.recv()
+                except EOFError:
+                    break
+                if isinstance(msg, tuple) and msg[0] == "retired":  # drained: now it may stop
+                    retired(msg[1], msg[2])
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

@@ -142,7 +142,7 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="on Ctrl-C / SIGTERM: seconds that requests in flight get to finish (new ones get 503)")
     ap.add_argument("--planner", default="observe", choices=["off", "observe", "active"],
                     help="the planner process (every topology): observe logs, counts and shows what it would change "
-                         "(GET /v1/planner/state); active also adds and removes prefill workers while serving; "
+                         "(GET /v1/planner/state); active also adds and removes prefill and decode workers while serving; "
                          "off starts no planner")
     ap.add_argument("--planner-interval", type=float, default=2.0, help="seconds between planner ticks")
     ap.add_argument("--planner-cooldown", type=float, default=20.0, help="planner: seconds after an action")

@@ -14,6 +14,8 @@ from dataclasses import asdict
 
 from launcher.config import LaunchConfig
 
+log = logging.getLogger("launcher.processes")
+
 
 def _child_setup(title: str, log_level: str) -> None:
     try:
@@ -31,6 +33,26 @@ def _child_setup(title: str, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us with SIGTERM
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {title} %(levelname)s %(name)s: %(message)s")
+
+
+async def read_pipe(conn, on_message) -> None:
+    """The launcher's messages on this child's pipe while it serves, each to ``on_message`` (on the
+    event loop; the pipe is read only when it has data). Ends when the launcher's end closes."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(conn.fileno(), readable.set)
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            while conn.poll():
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    return
+                on_message(msg)
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 def _run(main) -> None:
@@ -263,8 +285,43 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 await asyncio.sleep(1.0)
                 await frontend.refresh_worker_stats()
 
+        async def add_worker(name: str, endpoint: str) -> None:
+            """A worker the launcher started while serving (the planner asked): route to it once it answers."""
+            from dyn_actor.components.worker_client import _connect_worker
+
+            try:
+                await _connect_worker(name, endpoint, router, feed, 1.0, cfg.ready_timeout)
+            except Exception as e:  # noqa: BLE001 - it is not routed to; the launcher's supervision sees it
+                log.error("the added worker %s could not be joined: %s", name, e)
+                return
+            log.info("worker %s added: routing to it", name)
+
+        async def retire_worker(name: str, deadline: float) -> None:
+            """Route nothing new to ``name``, let what it holds finish (up to ``deadline`` s), then let
+            it go and tell the launcher, which stops it; requests still running then end with an error."""
+            entry = router.drain(name)
+            left = 0
+            if entry is not None:
+                log.info("retiring worker %s: %d requests in flight", name, entry.in_flight)
+                end = asyncio.get_running_loop().time() + deadline
+                while entry.in_flight and asyncio.get_running_loop().time() < end:
+                    await asyncio.sleep(0.1)
+                left = entry.in_flight
+                router.forget(name)
+                feed.remove(name)
+                await entry.handle.ref.close()
+            conn.send(("retired", name, left))
+
+        def on_launcher(msg) -> None:
+            if msg[0] == "add_worker":
+                asyncio.ensure_future(add_worker(msg[1], msg[2]))
+            elif msg[0] == "retire_worker":
+                asyncio.ensure_future(retire_worker(msg[1], msg[2]))
+
         poller = asyncio.ensure_future(poll_stats())
+        control = asyncio.ensure_future(read_pipe(conn, on_launcher))
         await stop.wait()
+        control.cancel()
         await frontend.drain(cfg.drain_timeout)
         poller.cancel()
         if frontend.planner is not None:
@@ -301,7 +358,9 @@ def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str 
             act=(lambda action: conn.send(("scale", action))) if cfg.planner == "active" else None)
         planner.start()
         conn.send(("ready", f"planner 0 ({cfg.planner})"))
+        control = asyncio.ensure_future(read_pipe(conn, planner.on_launcher))  # workers added / removed
         await stop.wait()
+        control.cancel()
         planner.stop()
 
     _run(main)

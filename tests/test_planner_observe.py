@@ -103,3 +103,55 @@ def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
         stop.set()
         code, err = s.stop()
     assert code == 0, err[-2000:]
+
+
+def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
+    """--planner active on decode: inter-token latency over its target adds a decode worker; the
+    launcher announces it to the frontend (which routes to it) and to the planner; once traffic
+    stops the planner removes it: the frontend drains it, then the launcher stops it and its KV
+    segment goes. No request fails."""
+    from dyn_actor.kv.transfer import leftover_segments
+
+    before = set(leftover_segments())
+    s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--ttft-slo-ms", "1000000",
+               "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "2",
+               "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
+    stop, failures, done = threading.Event(), [], []
+
+    def load():
+        while not stop.is_set():
+            r = requests.post(s.base_url + "/completions", timeout=60,
+                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
+            (done if r.status_code == 200 else failures).append(r.status_code)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        routed = 0
+        while time.monotonic() < deadline and not routed:
+            workers = {w["name"]: w for w in requests.get(s.base_url + "/router/state", timeout=10).json()["workers"]}
+            routed = workers.get("decode-1", {}).get("routed_total", 0)
+            time.sleep(0.5)
+        assert "decode 1 is up (added by the planner" in s.log(), s.log()[-3000:]
+        assert routed > 0, workers  # the frontend routes to the new worker
+        stop.set()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
+            time.sleep(0.5)
+        log = s.log()
+        assert "decode 1 drained" in log and "decode 1 stopped (removed by the planner" in log, log[-3000:]
+        assert "decode 1" not in s.pids() and "decode 0" in s.pids()
+        names = [w["name"] for w in requests.get(s.base_url + "/router/state", timeout=10).json()["workers"]]
+        assert names == ["decode-0"]
+        assert done and not failures, failures
+        assert requests.post(s.base_url + "/completions", timeout=60,
+                             json={"prompt": "again", "max_tokens": 4}).status_code == 200
+    finally:
+        stop.set()
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+    assert set(leftover_segments()) <= before

@@ -8,9 +8,10 @@ latency histograms (``FrontendReport``, cumulative buckets, twice a second). Eve
 to change, logs it (one line with the numbers), appends it to ``--planner-log`` as a JSON line
 that ``planner.replay`` reproduces, and publishes a ``PlannerReport`` that the frontend turns
 into ``dyn_planner_decisions_total{action}`` and ``GET /v1/planner/state`` (``PlannerView``).
-In ``active`` mode it also asks the launcher (through its pipe) to carry the decision out; the
-launcher adds and removes prefill workers so far (decode workers and role moves are logged, not
-carried out). A worker's age for the warm-up rule counts from its first load report; prefill
+In ``active`` mode it also asks the launcher (through its pipe) to carry the decision out: the
+launcher adds and removes prefill and decode workers (a decode worker is announced to the frontend
+and to the planner when it is ready; one being removed is drained by the frontend first); role
+moves are logged, not carried out. A worker's age for the warm-up rule counts from its first load report; prefill
 workers publish no load, so they are counted from when the planner started or added them.
 """
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 Buckets = list[tuple[float, float]]  # [(upper bound, cumulative count)], +Inf last
 
 #: actions the launcher carries out in active mode
-CARRIED_OUT = ("add_prefill", "remove_prefill")
+CARRIED_OUT = ("add_prefill", "remove_prefill", "add_decode", "remove_decode")
+PENDING_FOR = 120.0  # seconds an asked-for decode worker counts as warming up before it is announced
 
 
 class FrontendReport(msgspec.Struct, frozen=True):
@@ -153,6 +155,9 @@ class PlannerProcess:
         self._window_start: FrontendReport | None = None
         self._pub: PubSocket | None = None
         self._tasks: list[asyncio.Task] = []
+        self._follows: dict[str, asyncio.Task] = {}
+        self._loads_decoder = msgspec.msgpack.Decoder(KvPublication)
+        self.pending_decode: list[float] = []  # when each asked-for decode worker was asked for
 
     @property
     def mode(self) -> str:
@@ -160,9 +165,8 @@ class PlannerProcess:
 
     def start(self) -> None:
         self._pub = PubSocket(self.report_endpoint)
-        loads = msgspec.msgpack.Decoder(KvPublication)
-        for name, ep in self.workers.items():
-            self._tasks.append(asyncio.ensure_future(follow(ep, loads, lambda m, name=name: self._load(name, m))))
+        for name, ep in list(self.workers.items()):
+            self.add_worker(name, ep)
         if self.depth_endpoint:
             self._tasks.append(asyncio.ensure_future(follow(
                 self.depth_endpoint, msgspec.msgpack.Decoder(QueueDepth), self._depth)))
@@ -171,12 +175,37 @@ class PlannerProcess:
         self._tasks.append(asyncio.ensure_future(self._run()))
 
     def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._follows.values()]:
             t.cancel()
         if self._pub is not None:
             self._pub.close()
 
     # ------------------------------------------------------------------ inputs
+    def add_worker(self, name: str, endpoint: str) -> None:
+        """Follow a worker's load reports (at start, or announced by the launcher when it was added)."""
+        self.workers[name] = endpoint
+        if name.startswith("decode") and name not in self._follows and self.pending_decode:
+            self.pending_decode.pop(0)
+        old = self._follows.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._follows[name] = asyncio.ensure_future(
+            follow(endpoint, self._loads_decoder, lambda m, name=name: self._load(name, m)))
+
+    def remove_worker(self, name: str) -> None:
+        self.workers.pop(name, None)
+        self.loads.pop(name, None)
+        self.first_seen.pop(name, None)
+        task = self._follows.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def on_launcher(self, msg) -> None:
+        if msg[0] == "add_worker":
+            self.add_worker(msg[1], msg[2])
+        elif msg[0] == "remove_worker":
+            self.remove_worker(msg[1])
+
     def _load(self, name: str, msg) -> None:
         if isinstance(msg, WorkerLoad):  # its KV-event batches travel on the same socket: not ours
             self.loads[name] = msg
@@ -209,6 +238,9 @@ class PlannerProcess:
             if after.e2e and before.e2e:
                 finished = after.e2e[-1][1] - before.e2e[-1][1]
         workers = [WorkerSample(f"prefill-{i}", "prefill", now - t) for i, t in enumerate(self.prefill_started)]
+        # a decode worker asked for and not announced yet is warming up (so nothing is decided twice)
+        self.pending_decode = [t for t in self.pending_decode if now - t < PENDING_FOR]
+        workers += [WorkerSample(f"decode-pending-{i}", "decode", 0.0) for i in range(len(self.pending_decode))]
         for name in self.workers:
             load = self.loads.get(name)
             if load is None:  # not heard from yet: warming up as far as the planner knows
@@ -231,10 +263,12 @@ class PlannerProcess:
             self.act(d.action)
             if d.action == "add_prefill":
                 self.prefill_started.append(time.monotonic())
-            elif len(self.prefill_started) > 1:
+            elif d.action == "remove_prefill" and len(self.prefill_started) > 1:
                 self.prefill_started.pop()
+            elif d.action == "add_decode":
+                self.pending_decode.append(time.monotonic())
         elif d.action != "none":
-            tail = "" if self.act is None else " (not carried out: only prefill workers are scaled so far)"
+            tail = "" if self.act is None else " (not carried out: role moves are not yet)"
             log.info("planner (%s): would %s: %s; %s%s", self.mode, d.action, d.reason, numbers, tail)
         if self._pub is not None:
             await self._pub.send(msgspec.msgpack.encode(PlannerReport(
