@@ -70,6 +70,7 @@ class Child:
         self.added = False  # started by the planner while serving
         self.retiring = False  # stopped on purpose (the planner removed it): not restarted
         self.on_up = None  # called once an added child is ready (announce it)
+        self.on_gone = None  # called once a retiring child has exited (a role move starts its successor)
 
     def spawn(self) -> None:
         parent, child = self._ctx.Pipe()  # both ways: READY up; while serving, announcements down
@@ -165,6 +166,8 @@ class Supervisor:
                 log.warning("%s stopped (removed by the planner; exit code %s)", c.name, c.proc.exitcode)
                 _remove_segments(c)
                 self.children.remove(c)
+                if c.on_gone is not None:
+                    c.on_gone()
             elif not c.exited and not c.proc.is_alive():
                 c.exited = True
                 log.error("%s exited unexpectedly (exit code %s)", c.name, c.proc.exitcode)
@@ -308,40 +311,51 @@ def main(argv: list[str] | None = None) -> int:
             tell(frontend, ("add_worker", f"decode-{c.index}", ep))
             tell(planner, ("add_worker", f"decode-{c.index}", ep + "-kv"))
 
-        def scale(action: str) -> None:
-            """The planner (active) asks, through its pipe: a prefill or decode worker more or less."""
-            prefill = [c for c in children if c.role == "prefill" and not c.retiring]
-            decode = [c for c in children if c.role == "decode" and not c.retiring]
-            if action == "add_decode" and decode:
-                i = max(c.index for c in children if c.role == "decode") + 1
-                gpu = gpus[i % len(gpus)] if gpus else None
-                c = spawn("decode", i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"decode-{i}"), "decode",
-                                                      queue_ep, gpu, cfg.gpu_memory_utilization / 2))
-                c.added, c.on_up = True, announce
-                log.warning("planner: adding decode %d (pid %d)", i, c.proc.pid)
-                return
-            if action == "remove_decode" and len(decode) > 1:
-                c = max(decode, key=lambda c: c.index)
-                c.retiring = True  # not restarted if it exits meanwhile
+        def add(role: str) -> None:
+            """A prefill or decode worker more, with the next index (a decode one is announced when ready)."""
+            i = max((c.index for c in children if c.role == role), default=-1) + 1
+            gpu = gpus[i % len(gpus)] if gpus else None
+            c = spawn(role, i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"{role}-{i}"), role, queue_ep, gpu,
+                                              cfg.gpu_memory_utilization / 2))
+            c.added = True
+            if role == "decode":
+                c.on_up = announce
+            log.warning("planner: adding %s %d (pid %d)", role, i, c.proc.pid)
+
+        def retire(role: str, then: str | None = None) -> bool:
+            """The newest worker of ``role`` goes (never the last one): a prefill worker at once (it
+            finishes what it pulled, then exits), a decode worker once the frontend has drained it.
+            ``then``: the role to start in its place once it is gone (a role move)."""
+            live = [c for c in children if c.role == role and not c.retiring]
+            if len(live) < 2:
+                return False
+            c = max(live, key=lambda c: c.index)
+            c.retiring = True  # not restarted when it exits
+            if then is not None:
+                c.on_gone = lambda: add(then)
+            if role == "decode":
                 log.warning("planner: removing %s: the frontend drains it first", c.name)
                 tell(planner, ("remove_worker", f"decode-{c.index}"))
                 tell(frontend, ("retire_worker", f"decode-{c.index}", cfg.drain_timeout))
-                return
-            if action == "add_prefill":
-                i = max((c.index for c in children if c.role == "prefill"), default=-1) + 1
-                gpu = gpus[i % len(gpus)] if gpus else None
-                c = spawn("prefill", i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"prefill-{i}"), "prefill",
-                                                       queue_ep, gpu, cfg.gpu_memory_utilization / 2))
-                c.added = True
-                log.warning("planner: adding prefill %d (pid %d)", i, c.proc.pid)
-            elif action == "remove_prefill" and len(prefill) > 1:
-                c = max(prefill, key=lambda c: c.index)
-                c.retiring = True
-                log.warning("planner: removing %s: it finishes what it holds, then exits", c.name)
-                try:
-                    os.kill(c.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                return True
+            log.warning("planner: removing %s: it finishes what it holds, then exits", c.name)
+            try:
+                os.kill(c.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            return True
+
+        def scale(action: str) -> None:
+            """The planner (active) asks, through its pipe: a worker more or less, or one moved to the
+            other role (drained and stopped first, then started in the other role)."""
+            if action in ("add_prefill", "add_decode"):
+                add(action.removeprefix("add_"))
+            elif action in ("remove_prefill", "remove_decode"):
+                retire(action.removeprefix("remove_"))
+            elif action == "prefill_to_decode":
+                retire("prefill", then="decode")
+            elif action == "decode_to_prefill":
+                retire("decode", then="prefill")
             else:
                 log.warning("planner: %s is not carried out here", action)
 

@@ -155,3 +155,46 @@ def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
         code, err = s.stop()
     assert code == 0, err[-2000:]
     assert set(leftover_segments()) <= before
+
+
+def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
+    """At the budget (--max-workers 3, 2p1d), decode missing its target and prefill with slack: the
+    planner moves a prefill worker to decode (the launcher stops it, then starts a decode worker
+    in its place, announced and routed to); when traffic stops, the extra decode worker is
+    drained away. No request fails."""
+    s = Server("--topology", "2p1d", "--planner", "active", "--max-workers", "3", "--ttft-slo-ms", "1000000",
+               "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "2",
+               "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
+    stop, failures, done = threading.Event(), [], []
+
+    def load():
+        while not stop.is_set():
+            r = requests.post(s.base_url + "/completions", timeout=60,
+                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
+            (done if r.status_code == 200 else failures).append(r.status_code)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "decode 1 is up (added by the planner" not in s.log():
+            time.sleep(0.5)
+        log = s.log()
+        assert "planner: prefill_to_decode" in log and "prefill 1 stopped (removed by the planner" in log, log[-3000:]
+        assert "decode 1 is up (added by the planner" in log, log[-3000:]
+        assert log.index("prefill 1 stopped (removed") < log.index("decode 1 is up")  # drained first
+        pids = s.pids()
+        assert "prefill 1" not in pids and {"prefill 0", "decode 0", "decode 1"} <= set(pids)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
+            time.sleep(0.5)
+        assert "decode 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
+        assert done and not failures, failures
+    finally:
+        stop.set()
+        code, err = s.stop()
+    assert code == 0, err[-2000:]

@@ -10,8 +10,8 @@ that ``planner.replay`` reproduces, and publishes a ``PlannerReport`` that the f
 into ``dyn_planner_decisions_total{action}`` and ``GET /v1/planner/state`` (``PlannerView``).
 In ``active`` mode it also asks the launcher (through its pipe) to carry the decision out: the
 launcher adds and removes prefill and decode workers (a decode worker is announced to the frontend
-and to the planner when it is ready; one being removed is drained by the frontend first); role
-moves are logged, not carried out. A worker's age for the warm-up rule counts from its first load report; prefill
+and to the planner when it is ready; one being removed is drained by the frontend first), and
+moves one between the roles (drained and stopped, then started in the other role). A worker's age for the warm-up rule counts from its first load report; prefill
 workers publish no load, so they are counted from when the planner started or added them.
 """
 
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 Buckets = list[tuple[float, float]]  # [(upper bound, cumulative count)], +Inf last
 
 #: actions the launcher carries out in active mode
-CARRIED_OUT = ("add_prefill", "remove_prefill", "add_decode", "remove_decode")
+CARRIED_OUT = ("add_prefill", "remove_prefill", "add_decode", "remove_decode", "prefill_to_decode",
+               "decode_to_prefill")
 PENDING_FOR = 120.0  # seconds an asked-for decode worker counts as warming up before it is announced
 
 
@@ -261,15 +262,15 @@ class PlannerProcess:
         if d.action in CARRIED_OUT and self.act is not None:
             log.info("planner: %s: %s; %s", d.action, d.reason, numbers)
             self.act(d.action)
-            if d.action == "add_prefill":
-                self.prefill_started.append(time.monotonic())
-            elif d.action == "remove_prefill" and len(self.prefill_started) > 1:
+            now = time.monotonic()
+            if d.action in ("add_prefill", "decode_to_prefill"):
+                self.prefill_started.append(now)  # warming up from now on, as far as the planner knows
+            if d.action in ("remove_prefill", "prefill_to_decode") and len(self.prefill_started) > 1:
                 self.prefill_started.pop()
-            elif d.action == "add_decode":
-                self.pending_decode.append(time.monotonic())
+            if d.action in ("add_decode", "prefill_to_decode"):
+                self.pending_decode.append(now)
         elif d.action != "none":
-            tail = "" if self.act is None else " (not carried out: role moves are not yet)"
-            log.info("planner (%s): would %s: %s; %s%s", self.mode, d.action, d.reason, numbers, tail)
+            log.info("planner (%s): would %s: %s; %s", self.mode, d.action, d.reason, numbers)
         if self._pub is not None:
             await self._pub.send(msgspec.msgpack.encode(PlannerReport(
                 self.mode, self.interval, self.planner.cfg, len(self.prefill_started), round(snap.t, 1), d.action,
