@@ -15,7 +15,10 @@ It keeps none of the pathologies reported of other planners:
 - **idle goes to the minimum**: with no request in the window and nothing queued it removes
   one worker a cooldown until ``min_prefill`` / ``min_decode`` remain;
 - **the budget** (``max_workers``) is never exceeded: at the budget, a role that misses its
-  target takes a worker from the other role when that role has slack, else nothing.
+  target takes a worker from the other role when that role has slack; failing that (the other
+  role is at its minimum) the conditional-disaggregation threshold moves work instead: halved
+  (more prompts prefilled remotely) when decode misses its target and prefill has room, doubled
+  (more prefilled locally) the other way round, within ``local_prefill_min..local_prefill_max``.
 
 Every decision can be logged as one JSON line (``record``) and replayed offline (``replay``):
 the same snapshots through the same function give the same decisions.
@@ -30,7 +33,7 @@ from pathlib import Path
 import msgspec
 
 ACTIONS = ("none", "add_prefill", "remove_prefill", "add_decode", "remove_decode", "prefill_to_decode",
-           "decode_to_prefill")
+           "decode_to_prefill", "raise_local_prefill", "lower_local_prefill")
 
 
 class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +48,10 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     keep_under: float = 0.8  # ... and only if the survivors' projected load stays below this share
     queue_per_prefill: float = 2.0  # queued remote prefills per prefill worker that count as missing the TTFT target
     kv_usage_high: float = 0.9  # decode workers' KV usage that counts as missing the ITL target
+    # the conditional-disaggregation threshold (prompts longer than it are prefilled remotely) moves
+    # within these bounds when no worker can be added or moved
+    local_prefill_min: int = 0
+    local_prefill_max: int = 4096
 
 
 class WorkerSample(msgspec.Struct, frozen=True):
@@ -63,6 +70,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     requests: int = 0  # requests that finished in the window
     ttft_p90_ms: float | None = None  # over the window (None: no request)
     itl_p90_ms: float | None = None
+    max_local_prefill_length: int | None = None  # the decode workers' threshold (None: not disaggregated)
 
 
 class PlannerState(msgspec.Struct, kw_only=True):
@@ -118,12 +126,22 @@ def decide(snap: Snapshot, cfg: PlannerConfig, state: PlannerState | None = None
             return out("add_prefill", "prefill misses its target (TTFT or queue)")
         if n_d > cfg.min_decode and decode_load * n_d / (n_d - 1) < cfg.keep_under:
             return out("decode_to_prefill", "prefill misses its target at the budget; decode has slack")
+        lm = snap.max_local_prefill_length
+        if lm is not None and decode_load < cfg.keep_under and lm < cfg.local_prefill_max:
+            numbers["new_max_local_prefill_length"] = min(cfg.local_prefill_max, max(2 * lm, 64))
+            return out("raise_local_prefill", "prefill misses its target at the budget; the decode workers have "
+                                              "room to prefill longer prompts themselves")
         return out("none", "prefill misses its target, but the budget is spent")
     if decode_load > 1:
         if total < cfg.max_workers:
             return out("add_decode", "decode misses its target (ITL or KV usage)")
         if n_p > cfg.min_prefill and prefill_load * n_p / (n_p - 1) < cfg.keep_under:
             return out("prefill_to_decode", "decode misses its target at the budget; prefill has slack")
+        lm = snap.max_local_prefill_length
+        if lm is not None and prefill_load < cfg.keep_under and lm > cfg.local_prefill_min:
+            numbers["new_max_local_prefill_length"] = max(cfg.local_prefill_min, lm // 2)
+            return out("lower_local_prefill", "decode misses its target at the budget; the prefill workers have "
+                                              "room for more of the prompts")
         return out("none", "decode misses its target, but the budget is spent")
     # far below a target: remove one if the ones that remain stay well under it
     if n_p > cfg.min_prefill and prefill_load < cfg.down_ratio:

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             return True
 
-        def scale(action: str) -> None:
+        def scale(action: str, numbers: dict) -> None:
             """The planner (active) asks, through its pipe: a worker more or less, or one moved to the
             other role (drained and stopped first, then started in the other role)."""
             if action in ("add_prefill", "add_decode"):
@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                 retire("prefill", then="decode")
             elif action == "decode_to_prefill":
                 retire("decode", then="prefill")
+            elif action in ("raise_local_prefill", "lower_local_prefill"):
+                value = int(numbers["new_max_local_prefill_length"])
+                log.warning("planner: %s to %d", action, value)
+                tell(frontend, ("set_threshold", value))
             else:
                 log.warning("planner: %s is not carried out here", action)
 
@@ -380,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     msg = planner.conn.recv()
                 except EOFError:
                     break
-                if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "scale":
-                    scale(msg[1])
+                if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "scale":
+                    scale(msg[1], msg[2])
             while frontend.ready and not frontend.exited and frontend.conn.poll():
                 try:
                     msg = frontend.conn.recv()

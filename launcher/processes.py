@@ -285,6 +285,8 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 await asyncio.sleep(1.0)
                 await frontend.refresh_worker_stats()
 
+        from dyn_actor.components.disagg_messages import DisaggPolicyState, SetDisaggPolicy
+
         async def add_worker(name: str, endpoint: str) -> None:
             """A worker the launcher started while serving (the planner asked): route to it once it answers."""
             from dyn_actor.components.worker_client import _connect_worker
@@ -312,8 +314,20 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                 await entry.handle.ref.close()
             conn.send(("retired", name, left))
 
+        async def set_threshold(value: int) -> None:
+            """The planner moves the conditional-disaggregation threshold: every decode worker takes it."""
+            for entry in router.live_workers():
+                try:
+                    await entry.handle.ref.ask(SetDisaggPolicy(max_local_prefill_length=value), DisaggPolicyState,
+                                               timeout=5)
+                except Exception as e:  # noqa: BLE001 - the next tick sees what it has and decides again
+                    log.warning("setting %s's max_local_prefill_length failed: %s", entry.name, e)
+            log.info("max_local_prefill_length is now %d on every decode worker", value)
+
         def on_launcher(msg) -> None:
-            if msg[0] == "add_worker":
+            if msg[0] == "set_threshold":
+                asyncio.ensure_future(set_threshold(msg[1]))
+            elif msg[0] == "add_worker":
                 asyncio.ensure_future(add_worker(msg[1], msg[2]))
             elif msg[0] == "retire_worker":
                 asyncio.ensure_future(retire_worker(msg[1], msg[2]))
@@ -355,7 +369,7 @@ def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str 
             depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
             frontend_endpoint=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
             num_prefill=num_prefill, log_path=cfg.planner_log,
-            act=(lambda action: conn.send(("scale", action))) if cfg.planner == "active" else None)
+            act=(lambda d: conn.send(("scale", d.action, d.numbers))) if cfg.planner == "active" else None)
         planner.start()
         conn.send(("ready", f"planner 0 ({cfg.planner})"))
         control = asyncio.ensure_future(read_pipe(conn, planner.on_launcher))  # workers added / removed

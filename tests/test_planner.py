@@ -122,3 +122,32 @@ def test_decisions_replay_from_the_log(tmp_path):
     logged = list(read_log(path))
     assert len(logged) == 150 and any(d.action != "none" for _, d in logged)
     assert replay([s for s, _ in logged], CFG) == [d for _, d in logged]
+
+
+def test_at_the_budget_with_the_other_role_at_its_minimum_the_threshold_moves_work():
+    """No worker can be added or moved: the conditional-disaggregation threshold shifts prefill work
+    instead, halved when decode misses its target (more prompts go remote), doubled the other way,
+    within its bounds; without a threshold (aggregated) nothing happens."""
+    cfg = PlannerConfig(ttft_slo_ms=1000, itl_slo_ms=100, max_workers=2, cooldown_s=10, warmup_s=6,
+                        local_prefill_min=32, local_prefill_max=1024)
+
+    def snap(p_demand, d_demand, lm):
+        s = _snap(0.0, [100.0], [100.0], p_demand, d_demand)
+        return Snapshot(t=s.t, workers=s.workers, requests=s.requests, ttft_p90_ms=s.ttft_p90_ms,
+                        itl_p90_ms=s.itl_p90_ms, max_local_prefill_length=lm)
+
+    d = decide(snap(0.1, 3.0, 512), cfg)
+    assert d.action == "lower_local_prefill" and d.numbers["new_max_local_prefill_length"] == 256
+    assert decide(snap(0.1, 3.0, 40), cfg).numbers["new_max_local_prefill_length"] == 32  # not below the floor
+    assert decide(snap(0.1, 3.0, 32), cfg).action == "none"  # at the floor: the budget is spent
+    assert decide(snap(0.1, 3.0, None), cfg).action == "none"
+    d = decide(snap(3.0, 0.1, 512), cfg)
+    assert d.action == "raise_local_prefill" and d.numbers["new_max_local_prefill_length"] == 1024
+    assert decide(snap(3.0, 0.1, 1024), cfg).action == "none"  # at the ceiling
+    assert decide(snap(3.0, 0.9, 512), cfg).action == "none"  # decode has no room to take more
+    # with a worker to spare, a worker moves instead (the threshold is the last resort)
+    big = PlannerConfig(ttft_slo_ms=1000, itl_slo_ms=100, max_workers=3, cooldown_s=10, warmup_s=6)
+    s = _snap(0.0, [100.0, 100.0], [100.0], 0.1, 3.0)
+    s = Snapshot(t=0.0, workers=s.workers, requests=10, ttft_p90_ms=s.ttft_p90_ms, itl_p90_ms=s.itl_p90_ms,
+                 max_local_prefill_length=512)
+    assert decide(s, big).action == "prefill_to_decode"

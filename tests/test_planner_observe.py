@@ -198,3 +198,41 @@ def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
         stop.set()
         code, err = s.stop()
     assert code == 0, err[-2000:]
+
+
+def test_active_mode_moves_the_threshold_when_no_worker_can_be_added():
+    """1p1d at --max-workers 2: decode misses its target, no worker can be added or moved (prefill is
+    at its minimum): the planner halves the decode workers' max_local_prefill_length instead."""
+    s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "2", "--ttft-slo-ms", "1000000",
+               "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "1",
+               "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
+    stop, failures = threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            r = requests.post(s.base_url + "/completions", timeout=60,
+                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
+            if r.status_code != 200:
+                failures.append(r.status_code)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        value = 512
+        while time.monotonic() < deadline and value >= 512:
+            policy = requests.get(s.base_url + "/disagg/policy", timeout=10).json()["workers"]
+            value = policy["decode-0"]["max_local_prefill_length"]
+            time.sleep(0.5)
+        assert value <= 256, policy
+        assert "planner: lower_local_prefill to 256" in s.log(), s.log()[-3000:]
+        assert "add_decode" not in s.log() and "prefill_to_decode" not in s.log()  # the budget holds
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures
+    finally:
+        stop.set()
+        code, err = s.stop()
+    assert code == 0, err[-2000:]

@@ -116,6 +116,7 @@ class DecodeWorker(Worker):
         s = super().stats(m)
         s.remote_prefill_timeouts = self.remote_timeouts
         s.kv_blocks_fenced = self.engine.num_fenced_blocks
+        s.max_local_prefill_length = self.policy.max_local_prefill_length
         return s
 
     # ------------------------------------------------------------ the queue

@@ -81,6 +81,7 @@ class WorkerStats(msgspec.Struct):
     steps_total: int
     remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
     kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
+    max_local_prefill_length: int = -1  # decode workers: the local/remote prefill threshold (-1: none)
 
 
 class WorkerInfo(msgspec.Struct):

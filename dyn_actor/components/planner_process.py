@@ -10,8 +10,9 @@ that ``planner.replay`` reproduces, and publishes a ``PlannerReport`` that the f
 into ``dyn_planner_decisions_total{action}`` and ``GET /v1/planner/state`` (``PlannerView``).
 In ``active`` mode it also asks the launcher (through its pipe) to carry the decision out: the
 launcher adds and removes prefill and decode workers (a decode worker is announced to the frontend
-and to the planner when it is ready; one being removed is drained by the frontend first), and
-moves one between the roles (drained and stopped, then started in the other role). A worker's age for the warm-up rule counts from its first load report; prefill
+and to the planner when it is ready; one being removed is drained by the frontend first), moves
+one between the roles (drained and stopped, then started in the other role), and has the
+frontend set the decode workers' local/remote prefill threshold. A worker's age for the warm-up rule counts from its first load report; prefill
 workers publish no load, so they are counted from when the planner started or added them.
 """
 
@@ -27,7 +28,7 @@ import msgspec
 
 from dyn_actor.components.disagg_messages import QueueDepth
 from dyn_actor.kv.events import KvPublication, WorkerLoad
-from dyn_actor.planner import Planner, PlannerConfig, Snapshot, WorkerSample, record, window_quantile
+from dyn_actor.planner import Decision, Planner, PlannerConfig, Snapshot, WorkerSample, record, window_quantile
 from dyn_actor.transport import PubSocket, SubSocket
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ Buckets = list[tuple[float, float]]  # [(upper bound, cumulative count)], +Inf l
 
 #: actions the launcher carries out in active mode
 CARRIED_OUT = ("add_prefill", "remove_prefill", "add_decode", "remove_decode", "prefill_to_decode",
-               "decode_to_prefill")
+               "decode_to_prefill", "raise_local_prefill", "lower_local_prefill")
 PENDING_FOR = 120.0  # seconds an asked-for decode worker counts as warming up before it is announced
 
 
@@ -138,7 +139,7 @@ class PlannerProcess:
 
     def __init__(self, cfg: PlannerConfig, *, interval: float, workers: dict[str, str], depth_endpoint: str | None,
                  frontend_endpoint: str, report_endpoint: str, num_prefill: int, log_path: str | None = None,
-                 act: Callable[[str], None] | None = None) -> None:
+                 act: Callable[[Decision], None] | None = None) -> None:
         self.planner = Planner(cfg)
         self.interval = interval
         self.workers = workers  # name -> where it publishes its KV events and loads
@@ -251,9 +252,11 @@ class PlannerProcess:
             role = "decode" if name.startswith("decode") else "worker"
             workers.append(WorkerSample(name, role, now - self.first_seen[name], load.requests_running,
                                         load.requests_waiting, usage))
+        thresholds = [ld.max_local_prefill_length for ld in self.loads.values() if ld.max_local_prefill_length >= 0]
         return Snapshot(t=now - self.started, workers=workers, queue_depth=self.queue_depth, requests=int(finished),
                         ttft_p90_ms=None if ttft is None else 1000 * ttft,
-                        itl_p90_ms=None if itl is None else 1000 * itl)
+                        itl_p90_ms=None if itl is None else 1000 * itl,
+                        max_local_prefill_length=min(thresholds) if thresholds else None)
 
     async def tick(self):
         snap = self.snapshot()
@@ -261,7 +264,7 @@ class PlannerProcess:
         numbers = " ".join(f"{k}={v:g}" for k, v in d.numbers.items())
         if d.action in CARRIED_OUT and self.act is not None:
             log.info("planner: %s: %s; %s", d.action, d.reason, numbers)
-            self.act(d.action)
+            self.act(d)
             now = time.monotonic()
             if d.action in ("add_prefill", "decode_to_prefill"):
                 self.prefill_started.append(now)  # warming up from now on, as far as the planner knows

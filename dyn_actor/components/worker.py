@@ -108,7 +108,8 @@ class Worker(Actor):
                 kv_blocks_cached=s.kv_blocks_cached, prompt_tokens=s.prompt_tokens,
                 prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, generated_tokens=s.generated_tokens,
                 num_preemptions=s.num_preemptions, step_seconds_total=s.step_seconds_total, steps_total=s.steps_total,
-                remote_prefill_timeouts=s.remote_prefill_timeouts, kv_blocks_fenced=s.kv_blocks_fenced))
+                remote_prefill_timeouts=s.remote_prefill_timeouts, kv_blocks_fenced=s.kv_blocks_fenced,
+                max_local_prefill_length=s.max_local_prefill_length))
             await asyncio.sleep(self.LOAD_INTERVAL)
 
     async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:

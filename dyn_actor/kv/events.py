@@ -66,6 +66,7 @@ class WorkerLoad(msgspec.Struct, tag="load", frozen=True):
     steps_total: int = 0
     remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
     kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
+    max_local_prefill_length: int = -1  # decode workers: the local/remote prefill threshold (-1: none)
 
 
 KvPublication = KvEventBatch | WorkerLoad
