@@ -153,7 +153,8 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="planner: the TTFT target (p90)")
     ap.add_argument("--itl-slo-ms", type=float, default=100.0, help="planner: the inter-token latency target (p90)")
     ap.add_argument("--max-workers", type=int, default=None,
-                    help="planner: prefill + decode workers at most (default: as launched, or the GPUs)")
+                    help="planner: prefill + decode workers at most (default: one per GPU, at least as launched; "
+                         "on the CPU as launched)")
     ap.add_argument("--min-prefill", type=int, default=1, help="planner: prefill workers at least")
     ap.add_argument("--min-decode", type=int, default=1, help="planner: decode workers at least")
     ap.add_argument("--torch-threads", type=int, default=None,

@@ -349,7 +349,7 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
 
 
 def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str | None,
-                 planner_endpoints: dict[str, str], num_prefill: int, num_decode: int, conn) -> None:
+                 planner_endpoints: dict[str, str], num_prefill: int, budget: int, conn) -> None:
     """The planner process: listens to the workers', the queue's and the frontend's publications,
     decides each tick, reports to the frontend; in active mode asks the launcher to carry it out."""
     cfg = LaunchConfig(**cfg_dict)
@@ -362,7 +362,7 @@ def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str 
         stop = asyncio.Event()
         _stop_on_sigterm(stop.set)
         pcfg = PlannerConfig(ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
-                             min_decode=cfg.min_decode, max_workers=cfg.max_workers or num_prefill + num_decode,
+                             min_decode=cfg.min_decode, max_workers=budget,
                              cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup)
         planner = PlannerProcess(
             pcfg, interval=cfg.planner_interval, workers={name: ep + "-kv" for name, ep in endpoints.items()},
