@@ -52,6 +52,7 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # within these bounds when no worker can be added or moved
     local_prefill_min: int = 0
     local_prefill_max: int = 4096
+    local_prefill_default: int | None = None  # the launch value, which an idle system goes back to
 
 
 class WorkerSample(msgspec.Struct, frozen=True):
@@ -119,6 +120,11 @@ def decide(snap: Snapshot, cfg: PlannerConfig, state: PlannerState | None = None
             return out("remove_prefill", "idle: down to the minimum")
         if n_d > cfg.min_decode:
             return out("remove_decode", "idle: down to the minimum")
+        lm, home = snap.max_local_prefill_length, cfg.local_prefill_default
+        if lm is not None and home is not None and lm != home:
+            numbers["new_max_local_prefill_length"] = home
+            return out("lower_local_prefill" if lm > home else "raise_local_prefill",
+                       "idle: the threshold goes back to its launch value")
         return out("none", "idle, at the minimum")
     # a missed target: more of that role (or a worker from the other role, at the budget)
     if prefill_load > 1 and prefill_load >= decode_load:

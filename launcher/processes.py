@@ -363,6 +363,7 @@ def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str 
         _stop_on_sigterm(stop.set)
         pcfg = PlannerConfig(ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
                              min_decode=cfg.min_decode, max_workers=budget,
+                             local_prefill_default=cfg.max_local_prefill_length,
                              cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup)
         planner = PlannerProcess(
             pcfg, interval=cfg.planner_interval, workers={name: ep + "-kv" for name, ep in endpoints.items()},

@@ -4,6 +4,8 @@ decisions carried out (a new worker starts its warm-up)."""
 
 from __future__ import annotations
 
+import msgspec
+
 from dyn_actor.planner import (
     ACTIONS,
     Planner,
@@ -151,3 +153,10 @@ def test_at_the_budget_with_the_other_role_at_its_minimum_the_threshold_moves_wo
     s = Snapshot(t=0.0, workers=s.workers, requests=10, ttft_p90_ms=s.ttft_p90_ms, itl_p90_ms=s.itl_p90_ms,
                  max_local_prefill_length=512)
     assert decide(s, big).action == "prefill_to_decode"
+    # idle: back to the launch value
+    home = PlannerConfig(max_workers=2, local_prefill_default=512)
+    idle = Snapshot(t=0.0, workers=[WorkerSample("prefill-0", "prefill", 100.0), WorkerSample("decode-0", "decode", 100.0)],
+                    requests=0, max_local_prefill_length=2048)
+    d = decide(idle, home)
+    assert d.action == "lower_local_prefill" and d.numbers["new_max_local_prefill_length"] == 512
+    assert decide(msgspec.structs.replace(idle, max_local_prefill_length=512), home).action == "none"
