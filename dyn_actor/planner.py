@@ -149,13 +149,18 @@ def decide(snap: Snapshot, cfg: PlannerConfig, state: PlannerState | None = None
             return out("lower_local_prefill", "decode misses its target at the budget; the prefill workers have "
                                               "room for more of the prompts")
         return out("none", "decode misses its target, but the budget is spent")
-    # far below a target: remove one if the ones that remain stay well under it
-    if n_p > cfg.min_prefill and prefill_load < cfg.down_ratio:
+    # far below a target: remove one if the ones that remain stay well under it. Not while the
+    # threshold keeps work away from that role on purpose (raised: prompts the prefill workers would
+    # take are prefilled locally; lowered: the other way): its slack is the planner's own doing
+    lm, home = snap.max_local_prefill_length, cfg.local_prefill_default
+    shifted_to_decode = lm is not None and home is not None and lm > home
+    shifted_to_prefill = lm is not None and home is not None and lm < home
+    if n_p > cfg.min_prefill and prefill_load < cfg.down_ratio and not shifted_to_decode:
         projected = prefill_load * n_p / (n_p - 1)
         numbers["prefill_projected"] = round(projected, 3)
         if projected < cfg.keep_under:
             return out("remove_prefill", "prefill far below its target, and N-1 stay under it")
-    if n_d > cfg.min_decode and decode_load < cfg.down_ratio:
+    if n_d > cfg.min_decode and decode_load < cfg.down_ratio and not shifted_to_prefill:
         projected = decode_load * n_d / (n_d - 1)
         numbers["decode_projected"] = round(projected, 3)
         if projected < cfg.keep_under:

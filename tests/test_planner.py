@@ -160,3 +160,11 @@ def test_at_the_budget_with_the_other_role_at_its_minimum_the_threshold_moves_wo
     d = decide(idle, home)
     assert d.action == "lower_local_prefill" and d.numbers["new_max_local_prefill_length"] == 512
     assert decide(msgspec.structs.replace(idle, max_local_prefill_length=512), home).action == "none"
+    # a prefill role with slack only because the raised threshold keeps its prompts local keeps its workers
+    busy = Snapshot(t=0.0, workers=[WorkerSample("prefill-0", "prefill", 100.0, running=1),
+                                    WorkerSample("prefill-1", "prefill", 100.0, running=1),
+                                    WorkerSample("decode-0", "decode", 100.0, running=1)],
+                    requests=10, ttft_p90_ms=10.0, itl_p90_ms=10.0, max_local_prefill_length=512)
+    three = PlannerConfig(max_workers=3, local_prefill_default=512)
+    assert decide(busy, three).action == "remove_prefill"
+    assert decide(msgspec.structs.replace(busy, max_local_prefill_length=2048), three).action == "none"
