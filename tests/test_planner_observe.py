@@ -13,6 +13,32 @@ import requests
 from dyn_actor.planner import PlannerConfig, read_log, replay
 from tests.server import Server
 
+SHORT = {"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True}
+
+
+class Load:
+    """``n`` clients posting ``body`` to /v1/completions in a loop until ``stop()``: the statuses of
+    the requests that completed and of those that failed."""
+
+    def __init__(self, s: Server, body: dict, n: int) -> None:
+        self.s, self.body = s, body
+        self._stop = threading.Event()
+        self.done: list[int] = []
+        self.failures: list[int] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            r = requests.post(self.s.base_url + "/completions", timeout=60, json=self.body)
+            (self.done if r.status_code == 200 else self.failures).append(r.status_code)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)
+
 
 def test_observe_mode_decides_logs_and_replays(tmp_path):
     log = tmp_path / "planner.jsonl"
@@ -69,38 +95,28 @@ def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
     s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--max-local-prefill-length", "8",
                "--ttft-slo-ms", "1", "--planner-interval", "0.5", "--planner-cooldown", "2", "--planner-warmup", "1",
                "--kv-cache-memory-gb", "0.1")
-    stop, failures, done = threading.Event(), [], []
-
-    def load():
-        while not stop.is_set():
-            r = requests.post(s.base_url + "/completions", timeout=60,
-                              json={"prompt": "a long prompt " * 30, "max_tokens": 4})
-            (done if r.status_code == 200 else failures).append(r.status_code)
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    load = None
     try:
-        for t in threads:
-            t.start()
+        load = Load(s, {"prompt": "a long prompt " * 30, "max_tokens": 4}, 3)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "prefill 1 is up (added by the planner" not in s.log():
             time.sleep(0.5)
         assert "prefill 1 is up (added by the planner" in s.log(), s.log()[-3000:]
         assert "prefill 1" in s.pids()
-        stop.set()
-        for t in threads:
-            t.join(60)
+        load.stop()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "prefill 1 stopped (removed by the planner" not in s.log():
             time.sleep(0.5)
         assert "prefill 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
         assert "prefill 1" not in s.pids() and "prefill 0" in s.pids()
-        assert done and not failures, failures
+        assert load.done and not load.failures, load.failures
         state = requests.get(s.base_url + "/planner/state", timeout=10).json()
         assert state["mode"] == "active" and state["prefill_workers"] == 1
         assert requests.post(s.base_url + "/completions", timeout=60,
                              json={"prompt": "a long prompt " * 30, "max_tokens": 4}).status_code == 200
     finally:
-        stop.set()
+        if load is not None:
+            load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
 
@@ -116,18 +132,9 @@ def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
     s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--ttft-slo-ms", "1000000",
                "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "2",
                "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
-    stop, failures, done = threading.Event(), [], []
-
-    def load():
-        while not stop.is_set():
-            r = requests.post(s.base_url + "/completions", timeout=60,
-                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
-            (done if r.status_code == 200 else failures).append(r.status_code)
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    load = None
     try:
-        for t in threads:
-            t.start()
+        load = Load(s, SHORT, 3)
         deadline = time.monotonic() + 60
         routed = 0
         while time.monotonic() < deadline and not routed:
@@ -136,9 +143,7 @@ def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
             time.sleep(0.5)
         assert "decode 1 is up (added by the planner" in s.log(), s.log()[-3000:]
         assert routed > 0, workers  # the frontend routes to the new worker
-        stop.set()
-        for t in threads:
-            t.join(60)
+        load.stop()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
             time.sleep(0.5)
@@ -147,11 +152,12 @@ def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
         assert "decode 1" not in s.pids() and "decode 0" in s.pids()
         names = [w["name"] for w in requests.get(s.base_url + "/router/state", timeout=10).json()["workers"]]
         assert names == ["decode-0"]
-        assert done and not failures, failures
+        assert load.done and not load.failures, load.failures
         assert requests.post(s.base_url + "/completions", timeout=60,
                              json={"prompt": "again", "max_tokens": 4}).status_code == 200
     finally:
-        stop.set()
+        if load is not None:
+            load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
     assert set(leftover_segments()) <= before
@@ -165,18 +171,9 @@ def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
     s = Server("--topology", "2p1d", "--planner", "active", "--max-workers", "3", "--ttft-slo-ms", "1000000",
                "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "2",
                "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
-    stop, failures, done = threading.Event(), [], []
-
-    def load():
-        while not stop.is_set():
-            r = requests.post(s.base_url + "/completions", timeout=60,
-                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
-            (done if r.status_code == 200 else failures).append(r.status_code)
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    load = None
     try:
-        for t in threads:
-            t.start()
+        load = Load(s, SHORT, 3)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and "decode 1 is up (added by the planner" not in s.log():
             time.sleep(0.5)
@@ -186,16 +183,15 @@ def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
         assert log.index("prefill 1 stopped (removed") < log.index("decode 1 is up")  # drained first
         pids = s.pids()
         assert "prefill 1" not in pids and {"prefill 0", "decode 0", "decode 1"} <= set(pids)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        load.stop()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
             time.sleep(0.5)
         assert "decode 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
-        assert done and not failures, failures
+        assert load.done and not load.failures, load.failures
     finally:
-        stop.set()
+        if load is not None:
+            load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
 
@@ -206,19 +202,9 @@ def test_active_mode_moves_the_threshold_when_no_worker_can_be_added():
     s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "2", "--ttft-slo-ms", "1000000",
                "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "1",
                "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
-    stop, failures = threading.Event(), []
-
-    def load():
-        while not stop.is_set():
-            r = requests.post(s.base_url + "/completions", timeout=60,
-                              json={"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True})
-            if r.status_code != 200:
-                failures.append(r.status_code)
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    load = None
     try:
-        for t in threads:
-            t.start()
+        load = Load(s, SHORT, 2)
         deadline = time.monotonic() + 60
         value = 512
         while time.monotonic() < deadline and value >= 512:
@@ -228,11 +214,10 @@ def test_active_mode_moves_the_threshold_when_no_worker_can_be_added():
         assert value <= 256, policy
         assert "planner: lower_local_prefill to 256" in s.log(), s.log()[-3000:]
         assert "add_decode" not in s.log() and "prefill_to_decode" not in s.log()  # the budget holds
-        stop.set()
-        for t in threads:
-            t.join(60)
-        assert not failures, failures
+        load.stop()
+        assert not load.failures, load.failures
     finally:
-        stop.set()
+        if load is not None:
+            load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
