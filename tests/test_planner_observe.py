@@ -11,6 +11,7 @@ import msgspec
 import requests
 
 from dyn_actor.planner import PlannerConfig, read_log, replay
+from tests.helpers import eventually
 from tests.server import Server
 
 SHORT = {"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True}
@@ -98,15 +99,11 @@ def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
     load = None
     try:
         load = Load(s, {"prompt": "a long prompt " * 30, "max_tokens": 4}, 3)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "prefill 1 is up (added by the planner" not in s.log():
-            time.sleep(0.5)
+        eventually(lambda: "prefill 1 is up (added by the planner" in s.log(), timeout=60, interval=0.5)
         assert "prefill 1 is up (added by the planner" in s.log(), s.log()[-3000:]
         assert "prefill 1" in s.pids()
         load.stop()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "prefill 1 stopped (removed by the planner" not in s.log():
-            time.sleep(0.5)
+        eventually(lambda: "prefill 1 stopped (removed by the planner" in s.log(), timeout=60, interval=0.5)
         assert "prefill 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
         assert "prefill 1" not in s.pids() and "prefill 0" in s.pids()
         assert load.done and not load.failures, load.failures
@@ -144,9 +141,7 @@ def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
         assert "decode 1 is up (added by the planner" in s.log(), s.log()[-3000:]
         assert routed > 0, workers  # the frontend routes to the new worker
         load.stop()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
-            time.sleep(0.5)
+        eventually(lambda: "decode 1 stopped (removed by the planner" in s.log(), timeout=60, interval=0.5)
         log = s.log()
         assert "decode 1 drained" in log and "decode 1 stopped (removed by the planner" in log, log[-3000:]
         assert "decode 1" not in s.pids() and "decode 0" in s.pids()
@@ -174,9 +169,7 @@ def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
     load = None
     try:
         load = Load(s, SHORT, 3)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and "decode 1 is up (added by the planner" not in s.log():
-            time.sleep(0.5)
+        eventually(lambda: "decode 1 is up (added by the planner" in s.log(), timeout=90, interval=0.5)
         log = s.log()
         assert "planner: prefill_to_decode" in log and "prefill 1 stopped (removed by the planner" in log, log[-3000:]
         assert "decode 1 is up (added by the planner" in log, log[-3000:]
@@ -184,9 +177,7 @@ def test_active_mode_moves_a_prefill_worker_to_decode_at_the_budget():
         pids = s.pids()
         assert "prefill 1" not in pids and {"prefill 0", "decode 0", "decode 1"} <= set(pids)
         load.stop()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "decode 1 stopped (removed by the planner" not in s.log():
-            time.sleep(0.5)
+        eventually(lambda: "decode 1 stopped (removed by the planner" in s.log(), timeout=60, interval=0.5)
         assert "decode 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
         assert load.done and not load.failures, load.failures
     finally:
