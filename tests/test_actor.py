@@ -263,3 +263,34 @@ def test_a_ref_reconnects_after_a_stall_and_after_a_restart():
             new.join(5)
 
     _run_against_child(body)
+
+
+def test_a_restart_between_two_heartbeats_fails_what_the_old_run_held():
+    """A peer restarted faster than ``dead_after`` answers the next ping with a new incarnation: the
+    calls pending on its old run fail at once (they would never be answered), ``on_dead`` and then
+    ``on_alive`` run once each, so a caller re-registers with the new run."""
+
+    async def body(endpoint: str, proc: mp.Process):
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=0.1, dead_after=60.0).start(wait_ready=30)
+        events: list[str] = []
+        ref.on_dead(lambda r: events.append("dead"))
+        ref.on_alive(lambda r: events.append("alive"))
+        pending = asyncio.ensure_future(ref.ask(Sleep(600), Int, timeout=None))
+        await asyncio.sleep(0.3)
+        proc.kill()
+        proc.join(5)
+        new = _spawn_calc(endpoint)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ActorDeadError, match="restarted"):
+                await asyncio.wait_for(pending, 30)
+            assert time.monotonic() - t0 < 30 and events == ["dead", "alive"] and ref.alive
+            assert (await ref.ask(Add(3, 4), Int)).value == 7
+            await asyncio.sleep(0.5)
+            assert events == ["dead", "alive"]  # the same run answering again is no restart
+        finally:
+            await ref.close()
+            new.kill()
+            new.join(5)
+
+    _run_against_child(body)

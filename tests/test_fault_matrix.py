@@ -164,7 +164,12 @@ def _remote_again(s: Server, rng: random.Random, within: float = 20.0) -> float:
         if r.status_code == 200 and _metric(s, "dyn_remote_prefills_total") > before:
             return time.monotonic() - t0
         time.sleep(0.3)
-    raise AssertionError(f"no remote prefill within {within:.0f}s of the fault")
+    raise AssertionError(f"no remote prefill within {within:.0f}s of the fault; log:\n{_log_tail(s)}")
+
+
+def _log_tail(s: Server, lines: int = 60) -> str:
+    """The server's last log lines but the access log (what a failed check needs to be read)."""
+    return "\n".join([line for line in s.log().splitlines() if "aiohttp.access" not in line][-lines:])
 
 
 def _no_leaks(s: Server, within: float = 15.0) -> None:

@@ -40,6 +40,9 @@ class Ping(msgspec.Struct, tag="ping", array_like=True):
 
 class Pong(msgspec.Struct, tag="pong", array_like=True):
     seq: int
+    # which run of the actor answers: a new one for each start of its server, so a ref can tell a
+    # peer that was restarted quickly (between two heartbeats) from one that never went away
+    incarnation: int = 0
 
 
 Envelope = Call | Reply | Cancel | Ping | Pong

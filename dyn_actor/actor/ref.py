@@ -9,7 +9,10 @@ fast, and ``on_dead`` callbacks run. Nothing waits forever.
 A ref declared dead keeps knocking: the moment the actor answers again (it was
 only stalled, or a supervisor restarted it at the same endpoint) the ref is
 alive again, cancels on the actor the streams it gave up on, and runs its
-``on_alive`` callbacks. So a stall costs only its own duration. Time during
+``on_alive`` callbacks. So a stall costs only its own duration. An actor that was
+restarted between two heartbeats (it answers with a new incarnation) is treated
+as one that died and came back: what was pending on the old run fails, and the
+``on_dead`` then ``on_alive`` callbacks run, so callers re-register with it. Time during
 which this process's own event loop was stalled is not held against the peer.
 """
 
@@ -71,6 +74,7 @@ class ActorRef:
         self._on_alive: list[Callable[[ActorRef], None]] = []
         self._orphans: list[int] = []  # streams open when the actor was declared dead: cancelled on revival
         self._tasks: list[asyncio.Task] = []
+        self._incarnation = 0  # the actor's run that last answered a ping (0: none yet)
         self.deaths = 0  # times declared dead (each followed by a revival, or not)
 
     # ---------------------------------------------------------------- lifecycle
@@ -184,15 +188,19 @@ class ActorRef:
             data = await self._sock.recv()
             self._last_seen = time.monotonic()
             self._ever_seen = True
-            if self._dead is not None and not self._closed:
+            was_dead = self._dead is not None
+            if was_dead and not self._closed:
                 await self._revive()
             try:
                 msg = env.decode_envelope(data)
             except msgspec.DecodeError:
                 log.warning("dropping an undecodable reply from %s", self.name)
                 continue
+            if isinstance(msg, env.Pong):
+                self._note_incarnation(msg.incarnation, restarted_unseen=not was_dead)
+                continue
             if not isinstance(msg, env.Reply):
-                continue  # Pong: liveness already noted
+                continue
             err = ActorError(msg.error, msg.error_type) if msg.error is not None else None
             fut = self._asks.get(msg.cid)
             if fut is not None:
@@ -209,12 +217,34 @@ class ActorRef:
                     if msg.end:
                         queue.put_nowait(_END)
 
+    def _note_incarnation(self, incarnation: int, restarted_unseen: bool) -> None:
+        """A pong from a new run of the actor: the old run died, whatever it held is gone. Where its
+        death went unseen (the restart fell between two heartbeats), it is declared now."""
+        if not incarnation or incarnation == self._incarnation:
+            return
+        known, self._incarnation = self._incarnation, incarnation
+        if known and restarted_unseen and not self._closed:
+            log.warning("actor %s was restarted: what was pending on its last run fails", self.name)
+            self._declare_dead(ActorDeadError(f"actor {self.name} was restarted"))
+            self._dead = None
+            self._revive_now()
+
     async def _revive(self) -> None:
         self._dead = None
         orphans, self._orphans = self._orphans, []
         for cid in orphans:  # the actor may still be running streams nobody reads: stop them
             await self._cancel(cid)
         log.info("actor %s answers again", self.name)
+        self._run_on_alive()
+
+    def _revive_now(self) -> None:
+        """Alive again at once, on a new run of the actor: it holds none of the old streams."""
+        self._dead = None
+        self._orphans.clear()
+        log.info("actor %s answers again", self.name)
+        self._run_on_alive()
+
+    def _run_on_alive(self) -> None:
         for cb in self._on_alive:
             try:
                 cb(self)

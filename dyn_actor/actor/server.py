@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ class ActorServer:
         self._stopped = asyncio.Event()
         self._failure: BaseException | None = None
         self._tell_tasks: set[asyncio.Task] = set()
+        self.incarnation = secrets.randbits(62) | 1  # this run of the actor (never 0: "unknown")
 
     async def serve(self, ready: Callable[[], Awaitable[None] | None] | None = None) -> None:
         """Start the actor, open the mailbox, and handle messages until ``stop()``."""
@@ -111,7 +113,7 @@ class ActorServer:
                 log.warning("dropping an undecodable message from %r", peer)
                 continue
             if isinstance(msg, env.Ping):
-                await self._sock.send(peer, env.encode(env.Pong(msg.seq)))
+                await self._sock.send(peer, env.encode(env.Pong(msg.seq, self.incarnation)))
             elif isinstance(msg, env.Call):
                 await self._on_call(peer, msg)
             elif isinstance(msg, env.Cancel):
