@@ -90,7 +90,11 @@ class Calc(Actor):
         raise ValueError("kaboom")
 
     async def sleep(self, m: Sleep) -> Int:
-        await asyncio.sleep(m.seconds)
+        try:
+            await asyncio.sleep(m.seconds)
+        except asyncio.CancelledError:
+            self.notes.append(f"sleep {m.seconds} cancelled")
+            raise
         return Int(0)
 
 
@@ -292,5 +296,29 @@ def test_a_restart_between_two_heartbeats_fails_what_the_old_run_held():
             await ref.close()
             new.kill()
             new.join(5)
+
+    _run_against_child(body)
+
+
+def test_an_ask_given_up_during_a_stall_is_cancelled_on_the_actor_when_it_answers_again():
+    """An ask failed because its actor stopped answering is cancelled on the actor once it answers
+    again: its handler must not answer later to nobody (a prefill queue's pull handing a request to
+    a pull its prefill worker had given up on lost that request)."""
+
+    async def body(endpoint: str, proc: mp.Process):
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=0.1, dead_after=1.0).start(wait_ready=30)
+        pending = asyncio.ensure_future(ref.ask(Sleep(30.0), Int, timeout=None))
+        await asyncio.sleep(0.3)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ActorDeadError):
+                await asyncio.wait_for(pending, 10)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        t0 = time.monotonic()
+        while not ref.alive and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.05)
+        assert (await ref.ask(Notes(), NoteList)).items == ["sleep 30.0 cancelled"]
+        await ref.close()
 
     _run_against_child(body)

@@ -72,7 +72,7 @@ class ActorRef:
         self._closed = False
         self._on_dead: list[Callable[[ActorRef], None]] = []
         self._on_alive: list[Callable[[ActorRef], None]] = []
-        self._orphans: list[int] = []  # streams open when the actor was declared dead: cancelled on revival
+        self._orphans: list[int] = []  # asks and streams open when the actor was declared dead: cancelled on revival
         self._tasks: list[asyncio.Task] = []
         self._incarnation = 0  # the actor's run that last answered a ping (0: none yet)
         self.deaths = 0  # times declared dead (each followed by a revival, or not)
@@ -232,7 +232,7 @@ class ActorRef:
     async def _revive(self) -> None:
         self._dead = None
         orphans, self._orphans = self._orphans, []
-        for cid in orphans:  # the actor may still be running streams nobody reads: stop them
+        for cid in orphans:  # the actor may still be running asks and streams nobody reads: stop them
             await self._cancel(cid)
         log.info("actor %s answers again", self.name)
         self._run_on_alive()
@@ -276,9 +276,10 @@ class ActorRef:
             return
         self._dead = err
         self.deaths += 1
-        for fut in self._asks.values():
+        for cid, fut in self._asks.items():
             if not fut.done():
                 fut.set_exception(err)
+                self._orphans.append(cid)  # its handler may still answer later, to nobody: cancelled on revival
         self._orphans.extend(self._streams)
         for queue in self._streams.values():
             queue.put_nowait(err)
