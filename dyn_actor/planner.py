@@ -1,7 +1,7 @@
 """The planner's decision: one pure function from what the system reports to what to change.
 
-``decide(snapshot, config, state)`` looks at one ``Snapshot`` (per-worker load, the prefill
-queue, TTFT and ITL over the last window) and returns one ``Decision``: add or remove a prefill
+``decide(snapshot, config, state)`` looks at one ``Snapshot`` (per-worker load and step time, the
+prefill queue's depth and queued prompt tokens, TTFT and ITL over the last window) and returns one ``Decision``: add or remove a prefill
 or decode worker, move a worker between the two roles, or nothing, with the numbers behind it.
 It keeps none of the pathologies reported of other planners:
 
@@ -47,6 +47,9 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     down_ratio: float = 0.4  # consider a removal only below this share of a target
     keep_under: float = 0.8  # ... and only if the survivors' projected load stays below this share
     queue_per_prefill: float = 2.0  # queued remote prefills per prefill worker that count as missing the TTFT target
+    # queued prompt tokens per prefill worker that count as missing it (a few long prompts weigh
+    # more than many short ones)
+    queue_tokens_per_prefill: float = 16384.0
     kv_usage_high: float = 0.9  # decode workers' KV usage that counts as missing the ITL target
     # the conditional-disaggregation threshold (prompts longer than it are prefilled remotely) moves
     # within these bounds when no worker can be added or moved
@@ -62,12 +65,14 @@ class WorkerSample(msgspec.Struct, frozen=True):
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    step_ms: float | None = None  # the mean time of its engine steps over the window (None: no step)
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     t: float
     workers: list[WorkerSample]
     queue_depth: int = 0  # remote prefills waiting in the prefill queue
+    queue_tokens: int = 0  # ... and the prompt tokens they still need computed
     requests: int = 0  # requests that finished in the window
     ttft_p90_ms: float | None = None  # over the window (None: no request)
     itl_p90_ms: float | None = None
@@ -95,12 +100,17 @@ def decide(snap: Snapshot, cfg: PlannerConfig, state: PlannerState | None = None
     n_p, n_d = len(prefill), len(decode)
     ttft = _ratio(snap.ttft_p90_ms, cfg.ttft_slo_ms)
     itl = _ratio(snap.itl_p90_ms, cfg.itl_slo_ms)
-    queue = snap.queue_depth / max(n_p, 1) / cfg.queue_per_prefill
+    queue = max(snap.queue_depth / cfg.queue_per_prefill,
+                snap.queue_tokens / cfg.queue_tokens_per_prefill) / max(n_p, 1)
     kv = max((w.kv_usage for w in decode), default=0.0) / cfg.kv_usage_high
-    prefill_load, decode_load = max(ttft, queue), max(itl, kv)
+    # a decode step is a token for each running request: its time is the ITL they see, known even
+    # in a window where no request finished
+    step = max((w.step_ms for w in decode if w.step_ms is not None), default=0.0) / cfg.itl_slo_ms
+    prefill_load, decode_load = max(ttft, queue), max(itl, kv, step)
     numbers = {"prefill_workers": n_p, "decode_workers": n_d, "ttft_ratio": round(ttft, 3),
                "itl_ratio": round(itl, 3), "queue_ratio": round(queue, 3), "kv_ratio": round(kv, 3),
-               "queue_depth": snap.queue_depth, "requests": snap.requests}
+               "step_ratio": round(step, 3), "queue_depth": snap.queue_depth, "queue_tokens": snap.queue_tokens,
+               "requests": snap.requests}
 
     def out(action: str, reason: str) -> Decision:
         return Decision(action=action, reason=reason, numbers=numbers)

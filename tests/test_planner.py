@@ -168,3 +168,28 @@ def test_at_the_budget_with_the_other_role_at_its_minimum_the_threshold_moves_wo
     three = PlannerConfig(max_workers=3, local_prefill_default=512)
     assert decide(busy, three).action == "remove_prefill"
     assert decide(msgspec.structs.replace(busy, max_local_prefill_length=2048), three).action == "none"
+
+
+def test_queued_prompt_tokens_and_step_time_count_before_any_request_finishes():
+    """At the start of a burst no request has finished yet (no TTFT, no ITL in the window): a queue of
+    a few long prompts (tokens, not depth) asks for a prefill worker, and decode steps slower than
+    the ITL target ask for a decode worker."""
+    cfg = PlannerConfig(ttft_slo_ms=1000, itl_slo_ms=100, max_workers=4, cooldown_s=10, warmup_s=6,
+                        queue_tokens_per_prefill=8192)
+    workers = [WorkerSample("prefill-0", "prefill", 100.0), WorkerSample("decode-0", "decode", 100.0, running=4)]
+    quiet = Snapshot(t=0.0, workers=workers, requests=0, queue_depth=1, queue_tokens=2000)
+    assert decide(quiet, cfg).action == "none"  # one short prompt queued: within target
+    long = msgspec.structs.replace(quiet, queue_tokens=3 * 8000)  # 3 long prompts: 2.9x what one worker takes
+    d = decide(long, cfg)
+    assert d.action == "add_prefill" and d.numbers["queue_ratio"] == 2.93 and d.numbers["queue_tokens"] == 24000
+    # two prefill workers share the same queue: 1.46x each, still missing it
+    two = msgspec.structs.replace(long, workers=[*workers, WorkerSample("prefill-1", "prefill", 100.0)])
+    assert decide(two, cfg).numbers["queue_ratio"] == 1.465
+    slow = [WorkerSample("prefill-0", "prefill", 100.0), WorkerSample("decode-0", "decode", 100.0, running=4,
+                                                                      step_ms=250.0)]
+    d = decide(msgspec.structs.replace(quiet, workers=slow), cfg)
+    assert d.action == "add_decode" and d.numbers["step_ratio"] == 2.5
+    # a snapshot logged before these fields existed reads (and replays) as none queued, no step time
+    old = msgspec.json.decode(b'{"t": 0, "workers": [{"name": "decode-0", "role": "decode", "age_s": 50.0}], "queue_depth": 1}',
+                              type=Snapshot)
+    assert old.queue_tokens == 0 and old.workers[0].step_ms is None

@@ -79,6 +79,9 @@ def test_observe_mode_decides_logs_and_replays(tmp_path):
     logged = list(read_log(log))
     assert len(logged) >= 4
     assert replay([snap for snap, _ in logged], cfg) == [d for _, d in logged]
+    # the decode worker's step time over each window reached it from the worker's load reports
+    steps = [w.step_ms for snap, _ in logged for w in snap.workers if w.role == "decode" and w.step_ms]
+    assert steps and all(0 < ms < 10_000 for ms in steps)
 
 
 def test_planner_flags():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from dyn_actor.actor import Actor, ActorRef, ActorServer
-from dyn_actor.components.disagg_messages import Depth, Pull, Pulled, Push, QueueDepth, RemotePrefillRequest
+from dyn_actor.components.disagg_messages import Depth, Drop, Pull, Pulled, Push, QueueDepth, RemotePrefillRequest
 from dyn_actor.components.prefill_queue import PrefillQueue
 from dyn_actor.engine.sampling import SamplingParams
 from dyn_actor.kv.descriptor import KvPoolDescriptor
@@ -21,9 +21,10 @@ class Idle(Actor):
         return {Depth: lambda m: QueueDepth(0)}
 
 
-def _req(rid: str, decoder: str) -> RemotePrefillRequest:
-    desc = KvPoolDescriptor("shm", "none", [1], "float32")
-    return RemotePrefillRequest(rid, [1, 2, 3], SamplingParams(), decoder, inproc_endpoint(decoder), desc, [0], 0)
+def _req(rid: str, decoder: str, n: int = 3, computed_blocks: int = 0) -> RemotePrefillRequest:
+    desc = KvPoolDescriptor("shm", "none", [8, 1, 2, 4, 1, 1], "float32")  # blocks of 4 tokens
+    return RemotePrefillRequest(rid, list(range(n)), SamplingParams(), decoder, inproc_endpoint(decoder), desc,
+                                list(range(-(-n // 4))), computed_blocks)
 
 
 async def _scenario() -> None:
@@ -42,16 +43,21 @@ async def _scenario() -> None:
         assert (await waiting).request.request_id == "a1"
         for rid, dec in [("a2", "dec-a"), ("b1", "dec-b"), ("a3", "dec-a"), ("b2", "dec-b")]:
             await ref.tell(Push(_req(rid, dec)))
-        assert (await ref.ask(Depth(), QueueDepth)).depth == 4
+        assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(4, 12)  # prompt tokens queued, for the planner
+        await ref.tell(Push(_req("b3", "dec-b", n=10, computed_blocks=1)))  # 4 of its 10 tokens cached
+        assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(5, 18)
+        await ref.tell(Drop("b3"))
+        assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(4, 12)
         # decode worker a stops answering: its queued work goes, b's stays, in order
         servers["dec-a"].stop()
         for _ in range(100):
             if (await ref.ask(Depth(), QueueDepth)).depth == 2:
                 break
             await asyncio.sleep(0.1)
-        assert queue.dropped == 2
+        assert queue.dropped == 2 and (await ref.ask(Depth(), QueueDepth)).tokens == 6
         got = [(await ref.ask(Pull(wait=0.1), Pulled)).request for _ in range(3)]
         assert [r.request_id if r else None for r in got] == ["b1", "b2", None]
+        assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(0, 0)
         # a push from the dead worker afterwards is queued again only with a fresh watch, which
         # finds it dead within its heartbeat limit as well
     finally:

@@ -59,6 +59,7 @@ class QueueDepth(msgspec.Struct):
     """The queue's depth: the answer to ``Depth``, and what the queue publishes on every change."""
 
     depth: int
+    tokens: int = 0  # prompt tokens the queued requests still need computed (their cached prefix left out)
 
 
 # ------------------------------------------------------------- to a prefill worker

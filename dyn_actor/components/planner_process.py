@@ -2,7 +2,9 @@
 topology unless ``--planner off``.
 
 It only listens to what the system already publishes: each aggregated or decode worker's load
-reports (``WorkerLoad``, with its KV events), the prefill queue's depth, and the frontend's
+reports (``WorkerLoad``, with its KV events: KV usage, requests, and step counters from which
+it takes the mean step time over each window), the prefill queue's depth and queued prompt
+tokens, and the frontend's
 latency histograms (``FrontendReport``, cumulative buckets, twice a second). Every
 ``--planner-interval`` seconds it builds a ``Snapshot``, asks ``dyn_actor.planner.decide`` what
 to change, logs it (one line with the numbers), appends it to ``--planner-log`` as a JSON line
@@ -153,6 +155,8 @@ class PlannerProcess:
         self.loads: dict[str, WorkerLoad] = {}
         self.first_seen: dict[str, float] = {}
         self.queue_depth = 0
+        self.queue_tokens = 0
+        self._steps_before: dict[str, tuple[float, int]] = {}  # per worker, its step counters at the last tick
         self.latest: FrontendReport | None = None
         self._window_start: FrontendReport | None = None
         self._pub: PubSocket | None = None
@@ -198,6 +202,7 @@ class PlannerProcess:
         self.workers.pop(name, None)
         self.loads.pop(name, None)
         self.first_seen.pop(name, None)
+        self._steps_before.pop(name, None)
         task = self._follows.pop(name, None)
         if task is not None:
             task.cancel()
@@ -214,7 +219,7 @@ class PlannerProcess:
             self.first_seen.setdefault(name, time.monotonic())
 
     def _depth(self, msg: QueueDepth) -> None:
-        self.queue_depth = msg.depth
+        self.queue_depth, self.queue_tokens = msg.depth, msg.tokens
 
     def _frontend(self, msg: FrontendReport) -> None:
         self.latest = msg
@@ -250,10 +255,15 @@ class PlannerProcess:
                 continue
             usage = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
             role = "decode" if name.startswith("decode") else "worker"
+            secs, steps = self._steps_before.get(name, (0.0, 0))
+            self._steps_before[name] = (load.step_seconds_total, load.steps_total)
+            step_ms = (1000 * (load.step_seconds_total - secs) / (load.steps_total - steps)
+                       if load.steps_total > steps else None)  # a restarted worker's counters start again: None
             workers.append(WorkerSample(name, role, now - self.first_seen[name], load.requests_running,
-                                        load.requests_waiting, usage))
+                                        load.requests_waiting, usage, step_ms))
         thresholds = [ld.max_local_prefill_length for ld in self.loads.values() if ld.max_local_prefill_length >= 0]
-        return Snapshot(t=now - self.started, workers=workers, queue_depth=self.queue_depth, requests=int(finished),
+        return Snapshot(t=now - self.started, workers=workers, queue_depth=self.queue_depth,
+                        queue_tokens=self.queue_tokens, requests=int(finished),
                         ttft_p90_ms=None if ttft is None else 1000 * ttft,
                         itl_p90_ms=None if itl is None else 1000 * itl,
                         max_local_prefill_length=min(thresholds) if thresholds else None)

@@ -46,6 +46,7 @@ class PrefillQueue(Actor):
 
     def __init__(self, depth_endpoint: str | None = None) -> None:
         self._items: OrderedDict[str, RemotePrefillRequest] = OrderedDict()
+        self._tokens = 0  # prompt tokens the queued requests still need computed (for the planner)
         self._arrived = asyncio.Event()
         self._decoders: dict[str, ActorRef] = {}  # endpoint -> heartbeat watch of a decode worker
         # request id -> (endpoint of the prefill worker that pulled it, endpoint of its decode worker)
@@ -78,7 +79,7 @@ class PrefillQueue(Actor):
     async def _publish(self) -> None:
         assert self._pub is not None
         while True:
-            await self._pub.send(msgspec.msgpack.encode(QueueDepth(len(self._items))))
+            await self._pub.send(msgspec.msgpack.encode(self.depth(None)))
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), PUBLISH_INTERVAL)
@@ -97,21 +98,27 @@ class PrefillQueue(Actor):
             asyncio.ensure_future(ref.start())
         elif not ref.alive:
             return  # from a decode worker not answering now: it takes its queued work back itself
+        old = self._items.pop(r.request_id, None)
+        if old is not None:
+            self._tokens -= uncached_tokens(old)
         self._items[r.request_id] = r
+        self._tokens += uncached_tokens(r)
         self._arrived.set()
         self._set_changed()
 
     def _decoder_died(self, ref: ActorRef) -> None:
         gone = [rid for rid, r in self._items.items() if r.decode_endpoint == ref.endpoint]
         for rid in gone:
-            del self._items[rid]
+            self._tokens -= uncached_tokens(self._items.pop(rid))
         self.dropped += len(gone)
         self._set_changed()
         if gone:
             log.warning("decode worker %s stopped answering: dropped its %d queued prefills", ref.name, len(gone))
 
     def drop(self, m: Drop) -> None:
-        if self._items.pop(m.request_id, None) is not None:
+        r = self._items.pop(m.request_id, None)
+        if r is not None:
+            self._tokens -= uncached_tokens(r)
             self._set_changed()
             return
         pulled = self._pulled.pop(m.request_id, None)
@@ -135,8 +142,8 @@ class PrefillQueue(Actor):
         log.warning("prefill worker %s stopped answering: %d requests it pulled go back to their decode workers",
                     ref.name, len(lost))
 
-    def depth(self, m: Depth) -> QueueDepth:
-        return QueueDepth(len(self._items))
+    def depth(self, m: Depth | None) -> QueueDepth:
+        return QueueDepth(len(self._items), self._tokens)
 
     async def pull(self, m: Pull) -> Pulled:
         for rid in m.finished:  # no Drop or PrefillLost needs to reach these any more
@@ -153,6 +160,7 @@ class PrefillQueue(Actor):
             except asyncio.TimeoutError:
                 return Pulled(None)
         rid, req = self._items.popitem(last=False)
+        self._tokens -= uncached_tokens(req)
         self._set_changed()
         if m.puller_endpoint:
             self._watch_puller(m.puller, m.puller_endpoint)
@@ -160,6 +168,12 @@ class PrefillQueue(Actor):
             while len(self._pulled) > PULLED_REMEMBERED:
                 self._pulled.popitem(last=False)
         return Pulled(req)
+
+
+def uncached_tokens(r: RemotePrefillRequest) -> int:
+    """The prompt tokens a prefill worker will compute for ``r``: all but its cached leading blocks
+    (the pool's shape is ``[blocks, layers, 2, block_size, ...]``)."""
+    return max(0, len(r.prompt_token_ids) - r.num_computed_blocks * r.pool.shape[3])
 
 
 def depth_endpoint(queue_endpoint: str) -> str:
