@@ -45,6 +45,7 @@ from launcher.processes import (
     set_child_env,
     worker_entry,
 )
+from launcher.services import planner_budget
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
@@ -288,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep, planner_eps))
             err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None and cfg.planner != "off":
-            # the budget: --max-workers, else one engine process per GPU (at least as launched), else as launched
-            budget = cfg.max_workers or max(n_prefill + n_decode, len(gpus) if gpus else 0)
+            budget = planner_budget(cfg, n_prefill, n_decode, len(gpus))
             planner = spawn("planner", 0, planner_main, (cd, endpoints, queue_ep, planner_eps, n_prefill, budget))
             err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is not None:

@@ -96,41 +96,17 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
         vllm_worker_main(index, cfg, endpoint, conn, role, gpu is not None, gpu_share)
         return
     from dyn_actor.actor import ActorServer
-    from dyn_actor.components.worker import Worker
-    from dyn_actor.engine.engine import EngineConfig, LLMEngine
+    from launcher.services import build_engine, worker_actor
 
     try:
-        kv = None if cfg.kv_cache_memory_gb is None else int(cfg.kv_cache_memory_gb * (1 << 30))
-        engine = LLMEngine(EngineConfig(
-            model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, max_model_len=cfg.max_model_len,
-            kv_cache_memory=kv, max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
-            prefill_threads=cfg.prefill_threads,
-            shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
-            gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto"))
+        engine = build_engine(cfg, role, gpu, gpu_share)
     except Exception as e:
         conn.send(("failed", f"{role} {index}: {e}"))
         sys.exit(1)
     device = engine.device_name if gpu is None else f"GPU {gpu}, {engine.device_name}"
 
-    # KV events (for the kv router) go out next to the actor's own socket: ipc://.../decode-0-kv
-    events_endpoint = endpoint + "-kv" if role in ("worker", "decode") and endpoint.startswith("ipc://") else None
-
     async def main() -> None:
-        name = f"{role}-{index}"
-        if role == "decode":
-            from dyn_actor.components.decode_worker import DecodeWorker
-            from dyn_actor.components.disagg import DisaggPolicy
-
-            actor: Worker = DecodeWorker(name, engine, endpoint, queue_endpoint or "", DisaggPolicy(
-                cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout),
-                events_endpoint=events_endpoint)
-        elif role == "prefill":
-            from dyn_actor.components.prefill_worker import PrefillWorker
-
-            actor = PrefillWorker(name, engine, queue_endpoint or "", endpoint)
-        else:
-            actor = Worker(name, engine, events_endpoint)
+        actor = worker_actor(cfg, role, index, engine, endpoint, queue_endpoint)
         server = ActorServer(actor, endpoint)
         if role == "prefill":  # finish what was pulled first (the planner may be removing this worker)
             _stop_on_sigterm(lambda: asyncio.ensure_future(actor.drain(cfg.drain_timeout)))
@@ -231,119 +207,25 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
                   planner_endpoints: dict[str, str] | None = None) -> None:
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor frontend 0", cfg.log_level)
-    from aiohttp import web
-
-    from dyn_actor.components.frontend import Frontend
-    from dyn_actor.components.http_edge import EdgePolicy, answer_parser_errors_in_json
-    from dyn_actor.components.kv_events import KvEventFeed
-    from dyn_actor.components.worker_client import connect_workers
-    from dyn_actor.engine.loader import load_tokenizer
-    from dyn_actor.router import Router
+    from launcher.services import FrontendService
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_sigterm(stop.set)  # the launcher's SIGTERM: drain, then stop
+        service = FrontendService(cfg, endpoints, queue_endpoint, planner_endpoints, notify=conn.send)
         try:
-            tokenizer = load_tokenizer(cfg.model)
-            router = Router(cfg.router, block_size=cfg.block_size or 0, overlap_weight=cfg.kv_overlap_weight,
-                            temperature=cfg.router_temperature, busy_threshold=cfg.router_busy_threshold)
-            feed = KvEventFeed(router)
-            feed.start()
-            info = await connect_workers(endpoints, router, wait=cfg.ready_timeout, feed=feed)
-            edge = EdgePolicy(cfg.host, cfg.api_key, cfg.metrics_require_key, frozenset(cfg.allowed_hosts),
-                              cfg.max_request_bytes)
-            frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, router, info, edge)
-            if queue_endpoint:
-                from dyn_actor.actor import ActorRef
-
-                frontend.prefill_queue = await ActorRef(queue_endpoint, "prefill-queue").start(wait_ready=60)
-            planner_tasks = []
-            if cfg.planner != "off":  # the planner process reads our latency histograms; we show its decisions
-                from dyn_actor.components.planner_process import PlannerView, publish_frontend_report
-
-                frontend.planner = PlannerView(cfg.planner, planner_endpoints["report"],
-                                               frontend.metrics.planner_decisions)
-                frontend.planner.start()
-                planner_tasks.append(asyncio.ensure_future(
-                    publish_frontend_report(frontend.metrics, planner_endpoints["frontend"])))
-            runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
-            await runner.setup()
-            answer_parser_errors_in_json(runner)
-            site = web.TCPSite(runner, cfg.host, cfg.port)
-            await site.start()
+            url = await service.start()
         except OSError as e:
             conn.send(("failed", f"frontend: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"))
             return
         except Exception as e:
             conn.send(("failed", f"frontend: {e}"))
             return
-        port = site._server.sockets[0].getsockname()[1] if cfg.port == 0 else cfg.port  # type: ignore[union-attr]
-        conn.send(("ready", f"http://{cfg.host}:{port}"))
-
-        async def poll_stats() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                await frontend.refresh_worker_stats()
-
-        from dyn_actor.components.disagg_messages import DisaggPolicyState, SetDisaggPolicy
-
-        async def add_worker(name: str, endpoint: str) -> None:
-            """A worker the launcher started while serving (the planner asked): route to it once it answers."""
-            from dyn_actor.components.worker_client import _connect_worker
-
-            try:
-                await _connect_worker(name, endpoint, router, feed, 1.0, cfg.ready_timeout)
-            except Exception as e:  # noqa: BLE001 - it is not routed to; the launcher's supervision sees it
-                log.error("the added worker %s could not be joined: %s", name, e)
-                return
-            log.info("worker %s added: routing to it", name)
-
-        async def retire_worker(name: str, deadline: float) -> None:
-            """Route nothing new to ``name``, let what it holds finish (up to ``deadline`` s), then let
-            it go and tell the launcher, which stops it; requests still running then end with an error."""
-            entry = router.drain(name)
-            left = 0
-            if entry is not None:
-                log.info("retiring worker %s: %d requests in flight", name, entry.in_flight)
-                end = asyncio.get_running_loop().time() + deadline
-                while entry.in_flight and asyncio.get_running_loop().time() < end:
-                    await asyncio.sleep(0.1)
-                left = entry.in_flight
-                router.forget(name)
-                feed.remove(name)
-                await entry.handle.ref.close()
-            conn.send(("retired", name, left))
-
-        async def set_threshold(value: int) -> None:
-            """The planner moves the conditional-disaggregation threshold: every decode worker takes it."""
-            for entry in router.live_workers():
-                try:
-                    await entry.handle.ref.ask(SetDisaggPolicy(max_local_prefill_length=value), DisaggPolicyState,
-                                               timeout=5)
-                except Exception as e:  # noqa: BLE001 - the next tick sees what it has and decides again
-                    log.warning("setting %s's max_local_prefill_length failed: %s", entry.name, e)
-            log.info("max_local_prefill_length is now %d on every decode worker", value)
-
-        def on_launcher(msg) -> None:
-            if msg[0] == "set_threshold":
-                asyncio.ensure_future(set_threshold(msg[1]))
-            elif msg[0] == "add_worker":
-                asyncio.ensure_future(add_worker(msg[1], msg[2]))
-            elif msg[0] == "retire_worker":
-                asyncio.ensure_future(retire_worker(msg[1], msg[2]))
-
-        poller = asyncio.ensure_future(poll_stats())
-        control = asyncio.ensure_future(read_pipe(conn, on_launcher))
+        conn.send(("ready", url))
+        control = asyncio.ensure_future(read_pipe(conn, service.on_launcher))
         await stop.wait()
         control.cancel()
-        await frontend.drain(cfg.drain_timeout)
-        poller.cancel()
-        if frontend.planner is not None:
-            frontend.planner.stop()
-        for t in planner_tasks:
-            t.cancel()
-        await feed.close()
-        await runner.cleanup()
+        await service.stop()
 
     _run(main)
 
@@ -354,23 +236,13 @@ def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str 
     decides each tick, reports to the frontend; in active mode asks the launcher to carry it out."""
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor planner 0", cfg.log_level)
-    from dyn_actor.components.planner_process import PlannerProcess
-    from dyn_actor.components.prefill_queue import depth_endpoint
-    from dyn_actor.planner import PlannerConfig
+    from launcher.services import make_planner
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_sigterm(stop.set)
-        pcfg = PlannerConfig(ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms, min_prefill=cfg.min_prefill,
-                             min_decode=cfg.min_decode, max_workers=budget,
-                             local_prefill_default=cfg.max_local_prefill_length,
-                             cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup)
-        planner = PlannerProcess(
-            pcfg, interval=cfg.planner_interval, workers={name: ep + "-kv" for name, ep in endpoints.items()},
-            depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
-            frontend_endpoint=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
-            num_prefill=num_prefill, log_path=cfg.planner_log,
-            act=(lambda d: conn.send(("scale", d.action, d.numbers))) if cfg.planner == "active" else None)
+        act = (lambda d: conn.send(("scale", d.action, d.numbers))) if cfg.planner == "active" else None
+        planner = make_planner(cfg, endpoints, queue_endpoint, planner_endpoints, num_prefill, budget, act)
         planner.start()
         conn.send(("ready", f"planner 0 ({cfg.planner})"))
         control = asyncio.ensure_future(read_pipe(conn, planner.on_launcher))  # workers added / removed

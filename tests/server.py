@@ -1,7 +1,10 @@
-"""Start a real topology with the launcher, as a user would, for integration tests."""
+"""Start a real topology for integration tests: with the launcher, as a user would (``Server``), or
+its actors in this process (``InprocServer``) where the processes are not the point."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import signal
@@ -80,3 +83,62 @@ class Server:
         self._reader.join(timeout=10)
         self.proc.stdout.close()
         return self.proc.returncode, self.log()
+
+
+class InprocServer:
+    """The same topology as ``Server`` with the same flags, in this process: its actors on one event
+    loop in a thread of their own (``launcher.inproc``), serving HTTP on a free port. For tests
+    where a process start-up is not the point; the interface is ``Server``'s."""
+
+    def __init__(self, *args: str, timeout: float = 120.0) -> None:
+        from launcher.config import parse_args
+        from launcher.inproc import InprocTopology
+
+        self.port = free_port()
+        self.args = ["--port", str(self.port), *args]
+        self.topology = InprocTopology(parse_args(self.args))
+        self._log: list[str] = []
+        self._handler = _ListHandler(self._log)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self._handler)
+        if logging.getLogger().level > logging.INFO:
+            logging.getLogger().setLevel(logging.INFO)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="inproc-topology")
+        self._thread.start()
+        try:
+            self.url = asyncio.run_coroutine_threadsafe(self.topology.start(), self._loop).result(timeout)
+        except BaseException:
+            self._close_loop()
+            raise
+        self.base_url = self.url + "/v1"
+
+    def log(self) -> str:
+        return "".join(self._log)
+
+    def pids(self) -> dict[str, int]:
+        """As ``Server.pids``: "decode 0" -> pid for every actor still serving (all in this process;
+        one whose mailbox closed, e.g. after its engine thread died, is missing)."""
+        return {name.replace("-", " ", 1) if name != "prefill-queue" else "prefill-queue 0": os.getpid()
+                for name, server in self.topology.servers.items() if not server.stopped}
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Drain and stop every actor; (0, the log) as ``Server.stop`` gives (exit code, log)."""
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.topology.stop(), self._loop).result(timeout)
+        self._close_loop()
+        return 0, self.log()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        logging.getLogger().removeHandler(self._handler)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record) -> None:
+        self.lines.append(self.format(record) + "\n")

@@ -6,14 +6,14 @@ import pytest
 import requests
 
 from tests.helpers import eventually
-from tests.server import Server
+from tests.server import InprocServer
 
 MSGS = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module", params=["agg", "1p1d"])
 def server(request):
-    s = Server("--topology", request.param, "--max-model-len", "256", "--kv-cache-memory-gb", "0.1",
+    s = InprocServer("--topology", request.param, "--max-model-len", "256", "--kv-cache-memory-gb", "0.1",
                "--max-local-prefill-length", "8")
     yield s
     s.stop()

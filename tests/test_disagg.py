@@ -1,4 +1,5 @@
-"""Disaggregated prefill/decode through the launcher: determinism against agg, concurrency, faults, cleanup."""
+"""Disaggregated prefill/decode: determinism against agg, concurrency, faults, cleanup. Through the
+launcher where processes are the point (kills, segments of a dead process), else in one process."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import requests
 
 from dyn_actor.kv.transfer import leftover_segments
 from tests.helpers import eventually
-from tests.server import Server
+from tests.server import InprocServer, Server
 
 LENGTHS = [3, 15, 16, 17, 32, 40, 77, 130]
 
@@ -42,7 +43,7 @@ def _metric(server: Server, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def agg_tokens():
-    s = Server("--topology", "agg", "--kv-cache-memory-gb", "0.1")
+    s = InprocServer("--topology", "agg", "--kv-cache-memory-gb", "0.1")
     try:
         return [_tokens(_complete(s, p)) for p in _prompts()]
     finally:
@@ -73,7 +74,7 @@ def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
 
 
 def test_short_prompts_stay_local():
-    s = Server("--topology", "1p1d", "--max-local-prefill-length", "64", "--kv-cache-memory-gb", "0.1")
+    s = InprocServer("--topology", "1p1d", "--max-local-prefill-length", "64", "--kv-cache-memory-gb", "0.1")
     try:
         _complete(s, [0] + [5] * 20)
         _complete(s, [0] + [6] * 100)
@@ -93,7 +94,7 @@ def test_short_prompts_stay_local():
 
 @pytest.mark.parametrize("topology", ["2p1d", "1p2d"])
 def test_64_concurrent_requests(topology):
-    s = Server("--topology", topology, "--max-local-prefill-length", "16", "--kv-cache-memory-gb", "0.1")
+    s = InprocServer("--topology", topology, "--max-local-prefill-length", "16", "--kv-cache-memory-gb", "0.1")
     try:
         rng = random.Random(3)
         jobs = [([0] + [rng.randrange(2, 99) for _ in range(rng.choice([5, 20, 60, 150]))], rng.randint(1, 12))
@@ -136,7 +137,7 @@ def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
 
 
 def test_disconnect_during_remote_prefill_leaks_nothing():
-    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
+    s = InprocServer("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
     try:
         for _ in range(5):
             with pytest.raises(requests.exceptions.ReadTimeout):

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from dyn_actor.components.http_edge import EdgePolicy
-from tests.server import Server
+from tests.server import InprocServer, Server
 
 KEY = "sekret-key-123"
 GOOD = {"Authorization": f"Bearer {KEY}"}
@@ -32,7 +32,7 @@ ROUTES = [
 def keyed(tmp_path_factory):
     path = tmp_path_factory.mktemp("key") / "key"
     path.write_text(KEY + "\n")
-    s = Server("--topology", "1p1d", "--kv-cache-memory-gb", "0.1", "--api-key-file", str(path))
+    s = InprocServer("--topology", "1p1d", "--kv-cache-memory-gb", "0.1", "--api-key-file", str(path))
     yield s
     s.stop()
 

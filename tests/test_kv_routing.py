@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from tests.server import Server
+from tests.server import InprocServer, Server
 
 BS = 16
 
@@ -101,7 +101,7 @@ def test_conversations_stick_unique_prompts_spread_dead_worker_leaves():
 def test_kv_routing_in_a_disaggregated_topology():
     """1p2d: the router picks the decode worker; a repeated long prompt finds its prefix there,
     so the decode worker prefills only the uncached rest (locally, being short)."""
-    s = Server("--topology", "1p2d", "--router", "kv", "--max-local-prefill-length", "64",
+    s = InprocServer("--topology", "1p2d", "--router", "kv", "--max-local-prefill-length", "64",
                "--kv-cache-memory-gb", "0.05")
     try:
         rng = random.Random(1)

@@ -1,4 +1,5 @@
-"""Aggregated serving end to end: the launcher, real worker processes, the openai client and raw HTTP."""
+"""Aggregated serving end to end: two workers behind the frontend (in one process), the openai client
+and raw HTTP."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import json
 import pytest
 import requests
 
-from tests.server import Server
+from tests.server import InprocServer
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--topology", "agg", "--workers", "2", "--max-model-len", "512", "--kv-cache-memory-gb", "0.25")
+    s = InprocServer("--topology", "agg", "--workers", "2", "--max-model-len", "512", "--kv-cache-memory-gb", "0.25")
     yield s
     s.stop()
 

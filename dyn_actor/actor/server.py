@@ -98,6 +98,11 @@ class ActorServer:
         if self._failure is not None:
             raise self._failure
 
+    @property
+    def stopped(self) -> bool:
+        """Its mailbox is closed (or closing)."""
+        return self._stopped.is_set()
+
     def stop(self, error: BaseException | None = None) -> None:
         if error is not None and self._failure is None:
             self._failure = error

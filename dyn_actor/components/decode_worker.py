@@ -28,7 +28,7 @@ from dyn_actor.components.disagg_messages import (
     WriteStatus,
 )
 from dyn_actor.components.messages import AbortRequest, GenerateRequest, WorkerMessage, WorkerStats
-from dyn_actor.components.prefill_queue import depth_endpoint
+from dyn_actor.components.prefill_queue import PUBLISH_INTERVAL, depth_endpoint
 from dyn_actor.components.worker import Worker
 from dyn_actor.engine.engine import LLMEngine, RemoteAllocation, RequestOutput
 from dyn_actor.transport import SubSocket
@@ -97,6 +97,12 @@ class DecodeWorker(Worker):
         self._queue.on_alive(lambda _ref: log.info("the prefill queue answers again; remote prefill resumes"))
         self._depth_sub = SubSocket(depth_endpoint(self._queue_endpoint))
         self._tasks = [asyncio.ensure_future(self._read_depth()), asyncio.ensure_future(self._watch_writers())]
+        # ready means ready to prefill remotely: until the queue's first depth arrives (it publishes
+        # twice a second) every prompt would be prefilled here
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 4 * PUBLISH_INTERVAL
+        while self._depth_at == float("-inf") and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def on_stop(self) -> None:
         for entry in self._remote.values():
