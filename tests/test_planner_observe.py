@@ -12,7 +12,7 @@ import requests
 
 from dyn_actor.planner import PlannerConfig, read_log, replay
 from tests.helpers import eventually
-from tests.server import Server
+from tests.server import InprocServer, Server
 
 SHORT = {"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True}
 
@@ -44,8 +44,9 @@ class Load:
 def test_observe_mode_decides_logs_and_replays(tmp_path):
     log = tmp_path / "planner.jsonl"
     # a TTFT target no prompt can meet: once the workers are warm, the planner would add a prefill worker
-    s = Server("--topology", "1p1d", "--max-local-prefill-length", "8", "--kv-cache-memory-gb", "0.1",
-               "--planner-interval", "0.5", "--planner-log", str(log), "--ttft-slo-ms", "0.5", "--max-workers", "3")
+    s = InprocServer("--topology", "1p1d", "--max-local-prefill-length", "8", "--kv-cache-memory-gb", "0.1",
+                     "--planner-interval", "0.5", "--planner-log", str(log), "--ttft-slo-ms", "0.5",
+                     "--max-workers", "3")
     stop = threading.Event()
 
     def load():
@@ -85,7 +86,7 @@ def test_observe_mode_decides_logs_and_replays(tmp_path):
 
 
 def test_planner_flags():
-    s = Server("--planner", "off", "--kv-cache-memory-gb", "0.1")
+    s = InprocServer("--planner", "off", "--kv-cache-memory-gb", "0.1")
     try:
         assert requests.get(s.base_url + "/planner/state", timeout=10).json()["mode"] == "off"
     finally:
