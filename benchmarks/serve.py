@@ -2,8 +2,9 @@
 
     # against a running server
     python benchmarks/serve.py --endpoint native=http://127.0.0.1:8000 --concurrency 8
-    # start this project's server (and vLLM's, when installed) and compare them in one run
-    python benchmarks/serve.py --launch-native "--workers 1" --launch-vllm --concurrency 8,32
+    # start this project's server (and vLLM's, when installed) and compare them in one run: each
+    # started alone for its measurement, three rounds in alternating order, medians reported
+    python benchmarks/serve.py --launch-native "" --launch-vllm --concurrency 8,32,128 --rounds 3
 
 Requests are streamed ``/v1/completions`` calls with random token-id prompts
 (``--input-len``) and ``ignore_eos`` so every request makes ``--output-len``
@@ -240,6 +241,11 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each server this many times, alternating their order; report the medians")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                    help="start each launched server only for its own measurement, so it has the machine to "
+                         "itself (an idle server beside it was seen to cost the other up to a third here)")
     ap.add_argument("--slo-ttft-ms", type=float, default=1000)
     ap.add_argument("--slo-tpot-ms", type=float, default=100)
     ap.add_argument("--overhead", action="store_true", help="measure the framework's overhead (native server)")
@@ -257,48 +263,83 @@ def main() -> int:
             save_builtin(d)
         model = str(d)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    endpoints = dict(e.split("=", 1) for e in args.endpoint)
-    procs = []
+    running = dict(e.split("=", 1) for e in args.endpoint)  # servers started elsewhere
+    launchers = {}  # name -> (command, env, port) of the servers this run starts
+    if args.launch_native is not None:
+        launchers["native"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", "8300",
+                                "--served-model-name", model, *args.launch_native.split()], None, 8300)
+    if args.launch_vllm:
+        if not vllm_available():
+            print("vLLM is not installed here: skipping it (it is optional)")
+        else:
+            launchers["vllm"] = ([sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", "8301",
+                                  "--dtype", "float32", "--max-model-len", "4096"],
+                                 {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, 8301)
+    if not running and not launchers:
+        ap.error("give --endpoint or --launch-native")
+    loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
+    # fresh prompts at each load (a prompt seen before would be a prefix-cache hit), the same for
+    # every endpoint and round; the warm-up's own prompts are not measured
+    prompt_sets = []
+    for i in range(len(loads)):
+        rng = random.Random(1000 * i)
+        ps = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)]
+              for _ in range(args.num_prompts + args.warmup)]
+        prompt_sets.append((ps[: args.warmup], ps[args.warmup:]))
+    names = [*running, *launchers]
+    rows: list[dict] = []
+    procs: list[subprocess.Popen] = []
+
+    def measure(name: str, url: str, rnd: int) -> None:
+        for load, (warm, prompts) in zip(loads, prompt_sets):
+            asyncio.run(run_load(url, model, warm, args.output_len, args.warmup, None))
+            results, dur = asyncio.run(run_load(
+                url, model, prompts, args.output_len,
+                None if args.request_rate else int(load), load if args.request_rate else None))
+            rows.append({"endpoint": name, "round": rnd, "load": load,
+                         **summarize(results, dur, args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)})
+            print(f"round {rnd}: {name} @ {load:g}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, "
+                  f"TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms", flush=True)
+
     try:
-        if args.launch_native is not None:
-            port = 8300
-            cmd = [sys.executable, "-m", "launcher", "--model", model, "--port", str(port), "--served-model-name",
-                   model, *args.launch_native.split()]
-            procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL))
-            wait_http(f"http://127.0.0.1:{port}", p)
-            endpoints["native"] = f"http://127.0.0.1:{port}"
-        if args.launch_vllm:
-            if not vllm_available():
-                print("vLLM is not installed here: skipping it (it is optional)")
-            else:
-                port = 8301
-                env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-                cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", str(port),
-                       "--dtype", "float32", "--max-model-len", "4096"]
+        if not args.isolate:  # every launched server up for the whole run, measured back to back
+            for name, (cmd, env, port) in launchers.items():
                 procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                                   stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL if name == "vllm" else None))
                 wait_http(f"http://127.0.0.1:{port}", p)
-                endpoints["vllm"] = f"http://127.0.0.1:{port}"
-        if not endpoints:
-            ap.error("give --endpoint or --launch-native")
-        loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
-        rows = []
-        for i, load in enumerate(loads):
-            # fresh prompts at each load (a prompt seen before would be a prefix-cache hit), the same
-            # for every endpoint; the warm-up's own prompts are not measured
-            rng = random.Random(1000 * i)
-            prompts = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)]
-                       for _ in range(args.num_prompts + args.warmup)]
-            warm, prompts = prompts[: args.warmup], prompts[args.warmup:]
-            for name, url in endpoints.items():  # back to back, same prompts
-                asyncio.run(run_load(url, model, warm, args.output_len, args.warmup, None))
-                results, dur = asyncio.run(run_load(
-                    url, model, prompts, args.output_len,
-                    None if args.request_rate else int(load), load if args.request_rate else None))
-                rows.append({"endpoint": name, "load": load, **summarize(results, dur, args.slo_ttft_ms / 1000,
-                                                                         args.slo_tpot_ms / 1000)})
-                print(f"{name} @ {load:g}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, "
-                      f"TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms", flush=True)
+                running[name] = f"http://127.0.0.1:{port}"
+        for rnd in range(args.rounds):
+            # alternate the order each round, so neither server is always measured first
+            order = names if rnd % 2 == 0 else names[::-1]
+            for name in order:
+                if name in running:
+                    measure(name, running[name], rnd)
+                    continue
+                cmd, env, port = launchers[name]  # --isolate: alone on the machine while measured
+                p = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL if name == "vllm" else None)
+                procs.append(p)
+                try:
+                    wait_http(f"http://127.0.0.1:{port}", p)
+                    measure(name, f"http://127.0.0.1:{port}", rnd)
+                finally:
+                    stop(p)
+        if args.rounds > 1:  # the median of each figure over the rounds
+            print()
+            print_table(rows, ["endpoint", "round", "load", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
+                               "itl_p50_ms"])
+            runs = rows
+            rows = []
+            for name in names:
+                for load in loads:
+                    rs = [r for r in runs if r["endpoint"] == name and r["load"] == load]
+                    rows.append({k: (statistics.median(r[k] for r in rs) if isinstance(v, (int, float)) else v)
+                                 for k, v in rs[0].items() if k != "round"})
+            rows_by_round = runs
+        else:
+            rows_by_round = rows
+        endpoints = {n: None for n in names}
         cols = ["endpoint", "load", "failed", "req_per_s", "output_tok_per_s", "goodput_req_per_s", "ttft_p50_ms",
                 "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms", "e2e_p99_ms"]
         print()
@@ -318,11 +359,17 @@ def main() -> int:
             print_table(ratios, ["load", "req_ratio", "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio"])
         overhead = None
         if args.overhead and "native" in endpoints:
-            overhead = asyncio.run(measure_overhead(endpoints["native"], model, vocab, args.input_len, 64))
+            url = running.get("native")
+            if url is None:  # isolated: start it once more for this
+                cmd, env, port = launchers["native"]
+                procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,
+                                                   stdout=subprocess.DEVNULL))
+                wait_http(url := f"http://127.0.0.1:{port}", p)
+            overhead = asyncio.run(measure_overhead(url, model, vocab, args.input_len, 64))
             print("\nframework overhead (concurrency 1, native server):")
             print_table([overhead], list(overhead))
         out = write_json(f"{args.name}.json", {"args": vars(args), "rows": rows, "ratios": ratios,
-                                                "overhead": overhead})
+                                                "rows_by_round": rows_by_round, "overhead": overhead})
         png = RESULTS / f"{args.name}.png"
         plot(rows, png)
         print(f"\nwrote {out} and {png}")
