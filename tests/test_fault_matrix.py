@@ -154,8 +154,9 @@ def _wait_healthy(s: Server, within: float = 40.0) -> None:
     raise AssertionError(f"not healthy again within {within:.0f}s")
 
 
-def _remote_again(s: Server, rng: random.Random, within: float = 20.0) -> float:
-    """Seconds until a fresh long prompt is prefilled by the prefill worker again."""
+def _remote_again(s: Server, rng: random.Random, within: float = 5.0) -> float:
+    """Seconds until a fresh long prompt is prefilled by the prefill worker again (0.0-0.2 s after every
+    fault here; a request lost in the queue would cost its 5-s remote-prefill timeout first)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
         before = _metric(s, "dyn_remote_prefills_total")
