@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -184,3 +185,21 @@ def test_killed_decode_worker_does_not_stall_the_other():
         assert _complete(s, prompts[0], 3)["usage"]["completion_tokens"] == 3
     finally:
         s.stop()
+
+
+def test_an_in_process_topology_serves_disaggregated_and_leaves_nothing():
+    """``InprocServer`` (the launcher's actors on one event loop): a remote prefill goes through the
+    queue and the shared-memory pool as between processes; after stop no segment, engine thread or
+    endpoint is left, and the same endpoints can be used again."""
+    before = set(leftover_segments())
+    threads = {t.name for t in threading.enumerate()}
+    for _ in range(2):
+        s = InprocServer("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.05")
+        try:
+            assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0"}
+            assert _complete(s, [0] + [5] * 40, 4)["usage"]["completion_tokens"] == 4
+            assert _metric(s, "dyn_remote_prefills_total") == 1 and _metric(s, "dyn_kv_transfer_bytes_total") > 0
+        finally:
+            s.stop()
+        assert set(leftover_segments()) <= before
+        assert {t.name for t in threading.enumerate() if t.is_alive()} <= threads
