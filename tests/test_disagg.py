@@ -189,8 +189,8 @@ def test_killed_decode_worker_does_not_stall_the_other():
 
 def test_an_in_process_topology_serves_disaggregated_and_leaves_nothing():
     """``InprocServer`` (the launcher's actors on one event loop): a remote prefill goes through the
-    queue and the shared-memory pool as between processes; after stop no segment, engine thread or
-    endpoint is left, and the same endpoints can be used again."""
+    queue and the shared-memory pool as between processes; after stop no segment or thread is left,
+    and a second topology in the same process does the same."""
     before = set(leftover_segments())
     threads = {t.name for t in threading.enumerate()}
     for _ in range(2):
