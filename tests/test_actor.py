@@ -322,3 +322,30 @@ def test_an_ask_given_up_during_a_stall_is_cancelled_on_the_actor_when_it_answer
         await ref.close()
 
     _run_against_child(body)
+
+
+def test_a_call_that_reached_the_new_run_before_the_restart_was_seen_is_cancelled_there():
+    """A restarted peer's new run may get calls before its first pong shows the new incarnation
+    (the ref still thought the old run alive). Those fail with the rest and are cancelled on the new
+    run: nobody waits for their answer (a prefill queue's pull answered to nobody lost a request)."""
+
+    async def body(endpoint: str, proc: mp.Process):
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=6.0, dead_after=60.0).start(wait_ready=30)
+        t_ping = time.monotonic()  # its first ping just went out; the next one comes 6 s later
+        proc.kill()
+        proc.join(5)
+        new = _spawn_calc(endpoint)
+        try:
+            probe = await ActorRef(endpoint, "probe").start(wait_ready=30)  # the new run is up
+            await probe.close()
+            assert time.monotonic() - t_ping < 5, "the new run took too long to start for this test"
+            pending = asyncio.ensure_future(ref.ask(Sleep(30.0), Int, timeout=None))  # reaches the new run
+            with pytest.raises(ActorDeadError, match="restarted"):
+                await asyncio.wait_for(pending, 20)
+            assert (await ref.ask(Notes(), NoteList)).items == ["sleep 30.0 cancelled"]
+        finally:
+            await ref.close()
+            new.kill()
+            new.join(5)
+
+    _run_against_child(body)

@@ -197,7 +197,7 @@ class ActorRef:
                 log.warning("dropping an undecodable reply from %s", self.name)
                 continue
             if isinstance(msg, env.Pong):
-                self._note_incarnation(msg.incarnation, restarted_unseen=not was_dead)
+                await self._note_incarnation(msg.incarnation, restarted_unseen=not was_dead)
                 continue
             if not isinstance(msg, env.Reply):
                 continue
@@ -217,30 +217,24 @@ class ActorRef:
                     if msg.end:
                         queue.put_nowait(_END)
 
-    def _note_incarnation(self, incarnation: int, restarted_unseen: bool) -> None:
+    async def _note_incarnation(self, incarnation: int, restarted_unseen: bool) -> None:
         """A pong from a new run of the actor: the old run died, whatever it held is gone. Where its
-        death went unseen (the restart fell between two heartbeats), it is declared now."""
+        death went unseen (the restart fell between two heartbeats), it is declared now. Calls made
+        since the restart may have reached the new run: they fail too, and are cancelled there (a
+        pull nobody waits for any more must not take the queue's next request)."""
         if not incarnation or incarnation == self._incarnation:
             return
         known, self._incarnation = self._incarnation, incarnation
         if known and restarted_unseen and not self._closed:
             log.warning("actor %s was restarted: what was pending on its last run fails", self.name)
             self._declare_dead(ActorDeadError(f"actor {self.name} was restarted"))
-            self._dead = None
-            self._revive_now()
+            await self._revive()
 
     async def _revive(self) -> None:
         self._dead = None
         orphans, self._orphans = self._orphans, []
         for cid in orphans:  # the actor may still be running asks and streams nobody reads: stop them
             await self._cancel(cid)
-        log.info("actor %s answers again", self.name)
-        self._run_on_alive()
-
-    def _revive_now(self) -> None:
-        """Alive again at once, on a new run of the actor: it holds none of the old streams."""
-        self._dead = None
-        self._orphans.clear()
         log.info("actor %s answers again", self.name)
         self._run_on_alive()
 
