@@ -17,7 +17,6 @@ directory with its socket files is removed. A second Ctrl-C stops at once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -29,12 +28,11 @@ from multiprocessing.connection import wait
 
 from launcher.config import (
     ConfigError,
-    default_prefill_threads,
-    default_torch_threads,
     gpu_plan,
     parse_args,
     resolve_gpus,
     topology_counts,
+    with_default_threads,
 )
 from launcher.processes import (
     config_dict,
@@ -251,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         n_agg, n_prefill, n_decode = topology_counts(cfg.topology, cfg.workers)
         if cfg.torch_threads is None:
-            n_engines = n_agg + n_prefill + n_decode
-            cfg = dataclasses.replace(cfg, torch_threads=default_torch_threads(n_engines, bool(gpus)),
-                                      prefill_threads=default_prefill_threads(n_engines, bool(gpus)))
+            cfg = with_default_threads(cfg, n_agg + n_prefill + n_decode, bool(gpus))
             log.info("torch threads per engine process: %d, %s for a prefill step (--torch-threads to change)",
                      cfg.torch_threads, cfg.prefill_threads or cfg.torch_threads)
         cd = config_dict(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -347,3 +348,11 @@ def default_prefill_threads(engine_processes: int, on_gpu: bool, cores: int | No
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, engine_processes))
+
+
+def with_default_threads(cfg: LaunchConfig, engine_processes: int, on_gpu: bool) -> LaunchConfig:
+    """``cfg`` with the torch-threads defaults filled in when ``--torch-threads`` was not given."""
+    if cfg.torch_threads is not None:
+        return cfg
+    return dataclasses.replace(cfg, torch_threads=default_torch_threads(engine_processes, on_gpu),
+                               prefill_threads=default_prefill_threads(engine_processes, on_gpu))

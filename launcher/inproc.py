@@ -21,12 +21,11 @@ needs the launcher to carry its decisions out and is refused.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
 
-from launcher.config import ConfigError, LaunchConfig, default_prefill_threads, default_torch_threads, topology_counts
+from launcher.config import ConfigError, LaunchConfig, topology_counts, with_default_threads
 from launcher.services import FrontendService, build_engine, make_planner, planner_budget, worker_actor
 
 log = logging.getLogger("launcher.inproc")
@@ -42,11 +41,8 @@ class InprocTopology:
         if cfg.engine != "native":
             raise ConfigError("an in-process topology runs the native engine")
         self.n_agg, self.n_prefill, self.n_decode = topology_counts(cfg.topology, cfg.workers)
-        if cfg.torch_threads is None:  # the engines share this process's threads: as the launcher shares cores
-            n = self.n_agg + self.n_prefill + self.n_decode
-            cfg = dataclasses.replace(cfg, torch_threads=default_torch_threads(n, False),
-                                      prefill_threads=default_prefill_threads(n, False))
-        self.cfg = cfg
+        # the engines share this process's threads as the launcher's processes share the cores
+        self.cfg = cfg = with_default_threads(cfg, self.n_agg + self.n_prefill + self.n_decode, False)
         self.prefix = f"inproc://dyn-actor-{os.getpid()}-{next(_ids)}"
         self.servers: dict[str, object] = {}  # "decode-0" -> its ActorServer
         self.engines: dict[str, object] = {}

@@ -46,7 +46,6 @@ class PrefillQueue(Actor):
 
     def __init__(self, depth_endpoint: str | None = None) -> None:
         self._items: OrderedDict[str, RemotePrefillRequest] = OrderedDict()
-        self._tokens = 0  # prompt tokens the queued requests still need computed (for the planner)
         self._arrived = asyncio.Event()
         self._decoders: dict[str, ActorRef] = {}  # endpoint -> heartbeat watch of a decode worker
         # request id -> (endpoint of the prefill worker that pulled it, endpoint of its decode worker)
@@ -98,27 +97,21 @@ class PrefillQueue(Actor):
             asyncio.ensure_future(ref.start())
         elif not ref.alive:
             return  # from a decode worker not answering now: it takes its queued work back itself
-        old = self._items.pop(r.request_id, None)
-        if old is not None:
-            self._tokens -= uncached_tokens(old)
         self._items[r.request_id] = r
-        self._tokens += uncached_tokens(r)
         self._arrived.set()
         self._set_changed()
 
     def _decoder_died(self, ref: ActorRef) -> None:
         gone = [rid for rid, r in self._items.items() if r.decode_endpoint == ref.endpoint]
         for rid in gone:
-            self._tokens -= uncached_tokens(self._items.pop(rid))
+            del self._items[rid]
         self.dropped += len(gone)
         self._set_changed()
         if gone:
             log.warning("decode worker %s stopped answering: dropped its %d queued prefills", ref.name, len(gone))
 
     def drop(self, m: Drop) -> None:
-        r = self._items.pop(m.request_id, None)
-        if r is not None:
-            self._tokens -= uncached_tokens(r)
+        if self._items.pop(m.request_id, None) is not None:
             self._set_changed()
             return
         pulled = self._pulled.pop(m.request_id, None)
@@ -143,7 +136,9 @@ class PrefillQueue(Actor):
                     ref.name, len(lost))
 
     def depth(self, m: Depth | None) -> QueueDepth:
-        return QueueDepth(len(self._items), self._tokens)
+        """How many requests are queued, and the prompt tokens they still need computed (the planner
+        weighs a few long prompts above many short ones)."""
+        return QueueDepth(len(self._items), sum(uncached_tokens(r) for r in self._items.values()))
 
     async def pull(self, m: Pull) -> Pulled:
         for rid in m.finished:  # no Drop or PrefillLost needs to reach these any more
@@ -160,7 +155,6 @@ class PrefillQueue(Actor):
             except asyncio.TimeoutError:
                 return Pulled(None)
         rid, req = self._items.popitem(last=False)
-        self._tokens -= uncached_tokens(req)
         self._set_changed()
         if m.puller_endpoint:
             self._watch_puller(m.puller, m.puller_endpoint)
