@@ -330,15 +330,15 @@ def test_a_call_that_reached_the_new_run_before_the_restart_was_seen_is_cancelle
     run: nobody waits for their answer (a prefill queue's pull answered to nobody lost a request)."""
 
     async def body(endpoint: str, proc: mp.Process):
-        ref = await ActorRef(endpoint, "calc", heartbeat_interval=6.0, dead_after=60.0).start(wait_ready=30)
-        t_ping = time.monotonic()  # its first ping just went out; the next one comes 6 s later
+        ref = await ActorRef(endpoint, "calc", heartbeat_interval=8.0, dead_after=60.0).start(wait_ready=30)
+        t_ping = time.monotonic()  # its first ping just went out; the next one comes 8 s later
         proc.kill()
         proc.join(5)
         new = _spawn_calc(endpoint)
         try:
             probe = await ActorRef(endpoint, "probe").start(wait_ready=30)  # the new run is up
             await probe.close()
-            assert time.monotonic() - t_ping < 5, "the new run took too long to start for this test"
+            assert time.monotonic() - t_ping < 7, "the new run took too long to start for this test"
             pending = asyncio.ensure_future(ref.ask(Sleep(30.0), Int, timeout=None))  # reaches the new run
             with pytest.raises(ActorDeadError, match="restarted"):
                 await asyncio.wait_for(pending, 20)
