@@ -339,13 +339,11 @@ def main() -> int:
             rows_by_round = runs
         else:
             rows_by_round = rows
-        endpoints = {n: None for n in names}
         cols = ["endpoint", "load", "failed", "req_per_s", "output_tok_per_s", "goodput_req_per_s", "ttft_p50_ms",
                 "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms", "e2e_p99_ms"]
         print()
         print_table(rows, cols)
         ratios = []
-        names = list(endpoints)
         if len(names) >= 2:
             a, b = names[0], names[1]
             for load in loads:
@@ -358,7 +356,7 @@ def main() -> int:
             print(f"\n{a} / {b}")
             print_table(ratios, ["load", "req_ratio", "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio"])
         overhead = None
-        if args.overhead and "native" in endpoints:
+        if args.overhead and "native" in names:
             url = running.get("native")
             if url is None:  # isolated: start it once more for this
                 cmd, env, port = launchers["native"]

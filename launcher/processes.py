@@ -14,8 +14,6 @@ from dataclasses import asdict
 
 from launcher.config import LaunchConfig
 
-log = logging.getLogger("launcher.processes")
-
 
 def _child_setup(title: str, log_level: str) -> None:
     try:
