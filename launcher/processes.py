@@ -91,7 +91,7 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
     cfg = LaunchConfig(**cfg_dict)
     _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
     if cfg.engine == "vllm":
-        vllm_worker_main(index, cfg, endpoint, conn, role, gpu is not None, gpu_share)
+        vllm_worker_main(index, cfg, endpoint, conn, role, gpu is not None, gpu_share, queue_endpoint)
         return
     from dyn_actor.actor import ActorServer
     from launcher.services import build_engine, worker_actor
@@ -119,17 +119,20 @@ def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "wo
 
 
 def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: str, on_gpu: bool,
-                     gpu_share: float) -> None:
-    """``--engine vllm``: an aggregated worker driving vLLM's AsyncLLM (its engine core runs in a
-    process of vLLM's own, a child of this one)."""
+                     gpu_share: float, queue_endpoint: str | None = None) -> None:
+    """``--engine vllm``: an aggregated, decode or prefill worker driving vLLM's AsyncLLM (its engine
+    core runs in a process of vLLM's own, a child of this one; disaggregated workers load our KV
+    connector into it)."""
     from dyn_actor.actor import ActorServer
     from dyn_actor.components.messages import WorkerInfo
-    from dyn_actor.components.vllm_worker import VllmWorker, cpu_memory_share, engine_args, patch_vllm_version
+    from dyn_actor.components.vllm_worker import (
+        VllmPrefillWorker,
+        VllmWorker,
+        cpu_memory_share,
+        engine_args,
+        patch_vllm_version,
+    )
 
-    if role != "worker":
-        conn.send(("failed", f"{role} {index}: --engine vllm serves --topology agg only (its KV connector "
-                             "for disaggregation is not written yet)"))
-        sys.exit(1)
     cores = sorted(os.sched_getaffinity(0))
     if not on_gpu and index > 0 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         # vLLM binds its CPU threads to the first core by default: spread the other workers' cores
@@ -147,10 +150,21 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
 
             util = gpu_share if on_gpu else cpu_memory_share(cfg.kv_cache_memory_gb or 1.0)
             # vLLM's KV events (its own sockets, next to ours) -> this worker -> ours, for the kv router
-            ours = endpoint + "-kv" if endpoint.startswith("ipc://") else ""
+            ours = endpoint + "-kv" if endpoint.startswith("ipc://") and role != "prefill" else ""
             theirs = (endpoint + "-vllm-kv", endpoint + "-vllm-replay") if ours else None
+            transfer = None
+            if role in ("decode", "prefill"):
+                from dyn_actor.components.vllm_connector import kv_transfer_config
+
+                assert queue_endpoint is not None
+                transfer = kv_transfer_config(role, {
+                    "worker_name": name, "agent_endpoint": endpoint + "-kvc", "owner_endpoint": endpoint,
+                    "owner_pid": os.getpid(), "queue_endpoint": queue_endpoint,
+                    "max_local_prefill_length": cfg.max_local_prefill_length,
+                    "max_prefill_queue_size": cfg.max_prefill_queue_size,
+                    "remote_prefill_timeout": cfg.remote_prefill_timeout})
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
-                                                        util, cfg.vllm_args, cfg.block_size, theirs))
+                                                        util, cfg.vllm_args, cfg.block_size, theirs, transfer))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)
@@ -162,8 +176,17 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
         except Exception as e:  # noqa: BLE001 - any start-up failure is a one-line error in the launcher
             conn.send(("failed", f"{role} {index}: vLLM did not start: {type(e).__name__}: {e}"))
             return
-        server = ActorServer(VllmWorker(name, llm, info, theirs), endpoint)
-        _stop_on_sigterm(server.stop)
+        if role == "prefill":
+            assert queue_endpoint is not None
+            actor: VllmWorker = VllmPrefillWorker(name, llm, info, queue_endpoint, endpoint)
+        else:
+            actor = VllmWorker(name, llm, info, theirs)
+        server = ActorServer(actor, endpoint)
+        if isinstance(actor, VllmPrefillWorker):
+            prefill = actor
+            _stop_on_sigterm(lambda: asyncio.ensure_future(prefill.drain(cfg.drain_timeout)))
+        else:
+            _stop_on_sigterm(server.stop)
         await server.serve(ready=lambda: conn.send(("ready", f"{role} {index} on vLLM ({info.device})")))
 
     _run(main)

@@ -24,7 +24,7 @@ class Idle(Actor):
 def _req(rid: str, decoder: str, n: int = 3, computed_blocks: int = 0) -> RemotePrefillRequest:
     desc = KvPoolDescriptor("shm", "none", [8, 1, 2, 4, 1, 1], "float32")  # blocks of 4 tokens
     return RemotePrefillRequest(rid, list(range(n)), SamplingParams(), decoder, inproc_endpoint(decoder), desc,
-                                list(range(-(-n // 4))), computed_blocks)
+                                list(range(-(-n // 4))), computed_blocks, 4)
 
 
 async def _scenario() -> None:

@@ -188,7 +188,7 @@ class DecodeWorker(Worker):
             return  # aborted meanwhile: the abort, queued after the allocation, frees the blocks
         bs = self.engine.layout.block_size
         req = RemotePrefillRequest(rid, m.prompt_token_ids, m.params, self.name, self.endpoint,
-                                   self.engine.pool.descriptor(), alloc.block_ids, alloc.num_cached_tokens // bs)
+                                   self.engine.pool.descriptor(), alloc.block_ids, alloc.num_cached_tokens // bs, bs)
         loop = asyncio.get_running_loop()
         self._remote[rid] = RemotePrefill(loop.call_later(self.policy.remote_prefill_timeout, self._timed_out, rid),
                                           loop.time())

@@ -17,6 +17,7 @@ class RemotePrefillRequest(msgspec.Struct):
     pool: KvPoolDescriptor  # the decode worker's KV pool
     block_ids: list[int]  # every block of the prompt, allocated on the decode worker
     num_computed_blocks: int  # leading blocks whose KV the decode worker already has
+    block_size: int  # tokens per block of the decode worker's pool
 
 
 # ------------------------------------------------------------- to the prefill queue

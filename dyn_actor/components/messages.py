@@ -37,6 +37,15 @@ class KvSnapshotRequest(msgspec.Struct, tag="kv_snapshot"):
     """Ask for every cached block hash (answered with ``dyn_actor.kv.events.KvSnapshot``)."""
 
 
+class RemoteReceived(msgspec.Struct, tag="remote_received"):
+    """``--engine vllm`` decode workers: the connector inside vLLM tells the worker that a prefill
+    worker's KV for this request is in place (for the request's first delta and the metrics)."""
+
+    request_id: str
+    kv_bytes: int
+    seconds: float
+
+
 WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest | Subscribe | KvSnapshotRequest
 
 # --------------------------------------------------------------- from a worker

@@ -165,9 +165,8 @@ class PrefillQueue(Actor):
 
 
 def uncached_tokens(r: RemotePrefillRequest) -> int:
-    """The prompt tokens a prefill worker will compute for ``r``: all but its cached leading blocks
-    (the pool's shape is ``[blocks, layers, 2, block_size, ...]``)."""
-    return max(0, len(r.prompt_token_ids) - r.num_computed_blocks * r.pool.shape[3])
+    """The prompt tokens a prefill worker will compute for ``r``: all but its cached leading blocks."""
+    return max(0, len(r.prompt_token_ids) - r.num_computed_blocks * r.block_size)
 
 
 def depth_endpoint(queue_endpoint: str) -> str:

@@ -15,7 +15,13 @@ KV events: vLLM's scheduler publishes its prefix cache's changes on a ZeroMQ soc
 (``vllm_kv_events``) and publishes those, numbered, with load reports, on the same kind of socket
 as a native worker, and answers the router's resync from the translated state. A gap in vLLM's
 numbering is filled from vLLM's replay socket.
-Not done yet: disaggregation through a KV connector of ours.
+
+Disaggregated (``--topology XpYd``): the decode worker is this same actor with our KV connector
+loaded into vLLM (``vllm_connector.py``: the local/remote decision, the queue push and the write
+grants happen inside vLLM's processes); the connector tells it which requests a prefill worker
+computed (``RemoteReceived``) so that their first delta says so. ``VllmPrefillWorker`` pulls from
+the prefill queue and gives each prompt to vLLM for one token; the connector writes its KV into the
+decode worker's blocks.
 """
 
 from __future__ import annotations
@@ -24,18 +30,21 @@ import asyncio
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
 import zmq
 
-from dyn_actor.actor import Actor
+from dyn_actor.actor import Actor, ActorDeadError, ActorRef
+from dyn_actor.components.disagg_messages import CancelPrefill, Pull, Pulled, RemotePrefillFailed, RemotePrefillRequest
 from dyn_actor.components.messages import (
     AbortRequest,
     GenerateRequest,
     InfoRequest,
     KvSnapshotRequest,
     OutputBatch,
+    RemoteReceived,
     RequestDelta,
     StatsRequest,
     Subscribe,
@@ -84,10 +93,11 @@ def cpu_memory_share(kv_cache_gb: float) -> float:
 
 def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager: bool,
                 gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
-                kv_events: tuple[str, str] | None = None):
+                kv_events: tuple[str, str] | None = None, kv_transfer=None):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
-    replay) where vLLM's scheduler is to publish its KV events."""
+    replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
+    ``KVTransferConfig`` of our connector (disaggregated workers)."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -102,6 +112,8 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
 
         kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                 endpoint=kv_events[0], replay_endpoint=kv_events[1])
+    if kv_transfer is not None:
+        kw["kv_transfer_config"] = kv_transfer
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -139,7 +151,7 @@ def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:
 
 
 class VllmWorker(Actor):
-    Message = WorkerMessage
+    Message = WorkerMessage | RemoteReceived
 
     LOAD_INTERVAL = 0.2  # seconds between WorkerLoad publications
     REPLAY_TIMEOUT = 5.0  # seconds to wait for each message of vLLM's replay socket
@@ -164,9 +176,19 @@ class VllmWorker(Actor):
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._generated = 0
+        self._received: dict[str, tuple[int, float, float]] = {}  # request id -> KV bytes, seconds, when told
 
     def handlers(self):
-        return worker_handlers(self)
+        h = worker_handlers(self)
+        h[RemoteReceived] = self.remote_received
+        return h
+
+    def remote_received(self, m: RemoteReceived) -> None:
+        now = time.monotonic()
+        self._received[m.request_id] = (m.kv_bytes, m.seconds, now)
+        for rid, (_, _, at) in list(self._received.items()):
+            if now - at > 600:  # never claimed (the request ended otherwise)
+                del self._received[rid]
 
     async def on_start(self) -> None:
         if self._vllm_events is not None and self._info.kv_events_endpoint:
@@ -306,15 +328,20 @@ class VllmWorker(Actor):
                 new = list(o.token_ids)
                 self._tokens[rid] += len(new)
                 cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+                remote = None
                 if first:
                     self._prompt_tokens += len(ids)
                     self._cached_tokens += cached
                     first = False
+                    remote = self._received.pop(rid, None)
                 self._generated += len(new)
                 lps = _logprobs(new, o.logprobs, p.logprobs) if p.logprobs is not None else None
                 reason = o.finish_reason if out.finished else None
                 stop = o.stop_reason if out.finished and isinstance(o.stop_reason, int) else None
-                self._emit(RequestDelta(rid, TokenDelta(new, out.finished, reason, stop, lps, len(ids), cached)))
+                d = TokenDelta(new, out.finished, reason, stop, lps, len(ids), cached)
+                if remote is not None:
+                    d.remote_prefill, d.kv_transfer_bytes, d.remote_prefill_seconds = True, remote[0], remote[1]
+                self._emit(RequestDelta(rid, d))
                 if out.finished:
                     break
         except asyncio.CancelledError:
@@ -327,6 +354,7 @@ class VllmWorker(Actor):
         finally:
             self._tasks.pop(rid, None)
             self._tokens.pop(rid, None)
+            self._received.pop(rid, None)
 
     def abort(self, m: AbortRequest) -> None:
         t = self._tasks.pop(m.request_id, None)
@@ -344,3 +372,112 @@ class VllmWorker(Actor):
     async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:
         """What vLLM's cache holds as of our last batch (translator and numbering move together)."""
         return KvSnapshot(self.name, self._pub_seq, self._info.block_size, self._translator.snapshot())
+
+
+class VllmPrefillWorker(VllmWorker):
+    """``--engine vllm`` prefill worker: pulls remote prefills from the queue when it has room and
+    gives each to vLLM for one token, with ``kv_transfer_params`` that tell our connector inside vLLM
+    where the decode worker's blocks are (the connector asks for the write, copies, and notifies)."""
+
+    Message = WorkerMessage | CancelPrefill
+
+    def __init__(self, name: str, llm, info: WorkerInfo, queue_endpoint: str, endpoint: str,
+                 concurrency: int = 4) -> None:
+        super().__init__(name, llm, info)
+        self._queue_endpoint = queue_endpoint
+        self.endpoint = endpoint
+        self._queue: ActorRef | None = None
+        self._concurrency = concurrency
+        self._loops: list[asyncio.Task] = []
+        self._prefills: dict[str, asyncio.Task] = {}  # decode worker's request id -> its prefill
+        self._finished: list[str] = []
+        self._draining = False
+        self._decoders: dict[str, ActorRef] = {}  # decode workers' connector agents, told of failures
+        self.prefills_done = 0
+
+    def handlers(self):
+        h = worker_handlers(self)
+        h[CancelPrefill] = self.cancel
+        return h
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._queue = await ActorRef(self._queue_endpoint, "prefill-queue").start(wait_ready=60)
+        self._loops = [asyncio.ensure_future(self._pull_loop()) for _ in range(self._concurrency)]
+
+    async def on_stop(self) -> None:
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for ref in [self._queue, *self._decoders.values()]:
+            if ref is not None:
+                await ref.close()
+        await super().on_stop()
+
+    async def drain(self, timeout: float) -> None:
+        """Take no more work, let what was pulled finish (up to ``timeout`` s), then stop."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: prefills still running after %.0f s of drain; stopping anyway", self.name, timeout)
+        self.stop()
+
+    def generate(self, m: GenerateRequest) -> None:  # prefill workers take work from the queue only
+        self._emit(RequestDelta(m.request_id, error="this is a prefill worker"))
+
+    def cancel(self, m: CancelPrefill) -> None:
+        """The decode worker no longer waits: abort the prefill (a write under way completes: it runs
+        inside vLLM's step, which the abort waits for; the decode worker refuses a write not granted)."""
+        t = self._prefills.get(m.request_id)
+        if t is not None:
+            t.cancel()
+
+    async def _pull_loop(self) -> None:
+        assert self._queue is not None
+        while not self._draining:
+            try:
+                finished, self._finished = self._finished, []
+                pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint, finished), Pulled, timeout=60.0)
+            except asyncio.TimeoutError:
+                continue
+            except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again
+                await asyncio.sleep(0.5)
+                continue
+            if pulled.request is not None:
+                r = pulled.request
+                task = self._prefills[r.request_id] = asyncio.ensure_future(self._prefill(r))
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise  # this loop itself is being cancelled
+                    log.info("prefill of %s cancelled by its decode worker", r.request_id)
+                finally:
+                    self._prefills.pop(r.request_id, None)
+                    self._finished.append(r.request_id)
+
+    async def _prefill(self, r: RemotePrefillRequest) -> None:
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        transfer = {"dyn_actor": {
+            "request_id": r.request_id, "decode_worker": r.decode_worker, "decode_endpoint": r.decode_endpoint,
+            "pool": msgspec.to_builtins(r.pool), "block_ids": list(r.block_ids),
+            "num_computed_blocks": r.num_computed_blocks}}
+        sp = VllmParams(max_tokens=1, temperature=0.0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+                        extra_args={"kv_transfer_params": transfer})
+        rid = f"prefill-{r.request_id}"
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(r.prompt_token_ids)}, sp, request_id=rid):
+                if out.finished:
+                    break
+        except (ValueError, RuntimeError) as e:  # told, so that the decode worker falls back at once
+            log.warning("prefill of %s failed in vLLM: %s", r.request_id, e)
+            ref = self._decoders.get(r.decode_endpoint)
+            if ref is None:
+                ref = self._decoders[r.decode_endpoint] = await ActorRef(r.decode_endpoint, r.decode_worker).start()
+            await ref.try_tell(RemotePrefillFailed(r.request_id, f"{type(e).__name__}: {e}"))
+            return
+        self._prompt_tokens += len(r.prompt_token_ids)
+        self.prefills_done += 1
