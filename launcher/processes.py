@@ -133,6 +133,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
         patch_vllm_version,
     )
 
+    # vLLM's engine core and model runner are children of this process that do not die with it: in a
+    # process group of ours, the launcher kills what is left of the group when this process is gone
+    os.setpgid(0, 0)
     cores = sorted(os.sched_getaffinity(0))
     if not on_gpu and index > 0 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         # vLLM binds its CPU threads to the first core by default: spread the other workers' cores
@@ -159,6 +162,7 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                 assert queue_endpoint is not None
                 transfer = kv_transfer_config(role, {
                     "worker_name": name, "agent_endpoint": endpoint + "-kvc", "owner_endpoint": endpoint,
+                    "log_level": cfg.log_level,
                     "owner_pid": os.getpid(), "queue_endpoint": queue_endpoint,
                     "max_local_prefill_length": cfg.max_local_prefill_length,
                     "max_prefill_queue_size": cfg.max_prefill_queue_size,

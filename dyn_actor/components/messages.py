@@ -39,11 +39,17 @@ class KvSnapshotRequest(msgspec.Struct, tag="kv_snapshot"):
 
 class RemoteReceived(msgspec.Struct, tag="remote_received"):
     """``--engine vllm`` decode workers: the connector inside vLLM tells the worker that a prefill
-    worker's KV for this request is in place (for the request's first delta and the metrics)."""
+    worker's KV for this request is in place (for the request's first delta and the metrics), and
+    only then tells vLLM: an ask, answered with ``Ack``, so the worker knows before the first token."""
 
     request_id: str
     kv_bytes: int
     seconds: float
+    cached_tokens: int  # prompt tokens the decode worker had cached itself (vLLM counts the received ones too)
+
+
+class Ack(msgspec.Struct):
+    pass
 
 
 WorkerMessage = GenerateRequest | AbortRequest | StatsRequest | InfoRequest | Subscribe | KvSnapshotRequest

@@ -53,7 +53,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 from typing import Any
 
 import msgspec
@@ -83,7 +82,7 @@ from dyn_actor.components.disagg_messages import (
     WriteState,
     WriteStatus,
 )
-from dyn_actor.components.messages import RemoteReceived
+from dyn_actor.components.messages import Ack, RemoteReceived
 from dyn_actor.components.prefill_queue import depth_endpoint
 from dyn_actor.kv.descriptor import KvPoolDescriptor
 from dyn_actor.kv.transfer import SHM_PREFIX, check_shm_room
@@ -214,6 +213,7 @@ class DynActorMetadata(KVConnectorMetadata):
 @dataclass
 class _Waiting:
     started: float
+    cached_tokens: int = 0
     timer: asyncio.TimerHandle | None = None
     writer: BeginWrite | None = None
     granted_at: float = 0.0
@@ -268,7 +268,7 @@ class DecodeAgent(Actor):
     # -------------------------------------------------- from vLLM (called on the loop)
     def ask_remote(self, a: RemoteAsk) -> None:
         loop = asyncio.get_running_loop()
-        w = self._waiting[a.request_id] = _Waiting(loop.time())
+        w = self._waiting[a.request_id] = _Waiting(loop.time(), a.num_computed_blocks * self.block_size)
         w.timer = loop.call_later(self.timeout, self._timed_out, a.request_id)
         req = RemotePrefillRequest(a.request_id, a.prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0),
                                    self.name, self.endpoint, self.pool, a.block_ids, a.num_computed_blocks,
@@ -308,14 +308,28 @@ class DecodeAgent(Actor):
         if not ok and w.writer is None and self._queue is not None and self._queue.alive:
             asyncio.ensure_future(self._queue.try_tell(Drop(rid)))
         if ok and not w.aborted and self._owner is not None:
+            # our worker hears of it before vLLM does: it marks the request's first delta as remote
             seconds = asyncio.get_running_loop().time() - w.started
-            asyncio.ensure_future(self._owner.try_tell(RemoteReceived(external_id(rid), kv_bytes, seconds)))
-        elif not ok and not w.aborted:
+            asyncio.ensure_future(self._report_after(rid, RemoteReceived(external_id(rid), kv_bytes, seconds,
+                                                                         w.cached_tokens)))
+            return
+        if not ok and not w.aborted:
             log.info("remote prefill of %s %s: prefilling locally", rid, why)
+        self._report(rid, failed=not ok and not w.aborted)
+
+    def _report(self, rid: str, failed: bool) -> None:
         with self._lock:
             self._received.add(rid)
-            if not ok and not w.aborted:
+            if failed:
                 self._failed.add(rid)
+
+    async def _report_after(self, rid: str, m: RemoteReceived) -> None:
+        assert self._owner is not None
+        try:
+            await self._owner.ask(m, Ack, timeout=2.0)
+        except (ActorError, asyncio.TimeoutError) as e:
+            log.warning("%s: the worker did not hear of %s's remote prefill: %s", self.name, rid, e)
+        self._report(rid, failed=False)
 
     def _give_up(self, rid: str, why: str) -> None:
         """Stop waiting: at once when no write was granted, else once the writer is done or gone."""
@@ -468,6 +482,13 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self.cfg: dict = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        ours = logging.getLogger("dyn_actor")
+        if not ours.handlers and not logging.getLogger().handlers:  # vLLM's processes log vLLM's logger only
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter(f"%(asctime)s {self.cfg.get('worker_name', '')} connector "
+                                             "%(levelname)s %(name)s: %(message)s"))
+            ours.addHandler(h)
+            ours.setLevel(self.cfg.get("log_level", "INFO").upper())
         self.kind: str = self.cfg.get("role", "decode")
         self.block_size = vllm_config.cache_config.block_size
         if vllm_config.device_config.device_type != "cpu":
@@ -485,7 +506,8 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         self._local: set[str] = set()  # a remote prefill failed: computed here
         self._producing: dict[str, Any] = {}  # prefill side: request id -> vLLM Request
         # worker side
-        self._segment: shared_memory.SharedMemory | None = None
+        self._segment: mmap.mmap | None = None
+        self._segment_name = ""
         self._base: torch.Tensor | None = None
         self._layers: list[torch.Tensor] = []
         self._page_bytes = 0
@@ -508,8 +530,16 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         check_shm_room(nbytes)
         owner = int(self.cfg.get("owner_pid", os.getpid()))  # the launcher removes a dead worker's segments by pid
         name = f"{SHM_PREFIX}{owner}-vllm-{uuid.uuid4().hex[:8]}"
-        self._segment = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
-        self._base = torch.frombuffer(self._segment.buf, dtype=torch.int8, count=nbytes)
+        # by hand, not with SharedMemory: its resource tracker would report the segment as leaked
+        # (vLLM's views of it outlive shutdown()); this process or the launcher removes it
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, max(nbytes, 1))
+            self._segment = mmap.mmap(fd, max(nbytes, 1))
+        finally:
+            os.close(fd)
+        self._segment_name = name
+        self._base = torch.frombuffer(self._segment, dtype=torch.int8, count=nbytes)
         return self._base
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -528,7 +558,7 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         self._thread = _LoopThread(f"dyn-actor-{name}-connector")
         if self.kind == "decode":
             assert self._segment is not None
-            desc = KvPoolDescriptor(POOL_KIND, self._segment.name, [len(self._layers), self._num_blocks,
+            desc = KvPoolDescriptor(POOL_KIND, self._segment_name, [len(self._layers), self._num_blocks,
                                                                     self._page_bytes], "uint8")
             self._agent = DecodeAgent(self.cfg, desc, self.block_size)
         else:
@@ -632,7 +662,7 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
             except BufferError:  # vLLM's views of it are still alive: the name goes all the same
                 pass
             try:
-                seg.unlink()
+                _posixshmem.shm_unlink("/" + self._segment_name)
             except FileNotFoundError:
                 pass
 
@@ -667,6 +697,8 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         n = request.num_prompt_tokens - num_computed_tokens
         depth = self._queue_depth()
         if n <= 1 or depth is None or not prefill_remotely(n, depth, self.policy):
+            # one token left: vLLM computes the last prompt token itself, there is nothing to move
+            log.debug("%s: local prefill of %d tokens (queue depth %s)", request.request_id, n, depth)
             return 0, False
         return n, True
 

@@ -30,7 +30,6 @@ import asyncio
 import logging
 import math
 import os
-import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -40,6 +39,7 @@ from dyn_actor.actor import Actor, ActorDeadError, ActorRef
 from dyn_actor.components.disagg_messages import CancelPrefill, Pull, Pulled, RemotePrefillFailed, RemotePrefillRequest
 from dyn_actor.components.messages import (
     AbortRequest,
+    Ack,
     GenerateRequest,
     InfoRequest,
     KvSnapshotRequest,
@@ -176,19 +176,17 @@ class VllmWorker(Actor):
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._generated = 0
-        self._received: dict[str, tuple[int, float, float]] = {}  # request id -> KV bytes, seconds, when told
+        self._received: dict[str, RemoteReceived] = {}  # request id -> what the connector told
 
     def handlers(self):
         h = worker_handlers(self)
         h[RemoteReceived] = self.remote_received
         return h
 
-    def remote_received(self, m: RemoteReceived) -> None:
-        now = time.monotonic()
-        self._received[m.request_id] = (m.kv_bytes, m.seconds, now)
-        for rid, (_, _, at) in list(self._received.items()):
-            if now - at > 600:  # never claimed (the request ended otherwise)
-                del self._received[rid]
+    def remote_received(self, m: RemoteReceived) -> Ack:
+        if m.request_id in self._tasks:  # else it ended meanwhile (aborted)
+            self._received[m.request_id] = m
+        return Ack()
 
     async def on_start(self) -> None:
         if self._vllm_events is not None and self._info.kv_events_endpoint:
@@ -330,17 +328,19 @@ class VllmWorker(Actor):
                 cached = int(getattr(out, "num_cached_tokens", 0) or 0)
                 remote = None
                 if first:
+                    remote = self._received.pop(rid, None)
+                    if remote is not None:  # vLLM counts the prompt tokens it received as cached
+                        cached = remote.cached_tokens
                     self._prompt_tokens += len(ids)
                     self._cached_tokens += cached
                     first = False
-                    remote = self._received.pop(rid, None)
                 self._generated += len(new)
                 lps = _logprobs(new, o.logprobs, p.logprobs) if p.logprobs is not None else None
                 reason = o.finish_reason if out.finished else None
                 stop = o.stop_reason if out.finished and isinstance(o.stop_reason, int) else None
                 d = TokenDelta(new, out.finished, reason, stop, lps, len(ids), cached)
                 if remote is not None:
-                    d.remote_prefill, d.kv_transfer_bytes, d.remote_prefill_seconds = True, remote[0], remote[1]
+                    d.remote_prefill, d.kv_transfer_bytes, d.remote_prefill_seconds = True, remote.kv_bytes, remote.seconds
                 self._emit(RequestDelta(rid, d))
                 if out.finished:
                     break

@@ -1,0 +1,169 @@
+"""``--engine vllm --topology 1p1d`` (skipped unless vLLM is installed; ``.ci/run`` installs it for a
+second pass): every prefill is remote (``--max-local-prefill-length 0``), our connector writes the
+prompt's KV from the prefill worker's vLLM straight into the decode worker's vLLM KV cache, and the
+greedy tokens equal vLLM's own offline ``LLM`` on the same checkpoint, with and without a prefix
+already cached on the decode side. A prefill worker killed mid-request: the request completes, and
+nothing the killed worker started is left running. One launch for the module."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from dyn_actor.components.vllm_worker import cpu_memory_share, patch_vllm_version
+from dyn_actor.kv.transfer import leftover_segments
+from tests.server import Server
+
+pytestmark = pytest.mark.vllm
+patch_vllm_version()
+if os.environ.get("DYN_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401
+else:
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm]')")
+
+LENGTHS = (3, 17, 127, 128, 129, 300, 700, 1000)
+PROMPTS = [[0] + [5 + (11 * k + n) % 90 for k in range(n - 1)] for n in LENGTHS]
+
+
+def _metric(server: Server, name: str) -> float:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _complete(server: Server, prompt: list[int], timeout: float = 120) -> str:
+    r = requests.post(server.base_url + "/completions", timeout=timeout, json={
+        "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
+    children: dict[int, list[int]] = {}
+    for line in out:
+        if line.strip():
+            p, pp = map(int, line.split())
+            children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dyn_actor.engine.builtin import save_builtin
+
+    d = tmp_path_factory.mktemp("tiny")
+    save_builtin(d)  # head_dim 64: vLLM's CPU attention takes it
+    return d
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """vLLM's own offline greedy text for PROMPTS (before the server starts: one vLLM less at a time)."""
+    from vllm import LLM, SamplingParams
+
+    from dyn_actor.engine.loader import load_tokenizer
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, seed=0,
+              gpu_memory_utilization=cpu_memory_share(1.0))
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    want = [list(o.outputs[0].token_ids) for o in outs]
+    del llm, outs
+    gc.collect()
+    tok = load_tokenizer(str(model_dir))
+    return [tok.decode(w) for w in want]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, expected):
+    s = Server("--engine", "vllm", "--topology", "1p1d", "--model", str(model_dir), "--dtype", "float32",
+               "--max-model-len", "1024", "--kv-cache-memory-gb", "1", "--max-local-prefill-length", "0",
+               "--remote-prefill-timeout", "20", timeout=420)
+    yield s
+    code, err = s.stop()
+    assert code == 0, err[-2000:]
+    assert leftover_segments() == []
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "VLLM::" not in out, out
+
+
+def test_every_prefill_remote_and_tokens_equal_vllm_offline(server, expected, model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    bs = requests.get(server.base_url + "/router/state", timeout=10).json()["block_size"]
+    # one block of one layer: K and V, each block_size x kv heads x head_dim float32 values
+    block_bytes = 2 * bs * cfg["num_key_value_heads"] * cfg["head_dim"] * 4 * cfg["num_hidden_layers"]
+    got = [_complete(server, p) for p in PROMPTS]
+    assert got == expected
+    assert _metric(server, "dyn_remote_prefills_total") == len(PROMPTS)
+    assert _metric(server, "dyn_local_prefills_total") == 0
+    assert _metric(server, "dyn_kv_transfer_bytes_total") == sum(math.ceil(n / bs) for n in LENGTHS) * block_bytes
+    # again: the decode worker has the leading blocks cached now (vLLM computes at least the last
+    # prompt token itself); only the rest is computed remotely and written, and a prompt with one
+    # token left is computed here (there is nothing to move)
+    moved, remote = _metric(server, "dyn_kv_transfer_bytes_total"), _metric(server, "dyn_remote_prefills_total")
+    assert [_complete(server, p) for p in PROMPTS] == expected
+    cached = {n: (n - 1) // bs for n in LENGTHS}
+    local = [n for n in LENGTHS if n - cached[n] * bs == 1]
+    assert _metric(server, "dyn_local_prefills_total") == len(local)
+    assert _metric(server, "dyn_remote_prefills_total") - remote == len(LENGTHS) - len(local)
+    assert _metric(server, "dyn_kv_transfer_bytes_total") - moved == sum(
+        math.ceil(n / bs) - cached[n] for n in LENGTHS if n not in local) * block_bytes
+
+
+def test_prefill_worker_killed_mid_request(server, expected):
+    """The prefill worker's model runner is stopped, so the request it pulls sits there; then the
+    worker is killed: the queue reports it lost, the decode worker computes the prompt itself."""
+    prefill = server.pids()["prefill 0"]
+    runner = [p for p in _descendants(prefill)
+              if "VLLM::Worker" in subprocess.run(["ps", "-o", "args=", "-p", str(p)], capture_output=True,
+                                                  text=True).stdout]
+    assert runner, "no vLLM model runner under the prefill worker"
+    before = _metric(server, "dyn_local_prefills_total")
+    os.kill(runner[0], signal.SIGSTOP)
+    try:
+        import threading
+
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(text=_complete(server, PROMPTS[-2], timeout=60)))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(1.5)  # pulled by now
+        left = _descendants(prefill)
+        os.kill(prefill, signal.SIGKILL)
+        t.join(60)
+        assert result.get("text") == expected[-2], "the request did not complete, or not as a remote prefill would"
+        assert time.monotonic() - t0 < 20  # the queue noticed, not the 20-s deadline
+    finally:
+        try:
+            os.kill(runner[0], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert _metric(server, "dyn_local_prefills_total") == before + 1
+    # the killed worker's vLLM processes are stopped by the launcher, not left behind
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in left):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in left)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
