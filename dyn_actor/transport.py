@@ -115,6 +115,30 @@ class PubSocket:
         self._sock.close(linger=0)
 
 
+class PollingSubSocket:
+    """A subscriber read without an event loop: ``drain()`` returns what has arrived, never waits
+    (for code that runs on another framework's thread, e.g. inside vLLM's scheduler)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+
+    def drain(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self._sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return out
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
 class SubSocket:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint

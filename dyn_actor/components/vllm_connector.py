@@ -57,7 +57,6 @@ from typing import Any
 
 import msgspec
 import torch
-import zmq
 from torch.overrides import TorchFunctionMode
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -88,6 +87,7 @@ from dyn_actor.kv.descriptor import KvPoolDescriptor
 from dyn_actor.kv.transfer import SHM_PREFIX, check_shm_room
 from dyn_actor.native_ops import move_blocks
 from dyn_actor.protocol import SamplingParams
+from dyn_actor.transport import PollingSubSocket
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         # scheduler side
         self.policy = DisaggPolicy(int(self.cfg.get("max_local_prefill_length", 512)),
                                    int(self.cfg.get("max_prefill_queue_size", 8)))
-        self._sub: zmq.Socket | None = None
+        self._sub: PollingSubSocket | None = None
         self._depth = 0
         self._depth_at = float("-inf")
         self._pushed_since_depth = 0
@@ -641,6 +641,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         return r.finished_sending or None, r.finished_recving or None
 
     def shutdown(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
         if self._thread is not None and self._server is not None:
             server = self._server
 
@@ -670,17 +673,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
     def _queue_depth(self) -> int | None:
         """The prefill queue's last published depth (None when it has not published lately)."""
         if self._sub is None:
-            self._zmq = zmq.Context()
-            self._sub = self._zmq.socket(zmq.SUB)
-            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self._sub.setsockopt(zmq.LINGER, 0)
-            self._sub.connect(depth_endpoint(self.cfg["queue_endpoint"]))
+            self._sub = PollingSubSocket(depth_endpoint(self.cfg["queue_endpoint"]))
         decoder = msgspec.msgpack.Decoder(QueueDepth)
-        while True:
-            try:
-                data = self._sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for data in self._sub.drain():
             try:
                 self._depth = decoder.decode(data).depth
             except msgspec.DecodeError:
