@@ -35,8 +35,10 @@ asks the decode worker for the write (``BeginWrite``), copies each layer's block
 cache straight into the decode worker's segment (``native_ops.move_blocks``: no staging copy), and
 sends ``RemotePrefillDone``. Its ``WriterAgent`` answers the decode worker's ``WriteStatus``.
 
-CPU only for now: on a GPU the pool would be exported by CUDA IPC as the native engine does
-(``kv/cuda_ipc.py``); that path is not written and the connector refuses to start there.
+On a GPU the decode worker's KV cache stays where vLLM allocated it and is exported by CUDA IPC
+handle (``kv/cuda_ipc.py``, as the native engine's pool); the prefill side opens it and moves the
+blocks with the Triton block-move kernel, then synchronises before it notifies. That path is
+written but has not run: the GPU machines lent for testing have no vLLM.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ log = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "DynActorConnector"
 MODULE_PATH = "dyn_actor.components.vllm_connector"
-POOL_KIND = "vllm_shm"  # KvPoolDescriptor.kind: shape [layers, blocks, bytes per block and layer], uint8
+# KvPoolDescriptor.kind of a vLLM KV cache: shape [layers, blocks, bytes per block and layer], uint8
+POOL_KIND = "vllm_shm"  # a POSIX shared-memory segment (CPU)
+CUDA_POOL_KIND = "vllm_cuda_ipc"  # device memory shared by CUDA IPC handle
 DEPTH_STALE_AFTER = 3.0  # seconds without a depth publication before the queue counts as unavailable
 WATCH_INTERVAL = 1.0
 GRANT_TIMEOUT = 5.0
@@ -453,6 +457,33 @@ class WriterAgent(Actor):
         await self._decoder(endpoint, name).try_tell(msg)
 
 
+class _RemoteCudaCache:
+    """A decode worker's KV cache in device memory, opened by IPC handle (never by its exporter)."""
+
+    def __init__(self, desc: KvPoolDescriptor) -> None:
+        from dyn_actor.kv.cuda_ipc import open_storage
+
+        assert desc.cuda is not None
+        layers, blocks, page = desc.shape
+        self.device = torch.device("cuda", desc.cuda.device)
+        data = torch.empty(0, dtype=torch.uint8, device=self.device).set_(open_storage(desc.cuda))
+        self.layers = list(data[:layers * blocks * page].view(layers, blocks, page).unbind(0))
+
+    def move(self, dst: list[int], src: list[int], sources: list[torch.Tensor]) -> None:
+        """Every layer's blocks in one kernel launch each, then the stream synchronised: nothing is
+        reported before the writes are done."""
+        from dyn_actor.kv.cuda_ipc import move_blocks as cuda_move_blocks
+
+        ids = torch.tensor([dst, src], dtype=torch.int64).to(self.device)
+        with torch.cuda.device(self.device):
+            for d, s in zip(self.layers, sources):
+                cuda_move_blocks(d, s, ids[0], ids[1])
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def close(self) -> None:
+        self.layers = []
+
+
 class _RemoteSegment:
     """A decode worker's KV segment, attached for writing (without a resource tracker: the owner
     removes it)."""
@@ -466,6 +497,10 @@ class _RemoteSegment:
         layers, blocks, page = desc.shape
         data = torch.frombuffer(self._mmap, dtype=torch.uint8, count=layers * blocks * page)
         self.layers = list(data.view(layers, blocks, page).unbind(0))
+
+    def move(self, dst: list[int], src: list[int], sources: list[torch.Tensor]) -> None:
+        for d, s in zip(self.layers, sources):
+            move_blocks(d, s, dst, src)  # one parallel memcpy per block, no staging copy
 
     def close(self) -> None:
         self.layers = []
@@ -491,9 +526,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
             ours.setLevel(self.cfg.get("log_level", "INFO").upper())
         self.kind: str = self.cfg.get("role", "decode")
         self.block_size = vllm_config.cache_config.block_size
-        if vllm_config.device_config.device_type != "cpu":
-            raise RuntimeError(f"{CONNECTOR_NAME}: only vLLM's CPU backend is supported so far "
-                               "(the CUDA IPC path of --engine vllm is not written)")
+        self.device_type = vllm_config.device_config.device_type
+        if self.device_type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{CONNECTOR_NAME}: vLLM's {self.device_type} backend is not supported (cpu, cuda)")
         # scheduler side
         self.policy = DisaggPolicy(int(self.cfg.get("max_local_prefill_length", 512)),
                                    int(self.cfg.get("max_prefill_queue_size", 8)))
@@ -515,15 +550,15 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         self._thread: _LoopThread | None = None
         self._server: ActorServer | None = None
         self._agent: DecodeAgent | WriterAgent | None = None
-        self._remotes: dict[str, _RemoteSegment] = {}
+        self._remotes: dict[str, _RemoteSegment | _RemoteCudaCache] = {}
         self.bytes_written = 0
         if role == KVConnectorRole.SCHEDULER and self.kind == "decode":
             self._queue_depth()  # subscribe now: the queue publishes twice a second
 
     # ============================================================== worker side
     def get_mem_pool_context(self):
-        if self.kind != "decode":
-            return None
+        if self.kind != "decode" or self.device_type != "cpu":
+            return None  # on a GPU vLLM's own allocation is exported by IPC handle
         return _ShmKvAllocation(self)
 
     def _make_segment(self, nbytes: int) -> torch.Tensor:
@@ -547,19 +582,26 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
         self._num_blocks = cfg.num_blocks
         self._page_bytes = cfg.kv_cache_groups[0].kv_cache_spec.page_size_bytes
         first = next(iter(kv_caches.values()))
-        if self.kind == "decode":
+        on_gpu = first.device.type == "cuda"
+        if self.kind == "decode" and not on_gpu:
             if self._base is None or first.untyped_storage().data_ptr() != self._base.data_ptr():
                 raise RuntimeError(f"{CONNECTOR_NAME}: vLLM did not allocate its KV cache in the shared segment")
             base = self._base
         else:
-            base = torch.empty(0, dtype=torch.int8).set_(first.untyped_storage())
+            base = torch.empty(0, dtype=torch.int8, device=first.device).set_(first.untyped_storage())
         self._layers = [v.view(torch.uint8) for v in _layer_views(kv_caches, base, self._num_blocks, self._page_bytes)]
         name = self.cfg["worker_name"]
         self._thread = _LoopThread(f"dyn-actor-{name}-connector")
         if self.kind == "decode":
-            assert self._segment is not None
-            desc = KvPoolDescriptor(POOL_KIND, self._segment_name, [len(self._layers), self._num_blocks,
-                                                                    self._page_bytes], "uint8")
+            shape = [len(self._layers), self._num_blocks, self._page_bytes]
+            if on_gpu:
+                from dyn_actor.kv.cuda_ipc import export_storage
+
+                ipc = export_storage(first.untyped_storage())
+                desc = KvPoolDescriptor(CUDA_POOL_KIND, f"cuda-{ipc.device}-{ipc.offset_bytes}", shape, "uint8",
+                                        device=ipc.device, cuda=ipc)
+            else:
+                desc = KvPoolDescriptor(POOL_KIND, self._segment_name, shape, "uint8")
             self._agent = DecodeAgent(self.cfg, desc, self.block_size)
         else:
             self._agent = WriterAgent(name, self.cfg["agent_endpoint"])
@@ -610,15 +652,15 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
             desc = msgspec.convert(p["pool"], KvPoolDescriptor)
             seg = self._remotes.get(desc.name)
             if seg is None:
-                seg = self._remotes[desc.name] = _RemoteSegment(desc)
+                seg = self._remotes[desc.name] = (_RemoteCudaCache(desc) if desc.kind == CUDA_POOL_KIND
+                                                  else _RemoteSegment(desc))
             if len(seg.layers) != len(self._layers) or desc.shape[2] != self._page_bytes:
                 raise RuntimeError(f"KV layout mismatch: {desc.shape} there, {len(self._layers)} layers x "
                                    f"{self._page_bytes} bytes here")
             n = math.ceil(job.num_prompt_tokens / self.block_size)
             k = int(p["num_computed_blocks"])
             dst, src = list(p["block_ids"][k:n]), list(job.src_block_ids[k:n])
-            for d, s in zip(seg.layers, self._layers):
-                move_blocks(d, s, dst, src)  # straight from this cache into the decode worker's
+            seg.move(dst, src, self._layers)  # straight from this cache into the decode worker's
             nbytes = len(dst) * self._page_bytes * len(self._layers)
             self.bytes_written += nbytes
             msg: Any = RemotePrefillDone(rid, -1, None, nbytes)

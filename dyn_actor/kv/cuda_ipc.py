@@ -115,6 +115,21 @@ def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: torch.Tensor, src
 
 
 # ---------------------------------------------------------------------------- the pools
+def export_storage(storage: torch.UntypedStorage) -> CudaIpcHandle:
+    """A CUDA storage's IPC handle as plain data (torch's storage sharing)."""
+    dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
+    return CudaIpcHandle(int(dev), bytes(handle), int(size), int(offset), bytes(rc_handle), int(rc_offset),
+                         None if ev_handle is None else bytes(ev_handle), bool(ev_sync))
+
+
+def open_storage(h: CudaIpcHandle) -> torch.UntypedStorage:
+    """Another process's CUDA storage, from its ``export_storage`` handle (not in the exporting process)."""
+    torch.cuda._lazy_init()
+    return torch.UntypedStorage._new_shared_cuda(
+        h.device, h.handle, h.size_bytes, h.offset_bytes, h.ref_counter_handle, h.ref_counter_offset,
+        h.event_handle, h.event_sync_required)
+
+
 class CudaKvPool(KvPool):
     """A ``KvPool`` in device memory that other processes can open by IPC handle."""
 
@@ -124,12 +139,9 @@ class CudaKvPool(KvPool):
             raise ValueError(f"CudaKvPool needs a CUDA device, got {self.data.device}")
 
     def descriptor(self):
-        storage = self.data.untyped_storage()
-        dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
-        ipc = CudaIpcHandle(int(dev), bytes(handle), int(size), int(offset), bytes(rc_handle), int(rc_offset),
-                            None if ev_handle is None else bytes(ev_handle), bool(ev_sync))
-        return KvPoolDescriptor("cuda_ipc", f"cuda-{dev}-{offset}", list(self.layout.shape),
-                                str(self.layout.dtype).removeprefix("torch."), device=int(dev), cuda=ipc)
+        ipc = export_storage(self.data.untyped_storage())
+        return KvPoolDescriptor("cuda_ipc", f"cuda-{ipc.device}-{ipc.offset_bytes}", list(self.layout.shape),
+                                str(self.layout.dtype).removeprefix("torch."), device=ipc.device, cuda=ipc)
 
     def close(self) -> None:
         self.data = self.k = self.v = self.k_rows = self.v_rows = None  # type: ignore[assignment]
@@ -141,11 +153,7 @@ class RemoteCudaKvPool(RemotePool):
     def __init__(self, desc) -> None:
         if desc.kind != "cuda_ipc" or desc.cuda is None:
             raise ValueError(f"not a CUDA IPC descriptor: {desc.kind!r}")
-        h: CudaIpcHandle = desc.cuda
-        torch.cuda._lazy_init()
-        storage = torch.UntypedStorage._new_shared_cuda(
-            h.device, h.handle, h.size_bytes, h.offset_bytes, h.ref_counter_handle, h.ref_counter_offset,
-            h.event_handle, h.event_sync_required)
+        storage = open_storage(desc.cuda)
         dtype = DTYPES[desc.dtype]
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         shape = tuple(desc.shape)
