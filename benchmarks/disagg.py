@@ -73,6 +73,10 @@ async def load(url: str, args) -> tuple[list[dict], float]:
     return results, time.perf_counter() - t_start
 
 
+def idle_key(n: int) -> str:
+    return "ttft_2k_idle_p50_ms" if n == 2000 else f"ttft_{n}_idle_p50_ms"
+
+
 async def idle_ttft(url: str, n: int, length: int, seed: int) -> list[float]:
     """TTFT of ``n`` fresh ``length``-token prompts, one at a time, with nothing else running."""
     rng = random.Random(seed)
@@ -115,7 +119,9 @@ def main() -> int:
                          "--users 48 --long-len 2048 --long-rate 4 --short-out 128")
     ap.add_argument("--model", default=None, help="default: builtin:tiny on the CPU, the random 1B model on cuda")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None, help="per worker (default 0.5 CPU, 8 cuda)")
-    ap.add_argument("--idle-prompts", type=int, default=5, help="2,000-token prompts timed alone per topology")
+    ap.add_argument("--idle-prompts", type=int, default=5, help="prompts of each --idle-lengths timed alone per topology")
+    ap.add_argument("--idle-lengths", default="2000", help="comma-separated prompt lengths timed alone (fresh prompts)")
+    ap.add_argument("--no-load", action="store_true", help="only the prompts timed alone (what a remote prefill adds)")
     args = ap.parse_args()
     import subprocess
 
@@ -134,6 +140,7 @@ def main() -> int:
         extra += ["--model", args.model]
     kv_gb = args.kv_cache_memory_gb or (8.0 if args.device == "cuda" else 0.5)
 
+    lengths = [int(x) for x in args.idle_lengths.split(",") if x]
     rows, raw = [], {}
     for name, flags in (("agg", args.agg), ("disagg", args.disagg)):
         port = 8400
@@ -143,29 +150,35 @@ def main() -> int:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_http(url, proc)
-            results, dur = asyncio.run(load(url, args))
-            idle = asyncio.run(idle_ttft(url, args.idle_prompts, 2000, seed=7))
+            results, dur = ([], 0.0) if args.no_load else asyncio.run(load(url, args))
+            idle = {n: asyncio.run(idle_ttft(url, args.idle_prompts, n, seed=7 + n)) for n in lengths}
         finally:
             stop(proc)
         raw[name] = results
-        rows.append(summarize(name, results, dur))
-        rows[-1]["ttft_2k_idle_p50_ms"] = pct(idle, 50) * 1e3
-        print(f"{name}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, ITL p99 {rows[-1]['itl_p99_ms']:.1f} ms",
-              flush=True)
+        rows.append({"topology": name} if args.no_load else summarize(name, results, dur))
+        for n, ttfts in idle.items():
+            rows[-1][idle_key(n)] = pct(ttfts, 50) * 1e3
+        if not args.no_load:
+            print(f"{name}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, ITL p99 {rows[-1]['itl_p99_ms']:.1f} ms",
+                  flush=True)
     print()
     print_table(rows, list(rows[0]))
     a, d = rows
-    ratios = {"itl_p99_disagg_over_agg": d["itl_p99_ms"] / a["itl_p99_ms"],
-              "throughput_disagg_over_agg": d["output_tok_per_s"] / a["output_tok_per_s"],
-              "remote_prefill_adds_ms_2k_idle": d["ttft_2k_idle_p50_ms"] - a["ttft_2k_idle_p50_ms"]}
-    print(f"\n1p1d / agg: ITL p99 {ratios['itl_p99_disagg_over_agg']:.2f}x, "
-          f"throughput {ratios['throughput_disagg_over_agg']:.2f}x; a remote prefill of 2,000 tokens at no load adds "
-          f"{ratios['remote_prefill_adds_ms_2k_idle']:.1f} ms to TTFT (p50)")
+    ratios = {f"remote_prefill_adds_ms_{n}_idle": d[idle_key(n)] - a[idle_key(n)] for n in lengths}
+    adds = ", ".join(f"{n:,} tokens {ratios[f'remote_prefill_adds_ms_{n}_idle']:+.1f} ms" for n in lengths)
+    if args.no_load:
+        print(f"\nwhat a remote prefill adds to TTFT at no load (p50, disagg - agg): {adds}")
+    else:
+        ratios |= {"itl_p99_disagg_over_agg": d["itl_p99_ms"] / a["itl_p99_ms"],
+                   "throughput_disagg_over_agg": d["output_tok_per_s"] / a["output_tok_per_s"]}
+        print(f"\n1p1d / agg: ITL p99 {ratios['itl_p99_disagg_over_agg']:.2f}x, "
+              f"throughput {ratios['throughput_disagg_over_agg']:.2f}x; a remote prefill at no load adds "
+              f"(TTFT p50): {adds}")
     out = write_json(f"disagg{'_cuda' if args.device == 'cuda' else ''}.json",
                      {"args": vars(args), "rows": rows, "ratios": ratios})
     png = RESULTS / "disagg.png"
     plt = pyplot()
-    if plt is not None:
+    if plt is not None and not args.no_load:
         fig, ax = plt.subplots(figsize=(9, 4))
         for name, results in raw.items():
             pts = [g for r in results if r["kind"] == "short" for g in r["gaps"]]
@@ -176,7 +189,7 @@ def main() -> int:
         ax.legend()
         fig.tight_layout()
         fig.savefig(png, dpi=100)
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out}" + (f" and {png}" if png.is_file() and plt is not None and not args.no_load else ""))
     return 0
 
 
