@@ -69,6 +69,11 @@ def _build() -> ctypes.CDLL | None:
         fn.restype = None
     lib.move_blocks.argtypes = [p, p, p, p, i64, i64, cint]
     lib.move_blocks.restype = None
+    lib.add_rms_norm_f32.argtypes = [p, i64, p, i64, p, p, i64, i64, i64, f32, cint]
+    lib.rope_inplace_f32.argtypes = [p, i64, p, p, i64, p, i64, i64, i64, cint]
+    lib.silu_mul_f32.argtypes = [p, i64, p, i64, i64, i64, cint]
+    for fn in (lib.add_rms_norm_f32, lib.rope_inplace_f32, lib.silu_mul_f32):
+        fn.restype = None
     return lib
 
 
@@ -151,3 +156,39 @@ def move_blocks(dst: torch.Tensor, src: torch.Tensor, dst_ids: list[int], src_id
         return
     for d, s in zip(dst_ids, src_ids):
         dst[d].copy_(src[s])
+
+
+class CpuFusedOps:
+    """The elementwise work of a layer in one C pass each (float32 on the CPU): the same functions
+    as ``engine.triton_ops`` offers the GPU path, except that RoPE works in place and leaves the
+    KV write to the caller (the CPU attention reads the fresh keys and values from ``qkv``)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def add_rms_norm(self, x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x += dx`` in place (when ``dx`` is given), then return ``rms_norm(x) * weight``."""
+        t, n = x.shape
+        assert x.stride(1) == 1 and weight.is_contiguous() and (dx is None or dx.stride(1) == 1)
+        h = torch.empty((t, n), dtype=x.dtype)
+        self.lib.add_rms_norm_f32(x.data_ptr(), x.stride(0), None if dx is None else dx.data_ptr(),
+                                  0 if dx is None else dx.stride(0), weight.data_ptr(), h.data_ptr(), h.stride(0),
+                                  t, n, eps, torch.get_num_threads())
+        return h
+
+    def rope_(self, qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
+              heads: int, head_dim: int) -> None:
+        """RoPE in place on the first ``heads`` heads of each row of ``qkv`` (queries, then keys)."""
+        assert qkv.stride(1) == 1 and cos.stride(1) == 1 and positions.dtype == torch.int64
+        pos = positions.contiguous()
+        self.lib.rope_inplace_f32(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin_signed.data_ptr(), cos.stride(0),
+                                  pos.data_ptr(), qkv.shape[0], heads, head_dim, torch.get_num_threads())
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """``silu(gu[:, :I]) * gu[:, I:]``."""
+        t, n = gu.shape
+        assert gu.stride(1) == 1
+        out = torch.empty((t, n // 2), dtype=gu.dtype)
+        self.lib.silu_mul_f32(gu.data_ptr(), gu.stride(0), out.data_ptr(), out.stride(0), t, n // 2,
+                              torch.get_num_threads())
+        return out

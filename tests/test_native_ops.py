@@ -58,3 +58,48 @@ def test_engine_tokens_same_with_and_without_kernel():
     with_kernel = run_all(LLMEngine(EngineConfig(num_kv_blocks=128)), dict(reqs))
     without = run_all(LLMEngine(EngineConfig(num_kv_blocks=128, native_ops=False)), dict(reqs))
     assert {k: v[0] for k, v in with_kernel.items()} == {k: v[0] for k, v in without.items()}
+
+
+def test_fused_cpu_ops_match_pytorch():
+    """The C norm, RoPE and SiLU-mul of the float32 CPU forward equal the PyTorch expressions they
+    replace, on strided rows as the model passes them."""
+    from dyn_actor.engine.model import LlamaModel
+    from dyn_actor.native_ops import CpuFusedOps
+
+    ops = CpuFusedOps(lib)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 96, generator=g)
+    dx = torch.randn(9, 200, generator=g)[:, :96]  # strided rows
+    w = torch.randn(96, generator=g)
+    x2 = x.clone()
+    h = ops.add_rms_norm(x2, dx, w, 1e-5)
+    torch.testing.assert_close(x2, x + dx)
+    torch.testing.assert_close(h, F.rms_norm(x + dx, (96,), w, 1e-5))
+    torch.testing.assert_close(ops.add_rms_norm(x.clone(), None, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6))
+
+    nh, nkv, d, t = 4, 2, 16, 7
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g)
+    ang = torch.randn(50, d // 2, generator=g)
+    emb = torch.cat((ang, ang), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    sin_signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), dim=-1)
+    pos = torch.tensor([0, 3, 49, 7, 7, 1, 20])
+    want = qkv.clone()
+    heads = want[:, : (nh + nkv) * d].view(t, nh + nkv, d)
+    heads.copy_(LlamaModel._rope(heads.clone(), cos[pos].unsqueeze(1), sin_signed[pos].unsqueeze(1)))
+    ops.rope_(qkv, cos, sin_signed, pos, nh + nkv, d)
+    torch.testing.assert_close(qkv, want)  # the values' heads untouched as well
+
+    gu = torch.randn(5, 300, generator=g)[:, :64]
+    torch.testing.assert_close(ops.silu_mul(gu), F.silu(gu[:, :32]) * gu[:, 32:])
+
+
+def test_engine_tokens_same_with_and_without_fused_ops(monkeypatch):
+    rng = random.Random(6)
+    reqs = {str(i): (random_prompt(rng, n), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+            for i, n in enumerate([3, 16, 40, 130])}
+    fused = run_all(LLMEngine(EngineConfig(num_kv_blocks=128)), dict(reqs))
+    monkeypatch.setenv("DYN_ACTOR_FUSED_OPS", "0")
+    plain = LLMEngine(EngineConfig(num_kv_blocks=128))
+    assert plain.model.cpu_ops is None
+    assert {k: v[0] for k, v in fused.items()} == {k: v[0] for k, v in run_all(plain, dict(reqs)).items()}

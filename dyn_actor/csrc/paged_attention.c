@@ -145,3 +145,72 @@ void move_blocks(char *dst, const char *src, const int64_t *dst_ids, const int64
     for (int64_t i = 0; i < n; i++)
         memcpy(dst + dst_ids[i] * block_bytes, src + src_ids[i] * block_bytes, (size_t)block_bytes);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The elementwise work of a layer, fused (float32), each one pass over its rows, parallel over
+ * rows: what PyTorch does in four to six kernels (and temporaries) per call. Rows may be
+ * strided; the elements of a row are contiguous.
+ */
+
+/* x[t] += dx[t] (when dx is given), then h[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w. */
+void add_rms_norm_f32(float *x, int64_t sx, const float *dx, int64_t sdx, const float *w, float *h, int64_t sh,
+                      int64_t T, int64_t N, float eps, int nthreads) {
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * sx;
+        float *hr = h + t * sh;
+        float ss = 0.0f;
+        if (dx != NULL) {
+            const float *dr = dx + t * sdx;
+            _Pragma("omp simd reduction(+:ss)")
+            for (int64_t i = 0; i < N; i++) {
+                float v = xr[i] + dr[i];
+                xr[i] = v;
+                ss += v * v;
+            }
+        } else {
+            _Pragma("omp simd reduction(+:ss)")
+            for (int64_t i = 0; i < N; i++) ss += xr[i] * xr[i];
+        }
+        float r = 1.0f / sqrtf(ss / (float)N + eps);
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < N; i++) hr[i] = xr[i] * r * w[i];
+    }
+}
+
+/* RoPE in place on the first H heads of each row of qkv (the query and key heads):
+ * x[i] = x[i] * cos[p][i] + x[(i + D/2) % D] * sin_signed[p][i], p = pos[t]. */
+void rope_inplace_f32(float *qkv, int64_t st, const float *cos_t, const float *sin_t, int64_t sc,
+                      const int64_t *pos, int64_t T, int64_t H, int64_t D, int nthreads) {
+    const int64_t half = D / 2;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + pos[t] * sc;
+        const float *s = sin_t + pos[t] * sc;
+        for (int64_t hd = 0; hd < H; hd++) {
+            float *x = qkv + t * st + hd * D;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < half; i++) {
+                float a = x[i], b = x[i + half];
+                x[i] = a * c[i] + b * s[i];
+                x[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* out[t][j] = silu(gu[t][j]) * gu[t][I + j] */
+void silu_mul_f32(const float *gu, int64_t sgu, float *out, int64_t so, int64_t T, int64_t I, int nthreads) {
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * sgu;
+        const float *u = g + I;
+        float *o = out + t * so;
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < I; j++) { /* sigmoid from e^-|g| (vectorizable, never overflows) */
+            const float e = exp_nonpositive(-fabsf(g[j]));
+            const float sig = (g[j] >= 0.f ? 1.f : e) / (1.f + e);
+            o[j] = g[j] * sig * u[j];
+        }
+    }
+}

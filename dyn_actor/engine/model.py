@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
 from dyn_actor.kv.pool import KvPool
-from dyn_actor.native_ops import native_lib, paged_decode_attention
+from dyn_actor.native_ops import CpuFusedOps, native_lib, paged_decode_attention
 
 
 @dataclass
@@ -99,6 +99,9 @@ class LlamaModel:
         self.native = None
         if attention == "native" and on_cpu and native_ops and dtype in (torch.float32, torch.bfloat16):
             self.native = native_lib()
+        # float32 on the CPU: norms, RoPE and SiLU-mul in one C pass each (DYN_ACTOR_FUSED_OPS=0: PyTorch's)
+        self.cpu_ops = (CpuFusedOps(self.native) if self.native is not None and dtype == torch.float32
+                        and os.environ.get("DYN_ACTOR_FUSED_OPS", "1") != "0" else None)
         if attention == "triton":
             from dyn_actor.engine import triton_attention, triton_ops
 
@@ -234,6 +237,8 @@ class LlamaModel:
         """Run one step; write every token's KV into ``pool``; return float32 logits of ``logits_indices``."""
         if self.attention == "triton":
             return self._forward_fused(b, pool)
+        if self.cpu_ops is not None:
+            return self._forward_cpu_fused(b, pool)
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         t = b.input_ids.shape[0]
@@ -256,6 +261,33 @@ class LlamaModel:
             gu = layer.wgu(h)
             x = x + layer.wdown(F.silu(gu[:, :inter]) * gu[:, inter:])
         h = self._rms_norm(x[b.logits_indices], self.norm)
+        return self.lm_head_linear(h).float()
+
+    def _forward_cpu_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
+        """``forward`` on the CPU with the elementwise work fused (``native_ops.CpuFusedOps``): the
+        residual add inside the norm, RoPE in place on the projected rows, SiLU-mul in one pass."""
+        cfg, ops = self.cfg, self.cpu_ops
+        assert ops is not None
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        t = b.input_ids.shape[0]
+        qk_size = (nh + nkv) * d
+        x = F.embedding(b.input_ids, self.embed)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            h = ops.add_rms_norm(x, delta, layer.ln1, eps)
+            qkv = layer.wqkv(h)
+            ops.rope_(qkv, self.cos, self.sin, b.positions, nh + nkv, d)
+            q = qkv[:, : nh * d].view(t, nh, d)
+            k = qkv[:, nh * d : qk_size].view(t, nkv, d)
+            v = qkv[:, qk_size:].view(t, nkv, d)
+            pool.k[i][b.slot_blocks, b.slot_offsets] = k
+            pool.v[i][b.slot_blocks, b.slot_offsets] = v
+            attn = self._attention(q, k, v, i, pool, b)
+            h = ops.add_rms_norm(x, layer.wo(attn), layer.ln2, eps)
+            delta = layer.wdown(ops.silu_mul(layer.wgu(h)))
+        x = x[b.logits_indices]
+        h = ops.add_rms_norm(x, None if delta is None else delta[b.logits_indices], self.norm, eps)
         return self.lm_head_linear(h).float()
 
     def _forward_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
