@@ -19,6 +19,16 @@ def qwen2_dir(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2")
 
 
+@pytest.fixture(scope="session")
+def builtin_dir(tmp_path_factory):
+    """The built-in model saved as a folder (head_dim 64: vLLM's CPU attention takes it)."""
+    from dyn_actor.engine.builtin import save_builtin
+
+    d = tmp_path_factory.mktemp("tiny")
+    save_builtin(d)
+    return d
+
+
 @pytest.fixture
 def tiny_engine():
     return LLMEngine(EngineConfig(num_kv_blocks=512))

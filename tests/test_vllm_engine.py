@@ -27,12 +27,8 @@ PROMPTS = [[0] + [5 + (7 * i + 3 * k) % 90 for k in range(n)] for i, n in enumer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from dyn_actor.engine.builtin import save_builtin
-
-    d = tmp_path_factory.mktemp("tiny")
-    save_builtin(d)  # head_dim 64: vLLM's CPU attention takes it
-    return d
+def model_dir(builtin_dir):
+    return builtin_dir
 
 
 @pytest.fixture(scope="module")

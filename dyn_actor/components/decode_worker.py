@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import msgspec
 
 from dyn_actor.actor import ActorError, ActorRef
-from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive
+from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive, writer_idle
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     DisaggPolicyState,
@@ -24,8 +24,6 @@ from dyn_actor.components.disagg_messages import (
     RemotePrefillRequest,
     SetDisaggPolicy,
     WriteGrant,
-    WriteState,
-    WriteStatus,
 )
 from dyn_actor.components.messages import AbortRequest, GenerateRequest, WorkerMessage, WorkerStats
 from dyn_actor.components.prefill_queue import PUBLISH_INTERVAL, depth_endpoint
@@ -305,24 +303,13 @@ class DecodeWorker(Worker):
             for rid, w in list(self._fenced.items()):
                 if not process_alive(w.writer_pid):
                     self._release_fence(rid, f"{w.writer} (pid {w.writer_pid}) is gone")
-                elif await self._writer_idle(w, rid) is True:
+                elif await writer_idle(self._writers, w, FENCE_CHECK_INTERVAL) is True:
                     self._release_fence(rid, f"{w.writer} is not writing it")
             for rid, entry in list(self._remote.items()):
                 w = entry.writer
                 if w is None or loop.time() - entry.granted_at < FENCE_CHECK_INTERVAL:
                     continue
-                if not process_alive(w.writer_pid) or await self._writer_idle(w, rid) is True:
+                if not process_alive(w.writer_pid) or await writer_idle(self._writers, w, FENCE_CHECK_INTERVAL) is True:
                     if self._remote.get(rid) is entry:
                         entry.writer = None  # it will not write: the blocks are the decode worker's again
                         self._give_up(rid, f"was granted to {w.writer}, which is not writing it")
-
-    async def _writer_idle(self, w: BeginWrite, rid: str) -> bool | None:
-        """Whether the prefill worker granted ``rid`` says it is done with it (None: no answer)."""
-        ref = self._writers.get(w.writer_endpoint)
-        if ref is None:
-            ref = self._writers[w.writer_endpoint] = await ActorRef(w.writer_endpoint, w.writer).start()
-        try:
-            state = await ref.ask(WriteStatus(rid), WriteState, timeout=FENCE_CHECK_INTERVAL)
-        except (ActorError, asyncio.TimeoutError):
-            return None
-        return not state.active

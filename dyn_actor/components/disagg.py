@@ -20,8 +20,20 @@ writing, or its process is gone.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.components.disagg_messages import (
+    BeginWrite,
+    Pull,
+    Pulled,
+    RemotePrefillRequest,
+    WriteState,
+    WriteStatus,
+)
 
 
 @dataclass
@@ -50,3 +62,38 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+async def pull_loop(queue: ActorRef, puller: str, endpoint: str, finished: list[str], draining: Callable[[], bool],
+                    serve: Callable[[RemotePrefillRequest], Awaitable[None]]) -> None:
+    """A prefill worker's pull loop: ask the queue for one request at a time (the pull waits up to a
+    second for work), serve it, and name it in ``finished`` (shared by the worker's loops; the queue
+    forgets what is named in the next pull) until ``draining()``."""
+    while not draining():
+        try:
+            done = finished[:]
+            finished.clear()
+            pulled = await queue.ask(Pull(1.0, puller, endpoint, done), Pulled, timeout=60.0)
+        except asyncio.TimeoutError:
+            continue
+        except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again
+            await asyncio.sleep(0.5)
+            continue
+        if pulled.request is not None:
+            try:
+                await serve(pulled.request)
+            finally:
+                finished.append(pulled.request.request_id)
+
+
+async def writer_idle(refs: dict[str, ActorRef], m: BeginWrite, timeout: float) -> bool | None:
+    """Whether the prefill worker granted ``m.request_id`` says it is done with it (None: no answer
+    within ``timeout``). ``refs``: the asker's refs to writers, by endpoint (kept: they reconnect)."""
+    ref = refs.get(m.writer_endpoint)
+    if ref is None:
+        ref = refs[m.writer_endpoint] = await ActorRef(m.writer_endpoint, m.writer).start()
+    try:
+        state = await ref.ask(WriteStatus(m.request_id), WriteState, timeout=timeout)
+    except (ActorError, asyncio.TimeoutError):
+        return None
+    return not state.active

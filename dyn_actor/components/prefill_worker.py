@@ -10,11 +10,10 @@ import os
 import msgspec
 
 from dyn_actor.actor import ActorDeadError, ActorRef
+from dyn_actor.components.disagg import pull_loop
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     CancelPrefill,
-    Pull,
-    Pulled,
     RemotePrefillDone,
     RemotePrefillFailed,
     RemotePrefillRequest,
@@ -143,20 +142,7 @@ class PrefillWorker(Worker):
 
     async def _pull_loop(self) -> None:
         assert self._queue is not None
-        while not self._draining:
-            try:
-                finished, self._finished = self._finished, []
-                pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint, finished), Pulled, timeout=60.0)
-            except asyncio.TimeoutError:
-                continue
-            except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again
-                await asyncio.sleep(0.5)
-                continue
-            if pulled.request is not None:
-                try:
-                    await self._serve(pulled.request)
-                finally:
-                    self._finished.append(pulled.request.request_id)
+        await pull_loop(self._queue, self.name, self.endpoint, self._finished, lambda: self._draining, self._serve)
 
     async def _serve(self, r: RemotePrefillRequest) -> None:
         decoder = self._decoder(r)

@@ -69,7 +69,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dyn_actor.actor import Actor, ActorDeadError, ActorError, ActorRef, ActorServer
-from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive
+from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive, writer_idle
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     Drop,
@@ -391,20 +391,10 @@ class DecodeAgent(Actor):
                 m = w.writer
                 if m is None or loop.time() - w.granted_at < WATCH_INTERVAL:
                     continue
-                if not process_alive(m.writer_pid) or await self._writer_idle(m, rid) is True:
+                if not process_alive(m.writer_pid) or await writer_idle(self._writers, m, WATCH_INTERVAL) is True:
                     if self._waiting.get(rid) is w:
                         w.writer = None
                         self._settle(rid, ok=False, why=f"was granted to {m.writer}, which is not writing it")
-
-    async def _writer_idle(self, m: BeginWrite, rid: str) -> bool | None:
-        ref = self._writers.get(m.writer_endpoint)
-        if ref is None:
-            ref = self._writers[m.writer_endpoint] = await ActorRef(m.writer_endpoint, m.writer).start()
-        try:
-            state = await ref.ask(WriteStatus(rid), WriteState, timeout=WATCH_INTERVAL)
-        except (ActorError, asyncio.TimeoutError):
-            return None
-        return not state.active
 
 
 # ------------------------------------------------------------------ the prefill worker's agent

@@ -35,8 +35,9 @@ from collections.abc import AsyncIterator
 import msgspec
 import zmq
 
-from dyn_actor.actor import Actor, ActorDeadError, ActorRef
-from dyn_actor.components.disagg_messages import CancelPrefill, Pull, Pulled, RemotePrefillFailed, RemotePrefillRequest
+from dyn_actor.actor import Actor, ActorRef
+from dyn_actor.components.disagg import pull_loop
+from dyn_actor.components.disagg_messages import CancelPrefill, RemotePrefillFailed, RemotePrefillRequest
 from dyn_actor.components.messages import (
     AbortRequest,
     Ack,
@@ -435,27 +436,18 @@ class VllmPrefillWorker(VllmWorker):
 
     async def _pull_loop(self) -> None:
         assert self._queue is not None
-        while not self._draining:
-            try:
-                finished, self._finished = self._finished, []
-                pulled = await self._queue.ask(Pull(1.0, self.name, self.endpoint, finished), Pulled, timeout=60.0)
-            except asyncio.TimeoutError:
-                continue
-            except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again
-                await asyncio.sleep(0.5)
-                continue
-            if pulled.request is not None:
-                r = pulled.request
-                task = self._prefills[r.request_id] = asyncio.ensure_future(self._prefill(r))
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if not task.cancelled():
-                        raise  # this loop itself is being cancelled
-                    log.info("prefill of %s cancelled by its decode worker", r.request_id)
-                finally:
-                    self._prefills.pop(r.request_id, None)
-                    self._finished.append(r.request_id)
+        await pull_loop(self._queue, self.name, self.endpoint, self._finished, lambda: self._draining, self._serve)
+
+    async def _serve(self, r: RemotePrefillRequest) -> None:
+        task = self._prefills[r.request_id] = asyncio.ensure_future(self._prefill(r))
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this loop itself is being cancelled
+            log.info("prefill of %s cancelled by its decode worker", r.request_id)
+        finally:
+            self._prefills.pop(r.request_id, None)
 
     async def _prefill(self, r: RemotePrefillRequest) -> None:
         from vllm import SamplingParams as VllmParams
