@@ -68,3 +68,30 @@ def test_preemption_and_recompute_matches(prompts, alone):
     for i in range(len(prompts)):
         assert got[str(i)][0] == alone[i]
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_fresh_prompt_groups():
+    from dyn_actor.engine.model import PrefillSeq, fresh_prompt_groups
+
+    def seq(start, length, ctx=0):
+        return PrefillSeq(start, length, ctx, None, None)  # type: ignore[arg-type]
+
+    seqs = [seq(0, 64), seq(64, 30), seq(94, 32), seq(126, 5, ctx=16), seq(131, 32), seq(163, 64), seq(227, 1)]
+    groups = [[p.length for p in g] for g in fresh_prompt_groups(seqs)]
+    # sorted by length; the 5-token chunk after a cached prefix is not fresh; 1 would pad 30x; 64 alone
+    # next to three 30-32s would pad too much; the two 64s share a call
+    assert groups == [[1], [30, 32, 32], [64, 64]]
+
+
+def test_batched_fresh_prompts_match_alone():
+    """Prompts prefilled together (equal lengths viewed in place, near-equal ones padded) give the
+    logits they give alone, at every position."""
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, n) for n in (30, 32, 32, 31, 64, 64, 7)]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=128, max_model_len=256))
+    together = engine.score(prompts)
+    for p, got in zip(prompts, together):
+        alone_logits = engine.score([p])[0]
+        assert got.shape == alone_logits.shape
+        assert (got - alone_logits).abs().max().item() < 1e-5
+    assert engine.block_manager.num_used_blocks == 0

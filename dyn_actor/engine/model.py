@@ -53,6 +53,27 @@ class PrefillMeta:
     max_q_len: int
 
 
+#: padding allowed when prompts share one attention call: the group's padded work (count x longest^2)
+#: stays within this factor of the work of the prompts alone (sum of length^2)
+FRESH_PAD_FACTOR = 1.25
+
+
+def fresh_prompt_groups(prefills: list[PrefillSeq]) -> list[list[PrefillSeq]]:
+    """The prefills with nothing cached, grouped by length for batched attention: sorted by length,
+    a group grows while padding its members to its longest keeps within ``FRESH_PAD_FACTOR``."""
+    fresh = sorted((p for p in prefills if p.context_len == 0), key=lambda p: p.length)
+    groups: list[list[PrefillSeq]] = []
+    work = 0
+    for p in fresh:
+        if groups and (len(groups[-1]) + 1) * p.length**2 <= FRESH_PAD_FACTOR * (work + p.length**2):
+            groups[-1].append(p)
+            work += p.length**2
+        else:
+            groups.append([p])
+            work = p.length**2
+    return groups
+
+
 def d_half(cfg: ModelConfig) -> int:
     return cfg.head_dim // 2
 
@@ -207,7 +228,14 @@ class LlamaModel:
             qd = q[:nd].view(nd, nkv, nh // nkv, d)  # heads grouped by their kv head
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, scale=self.scale)
             out[:nd] = o.reshape(nd, nh, d)
-        for p in b.prefills:
+        gqa = nkv != nh
+        singles = []
+        for group in fresh_prompt_groups(b.prefills):
+            if len(group) == 1:
+                singles.append(group[0])
+            else:
+                self._fresh_prompts_attention(q, k, v, group, out)
+        for p in singles + [p for p in b.prefills if p.context_len > 0]:
             lo, hi = p.start, p.start + p.length
             if p.context_len == 0:
                 ks, vs = k[lo:hi], v[lo:hi]
@@ -215,10 +243,6 @@ class LlamaModel:
                 total = p.context_len + p.length
                 ks = k_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
                 vs = v_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
-            if nkv != nh:  # repeat KV heads: the CPU flash kernel has no grouped-query path
-                g = nh // nkv
-                ks = ks.unsqueeze(2).expand(-1, nkv, g, d).reshape(-1, nh, d)
-                vs = vs.unsqueeze(2).expand(-1, nkv, g, d).reshape(-1, nh, d)
             # 4-D inputs: the CPU flash kernel is only chosen for [batch, heads, seq, dim]
             o = F.scaled_dot_product_attention(
                 q[lo:hi].transpose(0, 1).unsqueeze(0),
@@ -227,9 +251,38 @@ class LlamaModel:
                 attn_mask=p.mask,
                 is_causal=p.mask is None,
                 scale=self.scale,
+                enable_gqa=gqa,
             )
             out[lo:hi] = o[0].transpose(0, 1)
         return out.view(q.shape[0], nh * d)
+
+    def _fresh_prompts_attention(self, q, k, v, group: list[PrefillSeq], out: torch.Tensor) -> None:
+        """Causal attention of several prompts with nothing cached, as one ``[batch, heads, seq, dim]``
+        call: shorter prompts are padded at the end (a causal row never sees the padding after it;
+        the padded rows' output is dropped). Prompts of one length that lie back to back in the
+        batch, as a wave of equal prompts does, are viewed in place without a copy."""
+        nh, nkv, d = q.shape[1], k.shape[1], q.shape[2]
+        n, longest = len(group), max(p.length for p in group)
+        lo = group[0].start
+        in_place = all(p.length == longest and p.start == lo + i * longest for i, p in enumerate(group))
+        if in_place:
+            hi = lo + n * longest
+            qb, kb, vb = (x[lo:hi].view(n, longest, -1, d) for x in (q, k, v))
+        else:
+            qb = q.new_zeros((n, longest, nh, d))
+            kb = k.new_zeros((n, longest, nkv, d))
+            vb = v.new_zeros((n, longest, nkv, d))
+            for i, p in enumerate(group):
+                qb[i, : p.length] = q[p.start : p.start + p.length]
+                kb[i, : p.length] = k[p.start : p.start + p.length]
+                vb[i, : p.length] = v[p.start : p.start + p.length]
+        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
+                                           is_causal=True, scale=self.scale, enable_gqa=nkv != nh).transpose(1, 2)
+        if in_place:
+            out[lo:hi].view(n, longest, nh, d).copy_(o)
+        else:
+            for i, p in enumerate(group):
+                out[p.start : p.start + p.length] = o[i, : p.length]
 
     # ----------------------------------------------------------------- forward
     @torch.inference_mode()
