@@ -33,6 +33,7 @@ from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
 from dyn_actor.kv.block_manager import BlockManager
 from dyn_actor.kv.events import KvEvent
 from dyn_actor.kv.pool import KvLayout, KvPool
+from dyn_actor.native_ops import keep_freed_heap
 
 GiB = 1 << 30
 _FENCE = "\x00fence:"  # owner name of fenced blocks (no request id from a client can start with NUL)
@@ -127,6 +128,8 @@ class LLMEngine:
             self.attention = "triton" if self.device.type == "cuda" else "native"
         if self.attention not in ("native", "torch", "triton"):
             raise ValueError(f"unknown attention backend {config.attention!r}: use auto, native, torch or triton")
+        if self.device.type == "cpu":
+            keep_freed_heap()  # a step's activations reused, not faulted in afresh (native_ops)
         limit = cfg.max_position_embeddings
         if cfg.sliding_window:
             limit = min(limit, cfg.sliding_window)
