@@ -205,7 +205,7 @@ def keep_freed_heap(mmap_below: int = 32 << 20, keep: int = 1 << 30) -> bool:
 
     A CPU forward allocates its activations afresh each step (MBs each); with glibc's defaults
     many of them come from a fresh ``mmap`` and are faulted in and zeroed page by page, every
-    step: about 3,000 page faults for an 8 x 128-token prefill of the built-in model. Kept on the
+    step: 1,000-5,000 page faults for an 8 x 128-token prefill of the built-in model here. Kept on the
     heap they are reused (a few faults a step). The process keeps its peak step's working set,
     as a caching allocator would. ``DYN_ACTOR_KEEP_HEAP=0`` leaves glibc's defaults. Once per
     process; returns whether it took effect."""

@@ -103,3 +103,47 @@ def test_engine_tokens_same_with_and_without_fused_ops(monkeypatch):
     plain = LLMEngine(EngineConfig(num_kv_blocks=128))
     assert plain.model.cpu_ops is None
     assert {k: v[0] for k, v in fused.items()} == {k: v[0] for k, v in run_all(plain, dict(reqs)).items()}
+
+
+
+_WAVES = """
+import random, resource
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from dyn_actor.native_ops import keep_freed_heap
+engine = LLMEngine(EngineConfig(num_threads=1))
+rng = random.Random(0)
+def wave(w):
+    for i in range(8):
+        engine.add_request(f"{w}-{i}", [0] + [rng.randrange(2, 99) for _ in range(127)], SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+for w in range(3):
+    wave(w)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for w in range(3, 8):
+    wave(w)
+print(keep_freed_heap(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def test_kept_heap_reuses_a_steps_memory():
+    """With ``keep_freed_heap`` (the CPU engine's default) waves of 8 x 128-token prompts reuse the
+    memory of the waves before (a few dozen page faults each); with glibc's defaults
+    (``DYN_ACTOR_KEEP_HEAP=0``) their activations are mapped and faulted in afresh, wave after wave."""
+    import os
+    import subprocess
+    import sys
+
+    def faults(keep: str) -> tuple[bool, float]:
+        env = {**os.environ, "DYN_ACTOR_KEEP_HEAP": keep}
+        out = subprocess.run([sys.executable, "-c", _WAVES], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    kept, with_keep = faults("1")
+    if not kept:
+        pytest.skip("not glibc: mallopt is not there")
+    not_kept, without = faults("0")
+    assert not not_kept
+    assert with_keep < 200, with_keep
+    assert without > 4 * with_keep, (without, with_keep)  # the defaults really fault them in
