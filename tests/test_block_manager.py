@@ -190,3 +190,22 @@ def test_a_prompt_looked_up_twice_is_hashed_once():
     assert len(first) == len(second) == 10
     assert len(calls) == 10 + 2  # the chain once, and each lookup's first-block probe
     assert bm.find_cached_prefix([99] + prompt[1:]) == []  # another prompt: its own hashes, no hit
+
+
+def test_extend_and_the_block_table():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    ids = bm.allocate("a", 3)
+    table = bm.block_table("a")
+    assert table == ids and len(ids) == 1
+    assert bm.extend("a", 4) and bm.block_table("a") == ids  # still inside its block: nothing taken
+    assert bm.extend("a", 5) and len(table) == 2 and bm.num_free_blocks == 1  # the same list, grown
+    copy = bm.block_ids("a")
+    copy.append(99)  # a caller's copy: the manager's list is not touched
+    assert bm.block_table("a") == table and len(table) == 2
+    assert bm.allocate("b", 4) is not None
+    assert not bm.extend("a", 9) and len(table) == 2 and bm.num_free_blocks == 0  # no room: unchanged
+    assert bm.transfer("a", "fence") == 2 and bm.block_table("fence") is table
+    assert bm.block_ids("a") == []
+    bm.free("fence")
+    bm.free("b")
+    assert bm.num_free_blocks == 3 and bm.extend("c", 8) and len(bm.block_table("c")) == 2

@@ -34,3 +34,25 @@ def test_graph_replay_gives_the_eager_tokens():
     assert engine.pool.layout.num_blocks == 65 and engine.block_manager.num_blocks == 64  # + the scratch block
     tight, engine = run("on", 14)  # preemption on the way
     assert tight == want and engine.stats().num_preemptions > 0
+
+
+def test_graph_rows_follow_requests_that_come_and_go():
+    """Requests finish at different steps and new ones take their rows, sequences cross block
+    boundaries and get preempted: the host table, written only where a row lacks entries, must
+    always hold each row's own blocks (a stale entry would read another request's KV)."""
+    rng = random.Random(5)
+    jobs = {f"r{i}": ([0] + [rng.randrange(2, 99) for _ in range(rng.randint(2, 50))],
+                      SamplingParams(max_tokens=rng.randint(3, 45), temperature=0, ignore_eos=True))
+            for i in range(20)}
+
+    def run(graphs: str, blocks: int):
+        engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=128, num_kv_blocks=blocks, cuda_graphs=graphs,
+                                        max_num_seqs=6))
+        return {k: v[0] for k, v in run_all(engine, jobs).items()}, engine
+
+    want, _ = run("off", 128)
+    got, _ = run("on", 128)
+    assert got == want
+    tight, engine = run("on", 16)
+    assert tight == want and engine.stats().num_preemptions > 0
+    assert engine.block_manager.num_used_blocks == 0

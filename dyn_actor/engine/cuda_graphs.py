@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from dyn_actor.engine.model import ForwardBatch, LlamaModel
@@ -54,6 +55,9 @@ class DecodeGraphs:
         self._host_table = self.table.cpu().pin_memory() if pin else self.table.clone()
         self._host_vec_np = self.host_vec.numpy()
         self._host_table_np = self._host_table.numpy()
+        # what each host table row holds: (a request's block list, how many of its entries); the
+        # block manager's lists only grow while a request owns them, so an entry written stays right
+        self._row_held: list[tuple[list[int] | None, int]] = [(None, 0)] * n
         self._replays: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self._mempool = None
 
@@ -88,16 +92,30 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", ",".join(map(str, self.buckets)))
 
-    def host_rows(self):
-        """numpy views of the host twin's rows (ids, positions, slot blocks, slot offsets, context
-        lengths): a step writes its first rows, ``replay_host`` pads the rest."""
-        return tuple(self._host_vec_np)
+    def set_table_row(self, row: int, blocks: list[int], n: int) -> None:
+        """Make host table row ``row`` start with ``blocks[:n]``, writing only what it lacks: a
+        sequence that keeps its row from step to step adds one entry per ``block_size`` tokens."""
+        held, k = self._row_held[row]
+        if held is blocks:
+            if k >= n:
+                return
+            self._host_table_np[row, k:n] = blocks[k:n]
+        else:
+            self._host_table_np[row, :n] = blocks[:n]
+        self._row_held[row] = (blocks, n)
 
-    @property
-    def host_table(self):
-        """numpy view of the host block table: row ``i`` holds sequence ``i``'s blocks (later columns
-        may hold stale ids: every kernel reads only a sequence's context)."""
-        return self._host_table_np
+    @torch.inference_mode()
+    def replay_rows(self, ids: list[int], positions: list[int], slot_blocks: list[int], width: int) -> torch.Tensor:
+        """Replay a step of ``len(ids)`` sequences (their block tables set with ``set_table_row``):
+        the logits of its rows. Slot offsets and context lengths follow from the positions."""
+        n = len(ids)
+        v = self._host_vec_np
+        v[0, :n] = ids
+        v[1, :n] = positions
+        v[2, :n] = slot_blocks
+        np.remainder(v[1, :n], self.pool.layout.block_size, out=v[3, :n])
+        np.add(v[1, :n], 1, out=v[4, :n])
+        return self.replay_host(n, width)
 
     @torch.inference_mode()
     def replay_host(self, n: int, width: int) -> torch.Tensor:
@@ -114,6 +132,7 @@ class DecodeGraphs:
             v[3, n:b] = 0
             v[4, n:b] = 1
             self._host_table_np[n:b, 0] = self.scratch
+            self._row_held[n:b] = [(None, 0)] * (b - n)
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.table[:b].copy_(self._host_table[:b], non_blocking=True)
         replay, _ = self._replays[b]

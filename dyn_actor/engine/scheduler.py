@@ -112,15 +112,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        cap = self.config.long_prefill_token_threshold
+        running = self.running
+        extend = self.bm.extend
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = self._chunk(req, budget)
+        while i < len(running) and budget > 0:  # the hot loop of every decode step: kept lean
+            req = running[i]
+            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            if 0 < cap < n:
+                n = cap
             if n <= 0:
                 i += 1
                 continue
             allocated = True
-            while self.bm.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            while not extend(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)

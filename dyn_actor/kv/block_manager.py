@@ -56,6 +56,7 @@ class BlockManager:
         self._free: OrderedDict[int, KvBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KvBlock] = {}
         self._req_blocks: dict[str, list[KvBlock]] = {}
+        self._req_ids: dict[str, list[int]] = {}  # the ids of _req_blocks' blocks, kept beside them
         self._req_hashes: dict[str, list[int]] = {}
         self._events: list[KvEvent] = []
         # the last prompt's chained block hashes: a decode worker looks a prompt up (local or
@@ -100,7 +101,12 @@ class BlockManager:
         return list(self._cached)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+        return list(self._req_ids.get(request_id, ()))
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's block ids in token order: the manager's own list, for a step's hot path, which
+        only reads it (``block_ids`` is the copy for everyone else)."""
+        return self._req_ids[request_id]
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._req_blocks
@@ -147,6 +153,8 @@ class BlockManager:
             owned = []
         elif computed_blocks:
             raise ValueError(f"request {request_id} already owns blocks; hits only apply to a new request")
+        elif len(owned) * self.block_size >= num_tokens:  # a decode step inside its last block
+            return list(self._req_ids[request_id])
         needed_total = -(-num_tokens // self.block_size)
         have = len(owned) + len(computed_blocks)
         new_needed = max(0, needed_total - have)
@@ -154,18 +162,31 @@ class BlockManager:
         hits_in_free = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if new_needed + hits_in_free > len(self._free):
             return None
-        if request_id not in self._req_blocks:
+        ids = self._req_ids.get(request_id)
+        if ids is None:
             self._req_blocks[request_id] = owned
+            self._req_ids[request_id] = ids = []
             self._req_hashes[request_id] = []
         for b in computed_blocks:
             if b.ref_cnt == 0:
                 del self._free[b.block_id]
             b.ref_cnt += 1
             owned.append(b)
+            ids.append(b.block_id)
             self._req_hashes[request_id].append(b.block_hash)  # type: ignore[arg-type]
         for _ in range(new_needed):
-            owned.append(self._take_free_block())
-        return [b.block_id for b in owned]
+            b = self._take_free_block()
+            owned.append(b)
+            ids.append(b.block_id)
+        return list(ids)
+
+    def extend(self, request_id: str, num_tokens: int) -> bool:
+        """Make a request that owns blocks own enough for ``num_tokens`` tokens (a step's growth);
+        False, with nothing changed, when there are not enough free blocks."""
+        ids = self._req_ids.get(request_id)
+        if ids is not None and len(ids) * self.block_size >= num_tokens:
+            return True
+        return self.allocate(request_id, num_tokens) is not None
 
     def _take_free_block(self) -> KvBlock:
         if not self._free:
@@ -287,12 +308,14 @@ class BlockManager:
         if owned is None:
             return 0
         self._req_blocks[new_owner] = owned
+        self._req_ids[new_owner] = self._req_ids.pop(request_id)
         self._req_hashes[new_owner] = hashes or []
         return len(owned)
 
     def free(self, request_id: str) -> None:
         """Release every block the request holds (a no-op for an unknown request)."""
         owned = self._req_blocks.pop(request_id, None)
+        self._req_ids.pop(request_id, None)
         self._req_hashes.pop(request_id, None)
         if not owned:
             return
