@@ -8,7 +8,7 @@ import torch
 
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
 from dyn_actor.engine.llm import LLM
-from dyn_actor.engine.sampling import apply_min_p, apply_top_k_top_p, make_generator, sample
+from dyn_actor.engine.sampling import apply_min_p, apply_top_k_top_p, draw_from, make_generator, sample
 from tests.helpers import random_prompt, run_all
 
 
@@ -39,6 +39,25 @@ def test_sampling_respects_masks_over_many_draws():
     params = [SamplingParams(temperature=1.5, top_k=5)] * 400
     res = sample(logits.clone(), params, [None] * 400)
     assert set(res.token_ids) <= top5 and len(set(res.token_ids)) > 1
+
+
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 40_000
+    tokens = draw_from(probs.repeat(n, 1), torch.rand(n, generator=torch.Generator().manual_seed(7)))
+    counts = torch.bincount(tokens, minlength=6).double() / n
+    assert counts[1] == 0 and counts[5] == 0  # probability 0: never
+    # within 5 standard deviations of each expected frequency
+    assert torch.all((counts - probs.double()).abs() <= 5 * (probs.double() * (1 - probs.double()) / n).sqrt())
+
+
+def test_draw_at_the_ends_of_the_unit_interval():
+    probs = torch.tensor([[0.0, 0.2, 0.8, 0.0, 0.0]] * 3)
+    top = 1.0 - 2.0**-24  # the largest float32 below 1
+    u = torch.tensor([0.0, top, 0.2 / 1.0 - 1e-6])
+    assert draw_from(probs, u).tolist() == [1, 2, 1]
+    # rows that do not sum to one are drawn from as if normalized
+    assert draw_from(torch.tensor([[2.0, 0.0, 6.0]] * 2), torch.tensor([0.2, 0.3])).tolist() == [0, 2]
 
 
 def test_seeded_rows_reproducible_whatever_the_batch():
