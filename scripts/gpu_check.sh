@@ -10,6 +10,8 @@
 #   then the measurements, one at a time (alone on the card):
 #     kvbench  the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy,
 #              and the move kernel's configs);
+#     samp     one step's sampling on the device (benchmarks/sampling.py: the engine's draw vs the
+#              exponential race it replaced, 64 rows of a 128k vocabulary);
 #     asweep   the decode-attention kernel's configs (benchmarks/attention_sweep.py); thru then runs
 #              with the best one (DYN_ACTOR_DECODE_TUNING), which the summary prints;
 #     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
@@ -24,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
-ONLY=${ONLY:-kernels engine ipc disagg faults kvbench asweep thru dbench}
+ONLY=${ONLY:-kernels engine ipc disagg faults kvbench samp asweep thru dbench}
 THRU_EXTRA=${THRU_EXTRA---transformers}
 FAULTS_BESIDE=${FAULTS_BESIDE:-0}
 mkdir -p "$LOG"
@@ -74,6 +76,9 @@ done >"$LOG/tests.log"
 launch kvbench "CUDA IPC transfer benchmark" 90 $PY benchmarks/kv_transfer.py --gpu-only --sweep
 collect kvbench
 want kvbench && grep -v "^ *$" "$LOG/kvbench.log" | head -n 12
+launch samp "sampling on the device" 90 $PY benchmarks/sampling.py --device cuda --rows 64 --vocab 128256
+collect samp
+want samp && tail -n 8 "$LOG/samp.log"
 launch asweep "decode attention sweep" 150 $PY benchmarks/attention_sweep.py
 collect asweep
 if want asweep; then
