@@ -233,6 +233,9 @@ def main() -> int:
     ap.add_argument("--endpoint", action="append", default=[], help="NAME=URL of a running server (repeatable)")
     ap.add_argument("--launch-native", default=None, metavar="ARGS",
                     help="start this project's server with these launcher flags (e.g. '--workers 1')")
+    ap.add_argument("--baseline-tree", default=None, metavar="DIR",
+                    help="also start the native server from another checkout (e.g. a git worktree of an older "
+                         "commit), with the --launch-native flags, as the endpoint 'baseline'")
     ap.add_argument("--launch-vllm", action="store_true", help="also start 'vllm serve' on the same model when vllm is installed")
     ap.add_argument("--model", default=None, help="model folder (default: the built-in model saved as a folder)")
     ap.add_argument("--concurrency", default="8", help="comma-separated closed-loop concurrencies")
@@ -268,6 +271,11 @@ def main() -> int:
     if args.launch_native is not None:
         launchers["native"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", "8300",
                                 "--served-model-name", model, *args.launch_native.split()], None, 8300)
+    if args.baseline_tree:
+        tree = str(Path(args.baseline_tree).resolve())
+        launchers["baseline"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", "8302",
+                                  "--served-model-name", model, *(args.launch_native or "").split()],
+                                 {**os.environ, "PYTHONPATH": tree}, 8302)
     if args.launch_vllm:
         if not vllm_available():
             print("vLLM is not installed here: skipping it (it is optional)")
@@ -304,7 +312,8 @@ def main() -> int:
     try:
         if not args.isolate:  # every launched server up for the whole run, measured back to back
             for name, (cmd, env, port) in launchers.items():
-                procs.append(p := subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,
+                procs.append(p := subprocess.Popen(cmd, cwd=env["PYTHONPATH"] if name == "baseline" else ROOT,
+                                                   start_new_session=True, env=env,
                                                    stdout=subprocess.DEVNULL,
                                                    stderr=subprocess.DEVNULL if name == "vllm" else None))
                 wait_http(f"http://127.0.0.1:{port}", p)
@@ -317,7 +326,8 @@ def main() -> int:
                     measure(name, running[name], rnd)
                     continue
                 cmd, env, port = launchers[name]  # --isolate: alone on the machine while measured
-                p = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                cwd = env["PYTHONPATH"] if name == "baseline" else ROOT
+                p = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL if name == "vllm" else None)
                 procs.append(p)
                 try:

@@ -67,6 +67,7 @@ class LaunchConfig:
     min_prefill: int = 1
     min_decode: int = 1
     max_request_bytes: int = 4 << 20
+    generation_config: str = "auto"
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -125,6 +126,10 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "names of this server")
     ap.add_argument("--max-request-bytes", type=int, default=4 << 20,
                     help="largest request body accepted (default 4 MiB); larger ones get 413 unread")
+    ap.add_argument("--generation-config", default="auto",
+                    help="defaults for the sampling parameters a request leaves unset: 'auto' (the model "
+                         "folder's generation_config.json, as vLLM), 'vllm' (temperature 1, top-p 1: the "
+                         "server's own) or a folder holding a generation_config.json")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
@@ -273,6 +278,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--max-request-bytes must be between 1024 and 1073741824")
     if cfg.drain_timeout < 0:
         raise ConfigError("--drain-timeout must be >= 0")
+    if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
+        raise ConfigError(f"--generation-config {cfg.generation_config!r}: no such folder (use auto, vllm or a folder)")
     if cfg.remote_prefill_timeout <= 0:
         raise ConfigError("--remote-prefill-timeout must be positive")
     if not 0 < cfg.gpu_memory_utilization <= 1:

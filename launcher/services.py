@@ -116,11 +116,17 @@ class FrontendService:
         from dyn_actor.components.http_edge import EdgePolicy, answer_parser_errors_in_json
         from dyn_actor.components.kv_events import KvEventFeed
         from dyn_actor.components.worker_client import connect_workers
-        from dyn_actor.engine.loader import load_tokenizer
+        from dyn_actor.engine.loader import default_sampling, load_tokenizer
         from dyn_actor.router import Router
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)
+        defaults, ignored = default_sampling(cfg.model, cfg.generation_config)
+        if defaults:
+            log.info("default sampling from the generation config: %s (--generation-config vllm: the server's own)",
+                     ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        if ignored:
+            log.warning("the generation config sets %s: not supported by this server, not applied", ", ".join(ignored))
         self.router = Router(cfg.router, block_size=cfg.block_size or 0, overlap_weight=cfg.kv_overlap_weight,
                              temperature=cfg.router_temperature, busy_threshold=cfg.router_busy_threshold)
         self.feed = KvEventFeed(self.router)
@@ -128,7 +134,8 @@ class FrontendService:
         info = await connect_workers(self.endpoints, self.router, wait=cfg.ready_timeout, feed=self.feed)
         edge = EdgePolicy(cfg.host, cfg.api_key, cfg.metrics_require_key, frozenset(cfg.allowed_hosts),
                           cfg.max_request_bytes)
-        self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge)
+        self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge,
+                                             defaults)
         if self.queue_endpoint:
             from dyn_actor.actor import ActorRef
 

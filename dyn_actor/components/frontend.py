@@ -64,8 +64,10 @@ class Chunk:
 
 class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, router: Router, info: WorkerInfo,
-                 edge: EdgePolicy | None = None) -> None:
+                 edge: EdgePolicy | None = None, sampling_defaults: dict | None = None) -> None:
         self.model_name = model_name
+        # what a request leaves unset: the model's generation_config.json (loader.default_sampling)
+        self.sampling_defaults = sampling_defaults or {}
         self.tokenizer = tokenizer
         self.processor = Processor(model_name, tokenizer, info.max_model_len, info.vocab_size)
         self.edge = edge or EdgePolicy()
@@ -82,6 +84,15 @@ class Frontend:
         self.prefill_queue: ActorRef | None = None  # disaggregated topologies
         self.queue_depth = 0  # the prefill queue's depth at the last refresh
         self.planner = None  # a components.planner_process.PlannerView (unless --planner off)
+
+    def _default_max_tokens(self, prompt_lens: list[int], neutral: int | None) -> int | None:
+        """max_tokens for a request that gives none: the generation config's, cut to what the longest
+        prompt's context leaves (as vLLM does), else ``neutral`` (None: all the context leaves)."""
+        default = self.sampling_defaults.get("max_tokens")
+        if default is None:
+            return neutral
+        room = self.processor.max_model_len - max(prompt_lens, default=0)
+        return max(1, min(default, room))
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests (503) and wait up to ``timeout`` s for those in flight to finish.
@@ -282,7 +293,9 @@ class Frontend:
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        params = [sampling_params(req, max_tokens, lp, i) for i in range(req.n)]
+        if max_tokens is None:
+            max_tokens = self._default_max_tokens([len(prompt_ids)], None)
+        params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults) for i in range(req.n)]
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
@@ -301,8 +314,10 @@ class Frontend:
         prompts = prompt_list(req.prompt)
         prompt_ids_list = [await self._off_loop(self.processor.encode, p) if isinstance(p, str) else p
                            for p in prompts]
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = [sampling_params(req, max_tokens, req.logprobs, i) for i in range(req.n)]
+        max_tokens = req.max_tokens
+        if max_tokens is None:
+            max_tokens = self._default_max_tokens([len(ids) for ids in prompt_ids_list], 16)
+        params = [sampling_params(req, max_tokens, req.logprobs, i, self.sampling_defaults) for i in range(req.n)]
         for ids in prompt_ids_list:
             self.processor.check_prompt(ids, max_tokens, params[0])
         if len(prompt_ids_list) * req.n > 64:

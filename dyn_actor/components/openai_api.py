@@ -4,6 +4,7 @@ change the result and are not implemented: those are refused with a 400."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -199,7 +200,12 @@ def message_text(content: str | list[TextPart] | None) -> str | list[dict[str, s
     return parts
 
 
-def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0,
+                    defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    """The engine's parameters for one choice of ``req``. What the request leaves unset (None) comes
+    from ``defaults`` (the model's generation_config.json, ``loader.default_sampling``), then from
+    the neutral values (temperature 1, top-p 1, no top-k or min-p)."""
+    d = defaults or {}
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
         if v not in (None, 0, 0.0):
@@ -211,10 +217,10 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sp = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
+        temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+        top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
+        min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
         seed=None if req.seed is None else req.seed + seed_offset,
         stop=stop,
         stop_token_ids=list(req.stop_token_ids or []),
