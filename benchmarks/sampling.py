@@ -5,11 +5,14 @@
 
 For each case (greedy; temperature 1; temperature 1 with top-p 0.9; temperature 1 with a seed per
 row) both samplers draw from the same random logits, alternating call by call; the table gives
-the median milliseconds of each and their ratio. ``race`` is the draw as ``dyn_actor`` made it up to
-f01c895: softmax, then ``argmax(p / E)`` with one ``E ~ Exp(1)`` for every vocabulary entry (a
-seeded row's drawn on the CPU from its own generator, then copied over); ``engine`` is
-``dyn_actor.engine.sampling.sample``, which inverts each row's cumulative distribution at one
-uniform number. Greedy rows take the same path in both (the row is the control). Writes JSON.
+the median milliseconds of each and their ratio. ``race`` is the sampler as ``dyn_actor`` had it up
+to f01c895: top-p by sorting each row whole, softmax, then ``argmax(p / E)`` with one ``E ~ Exp(1)``
+for every vocabulary entry (a seeded row's drawn on the CPU from its own generator, then copied
+over); ``engine`` is ``dyn_actor.engine.sampling.sample``, which finds top-p among each row's
+largest logits and inverts each row's cumulative distribution at one uniform number. Greedy rows
+take the same path in both (the row is the control). ``--scale 8`` makes the logits peaked, so the
+top-p nucleus is narrow, as with a trained model; with plain random logits it is thousands of
+tokens wide and the engine falls back to sorting whole rows. Writes JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def race_sample(logits, params, generators):
     """The exponential race (the engine's draw before f01c895), for the comparison."""
     import torch
 
-    from dyn_actor.engine.sampling import apply_top_k_top_p
+    from dyn_actor.engine.sampling import sort_top_k_top_p
 
     if all(p.greedy for p in params):
         return logits.argmax(dim=-1).tolist()
@@ -44,7 +47,7 @@ def race_sample(logits, params, generators):
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
     x = logits / temps.unsqueeze(1)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-    x = apply_top_k_top_p(x, None, top_p if any(p.top_p < 1.0 for p in params) else None)
+    x = sort_top_k_top_p(x, None, top_p if any(p.top_p < 1.0 for p in params) else None)
     probs = x.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):
@@ -61,6 +64,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (a decode worker's: 1)")
     ap.add_argument("--calls", type=int, default=15, help="timed calls per sampler and case")
+    ap.add_argument("--scale", type=float, default=3.0,
+                    help="logits ~ N(0, scale^2): 3 gives a top-p 0.9 nucleus of thousands of tokens in a 32k "
+                         "vocabulary (every row sorted whole), 8 one of tens (as a trained model's)")
     args = ap.parse_args()
 
     import torch
@@ -81,7 +87,7 @@ def main() -> int:
     rows = []
     for n in (int(r) for r in args.rows.split(",")):
         for vocab in (int(v) for v in args.vocab.split(",")):
-            logits = torch.randn(n, vocab, device=dev) * 3
+            logits = torch.randn(n, vocab, device=dev) * args.scale
             for case, kw in CASES.items():
                 params = [SamplingParams(**kw, seed=i if case == "seeded" else None) for i in range(n)]
 
@@ -106,9 +112,10 @@ def main() -> int:
                              "engine/race": eng / race})
                 print_table(rows[-1:], list(rows[-1]))
     print()
-    print(f"one step's sampling on {args.device} ({args.threads} thread(s) on the CPU), median of {args.calls} calls")
+    print(f"one step's sampling on {args.device} ({args.threads} thread(s) on the CPU), logits N(0, {args.scale:g}^2), "
+          f"median of {args.calls} calls")
     print_table(rows, list(rows[0]))
-    out = write_json(f"sampling_{dev.type}.json", {"args": vars(args), "rows": rows})
+    out = write_json(f"sampling_{dev.type}_scale{args.scale:g}.json", {"args": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0
 

@@ -6,9 +6,16 @@ import random
 import pytest
 import torch
 
-from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams, sampling
 from dyn_actor.engine.llm import LLM
-from dyn_actor.engine.sampling import apply_min_p, apply_top_k_top_p, draw_from, make_generator, sample
+from dyn_actor.engine.sampling import (
+    apply_min_p,
+    apply_top_k_top_p,
+    draw_from,
+    make_generator,
+    sample,
+    sort_top_k_top_p,
+)
 from tests.helpers import random_prompt, run_all
 
 
@@ -25,6 +32,29 @@ def test_top_p_mask_keeps_smallest_set_reaching_p():
     assert torch.isinf(out[0]).tolist() == [False, False, True, True]
     out = apply_top_k_top_p(probs.log(), None, torch.tensor([0.1]))
     assert torch.isinf(out[0]).tolist() == [False, True, True, True]  # the top token always stays
+
+
+@pytest.mark.parametrize("vocab", [50, 1000])
+def test_top_k_top_p_among_candidates_equal_sorting_whole_rows(vocab, monkeypatch):
+    """Rows with top-k, top-p, both or neither; narrow nuclei (found among the candidates) and wide ones
+    (sorted whole): the same masks as sorting every row."""
+    monkeypatch.setattr(sampling, "TOP_CANDIDATES", 16)
+    g = torch.Generator().manual_seed(3)
+    n = 48
+    scale = torch.tensor([0.3, 1.0, 4.0, 12.0]).repeat(n // 4).unsqueeze(1)  # flat to peaked rows
+    logits = torch.randn(n, vocab, generator=g) * scale
+    top_k = torch.tensor([0, 1, 5, 16, 40, 0, 3, 0] * (n // 8))
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.99, 0.3, 1.0, 0.95] * (n // 8))
+    for k, p in ((top_k, None), (None, top_p), (top_k, top_p)):
+        got = apply_top_k_top_p(logits.clone(), k, p)
+        want = sort_top_k_top_p(logits.clone(), k, p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])  # what is kept is untouched
+    wide = (sort_top_k_top_p(logits, None, top_p) > float("-inf")).sum(dim=1)
+    assert (wide > 16).any() and (wide[top_p < 1] < 16).any()  # both kinds of row were there
+    # a top-k wider than the candidates widens them
+    k = torch.full((n,), 30)
+    assert torch.equal(torch.isinf(apply_top_k_top_p(logits, k, top_p, 30)), torch.isinf(sort_top_k_top_p(logits, k, top_p)))
 
 
 def test_min_p_mask():

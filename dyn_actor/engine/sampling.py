@@ -33,8 +33,60 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return g
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask (to -inf) what top-k / top-p exclude, per row. ``top_k`` rows of 0 and ``top_p`` rows of 1 are off."""
+#: how many of each row's largest logits top-k / top-p look at first: enough for the nucleus of a
+#: trained model's next-token distribution nearly always; a row whose nucleus reaches past them is
+#: done by sorting the whole row
+TOP_CANDIDATES = 128
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                      max_k: int | None = None) -> torch.Tensor:
+    """Mask (to -inf) what top-k / top-p exclude, per row. ``top_k`` rows of 0 and ``top_p`` rows of 1
+    are off; ``max_k`` (the largest ``top_k``, known to the caller without a device sync) may be given.
+
+    Top-p keeps the smallest set of the likeliest tokens whose probability (after top-k) reaches p.
+    Both are found among each row's ``TOP_CANDIDATES`` (or ``max_k``) largest logits: a partial
+    selection instead of sorting the whole vocabulary (on the CPU: 6 vs 169 ms for 64 rows of a
+    32k vocabulary). Only rows whose nucleus reaches past the candidates are sorted whole. Tokens
+    tied with the last one kept are kept too."""
+    if top_k is None and top_p is None:
+        return logits
+    n, vocab = logits.shape
+    if max_k is None:
+        max_k = int(top_k.max()) if top_k is not None else 0
+    c = min(vocab, max(TOP_CANDIDATES, max_k))
+    vals = logits.topk(c, dim=-1).values  # [n, c], largest first
+    if top_k is not None:
+        k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(min=1, max=vocab))
+    else:
+        k = torch.full((n,), vocab, dtype=torch.long, device=logits.device)
+    limited = k <= c  # the row's top-k lies among the candidates (every row with top-k on does)
+    count = torch.where(limited, k, torch.full_like(k, c))  # candidates kept
+    masked = limited.clone() if c < vocab else (k < vocab)
+    uncovered = None
+    if top_p is not None:
+        in_k = torch.arange(c, device=logits.device).unsqueeze(0) < k.unsqueeze(1)
+        # each row's distribution: over its top k where top-k applies, else over the whole row
+        lse = torch.where(limited, vals.masked_fill(~in_k, float("-inf")).logsumexp(dim=-1), logits.logsumexp(dim=-1))
+        probs = (vals - lse.unsqueeze(1)).exp().masked_fill(~in_k, 0.0)
+        before = probs.cumsum(dim=-1) - probs  # mass of the likelier candidates
+        nucleus = ((before < top_p.unsqueeze(1)) & in_k).sum(dim=-1).clamp(min=1)  # the top token always stays
+        on = top_p < 1.0
+        count = torch.where(on, torch.minimum(count, nucleus), count)
+        masked = masked | on
+        uncovered = on & ~limited & (nucleus >= c) & (c < vocab)
+    last = vals.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
+    thresh = torch.where(masked.unsqueeze(1), last, torch.full_like(last, float("-inf")))
+    out = logits.masked_fill(logits < thresh, float("-inf"))
+    if uncovered is not None and bool(uncovered.any()):
+        rows = uncovered.nonzero().squeeze(1)
+        out[rows] = sort_top_k_top_p(logits[rows], None if top_k is None else top_k[rows], top_p[rows])
+    return out
+
+
+def sort_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """``apply_top_k_top_p`` by sorting each row whole: the reference, and the way for rows whose
+    nucleus is wider than the candidates."""
     if top_k is None and top_p is None:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=False)
@@ -91,8 +143,8 @@ def sample(
         # one table of every row's parameters: temperature, top-k, top-p, min-p, greedy, and the row's
         # uniform draw (a seeded row's from its own generator); one host-to-device copy on a GPU
         table = torch.tensor([[1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                              [float(p.top_k if p.top_k > 0 else 0) for p in params],
-                              [p.top_p for p in params],
+                              [float(p.top_k if p.top_k > 0 and not g else 0) for p, g in zip(params, greedy)],
+                              [1.0 if g else p.top_p for p, g in zip(params, greedy)],
                               [p.min_p for p in params],
                               [1.0 if g else 0.0 for g in greedy],
                               [0.0] * n], dtype=torch.float32)
@@ -104,9 +156,10 @@ def sample(
             table = table.to(dev)  # one small copy: pinning a fresh buffer each step would cost more
         temps, top_k_f, top_p_t, min_p_t, greedy_t, u = table.unbind(0)
         x = logits / temps.unsqueeze(1)
-        top_k = top_k_f.long() if any(p.top_k > 0 and not g for p, g in zip(params, greedy)) else None
+        max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
+        top_k = top_k_f.long() if max_k > 0 else None
         top_p = top_p_t if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)) else None
-        x = apply_top_k_top_p(x, top_k, top_p)
+        x = apply_top_k_top_p(x, top_k, top_p, max_k)
         if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
             x = apply_min_p(x, min_p_t)
         tokens = draw_from(x.softmax(dim=-1), u)
