@@ -116,7 +116,7 @@ def test_prefill_after_a_cached_prefix_matches_reference(seqs, g, nkv, d, bs, dt
 def test_the_engine_on_the_triton_kernels_gives_the_same_tokens():
     """The whole engine with ``attention="triton"`` (on the CPU: under the interpreter) against the
     default kernels, float32 greedy: a batch of prompts of several blocks, a prefix-cache hit,
-    chunked prefill, and preemption in a small pool."""
+    chunked prefill, preemption in a small pool, and decode steps through the graphs' runner."""
     from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
     from tests.helpers import run_all
 
@@ -136,6 +136,9 @@ def test_the_engine_on_the_triton_kernels_gives_the_same_tokens():
     assert tokens("triton", num_kv_blocks=64, max_num_batched_tokens=16)[0] == want  # chunked prefill
     got, preempted = tokens("triton", num_kv_blocks=6)  # the pool holds too few blocks for all at once
     assert got == want and preempted > 0
+    # decode steps through the CUDA-graph runner's host side (bucket padding rows on the scratch
+    # block, the host table written only where a row lacks entries), replayed eagerly off a GPU
+    assert tokens("triton", num_kv_blocks=64, cuda_graphs="on")[0] == want
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="serving sizes: on a GPU only (the interpreter is too slow)")
