@@ -20,8 +20,9 @@
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
 # measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
 # "--transformers". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
-# setproctitle, pytest, aiohttp; wheels the machine lacks can be put in ./wheels (installed offline
-# first). Logs and results go to $OUT (or /tmp/gpu_check).
+# setproctitle, pytest, aiohttp; the three a lent machine lacks come as wheels: run
+# scripts/gpu_wheels.sh first and carry .whl (device tool: carry [".whl"], command
+# "bash scripts/gpu_check.sh", timeout_s 560). Logs and results go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -31,9 +32,15 @@ THRU_EXTRA=${THRU_EXTRA---transformers}
 FAULTS_BESIDE=${FAULTS_BESIDE:-0}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls wheels/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --find-links wheels msgspec pyzmq pytest setproctitle || true
-fi
+# wheels the machine lacks: fetched here beforehand with scripts/gpu_wheels.sh into .whl (carried)
+for d in .whl wheels; do
+    if ls $d/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl \
+            && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        break
+    fi
+done
+$PY -c "import msgspec, zmq, setproctitle" || { echo "missing msgspec/pyzmq/setproctitle: run scripts/gpu_wheels.sh here and carry .whl"; exit 1; }
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 summary=()
