@@ -121,12 +121,10 @@ class FrontendService:
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)
-        defaults, ignored = default_sampling(cfg.model, cfg.generation_config)
+        defaults = default_sampling(cfg.model, cfg.generation_config)
         if defaults:
             log.info("default sampling from the generation config: %s (--generation-config vllm: the server's own)",
                      ", ".join(f"{k}={v}" for k, v in defaults.items()))
-        if ignored:
-            log.warning("the generation config sets %s: not supported by this server, not applied", ", ".join(ignored))
         self.router = Router(cfg.router, block_size=cfg.block_size or 0, overlap_weight=cfg.kv_overlap_weight,
                              temperature=cfg.router_temperature, busy_threshold=cfg.router_busy_threshold)
         self.feed = KvEventFeed(self.router)

@@ -23,20 +23,18 @@ def _folder(tmp_path, cfg) -> str:
 def test_defaults_read_from_the_model_folder_or_another(tmp_path):
     d = _folder(tmp_path / "m", {"bos_token_id": 0, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20,
                                  "min_p": 0.05, "max_new_tokens": 256, "repetition_penalty": 1.1})
-    defaults, ignored = default_sampling(d)
-    assert defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "max_tokens": 256}
-    assert ignored == ["repetition_penalty"]
-    assert default_sampling(d, "vllm") == ({}, [])  # the server's own
-    assert default_sampling("builtin:tiny") == ({}, [])
+    assert default_sampling(d) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "max_tokens": 256,
+                                   "repetition_penalty": 1.1}
+    assert default_sampling(d, "vllm") == {}  # the server's own
+    assert default_sampling("builtin:tiny") == {}
     other = _folder(tmp_path / "o", {"temperature": 0})
-    assert default_sampling(d, other) == ({"temperature": 0}, [])
-    assert default_sampling(str(tmp_path / "none"), "auto") == ({}, [])  # no file: no defaults
-    _folder(tmp_path / "n", {"eos_token_id": 1, "repetition_penalty": 1.0})
-    assert default_sampling(str(tmp_path / "n")) == ({}, [])  # neutral values are not reported
+    assert default_sampling(d, other) == {"temperature": 0}
+    assert default_sampling(str(tmp_path / "none"), "auto") == {}  # no file: no defaults
 
 
 @pytest.mark.parametrize("content, says", [
     ('{"top_p": 3}', "top_p must be in (0, 1]"),
+    ('{"repetition_penalty": 0}', "repetition_penalty must be in (0, 100]"),
     ('{"top_k": 2.5}', "Expected `int`"),
     ('{"temperature": 0.7', "generation_config.json"),
     ('[1, 2]', "must hold a JSON object"),
@@ -51,20 +49,26 @@ def test_a_bad_generation_config_is_a_one_line_error(tmp_path, content, says):
 
 
 def test_a_request_overrides_each_default():
-    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+                "presence_penalty": 0.5, "frequency_penalty": 0.25}
+
+    def fields(sp):
+        return (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty, sp.presence_penalty,
+                sp.frequency_penalty)
+
     req = msgspec.json.decode(b'{"prompt": "hi"}', type=CompletionRequest)
-    sp = sampling_params(req, 16, None, 0, defaults)
-    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p) == (0.6, 0.9, 20, 0.05)
-    req = msgspec.json.decode(b'{"prompt": "hi", "temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0}',
+    assert fields(sampling_params(req, 16, None, 0, defaults)) == (0.6, 0.9, 20, 0.05, 1.1, 0.5, 0.25)
+    req = msgspec.json.decode(b'{"prompt": "hi", "temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0, '
+                              b'"repetition_penalty": 1, "presence_penalty": 0, "frequency_penalty": 0}',
                               type=CompletionRequest)
-    sp = sampling_params(req, 16, None, 0, defaults)
-    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p) == (0.0, 1.0, 0, 0.0)  # explicit neutral values win
-    sp = sampling_params(msgspec.json.decode(b'{"prompt": "hi"}', type=CompletionRequest), 16, None)
-    assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p) == (1.0, 1.0, 0, 0.0)  # no defaults: neutral
+    neutral = (0.0, 1.0, 0, 0.0, 1.0, 0.0, 0.0)
+    assert fields(sampling_params(req, 16, None, 0, defaults)) == neutral  # explicit neutral values win
+    req = msgspec.json.decode(b'{"prompt": "hi"}', type=CompletionRequest)
+    assert fields(sampling_params(req, 16, None)) == (1.0, *neutral[1:])  # no defaults: neutral
 
 
 def test_served_requests_get_the_generation_configs_defaults(tmp_path):
-    folder = _folder(tmp_path, {"temperature": 0.0, "max_new_tokens": 5})
+    folder = _folder(tmp_path, {"temperature": 0.0, "max_new_tokens": 5, "repetition_penalty": 1.3})
     server = Server("--model", "builtin:tiny", "--generation-config", folder)
     try:
         client = OpenAI(base_url=server.base_url, api_key="none")
@@ -78,6 +82,13 @@ def test_served_requests_get_the_generation_configs_defaults(tmp_path):
         assert short.usage.completion_tokens == 2
         chat = client.chat.completions.create(model="builtin:tiny", messages=[{"role": "user", "content": "hi"}])
         assert chat.usage.completion_tokens <= 5
-        assert "default sampling from the generation config: temperature=0.0, max_tokens=5" in server.log()
+        pen = client.completions.create(model="builtin:tiny", prompt="Once upon a time", presence_penalty=0.5,
+                                        frequency_penalty=0.5, extra_body=no_eos)
+        assert pen.usage.completion_tokens == 5
+        plain = client.completions.create(model="builtin:tiny", prompt="Once upon a time", extra_body={
+            **no_eos, "repetition_penalty": 1.0, "max_tokens": 5})
+        assert plain.usage.completion_tokens == 5
+        assert "default sampling from the generation config: temperature=0.0, repetition_penalty=1.3, max_tokens=5" \
+            in server.log()
     finally:
         server.stop()

@@ -83,4 +83,4 @@ def test_openai_request_parsing():
     with pytest.raises(RequestError):
         prompt_list([[1, 2], [True]])
     with pytest.raises(RequestError, match="presence_penalty"):
-        sampling_params(decode_body(b'{"prompt": "a", "presence_penalty": 1}', CompletionRequest), 3, None)
+        sampling_params(decode_body(b'{"prompt": "a", "presence_penalty": 5}', CompletionRequest), 3, None)

@@ -199,3 +199,47 @@ def test_invalid_prompts_are_rejected():
     # a request that would run past the context ends there with "length"
     res = run_all(engine, {"ok": ([5] * 60, SamplingParams(max_tokens=100, ignore_eos=True))})["ok"]
     assert len(res[0]) == 4 and res[1] == "length" and engine.block_manager.num_used_blocks == 0
+
+
+def test_penalties_on_one_row():
+    st = sampling.PenaltyState([0, 1], 5, torch.device("cpu"))
+    st.catch_up([2, 2])
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0], [2.0, -2.0, 1.0, 0.5, 0.0]])
+    sp = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    sampling.apply_penalties(logits, [1], [st], [sp])
+    assert logits[0].tolist() == [2.0, -2.0, 1.0, 0.5, 0.0]  # the row without penalties is untouched
+    # seen (prompt: 0, 1; output: 2 twice): divided if positive, multiplied if negative; then the output's
+    assert logits[1].tolist() == [1.0, -4.0, 0.5 - 2 * 0.5 - 0.25, 0.5, 0.0]
+    st.catch_up([2, 2, 4])  # only the new token is counted
+    assert st.counts.tolist() == [0, 0, 2, 0, 1] and st.seen.tolist() == [True, True, True, False, True]
+
+
+def _penalized_reference(logits: torch.Tensor, prompt: list[int], out: list[int], sp: SamplingParams) -> torch.Tensor:
+    x = logits.clone()
+    for t in set(prompt) | set(out):
+        x[t] = x[t] / sp.repetition_penalty if x[t] > 0 else x[t] * sp.repetition_penalty
+    for t in set(out):
+        x[t] -= sp.frequency_penalty * out.count(t) + sp.presence_penalty
+    return x
+
+
+def test_greedy_with_penalties_follows_the_reference_and_ignores_the_batch():
+    """Each greedy token with penalties is the argmax of the model's logits (scored afresh) penalized
+    by a plain reference; a penalized request gives the same tokens alone and among others, and the
+    others are untouched by it."""
+    rng = random.Random(11)
+    prompt = random_prompt(rng, 12)
+    sp = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, repetition_penalty=1.8,
+                        frequency_penalty=0.7, presence_penalty=0.4)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=128, dtype="float32"))
+    alone = run_all(engine, {"p": (prompt, sp)})["p"][0]
+    plain = run_all(engine, {"q": (prompt, SamplingParams(max_tokens=14, temperature=0, ignore_eos=True))})["q"][0]
+    assert alone != plain  # the penalties changed something
+    for t in range(len(alone)):
+        (logits,) = engine.score([prompt + alone[:t]])
+        assert _penalized_reference(logits[-1], prompt, alone[:t], sp).argmax().item() == alone[t]
+    others = {f"o{i}": (random_prompt(rng, 5 + 3 * i), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+              for i in range(5)}
+    want = {k: v[0] for k, v in run_all(engine, others).items()}
+    mixed = run_all(engine, {**others, "p": (prompt, sp)})
+    assert mixed["p"][0] == alone and {k: mixed[k][0] for k in others} == want

@@ -204,14 +204,8 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
                     defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     """The engine's parameters for one choice of ``req``. What the request leaves unset (None) comes
     from ``defaults`` (the model's generation_config.json, ``loader.default_sampling``), then from
-    the neutral values (temperature 1, top-p 1, no top-k or min-p)."""
+    the neutral values (temperature 1, top-p 1, no top-k, min-p or penalties)."""
     d = defaults or {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(req, name)
-        if v not in (None, 0, 0.0):
-            raise RequestError(f"{name} is not supported by this server (only 0)", param=name)
-    if req.repetition_penalty not in (None, 1, 1.0):
-        raise RequestError("repetition_penalty is not supported by this server (only 1)", param="repetition_penalty")
     if bytes(req.logit_bias).strip() not in (b"null", b"{}"):
         raise RequestError("logit_bias is not supported by this server", param="logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -221,6 +215,9 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
         top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
         min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
+        repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=d.get("presence_penalty", 0.0) if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=d.get("frequency_penalty", 0.0) if req.frequency_penalty is None else req.frequency_penalty,
         seed=None if req.seed is None else req.seed + seed_offset,
         stop=stop,
         stop_token_ids=list(req.stop_token_ids or []),

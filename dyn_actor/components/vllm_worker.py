@@ -137,7 +137,8 @@ def vllm_sampling_params(p: SamplingParams):
         top_k=p.top_k if p.top_k > 0 else 0, min_p=p.min_p, seed=p.seed,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
-        output_kind=RequestOutputKind.DELTA)
+        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, output_kind=RequestOutputKind.DELTA)
 
 
 def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:

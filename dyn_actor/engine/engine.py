@@ -28,7 +28,7 @@ from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, res
 from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.request import Request, RequestStatus
-from dyn_actor.engine.sampling import Logprobs, SamplingParams, sample
+from dyn_actor.engine.sampling import Logprobs, PenaltyState, SamplingParams, sample
 from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
 from dyn_actor.kv.block_manager import BlockManager
 from dyn_actor.kv.events import KvEvent
@@ -464,7 +464,8 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if samplers:
             self._apply_min_tokens(logits, samplers)
-            result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers])
+            result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers],
+                            self._penalties(samplers, logits))
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
         return outputs
@@ -484,6 +485,20 @@ class LLMEngine:
                                          finish_reason="error", error=f"{type(exc).__name__}: {exc}",
                                          num_prompt_tokens=req.num_prompt_tokens))
         return outputs
+
+    def _penalties(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], list[PenaltyState]] | None:
+        """The rows whose requests ask for penalties, and their token counts brought up to date."""
+        rows = [i for i, r in enumerate(reqs) if r.params.penalized]
+        if not rows:
+            return None
+        states = []
+        for i in rows:
+            r = reqs[i]
+            if r.penalty is None:
+                r.penalty = PenaltyState(r.prompt_token_ids, logits.shape[1], logits.device)
+            r.penalty.catch_up(r.output_token_ids)
+            states.append(r.penalty)
+        return rows, states
 
     def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         for i, req in enumerate(reqs):

@@ -106,22 +106,21 @@ def resolve_device(name: str) -> str:
 #: what a model's generation_config.json may set as the default of a request's sampling (as vLLM
 #: reads it), and how its names map to the request's
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                        "max_new_tokens": "max_tokens"}
-_UNSUPPORTED_DEFAULTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+                        "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                        "frequency_penalty": "frequency_penalty", "max_new_tokens": "max_tokens"}
 
 
-def default_sampling(source: str, setting: str = "auto") -> tuple[dict, list[str]]:
+def default_sampling(source: str, setting: str = "auto") -> dict:
     """The sampling defaults a request gets for what it leaves unset, from a generation_config.json:
     the model folder's (``auto``, what vLLM does by default), another folder's (a path), or none
-    (``vllm``: the server's own neutral defaults). Returns ``(defaults, ignored)``: the defaults as
-    ``SamplingParams`` fields (temperature, top_p, top_k, min_p, max_tokens), and the names of
-    settings the file has that this server does not apply (repetition and presence penalties).
+    (``vllm``: the server's own neutral defaults), as ``SamplingParams`` fields (temperature, top_p,
+    top_k, min_p, the three penalties, and max_tokens from max_new_tokens).
     ``ModelLoadError`` for a file that cannot be read or holds values no request could have."""
     if setting == "vllm":
-        return {}, []
+        return {}
     if setting == "auto":
         if source.startswith(builtin.BUILTIN_PREFIX):
-            return {}, []
+            return {}
         folder = Path(source).expanduser()
     else:
         folder = Path(setting).expanduser()
@@ -129,7 +128,7 @@ def default_sampling(source: str, setting: str = "auto") -> tuple[dict, list[str
             raise ModelLoadError(f"--generation-config {setting!r}: no such folder (use auto, vllm or a folder)")
     path = folder / "generation_config.json"
     if not path.is_file():
-        return {}, []
+        return {}
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -137,14 +136,13 @@ def default_sampling(source: str, setting: str = "auto") -> tuple[dict, list[str
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     defaults = {ours: cfg[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}
-    ignored = [k for k, neutral in _UNSUPPORTED_DEFAULTS.items() if cfg.get(k) not in (None, neutral)]
     from dyn_actor.protocol import SamplingParams
 
     try:
         msgspec.convert(defaults, SamplingParams).validate()
     except (TypeError, ValueError, msgspec.ValidationError) as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    return defaults, ignored
+    return defaults
 
 
 def load_tokenizer(source: str) -> Tokenizer:

@@ -6,7 +6,7 @@ import enum
 
 import torch
 
-from dyn_actor.engine.sampling import SamplingParams, make_generator
+from dyn_actor.engine.sampling import PenaltyState, SamplingParams, make_generator
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +33,7 @@ class Request:
         "stop_reason",
         "num_preemptions",
         "hold_blocks",
+        "penalty",
     )
 
     def __init__(
@@ -58,6 +59,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.hold_blocks = False  # keep the KV blocks after finishing (a prefill worker reads them)
+        self.penalty: PenaltyState | None = None  # token counts for the penalties (made when first sampled)
 
     @property
     def num_tokens(self) -> int:

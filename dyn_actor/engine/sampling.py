@@ -1,7 +1,9 @@
 """Sampling parameters and the batched sampler.
 
-Each row of a batch has its own parameters. Greedy rows take the argmax of
-the raw logits; random rows apply temperature, top-k, top-p and min-p, then
+Each row of a batch has its own parameters. Repetition, frequency and
+presence penalties come first where a request asks for them (``PenaltyState``
+keeps its token counts on the device). Greedy rows take the argmax of the
+logits; random rows apply temperature, top-k, top-p and min-p, then
 draw by inverting the row's cumulative distribution at one uniform number
 ``u``: the first token whose cumulative probability exceeds ``u`` times the
 row's total. A seeded request draws its ``u`` from its own generator, and a
@@ -111,6 +113,45 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+class PenaltyState:
+    """What the penalties of one request need, kept on the logits' device and caught up with its
+    new tokens at each step (not rebuilt from the whole history): which tokens its prompt or output
+    holds, and how often each occurs in the output."""
+
+    __slots__ = ("seen", "counts", "n_out")
+
+    def __init__(self, prompt_ids: Sequence[int], vocab: int, device: torch.device) -> None:
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.n_out = 0
+
+    def catch_up(self, output_ids: Sequence[int]) -> None:
+        if len(output_ids) == self.n_out:
+            return
+        new = torch.tensor(list(output_ids[self.n_out:]), dtype=torch.long, device=self.counts.device)
+        self.counts.index_add_(0, new, torch.ones(new.shape[0], device=new.device))
+        self.seen[new] = True
+        self.n_out = len(output_ids)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[int], states: Sequence[PenaltyState],
+                    params: Sequence[SamplingParams]) -> None:
+    """vLLM's repetition, frequency and presence penalties on ``logits`` rows ``rows`` (in place;
+    ``params`` and ``states`` are those rows')."""
+    dev = logits.device
+    idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
+    table = torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                          [p.presence_penalty for p in params]], dtype=torch.float32).to(dev)
+    rep, freq, pres = (t.unsqueeze(1) for t in table.unbind(0))
+    counts = torch.stack([s.counts for s in states])
+    seen = torch.stack([s.seen for s in states])
+    x = logits.index_select(0, idx)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - freq * counts - pres * (counts > 0).float()
+    logits.index_copy_(0, idx, x)
+
+
 def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token a row of ``probs`` (``[n, vocab]``, rows not necessarily summing to 1 exactly):
     the first whose cumulative probability exceeds ``u`` (``[n]``, in [0, 1)) times the row's
@@ -128,14 +169,22 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    penalties: tuple[Sequence[int], Sequence[PenaltyState]] | None = None,
 ) -> SampleResult:
     """Sample one token per row of float32 ``logits`` (modified in place by masks the caller applied).
+    ``penalties``: the rows whose requests ask for penalties, and their ``PenaltyState``; greedy and
+    random draws see the penalized logits, logprobs the raw ones (vLLM's default).
 
     On a GPU: the rows' parameters go over in one host-to-device copy, and the tokens (with the
     logprob figures when any row asks for them) come back in one device-to-host copy."""
     n = logits.shape[0]
     dev = logits.device
     raw = logits
+    if penalties is not None:
+        rows, states = penalties
+        if any(params[i].logprobs is not None for i in range(n)):
+            logits = logits.clone()
+        apply_penalties(logits, rows, states, [params[i] for i in rows])
     greedy = [p.greedy for p in params]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -164,7 +213,7 @@ def sample(
             x = apply_min_p(x, min_p_t)
         tokens = draw_from(x.softmax(dim=-1), u)
         if any(greedy):
-            tokens = torch.where(greedy_t.bool(), raw.argmax(dim=-1), tokens)
+            tokens = torch.where(greedy_t.bool(), logits.argmax(dim=-1), tokens)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not want:
         return SampleResult(tokens.tolist(), [None] * n)
