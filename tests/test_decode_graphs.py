@@ -18,21 +18,22 @@ def test_buckets():
     assert graph_buckets(10_000)[-1] == 512
 
 
+def _tokens(jobs: dict, graphs: str, blocks: int, max_model_len: int, max_num_seqs: int):
+    """Each job's greedy tokens from a fresh engine (graphs ``on``: the runner, eager off a GPU), and the engine."""
+    engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=max_model_len, num_kv_blocks=blocks,
+                                    cuda_graphs=graphs, max_num_seqs=max_num_seqs))
+    return {k: v[0] for k, v in run_all(engine, jobs).items()}, engine
+
+
 def test_graph_replay_gives_the_eager_tokens():
     rng = random.Random(2)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     jobs = {f"r{i}": ([0] + [rng.randrange(2, 99) for _ in range(rng.randint(3, 60))], params) for i in range(7)}
-
-    def run(graphs: str, blocks: int):
-        engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=96, num_kv_blocks=blocks, cuda_graphs=graphs,
-                                        max_num_seqs=8))
-        return {k: v[0] for k, v in run_all(engine, jobs).items()}, engine
-
-    want, _ = run("off", 64)
-    got, engine = run("on", 64)
+    want, _ = _tokens(jobs, "off", 64, 96, 8)
+    got, engine = _tokens(jobs, "on", 64, 96, 8)
     assert got == want
     assert engine.pool.layout.num_blocks == 65 and engine.block_manager.num_blocks == 64  # + the scratch block
-    tight, engine = run("on", 14)  # preemption on the way
+    tight, engine = _tokens(jobs, "on", 14, 96, 8)  # preemption on the way
     assert tight == want and engine.stats().num_preemptions > 0
 
 
@@ -44,15 +45,9 @@ def test_graph_rows_follow_requests_that_come_and_go():
     jobs = {f"r{i}": ([0] + [rng.randrange(2, 99) for _ in range(rng.randint(2, 50))],
                       SamplingParams(max_tokens=rng.randint(3, 45), temperature=0, ignore_eos=True))
             for i in range(20)}
-
-    def run(graphs: str, blocks: int):
-        engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=128, num_kv_blocks=blocks, cuda_graphs=graphs,
-                                        max_num_seqs=6))
-        return {k: v[0] for k, v in run_all(engine, jobs).items()}, engine
-
-    want, _ = run("off", 128)
-    got, _ = run("on", 128)
+    want, _ = _tokens(jobs, "off", 128, 128, 6)
+    got, _ = _tokens(jobs, "on", 128, 128, 6)
     assert got == want
-    tight, engine = run("on", 16)
+    tight, engine = _tokens(jobs, "on", 16, 128, 6)
     assert tight == want and engine.stats().num_preemptions > 0
     assert engine.block_manager.num_used_blocks == 0
