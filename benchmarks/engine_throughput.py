@@ -42,6 +42,11 @@ from benchmarks.common import (  # noqa: E402
 
 patch_vllm_version()  # vLLM's spawned processes re-import this module
 
+def _temperature() -> float:
+    """--temperature, through the environment: each engine runs in a fresh process."""
+    return float(os.environ.get("DYN_BENCH_TEMPERATURE", "0"))
+
+
 WORKLOADS = {"short": (64, 128, 128), "long": (8, 1536, 32),
              "gpu64": (64, 128, 128), "gpu256": (256, 1024, 128),  # the GPU issue's two workloads
              "smoke": (4, 32, 8)}
@@ -104,8 +109,10 @@ def run_transformers(model: str, vocab: int, workload, dtype: str, max_num_seqs:
     def generate(prompts, max_tokens):
         ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
         with torch.no_grad():
+            t = _temperature()
+            sampled = {"do_sample": True, "temperature": t, "top_k": 0} if t else {"do_sample": False}
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=1)
+                              min_new_tokens=max_tokens, pad_token_id=1, **sampled)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
     return _timed_passes(generate, vocab, workload)
@@ -124,7 +131,7 @@ def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, 
     ids = iter(range(1 << 62))
 
     def generate(prompts, max_tokens):
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=_temperature(), ignore_eos=True)
         for p in prompts:
             engine.add_request(f"r{next(ids)}", p, sp)
         produced = 0
@@ -182,7 +189,7 @@ def run_vllm(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, ma
               max_num_batched_tokens=max_batched, seed=0)
 
     def generate(prompts, max_tokens):
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=_temperature(), ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
@@ -244,10 +251,12 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else every request sampled at it")
     ap.add_argument("--transformers", action="store_true", help="also run transformers' generate() (the baseline)")
     ap.add_argument("--profile", metavar="PATH", help="cuda: write a torch profiler summary of the native engine's "
                     "decode steps (per workload: PATH with the workload name added)")
     args = ap.parse_args()
+    os.environ["DYN_BENCH_TEMPERATURE"] = str(args.temperature)
 
     models = prepare_models(args.models.split(","))
     engines = [("native", run_native)]
