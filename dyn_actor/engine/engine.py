@@ -559,7 +559,7 @@ class LLMEngine:
             ctx = []
             for row, (r, _) in enumerate(decodes):
                 pos = r.num_computed_tokens
-                blocks = self.block_manager.block_ids(r.request_id)
+                blocks = self.block_manager.block_table(r.request_id)
                 ids.append(r.all_token_ids[pos])
                 positions.append(pos)
                 slot_blocks.append(blocks[pos // bs])
@@ -581,7 +581,7 @@ class LLMEngine:
         start = nd
         for r, n in prefills:
             c = r.num_computed_tokens
-            blocks = self.block_manager.block_ids(r.request_id)
+            blocks = self.block_manager.block_table(r.request_id)
             end = c + n
             ids.extend(r.all_token_ids[c:end])
             pos = torch.arange(c, end)

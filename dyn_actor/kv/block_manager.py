@@ -153,8 +153,6 @@ class BlockManager:
             owned = []
         elif computed_blocks:
             raise ValueError(f"request {request_id} already owns blocks; hits only apply to a new request")
-        elif len(owned) * self.block_size >= num_tokens:  # a decode step inside its last block
-            return list(self._req_ids[request_id])
         needed_total = -(-num_tokens // self.block_size)
         have = len(owned) + len(computed_blocks)
         new_needed = max(0, needed_total - have)
