@@ -32,6 +32,7 @@ from launcher.config import (
     parse_args,
     resolve_gpus,
     topology_counts,
+    visible_devices,
     with_default_threads,
 )
 from launcher.processes import (
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             if role != "prefill":
                 endpoints[f"{role}-{i}"] = ep
             gpu, share = plan.get(f"{role} {i}", (None, cfg.gpu_memory_utilization))
-            spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share))
+            visible = None if gpu is None else visible_devices(role, gpu, gpus)
+            spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share, visible))
         err = _wait_ready(children, cfg.ready_timeout, stopping)
         planner_eps = planner_endpoints_in(run_dir)
         planner = None
@@ -320,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             """A prefill or decode worker more, with the next index (a decode one is announced when ready)."""
             i = max((c.index for c in children if c.role == role), default=-1) + 1
             gpu = gpus[i % len(gpus)] if gpus else None
+            visible = None if gpu is None else visible_devices(role, gpu, gpus)
             c = spawn(role, i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"{role}-{i}"), role, queue_ep, gpu,
-                                              cfg.gpu_memory_utilization / 2))
+                                              cfg.gpu_memory_utilization / 2, visible))
             c.added = True
             if role == "decode":
                 c.on_up = announce

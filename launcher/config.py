@@ -324,6 +324,16 @@ def gpu_plan(engine_processes: list[str], gpus: list[int], utilization: float) -
     return {name: (g, utilization / per_card[g]) for name, g in placed.items()}
 
 
+def visible_devices(role: str, gpu: int, gpus: list[int]) -> list[int]:
+    """The cards an engine process on ``gpu`` sees, its own first (it computes on ``cuda:0``). A
+    prefill worker sees the others too: it writes KV into decode workers' pools on any card (by
+    peer access, or through host memory where the two have none), which needs their cards visible
+    to it. The others see only their own."""
+    if role != "prefill":
+        return [gpu]
+    return [gpu] + [g for g in dict.fromkeys(gpus) if g != gpu]
+
+
 def topology_counts(topology: str, workers: int) -> tuple[int, int, int]:
     """(aggregated workers, prefill workers, decode workers) of a topology string."""
     if topology == "agg":

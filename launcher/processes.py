@@ -83,11 +83,13 @@ def _stop_on_sigterm(stop) -> None:
 
 
 def worker_main(index: int, cfg_dict: dict, endpoint: str, conn, role: str = "worker",
-                queue_endpoint: str | None = None, gpu: int | None = None, gpu_share: float = 0.9) -> None:
+                queue_endpoint: str | None = None, gpu: int | None = None, gpu_share: float = 0.9,
+                visible: list[int] | None = None) -> None:
     """An aggregated worker (role ``worker``), a decode worker or a prefill worker; on GPU ``gpu``
-    (the only card it sees) with ``gpu_share`` of its memory, when given."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
+    with ``gpu_share`` of its memory, when given. It sees the cards ``visible`` (its own first;
+    only its own when not given)."""
+    if gpu is not None:  # before CUDA starts in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible or [gpu]))
     cfg = LaunchConfig(**cfg_dict)
     _child_setup(f"dyn-actor {role} {index}", cfg.log_level)
     if cfg.engine == "vllm":
@@ -202,9 +204,9 @@ def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, pl
 
 
 def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, gpu: int | None,
-                 gpu_share: float, conn) -> None:
+                 gpu_share: float, visible: list[int] | None, conn) -> None:
     """``worker_main`` with the pipe last, as the launcher's spawn helper passes it."""
-    worker_main(index, cd, ep, conn, role, queue_ep, gpu, gpu_share)
+    worker_main(index, cd, ep, conn, role, queue_ep, gpu, gpu_share, visible)
 
 
 def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:

@@ -76,3 +76,26 @@ def test_a_pool_that_shm_cannot_hold_is_refused_with_the_sizes_and_the_flag():
     with pytest.raises(MemoryError, match=r"MiB free: lower --kv-cache-memory-gb"):
         check_shm_room(1 << 60)
     check_shm_room(1 << 20)  # a small one fits
+
+
+def test_a_writer_picks_its_route_to_a_pool_on_another_card():
+    """``choose_route``: where a prefill worker opens a decode pool's IPC handle and how it writes, by
+    the cards it sees (its own is device 0) and which pairs have peer access (the CUDA path itself
+    runs in tests/test_kv_transfer_gpu.py on a GPU)."""
+    import pytest
+
+    from dyn_actor.kv.cuda_ipc import choose_route
+
+    cards = ["GPU-a", "GPU-b", "GPU-c"]
+    nvlink = lambda a, b: True  # noqa: E731
+    pcie_split = lambda a, b: {a, b} != {0, 2}  # noqa: E731 - cards 0 and 2 on different sockets
+    assert choose_route(0, "GPU-a", cards, nvlink) == (0, "same")
+    assert choose_route(0, "GPU-b", cards, nvlink) == (0, "peer")  # opened on the writer's card, mapped across
+    assert choose_route(0, "GPU-c", cards, pcie_split) == (2, "host")  # opened on the owner's card
+    assert choose_route(0, "GPU-b", cards, pcie_split) == (0, "peer")
+    assert choose_route(0, "GPU-a", cards, nvlink, forced="host") == (0, "host")
+    assert choose_route(0, "", cards, nvlink) == (0, "same")  # a descriptor naming no card: one-card box
+    with pytest.raises(RuntimeError, match="GPU-z is not visible"):
+        choose_route(0, "GPU-z", cards, nvlink)
+    with pytest.raises(ValueError, match="only 'host'"):
+        choose_route(0, "GPU-b", cards, nvlink, forced="peer")

@@ -79,3 +79,74 @@ def test_fused_scatter_equals_index_copy(dtype, block_elems):
     ref.index_copy_(0, ids, src)
     torch.cuda.synchronize()
     assert torch.equal(dst, ref)
+
+
+@pytest.mark.parametrize("dtype,block_elems", [(torch.float16, 16 * 2 * 64 * 2 * 4), (torch.float32, 1000),
+                                               (torch.bfloat16, 3), (torch.float16, 1 << 20), (torch.int8, 777)])
+def test_pool_to_pool_move_equals_index_copy(dtype, block_elems):
+    from dyn_actor.kv.cuda_ipc import move_blocks
+
+    n_pool, n = 64, 24
+    dst = torch.zeros((n_pool, block_elems), dtype=dtype, device="cuda")
+    ref = dst.clone()
+    src = (torch.randn((n_pool, block_elems), device="cuda") * 20).to(dtype)
+    dst_ids, src_ids = torch.randperm(n_pool, device="cuda")[:n], torch.randperm(n_pool, device="cuda")[:n]
+    move_blocks(dst, src, dst_ids, src_ids)
+    ref.index_copy_(0, dst_ids, src.index_select(0, src_ids))
+    torch.cuda.synchronize()
+    assert torch.equal(dst, ref)
+
+
+def _route_writer(desc, conn) -> None:
+    """Writes pool-to-pool and from a tensor, on the route the environment forces."""
+    from dyn_actor.kv.cuda_ipc import HOST_CHUNK_BYTES, card_id
+    from dyn_actor.kv.transfer import open_remote_pool
+
+    remote = open_remote_pool(desc)
+    own = torch.stack([_block(i) for i in range(LAYOUT.num_blocks)]).cuda()  # this writer's "pool"
+    src_ids = [9, 250, 31, 0, 128]
+    remote.write_blocks_from([200, 3, 250, 220, 4], own, src_ids)
+    many = list(range(10, 10 + 180))  # several chunks of the host route's buffer (64 blocks, set below)
+    remote.write_blocks_from(many, own, [(i + 40) % LAYOUT.num_blocks for i in many])
+    remote.write_blocks([5], torch.full((1, *LAYOUT.shape[1:]), 5.0, dtype=LAYOUT.dtype, device="cuda"))
+    conn.send((remote.route, desc.card == card_id(0), HOST_CHUNK_BYTES))
+    conn.recv()
+    remote.close()
+
+
+@pytest.mark.parametrize("route", ["same", "host"])
+def test_a_route_writes_the_same_blocks(route, monkeypatch):
+    """The host route (for two cards without peer access; forced here, on one card) writes what the
+    direct kernel writes; the route is taken from the descriptor's card id."""
+    import dyn_actor.kv.cuda_ipc as cuda_ipc
+    from dyn_actor.kv.transfer import make_shared_pool
+
+    pool = make_shared_pool(LAYOUT, "cuda")
+    other = make_shared_pool(LAYOUT, "cuda")
+    desc = pool.descriptor()
+    assert desc.name != other.descriptor().name  # a writer maps pools by name
+    if route == "host":
+        monkeypatch.setenv(cuda_ipc.ROUTE_ENV, "host")
+        monkeypatch.setenv("DYN_ACTOR_KV_HOST_CHUNK_BYTES", str(64 * LAYOUT.block_nbytes))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_route_writer, args=(desc, child))
+    p.start()
+    try:
+        assert parent.poll(120), "writer did not report"
+        got, same_card, chunk = parent.recv()
+        assert (got, same_card) == (route, True)
+        if route == "host":
+            assert chunk == 64 * LAYOUT.block_nbytes
+        for dst, s in zip([200, 3, 250, 220, 4], [9, 250, 31, 0, 128]):
+            assert torch.equal(pool.data[dst].cpu(), _block(s)), (dst, s)
+        for i in (10, 11, 73, 74, 75, 137, 138, 189):  # each chunk's ends
+            assert torch.equal(pool.data[i].cpu(), _block((i + 40) % LAYOUT.num_blocks)), i
+        assert bool((pool.data[5] == 5).all())
+        assert pool.data[190].abs().sum().item() == 0 and pool.data[6].abs().sum().item() == 0
+        parent.send("bye")
+    finally:
+        p.join(60)
+        pool.close()
+        other.close()
+    assert p.exitcode == 0

@@ -131,3 +131,14 @@ def test_gpu_plan_hands_out_cards_in_order_and_splits_shared_ones():
     assert plan == {"decode 0": (3, 0.45), "prefill 0": (3, 0.45)}
     plan = gpu_plan(["decode 0", "decode 1", "prefill 0"], [0, 1], 0.8)
     assert plan == {"decode 0": (0, 0.4), "decode 1": (1, 0.8), "prefill 0": (0, 0.4)}
+
+
+def test_prefill_workers_see_every_card_their_own_first():
+    from launcher.config import visible_devices
+
+    # a prefill worker writes into decode pools on other cards: it must see them, and compute on its own
+    assert visible_devices("prefill", 2, [0, 1, 2, 3]) == [2, 0, 1, 3]
+    assert visible_devices("prefill", 5, [5]) == [5]
+    assert visible_devices("prefill", 1, [0, 1, 0, 1]) == [1, 0]
+    assert visible_devices("decode", 2, [0, 1, 2, 3]) == [2]
+    assert visible_devices("worker", 0, [0, 1]) == [0]

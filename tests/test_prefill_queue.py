@@ -21,8 +21,8 @@ class Idle(Actor):
         return {Depth: lambda m: QueueDepth(0)}
 
 
-def _req(rid: str, decoder: str, n: int = 3, computed_blocks: int = 0) -> RemotePrefillRequest:
-    desc = KvPoolDescriptor("shm", "none", [8, 1, 2, 4, 1, 1], "float32")  # blocks of 4 tokens
+def _req(rid: str, decoder: str, n: int = 3, computed_blocks: int = 0, card: str = "") -> RemotePrefillRequest:
+    desc = KvPoolDescriptor("shm", "none", [8, 1, 2, 4, 1, 1], "float32", card=card)  # blocks of 4 tokens
     return RemotePrefillRequest(rid, list(range(n)), SamplingParams(), decoder, inproc_endpoint(decoder), desc,
                                 list(range(-(-n // 4))), computed_blocks, 4)
 
@@ -69,3 +69,39 @@ async def _scenario() -> None:
 
 def test_queue_drops_the_work_of_a_dead_decode_worker():
     asyncio.run(_scenario())
+
+
+async def _near_scenario() -> None:
+    """On a box with several GPUs a pull names the cards its worker writes into directly, and gets the
+    oldest request for one of them first; with none queued, the oldest of all (nothing waits for a
+    nearer puller)."""
+    queue = PrefillQueue()
+    servers = {"queue": ActorServer(queue, inproc_endpoint("pq-near"))}
+    for name in ("dec-0", "dec-1"):
+        servers[name] = ActorServer(Idle(), inproc_endpoint(name))
+    tasks = [asyncio.ensure_future(s.serve()) for s in servers.values()]
+    ref = await ActorRef(inproc_endpoint("pq-near"), "queue").start(wait_ready=5)
+    try:
+        for rid, dec, card in [("x1", "dec-0", "GPU-0"), ("x2", "dec-0", "GPU-0"), ("y1", "dec-1", "GPU-1"),
+                               ("x3", "dec-0", "GPU-0"), ("y2", "dec-1", "GPU-1")]:
+            await ref.tell(Push(_req(rid, dec, card=card)))
+
+        async def pull(near: list[str]) -> str | None:
+            r = (await ref.ask(Pull(wait=0.1, near=near), Pulled)).request
+            return r.request_id if r else None
+
+        assert await pull(["GPU-1"]) == "y1"  # the oldest for its own card, not the oldest overall
+        assert await pull(["GPU-2", "GPU-0"]) == "x1"  # a peer card's counts too
+        assert await pull([]) == "x2"  # no preference: the oldest
+        assert await pull(["GPU-1"]) == "y2"
+        assert await pull(["GPU-1"]) == "x3"  # none for its cards left: the oldest of the others
+        assert await pull(["GPU-1"]) is None
+    finally:
+        await ref.close()
+        for s in servers.values():
+            s.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_pull_gets_the_oldest_request_for_a_card_near_its_worker_first():
+    asyncio.run(_near_scenario())

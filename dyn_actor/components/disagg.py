@@ -65,15 +65,16 @@ def process_alive(pid: int) -> bool:
 
 
 async def pull_loop(queue: ActorRef, puller: str, endpoint: str, finished: list[str], draining: Callable[[], bool],
-                    serve: Callable[[RemotePrefillRequest], Awaitable[None]]) -> None:
+                    serve: Callable[[RemotePrefillRequest], Awaitable[None]], near: list[str] | None = None) -> None:
     """A prefill worker's pull loop: ask the queue for one request at a time (the pull waits up to a
     second for work), serve it, and name it in ``finished`` (shared by the worker's loops; the queue
-    forgets what is named in the next pull) until ``draining()``."""
+    forgets what is named in the next pull) until ``draining()``. ``near``: the cards the worker
+    writes into directly (``Pull.near``)."""
     while not draining():
         try:
             done = finished[:]
             finished.clear()
-            pulled = await queue.ask(Pull(1.0, puller, endpoint, done), Pulled, timeout=60.0)
+            pulled = await queue.ask(Pull(1.0, puller, endpoint, done, near or []), Pulled, timeout=60.0)
         except asyncio.TimeoutError:
             continue
         except ActorDeadError:  # stalled or restarting: the ref knocks until it answers again

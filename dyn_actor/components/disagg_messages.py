@@ -36,6 +36,9 @@ class Pull(msgspec.Struct, tag="pull"):
     puller: str = ""
     puller_endpoint: str = ""
     finished: list[str] = []  # request ids this puller is done with since its last pull
+    # the GPUs (by id) this puller writes into directly, its own first: the queue hands it the
+    # oldest request for one of these before any other (empty: no preference, as on the CPU)
+    near: list[str] = []
 
 
 class Drop(msgspec.Struct, tag="drop"):

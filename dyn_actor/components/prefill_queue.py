@@ -1,7 +1,9 @@
 """The prefill queue: decode workers push remote prefills, prefill workers pull when they have room.
 
 A pull waits (up to its ``wait``) for work, so an idle prefill worker gets a
-request the moment one is pushed, and a busy one is never handed anything.
+request the moment one is pushed, and a busy one is never handed anything. On a
+box with several GPUs a pull names the cards its worker writes into directly
+(``Pull.near``), and gets the oldest request for one of those first.
 The queue publishes its depth on every change (and twice a second, so that a
 silent queue is noticed), so decode workers never ask for it per request. It
 watches (by heartbeat) every decode worker that pushed to it; when one dies,
@@ -38,6 +40,7 @@ from dyn_actor.transport import PubSocket
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL = 0.5
+NEAR_SCAN = 64  # queued requests a pull looks through for one on a card near its puller
 PULLED_REMEMBERED = 4096  # pulled request ids kept, to pass a late Drop on to the puller
 
 
@@ -154,7 +157,8 @@ class PrefillQueue(Actor):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 return Pulled(None)
-        rid, req = self._items.popitem(last=False)
+        rid = self._pick(m.near)
+        req = self._items.pop(rid)
         self._set_changed()
         if m.puller_endpoint:
             self._watch_puller(m.puller, m.puller_endpoint)
@@ -162,6 +166,21 @@ class PrefillQueue(Actor):
             while len(self._pulled) > PULLED_REMEMBERED:
                 self._pulled.popitem(last=False)
         return Pulled(req)
+
+
+    def _pick(self, near: list[str]) -> str:
+        """The request a pull gets: the oldest whose pool is on a card the puller writes into
+        directly (among the first ``NEAR_SCAN`` queued), else the oldest. A pull never waits for a
+        nearer puller: it always gets something, so nothing starves."""
+        oldest = next(iter(self._items))
+        if not near:
+            return oldest
+        for i, (rid, r) in enumerate(self._items.items()):
+            if i >= NEAR_SCAN:
+                break
+            if r.pool.card in near:
+                return rid
+        return oldest
 
 
 def uncached_tokens(r: RemotePrefillRequest) -> int:

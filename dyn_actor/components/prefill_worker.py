@@ -52,6 +52,7 @@ class PrefillWorker(Worker):
         self._writing: set[str] = set()  # request ids asking for or holding a write grant
         self._finished: list[str] = []  # request ids served since the last pull (the queue forgets them)
         self._concurrency = concurrency
+        self._near: list[str] = []  # the GPUs this worker writes into directly (its pulls name them)
         self._loops: list[asyncio.Task] = []
         self._draining = False
         self.prefills_done = 0
@@ -67,6 +68,11 @@ class PrefillWorker(Worker):
         self._queue = await ActorRef(self._queue_endpoint, "prefill-queue").start(wait_ready=60)
         self._queue.on_dead(lambda _r: log.warning("the prefill queue stopped answering; pulling again when it does"))
         self._queue.on_alive(lambda _r: log.info("the prefill queue answers again"))
+        device = getattr(self.engine, "device", None)
+        if device is not None and device.type == "cuda":  # the queue prefers requests for these cards
+            from dyn_actor.kv.cuda_ipc import near_cards
+
+            self._near = near_cards(device.index or 0)
         self._loops = [asyncio.ensure_future(self._pull_loop()) for _ in range(self._concurrency)]
 
     async def on_stop(self) -> None:
@@ -142,7 +148,8 @@ class PrefillWorker(Worker):
 
     async def _pull_loop(self) -> None:
         assert self._queue is not None
-        await pull_loop(self._queue, self.name, self.endpoint, self._finished, lambda: self._draining, self._serve)
+        await pull_loop(self._queue, self.name, self.endpoint, self._finished, lambda: self._draining, self._serve,
+                        self._near)
 
     async def _serve(self, r: RemotePrefillRequest) -> None:
         decoder = self._decoder(r)
@@ -169,6 +176,8 @@ class PrefillWorker(Worker):
         if pool is None:  # attach first: a pool that is gone means there is nothing to compute for
             pool = self._pools[r.pool.name] = open_remote_pool(r.pool)
             self._pool_names[r.decode_endpoint] = r.pool.name
+            log.info("mapped %s's KV pool %s (%s)", r.decode_worker, r.pool.name,
+                     f"route {pool.route}" if hasattr(pool, "route") else r.pool.kind)
         rid = f"prefill-{r.request_id}"
         k = r.num_computed_blocks
         # the same params, one token: every field travels (a field added later is not lost here)

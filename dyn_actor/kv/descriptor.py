@@ -26,3 +26,4 @@ class KvPoolDescriptor(msgspec.Struct, frozen=True):
     dtype: str
     device: int = -1
     cuda: CudaIpcHandle | None = None  # kind "cuda_ipc" only
+    card: str = ""  # kind "cuda_ipc": the owner's card (its UUID), which a writer finds among the cards it sees

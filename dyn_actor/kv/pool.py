@@ -156,11 +156,15 @@ class RemotePool:
         check_block_ids(src_ids, src.shape[0])
         if not block_ids:
             return 0
-        if src.dtype != self.data.dtype or src.device != self.data.device:  # a conversion: through a copy
+        if src.dtype != self.data.dtype or not self._accepts(src):  # a conversion: through a copy
             self._scatter(list(block_ids), src[torch.as_tensor(list(src_ids), device=src.device)])
         else:
             self._move(list(block_ids), src, list(src_ids))
         return len(block_ids) * self.block_nbytes
+
+    def _accepts(self, src: torch.Tensor) -> bool:
+        """Whether ``_move`` reads ``src`` where it is (else the blocks are gathered, then scattered)."""
+        return src.device == self.data.device
 
     def _move(self, block_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
         raise NotImplementedError
