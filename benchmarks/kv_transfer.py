@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -112,12 +113,15 @@ SWEEP = [(w, nw) for w in (512, 1024, 2048, 4096, 8192) for nw in (4, 8, 16)]
 
 
 def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
-    from dyn_actor.kv.cuda_ipc import move_blocks
+    from dyn_actor.kv.cuda_ipc import ROUTE_ENV, move_blocks
     from dyn_actor.kv.transfer import open_remote_pool
 
     rows, sweep_rows = [], []
     for label, desc in descs.items():
         remote = open_remote_pool(desc)
+        os.environ[ROUTE_ENV] = "host"  # the route for two cards without peer access, forced on this one
+        staged = open_remote_pool(desc)
+        del os.environ[ROUTE_ENV]
         num_blocks = desc.shape[0]
         block_bytes = remote.block_nbytes
         own = torch.empty(tuple(desc.shape), dtype=remote.data.dtype, device=remote.device)  # the writer's pool
@@ -137,6 +141,7 @@ def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
                 t = _cuda_time(lambda r=remote, i=ids, s=src_ids, o=own, c=cfg: move_blocks(r.data, o, i, s, config=c))
                 sweep_rows.append({"block": label, "MiB": n * block_bytes / 2**20, "words": cfg[0],
                                    "warps": cfg[1], "GBps": n * block_bytes / t / 1e9})
+            t_host = _cuda_time(lambda r=staged, i=ids_list, s=src_list, o=own: r.write_blocks_from(i, o, s), reps=5)
             t_ipc = _cuda_time(lambda r=remote, src=src, ids_list=ids_list: r.write_blocks(ids_list, src))
             t_index_copy = _cuda_time(
                 lambda r=remote, ids=ids, s=src_ids, o=own: r.data.index_copy_(0, ids, o.index_select(0, s)))
@@ -146,13 +151,14 @@ def _gpu_writer(descs: dict, conn, sweep: bool = False) -> None:
             rows.append({"block": label, "blocks": n, "MiB": nbytes / 2**20,
                          "direct_GBps": nbytes / t_direct / 1e9, "kernel_GBps": nbytes / t_kernel / 1e9,
                          "ipc_scatter_GBps": nbytes / t_ipc / 1e9,
-                         "index_copy_GBps": nbytes / t_index_copy / 1e9,
+                         "index_copy_GBps": nbytes / t_index_copy / 1e9, "host_route_GBps": nbytes / t_host / 1e9,
                          "d2d_copy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_direct,
                          "kernel_ratio": t_copy / t_kernel,
                          "direct_us": t_direct * 1e6, "ids_us": t_ids * 1e6, "kernel_us": t_kernel * 1e6})
             del src, dst, ids, src_ids
         del own
         remote.close()
+        staged.close()
     conn.send((rows, sweep_rows))
 
 
@@ -211,7 +217,9 @@ def main() -> int:
               "kernel: the same kernel with the ids already on the device) vs a d2d copy of the same bytes")
         print_table(gpu, ["block", "blocks", "MiB", "direct_GBps", "kernel_GBps", "ipc_scatter_GBps",
                           "index_copy_GBps", "d2d_copy_GBps", "ratio", "kernel_ratio", "direct_us", "ids_us",
-                          "kernel_us"])
+                          "kernel_us", "host_route_GBps"])
+        print("host_route: through a pinned host buffer, the route between two cards without peer access "
+              "(forced here on one card)")
         if sweep:
             print("\nmove kernel configs (GB/s, ids on the device)")
             print_table(sweep, ["block", "MiB", "words", "warps", "GBps"])

@@ -5,7 +5,8 @@
 #     kernels  the Triton attention and fused elementwise kernels against PyTorch, up to serving sizes;
 #     engine   the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
 #     ipc      the CUDA IPC KV transfer tests;
-#     disagg   the launcher on the GPU: agg and 1p1d give the same greedy tokens, a killed prefill worker;
+#     disagg   the launcher on the GPU: agg and 1p1d give the same greedy tokens, killed workers leave no
+#              device memory held;
 #     faults   the fault matrix (tests/test_fault_matrix.py) with every server on the GPU (about 3 min);
 #   then the measurements, one at a time (alone on the card):
 #     kvbench  the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy,
@@ -70,7 +71,7 @@ PYT=($PY -m pytest -q -p no:cacheprovider)
 launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py tests/test_triton_ops.py
 launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
 launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
-launch disagg "agg and 1p1d on the GPU agree" 200 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
+launch disagg "agg and 1p1d on the GPU agree, no device memory held after kills" 320 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
 launch faults "fault matrix on the GPU" ${FAULTS_LIMIT:-300} env DYN_TEST_SERVER_FLAGS="--device cuda --dtype float32" \
     "${PYT[@]}" tests/test_fault_matrix.py
 A=(kernels ipc engine disagg)
