@@ -25,6 +25,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    # the same for each prompt token after the first (vLLM's prompt_logprobs): the model's raw
+    # log-probabilities; the request computes its whole prompt (no prefix-cache hit, no remote prefill)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # vLLM's three: a token seen in the prompt or the output has its logit divided (if positive) or
     # multiplied (if negative) by repetition_penalty; each output occurrence costs frequency_penalty,
@@ -53,6 +56,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
         if not 0.0 < self.repetition_penalty <= 100.0:
             raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):

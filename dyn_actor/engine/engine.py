@@ -82,6 +82,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     logprobs: list[Logprobs] | None = None
+    # prompt_logprobs asked: one per prompt token (None for the first), on the request's first output
+    prompt_logprobs: list[Logprobs | None] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # the step that computed this request failed: it ended with this error
@@ -420,6 +422,9 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(0, req.num_cached_tokens),
         )
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = req.prompt_logprobs
+            req.prompt_logprobs_sent = True
         if finished:
             out.finished = True
             out.finish_reason = req.finish_reason
@@ -446,10 +451,12 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
         g = self.graphs
-        if g is not None and len(scheduled) <= g.max_batch and all(n == 1 for _, n in scheduled):
+        scores: list[tuple[Request, int, int, int]] = []
+        if g is not None and len(scheduled) <= g.max_batch and all(
+                n == 1 and (r.prompt_logprobs is None or not r.prompt_logprobs_pending) for r, n in scheduled):
             logits, samplers = self._decode_from_graph(scheduled)
         else:
-            batch, samplers = self._build_batch(scheduled)  # prefill and mixed steps: eager
+            batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps: eager
             wide = self._prefill_threads and sum(n for _, n in scheduled) >= PREFILL_THREADS_MIN_TOKENS
             if wide:
                 torch.set_num_threads(self._prefill_threads)
@@ -458,6 +465,8 @@ class LLMEngine:
             finally:
                 if wide:
                     torch.set_num_threads(self._threads)
+        if scores:  # rows that score prompt tokens come first in the logits; the sampled rows follow
+            logits = self._score_prompts(logits, scores)
         for req, n in scheduled:
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -469,6 +478,35 @@ class LLMEngine:
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
         return outputs
+
+    def _score_prompts(self, logits: torch.Tensor, scores: list[tuple[Request, int, int, int]]) -> torch.Tensor:
+        """Append each request's prompt logprobs from its rows of ``logits`` (``scores``: request, first
+        position, first row, rows; position j scores prompt token j + 1), the model's raw
+        log-probabilities as vLLM reports them, all in one device-to-host copy; return the rows
+        after them (the sampled ones)."""
+        used = sum(k for *_, k in scores)
+        lsm = torch.log_softmax(logits[:used].float(), dim=-1)
+        targets = torch.tensor([t for r, pos, _, k in scores for t in r.prompt_token_ids[pos + 1:pos + 1 + k]],
+                               dtype=torch.long, device=lsm.device)
+        chosen = lsm.gather(1, targets.unsqueeze(1))
+        ranks = (lsm > chosen).sum(dim=1) + 1
+        k_max = max(r.params.prompt_logprobs or 0 for r, *_ in scores)
+        parts = [targets.double(), chosen.squeeze(1).double(), ranks.double()]  # ids are exact in float64
+        if k_max:
+            top_v, top_i = lsm.topk(k_max, dim=-1)
+            parts += [top_v.double().flatten(), top_i.double().flatten()]
+        host = torch.cat(parts).cpu()
+        tok = host[:used].long().tolist()
+        val = host[used:2 * used].tolist()
+        rank = host[2 * used:3 * used].long().tolist()
+        top_v = host[3 * used:3 * used + used * k_max].view(used, k_max).tolist() if k_max else None
+        top_i = host[3 * used + used * k_max:].long().view(used, k_max).tolist() if k_max else None
+        for r, _pos, row0, k in scores:
+            want = r.params.prompt_logprobs or 0
+            for j in range(row0, row0 + k):
+                top = list(zip(top_i[j][:want], top_v[j][:want])) if want else []
+                r.prompt_logprobs.append(Logprobs(tok[j], val[j], rank[j], top))
+        return logits[used:]
 
     def _fail(self, reqs: list[Request], exc: Exception) -> list[RequestOutput]:
         """A step raised: end the requests of its batch, each with the error, and free their blocks.
@@ -541,8 +579,13 @@ class LLMEngine:
         return logits, samplers
 
     def _build_batch(
-        self, scheduled: list[tuple[Request, int]], all_logits: bool = False
+        self, scheduled: list[tuple[Request, int]], all_logits: bool = False,
+        scores: list[tuple[Request, int, int, int]] | None = None,
     ) -> tuple[ForwardBatch, list[Request]]:
+        """The forward pass's inputs, and the requests sampled from its logits, in row order. Where
+        ``scores`` is given, it gets (request, first position, first logits row, rows) for the
+        positions that score prompt tokens of requests that asked for prompt logprobs: their logits
+        rows come first, the sampled rows after them."""
         bs = self.layout.block_size
         decodes = [(r, n) for r, n in scheduled if n == 1 and not all_logits]
         prefills = [(r, n) for r, n in scheduled if n > 1 or all_logits]
@@ -567,6 +610,8 @@ class LLMEngine:
                 n_blocks = pos // bs + 1
                 tables.append(blocks[:n_blocks])
                 ctx.append(pos + 1)
+                if scores is not None and r.prompt_logprobs is not None and r.prompt_logprob_positions(pos, pos + 1):
+                    scores.append((r, pos, row, 1))
                 if pos + 1 == r.num_tokens:
                     logits_rows.append(row)
                     samplers.append(r)
@@ -593,6 +638,10 @@ class LLMEngine:
             if c > 0:
                 pmask = torch.arange(end).unsqueeze(0) <= (pos.unsqueeze(1))
             seqs.append(PrefillSeq(start, n, c, bt, pmask))
+            if scores is not None and r.prompt_logprobs is not None:
+                span = r.prompt_logprob_positions(c, end)
+                if span:
+                    scores.append((r, span.start, start + span.start - c, len(span)))
             if all_logits:
                 logits_rows.extend(range(start, start + n))
             elif end == r.num_tokens:
@@ -625,10 +674,22 @@ class LLMEngine:
             decode_ctx_lens=to(ctx_lens),
             decode_mask=to(mask),
             prefills=seqs,
-            logits_indices=to(torch.tensor(logits_rows, dtype=torch.long)),
+            logits_indices=to(torch.tensor(self._with_score_rows(logits_rows, scores), dtype=torch.long)),
             prefill_meta=meta,
         )
         return batch, samplers
+
+    @staticmethod
+    def _with_score_rows(logits_rows: list[int], scores: list[tuple[Request, int, int, int]] | None) -> list[int]:
+        """The rows whose logits the model returns: the prompt-scoring rows of ``scores`` first (their
+        entries then name where they are in the logits), the sampled rows after them."""
+        if not scores:
+            return logits_rows
+        rows: list[int] = []
+        for i, (r, pos, row0, k) in enumerate(scores):
+            scores[i] = (r, pos, len(rows), k)
+            rows.extend(range(row0, row0 + k))
+        return rows + logits_rows
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ import enum
 import torch
 
 from dyn_actor.engine.sampling import PenaltyState, SamplingParams, make_generator
+from dyn_actor.protocol import Logprobs
 
 
 class RequestStatus(enum.Enum):
@@ -34,6 +35,8 @@ class Request:
         "num_preemptions",
         "hold_blocks",
         "penalty",
+        "prompt_logprobs",
+        "prompt_logprobs_sent",
     )
 
     def __init__(
@@ -60,6 +63,22 @@ class Request:
         self.num_preemptions = 0
         self.hold_blocks = False  # keep the KV blocks after finishing (a prefill worker reads them)
         self.penalty: PenaltyState | None = None  # token counts for the penalties (made when first sampled)
+        # prompt_logprobs asked: one entry per prompt token computed so far (the first has none)
+        self.prompt_logprobs: list[Logprobs | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position
+        j's logits score prompt token j + 1); empty unless ``prompt_logprobs`` was asked."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        lo = max(start, len(self.prompt_logprobs) - 1)
+        hi = min(end, len(self.prompt_token_ids) - 1)
+        return range(lo, hi) if lo < hi else range(0)
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

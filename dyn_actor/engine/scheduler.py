@@ -143,7 +143,10 @@ class Scheduler:
             req = self.waiting[0]
             hits = []
             if not self.bm.has_request(req.request_id):
-                hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1)
+                limit = req.num_tokens - 1
+                if req.prompt_logprobs is not None:  # the positions that score missing prompt tokens are computed
+                    limit = min(limit, len(req.prompt_logprobs) - 1)
+                hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=limit)
                 computed = len(hits) * self.bm.block_size
             else:  # blocks kept from a failed remote prefill
                 computed = req.num_computed_tokens
