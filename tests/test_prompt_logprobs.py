@@ -82,3 +82,115 @@ def test_prompt_logprobs_are_validated():
     engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=64))
     with pytest.raises(ValueError, match="prompt_logprobs must be between 0 and 20"):
         engine.add_request("x", [0, 5, 6], SamplingParams(prompt_logprobs=21))
+
+
+# ------------------------------------------------------------------------- over HTTP
+@pytest.fixture(scope="module")
+def server():
+    from tests.server import InprocServer
+
+    # 1p1d with every prefill remote but those that need prompt logprobs (computed where they are scored)
+    s = InprocServer("--topology", "1p1d", "--kv-cache-memory-gb", "0.1", "--max-local-prefill-length", "0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def ref_engine():
+    return LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
+
+
+def _post(s, route: str, body: dict, status: int = 200) -> dict:
+    import requests
+
+    r = requests.post(f"{s.base_url}/{route}", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def _remote_prefills(s) -> float:
+    import requests
+
+    text = requests.get(s.url + "/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("dyn_remote_prefills_total"))
+
+
+PROMPT = [0] + [random.Random(9).randrange(2, 99) for _ in range(40)]
+
+
+def test_echo_with_logprobs_and_no_new_tokens_scores_the_prompt(server, ref_engine):
+    want = _reference(ref_engine, PROMPT, 2)
+    remote = _remote_prefills(server)
+    body = _post(server, "completions", {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 0})
+    c = body["choices"][0]
+    assert c["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 0
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(PROMPT) and "".join(lp["tokens"]) == c["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for v, (_, w, _, top) in zip(lp["token_logprobs"][1:], want):
+        assert math.isclose(v, w, abs_tol=1e-3)
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
+    assert _remote_prefills(server) == remote  # scored where it was computed: locally
+    _post(server, "completions", {"prompt": PROMPT, "max_tokens": 1})
+    assert _remote_prefills(server) == remote + 1  # while the same prompt without scores goes remote
+
+
+def test_echo_then_the_completion(server):
+    plain = _post(server, "completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0})
+    echo = _post(server, "completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0,
+                                         "echo": True})
+    p, e = plain["choices"][0], echo["choices"][0]
+    assert e["text"].endswith(p["text"]) and len(e["text"]) > len(p["text"])
+    assert e["logprobs"]["tokens"][len(PROMPT):] == p["logprobs"]["tokens"]
+    assert e["logprobs"]["token_logprobs"][len(PROMPT):] == pytest.approx(p["logprobs"]["token_logprobs"], abs=1e-4)
+    assert echo["usage"]["completion_tokens"] == 5
+    # a text prompt comes back as it was sent
+    text = _post(server, "completions", {"prompt": "hello there", "max_tokens": 2, "echo": True})
+    assert text["choices"][0]["text"].startswith("hello there")
+
+
+def test_prompt_logprobs_as_vllm_returns_them(server, ref_engine):
+    want = _reference(ref_engine, PROMPT, 1)
+    c = _post(server, "completions", {"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 1})["choices"][0]
+    plp = c["prompt_logprobs"]
+    assert len(plp) == len(PROMPT) and plp[0] is None
+    for entry, tok, (_, w, rank, top) in zip(plp[1:], PROMPT[1:], want):
+        assert math.isclose(entry[str(tok)]["logprob"], w, abs_tol=1e-3)
+        assert str(top[0]) in entry and entry[str(top[0])]["rank"] == 1 and 1 <= len(entry) <= 2
+    chat = _post(server, "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                              "prompt_logprobs": 0})
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert "prompt_logprobs" not in _post(server, "completions", {"prompt": PROMPT, "max_tokens": 1})["choices"][0]
+
+
+def test_echo_streams_the_prompt_first(server):
+    import json
+
+    import requests
+
+    r = requests.post(f"{server.base_url}/completions", stream=True, timeout=60, json={
+        "prompt": "hello there", "max_tokens": 3, "echo": True, "stream": True, "logprobs": 1})
+    assert r.status_code == 200
+    chunks = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: {")]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "hello there" and first["logprobs"]["token_logprobs"][0] is None
+    assert len(chunks) == 4 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    r = requests.post(f"{server.base_url}/completions", stream=True, timeout=60, json={
+        "prompt": "hello there", "max_tokens": 0, "echo": True, "stream": True})
+    chunks = [json.loads(ln[6:]) for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: {")]
+    assert [c["choices"][0]["text"] for c in chunks] == ["hello there"]
+    assert chunks[0]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "0 only with echo"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "not available when stream"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1, "stream": True},
+     "not available when stream"),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+])
+def test_bad_prompt_logprob_requests_get_a_400(server, route, body, message):
+    err = _post(server, route, body, status=400)["error"]
+    assert message in err["message"]

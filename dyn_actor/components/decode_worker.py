@@ -166,7 +166,7 @@ class DecodeWorker(Worker):
         policy = self.policy
 
         def admit(e: LLMEngine) -> RemoteAllocation | None:
-            if remote_ok:
+            if remote_ok and params.prompt_logprobs is None:  # prompt logprobs come from a local prefill
                 _, cached = e.cached_prefix(prompt)
                 depth = self._depth + self._pushed_since_depth
                 if prefill_remotely(len(prompt) - cached, depth, policy):

@@ -52,6 +52,15 @@ _GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 @dataclass
+class Echo:
+    """Completions' ``echo``: each job's prompt text goes before its completion; with max_tokens 0
+    (``prompt_only``) nothing generated is returned (the engine computes one token, dropped)."""
+
+    texts: list[str]
+    prompt_only: bool = False
+
+
+@dataclass
 class Chunk:
     text: str
     token_ids: list[int]
@@ -60,6 +69,7 @@ class Chunk:
     stop_reason: int | str | None = None
     logprobs: list[Logprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[Logprobs | None] | None = None  # on a request's first chunk, when asked
 
 
 class Frontend:
@@ -220,10 +230,12 @@ class Frontend:
         t0 = last = time.monotonic()
         first = True
         outcome = "abort"
+        plp = None
         try:
             async for d in entry.handle.generate(request_id, prompt_ids, params):
                 now = time.monotonic()
                 if first:
+                    plp = d.prompt_logprobs
                     self.router.first_token(route)
                     self.metrics.ttft.observe(now - t0)
                     self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -255,12 +267,13 @@ class Frontend:
                     lp = lps[i:i + 1] if len(lps) == len(toks) else (lps if last_tok else [])
                     if stopped:
                         outcome = "success"
-                        yield Chunk(text, ids, True, "stop", stream.stop_reason, lp, d.num_cached_tokens)
+                        yield Chunk(text, ids, True, "stop", stream.stop_reason, lp, d.num_cached_tokens, plp)
                         return  # leaving the stream aborts the request on the worker
                     if fin:
                         outcome = "success"
                     yield Chunk(text, ids, fin, d.finish_reason if fin else None, d.stop_reason if fin else None, lp,
-                                d.num_cached_tokens)
+                                d.num_cached_tokens, plp)
+                    plp = None
                 if d.finished:
                     return
         except ActorDeadError:
@@ -293,9 +306,12 @@ class Frontend:
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
+        if req.prompt_logprobs is not None and req.stream:
+            raise RequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if max_tokens is None:
             max_tokens = self._default_max_tokens([len(prompt_ids)], None)
-        params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults) for i in range(req.n)]
+        params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults, req.prompt_logprobs)
+                  for i in range(req.n)]
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
@@ -305,8 +321,6 @@ class Frontend:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
         self.processor.check_model(req.model)
         check_supported(req)
-        if req.echo:
-            raise RequestError("echo is not supported", param="echo")
         if req.suffix:
             raise RequestError("suffix is not supported", param="suffix")
         if req.best_of not in (None, 1, req.n):
@@ -317,52 +331,84 @@ class Frontend:
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = self._default_max_tokens([len(ids) for ids in prompt_ids_list], 16)
-        params = [sampling_params(req, max_tokens, req.logprobs, i, self.sampling_defaults) for i in range(req.n)]
+        if req.prompt_logprobs is not None and req.stream:
+            raise RequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        echo = None
+        if req.echo:  # the prompt comes back before the completion (with its logprobs, when asked)
+            echo = Echo([p if isinstance(p, str) else await self._off_loop(self.processor.decode, p) for p in prompts],
+                        prompt_only=max_tokens == 0)
+        elif max_tokens == 0:
+            raise RequestError("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+        plp = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            plp = max(plp or 0, req.logprobs)
+        params = [sampling_params(req, max_tokens or 1, req.logprobs, i, self.sampling_defaults, plp)
+                  for i in range(req.n)]
         for ids in prompt_ids_list:
-            self.processor.check_prompt(ids, max_tokens, params[0])
+            self.processor.check_prompt(ids, max_tokens or 1, params[0])
         if len(prompt_ids_list) * req.n > 64:
             raise RequestError("at most 64 completions (prompts x n) per request", param="n")
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
-                                   bool(req.stream_options and req.stream_options.include_usage))
+                                   bool(req.stream_options and req.stream_options.include_usage), echo,
+                                   req.prompt_logprobs is not None)
 
-    async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage):
+    async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage, echo=None,
+                       show_prompt_logprobs=False):
         batches = prompt_ids if kind == "text" else [prompt_ids]
         jobs = [(pi * len(params) + i, ids, p) for pi, ids in enumerate(batches) for i, p in enumerate(params)]
+        if echo is not None:  # the prompt's text of each job
+            echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
-            return await self._stream_response(request, rid, kind, jobs, include_usage)
-        return await self._full_response(rid, kind, jobs)
+            return await self._stream_response(request, rid, kind, jobs, include_usage, echo)
+        return await self._full_response(rid, kind, jobs, echo,
+                                         show_prompt_logprobs or (kind == "chat" and params[0].prompt_logprobs is not None))
 
-    async def _full_response(self, rid, kind, jobs) -> web.Response:
+    async def _full_response(self, rid, kind, jobs, echo: Echo | None = None,
+                             show_prompt_logprobs: bool = False) -> web.Response:
         async def collect(index, ids, p):
-            text, toks, lps, reason, stop_reason, cached = "", [], [], None, None, 0
+            text, toks, lps, reason, stop_reason, cached, plps = "", [], [], None, None, 0, None
             async for c in self.generate(f"{rid}-{index}", ids, p):
                 text += c.text
                 toks.extend(c.token_ids)
                 lps.extend(c.logprobs)
                 cached = c.num_cached_tokens
+                if c.prompt_logprobs is not None:
+                    plps = c.prompt_logprobs
                 if c.finished:
                     reason, stop_reason = c.finish_reason, c.stop_reason
-            return index, ids, text, toks, lps, reason, stop_reason, cached
+            if echo is not None and echo.prompt_only:  # max_tokens 0: the one token computed is not returned
+                text, toks, lps, reason, stop_reason = "", [], [], "length", None
+            return index, ids, text, toks, lps, reason, stop_reason, cached, plps
 
         results = await asyncio.gather(*(collect(*j) for j in jobs))
         choices: list = []
-        for index, _ids, text, _toks, lps, reason, stop_reason, _ in results:
+        for index, ids, text, _toks, lps, reason, stop_reason, _, plps in results:
             p = jobs[index][2]
             if kind == "chat":
                 choices.append(R.ChatChoice(index, R.ChatMessage("assistant", text),
                                             self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
                                             reason, stop_reason))
-            else:
-                choices.append(R.CompletionChoice(index, text,
-                                                  self.processor.text_logprobs(lps) if p.logprobs is not None else None,
-                                                  reason, stop_reason))
+                continue
+            lp = None
+            if p.logprobs is not None:
+                lp = self.processor.text_logprobs(lps) if echo is None else \
+                    self.processor.echo_logprobs(ids, plps or [None] * len(ids), lps)
+            choice = R.CompletionChoice(index, text if echo is None else echo.texts[index] + text, lp, reason,
+                                        stop_reason)
+            if show_prompt_logprobs:
+                choice.prompt_logprobs = self.processor.prompt_logprobs(ids, plps or [None] * len(ids))
+            choices.append(choice)
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
         usage = R.usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        return _json(R.CompletionResponse(rid, obj, int(time.time()), self.model_name, choices, usage))
+        body = R.CompletionResponse(rid, obj, int(time.time()), self.model_name, choices, usage)
+        if kind == "chat" and show_prompt_logprobs:
+            body.prompt_logprobs = self.processor.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
+        return _json(body)
 
-    async def _stream_response(self, request, rid, kind, jobs, include_usage) -> web.StreamResponse:
+    async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None
+                               ) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
         stats = {"completion": 0, "cached": 0}
 
@@ -377,7 +423,7 @@ class Frontend:
 
         tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
         try:  # however this ends (the client left before the first token, too), the requests end with it
-            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats)
+            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo)
         except ConnectionResetError:  # the client went away mid-write: nobody to answer
             return stats.get("resp") or web.Response(status=499)
         finally:
@@ -385,7 +431,7 @@ class Frontend:
                 t.cancel()
 
     async def _write_sse(self, request, rid, kind, jobs, include_usage, queue: asyncio.Queue,
-                         stats: dict) -> web.StreamResponse:
+                         stats: dict, echo: Echo | None = None) -> web.StreamResponse:
         # errors before the first byte (no worker, bad input caught by the engine) become normal responses
         first_item = await queue.get()
         if isinstance(first_item[2], BaseException):
@@ -405,6 +451,7 @@ class Frontend:
                 await send(R.Chunk(rid, obj, created, model,
                                    [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
         open_jobs = len(jobs)
+        echoed: set[int] = set()
         item = first_item
         while True:
             index, p, c = item
@@ -419,6 +466,17 @@ class Frontend:
                 await resp.write(b"data: [DONE]\n\n")
                 return resp
             else:
+                if echo is not None and index not in echoed:  # the prompt first, as its own chunk
+                    echoed.add(index)
+                    ids = jobs[index][1]
+                    lp = None
+                    if p.logprobs is not None:
+                        lp = self.processor.echo_logprobs(ids, c.prompt_logprobs or [None] * len(ids), [])
+                    await send(R.Chunk(rid, obj, created, model, [R.CompletionChunkChoice(
+                        index, echo.texts[index], lp, "length" if echo.prompt_only else None)]))
+                if echo is not None and echo.prompt_only:
+                    item = await queue.get()  # max_tokens 0: the one token computed is not returned
+                    continue
                 stats["completion"] += len(c.token_ids)
                 stats["cached"] = max(stats["cached"], c.num_cached_tokens)
                 if c.token_ids or c.text or c.finished:  # one chunk per token, with or without text

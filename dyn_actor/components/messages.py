@@ -68,6 +68,7 @@ class TokenDelta(msgspec.Struct, omit_defaults=True):
     remote_prefill: bool = False  # set on a request's first delta when a prefill worker computed its prompt
     kv_transfer_bytes: int = 0
     remote_prefill_seconds: float = 0.0  # from queueing the prefill to its KV being in place
+    prompt_logprobs: list[Logprobs | None] | None = None  # on the first delta, when asked (the first is None)
 
 
 class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):

@@ -58,7 +58,7 @@ class ChatMessage(msgspec.Struct):
 
 class _Common(msgspec.Struct, kw_only=True):
     model: Name | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=I32)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=I32)] | None = None  # 0: completions with echo only
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
@@ -79,6 +79,7 @@ class _Common(msgspec.Struct, kw_only=True):
     stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     # features this server does not implement: present (and not null) is a 400 naming them
     tools: msgspec.Raw = NULL
     tool_choice: msgspec.Raw = NULL
@@ -201,7 +202,7 @@ def message_text(content: str | list[TextPart] | None) -> str | list[dict[str, s
 
 
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0,
-                    defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+                    defaults: Mapping[str, Any] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's parameters for one choice of ``req``. What the request leaves unset (None) comes
     from ``defaults`` (the model's generation_config.json, ``loader.default_sampling``), then from
     the neutral values (temperature 1, top-p 1, no top-k, min-p or penalties)."""
@@ -225,6 +226,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
     try:

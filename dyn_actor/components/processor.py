@@ -65,6 +65,10 @@ class Processor:
         return TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
                           params.skip_special_tokens)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """A prompt's text from its token ids (completions' echo), special tokens kept."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -76,6 +80,34 @@ class Processor:
                             "top_logprobs": [{"token": (t := self.token_str(i)), "logprob": v,
                                               "bytes": list(t.encode())} for i, v in lp.top]})
         return {"content": content}
+
+    def prompt_logprobs(self, prompt_ids: list[int], lps: list[Logprobs | None]) -> list[dict | None]:
+        """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else ``{token id: {logprob,
+        rank, decoded_token}}`` for the prompt token and the top alternatives."""
+        out: list[dict | None] = []
+        for tok, lp in zip(prompt_ids, lps):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(i): {"logprob": v, "rank": rank, "decoded_token": self.token_str(i)}
+                     for rank, (i, v) in enumerate(lp.top, 1)}
+            entry[str(tok)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_str(tok)}
+            out.append(entry)
+        return out
+
+    def echo_logprobs(self, prompt_ids: list[int], prompt_lps: list[Logprobs | None], lps: list[Logprobs],
+                      offset: int = 0) -> dict:
+        """Completions' ``logprobs`` with ``echo``: the prompt's tokens first (the first with no
+        figures), then the generated ones; ``offset``: where the first token starts in the text."""
+        tokens = [self.token_str(t) for t in prompt_ids] + [self.token_str(lp.token_id) for lp in lps]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        every = [*prompt_lps, *lps]
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in every],
+                "top_logprobs": [None if lp is None else {self.token_str(i): v for i, v in lp.top} for lp in every],
+                "text_offset": offsets}
 
     def text_logprobs(self, lps: list[Logprobs]) -> dict:
         tokens = [self.token_str(lp.token_id) for lp in lps]

@@ -39,6 +39,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: dict[str, Any] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | UnsetType = UNSET  # vLLM's, when asked
 
 
 class ChatMessage(msgspec.Struct):
@@ -61,6 +62,7 @@ class CompletionResponse(msgspec.Struct):
     model: str
     choices: list[CompletionChoice] | list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | UnsetType = UNSET  # chat: vLLM's, when asked
 
 
 # ------------------------------------------------------------------ stream chunks

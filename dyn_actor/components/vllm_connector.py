@@ -721,6 +721,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.kind != "decode" or request.request_id in self._local:
             return 0, False
+        sp = getattr(request, "sampling_params", None)
+        if sp is not None and getattr(sp, "prompt_logprobs", None) is not None:
+            return 0, False  # prompt logprobs come from the forward that computes the prompt: here
         n = request.num_prompt_tokens - num_computed_tokens
         depth = self._queue_depth()
         if n <= 1 or depth is None or not prefill_remotely(n, depth, self.policy):

@@ -136,7 +136,7 @@ def vllm_sampling_params(p: SamplingParams):
         n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
         top_k=p.top_k if p.top_k > 0 else 0, min_p=p.min_p, seed=p.seed,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
-        logprobs=p.logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
+        logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, output_kind=RequestOutputKind.DELTA)
 
@@ -341,6 +341,8 @@ class VllmWorker(Actor):
                 reason = o.finish_reason if out.finished else None
                 stop = o.stop_reason if out.finished and isinstance(o.stop_reason, int) else None
                 d = TokenDelta(new, out.finished, reason, stop, lps, len(ids), cached)
+                if p.prompt_logprobs is not None and getattr(out, "prompt_logprobs", None):
+                    d.prompt_logprobs = [None, *_logprobs(list(ids[1:]), out.prompt_logprobs[1:], p.prompt_logprobs)]
                 if remote is not None:
                     d.remote_prefill, d.kv_transfer_bytes, d.remote_prefill_seconds = True, remote.kv_bytes, remote.seconds
                 self._emit(RequestDelta(rid, d))

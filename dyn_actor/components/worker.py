@@ -136,7 +136,7 @@ class Worker(Actor):
                 list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
                 list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
                 remote_prefill=bool(remote) and out.request_id in remote, kv_transfer_bytes=kv_bytes,
-                remote_prefill_seconds=seconds)))
+                remote_prefill_seconds=seconds, prompt_logprobs=out.prompt_logprobs)))
         self._publish(items)
 
     def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
