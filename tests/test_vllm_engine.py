@@ -82,6 +82,29 @@ def test_greedy_tokens_equal_vllm_offline(server, model_dir):
     assert got == [tok.decode(w) for w in want]
 
 
+def test_echo_and_prompt_logprobs_equal_the_native_engines(server, model_dir):
+    """Prompt scoring through vLLM (completions' echo with logprobs and max_tokens 0, as lm-eval's
+    loglikelihood asks; vLLM's prompt_logprobs) gives the native engine's figures."""
+    import torch
+
+    from dyn_actor.engine import EngineConfig, LLMEngine
+
+    prompt = PROMPTS[2]
+    native = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", num_kv_blocks=64, max_model_len=512))
+    lsm = torch.log_softmax(native.score([prompt])[0].float(), dim=-1)
+    want = [lsm[j, prompt[j + 1]].item() for j in range(len(prompt) - 1)]
+    r = requests.post(server.base_url + "/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(prompt)
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=2e-3)
+    r = requests.post(server.base_url + "/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0})
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert [e[str(t)]["logprob"] for e, t in zip(plp[1:], prompt[1:])] == pytest.approx(want, abs=2e-3)
+
+
 def test_unsupported_and_bad_input_are_400s(server):
     r = requests.post(server.base_url + "/completions", json={"prompt": "a", "max_tokens": 5000}, timeout=30)
     assert r.status_code == 400
