@@ -63,6 +63,28 @@ def test_prompt_logprobs_equal_a_full_pass(config):
     assert engine.stats().kv_blocks_used == 0
 
 
+def test_a_long_scored_prompt_is_computed_in_bounded_chunks(monkeypatch):
+    """Each scored position has a vocabulary-wide logits row: a scored prompt is computed at most
+    ``SCORED_CHUNK`` tokens a step (16 here), and the scores still equal one full pass."""
+    import dyn_actor.engine.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "SCORED_CHUNK", 16)
+    prompt = random_prompt(random.Random(8), 70)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=256))
+    want = _reference(engine, prompt, 2)
+    engine.add_request("x", prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2))
+    engine.add_request("y", random_prompt(random.Random(2), 50), SamplingParams(max_tokens=2, temperature=0))
+    steps, outs = 0, []
+    while engine.has_unfinished_requests():
+        sched_before = engine.requests["x"].num_computed_tokens if "x" in engine.requests else None
+        outs += [o for o in engine.step() if o.request_id == "x"]
+        if sched_before is not None and "x" in engine.requests:
+            assert engine.requests["x"].num_computed_tokens - sched_before <= 16
+        steps += 1
+    assert steps >= 5
+    _check(outs[0].prompt_logprobs, want, 2)
+
+
 def test_prompt_logprobs_survive_preemption_once():
     """A request preempted after its prompt was scored is recomputed without scoring it twice."""
     rng = random.Random(5)
@@ -127,7 +149,7 @@ def test_echo_with_logprobs_and_no_new_tokens_scores_the_prompt(server, ref_engi
     lp = c["logprobs"]
     assert len(lp["tokens"]) == len(PROMPT) and "".join(lp["tokens"]) == c["text"]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-    for v, (_, w, _, top) in zip(lp["token_logprobs"][1:], want):
+    for v, (_, w, _, _top) in zip(lp["token_logprobs"][1:], want):
         assert math.isclose(v, w, abs_tol=1e-3)
     assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
     assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
@@ -156,7 +178,7 @@ def test_prompt_logprobs_as_vllm_returns_them(server, ref_engine):
     plp = c["prompt_logprobs"]
     assert len(plp) == len(PROMPT) and plp[0] is None
     for entry, tok, (_, w, rank, top) in zip(plp[1:], PROMPT[1:], want):
-        assert math.isclose(entry[str(tok)]["logprob"], w, abs_tol=1e-3)
+        assert math.isclose(entry[str(tok)]["logprob"], w, abs_tol=1e-3) and abs(entry[str(tok)]["rank"] - rank) <= 1
         assert str(top[0]) in entry and entry[str(top[0])]["rank"] == 1 and 1 <= len(entry) <= 2
     chat = _post(server, "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                               "prompt_logprobs": 0})

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.kv.block_manager import BlockManager
 
+# prompt tokens a step computes for a request that asked for prompt logprobs: each has a logits row
+# (the vocabulary wide, in float32, and its log-softmax), which this bounds (512 x 128k: 256 MiB)
+SCORED_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -100,6 +104,8 @@ class Scheduler:
         n = min(req.num_tokens - done, budget)
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
+        if req.prompt_logprobs is not None:
+            n = min(n, SCORED_CHUNK)
         return n
 
     def _preempt(self, req: Request) -> None:
@@ -121,6 +127,8 @@ class Scheduler:
             n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
             if 0 < cap < n:
                 n = cap
+            if n > SCORED_CHUNK and req.prompt_logprobs is not None:
+                n = SCORED_CHUNK
             if n <= 0:
                 i += 1
                 continue
