@@ -315,7 +315,8 @@ class Frontend:
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
-                                   bool(req.stream_options and req.stream_options.include_usage))
+                                   bool(req.stream_options and req.stream_options.include_usage),
+                                   show_prompt_logprobs=req.prompt_logprobs is not None)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
@@ -361,8 +362,7 @@ class Frontend:
             echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
             return await self._stream_response(request, rid, kind, jobs, include_usage, echo)
-        return await self._full_response(rid, kind, jobs, echo,
-                                         show_prompt_logprobs or (kind == "chat" and params[0].prompt_logprobs is not None))
+        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs)
 
     async def _full_response(self, rid, kind, jobs, echo: Echo | None = None,
                              show_prompt_logprobs: bool = False) -> web.Response:
