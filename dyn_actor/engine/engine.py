@@ -583,9 +583,9 @@ class LLMEngine:
         scores: list[tuple[Request, int, int, int]] | None = None,
     ) -> tuple[ForwardBatch, list[Request]]:
         """The forward pass's inputs, and the requests sampled from its logits, in row order. Where
-        ``scores`` is given, it gets (request, first position, first logits row, rows) for the
-        positions that score prompt tokens of requests that asked for prompt logprobs: their logits
-        rows come first, the sampled rows after them."""
+        ``scores`` is given, it gets (request, first position, its first row in the logits, rows) for
+        the positions that score prompt tokens of requests that asked for prompt logprobs: their
+        logits rows come first, the sampled rows after them."""
         bs = self.layout.block_size
         decodes = [(r, n) for r, n in scheduled if n == 1 and not all_logits]
         prefills = [(r, n) for r, n in scheduled if n > 1 or all_logits]
@@ -594,6 +594,7 @@ class LLMEngine:
         slot_blocks: list[int] = []
         slot_offsets: list[int] = []
         logits_rows: list[int] = []
+        score_rows: list[int] = []  # token rows that score prompt tokens: their logits come first
         samplers: list[Request] = []
         table = mask = ctx_lens = None
         nd = len(decodes)
@@ -611,7 +612,8 @@ class LLMEngine:
                 tables.append(blocks[:n_blocks])
                 ctx.append(pos + 1)
                 if scores is not None and r.prompt_logprobs is not None and r.prompt_logprob_positions(pos, pos + 1):
-                    scores.append((r, pos, row, 1))
+                    scores.append((r, pos, len(score_rows), 1))
+                    score_rows.append(row)
                 if pos + 1 == r.num_tokens:
                     logits_rows.append(row)
                     samplers.append(r)
@@ -641,7 +643,8 @@ class LLMEngine:
             if scores is not None and r.prompt_logprobs is not None:
                 span = r.prompt_logprob_positions(c, end)
                 if span:
-                    scores.append((r, span.start, start + span.start - c, len(span)))
+                    scores.append((r, span.start, len(score_rows), len(span)))
+                    score_rows.extend(range(start + span.start - c, start + span.stop - c))
             if all_logits:
                 logits_rows.extend(range(start, start + n))
             elif end == r.num_tokens:
@@ -674,22 +677,10 @@ class LLMEngine:
             decode_ctx_lens=to(ctx_lens),
             decode_mask=to(mask),
             prefills=seqs,
-            logits_indices=to(torch.tensor(self._with_score_rows(logits_rows, scores), dtype=torch.long)),
+            logits_indices=to(torch.tensor(score_rows + logits_rows, dtype=torch.long)),
             prefill_meta=meta,
         )
         return batch, samplers
-
-    @staticmethod
-    def _with_score_rows(logits_rows: list[int], scores: list[tuple[Request, int, int, int]] | None) -> list[int]:
-        """The rows whose logits the model returns: the prompt-scoring rows of ``scores`` first (their
-        entries then name where they are in the logits), the sampled rows after them."""
-        if not scores:
-            return logits_rows
-        rows: list[int] = []
-        for i, (r, pos, row0, k) in enumerate(scores):
-            scores[i] = (r, pos, len(rows), k)
-            rows.extend(range(row0, row0 + k))
-        return rows + logits_rows
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
