@@ -51,15 +51,24 @@ class DecodeGraphs:
         self.table = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=dev)
         self.rows = torch.arange(n, device=dev)
         pin = dev.type == "cuda"
-        self.host_vec = self.vec.cpu().pin_memory() if pin else self.vec.clone()
-        self._host_table = self.table.cpu().pin_memory() if pin else self.table.clone()
-        self._host_vec_np = self.host_vec.numpy()
-        self._host_table_np = self._host_table.numpy()
-        # what each host table row holds: (a request's block list, how many of its entries); the
-        # block manager's lists only grow while a request owns them, so an entry written stays right
-        self._row_held: list[tuple[list[int] | None, int]] = [(None, 0)] * n
+        # two sets of host twins, used in turn: with the engine's overlapped steps the host fills one
+        # step's inputs while the previous step's copy of the other set may still be queued
+        self._twins = []
+        for _ in range(2):
+            host_vec = self.vec.cpu().pin_memory() if pin else self.vec.clone()
+            host_table = self.table.cpu().pin_memory() if pin else self.table.clone()
+            # what each host table row holds: (a request's block list, how many of its entries); the
+            # block manager's lists only grow while a request owns them, so an entry written stays right
+            row_held: list[tuple[list[int] | None, int]] = [(None, 0)] * n
+            self._twins.append((host_vec, host_table, host_vec.numpy(), host_table.numpy(), row_held))
+        self._turn = 0
+        self._use(0)
         self._replays: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self._mempool = None
+
+    def _use(self, turn: int) -> None:
+        self._turn = turn
+        self.host_vec, self._host_table, self._host_vec_np, self._host_table_np, self._row_held = self._twins[turn]
 
     def _static(self, b: int) -> ForwardBatch:
         return ForwardBatch(self.ids[:b], self.positions[:b], self.slot_blocks[:b], self.slot_offsets[:b], b,
@@ -105,22 +114,26 @@ class DecodeGraphs:
         self._row_held[row] = (blocks, n)
 
     @torch.inference_mode()
-    def replay_rows(self, ids: list[int], positions: list[int], slot_blocks: list[int], width: int) -> torch.Tensor:
-        """Replay a step of ``len(ids)`` sequences (their block tables set with ``set_table_row``):
-        the logits of its rows. Slot offsets and context lengths follow from the positions."""
-        n = len(ids)
+    def replay_rows(self, ids: list[int] | None, positions: list[int], slot_blocks: list[int], width: int,
+                    ids_from: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay a step of ``len(positions)`` sequences (their block tables set with ``set_table_row``):
+        the logits of its rows. Slot offsets and context lengths follow from the positions. The input
+        tokens come from ``ids``, or, already on the device, from ``ids_from`` (the tokens the step
+        before sampled for the same rows, not yet seen by the host)."""
+        n = len(positions)
         v = self._host_vec_np
-        v[0, :n] = ids
+        if ids is not None:
+            v[0, :n] = ids
         v[1, :n] = positions
         v[2, :n] = slot_blocks
         np.remainder(v[1, :n], self.pool.layout.block_size, out=v[3, :n])
         np.add(v[1, :n], 1, out=v[4, :n])
-        return self.replay_host(n, width)
+        return self.replay_host(n, width, ids_from)
 
     @torch.inference_mode()
-    def replay_host(self, n: int, width: int) -> torch.Tensor:
+    def replay_host(self, n: int, width: int, ids_from: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the bucket that holds ``n`` rows the caller wrote into the host twins (``width``
-        table columns used); the logits of rows ``[0, n)``."""
+        table columns used); the logits of rows ``[0, n)``. The next replay fills the other twins."""
         b = next(s for s in self.buckets if s >= n)
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks, the graphs hold {self.max_blocks}")
@@ -135,6 +148,9 @@ class DecodeGraphs:
             self._row_held[n:b] = [(None, 0)] * (b - n)
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.table[:b].copy_(self._host_table[:b], non_blocking=True)
+        if ids_from is not None:
+            self.ids[:n].copy_(ids_from)
+        self._use(1 - self._turn)
         replay, _ = self._replays[b]
         replay()
         return self._replays[b][1][:n]

@@ -28,7 +28,7 @@ from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, res
 from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.request import Request, RequestStatus
-from dyn_actor.engine.sampling import Logprobs, PenaltyState, SamplingParams, sample
+from dyn_actor.engine.sampling import Logprobs, PenaltyState, PendingSample, SamplingParams, sample, sample_async
 from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
 from dyn_actor.kv.block_manager import BlockManager
 from dyn_actor.kv.events import KvEvent
@@ -70,6 +70,10 @@ class EngineConfig:
     # decode steps from CUDA graphs: auto (on a GPU), off (--enforce-eager), on (on the CPU: the same
     # bucketing and padding replayed eagerly, for tests)
     cuda_graphs: str = "auto"
+    # overlapped decode steps: while the device runs one graph-replayed decode step, the host queues the
+    # next (its input tokens taken on the device from the step before) and only then turns the first
+    # step's tokens into outputs. auto: on a GPU with CUDA graphs; on (also on the CPU, for tests); off
+    async_scheduling: str = "auto"
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
 
@@ -92,6 +96,20 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 class RemoteAllocation(msgspec.Struct):
     block_ids: list[int]
     num_cached_tokens: int  # leading prompt tokens whose KV is already in those blocks
+
+
+@dataclass
+class _InFlight:
+    """A decode step queued on the device whose tokens the host has not taken yet: its rows' requests
+    (every row samples), each one's computed-token count after it, the sampling under way, and the
+    requests whose blocks are freed once it has run (they ended while it was queued: it still
+    writes their KV)."""
+
+    __slots__ = ("reqs", "computed", "pending", "deferred")
+
+    def __init__(self, reqs: list[Request], computed: list[int], pending: PendingSample) -> None:
+        self.reqs, self.computed, self.pending = reqs, computed, pending
+        self.deferred: list[str] = []
 
 
 @dataclass
@@ -188,6 +206,12 @@ class LLMEngine:
             self.graphs = DecodeGraphs(self.model, self.pool, config.max_num_seqs, blocks_per_seq,
                                        scratch_block=num_blocks)
             self.graphs.capture()
+        if config.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
+        self._overlap = self.graphs is not None and (
+            config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.device.type == "cuda"))
+        self._inflight: _InFlight | None = None
+        self.overlapped_steps = 0  # decode steps queued before the host had the tokens they start from
         self.requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished, blocks kept until release_blocks
         self._fenced: dict[str, int] = {}  # request id -> blocks held back from a remote prefill that may still write
@@ -295,8 +319,18 @@ class LLMEngine:
         if req is None:
             return self.release_blocks(request_id)
         req.finish_reason = "abort"
-        self.scheduler.finish(req)
+        self._finish(req, free=True)
         return True
+
+    def _finish(self, req: Request, free: bool) -> None:
+        """End ``req`` in the scheduler; free its blocks (if ``free``) now, or, where the decode step
+        queued on the device includes it and still writes its KV, once that step has run."""
+        queued = self._inflight
+        if free and queued is not None and req in queued.reqs:
+            self.scheduler.finish(req, free_blocks=False)
+            queued.deferred.append(req.request_id)
+        else:
+            self.scheduler.finish(req, free_blocks=free)
 
     def block_ids(self, request_id: str) -> list[int]:
         """The KV blocks a live (or finished and held) request owns, in token order."""
@@ -310,11 +344,11 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def has_work(self) -> bool:
         """Whether ``step`` would compute something now (requests waiting for remote KV do not count)."""
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._inflight is not None)
 
     # ------------------------------------------------------------ remote KV
     def cached_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
@@ -430,14 +464,22 @@ class LLMEngine:
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
             self.requests.pop(req.request_id, None)
-            self.scheduler.finish(req, free_blocks=not req.hold_blocks)
+            self._finish(req, free=not req.hold_blocks)
             if req.hold_blocks:
                 self._held[req.request_id] = req
         return out
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one forward pass; return what each sampled request produced."""
+        """Schedule and run one forward pass; return what each sampled request produced.
+
+        With overlapped decode steps a step may return the tokens of the one before it: a decode
+        step of the CUDA graphs is queued on the device, and the next call queues the one after it
+        (same requests, one token further, inputs from the device) before it waits for the first
+        one's tokens. Anything else (a new request, a prefill, an abort, a request at its block's
+        end with no free block) first takes the queued step's tokens, then schedules as usual."""
+        if self._inflight is not None:
+            return self._step_overlapped()
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
@@ -445,9 +487,124 @@ class LLMEngine:
         for req in sched.admitted:
             self._count_prompt(req)
         try:
+            if self._overlap and self._can_queue(sched.scheduled):
+                self._inflight = self._queue_decode([r for r, _ in sched.scheduled], None)
+                return []
             return self._run(sched.scheduled)
         except Exception as e:  # noqa: BLE001 - whatever one batch did, the engine goes on
             return self._fail([r for r, _ in sched.scheduled], e)
+
+    # ------------------------------------------------------- overlapped steps
+    def _can_queue(self, scheduled: list[tuple[Request, int]]) -> bool:
+        """A decode step the graphs replay in which every row samples and nothing needs the host to
+        have seen the previous token (penalties count the output on the host; held blocks and prompt
+        scoring are for other paths)."""
+        if len(scheduled) > self.graphs.max_batch:
+            return False
+        for r, n in scheduled:
+            if (n != 1 or r.num_computed_tokens + 1 != len(r.all_token_ids) or r.params.penalized
+                    or r.hold_blocks or r.prompt_logprobs is not None):
+                return False
+        return True
+
+    def _next_rows(self, queued: _InFlight) -> list[int] | None:
+        """Whether the step after ``queued`` can be queued now, and from which of its rows: the
+        running requests must be ``queued``'s, less those that ended (their rows are dropped), with
+        nothing else to schedule (no request waiting that could be admitted, none that joined), every
+        row's next position inside the context and its block (extended here where it fills one).
+        The rows of ``queued`` they are, in order; None where the step must be scheduled as usual."""
+        s = self.scheduler
+        running, reqs = s.running, queued.reqs
+        if not running or len(running) > s.config.max_num_batched_tokens:
+            return None
+        if s.waiting and len(running) < s.config.max_num_seqs:
+            return None
+        limit = self.max_model_len
+        rows = []
+        j, n = 0, len(reqs)
+        for r in running:  # the running list keeps its order: the requests of queued, some gone
+            while j < n and reqs[j] is not r:
+                j += 1
+            if j == n or r.num_computed_tokens >= limit:
+                return None
+            rows.append(j)
+            j += 1
+        extend = self.block_manager.extend
+        if not all(extend(r.request_id, r.num_computed_tokens + 1) for r in running):
+            return None
+        return rows
+
+    def _queue_decode(self, reqs: list[Request], after: _InFlight | None, rows: list[int] | None = None) -> _InFlight:
+        """Replay the graphs for one decode token of each of ``reqs`` and queue its sampling, without
+        waiting for the device; ``after``: the queued step whose sampled tokens (its rows ``rows``)
+        are the inputs."""
+        ids_from = None
+        if after is not None:
+            ids_from = after.pending.tokens
+            if len(rows) != len(after.reqs):
+                ids_from = ids_from.index_select(0, torch.tensor(rows).to(ids_from.device, non_blocking=True))
+        logits, _ = self._decode_from_graph([(r, 1) for r in reqs], ids_from)
+        computed = []
+        for r in reqs:
+            r.num_computed_tokens += 1
+            computed.append(r.num_computed_tokens)
+        self._apply_min_tokens(logits, reqs, ahead=after is not None)
+        return _InFlight(reqs, computed, sample_async(logits, [r.params for r in reqs], [r.generator for r in reqs]))
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        queued, self._inflight = self._inflight, None
+        nxt = None
+        failed: Exception | None = None
+        try:
+            rows = self._next_rows(queued)
+            if rows is not None:
+                nxt = self._queue_decode(list(self.scheduler.running), queued, rows)
+                self.overlapped_steps += 1
+        except Exception as e:  # noqa: BLE001 - ends the step's requests below, as a failed step does
+            failed = e
+            self._drain_device()  # nothing of it may still be writing when their blocks are freed
+        self._inflight = nxt
+        try:
+            outputs = self._complete(queued)
+        except Exception as e:  # noqa: BLE001
+            failed = failed or e
+            outputs = []
+        if failed is not None:
+            self._drain_device()
+            if self._inflight is not None:
+                self._complete_frees(self._inflight)
+            self._inflight = None
+            outputs += self._fail([r for r in queued.reqs if r.status is RequestStatus.RUNNING], failed)
+        return outputs
+
+    def _complete(self, queued: _InFlight) -> list[RequestOutput]:
+        """Take the tokens of a queued step (waiting for the device) and turn them into outputs; rows
+        whose request ended while the step was queued are dropped."""
+        try:
+            result = queued.pending.result()
+        finally:
+            self._complete_frees(queued)
+        outputs = []
+        cache = self.block_manager.cache_full_blocks
+        running = RequestStatus.RUNNING
+        for r, computed, tok, lp in zip(queued.reqs, queued.computed, result.token_ids, result.logprobs):
+            if r.status is not running:
+                continue
+            cache(r.request_id, r.all_token_ids, computed)
+            outputs.append(self._emit(r, tok, lp))
+        return outputs
+
+    def _complete_frees(self, queued: _InFlight) -> None:
+        for rid in queued.deferred:
+            self.block_manager.free(rid)
+        queued.deferred.clear()
+
+    def _drain_device(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001 - the error is reported by the caller
+                log.exception("synchronizing after a failed step")
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
         g = self.graphs
@@ -538,18 +695,27 @@ class LLMEngine:
             states.append(r.penalty)
         return rows, states
 
-    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request], ahead: bool = False) -> None:
+        """Ban the stop tokens of rows short of their ``min_tokens`` (``ahead``: each row has one more
+        token on the device than its output holds yet), with no wait for the device."""
+        rows: list[int] = []
+        cols: list[int] = []
         for i, req in enumerate(reqs):
-            if req.num_output_tokens < req.params.min_tokens:
+            if req.num_output_tokens + ahead < req.params.min_tokens:
                 banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
-                if banned:
-                    logits[i, banned] = float("-inf")
+                rows += [i] * len(banned)
+                cols += banned
+        if rows:
+            idx = torch.tensor([rows, cols], dtype=torch.long).to(logits.device, non_blocking=True)
+            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
 
-    def _decode_from_graph(self, scheduled: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
+    def _decode_from_graph(self, scheduled: list[tuple[Request, int]],
+                           ids_from: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Request]]:
         """A decode-only step straight into the graphs' host buffers: no per-field tensors, one
         host-to-device copy, one replay. This loop is most of the host's work in a decode step on a
         GPU (where the step itself is ~2 ms), so it does the least per row: whole columns written at
-        once, and only the block-table entries a row does not hold yet."""
+        once, and only the block-table entries a row does not hold yet. ``ids_from``: the input
+        tokens, on the device (sampled by a queued step the host has not taken yet): every row samples."""
         bs = self.layout.block_size
         g = self.graphs
         table_of = self.block_manager.block_table
@@ -560,20 +726,22 @@ class LLMEngine:
         positions: list[int] = []
         slot_blocks: list[int] = []
         width = 0
+        ahead = ids_from is not None
         for row, (r, _) in enumerate(scheduled):
             pos = r.num_computed_tokens
             blocks = table_of(r.request_id)
             n_blocks = pos // bs + 1
-            ids.append(r.all_token_ids[pos])
+            if not ahead:
+                ids.append(r.all_token_ids[pos])
             positions.append(pos)
             slot_blocks.append(blocks[n_blocks - 1])
             set_row(row, blocks, n_blocks)
             if n_blocks > width:
                 width = n_blocks
-            if pos + 1 == len(r.all_token_ids):
+            if ahead or pos + 1 == len(r.all_token_ids):
                 rows.append(row)
                 samplers.append(r)
-        logits = g.replay_rows(ids, positions, slot_blocks, width)
+        logits = g.replay_rows(None if ahead else ids, positions, slot_blocks, width, ids_from)
         if len(rows) != len(scheduled):
             logits = logits[torch.tensor(rows, device=logits.device)]
         return logits, samplers
@@ -729,6 +897,9 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release resources that outlive the process otherwise (a shared-memory KV pool)."""
+        if self._inflight is not None:
+            self._drain_device()
+            self._inflight = None
         close = getattr(self.pool, "close", None)
         if close is not None:
             close()

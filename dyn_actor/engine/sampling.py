@@ -165,6 +165,43 @@ def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, tokens, probs.argmax(dim=-1))
 
 
+class PendingSample:
+    """A step's sampling, launched on the device: ``tokens`` (``[n]``, on the device) can feed the next
+    step's inputs before the host has seen them; ``result()`` waits for the one device-to-host copy
+    (tokens, and the logprob figures when a row asks for them) and unpacks it."""
+
+    __slots__ = ("tokens", "_host", "_event", "_want", "_kmax", "_ks")
+
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, want: list[int], kmax: int, ks: list[int]) -> None:
+        self.tokens = tokens
+        self._want, self._kmax, self._ks = want, kmax, ks
+        self._event = None
+        if packed.device.type == "cpu":
+            self._host = packed
+        else:  # into pinned memory without waiting; the event says when it has landed
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        n = self.tokens.shape[0]
+        if not self._want:
+            return SampleResult(self._host.tolist(), [None] * n)
+        packed = self._host.tolist()
+        token_list = [int(t) for t in packed[:n]]
+        lp: list[Logprobs | None] = [None] * n
+        kmax = self._kmax
+        width = 2 + 2 * kmax
+        for j, (i, k) in enumerate(zip(self._want, self._ks)):
+            row = packed[n + j * width: n + (j + 1) * width]
+            tv, ti = row[2:2 + kmax], row[2 + kmax:]
+            lp[i] = Logprobs(token_list[i], row[0], int(row[1]), [(int(ti[m]), tv[m]) for m in range(k)])
+        return SampleResult(token_list, lp)
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -177,6 +214,18 @@ def sample(
 
     On a GPU: the rows' parameters go over in one host-to-device copy, and the tokens (with the
     logprob figures when any row asks for them) come back in one device-to-host copy."""
+    return sample_async(logits, params, generators, penalties).result()
+
+
+def sample_async(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    penalties: tuple[Sequence[int], Sequence[PenaltyState]] | None = None,
+) -> PendingSample:
+    """``sample`` without waiting for the device: the draw is queued, its copy to the host started.
+    Nothing here waits for the device, except a top-p row whose nucleus reaches past the candidates
+    (``apply_top_k_top_p`` then sorts it whole and must know which rows)."""
     n = logits.shape[0]
     dev = logits.device
     raw = logits
@@ -202,7 +251,7 @@ def sample(
             if gen is not None and not greedy[i]:
                 table[5, i] = torch.rand((), generator=gen)
         if dev.type != "cpu":
-            table = table.to(dev)  # one small copy: pinning a fresh buffer each step would cost more
+            table = table.to(dev, non_blocking=True)  # one small copy, not waited for
         temps, top_k_f, top_p_t, min_p_t, greedy_t, u = table.unbind(0)
         x = logits / temps.unsqueeze(1)
         max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
@@ -216,11 +265,10 @@ def sample(
             tokens = torch.where(greedy_t.bool(), logits.argmax(dim=-1), tokens)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not want:
-        return SampleResult(tokens.tolist(), [None] * n)
+        return PendingSample(tokens, tokens, [], 0, [])
     # every row's figures computed together, then copied to the host with the tokens, at once
     kmax = max(params[i].logprobs or 0 for i in want)
-    rows = torch.tensor(want)
-    rows = rows.to(dev)
+    rows = torch.tensor(want).to(dev, non_blocking=True)
     logp = raw.index_select(0, rows).log_softmax(dim=-1)
     chosen = tokens.index_select(0, rows).unsqueeze(1)
     vals = logp.gather(1, chosen)
@@ -228,13 +276,5 @@ def sample(
     top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], chosen[:, :0])
     # float64 holds token ids and ranks exactly
     figures = torch.cat([vals.double(), ranks.double() + 1, top_v.double(), top_i.double()], dim=1)
-    packed = torch.cat([tokens.double(), figures.flatten()]).tolist()
-    token_list = [int(t) for t in packed[:n]]
-    lp: list[Logprobs | None] = [None] * n
-    width = 2 + 2 * kmax
-    for j, i in enumerate(want):
-        row = packed[n + j * width: n + (j + 1) * width]
-        k = params[i].logprobs or 0
-        tv, ti = row[2:2 + kmax], row[2 + kmax:]
-        lp[i] = Logprobs(token_list[i], row[0], int(row[1]), [(int(ti[m]), tv[m]) for m in range(k)])
-    return SampleResult(token_list, lp)
+    packed = torch.cat([tokens.double(), figures.flatten()])
+    return PendingSample(tokens, packed, want, kmax, [params[i].logprobs or 0 for i in want])

@@ -1,0 +1,134 @@
+"""Overlapped decode steps (``async_scheduling``): the engine queues the next graph-replayed decode
+step, its input tokens taken on the device, before the host has the tokens of the step before. On
+the CPU the device is synchronous, so this checks the bookkeeping: the same tokens, logprobs and
+finish reasons as steps taken one at a time, under arrivals, aborts, preemption and stops, and that
+no request's blocks are freed while a queued step still writes into them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.helpers import random_prompt, run_all
+
+
+def _engine(overlap: str, blocks: int = 128, max_num_seqs: int = 8, max_model_len: int = 128) -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="float32", max_model_len=max_model_len, num_kv_blocks=blocks,
+                                  cuda_graphs="on", async_scheduling=overlap, max_num_seqs=max_num_seqs))
+
+
+def _jobs(seed: int, n: int, penalties: bool) -> dict:
+    rng = random.Random(seed)
+    kinds = [
+        lambda: SamplingParams(max_tokens=rng.randint(1, 40), temperature=0, ignore_eos=True),
+        lambda: SamplingParams(max_tokens=rng.randint(5, 40), temperature=0.9, top_k=20, seed=rng.randrange(1000)),
+        lambda: SamplingParams(max_tokens=30, temperature=0, logprobs=2, stop_token_ids=[rng.randrange(2, 99)]),
+        lambda: SamplingParams(max_tokens=25, temperature=1.0, seed=rng.randrange(1000), min_tokens=12,
+                               stop_token_ids=list(range(2, 60))),
+    ]
+    if penalties:  # counted on the host: a batch that holds one takes its steps one at a time
+        kinds.append(lambda: SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3))
+    return {f"r{i}": (random_prompt(rng, rng.randint(2, 50)), kinds[i % len(kinds)]()) for i in range(n)}
+
+
+def _summary(result: dict) -> dict:
+    """Tokens, finish reason and logprobs (token, rank, top ids exact; values to 4 decimals: rows in
+    batches of other sizes may differ in the last bits)."""
+    def lps(outs):
+        return [(lp.token_id, round(lp.logprob, 4), lp.rank, [(t, round(v, 4)) for t, v in lp.top])
+                for o in outs for lp in (o.logprobs or [])]
+
+    return {rid: (toks, reason, lps(outs)) for rid, (toks, reason, outs) in result.items()}
+
+
+@pytest.mark.parametrize("blocks,penalties", [(128, False), (14, False), (128, True)])
+def test_overlapped_steps_give_the_tokens_of_steps_one_at_a_time(blocks, penalties):
+    jobs = _jobs(3, 17, penalties)
+    want = _summary(run_all(_engine("off", blocks), jobs))
+    engine = _engine("on", blocks)
+    got = _summary(run_all(engine, jobs))
+    assert got == want
+    assert engine.overlapped_steps > (5 if penalties else 15)  # it did overlap (decode steps between arrivals)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    if blocks == 14:
+        assert engine.stats().num_preemptions > 0
+
+
+def test_requests_that_come_and_go_while_a_step_is_queued():
+    """Arrivals at every few steps and aborts at random points (some while their request's next step
+    is queued): the others' greedy tokens are those they get alone, no output follows an abort, and
+    every block comes back."""
+    rng = random.Random(11)
+    prompts = {f"r{i}": random_prompt(rng, rng.randint(2, 60)) for i in range(24)}
+    params = {rid: SamplingParams(max_tokens=rng.randint(3, 40), temperature=0, ignore_eos=True) for rid in prompts}
+    alone = _engine("off")
+    want = {rid: run_all(alone, {rid: (p, params[rid])})[rid][0] for rid, p in prompts.items()}
+
+    engine = _engine("on", blocks=40, max_num_seqs=6)
+    pending = list(prompts)
+    aborted: set[str] = set()
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    finished: set[str] = set()
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        step += 1
+        if pending and step % 3 == 1:
+            rid = pending.pop(0)
+            engine.add_request(rid, prompts[rid], params[rid])
+        live = [r for r in engine.requests if r not in aborted]
+        if live and rng.random() < 0.08:
+            victim = rng.choice(live)
+            assert engine.abort_request(victim)
+            aborted.add(victim)
+        for out in engine.step():
+            assert out.request_id not in aborted and out.request_id not in finished
+            got[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+        assert step < 5000
+    assert aborted and engine.overlapped_steps > 20
+    for rid in prompts:
+        if rid not in aborted:
+            assert got[rid] == want[rid], rid
+        else:
+            assert got[rid] == want[rid][:len(got[rid])], rid
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_blocks_of_a_request_ended_while_its_next_step_is_queued_wait_for_that_step():
+    """A request that finishes (or is aborted) while the step after is already queued keeps its blocks
+    until that step has run: it writes one more token's KV into them, and a block handed on meanwhile
+    (to a remote prefill, say) would get it."""
+    engine = _engine("on")
+    engine.add_request("short", random_prompt(random.Random(1), 20), SamplingParams(max_tokens=3, temperature=0,
+                                                                                     ignore_eos=True))
+    engine.add_request("long", random_prompt(random.Random(2), 20), SamplingParams(max_tokens=30, temperature=0,
+                                                                                    ignore_eos=True))
+    ended = None
+    for _ in range(20):
+        outs = engine.step()
+        if any(o.request_id == "short" and o.finished for o in outs):
+            ended = engine._inflight
+            break
+    assert ended is not None and any(r.request_id == "short" for r in ended.reqs)
+    assert engine.block_manager.has_request("short")  # held for the queued step
+    engine.step()
+    assert not engine.block_manager.has_request("short")
+
+    while engine._inflight is None or not any(r.request_id == "long" for r in engine._inflight.reqs):
+        engine.step()
+    assert engine.abort_request("long")
+    assert engine.block_manager.has_request("long")
+    assert all(o.request_id != "long" for o in engine.step())
+    assert not engine.block_manager.has_request("long")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_overlap_is_off_on_the_cpu_by_default_and_checked():
+    assert not LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64, cuda_graphs="on"))._overlap
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64, async_scheduling="maybe"))
