@@ -52,6 +52,7 @@ class LaunchConfig:
     gpus: list[int] | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    async_scheduling: str = "auto"
     api_key_file: str | None = None
     metrics_require_key: bool = False
     allowed_hosts: list[str] = field(default_factory=list)
@@ -108,6 +109,10 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "aggregated workers first; more processes than GPUs share cards")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
+    ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                    help="overlapped decode steps: the next graph-replayed step is queued on the device before the "
+                         "host takes the tokens of the one before (auto: on a GPU with CUDA graphs; on: also on "
+                         "the CPU, with the graph runner replaying eagerly, for tests)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="share of each GPU for the engine processes on it (split between processes sharing a card)")
     ap.add_argument("--max-model-len", type=int, default=None)

@@ -30,7 +30,8 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.torch_threads,
         prefill_threads=cfg.prefill_threads,
         shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
-        gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto"))
+        gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto",
+        async_scheduling=cfg.async_scheduling))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:

@@ -6,12 +6,15 @@ no request's blocks are freed while a queued step still writes into them."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import random
 
 import pytest
+import requests
 
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.helpers import random_prompt, run_all
+from tests.helpers import eventually, random_prompt, run_all
+from tests.server import InprocServer
 
 
 def _engine(overlap: str, blocks: int = 128, max_num_seqs: int = 8, max_model_len: int = 128) -> LLMEngine:
@@ -132,3 +135,79 @@ def test_overlap_is_off_on_the_cpu_by_default_and_checked():
     assert not LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64, cuda_graphs="on"))._overlap
     with pytest.raises(ValueError, match="async_scheduling"):
         LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64, async_scheduling="maybe"))
+
+
+def _complete(base_url: str, prompt: list[int], max_tokens: int) -> list[str]:
+    r = requests.post(base_url + "/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def _kv_blocks_used(server: InprocServer) -> float:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dyn_worker_kv_blocks_used"))
+
+
+@pytest.mark.parametrize("topology", ["agg", "1p1d"])
+def test_serving_with_overlapped_steps(topology):
+    """Through the worker's engine thread: concurrent requests (in 1p1d the long prompts prefilled
+    remotely, joining the decode batch mid-flight) give the tokens of a server without overlap, and
+    clients that go away mid-stream leave no block behind."""
+    rng = random.Random(7)
+    jobs = [(random_prompt(rng, rng.choice([4, 20, 70])), rng.randint(1, 24)) for _ in range(16)]
+    ref = InprocServer("--topology", "agg", "--kv-cache-memory-gb", "0.05")
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            want = list(pool.map(lambda j: _complete(ref.base_url, *j), jobs))
+    finally:
+        ref.stop()
+    s = InprocServer("--topology", topology, "--async-scheduling", "on", "--max-local-prefill-length", "16",
+                     "--kv-cache-memory-gb", "0.05")
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda j: _complete(s.base_url, *j), jobs))
+        assert got == want
+        for _ in range(3):  # a stream dropped after its first tokens
+            with requests.post(s.base_url + "/completions", stream=True, timeout=30, json={
+                    "prompt": [0, 5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+                lines = r.iter_lines()
+                next(lines)
+                next(lines)
+        assert eventually(lambda: _kv_blocks_used(s) == 0, timeout=10)
+        assert _complete(s.base_url, [0, 5, 6], 8) == _complete(s.base_url, [0, 5, 6], 8)
+        engines = [e for name, e in s.topology.engines.items() if not name.startswith("prefill")]
+        assert engines and all(e._overlap for e in engines) and sum(e.overlapped_steps for e in engines) > 20
+    finally:
+        s.stop()
+
+
+def test_a_queued_step_that_fails_ends_only_its_requests():
+    """The step queued ahead raises (on a GPU: a fault at replay): the tokens of the step before still
+    reach their requests, then those requests end with the error; the engine goes on with the rest."""
+    engine = _engine("on", max_num_seqs=2)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for rid in ("a", "b", "c"):  # two fit in a batch: c waits
+        engine.add_request(rid, [0, 5, 6, 7], greedy)
+    while engine.overlapped_steps == 0:
+        engine.step()
+    forward = engine.model.forward
+
+    def broken(*args, **kwargs):
+        engine.model.forward = forward  # fails once
+        raise RuntimeError("illegal memory access")
+
+    engine.model.forward = broken
+    outs = engine.step()
+    ended = [o for o in outs if o.finished]
+    assert sorted(o.request_id for o in ended) == ["a", "b"]
+    assert all(o.finish_reason == "error" and "illegal memory access" in o.error for o in ended)
+    assert any(o.new_token_ids for o in outs)  # the queued step's tokens came first
+    tokens = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            assert o.request_id == "c" and o.error is None
+            tokens.extend(o.new_token_ids)
+    assert len(tokens) == 8
+    assert engine.block_manager.num_used_blocks == 0

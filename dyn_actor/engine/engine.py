@@ -72,7 +72,8 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     # overlapped decode steps: while the device runs one graph-replayed decode step, the host queues the
     # next (its input tokens taken on the device from the step before) and only then turns the first
-    # step's tokens into outputs. auto: on a GPU with CUDA graphs; on (also on the CPU, for tests); off
+    # step's tokens into outputs. auto: on a GPU with CUDA graphs; on (also on the CPU, with cuda_graphs
+    # auto turning the graph runner on there, for tests; no effect with cuda_graphs off); off
     async_scheduling: str = "auto"
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
@@ -184,8 +185,9 @@ class LLMEngine:
             self.max_model_len = limit
         # the graphs replay the Triton kernels (or, on the CPU, the C ones); the PyTorch path's padded
         # mask is not capturable
-        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda"
-                                                and self.attention == "triton")
+        # overlapped steps asked for explicitly bring the graph runner with them (on the CPU: replayed eagerly)
+        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and (
+            (self.device.type == "cuda" and self.attention == "triton") or config.async_scheduling == "on"))
         # with graphs, one more block than the block manager hands out: the padding rows' scratch
         self.layout = KvLayout(num_blocks + graphs, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if config.shared_kv:
