@@ -72,7 +72,41 @@ def measure(batch: int, temperature: float, steps: int, vocab: int) -> dict:
         row[f"{p}_us"] = statistics.median(times[p]) * 1e6
     row["total_us"] = sum(row[f"{p}_us"] for p in PHASES)
     row["per_row_us"] = row["total_us"] / batch
+    for overlap in ("off", "on"):
+        row[f"step_{overlap}_us"] = whole_step(batch, temperature, steps, vocab, overlap)
     return row
+
+
+def whole_step(batch: int, temperature: float, steps: int, vocab: int, overlap: str) -> float:
+    """Median microseconds of one ``engine.step()`` call in steady decoding, the forward pass stubbed
+    out as above, with overlapped steps off or on: the host's work either way (on a GPU, overlapped,
+    it runs while the device computes the step queued before)."""
+    import torch
+
+    from dyn_actor.engine.engine import EngineConfig, LLMEngine
+    from dyn_actor.protocol import SamplingParams
+
+    engine = LLMEngine(EngineConfig(cuda_graphs="on", async_scheduling=overlap, max_num_seqs=batch,
+                                    max_model_len=2048, num_kv_blocks=batch * (2048 // 16)))
+    rng = random.Random(0)
+    for i in range(batch):
+        engine.add_request(f"r{i}", [0] + [rng.randrange(2, 99) for _ in range(39)],
+                           SamplingParams(max_tokens=steps + 40, temperature=temperature, ignore_eos=True))
+    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()
+    g = engine.graphs
+    for b in g.buckets:
+        g._replays[b] = (lambda: None, torch.randn(b, vocab))
+    times = []
+    pc = time.perf_counter
+    for i in range(steps + 10):
+        t0 = pc()
+        engine.step()
+        if i >= 10:
+            times.append(pc() - t0)
+    if overlap == "on":
+        assert engine.overlapped_steps >= steps, engine.overlapped_steps
+    return statistics.median(times) * 1e6
 
 
 def main() -> int:

@@ -119,7 +119,7 @@ def run_transformers(model: str, vocab: int, workload, dtype: str, max_num_seqs:
 
 
 def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
-               device: str = "cpu", profile: str | None = None) -> dict:
+               device: str = "cpu", profile: str | None = None, overlap: str = "auto") -> dict:
     """The engine driven directly (token ids in and out, no detokenizing: as vLLM's ``detokenize=False``)."""
     from dyn_actor.engine import EngineConfig, LLMEngine
     from dyn_actor.engine.sampling import SamplingParams
@@ -127,7 +127,7 @@ def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, 
     engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_batched,
                                     kv_cache_memory=None if device == "cuda" else 4 << 30, max_model_len=4096,
-                                    device=device))
+                                    device=device, async_scheduling=overlap))
     ids = iter(range(1 << 62))
 
     def generate(prompts, max_tokens):
@@ -143,6 +143,13 @@ def run_native(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, 
     if profile and device == "cuda":
         result["profile"] = _profile_decode(engine, vocab, workload, profile)
     return result
+
+
+def run_native_stepwise(model: str, vocab: int, workload, dtype: str, max_num_seqs: int, max_batched: int,
+                        device: str = "cpu") -> dict:
+    """The native engine with its decode steps taken one at a time (``async_scheduling="off"``): what
+    overlapping the host's work with the device's gains."""
+    return run_native(model, vocab, workload, dtype, max_num_seqs, max_batched, device, overlap="off")
 
 
 def _profile_decode(engine, vocab: int, workload, path: str) -> str:
@@ -253,6 +260,9 @@ def main() -> int:
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM even if it is installed")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else every request sampled at it")
     ap.add_argument("--transformers", action="store_true", help="also run transformers' generate() (the baseline)")
+    ap.add_argument("--stepwise", action="store_true",
+                    help="also run the native engine without overlapped decode steps (first workload only; "
+                         "overlap is on by default on a GPU, off on the CPU)")
     ap.add_argument("--profile", metavar="PATH", help="cuda: write a torch profiler summary of the native engine's "
                     "decode steps (per workload: PATH with the workload name added)")
     args = ap.parse_args()
@@ -260,6 +270,8 @@ def main() -> int:
 
     models = prepare_models(args.models.split(","))
     engines = [("native", run_native)]
+    if args.stepwise:
+        engines.append(("native-stepwise", run_native_stepwise))
     if args.transformers:
         engines.append(("transformers", run_transformers))
     if args.no_vllm:
@@ -273,6 +285,8 @@ def main() -> int:
         for wname in args.workloads.split(","):
             wl = WORKLOADS[wname]
             for ename, fn in engines:
+                if ename == "native-stepwise" and wname != args.workloads.split(",")[0]:
+                    continue
                 if ename == "transformers" and wl[0] > 64:  # its padded batch of 256 long prompts: not a baseline
                     print(f"transformers on {mname}/{wname}: skipped (more than 64 prompts)")
                     continue

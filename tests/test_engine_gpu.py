@@ -62,3 +62,27 @@ def test_float32_tokens_do_not_depend_on_batch_cache_or_schedule(llama_dir):
     small = _engine(llama_dir, num_kv_blocks=24, max_model_len=128)  # preemption
     tight = run_all(small, {k: (p, params) for k, p in prompts.items()})
     assert {k: tight[k][0] for k in alone} == alone and small.stats().num_preemptions > 0
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_one_at_a_time(llama_dir):
+    """On the GPU the next decode step really is queued before the host has the tokens it starts from
+    (its inputs taken on the device): greedy, seeded sampling, logprobs and min_tokens give what steps
+    taken one at a time give, as requests come and go."""
+    vocab = _engine(llama_dir).model_config.vocab_size
+    rng = random.Random(6)
+    kinds = [lambda: SamplingParams(max_tokens=rng.randint(1, 30), temperature=0, ignore_eos=True),
+             lambda: SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.8, top_k=50, seed=rng.randrange(99)),
+             lambda: SamplingParams(max_tokens=20, temperature=0, logprobs=3, ignore_eos=True),
+             lambda: SamplingParams(max_tokens=20, temperature=1.0, seed=rng.randrange(99), min_tokens=10)]
+    jobs = {f"r{i}": ([0] + [rng.randrange(2, vocab) for _ in range(rng.randint(5, 90))], kinds[i % 4]())
+            for i in range(40)}
+
+    def summary(result):
+        return {k: (toks, reason, [(lp.token_id, lp.rank) for o in outs for lp in (o.logprobs or [])])
+                for k, (toks, reason, outs) in result.items()}
+
+    stepwise = summary(run_all(_engine(llama_dir, async_scheduling="off", max_num_seqs=16), jobs))
+    engine = _engine(llama_dir, max_num_seqs=16)
+    assert engine._overlap  # auto: on with the graphs on a GPU
+    assert summary(run_all(engine, jobs)) == stepwise
+    assert engine.overlapped_steps > 50 and engine.block_manager.num_used_blocks == 0
