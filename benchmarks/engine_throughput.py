@@ -270,8 +270,6 @@ def main() -> int:
 
     models = prepare_models(args.models.split(","))
     engines = [("native", run_native)]
-    if args.stepwise:
-        engines.append(("native-stepwise", run_native_stepwise))
     if args.transformers:
         engines.append(("transformers", run_transformers))
     if args.no_vllm:
@@ -280,21 +278,24 @@ def main() -> int:
         engines.append(("vllm", run_vllm))
     else:
         print("vLLM: not installed here, so only the native engine runs (vLLM is optional; see the docstring)")
+    workloads = args.workloads.split(",")
+    runs = [(m, w, e) for m in models for w in workloads for e in engines]
+    if args.stepwise:  # last: the comparison, after the figures the issue asks for
+        runs += [(m, workloads[0], ("native-stepwise", run_native_stepwise)) for m in models]
     rows = []
-    for mname, (path, vocab) in models.items():
-        for wname in args.workloads.split(","):
-            wl = WORKLOADS[wname]
-            for ename, fn in engines:
-                if ename == "native-stepwise" and wname != args.workloads.split(",")[0]:
-                    continue
-                if ename == "transformers" and wl[0] > 64:  # its padded batch of 256 long prompts: not a baseline
-                    print(f"transformers on {mname}/{wname}: skipped (more than 64 prompts)")
-                    continue
-                print(f"running {ename} on {mname}/{wname} ...", flush=True)
-                extra = (f"{args.profile}.{mname}-{wname}.txt",) if ename == "native" and args.profile else ()
-                res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
-                                   args.device, *extra)
-                rows.append({"model": mname, "workload": wname, "engine": ename, **res})
+    for mname, wname, (ename, fn) in runs:
+        path, vocab = models[mname]
+        wl = WORKLOADS[wname]
+        if ename == "transformers" and wl[0] > 64:  # its padded batch of 256 long prompts: not a baseline
+            print(f"transformers on {mname}/{wname}: skipped (more than 64 prompts)")
+            continue
+        print(f"running {ename} on {mname}/{wname} ...", flush=True)
+        extra = (f"{args.profile}.{mname}-{wname}.txt",) if ename == "native" and args.profile else ()
+        res = run_isolated(fn, path, vocab, wl, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
+                           args.device, *extra)
+        rows.append({"model": mname, "workload": wname, "engine": ename, **res})
+        print(f"  {ename} on {mname}/{wname}: {res['output_tok_s']:,.0f} output tok/s, decode step "
+              f"{res['decode_step_ms']:.3f} ms", flush=True)  # in the log even if a later run is cut off
     cols = ["model", "workload", "engine", "prefill_tok_s", "decode_tok_s", "output_tok_s", "total_tok_s",
             "decode_step_ms"]
     print()

@@ -17,10 +17,11 @@
 #              with the best one (DYN_ACTOR_DECODE_TUNING), which the summary prints;
 #     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
 #              transformers' generate() in the same run and a torch profiler summary of decode steps;
+#              last, the engine with its decode steps taken one at a time (--stepwise: overlap off);
 #     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load.
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
 # measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
-# "--transformers". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
+# "--transformers --stepwise". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
 # setproctitle, pytest, aiohttp; the three a lent machine lacks come as wheels: run
 # scripts/gpu_wheels.sh first and carry .whl (device tool: carry [".whl"], command
 # "bash scripts/gpu_check.sh", timeout_s 560). Logs and results go to $OUT (or /tmp/gpu_check).
@@ -29,7 +30,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp/gpu_check}
 ONLY=${ONLY:-kernels engine ipc disagg faults kvbench samp asweep thru dbench}
-THRU_EXTRA=${THRU_EXTRA---transformers}
+THRU_EXTRA=${THRU_EXTRA---transformers --stepwise}
 FAULTS_BESIDE=${FAULTS_BESIDE:-0}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -98,7 +99,8 @@ launch thru "engine throughput, 1B bf16" 240 $PY benchmarks/engine_throughput.py
     --dtype bfloat16 --workloads gpu64,gpu256 --no-vllm $THRU_EXTRA --max-num-seqs 256 \
     --max-num-batched-tokens 8192 --profile "$LOG/profile"
 collect thru
-want thru && grep -A8 "^model " "$LOG/thru.log" && grep "decode-step floor\|profiled:" "$LOG/thru.log"
+want thru && { grep -A8 "^model " "$LOG/thru.log" || grep "output tok/s" "$LOG/thru.log"; } \
+    && grep "decode-step floor\|profiled:" "$LOG/thru.log"
 launch dbench "disagg.py --device cuda" 240 $PY benchmarks/disagg.py --device cuda --duration 20
 collect dbench
 want dbench && tail -n 7 "$LOG/dbench.log"
