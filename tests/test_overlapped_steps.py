@@ -101,14 +101,18 @@ def test_requests_that_come_and_go_while_a_step_is_queued():
 
 
 def test_blocks_of_a_request_ended_while_its_next_step_is_queued_wait_for_that_step():
-    """A request that finishes (or is aborted) while the step after is already queued keeps its blocks
-    until that step has run: it writes one more token's KV into them, and a block handed on meanwhile
-    (to a remote prefill, say) would get it."""
+    """A request that finishes on a stop token (or is aborted) while the step after is already queued
+    keeps its blocks until that step has run: it writes one more token's KV into them, and a block
+    handed on meanwhile (to a remote prefill, say) would get it. (One that ends by length is known
+    beforehand and left out of the next step.)"""
+    prompt = random_prompt(random.Random(1), 20)
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    first = run_all(_engine("off"), {"x": (prompt, greedy)})["x"][0]
+    stop = next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])
     engine = _engine("on")
-    engine.add_request("short", random_prompt(random.Random(1), 20), SamplingParams(max_tokens=3, temperature=0,
-                                                                                     ignore_eos=True))
-    engine.add_request("long", random_prompt(random.Random(2), 20), SamplingParams(max_tokens=30, temperature=0,
-                                                                                    ignore_eos=True))
+    engine.add_request("short", prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                       stop_token_ids=[stop]))
+    engine.add_request("long", random_prompt(random.Random(2), 20), greedy)
     ended = None
     for _ in range(20):
         outs = engine.step()
@@ -117,6 +121,7 @@ def test_blocks_of_a_request_ended_while_its_next_step_is_queued_wait_for_that_s
             break
     assert ended is not None and any(r.request_id == "short" for r in ended.reqs)
     assert engine.block_manager.has_request("short")  # held for the queued step
+    assert "short" in ended.deferred
     engine.step()
     assert not engine.block_manager.has_request("short")
 

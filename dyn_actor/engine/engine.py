@@ -509,12 +509,13 @@ class LLMEngine:
                 return False
         return True
 
-    def _next_rows(self, queued: _InFlight) -> list[int] | None:
-        """Whether the step after ``queued`` can be queued now, and from which of its rows: the
-        running requests must be ``queued``'s, less those that ended (their rows are dropped), with
-        nothing else to schedule (no request waiting that could be admitted, none that joined), every
-        row's next position inside the context and its block (extended here where it fills one).
-        The rows of ``queued`` they are, in order; None where the step must be scheduled as usual."""
+    def _next_rows(self, queued: _InFlight) -> tuple[list[Request], list[int]] | None:
+        """Whether the step after ``queued`` can be queued now: the running requests must be
+        ``queued``'s, less those that ended, with nothing else to schedule (no request waiting that
+        could be admitted, none that joined), each one's next position in its block (extended here
+        where it fills one). A request whose token in ``queued`` is its last by length is left out.
+        The requests and their rows in ``queued``, in order; None where the step must be scheduled
+        as usual."""
         s = self.scheduler
         running, reqs = s.running, queued.reqs
         if not running or len(running) > s.config.max_num_batched_tokens:
@@ -522,19 +523,24 @@ class LLMEngine:
         if s.waiting and len(running) < s.config.max_num_seqs:
             return None
         limit = self.max_model_len
-        rows = []
+        nxt, rows = [], []
         j, n = 0, len(reqs)
         for r in running:  # the running list keeps its order: the requests of queued, some gone
             while j < n and reqs[j] is not r:
                 j += 1
-            if j == n or r.num_computed_tokens >= limit:
+            if j == n:
                 return None
-            rows.append(j)
+            # the queued token brings the output to num_output_tokens + 1, the sequence to computed + 1
+            if len(r.output_token_ids) + 1 < r.max_tokens and r.num_computed_tokens + 1 < limit:
+                nxt.append(r)
+                rows.append(j)
             j += 1
-        extend = self.block_manager.extend
-        if not all(extend(r.request_id, r.num_computed_tokens + 1) for r in running):
+        if not nxt:
             return None
-        return rows
+        extend = self.block_manager.extend
+        if not all(extend(r.request_id, r.num_computed_tokens + 1) for r in nxt):
+            return None
+        return nxt, rows
 
     def _queue_decode(self, reqs: list[Request], after: _InFlight | None, rows: list[int] | None = None) -> _InFlight:
         """Replay the graphs for one decode token of each of ``reqs`` and queue its sampling, without
@@ -558,9 +564,9 @@ class LLMEngine:
         nxt = None
         failed: Exception | None = None
         try:
-            rows = self._next_rows(queued)
-            if rows is not None:
-                nxt = self._queue_decode(list(self.scheduler.running), queued, rows)
+            following = self._next_rows(queued)
+            if following is not None:
+                nxt = self._queue_decode(following[0], queued, following[1])
                 self.overlapped_steps += 1
         except Exception as e:  # noqa: BLE001 - ends the step's requests below, as a failed step does
             failed = e
