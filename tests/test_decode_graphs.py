@@ -51,3 +51,12 @@ def test_graph_rows_follow_requests_that_come_and_go():
     tight, engine = _tokens(jobs, "on", 16, 128, 6)
     assert tight == want and engine.stats().num_preemptions > 0
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_token_buckets_for_prompt_steps():
+    from dyn_actor.engine.piecewise import token_buckets
+
+    assert token_buckets(1024) == [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    assert token_buckets(8192)[-1] == 1024 and token_buckets(100)[-1] == 100 and token_buckets(5) == [5]
+    b = token_buckets(1024)
+    assert all(hi <= 2 * lo for lo, hi in zip(b, b[1:]))  # a step is padded by less than its own size

@@ -86,3 +86,28 @@ def test_overlapped_steps_give_the_tokens_of_steps_one_at_a_time(llama_dir):
     assert engine._overlap  # auto: on with the graphs on a GPU
     assert summary(run_all(engine, jobs)) == stepwise
     assert engine.overlapped_steps > 50 and engine.block_manager.num_used_blocks == 0
+
+
+def test_prefill_and_mixed_steps_from_piecewise_graphs_give_the_eager_tokens(llama_dir):
+    """Prompt steps of up to 1,024 tokens replay graphs captured in pieces around attention
+    (``piecewise.py``): the same float32 greedy tokens as eager steps, for prompts that fill
+    buckets differently, chunked, after a prefix hit, and mixed into running decodes."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    vocab = _engine(llama_dir).model_config.vocab_size
+    rng = random.Random(9)
+    prompts = {f"r{i}": [0] + [rng.randrange(2, vocab) for _ in range(n - 1)]
+               for i, n in enumerate([3, 9, 40, 100, 130, 260, 400, 33, 7, 64])}
+    jobs = {k: (p, params) for k, p in prompts.items()}
+
+    def run(**kw):
+        engine = _engine(llama_dir, max_num_seqs=4, **kw)  # 4 at a time: arrivals join running decodes
+        first = run_all(engine, jobs)
+        again = run_all(engine, {f"{k}-again": (p + [5, 6, 7], params) for k, p in prompts.items()})  # prefix hits
+        return engine, {**{k: v[0] for k, v in first.items()}, **{k: v[0] for k, v in again.items()}}
+
+    _, eager = run(piecewise_graphs="off")
+    engine, pieces = run()
+    assert engine.pieces is not None and engine.pieces.buckets[-1] == 1024
+    assert pieces == eager
+    _, chunked = run(max_num_batched_tokens=64)
+    assert chunked == eager

@@ -139,6 +139,12 @@ def test_the_engine_on_the_triton_kernels_gives_the_same_tokens():
     # decode steps through the CUDA-graph runner's host side (bucket padding rows on the scratch
     # block, the host table written only where a row lacks entries), replayed eagerly off a GPU
     assert tokens("triton", num_kv_blocks=64, cuda_graphs="on")[0] == want
+    # prefill and mixed steps through the piecewise runner (padding rows, static buffers, attention
+    # between the pieces), with chunks after a cached prefix, then with preemption, and with
+    # overlapped decode steps beside them
+    assert tokens("triton", num_kv_blocks=64, piecewise_graphs="on", max_num_batched_tokens=16)[0] == want
+    got, preempted = tokens("triton", num_kv_blocks=6, piecewise_graphs="on", cuda_graphs="on", async_scheduling="on")
+    assert got == want and preempted > 0
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="serving sizes: on a GPU only (the interpreter is too slow)")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import torch
@@ -75,6 +76,10 @@ class EngineConfig:
     # step's tokens into outputs. auto: on a GPU with CUDA graphs; on (also on the CPU, with cuda_graphs
     # auto turning the graph runner on there, for tests; no effect with cuda_graphs off); off
     async_scheduling: str = "auto"
+    # prefill and mixed steps of up to 1,024 tokens from CUDA graphs captured in pieces around attention
+    # (piecewise.py): auto (with the decode graphs, on a GPU, Triton attention), on (also on the CPU,
+    # replayed eagerly, for tests; needs attention="triton"), off. $DYN_ACTOR_PIECEWISE_GRAPHS sets the default
+    piecewise_graphs: str = field(default_factory=lambda: os.environ.get("DYN_ACTOR_PIECEWISE_GRAPHS", "auto"))
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
 
 
@@ -188,8 +193,13 @@ class LLMEngine:
         # overlapped steps asked for explicitly bring the graph runner with them (on the CPU: replayed eagerly)
         graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and (
             (self.device.type == "cuda" and self.attention == "triton") or config.async_scheduling == "on"))
+        if config.piecewise_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"piecewise_graphs must be auto, on or off, got {config.piecewise_graphs!r}")
+        pieces = self.attention == "triton" and (config.piecewise_graphs == "on" or (
+            config.piecewise_graphs == "auto" and graphs and self.device.type == "cuda"))
         # with graphs, one more block than the block manager hands out: the padding rows' scratch
-        self.layout = KvLayout(num_blocks + graphs, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        scratch = graphs or pieces
+        self.layout = KvLayout(num_blocks + scratch, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if config.shared_kv:
             from dyn_actor.kv.transfer import make_shared_pool
 
@@ -208,6 +218,19 @@ class LLMEngine:
             self.graphs = DecodeGraphs(self.model, self.pool, config.max_num_seqs, blocks_per_seq,
                                        scratch_block=num_blocks)
             self.graphs.capture()
+        self.pieces = None
+        if pieces:
+            from dyn_actor.engine.piecewise import PiecewiseGraphs
+
+            try:
+                self.pieces = PiecewiseGraphs(self.model, self.pool, config.max_num_batched_tokens, num_blocks)
+                self.pieces.capture()
+            except Exception as e:  # noqa: BLE001 - eager steps still work: serve with those
+                log.warning("prefill/mixed-step graphs not captured (%s: %s): those steps run eagerly",
+                            type(e).__name__, e)
+                self.pieces = None
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
         if config.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
         self._overlap = self.graphs is not None and (
@@ -621,12 +644,16 @@ class LLMEngine:
                 n == 1 and (r.prompt_logprobs is None or not r.prompt_logprobs_pending) for r, n in scheduled):
             logits, samplers = self._decode_from_graph(scheduled)
         else:
-            batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps: eager
-            wide = self._prefill_threads and sum(n for _, n in scheduled) >= PREFILL_THREADS_MIN_TOKENS
+            batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
+            tokens = sum(n for _, n in scheduled)
+            wide = self._prefill_threads and tokens >= PREFILL_THREADS_MIN_TOKENS
             if wide:
                 torch.set_num_threads(self._prefill_threads)
             try:
-                logits = self.model.forward(batch, self.pool)
+                if self.pieces is not None and self.pieces.fits(tokens):
+                    logits = self.pieces.forward(batch)
+                else:
+                    logits = self.model.forward(batch, self.pool)
             finally:
                 if wide:
                     torch.set_num_threads(self._threads)

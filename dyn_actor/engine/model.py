@@ -200,10 +200,12 @@ class LlamaModel:
         # x*cos + rotate_half(x)*sin, where rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * sign
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
-    def _attention(self, q, k, v, layer: int, pool: KvPool, b: ForwardBatch) -> torch.Tensor:
+    def _attention(self, q, k, v, layer: int, pool: KvPool, b: ForwardBatch, out: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        out = torch.empty((q.shape[0], nh, d), dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty((q.shape[0], nh, d), dtype=q.dtype, device=q.device)
         k_rows, v_rows = pool.k_rows[layer], pool.v_rows[layer]
         nd = b.num_decode
         if self.attention == "triton":
@@ -346,20 +348,34 @@ class LlamaModel:
     def _forward_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
         """The Triton path: the same computation with the elementwise work fused (``triton_ops``):
         per layer three matrix products around attention and the MLP, and four small kernels."""
-        cfg, ops = self.cfg, self.ops
-        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
+        nh, d = self.cfg.num_heads, self.cfg.head_dim
         t = b.input_ids.shape[0]
         x = F.embedding(b.input_ids, self.embed)
         delta = None
-        for i, layer in enumerate(self.layers):
-            h = ops.add_rms_norm(x, delta, layer.ln1, eps)
-            qkv = layer.wqkv(h)
-            ops.rope_and_store(qkv, self.cos, self.sin, b.positions, b.slot_blocks, b.slot_offsets, pool.k[i],
-                               pool.v[i], nh, nkv, d)
+        for i in range(len(self.layers)):
+            qkv = self.pre_attention(i, x, delta, b.positions, b.slot_blocks, b.slot_offsets, pool)
             attn = self._attention(qkv[:, : nh * d].view(t, nh, d), None, None, i, pool, b)
-            h = ops.add_rms_norm(x, layer.wo(attn), layer.ln2, eps)
-            delta = layer.wdown(ops.silu_mul(layer.wgu(h)))
-        x = x[b.logits_indices]
-        h = ops.add_rms_norm(x, delta[b.logits_indices], self.norm, eps)
+            delta = self.post_attention(i, x, attn)
+        return self.final_logits(x, delta, b.logits_indices)
+
+    # the Triton path's layer in two halves around attention (the pieces of ``PiecewiseGraphs``)
+    def pre_attention(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor,
+                      slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, pool: KvPool) -> torch.Tensor:
+        """Layer ``i`` up to attention: ``x += delta`` (the MLP output of the layer before), the norm,
+        the QKV product, RoPE with the keys and values written to their slots; the QKV rows."""
+        cfg, layer = self.cfg, self.layers[i]
+        h = self.ops.add_rms_norm(x, delta, layer.ln1, cfg.rms_norm_eps)
+        qkv = layer.wqkv(h)
+        self.ops.rope_and_store(qkv, self.cos, self.sin, positions, slot_blocks, slot_offsets, pool.k[i], pool.v[i],
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        return qkv
+
+    def post_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` after attention: ``x +=`` the output product, the norm, the MLP; its output."""
+        layer = self.layers[i]
+        h = self.ops.add_rms_norm(x, layer.wo(attn), layer.ln2, self.cfg.rms_norm_eps)
+        return layer.wdown(self.ops.silu_mul(layer.wgu(h)))
+
+    def final_logits(self, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        h = self.ops.add_rms_norm(x[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
         return self.lm_head_linear(h).float()
