@@ -104,7 +104,6 @@ class RemoteAllocation(msgspec.Struct):
     num_cached_tokens: int  # leading prompt tokens whose KV is already in those blocks
 
 
-@dataclass
 class _InFlight:
     """A decode step queued on the device whose tokens the host has not taken yet: its rows' requests
     (every row samples), each one's computed-token count after it, the sampling under way, and the
