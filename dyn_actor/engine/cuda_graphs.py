@@ -14,8 +14,11 @@ buffers: the bucketing, padding and copying are the same code.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -32,6 +35,16 @@ def graph_buckets(max_batch: int) -> list[int]:
     sizes = {1, 2, 4, 8, *range(16, 65, 8), *range(80, 513, 16)}
     out = sorted(s for s in sizes if s < top)
     return [*out, top]
+
+
+@contextlib.contextmanager
+def quiet_capture() -> Iterator[None]:
+    """Captures without the full collection and cache flush ``torch.cuda.graph`` runs on entering
+    each one: with hundreds of captures over a heap holding torch and transformers they would take
+    seconds of start-up (the pool is handed to each capture anyway)."""
+    with mock.patch.object(gc, "collect", lambda *a, **k: 0), \
+            mock.patch.object(torch.cuda, "empty_cache", lambda: None):
+        yield
 
 
 class DecodeGraphs:
@@ -93,11 +106,12 @@ class DecodeGraphs:
             for _ in range(2):  # warm up (Triton compiles, cuBLAS picks its kernels) outside the capture
                 self.model.forward(self._static(self.max_batch), self.pool)
         torch.cuda.current_stream().wait_stream(stream)
-        for b in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
-                out = self.model.forward(self._static(b), self.pool)
-            self._replays[b] = (graph.replay, out)
+        with quiet_capture():
+            for b in reversed(self.buckets):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._mempool):
+                    out = self.model.forward(self._static(b), self.pool)
+                self._replays[b] = (graph.replay, out)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", ",".join(map(str, self.buckets)))
 

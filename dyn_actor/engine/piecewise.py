@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dyn_actor.engine.cuda_graphs import quiet_capture
 from dyn_actor.engine.model import ForwardBatch, LlamaModel
 from dyn_actor.kv.pool import KvPool
 
@@ -101,15 +102,16 @@ class PiecewiseGraphs:
                     self._piece(p, b)
         torch.cuda.current_stream().wait_stream(stream)
         graphs = []  # kept alive with their replays
-        for b in reversed(self.buckets):
-            replays = []
-            for p in pieces:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._mempool):
-                    self._piece(p, b)
-                graphs.append(graph)
-                replays.append(graph.replay)
-            self._replays[b] = replays
+        with quiet_capture():
+            for b in reversed(self.buckets):
+                replays = []
+                for p in pieces:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._mempool):
+                        self._piece(p, b)
+                    graphs.append(graph)
+                    replays.append(graph.replay)
+                self._replays[b] = replays
         self._graphs = graphs
         torch.cuda.synchronize()
         log.info("captured prefill/mixed-step pieces (%d per step) for token counts %s", self.num_layers + 1,
