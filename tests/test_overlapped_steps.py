@@ -37,13 +37,23 @@ def _jobs(seed: int, n: int, penalties: bool) -> dict:
 
 
 def _summary(result: dict) -> dict:
-    """Tokens, finish reason and logprobs (token, rank, top ids exact; values to 4 decimals: rows in
-    batches of other sizes may differ in the last bits)."""
+    """Tokens, finish reason and logprobs (token, rank, top ids; ``_same`` compares the values with
+    a tolerance: rows in batches of other sizes may differ in the last bits)."""
     def lps(outs):
-        return [(lp.token_id, round(lp.logprob, 4), lp.rank, [(t, round(v, 4)) for t, v in lp.top])
-                for o in outs for lp in (o.logprobs or [])]
+        return [(lp.token_id, lp.logprob, lp.rank, lp.top) for o in outs for lp in (o.logprobs or [])]
 
     return {rid: (toks, reason, lps(outs)) for rid, (toks, reason, outs) in result.items()}
+
+
+def _same(got: dict, want: dict) -> bool:
+    def close(a, b):
+        return a == b or (isinstance(a, float) and isinstance(b, float) and abs(a - b) < 1e-4) or (
+            isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+            and all(close(x, y) for x, y in zip(a, b)))
+
+    bad = [k for k in want if not close(got.get(k), want[k])]
+    assert not bad, {k: (got.get(k), want[k]) for k in bad[:2]}
+    return got.keys() == want.keys()
 
 
 @pytest.mark.parametrize("blocks,penalties", [(128, False), (14, False), (128, True)])
@@ -51,9 +61,20 @@ def test_overlapped_steps_give_the_tokens_of_steps_one_at_a_time(blocks, penalti
     jobs = _jobs(3, 17, penalties)
     want = _summary(run_all(_engine("off", blocks), jobs))
     engine = _engine("on", blocks)
+    steps = 0
+    step = engine.step
+
+    def counted():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted
     got = _summary(run_all(engine, jobs))
-    assert got == want
-    assert engine.overlapped_steps > (5 if penalties else 15)  # it did overlap (decode steps between arrivals)
+    assert _same(got, want)
+    # it did overlap: nearly every step (prefills and mixed steps too, through preemption), or,
+    # with penalties (counted on the host), the steps of batches without a penalized request
+    assert engine.overlapped_steps > (5 if penalties else 0.85 * steps)
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
     if blocks == 14:
         assert engine.stats().num_preemptions > 0

@@ -128,24 +128,23 @@ class DecodeGraphs:
         self._row_held[row] = (blocks, n)
 
     @torch.inference_mode()
-    def replay_rows(self, ids: list[int] | None, positions: list[int], slot_blocks: list[int], width: int,
-                    ids_from: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay a step of ``len(positions)`` sequences (their block tables set with ``set_table_row``):
-        the logits of its rows. Slot offsets and context lengths follow from the positions. The input
-        tokens come from ``ids``, or, already on the device, from ``ids_from`` (the tokens the step
-        before sampled for the same rows, not yet seen by the host)."""
-        n = len(positions)
+    def replay_rows(self, ids: list[int], positions: list[int], slot_blocks: list[int], width: int,
+                    fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Replay a step of ``len(ids)`` sequences (their block tables set with ``set_table_row``):
+        the logits of its rows. Slot offsets and context lengths follow from the positions. ``fill``
+        then writes, on the device, input tokens the host does not have yet (sampled by the step
+        before, still queued) into the static ids."""
+        n = len(ids)
         v = self._host_vec_np
-        if ids is not None:
-            v[0, :n] = ids
+        v[0, :n] = ids
         v[1, :n] = positions
         v[2, :n] = slot_blocks
         np.remainder(v[1, :n], self.pool.layout.block_size, out=v[3, :n])
         np.add(v[1, :n], 1, out=v[4, :n])
-        return self.replay_host(n, width, ids_from)
+        return self.replay_host(n, width, fill)
 
     @torch.inference_mode()
-    def replay_host(self, n: int, width: int, ids_from: torch.Tensor | None = None) -> torch.Tensor:
+    def replay_host(self, n: int, width: int, fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Replay the bucket that holds ``n`` rows the caller wrote into the host twins (``width``
         table columns used); the logits of rows ``[0, n)``. The next replay fills the other twins."""
         b = next(s for s in self.buckets if s >= n)
@@ -162,8 +161,8 @@ class DecodeGraphs:
             self._row_held[n:b] = [(None, 0)] * (b - n)
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.table[:b].copy_(self._host_table[:b], non_blocking=True)
-        if ids_from is not None:
-            self.ids[:n].copy_(ids_from)
+        if fill is not None:
+            fill(self.ids)
         self._use(1 - self._turn)
         replay, _ = self._replays[b]
         replay()

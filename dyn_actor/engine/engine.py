@@ -71,10 +71,10 @@ class EngineConfig:
     # decode steps from CUDA graphs: auto (on a GPU), off (--enforce-eager), on (on the CPU: the same
     # bucketing and padding replayed eagerly, for tests)
     cuda_graphs: str = "auto"
-    # overlapped decode steps: while the device runs one graph-replayed decode step, the host queues the
-    # next (its input tokens taken on the device from the step before) and only then turns the first
-    # step's tokens into outputs. auto: on a GPU with CUDA graphs; on (also on the CPU, with cuda_graphs
-    # auto turning the graph runner on there, for tests; no effect with cuda_graphs off); off
+    # overlapped steps: while the device runs one step, the host schedules and queues the next (the
+    # input tokens that step sampled taken on the device) and only then turns the first step's tokens
+    # into outputs. auto: on a GPU; on (also on the CPU, for tests, where with cuda_graphs auto it turns
+    # the graph runner on too); off
     async_scheduling: str = "auto"
     # prefill and mixed steps of up to 1,024 tokens from CUDA graphs captured in pieces around attention
     # (piecewise.py): auto (with the decode graphs, on a GPU, Triton attention), on (also on the CPU,
@@ -105,15 +105,16 @@ class RemoteAllocation(msgspec.Struct):
 
 
 class _InFlight:
-    """A decode step queued on the device whose tokens the host has not taken yet: its rows' requests
-    (every row samples), each one's computed-token count after it, the sampling under way, and the
-    requests whose blocks are freed once it has run (they ended while it was queued: it still
-    writes their KV)."""
+    """A step queued on the device whose tokens the host has not taken yet: its rows' requests, each
+    one's computed-token count after it, the requests it samples (in the order of its samples), the
+    sampling under way, and the requests whose blocks are freed once it has run (they ended or were
+    preempted while it was queued: it still writes their KV)."""
 
-    __slots__ = ("reqs", "computed", "pending", "deferred")
+    __slots__ = ("reqs", "computed", "samplers", "pending", "deferred")
 
-    def __init__(self, reqs: list[Request], computed: list[int], pending: PendingSample) -> None:
-        self.reqs, self.computed, self.pending = reqs, computed, pending
+    def __init__(self, reqs: list[Request], computed: list[int], samplers: list[Request],
+                 pending: PendingSample) -> None:
+        self.reqs, self.computed, self.samplers, self.pending = reqs, computed, samplers, pending
         self.deferred: list[str] = []
 
 
@@ -232,10 +233,12 @@ class LLMEngine:
                     torch.cuda.synchronize(self.device)
         if config.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
-        self._overlap = self.graphs is not None and (
-            config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.device.type == "cuda"))
+        self._overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto"
+                                                             and self.device.type == "cuda")
         self._inflight: _InFlight | None = None
-        self.overlapped_steps = 0  # decode steps queued before the host had the tokens they start from
+        self._writing: dict[str, _InFlight] = {}  # request id -> the queued step that writes its KV
+        self.scheduler.release = self._release
+        self.overlapped_steps = 0  # steps queued before the host had the tokens of the step before
         self.requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished, blocks kept until release_blocks
         self._fenced: dict[str, int] = {}  # request id -> blocks held back from a remote prefill that may still write
@@ -347,14 +350,16 @@ class LLMEngine:
         return True
 
     def _finish(self, req: Request, free: bool) -> None:
-        """End ``req`` in the scheduler; free its blocks (if ``free``) now, or, where the decode step
-        queued on the device includes it and still writes its KV, once that step has run."""
-        queued = self._inflight
-        if free and queued is not None and req in queued.reqs:
-            self.scheduler.finish(req, free_blocks=False)
-            queued.deferred.append(req.request_id)
+        self.scheduler.finish(req, free_blocks=free)
+
+    def _release(self, request_id: str) -> None:
+        """Free a request's blocks now, or, where a step queued on the device still writes its KV,
+        once that step has run (a block handed on sooner, to a remote prefill say, would get it)."""
+        queued = self._writing.get(request_id)
+        if queued is not None:
+            queued.deferred.append(request_id)
         else:
-            self.scheduler.finish(req, free_blocks=free)
+            self.block_manager.free(request_id)
 
     def block_ids(self, request_id: str) -> list[int]:
         """The KV blocks a live (or finished and held) request owns, in token order."""
@@ -497,134 +502,110 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one forward pass; return what each sampled request produced.
 
-        With overlapped decode steps a step may return the tokens of the one before it: a decode
-        step of the CUDA graphs is queued on the device, and the next call queues the one after it
-        (same requests, one token further, inputs from the device) before it waits for the first
-        one's tokens. Anything else (a new request, a prefill, an abort, a request at its block's
-        end with no free block) first takes the queued step's tokens, then schedules as usual."""
-        if self._inflight is not None:
-            return self._step_overlapped()
+        With overlapped steps (``async_scheduling``) a call returns the tokens of the step before:
+        it schedules and queues the next step on the device, the tokens it needs from the queued one
+        taken there, and only then waits for the queued step's tokens and turns them into outputs.
+        Steps that need the host to have every token (penalties, prompt scoring, held blocks) take
+        the queued step's tokens first and run one at a time."""
+        queued = self._inflight
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
-        if not sched.scheduled:
-            return []
         for req in sched.admitted:
             self._count_prompt(req)
+        scheduled = sched.scheduled
+        if self._overlap and scheduled and self._can_queue(scheduled):
+            try:
+                nxt = self._queue(scheduled, queued)
+            except Exception as e:  # noqa: BLE001 - ends the step's requests below, as a failed step does
+                self._drain_device()  # nothing of it may still be writing when their blocks are freed
+                self._inflight = None
+                outputs = self._take(queued) if queued is not None else []
+                return outputs + self._fail([r for r, _ in scheduled if r.status is RequestStatus.RUNNING], e)
+            self._inflight = nxt
+            self.overlapped_steps += queued is not None
+            return self._take(queued) if queued is not None else []
+        self._inflight = None
+        outputs = self._take(queued) if queued is not None else []
+        if queued is not None:  # a request may have ended on the token the queued step gave it
+            scheduled = [(r, n) for r, n in scheduled if r.status is RequestStatus.RUNNING]
+        if not scheduled:
+            return outputs
         try:
-            if self._overlap and self._can_queue(sched.scheduled):
-                self._inflight = self._queue_decode([r for r, _ in sched.scheduled], None)
-                return []
-            return self._run(sched.scheduled)
+            return outputs + self._run(scheduled)
         except Exception as e:  # noqa: BLE001 - whatever one batch did, the engine goes on
-            return self._fail([r for r, _ in sched.scheduled], e)
+            return outputs + self._fail([r for r, _ in scheduled], e)
 
     # ------------------------------------------------------- overlapped steps
     def _can_queue(self, scheduled: list[tuple[Request, int]]) -> bool:
-        """A decode step the graphs replay in which every row samples and nothing needs the host to
-        have seen the previous token (penalties count the output on the host; held blocks and prompt
-        scoring are for other paths)."""
-        if len(scheduled) > self.graphs.max_batch:
-            return False
-        for r, n in scheduled:
-            if (n != 1 or r.num_computed_tokens + 1 != len(r.all_token_ids) or r.params.penalized
-                    or r.hold_blocks or r.prompt_logprobs is not None):
+        """Whether a step can be queued without the host seeing its tokens first: not where a row's
+        penalties count the output on the host, a row scores prompt tokens, or holds its blocks."""
+        for r, _ in scheduled:
+            if r.params.penalized or r.hold_blocks or (r.prompt_logprobs is not None and r.prompt_logprobs_pending):
                 return False
         return True
 
-    def _next_rows(self, queued: _InFlight) -> tuple[list[Request], list[int]] | None:
-        """Whether the step after ``queued`` can be queued now: the running requests must be
-        ``queued``'s, less those that ended, with nothing else to schedule (no request waiting that
-        could be admitted, none that joined), each one's next position in its block (extended here
-        where it fills one). A request whose token in ``queued`` is its last by length is left out.
-        The requests and their rows in ``queued``, in order; None where the step must be scheduled
-        as usual."""
-        s = self.scheduler
-        running, reqs = s.running, queued.reqs
-        if not running or len(running) > s.config.max_num_batched_tokens:
-            return None
-        if s.waiting and len(running) < s.config.max_num_seqs:
-            return None
-        limit = self.max_model_len
-        nxt, rows = [], []
-        j, n = 0, len(reqs)
-        for r in running:  # the running list keeps its order: the requests of queued, some gone
-            while j < n and reqs[j] is not r:
-                j += 1
-            if j == n:
-                return None
-            # the queued token brings the output to num_output_tokens + 1, the sequence to computed + 1
-            if len(r.output_token_ids) + 1 < r.max_tokens and r.num_computed_tokens + 1 < limit:
-                nxt.append(r)
-                rows.append(j)
-            j += 1
-        if not nxt:
-            return None
-        extend = self.block_manager.extend
-        if not all(extend(r.request_id, r.num_computed_tokens + 1) for r in nxt):
-            return None
-        return nxt, rows
+    def _queue(self, scheduled: list[tuple[Request, int]], queued: _InFlight | None) -> _InFlight:
+        """Run the forward pass of ``scheduled`` and queue its sampling, without waiting for the
+        device. Rows whose input token ``queued`` sampled take it from there, on the device."""
+        new_rows, src_rows = [], []
+        for row, (r, _) in enumerate(scheduled):
+            if r.pending_step is not None:  # always ``queued``: one step is in flight at a time
+                new_rows.append(row)
+                src_rows.append(r.pending_row)
+        fill = None
+        if new_rows:
+            tokens = queued.pending.tokens
+            if new_rows == src_rows and len(src_rows) == tokens.shape[0]:
+                def fill(ids: torch.Tensor) -> None:
+                    ids[: tokens.shape[0]].copy_(tokens)
+            else:
+                idx = torch.tensor([new_rows, src_rows]).to(tokens.device, non_blocking=True)
 
-    def _queue_decode(self, reqs: list[Request], after: _InFlight | None, rows: list[int] | None = None) -> _InFlight:
-        """Replay the graphs for one decode token of each of ``reqs`` and queue its sampling, without
-        waiting for the device; ``after``: the queued step whose sampled tokens (its rows ``rows``)
-        are the inputs."""
-        ids_from = None
-        if after is not None:
-            ids_from = after.pending.tokens
-            if len(rows) != len(after.reqs):
-                ids_from = ids_from.index_select(0, torch.tensor(rows).to(ids_from.device, non_blocking=True))
-        logits, _ = self._decode_from_graph([(r, 1) for r in reqs], ids_from)
+                def fill(ids: torch.Tensor) -> None:
+                    ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))
+        logits, samplers = self._forward(scheduled, fill)
         computed = []
-        for r in reqs:
-            r.num_computed_tokens += 1
+        for r, n in scheduled:
+            r.num_computed_tokens += n
             computed.append(r.num_computed_tokens)
-        self._apply_min_tokens(logits, reqs, ahead=after is not None)
-        return _InFlight(reqs, computed, sample_async(logits, [r.params for r in reqs], [r.generator for r in reqs]))
+        self._apply_min_tokens(logits, samplers)
+        pending = sample_async(logits, [r.params for r in samplers], [r.generator for r in samplers])
+        step = _InFlight([r for r, _ in scheduled], computed, samplers, pending)
+        for i, r in enumerate(samplers):
+            r.pending_step, r.pending_row = step, i
+        for r, _ in scheduled:
+            self._writing[r.request_id] = step
+        return step
 
-    def _step_overlapped(self) -> list[RequestOutput]:
-        queued, self._inflight = self._inflight, None
-        nxt = None
-        failed: Exception | None = None
-        try:
-            following = self._next_rows(queued)
-            if following is not None:
-                nxt = self._queue_decode(following[0], queued, following[1])
-                self.overlapped_steps += 1
-        except Exception as e:  # noqa: BLE001 - ends the step's requests below, as a failed step does
-            failed = e
-            self._drain_device()  # nothing of it may still be writing when their blocks are freed
-        self._inflight = nxt
-        try:
-            outputs = self._complete(queued)
-        except Exception as e:  # noqa: BLE001
-            failed = failed or e
-            outputs = []
-        if failed is not None:
-            self._drain_device()
-            if self._inflight is not None:
-                self._complete_frees(self._inflight)
-            self._inflight = None
-            outputs += self._fail([r for r in queued.reqs if r.status is RequestStatus.RUNNING], failed)
-        return outputs
-
-    def _complete(self, queued: _InFlight) -> list[RequestOutput]:
-        """Take the tokens of a queued step (waiting for the device) and turn them into outputs; rows
-        whose request ended while the step was queued are dropped."""
+    def _take(self, queued: _InFlight) -> list[RequestOutput]:
+        """Wait for a queued step's tokens and turn them into outputs. Its requests' blocks are done
+        being written: frees held back for it happen now. A request that ended meanwhile gets
+        nothing; one preempted meanwhile still gets its token (it was sampled from the right KV)."""
         try:
             result = queued.pending.result()
         finally:
-            self._complete_frees(queued)
-        outputs = []
+            self._settle(queued)
         cache = self.block_manager.cache_full_blocks
-        running = RequestStatus.RUNNING
-        for r, computed, tok, lp in zip(queued.reqs, queued.computed, result.token_ids, result.logprobs):
-            if r.status is not running:
-                continue
-            cache(r.request_id, r.all_token_ids, computed)
-            outputs.append(self._emit(r, tok, lp))
+        running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
+        for r, computed in zip(queued.reqs, queued.computed):
+            if r.status is running:
+                cache(r.request_id, r.all_token_ids, computed)
+        outputs = []
+        for r, tok, lp in zip(queued.samplers, result.token_ids, result.logprobs):
+            if r.status is not finished:
+                outputs.append(self._emit(r, tok, lp))
         return outputs
 
-    def _complete_frees(self, queued: _InFlight) -> None:
+    def _settle(self, queued: _InFlight) -> None:
+        """``queued`` has run (or is given up): its pending tokens and KV writes are no longer in
+        flight; apply the frees held back for it."""
+        for r in queued.samplers:
+            if r.pending_step is queued:
+                r.pending_step, r.pending_row = None, -1
+        writing = self._writing
+        for r in queued.reqs:
+            if writing.get(r.request_id) is queued:
+                del writing[r.request_id]
         for rid in queued.deferred:
             self.block_manager.free(rid)
         queued.deferred.clear()
@@ -636,26 +617,33 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - the error is reported by the caller
                 log.exception("synchronizing after a failed step")
 
-    def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
+    def _forward(self, scheduled: list[tuple[Request, int]], fill: Callable[[torch.Tensor], None] | None = None,
+                 scores: list | None = None) -> tuple[torch.Tensor, list[Request]]:
+        """The step's forward pass (decode graphs, piecewise graphs or eager); the logits of the rows
+        that sample (after any prompt-scoring rows, with ``scores``) and their requests. ``fill``
+        writes input tokens the host does not have into the step's input ids on the device."""
         g = self.graphs
-        scores: list[tuple[Request, int, int, int]] = []
         if g is not None and len(scheduled) <= g.max_batch and all(
                 n == 1 and (r.prompt_logprobs is None or not r.prompt_logprobs_pending) for r, n in scheduled):
-            logits, samplers = self._decode_from_graph(scheduled)
-        else:
-            batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
-            tokens = sum(n for _, n in scheduled)
-            wide = self._prefill_threads and tokens >= PREFILL_THREADS_MIN_TOKENS
+            return self._decode_from_graph(scheduled, fill)
+        batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
+        if fill is not None:
+            fill(batch.input_ids)
+        tokens = sum(n for _, n in scheduled)
+        wide = self._prefill_threads and tokens >= PREFILL_THREADS_MIN_TOKENS
+        if wide:
+            torch.set_num_threads(self._prefill_threads)
+        try:
+            if self.pieces is not None and self.pieces.fits(tokens):
+                return self.pieces.forward(batch), samplers
+            return self.model.forward(batch, self.pool), samplers
+        finally:
             if wide:
-                torch.set_num_threads(self._prefill_threads)
-            try:
-                if self.pieces is not None and self.pieces.fits(tokens):
-                    logits = self.pieces.forward(batch)
-                else:
-                    logits = self.model.forward(batch, self.pool)
-            finally:
-                if wide:
-                    torch.set_num_threads(self._threads)
+                torch.set_num_threads(self._threads)
+
+    def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
+        scores: list[tuple[Request, int, int, int]] = []
+        logits, samplers = self._forward(scheduled, scores=scores)
         if scores:  # rows that score prompt tokens come first in the logits; the sampled rows follow
             logits = self._score_prompts(logits, scores)
         for req, n in scheduled:
@@ -729,13 +717,13 @@ class LLMEngine:
             states.append(r.penalty)
         return rows, states
 
-    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request], ahead: bool = False) -> None:
-        """Ban the stop tokens of rows short of their ``min_tokens`` (``ahead``: each row has one more
-        token on the device than its output holds yet), with no wait for the device."""
+    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Ban the stop tokens of rows short of their ``min_tokens`` (counting a token a queued step
+        sampled, not appended yet), with no wait for the device."""
         rows: list[int] = []
         cols: list[int] = []
         for i, req in enumerate(reqs):
-            if req.num_output_tokens + ahead < req.params.min_tokens:
+            if req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
                 banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
                 rows += [i] * len(banned)
                 cols += banned
@@ -744,12 +732,12 @@ class LLMEngine:
             logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
 
     def _decode_from_graph(self, scheduled: list[tuple[Request, int]],
-                           ids_from: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Request]]:
+                           fill: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[Request]]:
         """A decode-only step straight into the graphs' host buffers: no per-field tensors, one
         host-to-device copy, one replay. This loop is most of the host's work in a decode step on a
         GPU (where the step itself is ~2 ms), so it does the least per row: whole columns written at
-        once, and only the block-table entries a row does not hold yet. ``ids_from``: the input
-        tokens, on the device (sampled by a queued step the host has not taken yet): every row samples."""
+        once, and only the block-table entries a row does not hold yet. ``fill``: writes the input
+        tokens a queued step sampled (the host has not taken them yet) on the device."""
         bs = self.layout.block_size
         g = self.graphs
         table_of = self.block_manager.block_table
@@ -760,24 +748,23 @@ class LLMEngine:
         positions: list[int] = []
         slot_blocks: list[int] = []
         width = 0
-        ahead = ids_from is not None
         for row, (r, _) in enumerate(scheduled):
             pos = r.num_computed_tokens
             blocks = table_of(r.request_id)
             n_blocks = pos // bs + 1
-            if not ahead:
-                ids.append(r.all_token_ids[pos])
+            known = len(r.all_token_ids)
+            ids.append(r.all_token_ids[pos] if pos < known else 0)  # else: a queued step's token, filled in
             positions.append(pos)
             slot_blocks.append(blocks[n_blocks - 1])
             set_row(row, blocks, n_blocks)
             if n_blocks > width:
                 width = n_blocks
-            if ahead or pos + 1 == len(r.all_token_ids):
+            if pos + 1 >= known:
                 rows.append(row)
                 samplers.append(r)
-        logits = g.replay_rows(None if ahead else ids, positions, slot_blocks, width, ids_from)
+        logits = g.replay_rows(ids, positions, slot_blocks, width, fill)
         if len(rows) != len(scheduled):
-            logits = logits[torch.tensor(rows, device=logits.device)]
+            logits = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
         return logits, samplers
 
     def _build_batch(
@@ -806,7 +793,7 @@ class LLMEngine:
             for row, (r, _) in enumerate(decodes):
                 pos = r.num_computed_tokens
                 blocks = self.block_manager.block_table(r.request_id)
-                ids.append(r.all_token_ids[pos])
+                ids.append(r.all_token_ids[pos] if pos < r.num_tokens else 0)  # else: filled in on the device
                 positions.append(pos)
                 slot_blocks.append(blocks[pos // bs])
                 slot_offsets.append(pos % bs)
@@ -816,7 +803,7 @@ class LLMEngine:
                 if scores is not None and r.prompt_logprobs is not None and r.prompt_logprob_positions(pos, pos + 1):
                     scores.append((r, pos, len(score_rows), 1))
                     score_rows.append(row)
-                if pos + 1 == r.num_tokens:
+                if pos + 1 >= r.num_tokens:
                     logits_rows.append(row)
                     samplers.append(r)
             width = max(len(t) for t in tables)
@@ -933,6 +920,7 @@ class LLMEngine:
         """Release resources that outlive the process otherwise (a shared-memory KV pool)."""
         if self._inflight is not None:
             self._drain_device()
+            self._settle(self._inflight)
             self._inflight = None
         close = getattr(self.pool, "close", None)
         if close is not None:

@@ -37,6 +37,8 @@ class Request:
         "penalty",
         "prompt_logprobs",
         "prompt_logprobs_sent",
+        "pending_step",
+        "pending_row",
     )
 
     def __init__(
@@ -66,6 +68,10 @@ class Request:
         # prompt_logprobs asked: one entry per prompt token computed so far (the first has none)
         self.prompt_logprobs: list[Logprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
+        # overlapped steps: the queued step that sampled this request's next token, not yet appended
+        # (the token is its row ``pending_row`` of that step's samples); None when there is none
+        self.pending_step: object | None = None
+        self.pending_row = -1
 
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position

@@ -11,6 +11,7 @@ to the head of the queue, to be recomputed (mostly from the prefix cache).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dyn_actor.engine.request import Request, RequestStatus
@@ -49,6 +50,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # allocated, KV being written by a prefill worker
+        # frees a request's blocks; the engine defers it while a queued step still writes them
+        self.release: Callable[[str], None] = block_manager.free
 
     # ------------------------------------------------------------------ state
     @property
@@ -69,7 +72,7 @@ class Scheduler:
             del self.remote[req.request_id]
         req.status = RequestStatus.FINISHED
         if free_blocks:
-            self.bm.free(req.request_id)
+            self.release(req.request_id)
 
     # ------------------------------------------------------------ remote KV
     def allocate_remote(self, req: Request) -> bool:
@@ -109,7 +112,7 @@ class Scheduler:
         return n
 
     def _preempt(self, req: Request) -> None:
-        self.bm.free(req.request_id)
+        self.release(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -124,7 +127,8 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:  # the hot loop of every decode step: kept lean
             req = running[i]
-            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            # a token sampled by a queued step, not appended yet, is computed next like one that is
+            n = min(len(req.all_token_ids) + (req.pending_step is not None) - req.num_computed_tokens, budget)
             if 0 < cap < n:
                 n = cap
             if n > SCORED_CHUNK and req.prompt_logprobs is not None:
@@ -149,6 +153,8 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.pending_step is not None:  # preempted with its last token still on the device
+                break
             hits = []
             if not self.bm.has_request(req.request_id):
                 limit = req.num_tokens - 1
