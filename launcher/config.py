@@ -110,9 +110,9 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--enforce-eager", action="store_true",
                     help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
     ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                    help="overlapped decode steps: the next graph-replayed step is queued on the device before the "
-                         "host takes the tokens of the one before (auto: on a GPU with CUDA graphs; on: also on "
-                         "the CPU, with the graph runner replaying eagerly, for tests)")
+                    help="overlapped steps: each step is scheduled and queued on the device before the host takes "
+                         "the tokens of the one before (auto: on a GPU; on: also on the CPU, with the decode-graph "
+                         "runner replaying eagerly, for tests)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="share of each GPU for the engine processes on it (split between processes sharing a card)")
     ap.add_argument("--max-model-len", type=int, default=None)

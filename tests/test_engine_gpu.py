@@ -65,9 +65,9 @@ def test_float32_tokens_do_not_depend_on_batch_cache_or_schedule(llama_dir):
 
 
 def test_overlapped_steps_give_the_tokens_of_steps_one_at_a_time(llama_dir):
-    """On the GPU the next decode step really is queued before the host has the tokens it starts from
-    (its inputs taken on the device): greedy, seeded sampling, logprobs and min_tokens give what steps
-    taken one at a time give, as requests come and go."""
+    """On the GPU the next step really is queued before the host has the tokens it starts from (its
+    inputs taken on the device): greedy, seeded sampling, logprobs and min_tokens give what steps
+    taken one at a time give, as requests come and go (prefills and mixed steps queued too)."""
     vocab = _engine(llama_dir).model_config.vocab_size
     rng = random.Random(6)
     kinds = [lambda: SamplingParams(max_tokens=rng.randint(1, 30), temperature=0, ignore_eos=True),
