@@ -505,8 +505,8 @@ class LLMEngine:
         With overlapped steps (``async_scheduling``) a call returns the tokens of the step before:
         it schedules and queues the next step on the device, the tokens it needs from the queued one
         taken there, and only then waits for the queued step's tokens and turns them into outputs.
-        Steps that need the host to have every token (penalties, prompt scoring, held blocks) take
-        the queued step's tokens first and run one at a time."""
+        Steps with a row that scores prompt tokens or holds its blocks take the queued step's tokens
+        first and run one at a time."""
         queued = self._inflight
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
@@ -537,10 +537,10 @@ class LLMEngine:
 
     # ------------------------------------------------------- overlapped steps
     def _can_queue(self, scheduled: list[tuple[Request, int]]) -> bool:
-        """Whether a step can be queued without the host seeing its tokens first: not where a row's
-        penalties count the output on the host, a row scores prompt tokens, or holds its blocks."""
+        """Whether a step can be queued without the host seeing its tokens first: not where a row
+        scores prompt tokens, or holds its blocks (a prefill worker's, read right after)."""
         for r, _ in scheduled:
-            if r.params.penalized or r.hold_blocks or (r.prompt_logprobs is not None and r.prompt_logprobs_pending):
+            if r.hold_blocks or (r.prompt_logprobs is not None and r.prompt_logprobs_pending):
                 return False
         return True
 
@@ -569,7 +569,8 @@ class LLMEngine:
             r.num_computed_tokens += n
             computed.append(r.num_computed_tokens)
         self._apply_min_tokens(logits, samplers)
-        pending = sample_async(logits, [r.params for r in samplers], [r.generator for r in samplers])
+        pending = sample_async(logits, [r.params for r in samplers], [r.generator for r in samplers],
+                               self._penalties(samplers, logits))
         step = _InFlight([r for r, _ in scheduled], computed, samplers, pending)
         for i, r in enumerate(samplers):
             r.pending_step, r.pending_row = step, i
@@ -704,7 +705,8 @@ class LLMEngine:
         return outputs
 
     def _penalties(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], list[PenaltyState]] | None:
-        """The rows whose requests ask for penalties, and their token counts brought up to date."""
+        """The rows whose requests ask for penalties, and their token counts brought up to date (a
+        token a queued step sampled, not appended yet, counted from the device)."""
         rows = [i for i, r in enumerate(reqs) if r.params.penalized]
         if not rows:
             return None
@@ -714,6 +716,9 @@ class LLMEngine:
             if r.penalty is None:
                 r.penalty = PenaltyState(r.prompt_token_ids, logits.shape[1], logits.device)
             r.penalty.catch_up(r.output_token_ids)
+            if r.pending_step is not None and r.penalty.n_out == len(r.output_token_ids):
+                row = r.pending_row
+                r.penalty.add_pending(r.pending_step.pending.tokens[row:row + 1])
             states.append(r.penalty)
         return rows, states
 

@@ -122,17 +122,27 @@ class PenaltyState:
 
     def __init__(self, prompt_ids: Sequence[int], vocab: int, device: torch.device) -> None:
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long).to(device, non_blocking=True)] = True
         self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.n_out = 0
 
     def catch_up(self, output_ids: Sequence[int]) -> None:
-        if len(output_ids) == self.n_out:
+        if len(output_ids) <= self.n_out:
             return
-        new = torch.tensor(list(output_ids[self.n_out:]), dtype=torch.long, device=self.counts.device)
-        self.counts.index_add_(0, new, torch.ones(new.shape[0], device=new.device))
-        self.seen[new] = True
+        new = torch.tensor(list(output_ids[self.n_out:]), dtype=torch.long).to(self.counts.device, non_blocking=True)
+        self.add(new)
         self.n_out = len(output_ids)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Count ``tokens`` (on the device) as output."""
+        self.counts.index_add_(0, tokens, torch.ones(tokens.shape[0], device=tokens.device))
+        self.seen[tokens] = True
+
+    def add_pending(self, tokens: torch.Tensor) -> None:
+        """Count a token the host has not seen yet (``tokens``: one, on the device, sampled by a queued
+        step): the next ``catch_up`` skips it, as it will be the next token of the output."""
+        self.add(tokens)
+        self.n_out += 1
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[int], states: Sequence[PenaltyState],
@@ -140,9 +150,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], states: Sequence[
     """vLLM's repetition, frequency and presence penalties on ``logits`` rows ``rows`` (in place;
     ``params`` and ``states`` are those rows')."""
     dev = logits.device
-    idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
+    idx = torch.tensor(list(rows), dtype=torch.long).to(dev, non_blocking=True)
     table = torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
-                          [p.presence_penalty for p in params]], dtype=torch.float32).to(dev)
+                          [p.presence_penalty for p in params]], dtype=torch.float32).to(dev, non_blocking=True)
     rep, freq, pres = (t.unsqueeze(1) for t in table.unbind(0))
     counts = torch.stack([s.counts for s in states])
     seen = torch.stack([s.seen for s in states])
