@@ -547,11 +547,16 @@ class LLMEngine:
     def _queue(self, scheduled: list[tuple[Request, int]], queued: _InFlight | None) -> _InFlight:
         """Run the forward pass of ``scheduled`` and queue its sampling, without waiting for the
         device. Rows whose input token ``queued`` sampled take it from there, on the device."""
+        # a request with a token in flight computes just that one, as a decode row; decode rows come
+        # first in a step's inputs, in schedule order (``_build_batch``; the graphs take only those)
         new_rows, src_rows = [], []
-        for row, (r, _) in enumerate(scheduled):
-            if r.pending_step is not None:  # always ``queued``: one step is in flight at a time
-                new_rows.append(row)
-                src_rows.append(r.pending_row)
+        row = 0
+        for r, n in scheduled:
+            if n == 1:
+                if r.pending_step is not None:  # always ``queued``: one step is in flight at a time
+                    new_rows.append(row)
+                    src_rows.append(r.pending_row)
+                row += 1
         fill = None
         if new_rows:
             tokens = queued.pending.tokens
