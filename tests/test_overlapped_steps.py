@@ -243,3 +243,25 @@ def test_a_queued_step_that_fails_ends_only_its_requests():
             tokens.extend(o.new_token_ids)
     assert len(tokens) == 8
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_prompt_scoring_beside_overlapped_steps():
+    """A request that scores its prompt (``prompt_logprobs``) makes the steps that score it run one at
+    a time; the requests decoding beside it go on overlapped, and everyone gets what they get
+    without overlap (the first output carries the prompt's logprobs)."""
+    rng = random.Random(4)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    scored = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    jobs = {f"r{i}": (random_prompt(rng, rng.randint(5, 60)), scored if i % 3 == 1 else greedy) for i in range(9)}
+
+    def run(overlap: str):
+        engine = _engine(overlap, max_num_batched_tokens=32)
+        result = run_all(engine, jobs)
+        prompts = {k: [(lp.token_id, lp.rank) if lp else None for lp in outs[0].prompt_logprobs or []]
+                   for k, (_, _, outs) in result.items()}
+        return engine, {k: v[0] for k, v in result.items()}, prompts
+
+    _, want, want_prompts = run("off")
+    engine, got, got_prompts = run("on")
+    assert got == want and got_prompts == want_prompts
+    assert sum(1 for v in got_prompts.values() if v) == 3 and engine.overlapped_steps > 5

@@ -513,6 +513,10 @@ class LLMEngine:
         for req in sched.admitted:
             self._count_prompt(req)
         scheduled = sched.scheduled
+        if queued is not None:  # a request whose token in flight is its last by length computes nothing more
+            limit = self.max_model_len
+            scheduled = [(r, n) for r, n in scheduled if r.pending_step is None or (
+                len(r.output_token_ids) + 1 < r.max_tokens and len(r.all_token_ids) + 1 < limit)]
         if self._overlap and scheduled and self._can_queue(scheduled):
             try:
                 nxt = self._queue(scheduled, queued)
