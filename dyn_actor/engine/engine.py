@@ -235,8 +235,7 @@ class LLMEngine:
             raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
         self._overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto"
                                                              and self.device.type == "cuda")
-        self._inflight: _InFlight | None = None
-        self._writing: dict[str, _InFlight] = {}  # request id -> the queued step that writes its KV
+        self._inflight: _InFlight | None = None  # the step queued on the device, its tokens not taken yet
         self.scheduler.release = self._release
         self.overlapped_steps = 0  # steps queued before the host had the tokens of the step before
         self.requests: dict[str, Request] = {}
@@ -346,17 +345,16 @@ class LLMEngine:
         if req is None:
             return self.release_blocks(request_id)
         req.finish_reason = "abort"
-        self._finish(req, free=True)
+        self.scheduler.finish(req)
         return True
 
-    def _finish(self, req: Request, free: bool) -> None:
-        self.scheduler.finish(req, free_blocks=free)
-
     def _release(self, request_id: str) -> None:
-        """Free a request's blocks now, or, where a step queued on the device still writes its KV,
-        once that step has run (a block handed on sooner, to a remote prefill say, would get it)."""
-        queued = self._writing.get(request_id)
-        if queued is not None:
+        """Free a request's blocks now, or, where the step queued on the device still writes its KV,
+        once that step has run (a block handed on sooner, to a remote prefill say, would get it).
+        Called when a request ends or is preempted: rare next to steps, so the queued step's rows
+        are searched here rather than indexed at every step."""
+        queued = self._inflight
+        if queued is not None and any(r.request_id == request_id for r in queued.reqs):
             queued.deferred.append(request_id)
         else:
             self.block_manager.free(request_id)
@@ -493,7 +491,7 @@ class LLMEngine:
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
             self.requests.pop(req.request_id, None)
-            self._finish(req, free=not req.hold_blocks)
+            self.scheduler.finish(req, free_blocks=not req.hold_blocks)
             if req.hold_blocks:
                 self._held[req.request_id] = req
         return out
@@ -583,14 +581,13 @@ class LLMEngine:
         step = _InFlight([r for r, _ in scheduled], computed, samplers, pending)
         for i, r in enumerate(samplers):
             r.pending_step, r.pending_row = step, i
-        for r, _ in scheduled:
-            self._writing[r.request_id] = step
         return step
 
     def _take(self, queued: _InFlight) -> list[RequestOutput]:
-        """Wait for a queued step's tokens and turn them into outputs. Its requests' blocks are done
-        being written: frees held back for it happen now. A request that ended meanwhile gets
-        nothing; one preempted meanwhile still gets its token (it was sampled from the right KV)."""
+        """Wait for a queued step's tokens and turn them into outputs (the caller has already made the
+        step after it, if any, ``_inflight``). Its requests' blocks are done being written: frees held
+        back for it happen now. A request that ended meanwhile gets nothing; one preempted meanwhile
+        still gets its token (it was sampled from the right KV)."""
         try:
             result = queued.pending.result()
         finally:
@@ -612,10 +609,6 @@ class LLMEngine:
         for r in queued.samplers:
             if r.pending_step is queued:
                 r.pending_step, r.pending_row = None, -1
-        writing = self._writing
-        for r in queued.reqs:
-            if writing.get(r.request_id) is queued:
-                del writing[r.request_id]
         for rid in queued.deferred:
             self.block_manager.free(rid)
         queued.deferred.clear()
