@@ -50,6 +50,11 @@ def test_top_k_top_p_among_candidates_equal_sorting_whole_rows(vocab, monkeypatc
         want = sort_top_k_top_p(logits.clone(), k, p)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])  # what is kept is untouched
+    # every top-p row with top-k on too: no nucleus can pass the candidates, and the caller says so
+    # (no wait for the device to find out), still the masks of sorting
+    both = torch.where(top_k > 0, top_k, torch.full_like(top_k, 7))
+    got = apply_top_k_top_p(logits.clone(), both, top_p, int(both.max()), unbounded_top_p=False)
+    assert torch.equal(torch.isinf(got), torch.isinf(sort_top_k_top_p(logits.clone(), both, top_p)))
     wide = (sort_top_k_top_p(logits, None, top_p) > float("-inf")).sum(dim=1)
     assert (wide > 16).any() and (wide[top_p < 1] < 16).any()  # both kinds of row were there
     # a top-k wider than the candidates widens them

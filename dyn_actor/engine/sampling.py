@@ -42,9 +42,12 @@ TOP_CANDIDATES = 128
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                      max_k: int | None = None) -> torch.Tensor:
+                      max_k: int | None = None, unbounded_top_p: bool = True) -> torch.Tensor:
     """Mask (to -inf) what top-k / top-p exclude, per row. ``top_k`` rows of 0 and ``top_p`` rows of 1
     are off; ``max_k`` (the largest ``top_k``, known to the caller without a device sync) may be given.
+    ``unbounded_top_p``: whether a row may have top-p on and top-k off (the caller knows from the
+    parameters); only such a row's nucleus can reach past the candidates, and only then does this
+    wait for the device to learn whether one did.
 
     Top-p keeps the smallest set of the likeliest tokens whose probability (after top-k) reaches p.
     Both are found among each row's ``TOP_CANDIDATES`` (or ``max_k``) largest logits: a partial
@@ -76,7 +79,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         on = top_p < 1.0
         count = torch.where(on, torch.minimum(count, nucleus), count)
         masked = masked | on
-        uncovered = on & ~limited & (nucleus >= c) & (c < vocab)
+        if unbounded_top_p:  # a row with top-k on is always limited: its k is at most max_k <= c
+            uncovered = on & ~limited & (nucleus >= c) & (c < vocab)
     last = vals.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
     thresh = torch.where(masked.unsqueeze(1), last, torch.full_like(last, float("-inf")))
     out = logits.masked_fill(logits < thresh, float("-inf"))
@@ -234,8 +238,9 @@ def sample_async(
     penalties: tuple[Sequence[int], Sequence[PenaltyState]] | None = None,
 ) -> PendingSample:
     """``sample`` without waiting for the device: the draw is queued, its copy to the host started.
-    Nothing here waits for the device, except a top-p row whose nucleus reaches past the candidates
-    (``apply_top_k_top_p`` then sorts it whole and must know which rows)."""
+    Nothing here waits for the device, except where a row has top-p on and top-k off: its nucleus
+    may reach past the candidates, and ``apply_top_k_top_p`` must learn whether one did (it then
+    sorts that row whole)."""
     n = logits.shape[0]
     dev = logits.device
     raw = logits
@@ -267,7 +272,8 @@ def sample_async(
         max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
         top_k = top_k_f.long() if max_k > 0 else None
         top_p = top_p_t if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)) else None
-        x = apply_top_k_top_p(x, top_k, top_p, max_k)
+        unbounded = any(p.top_p < 1.0 and p.top_k <= 0 and not g for p, g in zip(params, greedy))
+        x = apply_top_k_top_p(x, top_k, top_p, max_k, unbounded)
         if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
             x = apply_min_p(x, min_p_t)
         tokens = draw_from(x.softmax(dim=-1), u)
