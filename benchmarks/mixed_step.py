@@ -8,7 +8,10 @@ new prompt's chunk. Those steps cannot replay the decode graphs; ``piecewise_gra
 everything but attention from graphs captured per bucket of token counts (``piecewise.py``). This
 keeps ``--batch`` requests decoding and adds one fresh prompt of each ``--prompt-lens`` length at
 every step, in an engine with the pieces and one without, alternating, and reports the median time
-of those mixed steps (and of pure decode steps, for scale). Prints a table; writes JSON.
+of those mixed steps (and of pure decode steps, for scale). Then, since an overlapped step cannot
+be timed alone, the mean step time over a stream of such steps (a prompt joins every other step, no
+wait in between) with the pieces, overlapped steps off and on (``async_scheduling``). Prints a
+table; writes JSON.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ def main() -> int:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     lens = [int(x) for x in args.prompt_lens.split(",")]
     engines = {}
-    for variant in ("eager", "pieces"):
+    for variant in ("eager", "pieces", "overlap"):
         engines[variant] = LLMEngine(EngineConfig(
             model=path, dtype=dtype, device=args.device, max_num_seqs=args.batch + 2, max_model_len=4096,
-            kv_cache_memory=None if args.device == "cuda" else 2 << 30, async_scheduling="off",
+            kv_cache_memory=None if args.device == "cuda" else 2 << 30,
+            async_scheduling="on" if variant == "overlap" else "off",
             attention="triton" if args.device == "cuda" else "auto",
             piecewise_graphs="off" if variant == "eager" else ("auto" if args.device == "cuda" else "off")))
     rng = random.Random(0)
@@ -73,11 +77,30 @@ def main() -> int:
         while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                               for r in engine.requests.values()):
             engine.step()
+    def stream(engine, n: int) -> float:
+        """Mean seconds a step over ``args.steps`` mixed and as many decode steps, no wait between."""
+        nonlocal count
+        for _ in range(3):  # warm-up
+            count += 1
+            engine.add_request(f"w{count}", prompt(n), SamplingParams(max_tokens=1))
+            engine.step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            count += 1
+            engine.add_request(f"s{count}", prompt(n), SamplingParams(max_tokens=1))
+            engine.step()
+            engine.step()
+        sync()
+        return (time.perf_counter() - t0) / (2 * args.steps)
+
+    timed_alone = ("eager", "pieces")
     for n in lens:
-        times: dict[str, list[float]] = {v: [] for v in engines}
-        decode: dict[str, list[float]] = {v: [] for v in engines}
+        times: dict[str, list[float]] = {v: [] for v in timed_alone}
+        decode: dict[str, list[float]] = {v: [] for v in timed_alone}
         for i in range(args.steps + 3):
-            for v, engine in engines.items():
+            for v in timed_alone:
+                engine = engines[v]
                 count += 1
                 engine.add_request(f"p{count}", prompt(n), SamplingParams(max_tokens=1))  # done after its prefill
                 t_mixed = timed(engine)
@@ -86,15 +109,20 @@ def main() -> int:
                     times[v].append(t_mixed)
                     decode[v].append(t_decode)
         row = {"prompt_len": n, "tokens": args.batch + n}
-        for v in engines:
+        for v in timed_alone:
             row[f"{v}_ms"] = 1000 * statistics.median(times[v])
         row["ratio"] = row["pieces_ms"] / row["eager_ms"]
-        for v in engines:
+        for v in timed_alone:
             row[f"decode_{v}_ms"] = 1000 * statistics.median(decode[v])
+        row["stream_stepwise_ms"] = 1000 * stream(engines["pieces"], n)
+        row["stream_overlap_ms"] = 1000 * stream(engines["overlap"], n)
         rows.append(row)
-        print(f"  prompt {n}: eager {row['eager_ms']:.2f} ms, pieces {row['pieces_ms']:.2f} ms", flush=True)
+        print(f"  prompt {n}: eager {row['eager_ms']:.2f} ms, pieces {row['pieces_ms']:.2f} ms; a stream of steps "
+              f"{row['stream_stepwise_ms']:.2f} ms one at a time, {row['stream_overlap_ms']:.2f} ms overlapped",
+              flush=True)
     print(f"\nmixed steps: {args.batch} decoding + one fresh prompt ({args.model}, {dtype}, {args.device}); "
-          f"median of {args.steps}; ratio = pieces / eager")
+          f"median of {args.steps}; ratio = pieces / eager; stream_*: mean step over mixed and decode steps "
+          f"in turn, with the pieces, overlapped steps off / on")
     print_table(rows, list(rows[0]))
     pieces = engines["pieces"].pieces
     print("pieces: " + (f"buckets up to {pieces.max_tokens} tokens" if pieces is not None else "none (not captured)"))

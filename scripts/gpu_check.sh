@@ -18,7 +18,8 @@
 #     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
 #              transformers' generate() in the same run and a torch profiler summary of decode steps;
 #              last, the engine with its decode steps taken one at a time (--stepwise: overlap off);
-#     mixed    steps of 64 decodes plus a fresh prompt, eager against the piecewise graphs
+#     mixed    steps of 64 decodes plus a fresh prompt, eager against the piecewise graphs, and a
+#              stream of them with overlapped steps off and on
 #              (benchmarks/mixed_step.py);
 #     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load.
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
@@ -103,7 +104,7 @@ launch thru "engine throughput, 1B bf16" 240 $PY benchmarks/engine_throughput.py
 collect thru
 want thru && { grep -A8 "^model " "$LOG/thru.log" || grep "output tok/s" "$LOG/thru.log"; } \
     && grep "decode-step floor\|profiled:" "$LOG/thru.log"
-launch mixed "mixed steps: eager vs piecewise graphs" 120 $PY benchmarks/mixed_step.py --device cuda --steps 20
+launch mixed "mixed steps: eager vs piecewise graphs, overlap off vs on" 150 $PY benchmarks/mixed_step.py --device cuda --steps 20
 collect mixed
 want mixed && grep -A5 "^prompt_len" "$LOG/mixed.log" && grep "^pieces:" "$LOG/mixed.log"
 launch dbench "disagg.py --device cuda" 240 $PY benchmarks/disagg.py --device cuda --duration 20
