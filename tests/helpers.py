@@ -25,6 +25,17 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
     return {rid: (toks, reason, outs) for rid, (toks, reason, outs) in got.items()}
 
 
+def fail_forward_once(engine: LLMEngine, message: str = "illegal memory access") -> None:
+    """Make the engine's next forward pass raise ``RuntimeError(message)``; the one after works again."""
+    forward = engine.model.forward
+
+    def broken(*args, **kwargs):
+        engine.model.forward = forward
+        raise RuntimeError(message)
+
+    engine.model.forward = broken
+
+
 def random_prompt(rng: random.Random, n: int, vocab: int = 99) -> list[int]:
     return [0] + [rng.randrange(2, vocab) for _ in range(n - 1)]
 

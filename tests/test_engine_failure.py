@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.helpers import fail_forward_once
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -13,13 +14,7 @@ def test_a_failing_step_ends_only_its_batch():
         engine.add_request(rid, [0, 5, 6, 7], GREEDY)
     first = engine.step()
     assert sorted(o.request_id for o in first) == ["a", "b"]
-    forward = engine.model.forward
-
-    def broken(*args, **kwargs):
-        engine.model.forward = forward  # fails once
-        raise RuntimeError("illegal memory access")
-
-    engine.model.forward = broken
+    fail_forward_once(engine)
     failed = engine.step()
     assert sorted(o.request_id for o in failed) == ["a", "b"]
     assert all(o.finished and o.finish_reason == "error" and "illegal memory access" in o.error for o in failed)

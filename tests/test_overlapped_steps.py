@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.helpers import eventually, random_prompt, run_all
+from tests.helpers import eventually, fail_forward_once, random_prompt, run_all
 from tests.server import InprocServer
 
 
@@ -224,13 +224,7 @@ def test_a_queued_step_that_fails_ends_only_its_requests():
         engine.add_request(rid, [0, 5, 6, 7], greedy)
     while engine.overlapped_steps == 0:
         engine.step()
-    forward = engine.model.forward
-
-    def broken(*args, **kwargs):
-        engine.model.forward = forward  # fails once
-        raise RuntimeError("illegal memory access")
-
-    engine.model.forward = broken
+    fail_forward_once(engine)
     outs = engine.step()
     ended = [o for o in outs if o.finished]
     assert sorted(o.request_id for o in ended) == ["a", "b"]

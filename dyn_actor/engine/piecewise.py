@@ -66,6 +66,7 @@ class PiecewiseGraphs:
         self.attn = torch.zeros((n, cfg.num_heads * cfg.head_dim), dtype=dt, device=dev)
         self.delta = torch.zeros((n, cfg.hidden_size), dtype=dt, device=dev)
         self._replays: dict[int, list[Callable[[], None]]] = {}
+        self._graphs: list = []  # the captured graphs (on a GPU), kept alive with their replays
         self._mempool = None
 
     def _piece(self, p: int, t: int) -> None:
@@ -101,7 +102,7 @@ class PiecewiseGraphs:
                 for p in pieces:
                     self._piece(p, b)
         torch.cuda.current_stream().wait_stream(stream)
-        graphs = []  # kept alive with their replays
+        graphs = []
         with quiet_capture():
             for b in reversed(self.buckets):
                 replays = []
