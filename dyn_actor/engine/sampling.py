@@ -83,11 +83,40 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
             uncovered = on & ~limited & (nucleus >= c) & (c < vocab)
     last = vals.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
     thresh = torch.where(masked.unsqueeze(1), last, torch.full_like(last, float("-inf")))
+    if uncovered is not None and _wide_rows_on_device(logits):
+        # the rows whose nucleus passed the candidates get their whole-row threshold on the device
+        from dyn_actor.engine.triton_sampling import top_p_thresholds
+
+        thresh = thresh.squeeze(1).contiguous()
+        top_p_thresholds(logits, lse, top_p, vals[:, 0], uncovered, thresh)
+        return logits.masked_fill(logits < thresh.unsqueeze(1), float("-inf"))
     out = logits.masked_fill(logits < thresh, float("-inf"))
     if uncovered is not None and bool(uncovered.any()):
         rows = uncovered.nonzero().squeeze(1)
         out[rows] = sort_top_k_top_p(logits[rows], None if top_k is None else top_k[rows], top_p[rows])
     return out
+
+
+#: whether rows whose top-p nucleus passes the candidates get their threshold from the Triton kernel
+#: (``triton_sampling``: no wait for the device) rather than by sorting them (which must first learn
+#: which rows those are); None: on a GPU, where Triton imports. Tests set it under the interpreter.
+DEVICE_WIDE_TOP_P: bool | None = None
+_triton_imports: bool | None = None
+
+
+def _wide_rows_on_device(logits: torch.Tensor) -> bool:
+    global _triton_imports
+    if DEVICE_WIDE_TOP_P is not None:
+        return DEVICE_WIDE_TOP_P
+    if logits.device.type != "cuda":
+        return False
+    if _triton_imports is None:
+        try:
+            import dyn_actor.engine.triton_sampling  # noqa: F401
+            _triton_imports = True
+        except ImportError:
+            _triton_imports = False
+    return _triton_imports
 
 
 def sort_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
