@@ -130,7 +130,8 @@ def _ieee(dtype: torch.dtype) -> bool:
 
 
 # The decode kernel's shape: programs aimed at over the batch, KV heads and context slices; key
-# blocks per loop iteration (as tokens: at most 64 // block_size blocks); warps and pipeline stages.
+# blocks per loop iteration (as tokens at head_dim 64 in 16 bits; other shapes keep the tile's bytes);
+# warps and pipeline stages.
 # Measured on an H100 by ``benchmarks/attention_sweep.py``; DYN_ACTOR_DECODE_TUNING (JSON of these
 # keys) overrides, for sweeps.
 DECODE_TUNING = {"programs": 4096, "tile_tokens": 128, "num_warps": 4, "num_stages": 3}
@@ -174,7 +175,11 @@ def paged_decode_attention(
     max_blocks = block_table.shape[1]
     tune = tuning or DECODE_TUNING
     splits = num_splits or default_num_splits(max_blocks, bsz, nkv, tune["programs"])
-    kb = max(1, tune["tile_tokens"] // bs)
+    # the tile holds as many bytes of keys as ``tile_tokens`` rows of 128 bytes (head_dim 64 in 16 bits,
+    # the shape it was measured at): fewer tokens for wider rows, or the kernel spills registers
+    # (``scripts/triton_compile.py --ptxas-info``: float32 at head_dim 128 spilled ~20 KB a thread)
+    row_bytes = d * (4 if q.dtype == torch.float32 else q.element_size())
+    kb = max(1, tune["tile_tokens"] * 128 // row_bytes // bs)
     extra = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": tune["num_warps"],
                                                                    "num_stages": tune["num_stages"]}
     part = torch.empty((bsz, nh, splits, d), dtype=torch.float32, device=q.device)
@@ -244,6 +249,20 @@ def _prefill_kernel(
              mask=imask[:, None])
 
 
+def _prefill_options(q: torch.Tensor, d: int, bs: int, block_m: int) -> dict:
+    """Warps of the prefill kernel: 8 for the shapes whose program spills registers at Triton's
+    default of 4 (compiled for sm_90 by ``scripts/triton_compile.py --ptxas-info``: head_dim 128 with
+    32-token blocks, float32 with head_dim 128 or 32-token blocks; 0.2-1.8 KB a thread), else 4 (the
+    shape measured on the H100 runs: head_dim 64, 16-bit)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    if os.environ.get("DYN_ACTOR_PREFILL_WARPS"):
+        return {"num_warps": int(os.environ["DYN_ACTOR_PREFILL_WARPS"])}
+    fp32 = q.dtype == torch.float32
+    wide = block_m >= 32 and ((d >= 128 and (bs >= 32 or fp32)) or (fp32 and bs >= 32))
+    return {"num_warps": 8 if wide else 4}
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -281,6 +300,6 @@ def paged_prefill_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale,
-        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype),
+        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype), **_prefill_options(q, d, bs, block_m),
     )
     return out
