@@ -12,7 +12,9 @@ over); ``engine`` is ``dyn_actor.engine.sampling.sample``, which finds top-p amo
 largest logits and inverts each row's cumulative distribution at one uniform number. Greedy rows
 take the same path in both (the row is the control). ``--scale 8`` makes the logits peaked, so the
 top-p nucleus is narrow, as with a trained model; with plain random logits it is thousands of
-tokens wide and the engine falls back to sorting whole rows. Writes JSON.
+tokens wide and the whole row decides. On a GPU the engine finds those rows' thresholds with a
+Triton kernel (``triton_sampling``, nothing read back); the ``top-p 0.9`` case there also times the
+engine with sorting instead (``sort_ms``: it first reads back which rows need it). Writes JSON.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> int:
 
     import torch
 
+    from dyn_actor.engine import sampling
     from dyn_actor.engine.sampling import make_generator, sample
     from dyn_actor.native_ops import keep_freed_heap
     from dyn_actor.protocol import SamplingParams
@@ -101,6 +104,14 @@ def main() -> int:
                     return time.perf_counter() - t0
 
                 samplers = {"engine": lambda x, p, g: sample(x, p, g).token_ids, "race": race_sample}
+                if dev.type == "cuda" and kw.get("top_p", 1.0) < 1.0:
+                    def sort_sample(x, p, g):
+                        sampling.DEVICE_WIDE_TOP_P = False
+                        try:
+                            return sample(x, p, g).token_ids
+                        finally:
+                            sampling.DEVICE_WIDE_TOP_P = None
+                    samplers["sort"] = sort_sample
                 times: dict[str, list[float]] = {k: [] for k in samplers}
                 for i in range(2 + args.calls):
                     for name in (list(samplers) if i % 2 == 0 else list(samplers)[::-1]):
@@ -109,7 +120,8 @@ def main() -> int:
                             times[name].append(t)
                 eng, race = (statistics.median(times[k]) * 1e3 for k in ("engine", "race"))
                 rows.append({"rows": n, "vocab": vocab, "case": case, "engine_ms": eng, "race_ms": race,
-                             "engine/race": eng / race})
+                             "engine/race": eng / race,
+                             "sort_ms": statistics.median(times["sort"]) * 1e3 if "sort" in times else None})
                 print_table(rows[-1:], list(rows[-1]))
     print()
     print(f"one step's sampling on {args.device} ({args.threads} thread(s) on the CPU), logits N(0, {args.scale:g}^2), "

@@ -2,7 +2,8 @@
 # Everything that needs a GPU, as one script for a lent GPU machine (ends within about 8 minutes on
 # one H100/H200 and prints its summary last):
 #   correctness, run side by side (each is small next to the card):
-#     kernels  the Triton attention and fused elementwise kernels against PyTorch, up to serving sizes;
+#     kernels  the Triton attention, fused elementwise and top-p kernels against PyTorch, up to serving
+#              sizes;
 #     engine   the engine on the GPU: parity with transformers, tokens independent of batch/cache/schedule;
 #     ipc      the CUDA IPC KV transfer tests;
 #     disagg   the launcher on the GPU: agg and 1p1d give the same greedy tokens, killed workers leave no
@@ -12,7 +13,8 @@
 #     kvbench  the KV transfer benchmark (direct pool-to-pool kernel vs index_copy_ vs a device copy,
 #              and the move kernel's configs);
 #     samp     one step's sampling on the device (benchmarks/sampling.py: the engine's draw vs the
-#              exponential race it replaced, 64 rows of a 128k vocabulary);
+#              exponential race it replaced, 64 rows of a 128k vocabulary; flat rows, then peaked ones
+#              as a trained model's; top-p's whole-row kernel against sorting);
 #     asweep   the decode-attention kernel's configs (benchmarks/attention_sweep.py); thru then runs
 #              with the best one (DYN_ACTOR_DECODE_TUNING), which the summary prints;
 #     thru     engine throughput on a random Llama-3.2-1B-shaped bf16 checkpoint (written here), with
@@ -72,7 +74,8 @@ collect() {  # key: wait for it and add its line to the summary
     fi
 }
 PYT=($PY -m pytest -q -p no:cacheprovider)
-launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py tests/test_triton_ops.py
+launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py tests/test_triton_ops.py \
+    tests/test_triton_sampling.py
 launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
 launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
 launch disagg "agg and 1p1d on the GPU agree, no device memory held after kills" 320 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
@@ -88,9 +91,10 @@ done >"$LOG/tests.log"
 launch kvbench "CUDA IPC transfer benchmark" 90 $PY benchmarks/kv_transfer.py --gpu-only --sweep
 collect kvbench
 want kvbench && grep -v "^ *$" "$LOG/kvbench.log" | head -n 12
-launch samp "sampling on the device" 90 $PY benchmarks/sampling.py --device cuda --rows 64 --vocab 128256
+launch samp "sampling on the device" 90 bash -c "$PY benchmarks/sampling.py --device cuda --rows 64 --vocab 128256 \
+    && $PY benchmarks/sampling.py --device cuda --rows 64 --vocab 128256 --scale 8"
 collect samp
-want samp && tail -n 8 "$LOG/samp.log"
+want samp && grep -A7 "^one step" "$LOG/samp.log"
 launch asweep "decode attention sweep" 150 $PY benchmarks/attention_sweep.py
 collect asweep
 if want asweep; then

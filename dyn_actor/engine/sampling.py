@@ -20,6 +20,7 @@ random number for every entry of the vocabulary, and PyTorch's CPU
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -46,14 +47,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     """Mask (to -inf) what top-k / top-p exclude, per row. ``top_k`` rows of 0 and ``top_p`` rows of 1
     are off; ``max_k`` (the largest ``top_k``, known to the caller without a device sync) may be given.
     ``unbounded_top_p``: whether a row may have top-p on and top-k off (the caller knows from the
-    parameters); only such a row's nucleus can reach past the candidates, and only then does this
-    wait for the device to learn whether one did.
+    parameters); only such a row's nucleus can reach past the candidates. On a GPU a Triton kernel
+    then finds those rows' thresholds over the whole row (``triton_sampling``), with nothing read
+    back; elsewhere this learns which rows they are (a wait for the device) and sorts them whole.
 
     Top-p keeps the smallest set of the likeliest tokens whose probability (after top-k) reaches p.
     Both are found among each row's ``TOP_CANDIDATES`` (or ``max_k``) largest logits: a partial
     selection instead of sorting the whole vocabulary (on the CPU: 6 vs 169 ms for 64 rows of a
-    32k vocabulary). Only rows whose nucleus reaches past the candidates are sorted whole. Tokens
-    tied with the last one kept are kept too."""
+    32k vocabulary). Tokens tied with the last one kept are kept too."""
     if top_k is None and top_p is None:
         return logits
     n, vocab = logits.shape
@@ -99,8 +100,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 
 #: whether rows whose top-p nucleus passes the candidates get their threshold from the Triton kernel
 #: (``triton_sampling``: no wait for the device) rather than by sorting them (which must first learn
-#: which rows those are); None: on a GPU, where Triton imports. Tests set it under the interpreter.
-DEVICE_WIDE_TOP_P: bool | None = None
+#: which rows those are); None: on a GPU, where Triton imports. Tests set it under the interpreter;
+#: DYN_ACTOR_TOP_P_KERNEL=off turns it off.
+DEVICE_WIDE_TOP_P: bool | None = False if os.environ.get("DYN_ACTOR_TOP_P_KERNEL", "").lower() in ("0", "off") else None
 _triton_imports: bool | None = None
 
 
@@ -267,9 +269,9 @@ def sample_async(
     penalties: tuple[Sequence[int], Sequence[PenaltyState]] | None = None,
 ) -> PendingSample:
     """``sample`` without waiting for the device: the draw is queued, its copy to the host started.
-    Nothing here waits for the device, except where a row has top-p on and top-k off: its nucleus
-    may reach past the candidates, and ``apply_top_k_top_p`` must learn whether one did (it then
-    sorts that row whole)."""
+    Nothing here waits for the device on a GPU. (Where Triton is missing or turned off, a row with
+    top-p on and top-k off still makes ``apply_top_k_top_p`` wait once: its nucleus may reach past
+    the candidates, and it must learn whether one did.)"""
     n = logits.shape[0]
     dev = logits.device
     raw = logits
