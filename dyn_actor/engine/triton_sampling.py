@@ -51,18 +51,23 @@ def _top_p_threshold_kernel(X, s_x, V, LSE, P, TOP, BOTTOM, NEED, T, BLOCK: tl.c
         passes = 0
         while (done == 0) & (passes < 12):
             pts = (lo + ((hi - lo) * j) // (KP - 1)).to(tl.int32)  # pts[0] = lo, pts[KP - 1] = hi
-            mass = tl.zeros([KP], dtype=tl.float32)  # of the tokens above each point
-            nearest_above = tl.full([KP], 2147483647, tl.int32)  # the smallest key above each point
-            nearest_below = -nearest_above  # the largest key at or below each point
+            # per point and lane, reduced across lanes once per pass: the mass of the tokens above the
+            # point, the smallest key above it and the largest at or below it
+            mass_l = tl.zeros([KP, BLOCK], dtype=tl.float32)
+            above_l = tl.full([KP, BLOCK], 2147483647, tl.int32)
+            below_l = -above_l
             for start in range(0, V, BLOCK):
                 m = start + offs < V
                 x = tl.load(X + row * s_x + start + offs, mask=m, other=float("-inf"))
                 k = _ordered(x)
                 e = tl.where(m, tl.exp(x - lse), 0.0)
                 above = k[None, :] > pts[:, None]
-                mass += tl.sum(tl.where(above, e[None, :], 0.0), 1)
-                nearest_above = tl.minimum(nearest_above, tl.min(tl.where(above & m[None, :], k[None, :], big), 1))
-                nearest_below = tl.maximum(nearest_below, tl.max(tl.where(above | ~m[None, :], -big, k[None, :]), 1))
+                mass_l += tl.where(above, e[None, :], 0.0)
+                above_l = tl.minimum(above_l, tl.where(above & m[None, :], k[None, :], big))
+                below_l = tl.maximum(below_l, tl.where(above | ~m[None, :], -big, k[None, :]))
+            mass = tl.sum(mass_l, 1)
+            nearest_above = tl.min(above_l, 1)
+            nearest_below = tl.max(below_l, 1)
             # the last point whose mass reaches p (none: the row's total fell short of p by rounding,
             # and every token stays); the answer lies past it, at or before the next point
             at = tl.minimum(tl.max(tl.where(mass >= p, j, -1), 0), KP - 2)
@@ -95,4 +100,4 @@ def top_p_thresholds(x: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, to
     _top_p_threshold_kernel[(n,)](x, x.stride(0), vocab, lse.to(f32).contiguous(), top_p.to(f32).contiguous(),
                                   top.to(f32).contiguous(), bottom.to(f32).contiguous(),
                                   need.to(torch.int8).contiguous(), thresh,
-                                  BLOCK=min(256, triton.next_power_of_2(vocab)), KP=16, num_warps=4)
+                                  BLOCK=min(256, triton.next_power_of_2(vocab)), KP=16, num_warps=8)
