@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
+from dyn_actor.engine.h2d import to_device, to_device_many
 from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
@@ -566,7 +567,7 @@ class LLMEngine:
                 def fill(ids: torch.Tensor) -> None:
                     ids[: tokens.shape[0]].copy_(tokens)
             else:
-                idx = torch.tensor([new_rows, src_rows]).to(tokens.device, non_blocking=True)
+                idx = to_device(torch.tensor([new_rows, src_rows]), tokens.device)
 
                 def fill(ids: torch.Tensor) -> None:
                     ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))
@@ -735,7 +736,7 @@ class LLMEngine:
                 rows += [i] * len(banned)
                 cols += banned
         if rows:
-            idx = torch.tensor([rows, cols], dtype=torch.long).to(logits.device, non_blocking=True)
+            idx = to_device(torch.tensor([rows, cols], dtype=torch.long), logits.device)
             logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
 
     def _decode_from_graph(self, scheduled: list[tuple[Request, int]],
@@ -771,7 +772,7 @@ class LLMEngine:
                 samplers.append(r)
         logits = g.replay_rows(ids, positions, slot_blocks, width, fill)
         if len(rows) != len(scheduled):
-            logits = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+            logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         return logits, samplers
 
     def _build_batch(
@@ -833,7 +834,7 @@ class LLMEngine:
             slot_blocks.extend(bt[pos // bs].tolist())
             slot_offsets.extend((pos % bs).tolist())
             pmask = None
-            if c > 0:
+            if c > 0 and self.attention != "triton":  # the Triton kernel masks by positions itself
                 pmask = torch.arange(end).unsqueeze(0) <= (pos.unsqueeze(1))
             seqs.append(PrefillSeq(start, n, c, bt, pmask))
             if scores is not None and r.prompt_logprobs is not None:
@@ -856,24 +857,35 @@ class LLMEngine:
                 torch.tensor([p.length for p in seqs], dtype=torch.long),
                 torch.tensor([p.context_len for p in seqs], dtype=torch.long),
                 max(p.length for p in seqs))
-        dev = self.device
-        to = (lambda t: t) if dev.type == "cpu" else (lambda t: None if t is None else t.to(dev, non_blocking=True))
-        if dev.type != "cpu":  # one host-to-device copy per tensor, the step's metadata only
-            seqs = [PrefillSeq(p.start, p.length, p.context_len, to(p.block_ids), to(p.mask)) for p in seqs]
-            if meta is not None:
-                meta = PrefillMeta(to(meta.block_tables), to(meta.q_starts), to(meta.q_lens), to(meta.ctx_lens),
-                                   meta.max_q_len)
+        # the step's metadata onto the device: one pinned buffer and one copy per dtype (``h2d``); the
+        # prefills' own block lists and masks only for the PyTorch attention path, which reads them
+        host = [torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                torch.tensor(slot_blocks, dtype=torch.long), torch.tensor(slot_offsets, dtype=torch.long),
+                torch.tensor(score_rows + logits_rows, dtype=torch.long), table, ctx_lens, mask]
+        if meta is not None:
+            host += [meta.block_tables, meta.q_starts, meta.q_lens, meta.ctx_lens]
+        per_seq = self.device.type != "cpu" and self.attention != "triton"
+        if per_seq:
+            host += [t for p in seqs for t in (p.block_ids, p.mask)]
+        dev = to_device_many(host, self.device)
+        input_ids, positions_t, slot_blocks_t, slot_offsets_t, logits_indices, table, ctx_lens, mask = dev[:8]
+        if meta is not None:
+            meta = PrefillMeta(*dev[8:12], meta.max_q_len)
+        if per_seq:
+            rest = dev[12 if meta is not None else 8:]
+            seqs = [PrefillSeq(p.start, p.length, p.context_len, rest[2 * i], rest[2 * i + 1])
+                    for i, p in enumerate(seqs)]
         batch = ForwardBatch(
-            input_ids=to(torch.tensor(ids, dtype=torch.long)),
-            positions=to(torch.tensor(positions, dtype=torch.long)),
-            slot_blocks=to(torch.tensor(slot_blocks, dtype=torch.long)),
-            slot_offsets=to(torch.tensor(slot_offsets, dtype=torch.long)),
+            input_ids=input_ids,
+            positions=positions_t,
+            slot_blocks=slot_blocks_t,
+            slot_offsets=slot_offsets_t,
             num_decode=nd,
-            decode_block_table=to(table),
-            decode_ctx_lens=to(ctx_lens),
-            decode_mask=to(mask),
+            decode_block_table=table,
+            decode_ctx_lens=ctx_lens,
+            decode_mask=mask,
             prefills=seqs,
-            logits_indices=to(torch.tensor(score_rows + logits_rows, dtype=torch.long)),
+            logits_indices=logits_indices,
             prefill_meta=meta,
         )
         return batch, samplers

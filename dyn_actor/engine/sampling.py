@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dyn_actor.engine.h2d import to_device, to_device_many
 from dyn_actor.protocol import _GREEDY_EPS, Logprobs, SampleResult, SamplingParams  # noqa: F401  (re-exported)
 
 
@@ -157,14 +158,14 @@ class PenaltyState:
 
     def __init__(self, prompt_ids: Sequence[int], vocab: int, device: torch.device) -> None:
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long).to(device, non_blocking=True)] = True
+        self.seen[to_device(torch.tensor(list(prompt_ids), dtype=torch.long), device)] = True
         self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.n_out = 0
 
     def catch_up(self, output_ids: Sequence[int]) -> None:
         if len(output_ids) <= self.n_out:
             return
-        new = torch.tensor(list(output_ids[self.n_out:]), dtype=torch.long).to(self.counts.device, non_blocking=True)
+        new = to_device(torch.tensor(list(output_ids[self.n_out:]), dtype=torch.long), self.counts.device)
         self.add(new)
         self.n_out = len(output_ids)
 
@@ -185,9 +186,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], states: Sequence[
     """vLLM's repetition, frequency and presence penalties on ``logits`` rows ``rows`` (in place;
     ``params`` and ``states`` are those rows')."""
     dev = logits.device
-    idx = torch.tensor(list(rows), dtype=torch.long).to(dev, non_blocking=True)
-    table = torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
-                          [p.presence_penalty for p in params]], dtype=torch.float32).to(dev, non_blocking=True)
+    idx, table = to_device_many([torch.tensor(list(rows), dtype=torch.long),
+                                 torch.tensor([[p.repetition_penalty for p in params],
+                                               [p.frequency_penalty for p in params],
+                                               [p.presence_penalty for p in params]], dtype=torch.float32)], dev)
     rep, freq, pres = (t.unsqueeze(1) for t in table.unbind(0))
     counts = torch.stack([s.counts for s in states])
     seen = torch.stack([s.seen for s in states])
@@ -296,8 +298,7 @@ def sample_async(
         for i, gen in enumerate(generators):
             if gen is not None and not greedy[i]:
                 table[5, i] = torch.rand((), generator=gen)
-        if dev.type != "cpu":
-            table = table.to(dev, non_blocking=True)  # one small copy, not waited for
+        table = to_device(table, dev)  # one small copy, not waited for
         temps, top_k_f, top_p_t, min_p_t, greedy_t, u = table.unbind(0)
         x = logits / temps.unsqueeze(1)
         max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
@@ -315,7 +316,7 @@ def sample_async(
         return PendingSample(tokens, tokens, [], 0, [])
     # every row's figures computed together, then copied to the host with the tokens, at once
     kmax = max(params[i].logprobs or 0 for i in want)
-    rows = torch.tensor(want).to(dev, non_blocking=True)
+    rows = to_device(torch.tensor(want), dev)
     logp = raw.index_select(0, rows).log_softmax(dim=-1)
     chosen = tokens.index_select(0, rows).unsqueeze(1)
     vals = logp.gather(1, chosen)
