@@ -164,7 +164,7 @@ def drive_sampling() -> None:
     for vocab in (128256, 32000, 1000):
         x = torch.zeros(4, vocab)
         r = torch.zeros(4)
-        top_p_thresholds(x, r, r, r, torch.zeros(4, dtype=torch.bool), r.clone(), r)
+        top_p_thresholds(x, r, r, r, torch.zeros(4, dtype=torch.bool), r.clone())
 
 
 def drive_kv_moves() -> None:

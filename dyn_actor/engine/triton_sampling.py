@@ -34,7 +34,7 @@ def _ordered(x):
 
 
 @triton.jit
-def _top_p_threshold_kernel(X, s_x, V, LSE, P, TOP, BOTTOM, NEED, T, BLOCK: tl.constexpr, KP: tl.constexpr):
+def _top_p_threshold_kernel(X, s_x, V, LSE, P, TOP, NEED, T, BLOCK: tl.constexpr, KP: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(NEED + row) != 0:
         lse = tl.load(LSE + row)
@@ -43,8 +43,10 @@ def _top_p_threshold_kernel(X, s_x, V, LSE, P, TOP, BOTTOM, NEED, T, BLOCK: tl.c
         j = tl.arange(0, KP)
         big = tl.full([], 2147483647, tl.int32)
         # (lo, hi] holds the answer: the mass above hi (the row's largest value) is 0 < p, above lo
-        # (below the row's smallest) all of it
-        lo = tl.maximum(_ordered(tl.load(BOTTOM + row)).to(tl.int64) - 1, -2147483648)
+        # (just below -inf's key) all of it. (Starting from the row's smallest value instead would
+        # cost a pass over every row, where the search runs only for the rare wide ones, and saves
+        # at most a pass of those.)
+        lo = _ordered(tl.full([], float("-inf"), tl.float32)).to(tl.int64) - 1
         hi = _ordered(tl.load(TOP + row)).to(tl.int64)
         ans = hi.to(tl.int32)
         done = lo >= hi
@@ -84,20 +86,16 @@ def _top_p_threshold_kernel(X, s_x, V, LSE, P, TOP, BOTTOM, NEED, T, BLOCK: tl.c
 
 
 def top_p_thresholds(x: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, top: torch.Tensor,
-                     need: torch.Tensor, thresh: torch.Tensor, bottom: torch.Tensor | None = None) -> None:
+                     need: torch.Tensor, thresh: torch.Tensor) -> None:
     """For the rows of float32 ``x`` (``[n, vocab]``) where ``need`` (``[n]`` bool) is set, write into
     ``thresh`` (``[n]`` float32, contiguous) the row's top-p threshold over the whole row: ``lse`` its
-    logsumexp, ``top_p`` its p, ``top`` its largest value, ``bottom`` its smallest (found here if not
-    given; all ``[n]``). Other rows keep theirs."""
+    logsumexp, ``top_p`` its p, ``top`` its largest value (all ``[n]``). Other rows keep theirs."""
     n, vocab = x.shape
     if n == 0:
         return
     if x.stride(1) != 1:
         x = x.contiguous()
     f32 = torch.float32
-    if bottom is None:
-        bottom = x.amin(dim=-1)
     _top_p_threshold_kernel[(n,)](x, x.stride(0), vocab, lse.to(f32).contiguous(), top_p.to(f32).contiguous(),
-                                  top.to(f32).contiguous(), bottom.to(f32).contiguous(),
-                                  need.to(torch.int8).contiguous(), thresh,
+                                  top.to(f32).contiguous(), need.to(torch.int8).contiguous(), thresh,
                                   BLOCK=min(256, triton.next_power_of_2(vocab)), KP=16, num_warps=8)
