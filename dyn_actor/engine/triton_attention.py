@@ -182,6 +182,8 @@ def paged_decode_attention(
     kb = max(1, tune["tile_tokens"] * 128 // row_bytes // bs)
     extra = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": tune["num_warps"],
                                                                    "num_stages": tune["num_stages"]}
+    if extra and tuning is None and q.dtype == torch.float32 and d >= 128 and bs >= 32:
+        extra["num_warps"] = max(extra["num_warps"], 8)  # one 32-token block of wide float32 rows spilled at 4
     part = torch.empty((bsz, nh, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((bsz, nh, splits), dtype=torch.float32, device=q.device)
     if out is None:
