@@ -107,3 +107,19 @@ def test_top_p_draws_read_nothing_back(monkeypatch):
     assert got.logprobs == want.logprobs
     with pytest.raises(AssertionError, match="read on the host"):  # the guard catches the sorting path's wait
         draw(False, guard=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="serving sizes: on a GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_serving_sizes_on_the_gpu(scale, monkeypatch):
+    """64 rows of Llama 3's vocabulary, flat to peaked, top-p 0.9 and 0.95: the kernel's masks equal
+    the candidates' path over whole rows."""
+    monkeypatch.setattr(sampling, "DEVICE_WIDE_TOP_P", True)
+    n, vocab = 64, 128256
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(n, vocab, generator=g) * scale).to(DEVICE)
+    top_p = torch.tensor([0.9, 0.95] * (n // 2), device=DEVICE)
+    got = apply_top_k_top_p(x.clone(), None, top_p)
+    monkeypatch.setattr(sampling, "TOP_CANDIDATES", vocab)
+    want = apply_top_k_top_p(x.clone(), None, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
