@@ -113,7 +113,8 @@ def test_top_p_draws_read_nothing_back(monkeypatch):
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 def test_serving_sizes_on_the_gpu(scale, monkeypatch):
     """64 rows of Llama 3's vocabulary, flat to peaked, top-p 0.9 and 0.95: the kernel's masks equal
-    the candidates' path over whole rows."""
+    the candidates' path over whole rows, up to where the two sums of ~100k float32 terms round
+    differently: a flat row's tokens carry ~1e-5 each, so the boundary may move by a token there."""
     monkeypatch.setattr(sampling, "DEVICE_WIDE_TOP_P", True)
     n, vocab = 64, 128256
     g = torch.Generator().manual_seed(5)
@@ -122,4 +123,10 @@ def test_serving_sizes_on_the_gpu(scale, monkeypatch):
     got = apply_top_k_top_p(x.clone(), None, top_p)
     monkeypatch.setattr(sampling, "TOP_CANDIDATES", vocab)
     want = apply_top_k_top_p(x.clone(), None, top_p)
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    kept, kept_want = ~torch.isinf(got), ~torch.isinf(want)
+    probs = x.softmax(dim=-1)
+    moved = ((kept ^ kept_want) * probs).sum(dim=-1)  # both are thresholds of one row: nested sets
+    assert float(moved.max()) < 1e-4
+    assert int((kept.sum(dim=-1) != kept_want.sum(dim=-1)).sum()) <= n // 4
+    if scale >= 12.0:  # peaked rows: the candidates' nucleus, exactly
+        assert torch.equal(kept, kept_want)
