@@ -245,5 +245,5 @@ def _decisions(s: Server) -> dict[str, float]:
 
 
 def _complete_ok(s: Server) -> bool:
-    r = requests.post(s.base_url + "/completions", timeout=30, json={"prompt": "Hi", "max_tokens": 3})
+    r = requests.post(s.base_url + "/completions", timeout=30, json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
     return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
