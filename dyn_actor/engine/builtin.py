@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny"
@@ -91,6 +93,8 @@ def random_llama_weights(
     Projections are N(0, 1/fan_in); ``residual_scale`` scales the o/down projections,
     ``head_scale`` the LM head, ``norm_jitter`` the RMSNorm weights around 1.
     """
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q = cfg["num_attention_heads"] * cfg["head_dim"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
 
 from dyn_actor.engine import builtin
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
 from dyn_actor.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -81,6 +84,8 @@ def _eos_ids(cfg: ModelConfig, tok: Tokenizer, gen_cfg: dict | None) -> tuple[in
 def resolve_dtype(name: str, cfg: ModelConfig, device: str = "cpu") -> torch.dtype:
     """``auto``: bfloat16 on a GPU; on the CPU, float32 checkpoints in float32 and everything else in
     bfloat16 (fast on CPUs with AMX)."""
+    import torch
+
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name == "auto":
@@ -94,6 +99,8 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: str = "cpu") -> torch.dty
 
 def resolve_device(name: str) -> str:
     """``auto``: the GPU when torch sees one, else the CPU. Refuses ``cuda`` without one."""
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
