@@ -118,7 +118,7 @@ def _wait_ready(children: list[Child], timeout: float, stopping) -> str | None:
 def _remove_segments(c: Child) -> None:
     """A process that was killed cannot remove its shared-memory KV pool, nor stop the processes it
     started (``--engine vllm`` workers lead a process group of their own): do it for it."""
-    from dyn_actor.kv.transfer import remove_segments_of
+    from dyn_actor.kv.segments import remove_segments_of
 
     try:
         os.killpg(c.proc.pid, signal.SIGKILL)  # the group's leader is gone: what is left are its orphans

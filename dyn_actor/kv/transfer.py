@@ -29,9 +29,12 @@ import torch
 
 from dyn_actor.kv.descriptor import KvPoolDescriptor
 from dyn_actor.kv.pool import DTYPES, KvLayout, KvPool, RemotePool, check_block_ids
+from dyn_actor.kv.segments import SHM_PREFIX, check_shm_room, leftover_segments, remove_segments_of
 from dyn_actor.native_ops import copy_blocks, move_blocks
 
-SHM_PREFIX = "dyn-actor-kv-"
+__all__ = ["SHM_PREFIX", "RemoteKvPool", "SharedKvPool", "check_shm_room", "leftover_segments", "make_shared_pool",
+           "open_remote_pool", "remove_segments_of"]
+
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -116,22 +119,6 @@ class RemoteKvPool(RemotePool):
             pass
 
 
-def check_shm_room(nbytes: int, path: str = "/dev/shm") -> None:
-    """Refuse a pool that ``/dev/shm`` cannot hold: the segment would be created, then the process
-    killed by SIGBUS when it first touches the pages that do not fit."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
-    if nbytes > free:
-        mib = 1 << 20
-        raise MemoryError(
-            f"the KV pool needs {nbytes / mib:,.0f} MiB of shared memory but {path} has {free / mib:,.0f} MiB free: "
-            f"lower --kv-cache-memory-gb (to at most {free / (1 << 30) * 0.9:.2f}) or give {path} more room "
-            "(in Docker: --shm-size)")
-
-
 def make_shared_pool(layout: KvLayout, device: str | torch.device = "cpu") -> KvPool:
     """A pool other processes can write into: shared memory on CPU, CUDA IPC on a GPU."""
     if torch.device(device).type == "cuda":
@@ -148,24 +135,3 @@ def open_remote_pool(desc: KvPoolDescriptor):
 
         return RemoteCudaKvPool(desc)
     return RemoteKvPool(desc)
-
-
-def leftover_segments() -> list[str]:
-    """Segments of this project still in /dev/shm (for tests and cleanup)."""
-    try:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX))
-    except FileNotFoundError:
-        return []
-
-
-def remove_segments_of(pid: int) -> list[str]:
-    """Remove the KV segments a (dead) process created; return their names."""
-    removed = []
-    for name in leftover_segments():
-        if name.startswith(f"{SHM_PREFIX}{pid}-"):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-    return removed
