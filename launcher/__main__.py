@@ -287,12 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             gpu, share = plan.get(f"{role} {i}", (None, cfg.gpu_memory_utilization))
             visible = None if gpu is None else visible_devices(role, gpu, gpus)
             spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share, visible))
-        err = _wait_ready(children, cfg.ready_timeout, stopping)
+        # the frontend starts beside the workers (it waits for each to answer before it serves)
         planner_eps = planner_endpoints_in(run_dir)
         planner = None
-        if err is None:
-            frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep, planner_eps))
-            err = _wait_ready(children, cfg.ready_timeout, stopping)
+        frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep, planner_eps))
+        err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None and cfg.planner != "off":
             budget = planner_budget(cfg, n_prefill, n_decode, len(gpus))
             planner = spawn("planner", 0, planner_main, (cd, endpoints, queue_ep, planner_eps, n_prefill, budget))

@@ -68,6 +68,7 @@ class ActorRef:
         self._streams: dict[int, asyncio.Queue] = {}
         self._last_seen = time.monotonic()
         self._ever_seen = False
+        self._starting = False  # in start(wait_ready=...): not declared dead before its first answer
         self._dead: ActorDeadError | None = None
         self._closed = False
         self._on_dead: list[Callable[[ActorRef], None]] = []
@@ -83,12 +84,18 @@ class ActorRef:
         self._last_seen = time.monotonic()
         self._tasks = [asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._heartbeat_loop())]
         if wait_ready is not None:
+            # an actor still starting (its process importing, loading weights) is waited for, not
+            # declared dead after ``dead_after``: the heartbeat loop leaves it alone until then
+            self._starting = True
             deadline = time.monotonic() + wait_ready
-            while not self._ever_seen:
-                if self._dead is not None or time.monotonic() > deadline:
-                    await self.close()  # no socket or task left behind by a failed start
-                    raise ActorDeadError(f"actor {self.name} did not answer within {wait_ready}s")
-                await asyncio.sleep(0.01)
+            try:
+                while not self._ever_seen:
+                    if self._dead is not None or time.monotonic() > deadline:
+                        await self.close()  # no socket or task left behind by a failed start
+                        raise ActorDeadError(f"actor {self.name} did not answer within {wait_ready}s")
+                    await asyncio.sleep(0.01)
+            finally:
+                self._starting = False
         return self
 
     def on_dead(self, callback: Callable[[ActorRef], None]) -> None:
@@ -262,6 +269,8 @@ class ActorRef:
                 # our own loop was held up (a long handler, a frozen process): the peer's answers may
                 # be waiting unread in the socket, so that time does not count against it
                 self._last_seen += stalled
+            if self._starting and not self._ever_seen:
+                continue
             if self._dead is None and now - self._last_seen > self.dead_after:
                 self._declare_dead(ActorDeadError(f"actor {self.name} stopped answering (no heartbeat for {self.dead_after}s)"))
 
