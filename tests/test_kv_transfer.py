@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import torch
 
@@ -76,6 +77,23 @@ def test_a_pool_that_shm_cannot_hold_is_refused_with_the_sizes_and_the_flag():
     with pytest.raises(MemoryError, match=r"MiB free: lower --kv-cache-memory-gb"):
         check_shm_room(1 << 60)
     check_shm_room(1 << 20)  # a small one fits
+
+
+def test_a_segment_that_shm_cannot_give_pages_is_refused_and_removed(monkeypatch):
+    """Two pools can both pass the free-space check and then not both fit: the one whose pages cannot
+    be reserved fails at creation with a clear error (not with SIGBUS later), leaving no segment."""
+    import errno
+
+    import pytest
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    before = set(leftover_segments())
+    with pytest.raises(MemoryError, match=r"could not give it \(No space left on device\): lower --kv-cache-memory-gb"):
+        SharedKvPool(LAYOUT)
+    assert set(leftover_segments()) == before
 
 
 def test_a_writer_picks_its_route_to_a_pool_on_another_card():

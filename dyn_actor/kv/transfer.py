@@ -48,9 +48,10 @@ class SharedKvPool(KvPool):
         check_shm_room(layout.nbytes)
         name = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(layout.nbytes, 1))
+        reserve_segment(self._shm, layout.nbytes)
+        # a new segment reads as zeros: nothing to clear
         data = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=layout.nbytes).view(layout.dtype)
         data = data.view(layout.shape)
-        data.zero_()
         super().__init__(layout, data=data)
         self.name = name
 
@@ -117,6 +118,25 @@ class RemoteKvPool(RemotePool):
             mm.close()
         except BufferError:  # a view is still alive; the mapping goes when it does
             pass
+
+
+def reserve_segment(shm: shared_memory.SharedMemory, nbytes: int) -> None:
+    """Give a new segment its pages now (``posix_fallocate``), so that a ``/dev/shm`` too small for it
+    fails here, with a clear error, rather than with SIGBUS when serving first touches a page that
+    does not fit (two workers starting at once can both pass ``check_shm_room``). The segment is
+    removed on failure."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(shm._fd, 0, max(nbytes, 1))
+        else:  # no fallocate: touch every page instead
+            torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes).zero_()
+    except OSError as e:
+        shm.close()
+        shm.unlink()
+        mib = 1 << 20
+        raise MemoryError(f"the KV pool needs {nbytes / mib:,.0f} MiB of shared memory and /dev/shm could not "
+                          f"give it ({e.strerror}): lower --kv-cache-memory-gb or give /dev/shm more room "
+                          "(in Docker: --shm-size)") from None
 
 
 def make_shared_pool(layout: KvLayout, device: str | torch.device = "cpu") -> KvPool:
