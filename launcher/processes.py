@@ -238,10 +238,19 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
 
     async def main() -> None:
         stop = asyncio.Event()
-        _stop_on_sigterm(stop.set)  # the launcher's SIGTERM: drain, then stop
         service = FrontendService(cfg, endpoints, queue_endpoint, planner_endpoints, notify=conn.send)
+        starting = asyncio.ensure_future(service.start())
+
+        def on_sigterm() -> None:  # the launcher's SIGTERM: drain, then stop; while starting, stop at once
+            stop.set()
+            starting.cancel()
+
+        _stop_on_sigterm(on_sigterm)
         try:
-            url = await service.start()
+            url = await starting
+        except asyncio.CancelledError:  # the launcher gave up on the start (a worker failed)
+            await service.stop()
+            return
         except OSError as e:
             conn.send(("failed", f"frontend: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"))
             return

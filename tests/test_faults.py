@@ -129,16 +129,28 @@ def test_sigterm_stops_too():
     assert all(not os.path.exists(f"/proc/{p}") for p in pids.values())
 
 
-def _launch_fail(*args: str) -> subprocess.CompletedProcess:
+def _launch_fail(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
 
 
 def test_worker_that_cannot_start_makes_the_launcher_fail(tmp_path):
-    r = _launch_fail("--model", str(tmp_path / "missing"), "--port", "0")
+    from dyn_actor.engine.builtin import save_builtin
+
+    # a folder with a tokenizer and no weights: the frontend starts, the worker cannot
+    folder = save_builtin(tmp_path / "no-weights")
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    # ... and stops at once: the frontend, still waiting for the worker, is not drained for 30 s
+    r = _launch_fail("--model", str(folder), "--port", "0", timeout=25)
     assert r.returncode == 1
-    assert "worker 0" in r.stderr and "does not exist" in r.stderr
+    assert "error: worker 0: " in r.stderr and "has no *.safetensors weights" in r.stderr, r.stderr
     assert "ready:" not in r.stdout
+    # no folder at all: whichever process reports first, one error line names it
+    r = _launch_fail("--model", str(tmp_path / "missing"), "--port", "0")
+    assert r.returncode == 1 and "ready:" not in r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "missing' does not exist" in errors[0], r.stderr
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
