@@ -35,6 +35,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: added to the token's logit before the penalties' result is sampled
+    # (in [-100, 100]; -100 bans a token in practice, +100 all but forces it); logprobs stay raw
+    logit_bias: dict[int, float] = {}
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ``ValueError`` with a user-facing message for any bad value; return self."""
@@ -63,10 +66,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for bias in self.logit_bias.values():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
+            bad = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
+            if bad:
+                raise ValueError(f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab_size})")
         return self
 
     @property

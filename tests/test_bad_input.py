@@ -41,7 +41,13 @@ CASES = [
     ("chat/completions", {"messages": MSGS, "n": 1000}, 400),
     ("chat/completions", {"messages": MSGS, "presence_penalty": 3}, 400),
     ("chat/completions", {"messages": MSGS, "repetition_penalty": 0}, 400),
-    ("chat/completions", {"messages": MSGS, "logit_bias": {"5": 10}}, 400),
+    ("chat/completions", {"messages": MSGS, "logit_bias": {"five": 10}}, 400),
+    ("chat/completions", {"messages": MSGS, "logit_bias": {"-1": 10}}, 400),
+    ("chat/completions", {"messages": MSGS, "logit_bias": {"5": "ten"}}, 400),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1e999}}', 400),
+    ("chat/completions", {"messages": MSGS, "logit_bias": [5, 10]}, 400),
+    ("completions", {"prompt": "hi", "logit_bias": {"100000": 5}}, 400),  # outside the vocabulary
+    ("completions", {"prompt": "hi", "logit_bias": {str(2**70): 5}}, 400),
     ("chat/completions", {"messages": MSGS, "stop_token_ids": [10**7]}, 400),
     ("chat/completions", {"messages": MSGS, "top_logprobs": 3}, 400),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
@@ -121,6 +127,30 @@ def test_unsupported_features_are_named(server):
     r = requests.post(server.base_url + "/chat/completions", timeout=30, json={
         "messages": MSGS, "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"})
     assert r.status_code == 200, r.text
+
+
+def test_logit_bias_bans_and_forces_tokens(server):
+    """OpenAI's logit_bias, as vLLM serves it: -100 keeps a token out, +100 all but forces it, values
+    beyond are clamped; the logprobs reported stay the model's own (vLLM's default)."""
+    body = {"prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    plain = requests.post(server.base_url + "/completions", json=body, timeout=60).json()["choices"][0]
+    first = plain["logprobs"]["tokens"][0]
+    tid = requests.post(server.url + "/tokenize", json={"prompt": first, "add_special_tokens": False},
+                        timeout=30).json()["tokens"]
+    assert len(tid) == 1
+    banned = requests.post(server.base_url + "/completions", json={**body, "logit_bias": {str(tid[0]): -100}},
+                           timeout=60).json()["choices"][0]
+    assert first not in banned["logprobs"]["tokens"]
+    lp = banned["logprobs"]
+    assert list(lp["top_logprobs"][0]) == [first]  # the raw distribution still ranks it first
+    assert lp["token_logprobs"][0] < plain["logprobs"]["token_logprobs"][0]
+    # "x" forced at every step, sampled, by a bias past the bound (clamped to 100)
+    x = requests.post(server.url + "/tokenize", json={"prompt": "x", "add_special_tokens": False},
+                      timeout=30).json()["tokens"][0]
+    r = requests.post(server.base_url + "/chat/completions", timeout=60, json={
+        "messages": MSGS, "max_tokens": 5, "temperature": 1.0, "ignore_eos": True, "logit_bias": {str(x): 500}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "xxxxx"
 
 
 def test_wrong_method_and_path(server):

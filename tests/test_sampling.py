@@ -184,6 +184,9 @@ def test_logprobs():
         dict(min_tokens=5, max_tokens=2),
         dict(logprobs=50),
         dict(stop_token_ids=[100000]),
+        dict(logit_bias={100000: 1.0}),
+        dict(logit_bias={5: 101.0}),
+        dict(logit_bias={5: float("nan")}),
     ],
 )
 def test_invalid_params_are_rejected(bad):
@@ -248,3 +251,37 @@ def test_greedy_with_penalties_follows_the_reference_and_ignores_the_batch():
     want = {k: v[0] for k, v in run_all(engine, others).items()}
     mixed = run_all(engine, {**others, "p": (prompt, sp)})
     assert mixed["p"][0] == alone and {k: mixed[k][0] for k in others} == want
+
+
+def test_logit_bias_on_its_rows_only_with_raw_logprobs():
+    """``logit_bias`` adds to its row's logits (with penalties, after them) and to no other row; the
+    logprobs reported are the raw logits' (vLLM's default)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
+    params = [SamplingParams(temperature=0, logit_bias={0: -100.0, 3: 2.5}, logprobs=1),
+              SamplingParams(temperature=0, logprobs=0),
+              SamplingParams(temperature=0, logit_bias={1: 100.0})]
+    out = sample(logits.clone(), params, [None] * 3)
+    assert out.token_ids == [3, 0, 1]  # row 0: -1 + 2.5 = 1.5 beats 1.0 once 0 is banned
+    raw = logits[0].log_softmax(-1)
+    assert math.isclose(out.logprobs[0].logprob, raw[3].item(), rel_tol=1e-6) and out.logprobs[0].rank == 4
+    assert out.logprobs[0].top == [(0, pytest.approx(raw[0].item(), rel=1e-6))]
+    st = sampling.PenaltyState([0], 4, torch.device("cpu"))
+    x = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    sp = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={0: 0.5})
+    assert sample(x, [sp], [None], ([0], [st])).token_ids == [1]  # 2 / 2 + 0.5 = 1.5 < 1.9
+
+
+def test_logit_bias_request_same_tokens_alone_and_batched():
+    rng = random.Random(5)
+    p = random_prompt(rng, 20)
+    sp = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
+                        logit_bias={t: -100.0 for t in range(40, 90)})
+    e1 = LLMEngine(EngineConfig(num_kv_blocks=64))
+    alone = run_all(e1, {"a": (p, sp)})["a"][0]
+    assert not any(40 <= t < 90 for t in alone)
+    e2 = LLMEngine(EngineConfig(num_kv_blocks=256))
+    others = {f"o{i}": (random_prompt(rng, 10 + i), SamplingParams(max_tokens=15, temperature=0, ignore_eos=True))
+              for i in range(5)}
+    want = {k: v[0] for k, v in run_all(e2, others).items()}
+    mixed = run_all(e2, {**others, "a": (p, sp)})
+    assert mixed["a"][0] == alone and {k: mixed[k][0] for k in others} == want

@@ -58,6 +58,12 @@ def test_openai_client_on_vllm(server):
     stopped = c.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=[whole[3:5]],
                                    extra_body={"ignore_eos": True}).choices[0]
     assert stopped.text == whole[:whole.index(whole[3:5])] and stopped.finish_reason == "stop"
+    # logit_bias reaches vLLM's sampler: "x" forced at every step
+    x = requests.post(server.url + "/tokenize", json={"prompt": "x", "add_special_tokens": False},
+                      timeout=30).json()["tokens"][0]
+    forced = c.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=1.0,
+                                  logit_bias={str(x): 100}, extra_body={"ignore_eos": True}).choices[0].text
+    assert forced == "xxxx"
 
 
 def test_greedy_tokens_equal_vllm_offline(server, model_dir):

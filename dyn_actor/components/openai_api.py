@@ -4,6 +4,7 @@ change the result and are not implemented: those are refused with a 400."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -201,14 +202,34 @@ def message_text(content: str | list[TextPart] | None) -> str | list[dict[str, s
     return parts
 
 
+_LOGIT_BIAS = msgspec.json.Decoder(dict[str, float] | None)
+
+
+def parse_logit_bias(raw: msgspec.Raw) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: token ids (as JSON object keys) to a bias, clamped to [-100, 100] as
+    vLLM does. A key that is not a token id, or a value that is not a finite number, is a 400."""
+    try:
+        given = _LOGIT_BIAS.decode(bytes(raw)) or {}
+    except msgspec.ValidationError:
+        raise RequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
+    out = {}
+    for key, bias in given.items():
+        k = key.strip()
+        if not (k.isdigit() and k.isascii()) or len(k) > 10:
+            raise RequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        if not math.isfinite(bias):
+            raise RequestError(f"logit_bias values must be finite numbers, got {bias} for {key!r}", param="logit_bias")
+        out[int(k)] = min(100.0, max(-100.0, bias))
+    return out
+
+
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0,
                     defaults: Mapping[str, Any] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's parameters for one choice of ``req``. What the request leaves unset (None) comes
     from ``defaults`` (the model's generation_config.json, ``loader.default_sampling``), then from
     the neutral values (temperature 1, top-p 1, no top-k, min-p or penalties)."""
     d = defaults or {}
-    if bytes(req.logit_bias).strip() not in (b"null", b"{}"):
-        raise RequestError("logit_bias is not supported by this server", param="logit_bias")
+    logit_bias = parse_logit_bias(req.logit_bias)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sp = SamplingParams(
         max_tokens=max_tokens,
@@ -228,6 +249,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=logit_bias,
     )
     try:
         return sp.validate()

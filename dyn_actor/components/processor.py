@@ -47,6 +47,10 @@ class Processor:
             if bad:
                 raise RequestError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab})",
                                    param="stop_token_ids")
+            bad = sorted(t for t in params.logit_bias if not 0 <= t < vocab)
+            if bad:
+                raise RequestError(f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab})",
+                                   param="logit_bias")
         return n
 
     def chat_prompt(self, messages, add_generation_prompt: bool) -> list[int]:

@@ -138,7 +138,8 @@ def vllm_sampling_params(p: SamplingParams):
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, output_kind=RequestOutputKind.DELTA)
+        frequency_penalty=p.frequency_penalty, logit_bias=dict(p.logit_bias) or None,
+        output_kind=RequestOutputKind.DELTA)
 
 
 def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:

@@ -2,8 +2,8 @@
 
 Each row of a batch has its own parameters. Repetition, frequency and
 presence penalties come first where a request asks for them (``PenaltyState``
-keeps its token counts on the device). Greedy rows take the argmax of the
-logits; random rows apply temperature, top-k, top-p and min-p, then
+keeps its token counts on the device), then the request's ``logit_bias``.
+Greedy rows take the argmax of the logits; random rows apply temperature, top-k, top-p and min-p, then
 draw by inverting the row's cumulative distribution at one uniform number
 ``u``: the first token whose cumulative probability exceeds ``u`` times the
 row's total. A seeded request draws its ``u`` from its own generator, and a
@@ -199,6 +199,17 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], states: Sequence[
     logits.index_copy_(0, idx, x)
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[int], biases: Sequence[dict[int, float]]) -> None:
+    """Add each row's ``logit_bias`` to its logits (in place): the rows, token ids and values go over
+    in one host-to-device copy."""
+    r = [row for row, b in zip(rows, biases) for _ in b]
+    t = [tok for b in biases for tok in b]
+    v = [val for b in biases for val in b.values()]
+    idx, vals = to_device_many([torch.tensor([r, t], dtype=torch.long), torch.tensor(v, dtype=torch.float32)],
+                               logits.device)
+    logits.index_put_((idx[0], idx[1]), vals.to(logits.dtype), accumulate=True)
+
+
 def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token a row of ``probs`` (``[n, vocab]``, rows not necessarily summing to 1 exactly):
     the first whose cumulative probability exceeds ``u`` (``[n]``, in [0, 1)) times the row's
@@ -277,11 +288,14 @@ def sample_async(
     n = logits.shape[0]
     dev = logits.device
     raw = logits
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if (penalties is not None or biased) and any(p.logprobs is not None for p in params):
+        logits = logits.clone()  # logprobs are the raw logits'
     if penalties is not None:
         rows, states = penalties
-        if any(params[i].logprobs is not None for i in range(n)):
-            logits = logits.clone()
         apply_penalties(logits, rows, states, [params[i] for i in rows])
+    if biased:
+        apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
     greedy = [p.greedy for p in params]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
