@@ -237,7 +237,9 @@ def main() -> int:
                     help="also start the native server from another checkout (e.g. a git worktree of an older "
                          "commit), with the --launch-native flags, as the endpoint 'baseline'")
     ap.add_argument("--launch-vllm", action="store_true", help="also start 'vllm serve' on the same model when vllm is installed")
-    ap.add_argument("--model", default=None, help="model folder (default: the built-in model saved as a folder)")
+    ap.add_argument("--model", default=None,
+                    help="model folder, or builtin:tiny for a server on the built-in model (default: the built-in "
+                         "model saved as a folder)")
     ap.add_argument("--concurrency", default="8", help="comma-separated closed-loop concurrencies")
     ap.add_argument("--request-rate", default=None, help="comma-separated Poisson rates (req/s); replaces --concurrency")
     ap.add_argument("--num-prompts", type=int, default=64)
@@ -265,7 +267,12 @@ def main() -> int:
         if not (d / "config.json").is_file():
             save_builtin(d)
         model = str(d)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    if model.startswith("builtin:"):  # a server started on the built-in model (the README's command)
+        from dyn_actor.engine.builtin import hf_config
+
+        vocab = hf_config(model)["vocab_size"]
+    else:
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     running = dict(e.split("=", 1) for e in args.endpoint)  # servers started elsewhere
     launchers = {}  # name -> (command, env, port) of the servers this run starts
     if args.launch_native is not None:
