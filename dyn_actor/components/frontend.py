@@ -443,13 +443,29 @@ class Frontend:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         model = self.model_name
 
-        async def send(payload) -> None:
-            await resp.write(b"data: " + _encode(payload) + b"\n\n")
+        # events are written when nothing more is waiting: one write a token while the frontend keeps
+        # up, and the tokens that queued meanwhile in one write when it falls behind (a write is a
+        # syscall: the largest cost of a streamed token here)
+        out: list[bytes] = []
+
+        def send(payload) -> None:
+            out.append(b"data: " + _encode(payload) + b"\n\n")
+
+        async def flush() -> None:
+            if out:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                await resp.write(data)
+
+        async def next_item():
+            if queue.empty():
+                await flush()
+            return await queue.get()
 
         if kind == "chat":
             for index, _, _ in jobs:
-                await send(R.Chunk(rid, obj, created, model,
-                                   [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
+                send(R.Chunk(rid, obj, created, model,
+                             [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
         open_jobs = len(jobs)
         echoed: set[int] = set()
         item = first_item
@@ -461,9 +477,10 @@ class Frontend:
                     break
             elif isinstance(c, BaseException):
                 msg = str(c) or type(c).__name__
-                await send(R.ErrorBody(R.ErrorDetail(f"the request failed: {msg}", "server_error", None,
-                                                     503 if isinstance(c, ActorDeadError) else 500)))
-                await resp.write(b"data: [DONE]\n\n")
+                send(R.ErrorBody(R.ErrorDetail(f"the request failed: {msg}", "server_error", None,
+                                               503 if isinstance(c, ActorDeadError) else 500)))
+                out.append(b"data: [DONE]\n\n")
+                await flush()
                 return resp
             else:
                 if echo is not None and index not in echoed:  # the prompt first, as its own chunk
@@ -472,10 +489,10 @@ class Frontend:
                     lp = None
                     if p.logprobs is not None:
                         lp = self.processor.echo_logprobs(ids, c.prompt_logprobs or [None] * len(ids), [])
-                    await send(R.Chunk(rid, obj, created, model, [R.CompletionChunkChoice(
+                    send(R.Chunk(rid, obj, created, model, [R.CompletionChunkChoice(
                         index, echo.texts[index], lp, "length" if echo.prompt_only else None)]))
                 if echo is not None and echo.prompt_only:
-                    item = await queue.get()  # max_tokens 0: the one token computed is not returned
+                    item = await next_item()  # max_tokens 0: the one token computed is not returned
                     continue
                 stats["completion"] += len(c.token_ids)
                 stats["cached"] = max(stats["cached"], c.num_cached_tokens)
@@ -490,14 +507,15 @@ class Frontend:
                         choice = R.ChatChunkChoice(index, delta, lp, reason, stop_reason)
                     else:
                         choice = R.CompletionChunkChoice(index, c.text, lp, reason, stop_reason)
-                    await send(R.Chunk(rid, obj, created, model, [choice]))
-            item = await queue.get()
+                    send(R.Chunk(rid, obj, created, model, [choice]))
+            item = await next_item()
         if include_usage:
             prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" \
                 else len(jobs[0][1])
-            await send(R.Chunk(rid, obj, created, model, [], R.usage(prompt_tokens, stats["completion"],
-                                                                     stats["cached"])))
-        await resp.write(b"data: [DONE]\n\n")
+            send(R.Chunk(rid, obj, created, model, [], R.usage(prompt_tokens, stats["completion"],
+                                                               stats["cached"])))
+        out.append(b"data: [DONE]\n\n")
+        await flush()
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
