@@ -3,10 +3,10 @@
 Each row of a batch has its own parameters. Repetition, frequency and
 presence penalties come first where a request asks for them (``PenaltyState``
 keeps its token counts on the device), then the request's ``logit_bias``.
-Greedy rows take the argmax of the logits; random rows apply temperature, top-k, top-p and min-p, then
-draw by inverting the row's cumulative distribution at one uniform number
-``u``: the first token whose cumulative probability exceeds ``u`` times the
-row's total. A seeded request draws its ``u`` from its own generator, and a
+Greedy rows take the argmax of the logits; random rows apply temperature,
+top-k, top-p and min-p, then draw by inverting the row's cumulative
+distribution at one uniform number ``u``: the first token whose cumulative
+probability exceeds ``u`` times the row's total. A seeded request draws its ``u`` from its own generator, and a
 row's softmax and prefix sum do not depend on the other rows: a seeded request
 samples the same tokens whatever else is in the batch.
 
