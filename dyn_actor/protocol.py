@@ -70,13 +70,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         if vocab_size is not None:
-            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
-            bad = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
-            if bad:
-                raise ValueError(f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab_size})")
+            outside = self.outside_vocab(vocab_size)
+            if outside is not None:
+                raise ValueError(outside[1])
         return self
+
+    def outside_vocab(self, vocab_size: int) -> tuple[str, str] | None:
+        """(field, message) for the first token-id field naming an id outside the vocabulary, or None."""
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            return "stop_token_ids", f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})"
+        bad = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
+        if bad:
+            return "logit_bias", f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab_size})"
+        return None
 
     @property
     def greedy(self) -> bool:

@@ -453,7 +453,7 @@ class Frontend:
 
         async def flush() -> None:
             if out:
-                data = out[0] if len(out) == 1 else b"".join(out)
+                data = b"".join(out)
                 out.clear()
                 await resp.write(data)
 

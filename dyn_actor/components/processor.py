@@ -42,15 +42,9 @@ class Processor:
         vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if params is not None:
-            bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab})",
-                                   param="stop_token_ids")
-            bad = sorted(t for t in params.logit_bias if not 0 <= t < vocab)
-            if bad:
-                raise RequestError(f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab})",
-                                   param="logit_bias")
+        outside = params.outside_vocab(vocab) if params is not None else None
+        if outside is not None:
+            raise RequestError(outside[1], param=outside[0])
         return n
 
     def chat_prompt(self, messages, add_generation_prompt: bool) -> list[int]:
