@@ -3,12 +3,23 @@ process-global one), counters, gauges and histograms with labels, rendered in th
 
 A thin layer keeps the call sites short (``counter.inc(n, *label_values)``) and the names exactly
 as documented in the README; ``_created`` series are left out.
+
+With several frontend processes (``--frontends N``) each keeps its values in files in the folder
+``$PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen when that variable is
+set before prometheus-client is imported), and ``/metrics`` on any of them renders all of them
+together: counters and histograms add up, ``livesum`` gauges (what each process has in flight)
+add up over the live processes, and the other gauges (what the workers last reported, which
+every frontend follows) take the most recent value.
 """
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 prometheus_client.disable_created_metrics()
 
@@ -46,20 +57,29 @@ class Histogram(_Labeled):
 class Registry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
 
     def counter(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
         # prometheus-client adds "_total" to a counter's name itself
         return Counter(prometheus_client.Counter(name.removesuffix("_total"), help, labels, registry=self.registry),
                        labels)
 
-    def gauge(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(prometheus_client.Gauge(name, help, labels, registry=self.registry), labels)
+    def gauge(self, name: str, help: str, labels: tuple[str, ...] = (), across: str = "mostrecent") -> Gauge:
+        """``across``: how the frontend processes' values make one (``livesum`` or ``mostrecent``)."""
+        return Gauge(prometheus_client.Gauge(name, help, labels, registry=self.registry, multiprocess_mode=across),
+                     labels)
 
     def histogram(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
         return Histogram(prometheus_client.Histogram(name, help, buckets=buckets, registry=self.registry), ())
 
     def render(self) -> str:
-        return generate_latest(self.registry).decode()
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry).decode()
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=self.multiprocess_dir)
+        return generate_latest(every).decode()
 
 
 class FrontendMetrics:
@@ -97,8 +117,8 @@ class FrontendMetrics:
         self.kv_errors = r.gauge("dyn_router_kv_errors_total",
                                  "KV-event problems (block_size_mismatch, no_events) per worker", ("worker", "reason"))
         self.router_active_blocks = r.gauge("dyn_router_active_blocks", "Decode blocks the router counts per worker",
-                                            ("worker",))
-        self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", ())
+                                            ("worker",), across="livesum")
+        self.in_flight = r.gauge("dyn_requests_in_flight", "Requests being served", (), across="livesum")
         self.worker_up = r.gauge("dyn_worker_up", "1 while the worker answers heartbeats", ("worker",))
         self.blocks_used = r.gauge("dyn_worker_kv_blocks_used", "KV blocks held by live requests", ("worker",))
         self.blocks_total = r.gauge("dyn_worker_kv_blocks_total", "KV blocks in the worker's pool", ("worker",))

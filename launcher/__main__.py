@@ -7,9 +7,12 @@ Supervision: a worker, decode worker, prefill worker or the prefill queue that
 exits unexpectedly has its shared-memory segments removed at once and is
 restarted at the same endpoint (``--restart-policy always``, with a back-off
 and a budget); its peers' refs reconnect to it the moment it answers, which it
-does only once it is ready. The frontend exiting stops everything.
+does only once it is ready. A frontend exiting stops everything.
 
-Ctrl-C or SIGTERM drains: the frontend takes no new requests (503) and gives
+The launcher binds the HTTP port itself and hands it to the frontend processes
+(``--frontends N``: each gets a socket of its own on the port; see ``listen.py``).
+
+Ctrl-C or SIGTERM drains: the frontends take no new requests (503) and give
 those in flight ``--drain-timeout`` seconds; then the processes stop in order
 (frontend, decode and aggregated workers, prefill workers, queue) and the run
 directory with its socket files is removed. A second Ctrl-C stops at once.
@@ -35,6 +38,7 @@ from launcher.config import (
     visible_devices,
     with_default_threads,
 )
+from launcher.listen import listen_sockets
 from launcher.processes import (
     config_dict,
     frontend_entry,
@@ -57,7 +61,7 @@ STOP_ORDER = ("planner", "frontend", "worker", "decode", "prefill", "prefill-que
 class Child:
     def __init__(self, role: str, index: int, target, args: tuple, ctx) -> None:
         self.role, self.index, self.target, self.args, self._ctx = role, index, target, args, ctx
-        self.name = f"{role} {index}" if role != "frontend" else "frontend"
+        self.name = f"{role} {index}" if role != "frontend" or index else "frontend"
         self.proc: mp.Process
         self.conn = None
         self.ready = False
@@ -147,7 +151,7 @@ def _stop(children: list[Child], grace: float, force=lambda: False) -> None:
 
 
 def _shutdown(children: list[Child], drain_timeout: float, force) -> None:
-    """Stop in order: the frontend first (it drains), then those that serve it, the queue last."""
+    """Stop in order: the frontends first (they drain), then those that serve them, the queue last."""
     for role in STOP_ORDER:
         group = [c for c in children if c.role == role and hasattr(c, "proc")]
         if not group:
@@ -180,7 +184,7 @@ class Supervisor:
                 log.error("%s exited unexpectedly (exit code %s)", c.name, c.proc.exitcode)
                 _remove_segments(c)
                 if c.role == "frontend":
-                    return "the frontend exited"
+                    return f"{c.name} exited"
                 self._plan_restart(c, now)
             elif c.restart_at is not None and now >= c.restart_at:
                 c.restart_at = None
@@ -251,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.set_wakeup_fd(wake_w)
     stopping = lambda: signals["count"] > 0  # noqa: E731
     ctx = mp.get_context("spawn")
+    try:  # the port first: a taken one is an error before anything starts
+        socks = listen_sockets(cfg.host, cfg.port, cfg.frontends)
+    except OSError as e:
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     run_dir = make_run_dir()
     children: list[Child] = []
     code = 0
@@ -287,10 +296,20 @@ def main(argv: list[str] | None = None) -> int:
             gpu, share = plan.get(f"{role} {i}", (None, cfg.gpu_memory_utilization))
             visible = None if gpu is None else visible_devices(role, gpu, gpus)
             spawn(role, i, worker_entry, (i, cd, ep, role, queue_ep, gpu, share, visible))
-        # the frontend starts beside the workers (it waits for each to answer before it serves)
-        planner_eps = planner_endpoints_in(run_dir)
+        # the frontends start beside the workers (each waits for every worker to answer before it serves)
+        planner_eps = planner_endpoints_in(run_dir, cfg.frontends)
         planner = None
-        frontend = spawn("frontend", 0, frontend_entry, (cd, endpoints, queue_ep, planner_eps))
+        metrics_dir = None
+        if cfg.frontends > 1:  # where the frontends keep their metrics, for one another's /metrics
+            metrics_dir = os.path.join(run_dir, "metrics")
+            os.mkdir(metrics_dir)
+        frontends = [spawn("frontend", i, frontend_entry, (i, cd, endpoints, queue_ep, planner_eps, socks[i],
+                                                           metrics_dir))
+                     for i in range(cfg.frontends)]
+        for group in socks:  # the frontends hold them now
+            for sock in group:
+                sock.close()
+        frontend = frontends[0]
         err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None and cfg.planner != "off":
             budget = planner_budget(cfg, n_prefill, n_decode, len(gpus))
@@ -312,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                     pass
 
         def announce(c: Child) -> None:
-            """An added decode worker is ready: the frontend routes to it, the planner follows its load."""
+            """An added decode worker is ready: the frontends route to it, the planner follows its load."""
             ep = ipc_endpoint(run_dir, f"decode-{c.index}")
-            tell(frontend, ("add_worker", f"decode-{c.index}", ep))
+            for f in frontends:
+                tell(f, ("add_worker", f"decode-{c.index}", ep))
             tell(planner, ("add_worker", f"decode-{c.index}", ep + "-kv"))
 
         def add(role: str) -> None:
@@ -329,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                 c.on_up = announce
             log.warning("planner: adding %s %d (pid %d)", role, i, c.proc.pid)
 
+        draining: dict[str, list[int]] = {}  # a decode worker being retired: [frontends yet to drain it, requests left]
+
         def retire(role: str, then: str | None = None) -> bool:
             """The newest worker of ``role`` goes (never the last one): a prefill worker at once (it
-            finishes what it pulled, then exits), a decode worker once the frontend has drained it.
+            finishes what it pulled, then exits), a decode worker once every frontend has drained it.
             ``then``: the role to start in its place once it is gone (a role move)."""
             live = [c for c in children if c.role == role and not c.retiring]
             if len(live) < 2:
@@ -341,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             if then is not None:
                 c.on_gone = lambda: add(then)
             if role == "decode":
-                log.warning("planner: removing %s: the frontend drains it first", c.name)
+                log.warning("planner: removing %s: the frontends drain it first", c.name)
                 tell(planner, ("remove_worker", f"decode-{c.index}"))
-                tell(frontend, ("retire_worker", f"decode-{c.index}", cfg.drain_timeout))
+                draining[f"decode-{c.index}"] = [len(frontends), 0]
+                for f in frontends:
+                    tell(f, ("retire_worker", f"decode-{c.index}", cfg.drain_timeout))
                 return True
             log.warning("planner: removing %s: it finishes what it holds, then exits", c.name)
             try:
@@ -366,11 +390,19 @@ def main(argv: list[str] | None = None) -> int:
             elif action in ("raise_local_prefill", "lower_local_prefill"):
                 value = int(numbers["new_max_local_prefill_length"])
                 log.warning("planner: %s to %d", action, value)
-                tell(frontend, ("set_threshold", value))
+                tell(frontend, ("set_threshold", value))  # one frontend sets it on every decode worker
             else:
                 log.warning("planner: %s is not carried out here", action)
 
         def retired(name: str, left: int) -> None:
+            tally = draining.get(name)
+            if tally is not None:
+                tally[0] -= 1
+                tally[1] += left
+                if tally[0] > 0:
+                    return  # another frontend still has requests on it
+                del draining[name]
+                left = tally[1]
             role, _, index = name.rpartition("-")
             for c in children:
                 if c.role == role and str(c.index) == index and c.retiring and c.proc.is_alive():
@@ -383,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         while not stopping():
             conns = [c.conn for c in children if not c.ready and c.conn is not None and not c.exited]
             planner_conn = [planner.conn] if planner is not None and planner.ready and not planner.exited else []
-            frontend_conn = [frontend.conn] if frontend.ready and not frontend.exited else []
+            frontend_conn = [f.conn for f in frontends if f.ready and not f.exited]
             wait([c.proc.sentinel for c in children if c.proc.is_alive()] + conns + [wake_r] + planner_conn
                  + frontend_conn, timeout=0.5)
             while planner_conn and planner.ready and not planner.exited and planner.conn.poll():
@@ -393,13 +425,14 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "scale":
                     scale(msg[1], msg[2])
-            while frontend.ready and not frontend.exited and frontend.conn.poll():
-                try:
-                    msg = frontend.conn.recv()
-                except EOFError:
-                    break
-                if isinstance(msg, tuple) and msg[0] == "retired":  # drained: now it may stop
-                    retired(msg[1], msg[2])
+            for f in frontends:
+                while f.ready and not f.exited and f.conn.poll():
+                    try:
+                        msg = f.conn.recv()
+                    except EOFError:
+                        break
+                    if isinstance(msg, tuple) and msg[0] == "retired":  # drained there: once all have, it stops
+                        retired(msg[1], msg[2])
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

@@ -69,6 +69,7 @@ class LaunchConfig:
     min_decode: int = 1
     max_request_bytes: int = 4 << 20
     generation_config: str = "auto"
+    frontends: int = 1
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -95,6 +96,9 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--workers", type=int, default=1, help="aggregated workers (topology agg)")
+    ap.add_argument("--frontends", "--api-server-count", dest="frontends", type=int, default=1,
+                    help="HTTP frontend processes on the one port (the kernel spreads connections over them): each "
+                         "streamed token costs a frontend CPU time, so GPU token rates may need more than one")
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV block size in tokens (default 16; with --engine vllm, vLLM's own: on the CPU it takes "
                          "multiples of 32 only); the kv router hashes blocks of the workers' size")
@@ -273,6 +277,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--router-busy-threshold must be in (0, 1]")
     if not 1 <= cfg.workers <= 64:
         raise ConfigError(f"--workers must be between 1 and 64, got {cfg.workers}")
+    if not 1 <= cfg.frontends <= 32:
+        raise ConfigError(f"--frontends must be between 1 and 32, got {cfg.frontends}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {cfg.port}")
     if cfg.block_size is None and cfg.engine != "vllm":

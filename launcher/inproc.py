@@ -87,7 +87,7 @@ class InprocTopology:
                     await self._serve(name, worker_actor(cfg, role, i, engine, self.endpoint(name), queue_ep))
                     if role != "prefill":
                         endpoints[name] = self.endpoint(name)
-            planner_eps = {"frontend": self.endpoint("frontend-0-load"), "report": self.endpoint("planner-0")}
+            planner_eps = {"frontend": [self.endpoint("frontend-0-load")], "report": self.endpoint("planner-0")}
             self.frontend = FrontendService(cfg, endpoints, queue_ep, planner_eps)
             self.url = await self.frontend.start()
             if cfg.planner != "off":

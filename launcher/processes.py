@@ -198,9 +198,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
     _run(main)
 
 
-def frontend_entry(cd: dict, endpoints: dict[str, str], queue_ep: str | None, planner_eps: dict[str, str] | None,
-                   conn) -> None:
-    frontend_main(cd, endpoints, conn, queue_ep, planner_eps)
+def frontend_entry(index: int, cd: dict, endpoints: dict[str, str], queue_ep: str | None, planner_eps: dict | None,
+                   socks: list, metrics_dir: str | None, conn) -> None:
+    frontend_main(cd, endpoints, conn, queue_ep, planner_eps, index, socks, metrics_dir)
 
 
 def worker_entry(index: int, cd: dict, ep: str, role: str, queue_ep: str | None, gpu: int | None,
@@ -223,22 +223,29 @@ def queue_main(cfg_dict: dict, endpoint: str, conn) -> None:
     _run(main)
 
 
-def planner_endpoints_in(run_dir) -> dict[str, str]:
-    """Where the frontend publishes its latency histograms and the planner its decisions."""
+def planner_endpoints_in(run_dir, frontends: int = 1) -> dict:
+    """Where each frontend publishes its latency histograms and the planner its decisions."""
     from dyn_actor.transport import ipc_endpoint
 
-    return {"frontend": ipc_endpoint(run_dir, "frontend-0-load"), "report": ipc_endpoint(run_dir, "planner-0")}
+    return {"frontend": [ipc_endpoint(run_dir, f"frontend-{i}-load") for i in range(frontends)],
+            "report": ipc_endpoint(run_dir, "planner-0")}
 
 
 def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoint: str | None = None,
-                  planner_endpoints: dict[str, str] | None = None) -> None:
+                  planner_endpoints: dict | None = None, index: int = 0, socks: list | None = None,
+                  metrics_dir: str | None = None) -> None:
+    """Frontend ``index``, serving on ``socks`` (bound by the launcher). With several frontends,
+    ``metrics_dir`` is where they keep their metrics for one another's ``/metrics``."""
     cfg = LaunchConfig(**cfg_dict)
-    _child_setup("dyn-actor frontend 0", cfg.log_level)
+    _child_setup(f"dyn-actor frontend {index}", cfg.log_level)
+    if metrics_dir is not None:  # before prometheus-client is imported: it picks its value store then
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from launcher.services import FrontendService
 
     async def main() -> None:
         stop = asyncio.Event()
-        service = FrontendService(cfg, endpoints, queue_endpoint, planner_endpoints, notify=conn.send)
+        service = FrontendService(cfg, endpoints, queue_endpoint, planner_endpoints, notify=conn.send, index=index,
+                                  socks=socks)
         starting = asyncio.ensure_future(service.start())
 
         def on_sigterm() -> None:  # the launcher's SIGTERM: drain, then stop; while starting, stop at once
@@ -252,10 +259,10 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
             await service.stop()
             return
         except OSError as e:
-            conn.send(("failed", f"frontend: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"))
+            conn.send(("failed", f"frontend {index}: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"))
             return
         except Exception as e:
-            conn.send(("failed", f"frontend: {e}"))
+            conn.send(("failed", f"frontend {index}: {e}"))
             return
         conn.send(("ready", url))
         control = asyncio.ensure_future(read_pipe(conn, service.on_launcher))

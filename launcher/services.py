@@ -67,9 +67,9 @@ def planner_budget(cfg: LaunchConfig, n_prefill: int, n_decode: int, gpus: int) 
 
 
 def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: str | None,
-                 planner_endpoints: dict[str, str], num_prefill: int, budget: int,
+                 planner_endpoints: dict, num_prefill: int, budget: int,
                  act: Callable | None = None):
-    """The planner: follows the workers' loads, the queue's depth and the frontend's histograms;
+    """The planner: follows the workers' loads, the queue's depth and the frontends' histograms;
     ``act`` (active mode) carries a decision out."""
     from dyn_actor.components.planner_process import PlannerProcess
     from dyn_actor.components.prefill_queue import depth_endpoint
@@ -84,7 +84,7 @@ def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: s
         workers={name: events_endpoint("decode" if name.startswith("decode") else "worker", ep) or ep
                  for name, ep in endpoints.items()},
         depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
-        frontend_endpoint=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
+        frontend_endpoints=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
         num_prefill=num_prefill, log_path=cfg.planner_log, act=act)
 
 
@@ -92,12 +92,18 @@ class FrontendService:
     """The frontend and what it needs, started and stopped together: the tokenizer, the router with
     its KV-event feed, refs to the workers (and the prefill queue), the planner's view, the HTTP
     site, and the once-a-second stats poll. ``notify`` takes what the frontend tells the launcher
-    (a decode worker drained: ``("retired", name, requests_left)``)."""
+    (a decode worker drained: ``("retired", name, requests_left)``).
+
+    With ``--frontends N`` there are N of these, one a process, each with its own router over the
+    same KV events; each counts the load it routed itself, publishes its own latency histograms
+    for the planner, and serves on sockets of the one port."""
 
     def __init__(self, cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: str | None = None,
-                 planner_endpoints: dict[str, str] | None = None,
-                 notify: Callable[[tuple], None] = lambda msg: None) -> None:
+                 planner_endpoints: dict | None = None,
+                 notify: Callable[[tuple], None] = lambda msg: None, index: int = 0, socks: list | None = None) -> None:
         self.cfg = cfg
+        self.index = index  # which of the --frontends processes
+        self.socks = socks  # listening sockets the launcher bound (None: bind cfg.host:cfg.port here)
         self.endpoints = endpoints
         self.queue_endpoint = queue_endpoint
         self.planner_endpoints = planner_endpoints
@@ -135,6 +141,7 @@ class FrontendService:
                           cfg.max_request_bytes)
         self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge,
                                              defaults)
+        frontend.index = self.index
         if self.queue_endpoint:
             from dyn_actor.actor import ActorRef
 
@@ -143,17 +150,25 @@ class FrontendService:
             # the planner reads our latency histograms; we show its decisions
             from dyn_actor.components.planner_process import PlannerView, publish_frontend_report
 
+            # every frontend shows the decisions; one counts them (the processes' counters add up)
             frontend.planner = PlannerView(cfg.planner, self.planner_endpoints["report"],
-                                           frontend.metrics.planner_decisions)
+                                           frontend.metrics.planner_decisions if self.index == 0 else None)
             frontend.planner.start()
             self._tasks.append(asyncio.ensure_future(
-                publish_frontend_report(frontend.metrics, self.planner_endpoints["frontend"])))
+                publish_frontend_report(frontend.metrics, self.planner_endpoints["frontend"][self.index])))
         self._runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         answer_parser_errors_in_json(self._runner)
-        site = web.TCPSite(self._runner, cfg.host, cfg.port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1] if cfg.port == 0 else cfg.port  # type: ignore[union-attr]
+        if self.socks:
+            from launcher.listen import BACKLOG
+
+            for sock in self.socks:
+                await web.SockSite(self._runner, sock, backlog=BACKLOG).start()
+            port = self.socks[0].getsockname()[1]
+        else:
+            site = web.TCPSite(self._runner, cfg.host, cfg.port)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1] if cfg.port == 0 else cfg.port  # type: ignore[union-attr]
         self._tasks.append(asyncio.ensure_future(self._poll_stats()))
         self.url = f"http://{cfg.host}:{port}"
         return self.url

@@ -124,13 +124,15 @@ def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
 
 def test_active_mode_adds_a_decode_worker_routes_to_it_and_drains_it_away():
     """--planner active on decode: inter-token latency over its target adds a decode worker; the
-    launcher announces it to the frontend (which routes to it) and to the planner; once traffic
-    stops the planner removes it: the frontend drains it, then the launcher stops it and its KV
-    segment goes. No request fails."""
+    launcher announces it to the frontends (which route to it) and to the planner; once traffic
+    stops the planner removes it: every frontend drains it, then the launcher stops it and its KV
+    segment goes. No request fails. Two frontends: the planner adds up their latencies, and the
+    launcher waits for both to have drained the worker."""
     from dyn_actor.kv.transfer import leftover_segments
 
     before = set(leftover_segments())
-    s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--ttft-slo-ms", "1000000",
+    s = Server("--topology", "1p1d", "--frontends", "2", "--planner", "active", "--max-workers", "3",
+               "--ttft-slo-ms", "1000000",
                "--itl-slo-ms", "0.01", "--planner-interval", "0.5", "--planner-cooldown", "2",
                "--planner-warmup", "1", "--kv-cache-memory-gb", "0.1")
     load = None

@@ -94,6 +94,7 @@ class Frontend:
         self.prefill_queue: ActorRef | None = None  # disaggregated topologies
         self.queue_depth = 0  # the prefill queue's depth at the last refresh
         self.planner = None  # a components.planner_process.PlannerView (unless --planner off)
+        self.index = 0  # which frontend process this is (--frontends)
 
     def _default_max_tokens(self, prompt_lens: list[int], neutral: int | None) -> int | None:
         """max_tokens for a request that gives none: the generation config's, cut to what the longest
@@ -586,8 +587,9 @@ class Frontend:
 
     async def router_state(self, request: web.Request) -> web.Response:
         """The router's view, for people debugging a deployment: index size, per-worker load and
-        KV-event stream health."""
-        return web.json_response(self.router.state())
+        KV-event stream health. With several frontends, each has a router of its own: ``frontend``
+        says whose this is (the one this connection reached)."""
+        return web.json_response({"frontend": self.index, **self.router.state()})
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         await self.refresh_worker_stats()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -88,6 +89,18 @@ def histogram_buckets(hist) -> Buckets:
     return out
 
 
+def add_reports(reports: list[FrontendReport]) -> FrontendReport:
+    """The frontend processes' cumulative histograms as one (bucket by bucket; the same bounds)."""
+    def add(field: str) -> Buckets:
+        total: dict[float, float] = {}
+        for r in reports:
+            for bound, count in getattr(r, field):
+                total[bound] = total.get(bound, 0.0) + count
+        return sorted(total.items())
+
+    return FrontendReport(add("ttft"), add("itl"), add("e2e"))
+
+
 async def publish_frontend_report(metrics, endpoint: str, interval: float = 0.5) -> None:
     """The frontend's side: its TTFT/ITL/E2E histograms on ``endpoint`` every ``interval`` s."""
     pub = PubSocket(endpoint)
@@ -125,7 +138,8 @@ class PlannerView:
 
     def _report(self, r: PlannerReport) -> None:
         self.last = r
-        self.counter.inc(1, r.action)
+        if self.counter is not None:
+            self.counter.inc(1, r.action)
         self.recent.append({"t": r.t, "action": r.action, "reason": r.reason, "numbers": r.numbers})
 
     def state(self) -> dict:
@@ -140,13 +154,13 @@ class PlannerProcess:
     """Subscribes, ticks, decides, reports; ``act`` (active mode) carries a decision out."""
 
     def __init__(self, cfg: PlannerConfig, *, interval: float, workers: dict[str, str], depth_endpoint: str | None,
-                 frontend_endpoint: str, report_endpoint: str, num_prefill: int, log_path: str | None = None,
+                 frontend_endpoints: list[str], report_endpoint: str, num_prefill: int, log_path: str | None = None,
                  act: Callable[[Decision], None] | None = None) -> None:
         self.planner = Planner(cfg)
         self.interval = interval
         self.workers = workers  # name -> where it publishes its KV events and loads
         self.depth_endpoint = depth_endpoint
-        self.frontend_endpoint = frontend_endpoint
+        self.frontend_endpoints = frontend_endpoints  # one per frontend process (--frontends)
         self.report_endpoint = report_endpoint
         self.log_path = log_path
         self.act = act
@@ -157,7 +171,8 @@ class PlannerProcess:
         self.queue_depth = 0
         self.queue_tokens = 0
         self._steps_before: dict[str, tuple[float, int]] = {}  # per worker, its step counters at the last tick
-        self.latest: FrontendReport | None = None
+        self.latest: FrontendReport | None = None  # every frontend's histograms added up
+        self._by_frontend: dict[int, FrontendReport] = {}
         self._window_start: FrontendReport | None = None
         self._pub: PubSocket | None = None
         self._tasks: list[asyncio.Task] = []
@@ -176,8 +191,9 @@ class PlannerProcess:
         if self.depth_endpoint:
             self._tasks.append(asyncio.ensure_future(follow(
                 self.depth_endpoint, msgspec.msgpack.Decoder(QueueDepth), self._depth)))
-        self._tasks.append(asyncio.ensure_future(follow(
-            self.frontend_endpoint, msgspec.msgpack.Decoder(FrontendReport), self._frontend)))
+        for i, ep in enumerate(self.frontend_endpoints):
+            self._tasks.append(asyncio.ensure_future(follow(
+                ep, msgspec.msgpack.Decoder(FrontendReport), functools.partial(self._frontend, i))))
         self._tasks.append(asyncio.ensure_future(self._run()))
 
     def stop(self) -> None:
@@ -221,8 +237,10 @@ class PlannerProcess:
     def _depth(self, msg: QueueDepth) -> None:
         self.queue_depth, self.queue_tokens = msg.depth, msg.tokens
 
-    def _frontend(self, msg: FrontendReport) -> None:
-        self.latest = msg
+    def _frontend(self, index: int, msg: FrontendReport) -> None:
+        self._by_frontend[index] = msg
+        reports = list(self._by_frontend.values())
+        self.latest = msg if len(reports) == 1 else add_reports(reports)
 
     # ------------------------------------------------------------------ ticks
     async def _run(self) -> None:
