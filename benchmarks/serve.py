@@ -125,6 +125,32 @@ async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: i
         return results, time.perf_counter() - t0
 
 
+def _load_share(job: tuple) -> tuple[list[Result], float]:
+    """One client process's share of a load (``--client-procs``), started at the agreed moment."""
+    url, model, prompts, max_tokens, concurrency, rate, seed, sampling, start_at = job
+    SAMPLING.update(sampling)
+    time.sleep(max(0.0, start_at - time.time()))
+    return asyncio.run(run_load(url, model, prompts, max_tokens, concurrency, rate, seed))
+
+
+def load_in_processes(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int | None,
+                      rate: float | None, procs: int) -> tuple[list[Result], float]:
+    """``run_load`` split over ``procs`` client processes (each its own event loop, a share of the
+    prompts and of the concurrency or rate), so that at GPU token rates the client, which parses
+    every streamed event, does not set the pace. The duration is the slowest share's."""
+    if procs <= 1:
+        return asyncio.run(run_load(url, model, prompts, max_tokens, concurrency, rate))
+    import multiprocessing as mp
+
+    start_at = time.time() + 0.5
+    jobs = [(url, model, prompts[i::procs], max_tokens,
+             None if concurrency is None else concurrency // procs + (i < concurrency % procs),
+             None if rate is None else rate / procs, i, dict(SAMPLING), start_at) for i in range(procs)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        outs = pool.map(_load_share, jobs)
+    return [r for rs, _ in outs for r in rs], max(d for _, d in outs)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -236,6 +262,9 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default=None, metavar="DIR",
                     help="also start the native server from another checkout (e.g. a git worktree of an older "
                          "commit), with the --launch-native flags, as the endpoint 'baseline'")
+    ap.add_argument("--also-native", action="append", default=[], metavar="ARGS",
+                    help="also start this project's server with these launcher flags instead (repeatable; endpoint "
+                         "'native-2', 'native-3', ...), e.g. '--frontends 2' beside --launch-native ''")
     ap.add_argument("--launch-vllm", action="store_true", help="also start 'vllm serve' on the same model when vllm is installed")
     ap.add_argument("--model", default=None,
                     help="model folder, or builtin:tiny for a server on the built-in model (default: the built-in "
@@ -254,6 +283,9 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000)
     ap.add_argument("--slo-tpot-ms", type=float, default=100)
     ap.add_argument("--overhead", action="store_true", help="measure the framework's overhead (native server)")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes sharing the load (at GPU token rates one Python client, parsing every "
+                         "streamed event, can be the bottleneck)")
     ap.add_argument("--name", default="serve")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sampled")
     args = ap.parse_args()
@@ -278,6 +310,10 @@ def main() -> int:
     if args.launch_native is not None:
         launchers["native"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", "8300",
                                 "--served-model-name", model, *args.launch_native.split()], None, 8300)
+    for i, flags in enumerate(args.also_native, start=2):
+        launchers[f"native-{i}"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", str(8302 + i),
+                                     "--served-model-name", model, *flags.split()], None, 8302 + i)
+        print(f"native-{i}: {flags}")
     if args.baseline_tree:
         tree = str(Path(args.baseline_tree).resolve())
         launchers["baseline"] = ([sys.executable, "-m", "launcher", "--model", model, "--port", "8302",
@@ -308,9 +344,9 @@ def main() -> int:
     def measure(name: str, url: str, rnd: int) -> None:
         for load, (warm, prompts) in zip(loads, prompt_sets):
             asyncio.run(run_load(url, model, warm, args.output_len, args.warmup, None))
-            results, dur = asyncio.run(run_load(
+            results, dur = load_in_processes(
                 url, model, prompts, args.output_len,
-                None if args.request_rate else int(load), load if args.request_rate else None))
+                None if args.request_rate else int(load), load if args.request_rate else None, args.client_procs)
             rows.append({"endpoint": name, "round": rnd, "load": load,
                          **summarize(results, dur, args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)})
             print(f"round {rnd}: {name} @ {load:g}: {rows[-1]['output_tok_per_s']:.0f} output tok/s, "

@@ -23,7 +23,10 @@
 #     mixed    steps of 64 decodes plus a fresh prompt, eager against the piecewise graphs, and a
 #              stream of them with overlapped steps off and on
 #              (benchmarks/mixed_step.py);
-#     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load.
+#     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load;
+#   not in the default list (the script would pass its 8 minutes), run with ONLY=fe after it:
+#     fe       serving the 1B model over HTTP with one frontend process against four (--frontends 4),
+#              256 streams, four client processes (benchmarks/serve.py).
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
 # measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
 # "--transformers --stepwise". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
@@ -114,6 +117,20 @@ want mixed && grep -A5 "^prompt_len" "$LOG/mixed.log" && grep "^pieces:" "$LOG/m
 launch dbench "disagg.py --device cuda" 240 $PY benchmarks/disagg.py --device cuda --duration 20
 collect dbench
 want dbench && tail -n 7 "$LOG/dbench.log"
+fe_run() {  # the 1B checkpoint (thru writes the same one), then one frontend against four
+    local ck
+    ck=$($PY -c "from benchmarks.checkpoints import LLAMA_1B, write_random_llama
+from benchmarks.common import RESULTS
+print(write_random_llama(RESULTS / 'checkpoints' / 'llama-1b-random', LLAMA_1B))") || return 1
+    $PY benchmarks/serve.py --model "$ck" --launch-native "--device cuda" --also-native "--device cuda --frontends 4" \
+        --concurrency 256 --input-len 128 --output-len 256 --num-prompts 1024 --warmup 32 --client-procs 4 \
+        --name frontends_gpu
+}
+export -f fe_run
+export PY
+launch fe "serving the 1B model: one frontend vs four" 300 bash -c fe_run
+collect fe
+want fe && grep -A3 "^endpoint " "$LOG/fe.log" | tail -n 3
 if [ "$FAULTS_BESIDE" = 1 ]; then collect faults; want faults && tail -n 5 "$LOG/faults.log"; fi
 echo
 echo "== GPU check summary =="
