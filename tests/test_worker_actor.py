@@ -190,3 +190,77 @@ def test_outputs_a_command_produces_are_published_before_the_steps_after_it():
             thread.stop()
 
     asyncio.run(main())
+
+
+def test_each_frontend_gets_its_own_requests_and_one_leaving_aborts_only_its_own():
+    """Two frontends subscribed to one worker (``--frontends 2``): each stream carries only the
+    outputs of the requests its owner started; when one stream ends (its frontend went away), the
+    worker aborts that frontend's requests and the other's run on to the end."""
+    from dyn_actor.components.messages import GenerateRequest, OutputBatch, Subscribe
+
+    async def main():
+        engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
+        ep = inproc_endpoint("w-owners")
+        server = ActorServer(Worker("w-owners", engine), ep)
+        task = asyncio.ensure_future(server.serve())
+        ref_a = await ActorRef(ep, "w-owners").start(wait_ready=5)
+        ref_b = await ActorRef(ep, "w-owners").start(wait_ready=5)
+        a = WorkerClient("w-owners", ref_a)
+        a.start()
+        assert await a.subscribed(5)
+        seen_by_b: list[str] = []
+        b_done = asyncio.Event()
+        b_started = asyncio.Event()
+
+        async def b_stream(stop_after: str):
+            async for batch in ref_b.stream(Subscribe("frontend-b"), OutputBatch):
+                b_started.set()
+                for it in batch.items:
+                    seen_by_b.append(it.request_id)
+                    if it.request_id == stop_after and it.delta is not None and it.delta.finished:
+                        b_done.set()
+                        return
+                    if it.request_id == "rb-long" and seen_by_b.count("rb-long") >= 3:
+                        return  # frontend b goes away with rb-long running
+
+        async def a_tokens(rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
+            toks = []
+            async for d in a.generate(rid, prompt, params):
+                toks.extend(d.token_ids)
+            return toks
+
+        try:
+            reader = asyncio.ensure_future(b_stream("rb"))
+            await asyncio.wait_for(b_started.wait(), 5)
+            await ref_b.tell(GenerateRequest("rb", [0, 7, 8, 9], GREEDY, "frontend-b"))
+            got = await a_tokens("ra", [0, 5, 6, 7, 8], GREEDY)
+            await asyncio.wait_for(b_done.wait(), 30)
+            await reader
+            assert len(got) == 12
+            assert set(seen_by_b) == {"rb"}  # nothing of a's request reached b's stream
+            # b again, with a long request; it leaves after three deltas while a's runs on
+            seen_by_b.clear()
+            b_started.clear()
+            reader = asyncio.ensure_future(b_stream("never"))
+            await asyncio.wait_for(b_started.wait(), 5)
+            long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+            await ref_b.tell(GenerateRequest("rb-long", [0, 9, 9], long, "frontend-b"))
+            a_long = asyncio.ensure_future(a_tokens("ra-long", [0, 5, 5], SamplingParams(
+                max_tokens=60, temperature=0, ignore_eos=True)))
+            await asyncio.wait_for(reader, 30)
+            assert len(await asyncio.wait_for(a_long, 60)) == 60  # a's request was not touched
+            for _ in range(200):
+                if engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.01)
+            assert not engine.has_unfinished_requests()  # rb-long was aborted, not left to run 400 tokens
+            assert engine.block_manager.num_used_blocks == 0
+            stats = await ref_a.ask(StatsRequest(), WorkerStats)
+            assert stats.generated_tokens < 12 + 12 + 60 + 100
+        finally:
+            await ref_a.close()
+            await ref_b.close()
+            server.stop()
+            await task
+
+    asyncio.run(main())

@@ -162,6 +162,7 @@ class DecodeWorker(Worker):
         assert self._thread is not None
         rid, prompt, params = m.request_id, m.prompt_token_ids, m.params
         self._live.add(rid)
+        self._subscribers.own(rid, m.owner)
         remote_ok = self._queue_usable()
         policy = self.policy
 
@@ -280,6 +281,7 @@ class DecodeWorker(Worker):
             super().abort(m)
             return
         self._live.discard(rid)
+        self._subscribers.forget(rid)
         if entry.writer is None:
             self._give_up(rid, "aborted")  # frees the blocks: nobody may write them any more
         else:

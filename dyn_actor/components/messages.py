@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import msgspec
 
 from dyn_actor.protocol import Logprobs, SamplingParams
@@ -10,15 +13,22 @@ from dyn_actor.protocol import Logprobs, SamplingParams
 
 
 class GenerateRequest(msgspec.Struct, tag="generate"):
-    """A tell: start a request; its output comes in the subscriber's ``OutputBatch`` stream."""
+    """A tell: start a request; its output comes in the ``OutputBatch`` stream of the subscriber
+    named ``owner`` (every subscriber's, when it names none)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    owner: str = ""
 
 
 class Subscribe(msgspec.Struct, tag="subscribe"):
-    """A stream of ``OutputBatch``: one per engine step, every request's new tokens together."""
+    """A stream of ``OutputBatch``: one per engine step, the new tokens of every request that
+    ``owner`` started (of every request, for the subscriber that names no owner) together. With
+    several frontends, each gets only its own requests' outputs; when its stream ends (the
+    frontend went away), the worker aborts its requests."""
+
+    owner: str = ""
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):
@@ -112,39 +122,64 @@ class WorkerInfo(msgspec.Struct):
 
 
 class Subscribers:
-    """A worker's output streams: ``publish`` hands one step's deltas to every subscriber;
-    ``stream`` is the body of a ``Subscribe`` handler: an empty batch first (the subscriber knows it
-    is registered), then a batch per step (a subscriber that fell behind gets what piled up as
-    one). ``on_last_gone`` runs when the last subscriber leaves (the frontend
-    went away: nobody will read the requests' outputs)."""
+    """A worker's output streams, one per subscriber (a frontend), each named by its owner.
+    ``own`` records which owner started a request; ``publish`` hands one step's deltas to their
+    owners' streams (a request without an owner, to every stream) and forgets a request at its
+    last delta; ``forget`` does so for one that ends without one (aborted). ``stream`` is the body
+    of a ``Subscribe`` handler: an empty batch first (the subscriber knows it is registered), then
+    a batch per step (a subscriber that fell behind gets what piled up as one). When a stream ends,
+    ``on_gone(owner)`` runs: the requests of ``owner`` (``owned_by``) have no reader any more; when
+    the last stream ends, ``on_gone(None)``: no request has one."""
 
-    def __init__(self, on_last_gone) -> None:
-        self._queues: list = []
-        self._on_last_gone = on_last_gone
+    def __init__(self, on_gone: Callable[[str | None], None]) -> None:
+        self._queues: dict[str, asyncio.Queue] = {}  # owner -> its stream's queue (the latest, if it subscribed twice)
+        self._owner: dict[str, str] = {}  # request id -> owner (requests that name one)
+        self._on_gone = on_gone
 
     def __bool__(self) -> bool:
         return bool(self._queues)
 
+    def own(self, request_id: str, owner: str) -> None:
+        if owner:
+            self._owner[request_id] = owner
+
+    def forget(self, request_id: str) -> None:
+        self._owner.pop(request_id, None)
+
+    def owned_by(self, owner: str) -> list[str]:
+        return [rid for rid, o in self._owner.items() if o == owner]
+
     def publish(self, items: list[RequestDelta]) -> None:
-        for q in self._queues:
-            q.put_nowait(items)
+        queues, owner_of = self._queues, self._owner
+        if len(queues) == 1 and not owner_of:  # one frontend: all of it
+            next(iter(queues.values())).put_nowait(items)
+            return
+        by_owner: dict[str, list[RequestDelta]] = {}
+        for it in items:
+            by_owner.setdefault(owner_of.get(it.request_id, ""), []).append(it)
+            if it.error is not None or (it.delta is not None and it.delta.finished):
+                owner_of.pop(it.request_id, None)  # its last delta
+        for owner, its in by_owner.items():
+            if not owner:
+                for q in queues.values():
+                    q.put_nowait(its)
+            elif (q := queues.get(owner)) is not None:  # else its owner is gone (its requests are aborted)
+                q.put_nowait(its)
 
-    async def stream(self):
-        import asyncio
-
+    async def stream(self, owner: str = ""):
         q: asyncio.Queue = asyncio.Queue()
-        self._queues.append(q)
+        self._queues[owner] = q
         try:
-            yield OutputBatch([])  # registered: from here on, the subscriber sees every output
+            yield OutputBatch([])  # registered: from here on, the subscriber sees its outputs
             while True:
                 items = await q.get()
                 while not q.empty():
                     items = items + q.get_nowait()
                 yield OutputBatch(items)
         finally:
-            self._queues.remove(q)
-            if not self._queues:
-                self._on_last_gone()
+            if self._queues.get(owner) is q:
+                del self._queues[owner]
+                self._on_gone(owner if self._queues else None)
 
 
 def worker_handlers(w) -> dict:

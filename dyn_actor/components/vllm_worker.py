@@ -172,7 +172,7 @@ class VllmWorker(Actor):
         self._pub_tasks: list[asyncio.Task] = []
         self._tokens: dict[str, int] = {}  # running request -> tokens it holds (for the load report)
         self._num_blocks = int(getattr(llm.vllm_config.cache_config, "num_gpu_blocks", 0) or 0)
-        self._subscribers = Subscribers(self._cancel_all)
+        self._subscribers = Subscribers(self._readers_gone)
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: list[RequestDelta] = []
         self._flush_scheduled = False
@@ -300,17 +300,19 @@ class VllmWorker(Actor):
         self._subscribers.publish(items)
 
     def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
-        return self._subscribers.stream()
+        return self._subscribers.stream(m.owner)
 
-    def _cancel_all(self) -> None:
-        for t in list(self._tasks.values()):
-            t.cancel()
+    def _readers_gone(self, owner: str | None) -> None:
+        """A frontend went away (``owner``; None: the last one): nobody will read its requests."""
+        for rid in list(self._tasks) if owner is None else self._subscribers.owned_by(owner):
+            self.abort(AbortRequest(rid))
 
     # --------------------------------------------------------------- requests
     def generate(self, m: GenerateRequest) -> None:
         if m.request_id in self._tasks:
             self._emit(RequestDelta(m.request_id, error=f"request {m.request_id} is already running"))
             return
+        self._subscribers.own(m.request_id, m.owner)
         self._tasks[m.request_id] = asyncio.ensure_future(self._run(m))
 
     async def _run(self, m: GenerateRequest) -> None:
@@ -362,6 +364,7 @@ class VllmWorker(Actor):
             self._received.pop(rid, None)
 
     def abort(self, m: AbortRequest) -> None:
+        self._subscribers.forget(m.request_id)
         t = self._tasks.pop(m.request_id, None)
         if t is not None:
             t.cancel()

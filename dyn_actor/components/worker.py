@@ -51,7 +51,7 @@ class Worker(Actor):
     def __init__(self, name: str, engine: LLMEngine, events_endpoint: str | None = None) -> None:
         self.name = name
         self.engine = engine
-        self._subscribers = Subscribers(self._abort_all)
+        self._subscribers = Subscribers(self._readers_gone)
         self._thread: EngineThread | None = None
         self._live: set[str] = set()  # requests started and not finished
         # KV events and load, published on a PUB socket for the KV-aware router
@@ -140,17 +140,21 @@ class Worker(Actor):
         self._publish(items)
 
     def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
-        return self._subscribers.stream()
+        return self._subscribers.stream(m.owner)
 
-    def _abort_all(self) -> None:
-        """The frontend went away: nobody will read these."""
-        for rid in list(self._live):
+    def _readers_gone(self, owner: str | None) -> None:
+        """A frontend went away (``owner``; None: the last one): nobody will read its requests."""
+        rids = list(self._live) if owner is None else self._subscribers.owned_by(owner)
+        if rids:
+            log.warning("%s: aborting %d requests whose frontend went away", self.name, len(rids))
+        for rid in rids:
             self.abort(AbortRequest(rid))  # the actor's own abort: a decode worker fences, too
 
     def generate(self, m: GenerateRequest) -> None:
         assert self._thread is not None
         rid = m.request_id
         self._live.add(rid)
+        self._subscribers.own(rid, m.owner)
         self._admit(rid, self._thread.submit(lambda e: e.add_request(rid, m.prompt_token_ids, m.params, validated=True)))
 
     def _admit(self, rid: str, fut: asyncio.Future, then: Callable[[Any], None] | None = None) -> None:
@@ -172,6 +176,7 @@ class Worker(Actor):
     def _abort(self, rid: str) -> None:
         assert self._thread is not None
         self._live.discard(rid)
+        self._subscribers.forget(rid)
         self._thread.submit(lambda e: e.abort_request(rid))
 
     def abort(self, m: AbortRequest) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
@@ -27,11 +28,14 @@ log = logging.getLogger(__name__)
 
 class WorkerClient:
     """The frontend's side of one worker: one ``Subscribe`` stream of per-step ``OutputBatch``es,
-    demultiplexed into a queue per request."""
+    demultiplexed into a queue per request. The stream and the requests name the same owner, so
+    that the worker sends this frontend its own requests' outputs only (not those of other
+    frontends), and aborts them if this frontend goes away."""
 
     def __init__(self, name: str, ref: ActorRef) -> None:
         self.name = name
         self.ref = ref
+        self.owner = uuid.uuid4().hex[:16]
         self._queues: dict[str, asyncio.Queue] = {}
         self._dead: ActorError | None = None
         self._task: asyncio.Task | None = None
@@ -55,7 +59,7 @@ class WorkerClient:
 
     async def _pump(self) -> None:
         try:
-            async for batch in self.ref.stream(Subscribe(), OutputBatch):
+            async for batch in self.ref.stream(Subscribe(self.owner), OutputBatch):
                 self._subscribed.set()
                 for item in batch.items:
                     q = self._queues.get(item.request_id)
@@ -79,7 +83,7 @@ class WorkerClient:
         self._queues[request_id] = q
         finished = False
         try:
-            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params))
+            await self.ref.tell(GenerateRequest(request_id, prompt_ids, params, self.owner))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
