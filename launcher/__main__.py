@@ -7,7 +7,10 @@ Supervision: a worker, decode worker, prefill worker or the prefill queue that
 exits unexpectedly has its shared-memory segments removed at once and is
 restarted at the same endpoint (``--restart-policy always``, with a back-off
 and a budget); its peers' refs reconnect to it the moment it answers, which it
-does only once it is ready. A frontend exiting stops everything.
+does only once it is ready. A frontend that exits is restarted on the port
+(sockets bound again), knowing the workers of the moment; the workers abort
+the requests it had started, and the other frontends serve meanwhile. Only
+when no frontend is left to serve does the launcher stop everything.
 
 The launcher binds the HTTP port itself and hands it to the frontend processes
 (``--frontends N``: each gets a socket of its own on the port; see ``listen.py``).
@@ -38,7 +41,7 @@ from launcher.config import (
     visible_devices,
     with_default_threads,
 )
-from launcher.listen import listen_sockets
+from launcher.listen import bound_port, frontend_sockets, listen_sockets
 from launcher.processes import (
     config_dict,
     frontend_entry,
@@ -61,7 +64,7 @@ STOP_ORDER = ("planner", "frontend", "worker", "decode", "prefill", "prefill-que
 class Child:
     def __init__(self, role: str, index: int, target, args: tuple, ctx) -> None:
         self.role, self.index, self.target, self.args, self._ctx = role, index, target, args, ctx
-        self.name = f"{role} {index}" if role != "frontend" or index else "frontend"
+        self.name = f"{role} {index}"
         self.proc: mp.Process
         self.conn = None
         self.ready = False
@@ -75,11 +78,19 @@ class Child:
         self.retiring = False  # stopped on purpose (the planner removed it): not restarted
         self.on_up = None  # called once an added child is ready (announce it)
         self.on_gone = None  # called once a retiring child has exited (a role move starts its successor)
+        # its arguments built afresh at each (re)start, with what to close once it holds them (a
+        # frontend's listening sockets); None: ``args``
+        self.make_args = None
 
     def spawn(self) -> None:
+        args, hand_over = self.make_args() if self.make_args is not None else (self.args, ())
         parent, child = self._ctx.Pipe()  # both ways: READY up; while serving, announcements down
-        self.proc = self._ctx.Process(target=self.target, args=(*self.args, child), name=f"dyn-actor {self.role} {self.index}")
-        self.proc.start()
+        self.proc = self._ctx.Process(target=self.target, args=(*args, child), name=f"dyn-actor {self.role} {self.index}")
+        try:
+            self.proc.start()
+        finally:
+            for obj in hand_over:  # the child has its own copies now (or never will)
+                obj.close()
         child.close()
         self.conn, self.ready, self.exited, self.started_at = parent, False, False, time.monotonic()
 
@@ -163,9 +174,10 @@ def _shutdown(children: list[Child], drain_timeout: float, force) -> None:
 class Supervisor:
     """Restarts children that exit unexpectedly, with a back-off and a budget."""
 
-    def __init__(self, children: list[Child], policy: str) -> None:
+    def __init__(self, children: list[Child], policy: str, on_exit=lambda c: None) -> None:
         self.children = children
         self.policy = policy
+        self.on_exit = on_exit  # called with a child that exited unexpectedly, before its restart is planned
 
     def tick(self) -> str | None:
         """Handle exits, due restarts and restarted children becoming ready. Returns a reason to
@@ -183,13 +195,20 @@ class Supervisor:
                 c.exited = True
                 log.error("%s exited unexpectedly (exit code %s)", c.name, c.proc.exitcode)
                 _remove_segments(c)
-                if c.role == "frontend":
-                    return f"{c.name} exited"
+                self.on_exit(c)
                 self._plan_restart(c, now)
+                if c.role == "frontend" and c.restart_at is None and not any(
+                        f.role == "frontend" and not f.exited for f in self.children):
+                    return f"{c.name} exited and no frontend is left"
             elif c.restart_at is not None and now >= c.restart_at:
                 c.restart_at = None
                 c.restarts.append(now)
-                c.spawn()
+                try:
+                    c.spawn()
+                except OSError as e:  # a frontend's port could not be bound again
+                    log.error("%s could not restart: %s", c.name, e)
+                    self._plan_restart(c, now)
+                    continue
                 log.warning("restarting %s (pid %d, restart %d)", c.name, c.proc.pid, len(c.restarts))
             elif not c.ready and not c.exited:
                 got = c.poll_ready()
@@ -202,7 +221,8 @@ class Supervisor:
                             c.on_up(c)
                     elif status == "ready":
                         c.ready = True
-                        log.warning("%s is back (pid %d); its peers reconnect to it", c.name, c.proc.pid)
+                        log.warning("%s is back (pid %d); %s", c.name, c.proc.pid,
+                                    "serving again" if c.role == "frontend" else "its peers reconnect to it")
                     else:
                         log.error("%s failed to restart: %s", c.name, detail)
             elif c.ready and now - c.started_at > HEALTHY_AFTER:
@@ -303,12 +323,27 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.frontends > 1:  # where the frontends keep their metrics, for one another's /metrics
             metrics_dir = os.path.join(run_dir, "metrics")
             os.mkdir(metrics_dir)
-        frontends = [spawn("frontend", i, frontend_entry, (i, cd, endpoints, queue_ep, planner_eps, socks[i],
-                                                           metrics_dir))
-                     for i in range(cfg.frontends)]
-        for group in socks:  # the frontends hold them now
-            for sock in group:
-                sock.close()
+        port = bound_port(socks[0])
+        first_socks = dict(enumerate(socks))
+        draining: dict[str, set[int]] = {}  # a decode worker being retired -> the frontends yet to drain it
+        left_on: dict[str, int] = {}  # ... and the requests they reported still running on it
+
+        def frontend_args(i: int):
+            """Frontend i's arguments at each (re)start: sockets on the port (bound again for a
+            restart), and the workers it should route to now (added ones in, retiring ones out)."""
+            def make():
+                group = first_socks.pop(i, None) or frontend_sockets(cfg.host, port, cfg.frontends)
+                now = {name: ep for name, ep in endpoints.items() if name not in draining}
+                return (i, cd, now, queue_ep, planner_eps, group, metrics_dir), group
+            return make
+
+        frontends = []
+        for i in range(cfg.frontends):
+            c = Child("frontend", i, frontend_entry, (), ctx)
+            c.make_args = frontend_args(i)
+            c.spawn()
+            children.append(c)
+            frontends.append(c)
         frontend = frontends[0]
         err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None and cfg.planner != "off":
@@ -321,7 +356,22 @@ def main(argv: list[str] | None = None) -> int:
                 code = 1
             return code
         print(f"ready: {frontend.detail}", flush=True)
-        supervisor = Supervisor(children, cfg.restart_policy)
+        def child_exited(c: Child) -> None:
+            """A frontend died: its gauges of what it had in flight go, and a worker it was draining
+            waits for it no more (what it routed there is gone with it)."""
+            if c.role != "frontend":
+                return
+            if metrics_dir is not None:
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(c.proc.pid, metrics_dir)
+            for name in list(draining):
+                if c.index in draining[name]:
+                    draining[name].discard(c.index)
+                    if not draining[name]:
+                        retired(name, None)
+
+        supervisor = Supervisor(children, cfg.restart_policy, child_exited)
 
         def tell(child, msg) -> None:
             if child is not None and child.ready and not child.exited:
@@ -333,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         def announce(c: Child) -> None:
             """An added decode worker is ready: the frontends route to it, the planner follows its load."""
             ep = ipc_endpoint(run_dir, f"decode-{c.index}")
+            endpoints[f"decode-{c.index}"] = ep  # a frontend that restarts routes to it too
             for f in frontends:
                 tell(f, ("add_worker", f"decode-{c.index}", ep))
             tell(planner, ("add_worker", f"decode-{c.index}", ep + "-kv"))
@@ -349,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                 c.on_up = announce
             log.warning("planner: adding %s %d (pid %d)", role, i, c.proc.pid)
 
-        draining: dict[str, list[int]] = {}  # a decode worker being retired: [frontends yet to drain it, requests left]
-
         def retire(role: str, then: str | None = None) -> bool:
             """The newest worker of ``role`` goes (never the last one): a prefill worker at once (it
             finishes what it pulled, then exits), a decode worker once every frontend has drained it.
@@ -365,9 +414,13 @@ def main(argv: list[str] | None = None) -> int:
             if role == "decode":
                 log.warning("planner: removing %s: the frontends drain it first", c.name)
                 tell(planner, ("remove_worker", f"decode-{c.index}"))
-                draining[f"decode-{c.index}"] = [len(frontends), 0]
+                name = f"decode-{c.index}"
+                draining[name] = {f.index for f in frontends if f.ready and not f.exited}
+                left_on[name] = 0
                 for f in frontends:
-                    tell(f, ("retire_worker", f"decode-{c.index}", cfg.drain_timeout))
+                    tell(f, ("retire_worker", name, cfg.drain_timeout))
+                if not draining[name]:  # no frontend to drain it (they are restarting): it goes now
+                    retired(name, None)
                 return True
             log.warning("planner: removing %s: it finishes what it holds, then exits", c.name)
             try:
@@ -390,19 +443,24 @@ def main(argv: list[str] | None = None) -> int:
             elif action in ("raise_local_prefill", "lower_local_prefill"):
                 value = int(numbers["new_max_local_prefill_length"])
                 log.warning("planner: %s to %d", action, value)
-                tell(frontend, ("set_threshold", value))  # one frontend sets it on every decode worker
+                # one frontend sets it on every decode worker
+                tell(next((f for f in frontends if f.ready and not f.exited), None), ("set_threshold", value))
             else:
                 log.warning("planner: %s is not carried out here", action)
 
-        def retired(name: str, left: int) -> None:
-            tally = draining.get(name)
-            if tally is not None:
-                tally[0] -= 1
-                tally[1] += left
-                if tally[0] > 0:
-                    return  # another frontend still has requests on it
-                del draining[name]
-                left = tally[1]
+        def retired(name: str, frontend_index: int | None, left: int = 0) -> None:
+            """Frontend ``frontend_index`` has drained decode worker ``name`` (None: none is left to);
+            once every frontend has, the worker stops."""
+            waiting = draining.get(name)
+            if waiting is None:
+                return
+            waiting.discard(frontend_index)  # type: ignore[arg-type]
+            left_on[name] += left
+            if waiting and frontend_index is not None:
+                return  # another frontend still has requests on it
+            del draining[name]
+            endpoints.pop(name, None)
+            left = left_on.pop(name)
             role, _, index = name.rpartition("-")
             for c in children:
                 if c.role == role and str(c.index) == index and c.retiring and c.proc.is_alive():
@@ -432,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     except EOFError:
                         break
                     if isinstance(msg, tuple) and msg[0] == "retired":  # drained there: once all have, it stops
-                        retired(msg[1], msg[2])
+                        retired(msg[1], f.index, msg[2])
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

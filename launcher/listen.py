@@ -79,5 +79,21 @@ def listen_sockets(host: str, port: int, copies: int) -> list[list[socket.socket
     return groups
 
 
+def frontend_sockets(host: str, port: int, copies: int) -> list[socket.socket]:
+    """Sockets for one frontend that restarts, on the port the launcher bound at start: a plain one
+    again when it is the only frontend, else ``SO_REUSEPORT`` ones that join the others' group."""
+    if copies == 1:
+        return listen_sockets(host, port, 1)[0]
+    out: list[socket.socket] = []
+    try:
+        for family, addr in _addresses(host, port):
+            out.append(_bind(family, addr, reuse_port=True))
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
 def bound_port(socks: list[socket.socket]) -> int:
     return socks[0].getsockname()[1]

@@ -208,6 +208,7 @@ FAULTS = [
     ("stop prefill 0", 10.0, 0.6), ("stop decode 0", 10.0, 0.2), ("stop prefill-queue 0", 10.0, 0.4),
     ("stop frontend 0", 10.0, 0.3),
     ("kill prefill 0", 0, 0.3), ("kill decode 0", 0, 0.5), ("kill prefill-queue 0", 0, 0.2),
+    ("kill frontend 0", 0, 0.3),  # its clients' requests fail; the workers abort them; it comes back
     ("stop planner 0", 3.0, 0.3), ("kill planner 0", 0, 0.3),  # it only listens: serving does not notice
 ]
 

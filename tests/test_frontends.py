@@ -1,10 +1,13 @@
 """Several frontend processes on one port (``--frontends N``): the launcher binds the port and hands
 each frontend a socket of its own; ``/metrics`` on any of them counts every frontend's requests;
-the planner adds up their latency histograms."""
+the planner adds up their latency histograms; a frontend that dies is restarted on the port while
+the others serve."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -117,6 +120,25 @@ def test_two_frontends_serve_one_port_and_count_together():
         # the worker's gauges: the most recent of what the frontends last heard from it (a few times a second)
         eventually(lambda: _metric(requests.get(s.url + "/metrics", timeout=10).text,
                                    'dyn_worker_kv_blocks_used{worker="worker-0"}') == 0, timeout=10, interval=0.2)
+        # frontend 1 dies: frontend 0 takes every new connection meanwhile, and frontend 1 comes back
+        os.kill(s.pids()["frontend 1"], signal.SIGKILL)
+        eventually(lambda: "frontend 1 exited unexpectedly" in s.log(), timeout=10, interval=0.05)
+        for i in range(10):
+            r = requests.post(s.base_url + "/completions", json={"prompt": f"meanwhile {i}", "max_tokens": 2},
+                              timeout=30)
+            assert r.status_code == 200, r.text
+        sent += 10
+        eventually(lambda: "frontend 1 is back" in s.log(), timeout=30, interval=0.2)
+        seen_again = set()
+        for _ in range(60):
+            seen_again.add(requests.get(s.base_url + "/router/state", timeout=10).json()["frontend"])
+            if len(seen_again) == 2:
+                break
+        assert seen_again == {0, 1}
+        # what the dead frontend counted still counts
+        text = requests.get(s.url + "/metrics", timeout=10).text
+        assert _metric(text, 'dyn_requests_total{outcome="success"}') == sent
+        assert _metric(text, "dyn_requests_in_flight") == 0
         # another launcher on the same port fails at once, with the reason
         port = s.url.rsplit(":", 1)[1]
         other = subprocess.run([sys.executable, "-m", "launcher", "--port", port], cwd=ROOT, capture_output=True,
@@ -128,6 +150,33 @@ def test_two_frontends_serve_one_port_and_count_together():
     assert code == 0, err[-2000:]
     run_dir = re.search(r"run directory (\S+)", err)
     assert run_dir is not None
-    import os
-
     assert not os.path.exists(run_dir.group(1))  # the frontends' metrics files went with it
+
+
+def test_the_planner_takes_no_latency_window_across_a_frontend_restart():
+    from dyn_actor.components.planner_process import PlannerProcess
+    from dyn_actor.planner import PlannerConfig
+
+    p = PlannerProcess(PlannerConfig(), interval=1.0, workers={}, depth_endpoint=None,
+                       frontend_endpoints=["ipc:///nowhere-0", "ipc:///nowhere-1"], report_endpoint="ipc:///nowhere",
+                       num_prefill=0)
+    inf = float("inf")
+
+    def report(slow: float, total: float) -> FrontendReport:  # ``total`` requests, ``slow`` of them over 1 s
+        b = [(0.1, total - slow), (1.0, total - slow), (inf, total)]
+        return FrontendReport(b, b, b)
+
+    p._frontend(0, report(0, 100))
+    p._frontend(1, report(0, 100))
+    p.snapshot()  # the window starts here
+    p._frontend(0, report(10, 110))
+    p._frontend(1, report(10, 110))
+    assert p.snapshot().ttft_p90_ms is not None  # 20 new requests, 20 slow
+    p._frontend(1, report(10, 400))
+    p._frontend(0, report(0, 5))  # frontend 0 restarted: its counts begin again
+    snap = p.snapshot()
+    assert snap.ttft_p90_ms is None and snap.requests == 0  # no window that would count -105 requests
+    p._frontend(0, report(5, 10))
+    p._frontend(1, report(15, 405))
+    snap = p.snapshot()
+    assert snap.ttft_p90_ms is not None and snap.requests == 10

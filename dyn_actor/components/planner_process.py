@@ -238,6 +238,9 @@ class PlannerProcess:
         self.queue_depth, self.queue_tokens = msg.depth, msg.tokens
 
     def _frontend(self, index: int, msg: FrontendReport) -> None:
+        before = self._by_frontend.get(index)
+        if before is not None and msg.e2e and before.e2e and msg.e2e[-1][1] < before.e2e[-1][1]:
+            self._window_start = None  # that frontend restarted, its counts from zero: no window across it
         self._by_frontend[index] = msg
         reports = list(self._by_frontend.values())
         self.latest = msg if len(reports) == 1 else add_reports(reports)
