@@ -123,9 +123,10 @@ class WorkerInfo(msgspec.Struct):
 
 class Subscribers:
     """A worker's output streams, one per subscriber (a frontend), each named by its owner.
-    ``own`` records which owner started a request; ``publish`` hands one step's deltas to their
-    owners' streams (a request without an owner, to every stream) and forgets a request at its
-    last delta; ``forget`` does so for one that ends without one (aborted). ``stream`` is the body
+    ``own`` records which owner started a request, and ``forget`` drops that once the request has
+    ended (the worker calls it after its last delta is published, or at an abort); ``publish``
+    hands one step's deltas to their owners' streams (a request without an owner, to every
+    stream; with one stream, everything to it). ``stream`` is the body
     of a ``Subscribe`` handler: an empty batch first (the subscriber knows it is registered), then
     a batch per step (a subscriber that fell behind gets what piled up as one). When a stream ends,
     ``on_gone(owner)`` runs: the requests of ``owner`` (``owned_by``) have no reader any more; when
@@ -151,14 +152,12 @@ class Subscribers:
 
     def publish(self, items: list[RequestDelta]) -> None:
         queues, owner_of = self._queues, self._owner
-        if len(queues) == 1 and not owner_of:  # one frontend: all of it
+        if len(queues) == 1:  # one frontend: all of it (nothing per item on the worker's step)
             next(iter(queues.values())).put_nowait(items)
             return
         by_owner: dict[str, list[RequestDelta]] = {}
         for it in items:
             by_owner.setdefault(owner_of.get(it.request_id, ""), []).append(it)
-            if it.error is not None or (it.delta is not None and it.delta.finished):
-                owner_of.pop(it.request_id, None)  # its last delta
         for owner, its in by_owner.items():
             if not owner:
                 for q in queues.values():

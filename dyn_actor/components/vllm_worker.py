@@ -362,6 +362,8 @@ class VllmWorker(Actor):
             self._tasks.pop(rid, None)
             self._tokens.pop(rid, None)
             self._received.pop(rid, None)
+            # (its last delta is flushed a moment later: with several frontends it goes to each)
+            self._subscribers.forget(rid)
 
     def abort(self, m: AbortRequest) -> None:
         self._subscribers.forget(m.request_id)

@@ -125,9 +125,11 @@ class Worker(Actor):
         """Publish one step's outputs as one batch. ``remote``: request id -> (KV bytes, seconds) of
         requests whose prompt a prefill worker computed (their first delta carries it)."""
         items = []
+        ended = []
         for out in outputs:
-            if out.finished:
+            if out.finished or out.error is not None:
                 self._live.discard(out.request_id)
+                ended.append(out.request_id)
             if out.error is not None:  # its step failed: the request ended with the error
                 items.append(RequestDelta(out.request_id, error=out.error, error_type="EngineError"))
                 continue
@@ -138,6 +140,8 @@ class Worker(Actor):
                 remote_prefill=bool(remote) and out.request_id in remote, kv_transfer_bytes=kv_bytes,
                 remote_prefill_seconds=seconds, prompt_logprobs=out.prompt_logprobs)))
         self._publish(items)
+        for rid in ended:  # after their last deltas went to their owners
+            self._subscribers.forget(rid)
 
     def subscribe(self, m: Subscribe) -> AsyncIterator[OutputBatch]:
         return self._subscribers.stream(m.owner)
@@ -168,6 +172,7 @@ class Worker(Actor):
                 if not isinstance(exc, ValueError):
                     log.error("admitting %s failed: %s: %s", rid, type(exc).__name__, exc)
                 self._publish([RequestDelta(rid, error=str(exc), error_type=type(exc).__name__)])
+                self._subscribers.forget(rid)
             elif then is not None:
                 then(f.result())
 
