@@ -1,0 +1,137 @@
+"""What a streamed token costs the frontend processes, with one frontend and with several.
+
+    python benchmarks/frontend_cost.py --frontends 1,2 --launch "--workers 2" --concurrency 128
+
+Starts the server once per ``--frontends`` value (each alone on the machine, rounds in alternating
+order), streams the same load through ``benchmarks/serve.py``'s client, and reads the CPU time
+(user + system, from ``/proc``) that the frontend processes and the engine processes spent over
+the measured load. Prints output tokens a second, the frontends' CPU microseconds a streamed
+token (all of them together) and the busiest frontend's share of a core, the engine processes' CPU
+a token, and ITL percentiles; writes ``benchmarks/results/frontend_cost.json``.
+
+On a machine whose cores the engines need (a 2-vCPU host), more frontends cannot raise throughput;
+what this shows there is whether the cost a token stays the same when it is spread over processes
+(each frontend decodes only its own requests' outputs). Where the frontend is the bottleneck (GPU
+token rates), the throughput column is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import print_table, write_json  # noqa: E402
+from benchmarks.serve import load_in_processes, pct, stop, wait_http  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def processes(launcher_pid: int) -> dict[str, int]:
+    """Title -> pid of the launcher's children (``dyn-actor <role> <index>``)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    found = {}
+    for line in out.splitlines()[1:]:
+        pid, ppid, args = line.strip().split(None, 2)
+        m = re.match(r"dyn-actor (\w[\w-]*) (\d+)", args)
+        if m and int(ppid) == launcher_pid:
+            found[f"{m.group(1)} {m.group(2)}"] = int(pid)
+    return found
+
+
+def measure(n: int, args, model: str, prompts, warm) -> dict:
+    port = 8340 + n
+    cmd = [sys.executable, "-m", "launcher", "--model", model, "--port", str(port), "--frontends", str(n),
+           *args.launch.split()]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, proc)
+        load_in_processes(url, model, warm, args.output_len, args.concurrency, None, args.client_procs)
+        pids = processes(proc.pid)
+        fronts = {k: v for k, v in pids.items() if k.startswith("frontend")}
+        engines = {k: v for k, v in pids.items() if k.split()[0] in ("worker", "decode", "prefill")}
+        before = {k: cpu_seconds(v) for k, v in {**fronts, **engines}.items()}
+        t0 = time.monotonic()
+        results, dur = load_in_processes(url, model, prompts, args.output_len, args.concurrency, None,
+                                         args.client_procs)
+        wall = time.monotonic() - t0
+        used = {k: cpu_seconds(v) - before[k] for k, v in {**fronts, **engines}.items()}
+    finally:
+        stop(proc)
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    itl = [x for r in ok for x in r.itl]
+    front_cpu = sum(used[k] for k in fronts)
+    return {"frontends": n, "failed": len(results) - len(ok), "output_tok_per_s": tokens / dur,
+            "frontend_us_per_token": 1e6 * front_cpu / tokens,
+            "busiest_frontend_core_share": max(used[k] for k in fronts) / wall,
+            "engine_us_per_token": 1e6 * sum(used[k] for k in engines) / tokens,
+            "itl_p50_ms": 1000 * pct(itl, 50), "itl_p99_ms": 1000 * pct(itl, 99)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frontends", default="1,2", help="comma-separated --frontends values to compare")
+    ap.add_argument("--launch", default="--workers 2", help="the launcher's other flags")
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--input-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--client-procs", type=int, default=1)
+    args = ap.parse_args()
+    from benchmarks.serve import SAMPLING
+
+    SAMPLING["temperature"] = 0.0
+    if args.model.startswith("builtin:"):
+        from dyn_actor.engine.builtin import hf_config
+
+        vocab = hf_config(args.model)["vocab_size"]
+    else:
+        import json
+
+        vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+    prompts = [[0] + [rng.randrange(2, vocab) for _ in range(args.input_len - 1)]
+               for _ in range(args.num_prompts + args.concurrency)]
+    warm, prompts = prompts[: args.concurrency], prompts[args.concurrency:]
+    values = [int(x) for x in args.frontends.split(",")]
+    runs = []
+    for rnd in range(args.rounds):
+        for n in values if rnd % 2 == 0 else values[::-1]:
+            row = measure(n, args, args.model, prompts, warm)
+            runs.append({"round": rnd, **row})
+            print(f"round {rnd}: {n} frontends: {row['output_tok_per_s']:.0f} tok/s, "
+                  f"{row['frontend_us_per_token']:.1f} us a token in the frontends", flush=True)
+    rows = []
+    for n in values:
+        rs = [r for r in runs if r["frontends"] == n]
+        rows.append({k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "round"})
+    print()
+    print_table(rows, ["frontends", "failed", "output_tok_per_s", "frontend_us_per_token",
+                       "busiest_frontend_core_share", "engine_us_per_token", "itl_p50_ms", "itl_p99_ms"])
+    path = write_json("frontend_cost.json", {"args": vars(args), "runs": runs, "medians": rows})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
