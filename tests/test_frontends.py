@@ -59,8 +59,10 @@ def test_several_frontends_share_the_port_and_no_one_else_can_join():
     _close(listen_sockets("127.0.0.1", port, 2))
 
 
-def test_frontends_flag_is_checked():
+def test_frontends_flag_is_checked(tmp_path):
     assert parse_args(["--frontends", "3"]).frontends == 3
+    (tmp_path / "c.yaml").write_text("frontends: 2\n")
+    assert parse_args(["--config", str(tmp_path / "c.yaml")]).frontends == 2
     assert parse_args(["--api-server-count", "2"]).frontends == 2  # vLLM's name for it
     for bad in ("0", "33"):
         with pytest.raises(ConfigError, match="--frontends must be between 1 and 32"):
