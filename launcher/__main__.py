@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 code = 1
             return code
         print(f"ready: {frontend.detail}", flush=True)
+
         def child_exited(c: Child) -> None:
             """A frontend died: its gauges of what it had in flight go, and a worker it was draining
             waits for it no more (what it routed there is gone with it)."""

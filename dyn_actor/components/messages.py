@@ -133,7 +133,8 @@ class Subscribers:
     the last stream ends, ``on_gone(None)``: no request has one."""
 
     def __init__(self, on_gone: Callable[[str | None], None]) -> None:
-        self._queues: dict[str, asyncio.Queue] = {}  # owner -> its stream's queue (the latest, if it subscribed twice)
+        # owner -> its stream's queue (the latest, if it subscribed twice); unnamed ones by a key of their own
+        self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, str] = {}  # request id -> owner (requests that name one)
         self._on_gone = on_gone
 
@@ -167,7 +168,8 @@ class Subscribers:
 
     async def stream(self, owner: str = ""):
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[owner] = q
+        key = owner or f"unnamed-{id(q)}"  # subscribers that name no owner each get every output
+        self._queues[key] = q
         try:
             yield OutputBatch([])  # registered: from here on, the subscriber sees its outputs
             while True:
@@ -176,8 +178,8 @@ class Subscribers:
                     items = items + q.get_nowait()
                 yield OutputBatch(items)
         finally:
-            if self._queues.get(owner) is q:
-                del self._queues[owner]
+            if self._queues.get(key) is q:
+                del self._queues[key]
                 self._on_gone(owner if self._queues else None)
 
 
