@@ -41,7 +41,7 @@ from launcher.config import (
     visible_devices,
     with_default_threads,
 )
-from launcher.listen import bound_port, frontend_sockets, listen_sockets
+from launcher.listen import frontend_sockets, listen_sockets
 from launcher.processes import (
     config_dict,
     frontend_entry,
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.frontends > 1:  # where the frontends keep their metrics, for one another's /metrics
             metrics_dir = os.path.join(run_dir, "metrics")
             os.mkdir(metrics_dir)
-        port = bound_port(socks[0])
+        port = socks[0][0].getsockname()[1]  # the one chosen, with --port 0
         first_socks = dict(enumerate(socks))
         draining: dict[str, set[int]] = {}  # a decode worker being retired -> the frontends yet to drain it
         left_on: dict[str, int] = {}  # ... and the requests they reported still running on it
@@ -366,11 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 from prometheus_client import multiprocess
 
                 multiprocess.mark_process_dead(c.proc.pid, metrics_dir)
-            for name in list(draining):
-                if c.index in draining[name]:
-                    draining[name].discard(c.index)
-                    if not draining[name]:
-                        retired(name, None)
+            for name in [n for n, waiting in draining.items() if c.index in waiting]:
+                retired(name, c.index)  # as if it had reported: nothing of its own is left there
 
         supervisor = Supervisor(children, cfg.restart_policy, child_exited)
 

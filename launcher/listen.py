@@ -94,6 +94,3 @@ def frontend_sockets(host: str, port: int, copies: int) -> list[socket.socket]:
         raise
     return out
 
-
-def bound_port(socks: list[socket.socket]) -> int:
-    return socks[0].getsockname()[1]
