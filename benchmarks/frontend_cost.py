@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, write_json  # noqa: E402
 from benchmarks.serve import load_in_processes, pct, stop, wait_http  # noqa: E402
+from launcher.processes import launched_processes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -40,18 +40,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
-
-
-def processes(launcher_pid: int) -> dict[str, int]:
-    """Title -> pid of the launcher's children (``dyn-actor <role> <index>``)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    found = {}
-    for line in out.splitlines()[1:]:
-        pid, ppid, args = line.strip().split(None, 2)
-        m = re.match(r"dyn-actor (\w[\w-]*) (\d+)", args)
-        if m and int(ppid) == launcher_pid:
-            found[f"{m.group(1)} {m.group(2)}"] = int(pid)
-    return found
 
 
 def measure(n: int, args, model: str, prompts, warm) -> dict:
@@ -64,7 +52,7 @@ def measure(n: int, args, model: str, prompts, warm) -> dict:
     try:
         wait_http(url, proc)
         load_in_processes(url, model, warm, args.output_len, args.concurrency, None, args.client_procs)
-        pids = processes(proc.pid)
+        pids = launched_processes(proc.pid)
         fronts = {k: v for k, v in pids.items() if k.startswith("frontend")}
         engines = {k: v for k, v in pids.items() if k.split()[0] in ("worker", "decode", "prefill")}
         before = {k: cpu_seconds(v) for k, v in {**fronts, **engines}.items()}

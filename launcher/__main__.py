@@ -61,6 +61,40 @@ RESTART_BUDGET, RESTART_WINDOW = 10, 600.0  # at most this many restarts of one 
 STOP_ORDER = ("planner", "frontend", "worker", "decode", "prefill", "prefill-queue")
 
 
+# Imported once, by the fork server, before it forks each child on the CPU: torch and the worker's
+# own modules take about 2 s to import here, and each child used to import them itself, all at the
+# same start on two cores. Not the frontend's metrics: prometheus-client picks its value store
+# (one process or several) when it is imported, in the frontend, after the frontend says which.
+PRELOAD = ["torch", "zmq", "msgspec", "aiohttp.web", "dyn_actor.actor", "dyn_actor.engine.engine",
+           "dyn_actor.components.worker", "dyn_actor.components.decode_worker",
+           "dyn_actor.components.prefill_worker", "dyn_actor.components.prefill_queue", "launcher.processes",
+           "launcher.fork_server"]
+
+
+def process_context(gpus: bool):
+    """How the children start. On the CPU from a fork server that has ``PRELOAD`` imported (a
+    fork of a process with one thread that has run nothing: torch's thread pools start lazily, in
+    the child). On GPUs by ``spawn``, a fresh interpreter each: nothing of CUDA can have been
+    touched before a worker picks its card."""
+    if gpus:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server (it has nothing left to fork) and reap it here: left to exit with the
+    launcher it would be an orphan, a zombie where the box's first process does not reap them (a
+    container's). multiprocessing has no public call for it."""
+    from multiprocessing import forkserver
+
+    try:
+        forkserver._forkserver._stop()
+    except (AttributeError, OSError, ChildProcessError):
+        pass
+
+
 class Child:
     def __init__(self, role: str, index: int, target, args: tuple, ctx) -> None:
         self.role, self.index, self.target, self.args, self._ctx = role, index, target, args, ctx
@@ -274,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     stopping = lambda: signals["count"] > 0  # noqa: E731
-    ctx = mp.get_context("spawn")
+    ctx = process_context(bool(gpus))
     try:  # the port first: a taken one is an error before anything starts
         socks = listen_sockets(cfg.host, cfg.port, cfg.frontends)
     except OSError as e:
@@ -497,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         _shutdown(children, cfg.drain_timeout, lambda: signals["count"] > 1)
+        stop_fork_server()
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
 

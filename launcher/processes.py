@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -15,7 +16,10 @@ from dataclasses import asdict
 from launcher.config import LaunchConfig
 
 
-def _child_setup(title: str, log_level: str) -> None:
+def name_process(title: str, die_with_parent: bool = True) -> None:
+    """Show this process as ``title`` in ``ps`` and ``top``; with ``die_with_parent``, have the kernel
+    send it SIGTERM when its parent exits (the launcher, or the launcher's fork server, which exits
+    with the launcher)."""
     try:
         import setproctitle
 
@@ -25,9 +29,39 @@ def _child_setup(title: str, log_level: str) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME: shown by top
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the launcher
+        if die_with_parent:
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def launched_processes(launcher_pid: int) -> dict[str, int]:
+    """``role index`` -> pid of the processes a launcher started, by their titles: its children,
+    and the children of its fork server (on the CPU the children start from there)."""
+    parents: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                titles[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+    servers = {pid for pid, ppid in parents.items() if ppid == launcher_pid
+               and titles.get(pid, "").startswith("dyn-actor fork server")}
+    found = {}
+    for pid, ppid in parents.items():
+        m = re.match(r"dyn-actor (\w[\w-]*) (\d+)", titles.get(pid, ""))
+        if m and (ppid == launcher_pid or ppid in servers):
+            found[f"{m.group(1)} {m.group(2)}"] = pid
+    return found
+
+
+def _child_setup(title: str, log_level: str) -> None:
+    name_process(title)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us with SIGTERM
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {title} %(levelname)s %(name)s: %(message)s")

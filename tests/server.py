@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -63,14 +62,9 @@ class Server:
 
     def pids(self) -> dict[str, int]:
         """Role -> pid of the processes this launcher started (by their process titles)."""
-        out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-        found = {}
-        for line in out.splitlines()[1:]:
-            pid, ppid, args = line.strip().split(None, 2)
-            m = re.match(r"dyn-actor (\w[\w-]*) (\d+)", args)
-            if m and int(ppid) == self.proc.pid:
-                found[f"{m.group(1)} {m.group(2)}"] = int(pid)
-        return found
+        from launcher.processes import launched_processes
+
+        return launched_processes(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> tuple[int, str]:
         if self.proc.poll() is None:

@@ -9,6 +9,7 @@ never N x layers small ones. Each layer sees strided views
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,20 @@ class KvLayout:
         return self.num_blocks * self.block_nbytes
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU a private anonymous mapping, whose pages the kernel gives (zeroed)
+    when they are first touched: a pool of several GB costs nothing at start, where ``torch.zeros``
+    writes every page (about a second a GB here), and blocks never used never take memory."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = int(np.prod(shape))
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(mm, dtype=dtype, count=numel).view(shape)  # the tensor keeps ``mm`` alive
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,7 +66,7 @@ class KvPool:
     def __init__(self, layout: KvLayout, device: str | torch.device = "cpu", data: torch.Tensor | None = None):
         self.layout = layout
         if data is None:
-            data = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+            data = zeroed(layout.shape, layout.dtype, device)
         elif tuple(data.shape) != layout.shape or data.dtype != layout.dtype or not data.is_contiguous():
             raise ValueError(f"KV storage must be a contiguous {layout.dtype} tensor of shape {layout.shape}")
         self.data = data
