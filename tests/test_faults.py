@@ -109,6 +109,8 @@ def test_ctrl_c_leaves_nothing_behind():
     server = Server("--workers", "2", "--kv-cache-memory-gb", "0.1")
     pids = server.pids()
     assert len(pids) == 4  # 2 workers, the frontend, the planner
+    fork_server = _fork_server_of(server.proc.pid)
+    assert fork_server is not None  # on the CPU the children fork from it
     requests.post(server.base_url + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     t0 = time.monotonic()
     code, err = server.stop(signal.SIGINT)
@@ -119,6 +121,21 @@ def test_ctrl_c_leaves_nothing_behind():
     assert set(glob.glob("/tmp/dyn-actor-*")) == before_dirs
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert not os.path.exists(f"/proc/{fork_server}")  # stopped and reaped by the launcher, not left an orphan
+
+
+def _fork_server_of(launcher_pid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if ppid == launcher_pid and title.startswith("dyn-actor fork server"):
+            return int(entry)
+    return None
 
 
 def test_sigterm_stops_too():

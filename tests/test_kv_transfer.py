@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from dyn_actor.kv.pool import KvLayout
+from dyn_actor.kv.pool import KvLayout, KvPool
 from dyn_actor.kv.transfer import KvPoolDescriptor, RemoteKvPool, SharedKvPool, leftover_segments
 
 LAYOUT = KvLayout(num_blocks=32, num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
@@ -117,3 +117,27 @@ def test_a_writer_picks_its_route_to_a_pool_on_another_card():
         choose_route(0, "GPU-z", cards, nvlink)
     with pytest.raises(ValueError, match="only 'host'"):
         choose_route(0, "GPU-b", cards, nvlink, forced="peer")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_private_cpu_pool_is_zero_and_takes_memory_only_where_written():
+    layout = KvLayout(num_blocks=2048, num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16)
+    assert layout.nbytes == 256 << 20
+    before = _rss_bytes()
+    pool = KvPool(layout)
+    assert _rss_bytes() - before < 16 << 20  # not written at start: a 256 MiB pool, not 256 MiB of memory
+    assert tuple(pool.data.shape) == layout.shape and pool.data.is_contiguous()
+    assert not pool.k[3][100:110].any() and not pool.v[0][2047].any()  # reads as zeros
+    blocks = torch.randn((2, *layout.shape[1:])).to(torch.bfloat16)
+    pool.write_blocks([5, 2047], blocks)
+    assert torch.equal(pool.read_blocks([5, 2047]), blocks)
+    assert not pool.data[6].any()
+    assert _rss_bytes() - before < 32 << 20
+    view = pool.k[1]
+    del pool
+    view[0] += 1  # a view keeps the mapping alive
+    assert view[0].eq(1).all()
