@@ -83,6 +83,23 @@ def process_context(gpus: bool):
     return ctx
 
 
+def catch_up(given: set[str], endpoints: dict[str, str], draining, drain_timeout: float) -> list[tuple]:
+    """What to tell a frontend that was started with the decode workers ``given`` and is ready now,
+    when the workers are ``endpoints`` and those of them in ``draining`` are being retired: route
+    to a worker added meanwhile; drain one that has begun draining since; let go at once of one
+    retired since."""
+    out: list[tuple] = []
+    for name in sorted(given | set(endpoints)):
+        if name not in given:
+            if name not in draining:
+                out.append(("add_worker", name, endpoints[name]))
+        elif name in draining:
+            out.append(("retire_worker", name, drain_timeout))
+        elif name not in endpoints:
+            out.append(("retire_worker", name, 0.0))
+    return out
+
+
 def stop_fork_server() -> None:
     """Stop the fork server (it has nothing left to fork) and reap it here: left to exit with the
     launcher it would be an orphan, a zombie where the box's first process does not reap them (a
@@ -112,6 +129,7 @@ class Child:
         self.retiring = False  # stopped on purpose (the planner removed it): not restarted
         self.on_up = None  # called once an added child is ready (announce it)
         self.on_gone = None  # called once a retiring child has exited (a role move starts its successor)
+        self.on_back = None  # called once a restarted child is ready again (a frontend catches up)
         # its arguments built afresh at each (re)start, with what to close once it holds them (a
         # frontend's listening sockets); None: ``args``
         self.make_args = None
@@ -257,6 +275,8 @@ class Supervisor:
                         c.ready = True
                         log.warning("%s is back (pid %d); %s", c.name, c.proc.pid,
                                     "serving again" if c.role == "frontend" else "its peers reconnect to it")
+                        if c.on_back is not None:
+                            c.on_back(c)
                     else:
                         log.error("%s failed to restart: %s", c.name, detail)
             elif c.ready and now - c.started_at > HEALTHY_AFTER:
@@ -362,19 +382,31 @@ def main(argv: list[str] | None = None) -> int:
         draining: dict[str, set[int]] = {}  # a decode worker being retired -> the frontends yet to drain it
         left_on: dict[str, int] = {}  # ... and the requests they reported still running on it
 
+        given: dict[int, set[str]] = {}  # frontend -> the workers it was started with
+
         def frontend_args(i: int):
             """Frontend i's arguments at each (re)start: sockets on the port (bound again for a
             restart), and the workers it should route to now (added ones in, retiring ones out)."""
             def make():
                 group = first_socks.pop(i, None) or frontend_sockets(cfg.host, port, cfg.frontends)
                 now = {name: ep for name, ep in endpoints.items() if name not in draining}
+                given[i] = set(now)
                 return (i, cd, now, queue_ep, planner_eps, group, metrics_dir), group
             return make
+
+        def rejoin(f: Child) -> None:
+            """A restarted frontend is ready: what changed in the workers while it was starting
+            reaches it now (it was told nothing then)."""
+            for msg in catch_up(given.get(f.index, set()), endpoints, draining, cfg.drain_timeout):
+                if msg[0] == "retire_worker" and msg[1] in draining:
+                    draining[msg[1]].add(f.index)  # the worker waits for this frontend too
+                tell(f, msg)
 
         frontends = []
         for i in range(cfg.frontends):
             c = Child("frontend", i, frontend_entry, (), ctx)
             c.make_args = frontend_args(i)
+            c.on_back = rejoin
             c.spawn()
             children.append(c)
             frontends.append(c)

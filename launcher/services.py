@@ -201,9 +201,12 @@ class FrontendService:
             asyncio.ensure_future(self.retire_worker(msg[1], msg[2]))
 
     async def add_worker(self, name: str, endpoint: str) -> None:
-        """A worker started while serving (the planner asked): route to it once it answers."""
+        """A worker started while serving (the planner asked): route to it once it answers. One this
+        frontend routes to already (told again after a restart) is left as it is."""
         from dyn_actor.components.worker_client import _connect_worker
 
+        if name in self.router.workers:
+            return
         try:
             await _connect_worker(name, endpoint, self.router, self.feed, 1.0, self.cfg.ready_timeout)
         except Exception as e:  # noqa: BLE001 - it is not routed to; the launcher's supervision sees it

@@ -182,3 +182,16 @@ def test_the_planner_takes_no_latency_window_across_a_frontend_restart():
     p._frontend(1, report(15, 405))
     snap = p.snapshot()
     assert snap.ttft_p90_ms is not None and snap.requests == 10
+
+
+def test_a_restarted_frontend_catches_up_with_the_workers_that_changed_while_it_started():
+    from launcher.__main__ import catch_up
+
+    endpoints = {"decode-0": "ipc://d0", "decode-1": "ipc://d1", "decode-2": "ipc://d2"}
+    draining = {"decode-1": {0}}
+    # started with decode-0, decode-1 and decode-3; since then decode-2 was added, decode-1 began
+    # draining and decode-3 was retired
+    got = catch_up({"decode-0", "decode-1", "decode-3"}, endpoints, draining, 30.0)
+    assert got == [("retire_worker", "decode-1", 30.0), ("add_worker", "decode-2", "ipc://d2"),
+                   ("retire_worker", "decode-3", 0.0)]
+    assert catch_up(set(endpoints) - {"decode-1"}, endpoints, draining, 30.0) == []  # nothing changed
