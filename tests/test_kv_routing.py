@@ -58,7 +58,9 @@ def _converse(s: Server, rng: random.Random, convs: list[str], turns: int) -> li
 
 
 def test_conversations_stick_unique_prompts_spread_dead_worker_leaves():
-    s = Server("--topology", "agg", "--workers", "3", "--router", "kv", "--kv-cache-memory-gb", "0.05")
+    # not restarted: a restart (a second or so here) could come before the frontend declared it dead
+    s = Server("--topology", "agg", "--workers", "3", "--router", "kv", "--kv-cache-memory-gb", "0.05",
+               "--restart-policy", "never")
     try:
         rng = random.Random(0)
         # 7 conversations on 3 workers: round-robin would move each one to another worker every turn
@@ -94,6 +96,35 @@ def test_conversations_stick_unique_prompts_spread_dead_worker_leaves():
             _complete(s, c + "\nuser: again\nassistant:", 4)
         after = _decisions(s)
         assert after.get(victim, 0) == before.get(victim, 0)
+    finally:
+        s.stop()
+
+
+def test_a_killed_worker_comes_back_restarted_with_nothing_indexed():
+    """Killed and restarted (the default policy; here the restart can come within the frontend's
+    heartbeat limit, and the frontend then learns of it from the new run's pong): the frontend
+    forgets what the old run had cached and routes to the new one, whose prefix cache is empty."""
+    s = Server("--topology", "agg", "--workers", "2", "--router", "kv", "--kv-cache-memory-gb", "0.05")
+    try:
+        prompt = _text(random.Random(3), 300)
+        _complete(s, prompt, 4)
+        held = [w for w in _state(s)["workers"] if w["cached_blocks_indexed"] > 0]
+        assert len(held) == 1, _state(s)
+        victim = held[0]["name"]
+        os.kill(s.pids()[victim.replace("-", " ")], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and f"{victim.replace('-', ' ')} is back" not in s.log():
+            time.sleep(0.1)
+        assert f"{victim.replace('-', ' ')} is back" in s.log(), s.log()[-3000:]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            w = {x["name"]: x for x in _state(s)["workers"]}[victim]
+            if w["alive"] and w["cached_blocks_indexed"] == 0 and w["kv_events"]["state"] == "live":
+                break
+            time.sleep(0.1)
+        assert w["alive"] and w["cached_blocks_indexed"] == 0, w
+        # the same prompt again: nothing of it is cached anywhere now, and it is served
+        assert _complete(s, prompt, 4)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     finally:
         s.stop()
 
