@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.common import RESULTS, print_table, pyplot, write_json
+from launcher.processes import launched_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("decode 0", "prefill 0", "prefill-queue 0", "frontend 0")
@@ -41,24 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def role_pids(launcher_pid: int) -> dict[str, int]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-            cmd = open(f"/proc/{entry}/cmdline").read().replace("\0", " ")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != launcher_pid:
-            continue
-        m = re.match(r"dyn-actor (\S+ \d+)", cmd)
-        if m:
-            found[m.group(1)] = int(entry)
-    return found
 
 
 def rss_mib(pid: int) -> float:
@@ -155,14 +137,14 @@ async def soak(args: argparse.Namespace, url: str, launcher: subprocess.Popen) -
                 if args.stall_every and time.monotonic() >= next_stall:
                     next_stall += args.stall_every
                     role = rng.choice(ROLES)
-                    pid = role_pids(launcher.pid).get(role)
+                    pid = launched_processes(launcher.pid).get(role)
                     if pid is not None:
                         os.kill(pid, signal.SIGSTOP)
                         await asyncio.sleep(args.stall_seconds)
                         os.kill(pid, signal.SIGCONT)
                         stalls.append({"minute": minute, "role": role, "seconds": args.stall_seconds})
                         print(f"  stalled {role} for {args.stall_seconds:.0f}s", flush=True)
-            pids = role_pids(launcher.pid)
+            pids = launched_processes(launcher.pid)
             row = {"minute": minute, **stats.take()}
             row.update({f"rss_{r.replace(' 0', '').replace('-', '_')}_mib": rss_mib(pids.get(r, -1)) for r in ROLES})
             rows.append(row)
