@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from dyn_actor.actor import Actor, ActorRef, ActorServer
-from dyn_actor.components.disagg_messages import Depth, Drop, Pull, Pulled, Push, QueueDepth, RemotePrefillRequest
+from dyn_actor.components.disagg_messages import (
+    Depth,
+    Drop,
+    Leave,
+    Pull,
+    Pulled,
+    Push,
+    QueueDepth,
+    RemotePrefillRequest,
+)
 from dyn_actor.components.prefill_queue import PrefillQueue
 from dyn_actor.engine.sampling import SamplingParams
 from dyn_actor.kv.descriptor import KvPoolDescriptor
@@ -105,3 +114,42 @@ async def _near_scenario() -> None:
 
 def test_a_pull_gets_the_oldest_request_for_a_card_near_its_worker_first():
     asyncio.run(_near_scenario())
+
+
+async def _leave_scenario() -> None:
+    """A draining prefill worker's waiting pulls come back empty at its ``Leave``, not at the end of
+    their wait; another puller's pulls go on waiting, and get the next request."""
+    queue = PrefillQueue()
+    servers = {"queue": ActorServer(queue, inproc_endpoint("pq-leave"))}
+    for name in ("dec", "pf-1"):
+        servers[name] = ActorServer(Idle(), inproc_endpoint(name))
+    tasks = [asyncio.ensure_future(s.serve()) for s in servers.values()]
+    ref = await ActorRef(inproc_endpoint("pq-leave"), "queue").start(wait_ready=5)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        mine = [asyncio.ensure_future(ref.ask(Pull(30.0, "pf-0", "ep-0"), Pulled)) for _ in range(2)]
+        other = asyncio.ensure_future(ref.ask(Pull(30.0, "pf-1", inproc_endpoint("pf-1")), Pulled))
+        await asyncio.sleep(0.1)
+        await ref.tell(Leave("ep-0"))
+        got = await asyncio.wait_for(asyncio.gather(*mine), 5)
+        assert [p.request for p in got] == [None, None] and loop.time() - t0 < 5
+        await asyncio.sleep(0.1)
+        assert not other.done()
+        # a pull sent right before the Leave (read in the same batch) is answered at once too
+        late = asyncio.ensure_future(ref.ask(Pull(30.0, "pf-0", "ep-0"), Pulled))
+        await asyncio.sleep(0)  # the pull is sent, then at once the Leave
+        await ref.tell(Leave("ep-0"))
+        assert (await asyncio.wait_for(late, 5)).request is None
+        await ref.tell(Push(_req("r1", "dec")))
+        assert (await asyncio.wait_for(other, 5)).request.request_id == "r1"
+        assert not queue._waiting  # nothing left registered
+    finally:
+        await ref.close()
+        for s in servers.values():
+            s.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_leave_answers_the_draining_pullers_waiting_pulls_at_once():
+    asyncio.run(_leave_scenario())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
+    Leave,
     Pull,
     Pulled,
     RemotePrefillRequest,
@@ -85,6 +86,13 @@ async def pull_loop(queue: ActorRef, puller: str, endpoint: str, finished: list[
                 await serve(pulled.request)
             finally:
                 finished.append(pulled.request.request_id)
+
+
+async def leave_queue(queue: ActorRef | None, endpoint: str) -> None:
+    """Tell the prefill queue that the puller at ``endpoint`` is draining, so that its idle pulls
+    come back now; best effort (a queue not answering ends the pulls at their ``wait``)."""
+    if queue is not None:
+        await queue.try_tell(Leave(endpoint))
 
 
 async def writer_idle(refs: dict[str, ActorRef], m: BeginWrite, timeout: float) -> bool | None:

@@ -52,7 +52,14 @@ class Depth(msgspec.Struct, tag="depth"):
     pass
 
 
-PrefillQueueMessage = Push | Pull | Drop | Depth
+class Leave(msgspec.Struct, tag="leave"):
+    """A draining prefill worker pulls no more: the pulls it has waiting are answered with nothing
+    now, rather than at the end of their ``wait`` (so a stop does not wait out an idle pull)."""
+
+    puller_endpoint: str
+
+
+PrefillQueueMessage = Push | Pull | Drop | Depth | Leave
 
 
 class Pulled(msgspec.Struct):

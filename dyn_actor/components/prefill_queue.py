@@ -27,6 +27,7 @@ from dyn_actor.components.disagg_messages import (
     CancelPrefill,
     Depth,
     Drop,
+    Leave,
     PrefillLost,
     PrefillQueueMessage,
     Pull,
@@ -54,6 +55,7 @@ class PrefillQueue(Actor):
         # request id -> (endpoint of the prefill worker that pulled it, endpoint of its decode worker)
         self._pulled: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._pullers: dict[str, ActorRef] = {}
+        self._waiting: dict[str, list[_Waiting]] = {}  # puller endpoint -> its pulls waiting for work
         self._depth_endpoint = depth_endpoint
         self._pub: PubSocket | None = None
         self._publisher: asyncio.Task | None = None
@@ -61,7 +63,7 @@ class PrefillQueue(Actor):
         self.dropped = 0
 
     def handlers(self):
-        return {Push: self.push, Pull: self.pull, Drop: self.drop, Depth: self.depth}
+        return {Push: self.push, Pull: self.pull, Drop: self.drop, Depth: self.depth, Leave: self.leave}
 
     async def on_start(self) -> None:
         if self._depth_endpoint:
@@ -148,15 +150,25 @@ class PrefillQueue(Actor):
             self._pulled.pop(rid, None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, m.wait)
-        while not self._items:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return Pulled(None)
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                return Pulled(None)
+        me = _Waiting()
+        waiting = self._waiting.setdefault(m.puller_endpoint, [])
+        waiting.append(me)
+        try:
+            while not self._items and not me.left:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return Pulled(None)
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return Pulled(None)
+        finally:
+            waiting.remove(me)
+            if not waiting and self._waiting.get(m.puller_endpoint) is waiting:
+                del self._waiting[m.puller_endpoint]
+        if me.left:
+            return Pulled(None)
         rid = self._pick(m.near)
         req = self._items.pop(rid)
         self._set_changed()
@@ -167,6 +179,13 @@ class PrefillQueue(Actor):
                 self._pulled.popitem(last=False)
         return Pulled(req)
 
+    async def leave(self, m: Leave) -> None:
+        """Answer ``m.puller_endpoint``'s waiting pulls with nothing, now (it is draining). A
+        coroutine, so that it runs after the tasks of the calls read before it: a pull sent just
+        before the ``Leave`` is waiting by then."""
+        for w in self._waiting.get(m.puller_endpoint, []):
+            w.left = True
+        self._arrived.set()
 
     def _pick(self, near: list[str]) -> str:
         """The request a pull gets: the oldest whose pool is on a card the puller writes into
@@ -181,6 +200,15 @@ class PrefillQueue(Actor):
             if r.pool.card in near:
                 return rid
         return oldest
+
+
+class _Waiting:
+    """One pull waiting for work; ``left``: its puller is draining, answer it with nothing."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False
 
 
 def uncached_tokens(r: RemotePrefillRequest) -> int:

@@ -10,7 +10,7 @@ import os
 import msgspec
 
 from dyn_actor.actor import ActorDeadError, ActorRef
-from dyn_actor.components.disagg import pull_loop
+from dyn_actor.components.disagg import leave_queue, pull_loop
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     CancelPrefill,
@@ -140,6 +140,7 @@ class PrefillWorker(Worker):
         stop: how a prefill worker leaves on SIGTERM (the planner removing it, or the launcher
         stopping)."""
         self._draining = True
+        await leave_queue(self._queue, self.endpoint)
         try:
             await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
         except asyncio.TimeoutError:

@@ -36,7 +36,7 @@ import msgspec
 import zmq
 
 from dyn_actor.actor import Actor, ActorRef
-from dyn_actor.components.disagg import pull_loop
+from dyn_actor.components.disagg import leave_queue, pull_loop
 from dyn_actor.components.disagg_messages import CancelPrefill, RemotePrefillFailed, RemotePrefillRequest
 from dyn_actor.components.messages import (
     AbortRequest,
@@ -427,6 +427,7 @@ class VllmPrefillWorker(VllmWorker):
     async def drain(self, timeout: float) -> None:
         """Take no more work, let what was pulled finish (up to ``timeout`` s), then stop."""
         self._draining = True
+        await leave_queue(self._queue, self.endpoint)
         try:
             await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
