@@ -402,6 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                     draining[msg[1]].add(f.index)  # the worker waits for this frontend too
                 tell(f, msg)
 
+        def workers_now() -> tuple[dict[str, str], int, int]:
+            """The workers as the planner should follow them now (at its start, or restarted and
+            catching up): the aggregated and decode ones serving (not those being retired), the
+            prefill workers staying, and the decode workers added but not up yet."""
+            serving = {n: ep for n, ep in endpoints.items() if n not in draining}
+            prefill = sum(1 for c in children if c.role == "prefill" and not c.retiring)
+            pending = sum(1 for c in children if c.role == "decode" and c.added and not c.ready and not c.restarts)
+            return serving, prefill, pending
+
         frontends = []
         for i in range(cfg.frontends):
             c = Child("frontend", i, frontend_entry, (), ctx)
@@ -414,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is None and cfg.planner != "off":
             budget = planner_budget(cfg, n_prefill, n_decode, len(gpus))
-            planner = spawn("planner", 0, planner_main, (cd, endpoints, queue_ep, planner_eps, n_prefill, budget))
+            planner = Child("planner", 0, planner_main, (), ctx)
+            planner.make_args = lambda: ((cd, queue_ep, planner_eps, budget, *workers_now()), ())
+            planner.on_back = lambda p: tell(p, ("sync", *workers_now()))
+            planner.spawn()
+            children.append(planner)
             err = _wait_ready(children, cfg.ready_timeout, stopping)
         if err is not None:
             if not stopping():

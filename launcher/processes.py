@@ -307,22 +307,31 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
     _run(main)
 
 
-def planner_main(cfg_dict: dict, endpoints: dict[str, str], queue_endpoint: str | None,
-                 planner_endpoints: dict[str, str], num_prefill: int, budget: int, conn) -> None:
+def planner_main(cfg_dict: dict, queue_endpoint: str | None, planner_endpoints: dict[str, str], budget: int,
+                 workers: dict[str, str], num_prefill: int, pending_decode: int, conn) -> None:
     """The planner process: listens to the workers', the queue's and the frontend's publications,
-    decides each tick, reports to the frontend; in active mode asks the launcher to carry it out."""
+    decides each tick, reports to the frontend; in active mode asks the launcher to carry it out.
+    ``workers`` (where each publishes its load), ``num_prefill``, ``pending_decode`` (decode workers
+    asked for and not up yet): the workers as they are when it (re)starts."""
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor planner 0", cfg.log_level)
-    from launcher.services import make_planner
+    from launcher.services import make_planner, planner_workers
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_sigterm(stop.set)
         act = (lambda d: conn.send(("scale", d.action, d.numbers))) if cfg.planner == "active" else None
-        planner = make_planner(cfg, endpoints, queue_endpoint, planner_endpoints, num_prefill, budget, act)
+        planner = make_planner(cfg, workers, queue_endpoint, planner_endpoints, num_prefill, budget, act,
+                               pending_decode)
         planner.start()
         conn.send(("ready", f"planner 0 ({cfg.planner})"))
-        control = asyncio.ensure_future(read_pipe(conn, planner.on_launcher))  # workers added / removed
+        def on_launcher(msg) -> None:
+            if msg[0] == "sync":  # all the workers as they are now: a restarted planner catches up
+                planner.sync(planner_workers(msg[1]), msg[2], msg[3])
+            else:  # a worker added or removed
+                planner.on_launcher(msg)
+
+        control = asyncio.ensure_future(read_pipe(conn, on_launcher))
         await stop.wait()
         control.cancel()
         planner.stop()

@@ -66,9 +66,16 @@ def planner_budget(cfg: LaunchConfig, n_prefill: int, n_decode: int, gpus: int) 
     return cfg.max_workers or max(n_prefill + n_decode, gpus)
 
 
+def planner_workers(endpoints: dict[str, str]) -> dict[str, str]:
+    """What the planner follows of the workers (by name: aggregated and decode ones): where each
+    publishes its load reports."""
+    return {name: events_endpoint("decode" if name.startswith("decode") else "worker", ep) or ep
+            for name, ep in endpoints.items()}
+
+
 def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: str | None,
                  planner_endpoints: dict, num_prefill: int, budget: int,
-                 act: Callable | None = None):
+                 act: Callable | None = None, pending_decode: int = 0):
     """The planner: follows the workers' loads, the queue's depth and the frontends' histograms;
     ``act`` (active mode) carries a decision out."""
     from dyn_actor.components.planner_process import PlannerProcess
@@ -81,11 +88,10 @@ def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: s
                          cooldown_s=cfg.planner_cooldown, warmup_s=cfg.planner_warmup)
     return PlannerProcess(
         pcfg, interval=cfg.planner_interval,
-        workers={name: events_endpoint("decode" if name.startswith("decode") else "worker", ep) or ep
-                 for name, ep in endpoints.items()},
+        workers=planner_workers(endpoints),
         depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
         frontend_endpoints=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
-        num_prefill=num_prefill, log_path=cfg.planner_log, act=act)
+        num_prefill=num_prefill, pending_decode=pending_decode, log_path=cfg.planner_log, act=act)
 
 
 class FrontendService:

@@ -4,6 +4,8 @@ prefill worker under load and removes it after."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -95,8 +97,9 @@ def test_planner_flags():
 
 def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
     """--planner active: a burst of long prompts missing the TTFT target adds a prefill worker
-    (the launcher starts it while serving); when the burst is over the planner removes it (it
-    finishes what it pulled, then exits). No request fails; nothing is left after stop."""
+    (the launcher starts it while serving); the planner, killed, comes back counting it; when the
+    burst is over the planner removes it (it finishes what it pulled, then exits). No request
+    fails; nothing is left after stop."""
     s = Server("--topology", "1p1d", "--planner", "active", "--max-workers", "3", "--max-local-prefill-length", "8",
                "--ttft-slo-ms", "1", "--planner-interval", "0.5", "--planner-cooldown", "2", "--planner-warmup", "1",
                "--kv-cache-memory-gb", "0.1")
@@ -106,6 +109,18 @@ def test_active_mode_adds_a_prefill_worker_under_load_and_removes_it_after():
         eventually(lambda: "prefill 1 is up (added by the planner" in s.log(), timeout=60, interval=0.5)
         assert "prefill 1 is up (added by the planner" in s.log(), s.log()[-3000:]
         assert "prefill 1" in s.pids()
+        # the planner killed now comes back knowing the worker it added (its start arguments alone
+        # would say one prefill worker)
+        up_for = requests.get(s.base_url + "/planner/state", timeout=10).json()["recent"][-1]["t"]
+        os.kill(s.pids()["planner 0"], signal.SIGKILL)
+        eventually(lambda: "planner 0 is back" in s.log(), timeout=30, interval=0.2)
+
+        def new_report() -> dict | None:
+            state = requests.get(s.base_url + "/planner/state", timeout=10).json()
+            return state if state["recent"][-1]["t"] < up_for else None
+
+        state = eventually(new_report, timeout=20, interval=0.2)
+        assert state and state["prefill_workers"] == 2, state
         load.stop()
         eventually(lambda: "prefill 1 stopped (removed by the planner" in s.log(), timeout=60, interval=0.5)
         assert "prefill 1 stopped (removed by the planner" in s.log(), s.log()[-3000:]
@@ -218,3 +233,32 @@ def test_active_mode_moves_the_threshold_when_no_worker_can_be_added():
             load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
+
+
+def test_a_restarted_planner_takes_the_workers_as_they_are_now(tmp_path):
+    """What the launcher tells a planner that comes back (``sync``): the workers serving now, the
+    prefill workers staying and the decode workers still starting, whatever it started with."""
+    import asyncio
+
+    from dyn_actor.components.planner_process import PlannerProcess
+
+    def roles(p: PlannerProcess) -> list[str]:
+        return sorted(w.name if w.name.startswith("decode-") and "pending" not in w.name else w.role
+                      for w in p.snapshot().workers)
+
+    async def scenario() -> None:
+        p = PlannerProcess(PlannerConfig(), interval=60.0, workers={"decode-0": f"ipc://{tmp_path}/d0"},
+                           depth_endpoint=None, frontend_endpoints=[], report_endpoint=f"ipc://{tmp_path}/report",
+                           num_prefill=1, pending_decode=1)
+        p.start()
+        try:  # started with decode-0, one prefill worker, and a decode worker asked for and still starting
+            assert roles(p) == ["decode", "decode-0", "prefill"]
+            p.sync({"decode-0": f"ipc://{tmp_path}/d0", "decode-1": f"ipc://{tmp_path}/d1"}, 2, 0)
+            assert roles(p) == ["decode-0", "decode-1", "prefill", "prefill"]
+            p.sync({"decode-1": f"ipc://{tmp_path}/d1"}, 1, 1)
+            assert roles(p) == ["decode", "decode-1", "prefill"]
+            assert set(p._follows) == {"decode-1"}
+        finally:
+            p.stop()
+
+    asyncio.run(scenario())

@@ -154,8 +154,8 @@ class PlannerProcess:
     """Subscribes, ticks, decides, reports; ``act`` (active mode) carries a decision out."""
 
     def __init__(self, cfg: PlannerConfig, *, interval: float, workers: dict[str, str], depth_endpoint: str | None,
-                 frontend_endpoints: list[str], report_endpoint: str, num_prefill: int, log_path: str | None = None,
-                 act: Callable[[Decision], None] | None = None) -> None:
+                 frontend_endpoints: list[str], report_endpoint: str, num_prefill: int, pending_decode: int = 0,
+                 log_path: str | None = None, act: Callable[[Decision], None] | None = None) -> None:
         self.planner = Planner(cfg)
         self.interval = interval
         self.workers = workers  # name -> where it publishes its KV events and loads
@@ -178,7 +178,8 @@ class PlannerProcess:
         self._tasks: list[asyncio.Task] = []
         self._follows: dict[str, asyncio.Task] = {}
         self._loads_decoder = msgspec.msgpack.Decoder(KvPublication)
-        self.pending_decode: list[float] = []  # when each asked-for decode worker was asked for
+        # when each asked-for decode worker was asked for (as far as a restarted planner knows: now)
+        self.pending_decode: list[float] = [self.started] * pending_decode
 
     @property
     def mode(self) -> str:
@@ -186,8 +187,10 @@ class PlannerProcess:
 
     def start(self) -> None:
         self._pub = PubSocket(self.report_endpoint)
+        pending = self.pending_decode[:]  # the workers it starts with are not the pending ones
         for name, ep in list(self.workers.items()):
             self.add_worker(name, ep)
+        self.pending_decode = pending
         if self.depth_endpoint:
             self._tasks.append(asyncio.ensure_future(follow(
                 self.depth_endpoint, msgspec.msgpack.Decoder(QueueDepth), self._depth)))
@@ -222,6 +225,21 @@ class PlannerProcess:
         task = self._follows.pop(name, None)
         if task is not None:
             task.cancel()
+
+    def sync(self, workers: dict[str, str], num_prefill: int, pending_decode: int) -> None:
+        """Take the workers as the launcher has them now (``workers``: name -> where it publishes its
+        load): what a restarted planner missed while it was starting (workers added, announced or
+        retired meanwhile)."""
+        for name in [n for n in self.workers if n not in workers]:
+            self.remove_worker(name)
+        for name, ep in workers.items():
+            if self.workers.get(name) != ep or name not in self._follows:
+                self.add_worker(name, ep)
+        now = time.monotonic()
+        del self.prefill_started[num_prefill:]
+        self.prefill_started += [now] * (num_prefill - len(self.prefill_started))
+        del self.pending_decode[pending_decode:]
+        self.pending_decode += [now] * (pending_decode - len(self.pending_decode))
 
     def on_launcher(self, msg) -> None:
         if msg[0] == "add_worker":
