@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,18 +16,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def segments_of(pids) -> list[str]:
+    """The KV segments in /dev/shm created by the processes ``pids`` (their names carry the
+    creator's pid): what a test checks is gone, whatever other tests running beside it (pytest -n)
+    hold at the moment."""
+    from dyn_actor.kv.segments import SHM_PREFIX, leftover_segments
+
+    prefixes = tuple(f"{SHM_PREFIX}{pid}-" for pid in pids)
+    return [n for n in leftover_segments() if n.startswith(prefixes)] if prefixes else []
+
+
+def own_segments() -> list[str]:
+    """The KV segments this (test) process created: those of in-process pools and topologies."""
+    return segments_of([os.getpid()])
 
 
 class Server:
     def __init__(self, *args: str, timeout: float = 120.0) -> None:
-        self.port = free_port()
         # DYN_TEST_SERVER_FLAGS: flags added to every server a test starts, e.g. "--device cuda
         # --dtype float32" to run the fault matrix on a GPU (scripts/gpu_check.sh does)
-        self.args = ["--port", str(self.port), *args, *os.environ.get("DYN_TEST_SERVER_FLAGS", "").split()]
+        # the port: one the launcher picks and binds itself (a free port looked up here could be
+        # taken by another test's server before the launcher binds it)
+        self.args = ["--port", "0", *args, *os.environ.get("DYN_TEST_SERVER_FLAGS", "").split()]
+        self.seen: set[int] = set()  # every process of this server that pids() has seen
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -50,7 +60,9 @@ class Server:
             self.stop()
             raise RuntimeError("launcher did not become ready")
         self.url = line.split("ready: ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
         self.base_url = self.url + "/v1"
+        self.pids()
 
     def _read_log(self) -> None:
         for line in self.proc.stderr:
@@ -64,10 +76,18 @@ class Server:
         """Role -> pid of the processes this launcher started (by their process titles)."""
         from launcher.processes import launched_processes
 
-        return launched_processes(self.proc.pid)
+        found = launched_processes(self.proc.pid)
+        self.seen.update(found.values())
+        return found
+
+    def segments_left(self) -> list[str]:
+        """The KV segments still in /dev/shm that this server's processes created (after ``stop``:
+        what it leaked)."""
+        return segments_of(self.seen)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> tuple[int, str]:
         if self.proc.poll() is None:
+            self.pids()  # those running now (restarted, added) are checked for leftovers too
             self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=timeout)
@@ -88,8 +108,7 @@ class InprocServer:
         from launcher.config import parse_args
         from launcher.inproc import InprocTopology
 
-        self.port = free_port()
-        self.args = ["--port", str(self.port), *args]
+        self.args = ["--port", "0", *args]
         self.topology = InprocTopology(parse_args(self.args))
         self._log: list[str] = []
         self._handler = _ListHandler(self._log)
@@ -105,6 +124,7 @@ class InprocServer:
         except BaseException:
             self._close_loop()
             raise
+        self.port = int(self.url.rsplit(":", 1)[1])
         self.base_url = self.url + "/v1"
 
     def log(self) -> str:

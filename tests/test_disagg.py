@@ -13,9 +13,8 @@ import time
 import pytest
 import requests
 
-from dyn_actor.kv.transfer import leftover_segments
 from tests.helpers import eventually
-from tests.server import InprocServer, Server
+from tests.server import InprocServer, Server, own_segments, segments_of
 
 LENGTHS = [3, 15, 16, 17, 32, 40, 77, 130]
 
@@ -52,7 +51,6 @@ def agg_tokens():
 
 
 def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
-    before = set(leftover_segments())
     s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.1")
     try:
         assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0", "frontend 0", "planner 0"}
@@ -71,7 +69,7 @@ def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
     finally:
         code, err = s.stop()
     assert code == 0, err
-    assert set(leftover_segments()) <= before  # the decode worker's shared KV pool is gone
+    assert not s.segments_left()  # the decode worker's shared KV pool is gone
 
 
 def test_short_prompts_stay_local():
@@ -113,13 +111,12 @@ def test_64_concurrent_requests(topology):
 
 
 def test_killed_decode_worker_leaves_no_segment():
-    before = set(leftover_segments())
     s = Server("--topology", "1p1d", "--kv-cache-memory-gb", "0.1")
     pid = s.pids()["decode 0"]
-    assert any(n.startswith(f"dyn-actor-kv-{pid}-") for n in leftover_segments())
+    assert segments_of([pid])
     os.kill(pid, signal.SIGKILL)
     code, err = s.stop()
-    assert set(leftover_segments()) <= before, err
+    assert not s.segments_left(), err
 
 
 def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
@@ -191,7 +188,7 @@ def test_an_in_process_topology_serves_disaggregated_and_leaves_nothing():
     """``InprocServer`` (the launcher's actors on one event loop): a remote prefill goes through the
     queue and the shared-memory pool as between processes; after stop no segment or thread is left,
     and a second topology in the same process does the same."""
-    before = set(leftover_segments())
+    before = set(own_segments())
     threads = {t.name for t in threading.enumerate()}
     for _ in range(2):
         s = InprocServer("--topology", "1p1d", "--max-local-prefill-length", "0", "--kv-cache-memory-gb", "0.05")
@@ -201,5 +198,5 @@ def test_an_in_process_topology_serves_disaggregated_and_leaves_nothing():
             assert _metric(s, "dyn_remote_prefills_total") == 1 and _metric(s, "dyn_kv_transfer_bytes_total") > 0
         finally:
             s.stop()
-        assert set(leftover_segments()) <= before
+        assert set(own_segments()) <= before
         assert {t.name for t in threading.enumerate() if t.is_alive()} <= threads

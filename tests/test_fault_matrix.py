@@ -23,9 +23,8 @@ import time
 import pytest
 import requests
 
-from dyn_actor.kv.transfer import leftover_segments
 from tests.helpers import random_prompt
-from tests.server import Server
+from tests.server import Server, segments_of
 
 BOUND = 45.0  # seconds within which every request of a case ends (the longest stall is 10 s)
 REMOTE_TIMEOUT = "5"
@@ -33,10 +32,8 @@ REMOTE_TIMEOUT = "5"
 
 @pytest.fixture(scope="module")
 def server():
-    before = set(leftover_segments())
     s = Server("--topology", "1p1d", "--max-local-prefill-length", "64", "--remote-prefill-timeout", REMOTE_TIMEOUT,
                "--kv-cache-memory-gb", "0.05", "--max-model-len", "2048")
-    s.segments_before = before  # type: ignore[attr-defined]
     yield s
     s.stop()
 
@@ -239,7 +236,7 @@ def test_fault(server: Server, fault: str, seconds: float, delay: float):
     if action == "kill":
         assert f"{role} exited unexpectedly (exit code -9)" in server.log()
         assert f"{role} is back" in server.log()
-        assert not [n for n in leftover_segments() if n.startswith(f"dyn-actor-kv-{old}-")]  # removed at once
+        assert not segments_of([old])  # removed at once
 
 
 def test_client_disconnect(server: Server):
@@ -272,6 +269,6 @@ def test_sigterm_drains_in_flight_requests_then_leaves_nothing(server: Server):
     tail = log[log.index("SIGTERM: draining"):]
     assert not re.search(r"\bERROR\b", tail), tail[-3000:]
     assert not os.path.exists(run_dir) and not glob.glob(run_dir + "*")
-    assert set(leftover_segments()) <= server.segments_before  # type: ignore[attr-defined]
+    assert not server.segments_left()
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

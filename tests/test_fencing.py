@@ -34,9 +34,8 @@ from dyn_actor.components.messages import StatsRequest, WorkerStats
 from dyn_actor.components.prefill_queue import PrefillQueue, depth_endpoint
 from dyn_actor.components.worker_client import WorkerClient
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-from dyn_actor.kv.transfer import leftover_segments
 from tests.helpers import eventually, random_prompt, run_all
-from tests.server import Server
+from tests.server import Server, own_segments
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -157,9 +156,9 @@ async def _fence_scenario() -> None:
 
 
 def test_a_write_granted_before_the_deadline_fences_the_blocks_and_a_late_one_is_refused():
-    before = set(leftover_segments())
+    before = set(own_segments())
     asyncio.run(_fence_scenario())
-    assert set(leftover_segments()) <= before  # no segment of ours is left
+    assert set(own_segments()) <= before  # no segment of ours is left
 
 
 # ------------------------------------------------------------------ real processes

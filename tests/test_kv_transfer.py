@@ -9,6 +9,7 @@ import torch
 
 from dyn_actor.kv.pool import KvLayout, KvPool
 from dyn_actor.kv.transfer import KvPoolDescriptor, RemoteKvPool, SharedKvPool, leftover_segments
+from tests.server import own_segments
 
 LAYOUT = KvLayout(num_blocks=32, num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 
@@ -90,10 +91,10 @@ def test_a_segment_that_shm_cannot_give_pages_is_refused_and_removed(monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    before = set(leftover_segments())
+    before = set(own_segments())
     with pytest.raises(MemoryError, match=r"could not give it \(No space left on device\): lower --kv-cache-memory-gb"):
         SharedKvPool(LAYOUT)
-    assert set(leftover_segments()) == before
+    assert set(own_segments()) == before
 
 
 def test_a_writer_picks_its_route_to_a_pool_on_another_card():
