@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from dyn_actor.actor import Actor, ActorRef, ActorServer
 from dyn_actor.components.disagg_messages import (
@@ -36,14 +37,25 @@ def _req(rid: str, decoder: str, n: int = 3, computed_blocks: int = 0, card: str
                                 list(range(-(-n // 4))), computed_blocks, 4)
 
 
-async def _scenario() -> None:
+@contextlib.asynccontextmanager
+async def _queue_beside(name: str, peers: tuple[str, ...]):
+    """A prefill queue serving at ``name`` with an ``Idle`` actor for each of ``peers`` (decode or
+    prefill workers it watches): (the queue, a ref to it); all stopped after."""
     queue = PrefillQueue()
-    servers = {"queue": ActorServer(queue, inproc_endpoint("pq"))}
-    for name in ("dec-a", "dec-b"):
-        servers[name] = ActorServer(Idle(), inproc_endpoint(name))
-    tasks = [asyncio.ensure_future(s.serve()) for s in servers.values()]
-    ref = await ActorRef(inproc_endpoint("pq"), "queue").start(wait_ready=5)
+    servers = [ActorServer(queue, inproc_endpoint(name)), *(ActorServer(Idle(), inproc_endpoint(p)) for p in peers)]
+    tasks = [asyncio.ensure_future(s.serve()) for s in servers]
+    ref = await ActorRef(inproc_endpoint(name), "queue").start(wait_ready=5)
     try:
+        yield queue, ref, servers
+    finally:
+        await ref.close()
+        for server in servers:
+            server.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _scenario() -> None:
+    async with _queue_beside("pq", ("dec-a", "dec-b")) as (queue, ref, servers):
         # a pull waits for work, then gets it in push order
         waiting = asyncio.ensure_future(ref.ask(Pull(wait=5.0), Pulled))
         await asyncio.sleep(0.1)
@@ -58,7 +70,7 @@ async def _scenario() -> None:
         await ref.tell(Drop("b3"))
         assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(4, 12)
         # decode worker a stops answering: its queued work goes, b's stays, in order
-        servers["dec-a"].stop()
+        servers[1].stop()  # dec-a
         for _ in range(100):
             if (await ref.ask(Depth(), QueueDepth)).depth == 2:
                 break
@@ -69,11 +81,6 @@ async def _scenario() -> None:
         assert (await ref.ask(Depth(), QueueDepth)) == QueueDepth(0, 0)
         # a push from the dead worker afterwards is queued again only with a fresh watch, which
         # finds it dead within its heartbeat limit as well
-    finally:
-        await ref.close()
-        for s in servers.values():
-            s.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_queue_drops_the_work_of_a_dead_decode_worker():
@@ -84,13 +91,7 @@ async def _near_scenario() -> None:
     """On a box with several GPUs a pull names the cards its worker writes into directly, and gets the
     oldest request for one of them first; with none queued, the oldest of all (nothing waits for a
     nearer puller)."""
-    queue = PrefillQueue()
-    servers = {"queue": ActorServer(queue, inproc_endpoint("pq-near"))}
-    for name in ("dec-0", "dec-1"):
-        servers[name] = ActorServer(Idle(), inproc_endpoint(name))
-    tasks = [asyncio.ensure_future(s.serve()) for s in servers.values()]
-    ref = await ActorRef(inproc_endpoint("pq-near"), "queue").start(wait_ready=5)
-    try:
+    async with _queue_beside("pq-near", ("dec-0", "dec-1")) as (queue, ref, servers):
         for rid, dec, card in [("x1", "dec-0", "GPU-0"), ("x2", "dec-0", "GPU-0"), ("y1", "dec-1", "GPU-1"),
                                ("x3", "dec-0", "GPU-0"), ("y2", "dec-1", "GPU-1")]:
             await ref.tell(Push(_req(rid, dec, card=card)))
@@ -105,11 +106,6 @@ async def _near_scenario() -> None:
         assert await pull(["GPU-1"]) == "y2"
         assert await pull(["GPU-1"]) == "x3"  # none for its cards left: the oldest of the others
         assert await pull(["GPU-1"]) is None
-    finally:
-        await ref.close()
-        for s in servers.values():
-            s.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_a_pull_gets_the_oldest_request_for_a_card_near_its_worker_first():
@@ -119,13 +115,7 @@ def test_a_pull_gets_the_oldest_request_for_a_card_near_its_worker_first():
 async def _leave_scenario() -> None:
     """A draining prefill worker's waiting pulls come back empty at its ``Leave``, not at the end of
     their wait; another puller's pulls go on waiting, and get the next request."""
-    queue = PrefillQueue()
-    servers = {"queue": ActorServer(queue, inproc_endpoint("pq-leave"))}
-    for name in ("dec", "pf-1"):
-        servers[name] = ActorServer(Idle(), inproc_endpoint(name))
-    tasks = [asyncio.ensure_future(s.serve()) for s in servers.values()]
-    ref = await ActorRef(inproc_endpoint("pq-leave"), "queue").start(wait_ready=5)
-    try:
+    async with _queue_beside("pq-leave", ("dec", "pf-1")) as (queue, ref, servers):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         mine = [asyncio.ensure_future(ref.ask(Pull(30.0, "pf-0", "ep-0"), Pulled)) for _ in range(2)]
@@ -144,11 +134,6 @@ async def _leave_scenario() -> None:
         await ref.tell(Push(_req("r1", "dec")))
         assert (await asyncio.wait_for(other, 5)).request.request_id == "r1"
         assert not queue._waiting  # nothing left registered
-    finally:
-        await ref.close()
-        for s in servers.values():
-            s.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_leave_answers_the_draining_pullers_waiting_pulls_at_once():
