@@ -35,14 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("decode 0", "prefill 0", "prefill-queue 0", "frontend 0")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mib(pid: int) -> float:
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -201,8 +193,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--launcher-args", default="", help="extra launcher flags, e.g. '--kv-cache-memory-gb 0.5'")
     args = ap.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "launcher", "--topology", "1p1d", "--port", str(port), *args.launcher_args.split()]
+    # the port: one the launcher picks and binds itself, read from its ready line
+    cmd = [sys.executable, "-m", "launcher", "--topology", "1p1d", "--port", "0", *args.launcher_args.split()]
     launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     url = ""
     try:

@@ -111,11 +111,12 @@ def test_a_killed_worker_comes_back_restarted_with_nothing_indexed():
         held = [w for w in _state(s)["workers"] if w["cached_blocks_indexed"] > 0]
         assert len(held) == 1, _state(s)
         victim = held[0]["name"]
-        os.kill(s.pids()[victim.replace("-", " ")], signal.SIGKILL)
+        role = victim.replace("-", " ")  # "worker 0": its process, and how the launcher names it
+        os.kill(s.pids()[role], signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and f"{victim.replace('-', ' ')} is back" not in s.log():
+        while time.monotonic() < deadline and f"{role} is back" not in s.log():
             time.sleep(0.1)
-        assert f"{victim.replace('-', ' ')} is back" in s.log(), s.log()[-3000:]
+        assert f"{role} is back" in s.log(), s.log()[-3000:]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             w = {x["name"]: x for x in _state(s)["workers"]}[victim]
