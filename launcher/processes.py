@@ -220,7 +220,13 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             assert queue_endpoint is not None
             actor: VllmWorker = VllmPrefillWorker(name, llm, info, queue_endpoint, endpoint)
         else:
-            actor = VllmWorker(name, llm, info, theirs)
+            policy = None
+            if role == "decode":
+                from dyn_actor.components.disagg import DisaggPolicy
+
+                policy = DisaggPolicy(cfg.max_local_prefill_length, cfg.max_prefill_queue_size,
+                                      cfg.remote_prefill_timeout)
+            actor = VllmWorker(name, llm, info, theirs, policy)
         server = ActorServer(actor, endpoint)
         if isinstance(actor, VllmPrefillWorker):
             prefill = actor

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
+
+import requests
 
 from dyn_actor.engine import LLMEngine, SamplingParams
 
@@ -49,3 +52,27 @@ def eventually(check, timeout: float = 3.0, interval: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+class Load:
+    """``n`` clients posting ``body`` to the /v1/completions of ``s`` (a ``tests.server.Server``) in a
+    loop until ``stop()``: the statuses of the requests that completed and of those that failed."""
+
+    def __init__(self, s, body: dict, n: int) -> None:
+        self.s, self.body = s, body
+        self._stop = threading.Event()
+        self.done: list[int] = []
+        self.failures: list[int] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            r = requests.post(self.s.base_url + "/completions", timeout=60, json=self.body)
+            (self.done if r.status_code == 200 else self.failures).append(r.status_code)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)

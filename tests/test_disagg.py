@@ -85,8 +85,11 @@ def test_short_prompts_stay_local():
         assert r.json() == {"workers": {"decode-0": {"max_local_prefill_length": 1000, "max_prefill_queue_size": 8}}}
         _complete(s, [0] + [7] * 100)
         assert _metric(s, "dyn_local_prefills_total") == 2 and _metric(s, "dyn_remote_prefills_total") == 1
-        assert requests.post(s.base_url + "/disagg/policy", json={"max_prefill_queue_size": -1},
+        # a bad value is refused and changes nothing, not even the good one beside it
+        assert requests.post(s.base_url + "/disagg/policy", json={"max_local_prefill_length": 5,
+                                                                  "max_prefill_queue_size": -1},
                              timeout=10).status_code == 400
+        assert requests.get(s.base_url + "/disagg/policy", timeout=10).json() == r.json()
     finally:
         s.stop()
 

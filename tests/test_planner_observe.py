@@ -13,34 +13,10 @@ import msgspec
 import requests
 
 from dyn_actor.planner import PlannerConfig, read_log, replay
-from tests.helpers import eventually
+from tests.helpers import Load, eventually
 from tests.server import InprocServer, Server
 
 SHORT = {"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True}
-
-
-class Load:
-    """``n`` clients posting ``body`` to /v1/completions in a loop until ``stop()``: the statuses of
-    the requests that completed and of those that failed."""
-
-    def __init__(self, s: Server, body: dict, n: int) -> None:
-        self.s, self.body = s, body
-        self._stop = threading.Event()
-        self.done: list[int] = []
-        self.failures: list[int] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            r = requests.post(self.s.base_url + "/completions", timeout=60, json=self.body)
-            (self.done if r.status_code == 200 else self.failures).append(r.status_code)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self.threads:
-            t.join(60)
 
 
 def test_observe_mode_decides_logs_and_replays(tmp_path):

@@ -128,6 +128,31 @@ def test_every_prefill_remote_and_tokens_equal_vllm_offline(server, expected, mo
         math.ceil(n / bs) - cached[n] for n in LENGTHS if n not in local) * block_bytes
 
 
+def test_the_policy_moves_while_serving(server):
+    """``POST /v1/disagg/policy`` reaches our connector in vLLM's scheduler process (the thresholds go
+    along with each request): above the prompt's length the next prefill is local, back at 0 the next
+    one is remote again; a bad value is refused and changes nothing."""
+    url = server.base_url + "/disagg/policy"
+    assert requests.get(url, timeout=10).json()["workers"] == {
+        "decode-0": {"max_local_prefill_length": 0, "max_prefill_queue_size": 8}}
+    fresh = [[0] + [7 + (13 * k + seed) % 80 for k in range(299)] for seed in (1, 2)]  # cached nowhere yet
+    try:
+        r = requests.post(url, json={"max_local_prefill_length": 100000}, timeout=10)
+        assert r.status_code == 200 and r.json()["workers"]["decode-0"]["max_local_prefill_length"] == 100000
+        local, remote = _metric(server, "dyn_local_prefills_total"), _metric(server, "dyn_remote_prefills_total")
+        _complete(server, fresh[0])
+        assert (_metric(server, "dyn_local_prefills_total"), _metric(server, "dyn_remote_prefills_total")) == (
+            local + 1, remote)
+        r = requests.post(url, json={"max_local_prefill_length": -1}, timeout=10)
+        assert r.status_code == 400 and "must be >= 0" in r.json()["error"]["message"], r.text
+    finally:
+        r = requests.post(url, json={"max_local_prefill_length": 0}, timeout=10)
+    assert r.json()["workers"]["decode-0"]["max_local_prefill_length"] == 0
+    _complete(server, fresh[1])
+    assert (_metric(server, "dyn_local_prefills_total"), _metric(server, "dyn_remote_prefills_total")) == (
+        local + 1, remote + 1)
+
+
 def test_prefill_worker_killed_mid_request(server, expected):
     """The prefill worker's model runner is stopped, so the request it pulls sits there; then the
     worker is killed: the queue reports it lost, the decode worker computes the prompt itself."""

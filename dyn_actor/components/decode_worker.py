@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import msgspec
 
 from dyn_actor.actor import ActorError, ActorRef
-from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive, writer_idle
+from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive, set_policy, writer_idle
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     DisaggPolicyState,
@@ -78,15 +78,7 @@ class DecodeWorker(Worker):
         return h
 
     def set_policy(self, m: SetDisaggPolicy) -> DisaggPolicyState:
-        if m.max_local_prefill_length is not None:
-            if m.max_local_prefill_length < 0:
-                raise ValueError("max_local_prefill_length must be >= 0")
-            self.policy.max_local_prefill_length = m.max_local_prefill_length
-        if m.max_prefill_queue_size is not None:
-            if m.max_prefill_queue_size < 0:
-                raise ValueError("max_prefill_queue_size must be >= 0")
-            self.policy.max_prefill_queue_size = m.max_prefill_queue_size
-        return DisaggPolicyState(self.policy.max_local_prefill_length, self.policy.max_prefill_queue_size)
+        return set_policy(self.policy, m)
 
     async def on_start(self) -> None:
         await super().on_start()

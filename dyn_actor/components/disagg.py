@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
+    DisaggPolicyState,
     Leave,
     Pull,
     Pulled,
     RemotePrefillRequest,
+    SetDisaggPolicy,
     WriteState,
     WriteStatus,
 )
@@ -42,6 +44,37 @@ class DisaggPolicy:
     max_local_prefill_length: int = 512
     max_prefill_queue_size: int = 8
     remote_prefill_timeout: float = 30.0
+
+
+def set_policy(policy: DisaggPolicy, m: SetDisaggPolicy) -> DisaggPolicyState:
+    """Apply a run-time change (``POST /v1/disagg/policy``, the planner) to ``policy`` in place; fields
+    left None stay. Raise ``ValueError`` on a negative value (nothing is changed then)."""
+    for value in (m.max_local_prefill_length, m.max_prefill_queue_size):
+        if value is not None and value < 0:
+            raise ValueError("max_local_prefill_length and max_prefill_queue_size must be >= 0")
+    if m.max_local_prefill_length is not None:
+        policy.max_local_prefill_length = m.max_local_prefill_length
+    if m.max_prefill_queue_size is not None:
+        policy.max_prefill_queue_size = m.max_prefill_queue_size
+    return DisaggPolicyState(policy.max_local_prefill_length, policy.max_prefill_queue_size)
+
+
+# ``--engine vllm``: the decode worker's policy travels with each request to our KV connector in vLLM's
+# scheduler process, under this key of the request's ``kv_transfer_params``, so a change made while
+# serving holds from the next request on (the connector's launch-time policy is the fallback)
+POLICY_PARAM = "dyn_actor_policy"
+
+
+def policy_param(policy: DisaggPolicy) -> dict:
+    return {POLICY_PARAM: [policy.max_local_prefill_length, policy.max_prefill_queue_size]}
+
+
+def policy_of(params: dict | None, default: DisaggPolicy) -> DisaggPolicy:
+    """The policy a request carries in its ``kv_transfer_params`` (``policy_param``), else ``default``."""
+    value = (params or {}).get(POLICY_PARAM)
+    if not value:
+        return default
+    return DisaggPolicy(int(value[0]), int(value[1]), default.remote_prefill_timeout)
 
 
 def prefill_remotely(uncached_prompt_tokens: int, queue_depth: int, policy: DisaggPolicy) -> bool:

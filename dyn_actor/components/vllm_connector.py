@@ -10,7 +10,9 @@ Decode worker (``kv_role="kv_consumer"``):
 
 1. scheduler, ``get_num_new_matched_tokens``: the native engine's policy
    (``disagg.prefill_remotely`` on the uncached prompt and the queue depth that the prefill queue
-   publishes); remote means "every uncached prompt token arrives asynchronously", so vLLM
+   publishes), with the thresholds the decode worker sends along with each request (so a change
+   made while serving, ``POST /v1/disagg/policy`` or the planner, holds from the next request);
+   remote means "every uncached prompt token arrives asynchronously", so vLLM
    allocates the prompt's blocks and parks the request (``WAITING_FOR_REMOTE_KVS``);
 2. scheduler, ``update_state_after_alloc``: the request's block ids go into the next step's
    metadata;
@@ -69,7 +71,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from dyn_actor.actor import Actor, ActorDeadError, ActorError, ActorRef, ActorServer
-from dyn_actor.components.disagg import DisaggPolicy, prefill_remotely, process_alive, writer_idle
+from dyn_actor.components.disagg import DisaggPolicy, policy_of, prefill_remotely, process_alive, writer_idle
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
     Drop,
@@ -726,7 +728,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False  # prompt logprobs come from the forward that computes the prompt: here
         n = request.num_prompt_tokens - num_computed_tokens
         depth = self._queue_depth()
-        if n <= 1 or depth is None or not prefill_remotely(n, depth, self.policy):
+        # the decode worker's policy as it was when the request came (it moves while serving), else ours
+        policy = policy_of(request.kv_transfer_params, self.policy)
+        if n <= 1 or depth is None or not prefill_remotely(n, depth, policy):
             # one token left: vLLM computes the last prompt token itself, there is nothing to move
             log.debug("%s: local prefill of %d tokens (queue depth %s)", request.request_id, n, depth)
             return 0, False

@@ -36,8 +36,14 @@ import msgspec
 import zmq
 
 from dyn_actor.actor import Actor, ActorRef
-from dyn_actor.components.disagg import leave_queue, pull_loop
-from dyn_actor.components.disagg_messages import CancelPrefill, RemotePrefillFailed, RemotePrefillRequest
+from dyn_actor.components.disagg import DisaggPolicy, leave_queue, policy_param, pull_loop, set_policy
+from dyn_actor.components.disagg_messages import (
+    CancelPrefill,
+    DisaggPolicyState,
+    RemotePrefillFailed,
+    RemotePrefillRequest,
+    SetDisaggPolicy,
+)
 from dyn_actor.components.messages import (
     AbortRequest,
     Ack,
@@ -126,9 +132,9 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         raise ValueError(f"--vllm-arg: {e}") from None
 
 
-def vllm_sampling_params(p: SamplingParams):
+def vllm_sampling_params(p: SamplingParams, kv_transfer_params: dict | None = None):
     """Our ``SamplingParams`` as vLLM's: token ids out, one delta per step, stop strings left to
-    the frontend (which sees the text)."""
+    the frontend (which sees the text); ``kv_transfer_params`` for our KV connector, if given."""
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -139,7 +145,8 @@ def vllm_sampling_params(p: SamplingParams):
         logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, logit_bias=dict(p.logit_bias) or None,
-        output_kind=RequestOutputKind.DELTA)
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=None if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params})
 
 
 def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:
@@ -154,13 +161,17 @@ def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:
 
 
 class VllmWorker(Actor):
-    Message = WorkerMessage | RemoteReceived
+    Message = WorkerMessage | RemoteReceived | SetDisaggPolicy
 
     LOAD_INTERVAL = 0.2  # seconds between WorkerLoad publications
     REPLAY_TIMEOUT = 5.0  # seconds to wait for each message of vLLM's replay socket
 
-    def __init__(self, name: str, llm, info: WorkerInfo, vllm_events: tuple[str, str] | None = None) -> None:
+    def __init__(self, name: str, llm, info: WorkerInfo, vllm_events: tuple[str, str] | None = None,
+                 policy: DisaggPolicy | None = None) -> None:
         self.name = name
+        # a disaggregated decode worker's local/remote thresholds (None otherwise): changed here while
+        # serving (SetDisaggPolicy), sent along with each request to our connector in vLLM's scheduler
+        self.policy = policy
         self.llm = llm
         self._info = info
         # KV events: vLLM's (publisher, replay) endpoints in, ours (info.kv_events_endpoint) out
@@ -184,7 +195,13 @@ class VllmWorker(Actor):
     def handlers(self):
         h = worker_handlers(self)
         h[RemoteReceived] = self.remote_received
+        if self.policy is not None:
+            h[SetDisaggPolicy] = self.set_policy
         return h
+
+    def set_policy(self, m: SetDisaggPolicy) -> DisaggPolicyState:
+        assert self.policy is not None
+        return set_policy(self.policy, m)
 
     def remote_received(self, m: RemoteReceived) -> Ack:
         if m.request_id in self._tasks:  # else it ended meanwhile (aborted)
@@ -227,7 +244,8 @@ class VllmWorker(Actor):
                 worker=self.name, seq=self._pub_seq, block_size=bs, kv_blocks_used=min(used, self._num_blocks),
                 kv_blocks_total=self._num_blocks, requests_waiting=0, requests_running=len(self._tasks),
                 prompt_tokens=self._prompt_tokens, prefix_cache_hit_tokens=self._cached_tokens,
-                generated_tokens=self._generated))
+                generated_tokens=self._generated,
+                max_local_prefill_length=-1 if self.policy is None else self.policy.max_local_prefill_length))
             await asyncio.sleep(self.LOAD_INTERVAL)
 
     async def _relay_kv_events(self) -> None:
@@ -318,7 +336,7 @@ class VllmWorker(Actor):
     async def _run(self, m: GenerateRequest) -> None:
         rid, ids, p = m.request_id, m.prompt_token_ids, m.params
         try:
-            sp = vllm_sampling_params(p)
+            sp = vllm_sampling_params(p, None if self.policy is None else policy_param(self.policy))
         except (ValueError, TypeError) as e:
             self._tasks.pop(rid, None)
             self._emit(RequestDelta(rid, error=str(e)))
