@@ -128,6 +128,7 @@ class Child:
         self.added = False  # started by the planner while serving
         self.retiring = False  # stopped on purpose (the planner removed it): not restarted
         self.on_up = None  # called once an added child is ready (announce it)
+        self.was_up = False  # an added child has been ready (if it crashed while starting: once back)
         self.on_gone = None  # called once a retiring child has exited (a role move starts its successor)
         self.on_back = None  # called once a restarted child is ready again (a frontend catches up)
         # its arguments built afresh at each (re)start, with what to close once it holds them (a
@@ -266,8 +267,8 @@ class Supervisor:
                 got = c.poll_ready()
                 if got is not None:
                     status, detail = got
-                    if status == "ready" and c.added and not c.restarts:
-                        c.ready = True
+                    if status == "ready" and c.added and not c.was_up:
+                        c.ready = c.was_up = True
                         log.warning("%s is up (added by the planner; pid %d)", c.name, c.proc.pid)
                         if c.on_up is not None:
                             c.on_up(c)
@@ -402,14 +403,19 @@ def main(argv: list[str] | None = None) -> int:
                     draining[msg[1]].add(f.index)  # the worker waits for this frontend too
                 tell(f, msg)
 
-        def workers_now() -> tuple[dict[str, str], int, int]:
+        def workers_now() -> tuple[dict[str, str], int, int, int]:
             """The workers as the planner should follow them now (at its start, or restarted and
             catching up): the aggregated and decode ones serving (not those being retired), the
-            prefill workers staying, and the decode workers added but not up yet."""
+            prefill workers staying, and the decode and prefill workers added but not up yet."""
             serving = {n: ep for n, ep in endpoints.items() if n not in draining}
-            prefill = sum(1 for c in children if c.role == "prefill" and not c.retiring)
-            pending = sum(1 for c in children if c.role == "decode" and c.added and not c.ready and not c.restarts)
-            return serving, prefill, pending
+
+            def pending(c: Child) -> bool:
+                return c.added and not c.was_up
+
+            prefill = sum(1 for c in children if c.role == "prefill" and not c.retiring and not pending(c))
+            pending_decode = sum(1 for c in children if c.role == "decode" and pending(c))
+            pending_prefill = sum(1 for c in children if c.role == "prefill" and not c.retiring and pending(c))
+            return serving, prefill, pending_decode, pending_prefill
 
         frontends = []
         for i in range(cfg.frontends):
@@ -473,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             c = spawn(role, i, worker_entry, (i, cd, ipc_endpoint(run_dir, f"{role}-{i}"), role, queue_ep, gpu,
                                               cfg.gpu_memory_utilization / 2, visible))
             c.added = True
-            if role == "decode":
-                c.on_up = announce
+            # a decode worker is announced when it is up; the planner counts either as warming up till then
+            c.on_up = announce if role == "decode" else lambda c: tell(planner, ("prefill_up", c.name))
             log.warning("planner: adding %s %d (pid %d)", role, i, c.proc.pid)
 
         def retire(role: str, then: str | None = None) -> bool:

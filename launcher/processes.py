@@ -314,12 +314,15 @@ def frontend_main(cfg_dict: dict, endpoints: dict[str, str], conn, queue_endpoin
 
 
 def planner_main(cfg_dict: dict, queue_endpoint: str | None, planner_endpoints: dict[str, str], budget: int,
-                 endpoints: dict[str, str], num_prefill: int, pending_decode: int, conn) -> None:
+                 endpoints: dict[str, str], num_prefill: int, pending_decode: int, pending_prefill: int,
+                 conn) -> None:
     """The planner process: listens to the workers', the queue's and the frontend's publications,
     decides each tick, reports to the frontend; in active mode asks the launcher to carry it out.
-    ``endpoints`` (the aggregated and decode workers', by name), ``num_prefill``, ``pending_decode``
-    (decode workers asked for and not up yet): the workers as they are when it (re)starts; a
-    ``("sync", endpoints, num_prefill, pending_decode)`` down the pipe gives them as they are later."""
+    ``endpoints`` (the aggregated and decode workers', by name), ``num_prefill`` (prefill workers up),
+    ``pending_decode`` and ``pending_prefill`` (workers asked for and not up yet): the workers as they
+    are when it (re)starts; a ``("sync", endpoints, num_prefill, pending_decode, pending_prefill)`` down
+    the pipe gives them as they are later, ``("prefill_up", name)`` says that an added prefill worker is
+    up."""
     cfg = LaunchConfig(**cfg_dict)
     _child_setup("dyn-actor planner 0", cfg.log_level)
     from launcher.services import make_planner, planner_workers
@@ -329,14 +332,14 @@ def planner_main(cfg_dict: dict, queue_endpoint: str | None, planner_endpoints: 
         _stop_on_sigterm(stop.set)
         act = (lambda d: conn.send(("scale", d.action, d.numbers))) if cfg.planner == "active" else None
         planner = make_planner(cfg, endpoints, queue_endpoint, planner_endpoints, num_prefill, budget, act,
-                               pending_decode)
+                               pending_decode, pending_prefill)
         planner.start()
         conn.send(("ready", f"planner 0 ({cfg.planner})"))
 
         def on_launcher(msg) -> None:
             if msg[0] == "sync":  # all the workers as they are now: a restarted planner catches up
-                planner.sync(planner_workers(msg[1]), msg[2], msg[3])
-            else:  # a worker added or removed
+                planner.sync(planner_workers(msg[1]), msg[2], msg[3], msg[4])
+            else:  # a worker added, up or removed
                 planner.on_launcher(msg)
 
         control = asyncio.ensure_future(read_pipe(conn, on_launcher))

@@ -75,7 +75,7 @@ def planner_workers(endpoints: dict[str, str]) -> dict[str, str]:
 
 def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: str | None,
                  planner_endpoints: dict, num_prefill: int, budget: int,
-                 act: Callable | None = None, pending_decode: int = 0):
+                 act: Callable | None = None, pending_decode: int = 0, pending_prefill: int = 0):
     """The planner: follows the workers' loads, the queue's depth and the frontends' histograms;
     ``act`` (active mode) carries a decision out."""
     from dyn_actor.components.planner_process import PlannerProcess
@@ -91,7 +91,7 @@ def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: s
         workers=planner_workers(endpoints),
         depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
         frontend_endpoints=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
-        num_prefill=num_prefill, pending_decode=pending_decode, log_path=cfg.planner_log, act=act)
+        num_prefill=num_prefill, pending_decode=pending_decode, pending_prefill=pending_prefill, log_path=cfg.planner_log, act=act)
 
 
 class FrontendService:

@@ -12,6 +12,7 @@ import time
 import msgspec
 import requests
 
+from dyn_actor.kv.events import WorkerLoad
 from dyn_actor.planner import PlannerConfig, read_log, replay
 from tests.helpers import Load, eventually
 from tests.server import InprocServer, Server
@@ -229,9 +230,40 @@ def test_a_restarted_planner_takes_the_workers_as_they_are_now(tmp_path):
             assert roles(p) == ["decode", "decode-0", "prefill"]
             p.sync({"decode-0": f"ipc://{tmp_path}/d0", "decode-1": f"ipc://{tmp_path}/d1"}, 2, 0)
             assert roles(p) == ["decode-0", "decode-1", "prefill", "prefill"]
-            p.sync({"decode-1": f"ipc://{tmp_path}/d1"}, 1, 1)
-            assert roles(p) == ["decode", "decode-1", "prefill"]
-            assert set(p._follows) == {"decode-1"}
+            p.sync({"decode-1": f"ipc://{tmp_path}/d1"}, 1, 1, 1)
+            assert roles(p) == ["decode", "decode-1", "prefill", "prefill"] and p.num_prefill == 2
+            assert p.pending_prefill and set(p._follows) == {"decode-1"}
+        finally:
+            p.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_added_prefill_worker_warms_up_from_when_it_is_up(tmp_path):
+    """A prefill worker the planner asked for counts as warming up (so nothing more is decided) until
+    the launcher says it is up, however long it takes to start (a vLLM worker on a busy CPU took
+    2.7 minutes); its warm-up runs from then."""
+    import asyncio
+
+    from dyn_actor.components.planner_process import PlannerProcess
+
+    async def scenario() -> None:
+        cfg = PlannerConfig(warmup_s=0.3)
+        p = PlannerProcess(cfg, interval=60.0, workers={"decode-0": f"ipc://{tmp_path}/d0"}, depth_endpoint=None,
+                           frontend_endpoints=[], report_endpoint=f"ipc://{tmp_path}/report", num_prefill=1,
+                           pending_prefill=1)
+        p.start()
+        try:
+            p._load("decode-0", WorkerLoad("decode-0", 0, 16, 0, 100, 0, 0))  # heard from: warm after 0.3 s
+            await asyncio.sleep(0.5)  # past the warm-up since it was asked for: not up, still warming up
+            ages = {w.name: w.age_s for w in p.snapshot().workers}
+            assert ages["prefill-pending-0"] == 0.0 and ages["prefill-0"] >= 0.5 and p.num_prefill == 2
+            assert p.planner.tick(p.snapshot()).reason == "warming up: prefill-pending-0"
+            p.on_launcher(("prefill_up", "prefill-1"))
+            ages = {w.name: w.age_s for w in p.snapshot().workers}
+            assert sorted(ages) == ["decode-0", "prefill-0", "prefill-1"] and ages["prefill-1"] < 0.3 and p.num_prefill == 2
+            await asyncio.sleep(0.4)
+            assert "warming up" not in p.planner.tick(p.snapshot()).reason
         finally:
             p.stop()
 

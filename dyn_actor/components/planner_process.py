@@ -41,7 +41,7 @@ Buckets = list[tuple[float, float]]  # [(upper bound, cumulative count)], +Inf l
 #: actions the launcher carries out in active mode
 CARRIED_OUT = ("add_prefill", "remove_prefill", "add_decode", "remove_decode", "prefill_to_decode",
                "decode_to_prefill", "raise_local_prefill", "lower_local_prefill")
-PENDING_FOR = 120.0  # seconds an asked-for decode worker counts as warming up before it is announced
+PENDING_FOR = 300.0  # seconds an asked-for worker counts as warming up before the launcher says it is up
 
 
 class FrontendReport(msgspec.Struct, frozen=True):
@@ -155,7 +155,7 @@ class PlannerProcess:
 
     def __init__(self, cfg: PlannerConfig, *, interval: float, workers: dict[str, str], depth_endpoint: str | None,
                  frontend_endpoints: list[str], report_endpoint: str, num_prefill: int, pending_decode: int = 0,
-                 log_path: str | None = None, act: Callable[[Decision], None] | None = None) -> None:
+                 pending_prefill: int = 0, log_path: str | None = None, act: Callable[[Decision], None] | None = None) -> None:
         self.planner = Planner(cfg)
         self.interval = interval
         self.workers = workers  # name -> where it publishes its KV events and loads
@@ -178,8 +178,15 @@ class PlannerProcess:
         self._tasks: list[asyncio.Task] = []
         self._follows: dict[str, asyncio.Task] = {}
         self._loads_decoder = msgspec.msgpack.Decoder(KvPublication)
-        # when each asked-for decode worker was asked for (as far as a restarted planner knows: now)
+        # when each asked-for worker not up yet was asked for (as far as a restarted planner knows: now);
+        # it counts as warming up until the launcher says it is up (a vLLM or GPU worker may take minutes)
         self.pending_decode: list[float] = [self.started] * pending_decode
+        self.pending_prefill: list[float] = [self.started] * pending_prefill
+
+    @property
+    def num_prefill(self) -> int:
+        """The prefill workers serving and those asked for that are still starting."""
+        return len(self.prefill_started) + len(self.pending_prefill)
 
     @property
     def mode(self) -> str:
@@ -226,7 +233,7 @@ class PlannerProcess:
         if task is not None:
             task.cancel()
 
-    def sync(self, workers: dict[str, str], num_prefill: int, pending_decode: int) -> None:
+    def sync(self, workers: dict[str, str], num_prefill: int, pending_decode: int, pending_prefill: int = 0) -> None:
         """Take the workers as the launcher has them now (``workers``: name -> where it publishes its
         load): what a restarted planner missed while it was starting (workers added, announced or
         retired meanwhile)."""
@@ -240,12 +247,18 @@ class PlannerProcess:
         self.prefill_started += [now] * (num_prefill - len(self.prefill_started))
         del self.pending_decode[pending_decode:]
         self.pending_decode += [now] * (pending_decode - len(self.pending_decode))
+        del self.pending_prefill[pending_prefill:]
+        self.pending_prefill += [now] * (pending_prefill - len(self.pending_prefill))
 
     def on_launcher(self, msg) -> None:
         if msg[0] == "add_worker":
             self.add_worker(msg[1], msg[2])
         elif msg[0] == "remove_worker":
             self.remove_worker(msg[1])
+        elif msg[0] == "prefill_up":  # an added prefill worker is ready: its warm-up starts now
+            if self.pending_prefill:
+                self.pending_prefill.pop(0)
+            self.prefill_started.append(time.monotonic())
 
     def _load(self, name: str, msg) -> None:
         if isinstance(msg, WorkerLoad):  # its KV-event batches travel on the same socket: not ours
@@ -284,8 +297,10 @@ class PlannerProcess:
             if after.e2e and before.e2e:
                 finished = after.e2e[-1][1] - before.e2e[-1][1]
         workers = [WorkerSample(f"prefill-{i}", "prefill", now - t) for i, t in enumerate(self.prefill_started)]
-        # a decode worker asked for and not announced yet is warming up (so nothing is decided twice)
+        # a worker asked for and not up yet is warming up (so nothing is decided twice)
         self.pending_decode = [t for t in self.pending_decode if now - t < PENDING_FOR]
+        self.pending_prefill = [t for t in self.pending_prefill if now - t < PENDING_FOR]
+        workers += [WorkerSample(f"prefill-pending-{i}", "prefill", 0.0) for i in range(len(self.pending_prefill))]
         workers += [WorkerSample(f"decode-pending-{i}", "decode", 0.0) for i in range(len(self.pending_decode))]
         for name in self.workers:
             load = self.loads.get(name)
@@ -316,16 +331,20 @@ class PlannerProcess:
             self.act(d)
             now = time.monotonic()
             if d.action in ("add_prefill", "decode_to_prefill"):
-                self.prefill_started.append(now)  # warming up from now on, as far as the planner knows
-            if d.action in ("remove_prefill", "prefill_to_decode") and len(self.prefill_started) > 1:
-                self.prefill_started.pop()
+                self.pending_prefill.append(now)  # warming up until the launcher says it is up
+            if d.action in ("remove_prefill", "prefill_to_decode"):
+                # the launcher removes the newest prefill worker: one still starting, if there is one
+                if self.pending_prefill:
+                    self.pending_prefill.pop()
+                elif len(self.prefill_started) > 1:
+                    self.prefill_started.pop()
             if d.action in ("add_decode", "prefill_to_decode"):
                 self.pending_decode.append(now)
         elif d.action != "none":
             log.info("planner (%s): would %s: %s; %s", self.mode, d.action, d.reason, numbers)
         if self._pub is not None:
             await self._pub.send(msgspec.msgpack.encode(PlannerReport(
-                self.mode, self.interval, self.planner.cfg, len(self.prefill_started), round(snap.t, 1), d.action,
+                self.mode, self.interval, self.planner.cfg, self.num_prefill, round(snap.t, 1), d.action,
                 d.reason, d.numbers)))
         if self.log_path:
             with open(self.log_path, "ab") as fh:
