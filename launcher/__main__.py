@@ -350,9 +350,20 @@ def main(argv: list[str] | None = None) -> int:
 
         def spawn(role: str, index: int, target, args) -> Child:
             c = Child(role, index, target, args, ctx)
+            if role == "decode":
+                c.make_args = decode_args(args)
             c.spawn()
             children.append(c)
             return c
+
+        # the decode workers' thresholds as changed while serving (POST /v1/disagg/policy, the planner): a
+        # decode worker that starts later (restarted, or added by the planner) starts with them
+        policy_now: dict = {}
+
+        def decode_args(args: tuple):
+            def make():
+                return (args[0], {**cd, **policy_now}, *args[2:]), ()
+            return make
 
         queue_ep = None
         if n_prefill:
@@ -526,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             elif action in ("raise_local_prefill", "lower_local_prefill"):
                 value = int(numbers["new_max_local_prefill_length"])
                 log.warning("planner: %s to %d", action, value)
+                policy_now["max_local_prefill_length"] = value
                 # one frontend sets it on every decode worker
                 tell(next((f for f in frontends if f.ready and not f.exited), None), ("set_threshold", value))
             else:
@@ -574,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     if isinstance(msg, tuple) and msg[0] == "retired":  # drained there: once all have, it stops
                         retired(msg[1], f.index, msg[2])
+                    elif isinstance(msg, tuple) and msg[0] == "policy":  # set on the decode workers there
+                        policy_now.update(msg[1])
             reason = supervisor.tick()
             if reason is not None:
                 print(f"error: {reason}; stopping", file=sys.stderr)

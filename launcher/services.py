@@ -148,6 +148,7 @@ class FrontendService:
         self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge,
                                              defaults)
         frontend.index = self.index
+        frontend.on_policy = lambda fields: self.notify(("policy", fields))
         if self.queue_endpoint:
             from dyn_actor.actor import ActorRef
 

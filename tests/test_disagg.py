@@ -94,6 +94,30 @@ def test_short_prompts_stay_local():
         s.stop()
 
 
+def test_a_restarted_decode_worker_keeps_the_policy_set_while_serving():
+    """Thresholds set by ``POST /v1/disagg/policy``: a decode worker killed and restarted comes back
+    with them, not with those it was launched with, and prefills by them."""
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "64", "--kv-cache-memory-gb", "0.1")
+    try:
+        r = requests.post(s.base_url + "/disagg/policy", json={"max_local_prefill_length": 1000,
+                                                               "max_prefill_queue_size": 3}, timeout=10)
+        assert r.json() == {"workers": {"decode-0": {"max_local_prefill_length": 1000, "max_prefill_queue_size": 3}}}
+        os.kill(s.pids()["decode 0"], signal.SIGKILL)
+        eventually(lambda: "decode 0 is back" in s.log(), timeout=30, interval=0.2)
+
+        def policy():
+            got = requests.get(s.base_url + "/disagg/policy", timeout=10)
+            return got.status_code == 200 and got.json()["workers"] and got.json()
+
+        assert eventually(policy, timeout=15, interval=0.2) == r.json()
+        local = _metric(s, "dyn_local_prefills_total")
+        _complete(s, [0] + [7] * 100)  # over the launch threshold, under the one set: here
+        assert _metric(s, "dyn_local_prefills_total") == local + 1
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+
+
 @pytest.mark.parametrize("topology", ["2p1d", "1p2d"])
 def test_64_concurrent_requests(topology):
     s = InprocServer("--topology", topology, "--max-local-prefill-length", "16", "--kv-cache-memory-gb", "0.1")

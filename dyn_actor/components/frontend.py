@@ -95,6 +95,8 @@ class Frontend:
         self.queue_depth = 0  # the prefill queue's depth at the last refresh
         self.planner = None  # a components.planner_process.PlannerView (unless --planner off)
         self.index = 0  # which frontend process this is (--frontends)
+        # told each policy change made here (the fields given), so a decode worker that starts later keeps it
+        self.on_policy = lambda fields: None
 
     def _default_max_tokens(self, prompt_lens: list[int], neutral: int | None) -> int | None:
         """max_tokens for a request that gives none: the generation config's, cut to what the longest
@@ -149,6 +151,9 @@ class Frontend:
                 raise RequestError(str(e)) from None
             states[entry.name] = {"max_local_prefill_length": st.max_local_prefill_length,
                                   "max_prefill_queue_size": st.max_prefill_queue_size}
+        changed = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not None}
+        if changed:
+            self.on_policy(changed)
         return web.json_response({"workers": states})
 
     @web.middleware
