@@ -76,3 +76,14 @@ class Load:
         self._stop.set()
         for t in self.threads:
             t.join(60)
+
+
+def wait_threshold_below(s, limit: int, timeout: float, worker: str = "decode-0") -> dict:
+    """Poll ``GET /v1/disagg/policy`` of ``s`` until ``worker``'s max_local_prefill_length is under
+    ``limit`` or ``timeout`` s have passed; the last answer (decode worker -> its thresholds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        policy = requests.get(s.base_url + "/disagg/policy", timeout=10).json()["workers"]
+        if policy[worker]["max_local_prefill_length"] < limit or time.monotonic() > deadline:
+            return policy
+        time.sleep(0.5)

@@ -14,7 +14,7 @@ import requests
 
 from dyn_actor.kv.events import WorkerLoad
 from dyn_actor.planner import PlannerConfig, read_log, replay
-from tests.helpers import Load, eventually
+from tests.helpers import Load, eventually, wait_threshold_below
 from tests.server import InprocServer, Server
 
 SHORT = {"prompt": "a short prompt", "max_tokens": 8, "ignore_eos": True}
@@ -192,13 +192,8 @@ def test_active_mode_moves_the_threshold_when_no_worker_can_be_added():
     load = None
     try:
         load = Load(s, SHORT, 2)
-        deadline = time.monotonic() + 60
-        value = 512
-        while time.monotonic() < deadline and value >= 512:
-            policy = requests.get(s.base_url + "/disagg/policy", timeout=10).json()["workers"]
-            value = policy["decode-0"]["max_local_prefill_length"]
-            time.sleep(0.5)
-        assert value <= 256, policy
+        policy = wait_threshold_below(s, 512, timeout=60)
+        assert policy["decode-0"]["max_local_prefill_length"] <= 256, policy
         assert "planner: lower_local_prefill to 256" in s.log(), s.log()[-3000:]
         assert "add_decode" not in s.log() and "prefill_to_decode" not in s.log()  # the budget holds
         load.stop()

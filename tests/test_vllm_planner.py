@@ -6,13 +6,12 @@ sets, but shorter than the one at launch, is prefilled here before the change an
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import requests
 
 from dyn_actor.components.vllm_worker import patch_vllm_version
-from tests.helpers import Load
+from tests.helpers import Load, wait_threshold_below
 from tests.server import Server
 
 pytestmark = pytest.mark.vllm
@@ -54,13 +53,8 @@ def test_the_active_planner_moves_the_threshold_inside_vllm(builtin_dir):
         _complete(s, fresh[0])
         assert _counts(s) == (local + 1, remote)  # 300 <= 512: here
         load = Load(s, SHORT, 2)
-        deadline = time.monotonic() + 90
-        value = 512
-        while time.monotonic() < deadline and value >= 300:
-            policy = requests.get(s.base_url + "/disagg/policy", timeout=10).json()["workers"]
-            value = policy["decode-0"]["max_local_prefill_length"]
-            time.sleep(0.5)
-        assert value < 300, policy
+        policy = wait_threshold_below(s, 300, timeout=90)
+        assert policy["decode-0"]["max_local_prefill_length"] < 300, policy
         assert "planner: lower_local_prefill to 256" in s.log(), s.log()[-3000:]
         load.stop()
         assert load.done and not load.failures, load.failures
