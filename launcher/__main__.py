@@ -55,6 +55,10 @@ from launcher.services import planner_budget
 
 log = logging.getLogger("launcher")
 GRACE_SECONDS = 5.0
+# vLLM's own shutdown (``AsyncLLM.shutdown``) waits up to 5 s for its engine core, which waits for its
+# model runner (about 3 s to exit on the CPU), then kills it: an --engine vllm worker gets that on top
+VLLM_SHUTDOWN_SECONDS = 5.0
+ENGINE_ROLES = ("worker", "decode", "prefill")
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart, doubling while restarts keep failing
 HEALTHY_AFTER = 60.0  # a child up this long has its back-off reset
 RESTART_BUDGET, RESTART_WINDOW = 10, 600.0  # at most this many restarts of one child per window
@@ -214,13 +218,15 @@ def _stop(children: list[Child], grace: float, force=lambda: False) -> None:
         _remove_segments(c)
 
 
-def _shutdown(children: list[Child], drain_timeout: float, force) -> None:
-    """Stop in order: the frontends first (they drain), then those that serve them, the queue last."""
+def _shutdown(children: list[Child], drain_timeout: float, force, engine_grace: float = GRACE_SECONDS) -> None:
+    """Stop in order: the frontends first (they drain), then those that serve them, the queue last.
+    ``engine_grace``: how long an engine process may take to stop before it is killed."""
     for role in STOP_ORDER:
         group = [c for c in children if c.role == role and hasattr(c, "proc")]
         if not group:
             continue
-        grace = drain_timeout + GRACE_SECONDS if role == "frontend" else GRACE_SECONDS
+        grace = (drain_timeout + GRACE_SECONDS if role == "frontend" else engine_grace if role in ENGINE_ROLES
+                 else GRACE_SECONDS)
         _stop(group, grace, force)
 
 
@@ -595,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
         return code
     finally:
-        _shutdown(children, cfg.drain_timeout, lambda: signals["count"] > 1)
+        _shutdown(children, cfg.drain_timeout, lambda: signals["count"] > 1,
+                  GRACE_SECONDS + (VLLM_SHUTDOWN_SECONDS if cfg.engine == "vllm" else 0.0))
         stop_fork_server()
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")

@@ -94,6 +94,7 @@ def server(model_dir, expected):
     yield s
     code, err = s.stop()
     assert code == 0, err[-2000:]
+    assert "did not stop" not in err, err[-3000:]  # vLLM's own shutdown ran its course, nothing was killed
     assert leftover_segments() == []
     # no vLLM process left running (a killed one may stay a zombie until init reaps it: dead, not left)
     eventually(lambda: not _running_vllm(), timeout=10)

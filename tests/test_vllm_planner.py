@@ -66,3 +66,4 @@ def test_the_active_planner_moves_the_threshold_inside_vllm(builtin_dir):
             load.stop()
         code, err = s.stop()
     assert code == 0, err[-2000:]
+    assert "did not stop" not in err, err[-3000:]
