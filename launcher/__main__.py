@@ -276,7 +276,7 @@ class Supervisor:
                     if status == "ready" and c.added and not c.was_up:
                         c.ready = c.was_up = True
                         log.warning("%s is up (added by the planner; pid %d)", c.name, c.proc.pid)
-                        if c.on_up is not None:
+                        if c.on_up is not None and not c.retiring:  # (one removed while starting is not announced)
                             c.on_up(c)
                     elif status == "ready":
                         c.ready = True
