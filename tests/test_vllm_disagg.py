@@ -2,8 +2,10 @@
 second pass): every prefill is remote (``--max-local-prefill-length 0``), our connector writes the
 prompt's KV from the prefill worker's vLLM straight into the decode worker's vLLM KV cache, and the
 greedy tokens equal vLLM's own offline ``LLM`` on the same checkpoint, with and without a prefix
-already cached on the decode side. A prefill worker killed mid-request: the request completes, and
-nothing the killed worker started is left running. One launch for the module."""
+already cached on the decode side. The thresholds move while serving. A prefill worker killed
+mid-request: the request completes, and nothing the killed worker started is left running. The
+decode worker killed with remote prefills in flight: they end with an error, it comes back and
+serves. One launch for the module."""
 
 from __future__ import annotations
 
@@ -196,3 +198,39 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_decode_worker_killed_with_remote_prefills_in_flight(server, expected):
+    """The decode worker SIGKILLed while six requests are in flight, their prompts prefilled remotely:
+    each ends with an error that names the dead worker (none hangs), the launcher restarts it, and
+    requests complete again with the same text. (The module's teardown checks that no segment and no
+    vLLM process is left.)"""
+    eventually(lambda: "prefill 0 is back" in server.log(), timeout=180, interval=1)  # killed above
+    import threading
+
+    results: list[tuple[int, str]] = []
+
+    def client(i: int) -> None:
+        prompt = [0] + [9 + (17 * k + i) % 80 for k in range(399)]  # 400 fresh tokens each
+        r = requests.post(server.base_url + "/completions", timeout=120,
+                          json={"prompt": prompt, "max_tokens": 200, "ignore_eos": True})
+        results.append((r.status_code, r.text))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(server.pids()["decode 0"], signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6, "a request did not end"
+    failed = [text for status, text in results if status != 200]
+    assert failed and all("decode-0" in text for text in failed), results
+    eventually(lambda: "decode 0 is back" in server.log(), timeout=180, interval=1)
+
+    def answered() -> bool:
+        r = requests.post(server.base_url + "/completions", timeout=120, json={
+            "prompt": PROMPTS[-1], "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        return r.status_code == 200 and r.json()["choices"][0]["text"]
+
+    assert eventually(answered, timeout=60, interval=1) == expected[-1]
