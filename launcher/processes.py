@@ -220,13 +220,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             assert queue_endpoint is not None
             actor: VllmWorker = VllmPrefillWorker(name, llm, info, queue_endpoint, endpoint)
         else:
-            policy = None
-            if role == "decode":
-                from dyn_actor.components.disagg import DisaggPolicy
+            from launcher.services import disagg_policy
 
-                policy = DisaggPolicy(cfg.max_local_prefill_length, cfg.max_prefill_queue_size,
-                                      cfg.remote_prefill_timeout)
-            actor = VllmWorker(name, llm, info, theirs, policy)
+            actor = VllmWorker(name, llm, info, theirs, disagg_policy(cfg) if role == "decode" else None)
         server = ActorServer(actor, endpoint)
         if isinstance(actor, VllmPrefillWorker):
             prefill = actor

@@ -42,16 +42,21 @@ def events_endpoint(role: str, endpoint: str) -> str | None:
     return None
 
 
+def disagg_policy(cfg: LaunchConfig):
+    """A decode worker's local/remote prefill policy, from the launch flags (either engine)."""
+    from dyn_actor.components.disagg import DisaggPolicy
+
+    return DisaggPolicy(cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout)
+
+
 def worker_actor(cfg: LaunchConfig, role: str, index: int, engine, endpoint: str, queue_endpoint: str | None):
     """The actor of a native worker of ``role`` around ``engine``."""
     name = f"{role}-{index}"
     if role == "decode":
         from dyn_actor.components.decode_worker import DecodeWorker
-        from dyn_actor.components.disagg import DisaggPolicy
 
-        return DecodeWorker(name, engine, endpoint, queue_endpoint or "", DisaggPolicy(
-            cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.remote_prefill_timeout),
-            events_endpoint=events_endpoint(role, endpoint))
+        return DecodeWorker(name, engine, endpoint, queue_endpoint or "", disagg_policy(cfg),
+                            events_endpoint=events_endpoint(role, endpoint))
     if role == "prefill":
         from dyn_actor.components.prefill_worker import PrefillWorker
 
@@ -91,7 +96,8 @@ def make_planner(cfg: LaunchConfig, endpoints: dict[str, str], queue_endpoint: s
         workers=planner_workers(endpoints),
         depth_endpoint=depth_endpoint(queue_endpoint) if queue_endpoint else None,
         frontend_endpoints=planner_endpoints["frontend"], report_endpoint=planner_endpoints["report"],
-        num_prefill=num_prefill, pending_decode=pending_decode, pending_prefill=pending_prefill, log_path=cfg.planner_log, act=act)
+        num_prefill=num_prefill, pending_decode=pending_decode, pending_prefill=pending_prefill,
+        log_path=cfg.planner_log, act=act)
 
 
 class FrontendService:
