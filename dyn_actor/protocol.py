@@ -10,6 +10,49 @@ _GREEDY_EPS = 1e-5
 
 
 _I32 = 2**31 - 1  # integers that go into tensors
+MAX_SPEC_CHARS = 256 * 1024  # the longest schema, regex, grammar (or all choices) a request may give
+
+
+class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output's text (vLLM's ``structured_outputs``), exactly one of: ``json``, a
+    JSON schema as JSON text; ``json_object``, any JSON object; ``regex``; ``choice``, one of these
+    strings; ``grammar``, a grammar in EBNF (xgrammar's GBNF-like dialect, ``root ::= ...`` its start rule)
+    or in Lark (``start: ...``).
+    The engine masks each step's logits to the tokens that keep the text inside it, and the request
+    ends once the text is complete and nothing may follow."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # JSON (json, json_object) without whitespace between its tokens; by default any is allowed
+    disable_any_whitespace: bool = False
+
+    def validate(self) -> StructuredOutput:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("a structured output takes exactly one of json, json_object, regex, choice and "
+                             f"grammar, got {', '.join(given) or 'none'}")
+        if self.choice is not None:
+            if not self.choice:
+                raise ValueError("choice must list at least one string")
+            size = sum(len(c) for c in self.choice)
+        elif self.json_object:
+            size = 0
+        else:
+            size = len(getattr(self, given[0]))
+            if size == 0:
+                raise ValueError(f"the structured output's {given[0]} is empty")
+        if size > MAX_SPEC_CHARS:
+            raise ValueError(f"the structured output's {given[0]} is longer than {MAX_SPEC_CHARS} characters")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -38,6 +81,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # OpenAI's logit_bias: added to the token's logit before the penalties' result is sampled
     # (in [-100, 100]; -100 bans a token in practice, +100 all but forces it); logprobs stay raw
     logit_bias: dict[int, float] = {}
+    # the output's text constrained to a JSON schema, a regex, a choice or a grammar (None: free)
+    structured: StructuredOutput | None = None
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ``ValueError`` with a user-facing message for any bad value; return self."""
@@ -69,6 +114,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for bias in self.logit_bias.values():
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if self.structured is not None:
+            self.structured.validate()
         if vocab_size is not None:
             outside = self.outside_vocab(vocab_size)
             if outside is not None:

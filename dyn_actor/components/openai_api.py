@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dyn_actor.protocol import SamplingParams
+from dyn_actor.protocol import SamplingParams, StructuredOutput
 
 MAX_N = 16
 
@@ -81,17 +81,20 @@ class _Common(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    # structured outputs (``parse_structured``): OpenAI's response_format, vLLM's guided_* and
+    # structured_outputs; checked by hand for messages that name the field
+    response_format: msgspec.Raw = NULL
+    guided_json: msgspec.Raw = NULL
+    guided_regex: msgspec.Raw = NULL
+    guided_choice: msgspec.Raw = NULL
+    guided_grammar: msgspec.Raw = NULL
+    structured_outputs: msgspec.Raw = NULL
     # features this server does not implement: present (and not null) is a 400 naming them
     tools: msgspec.Raw = NULL
     tool_choice: msgspec.Raw = NULL
     functions: msgspec.Raw = NULL
     function_call: msgspec.Raw = NULL
     parallel_tool_calls: msgspec.Raw = NULL
-    response_format: msgspec.Raw = NULL
-    guided_json: msgspec.Raw = NULL
-    guided_regex: msgspec.Raw = NULL
-    guided_choice: msgspec.Raw = NULL
-    guided_grammar: msgspec.Raw = NULL
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -124,8 +127,7 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: Name | None = None
 
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-               "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
 def check_supported(req: _Common) -> None:
@@ -134,8 +136,6 @@ def check_supported(req: _Common) -> None:
         raw = getattr(req, name)
         if bytes(raw) == b"null":
             continue
-        if name == "response_format" and _is_plain_text_format(raw):
-            continue
         if name == "tool_choice" and bytes(raw) == b'"none"':
             continue
         raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -143,12 +143,106 @@ def check_supported(req: _Common) -> None:
         raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _is_plain_text_format(raw: msgspec.Raw) -> bool:
+def _json_field(raw: msgspec.Raw, name: str) -> Any:
     try:
-        value = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return value == {"type": "text"}
+        return msgspec.json.decode(raw)
+    except RecursionError:
+        raise RequestError(f"{name} is nested too deeply", param=name) from None
+
+
+def _schema_text(schema: Any, name: str) -> str:
+    """A JSON schema given as an object (or as JSON text of one), as JSON text."""
+    if isinstance(schema, str):
+        try:
+            schema = msgspec.json.decode(schema)
+        except (msgspec.DecodeError, RecursionError):
+            raise RequestError(f"{name} must be a JSON schema: an object, or JSON text of one", param=name) from None
+    if not isinstance(schema, dict):
+        raise RequestError(f"{name} must be a JSON schema (an object), got {type(schema).__name__}", param=name)
+    return msgspec.json.encode(schema).decode()
+
+
+def parse_structured(req: _Common) -> StructuredOutput | None:
+    """The request's structured output, from whichever field asked for it: OpenAI's
+    ``response_format`` (``text``, ``json_object``, ``json_schema``), vLLM's ``guided_json``,
+    ``guided_regex``, ``guided_choice``, ``guided_grammar`` or ``structured_outputs``. More than
+    one is a 400, as is a spec of the wrong shape; whether it compiles is the worker's check."""
+    found: list[tuple[str, StructuredOutput]] = []
+    if bytes(req.response_format) != b"null":
+        rf = _json_field(req.response_format, "response_format")
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutput(json_object=True)))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise RequestError("response_format json_schema needs json_schema.schema", param="response_format")
+            found.append(("response_format", StructuredOutput(json=_schema_text(js["schema"], "response_format"))))
+        elif kind != "text":
+            raise RequestError("response_format.type must be text, json_object or json_schema", param="response_format")
+    if bytes(req.guided_json) != b"null":
+        found.append(("guided_json", StructuredOutput(json=_schema_text(_json_field(req.guided_json, "guided_json"),
+                                                                        "guided_json"))))
+    for name, field in (("guided_regex", "regex"), ("guided_grammar", "grammar")):
+        raw = getattr(req, name)
+        if bytes(raw) != b"null":
+            value = _json_field(raw, name)
+            if not isinstance(value, str):
+                raise RequestError(f"{name} must be a string", param=name)
+            found.append((name, StructuredOutput(**{field: value})))
+    if bytes(req.guided_choice) != b"null":
+        found.append(("guided_choice", StructuredOutput(choice=_choices(_json_field(req.guided_choice, "guided_choice"),
+                                                                        "guided_choice"))))
+    if bytes(req.structured_outputs) != b"null":
+        found.append(("structured_outputs", _structured_outputs(_json_field(req.structured_outputs,
+                                                                            "structured_outputs"))))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise RequestError(f"ask for one structured output at a time, got {', '.join(n for n, _ in found)}",
+                           param=found[1][0])
+    name, spec = found[0]
+    try:
+        return spec.validate()
+    except ValueError as e:
+        raise RequestError(str(e), param=name) from None
+
+
+def _choices(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        raise RequestError(f"{name} must be a non-empty list of strings", param=name)
+    return value
+
+
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured_outputs(value: Any) -> StructuredOutput:
+    """vLLM's ``structured_outputs`` object: one of json, regex, choice, grammar, json_object."""
+    name = "structured_outputs"
+    if not isinstance(value, dict):
+        raise RequestError(f"{name} must be an object", param=name)
+    given = {k: v for k, v in value.items() if v is not None and v is not False}
+    # disable_fallback: there is one grammar backend here, nothing to fall back to
+    unknown = sorted(set(given) - set(_STRUCTURED_KEYS) - {"disable_any_whitespace", "disable_fallback"})
+    if unknown:
+        raise RequestError(f"{name}: {', '.join(unknown)} is not supported by this server (only "
+                           f"{', '.join(_STRUCTURED_KEYS)})", param=name, code="unsupported_parameter")
+    spec = StructuredOutput(disable_any_whitespace=value.get("disable_any_whitespace") is True)
+    if "json" in given:
+        spec.json = _schema_text(given["json"], f"{name}.json")
+    for key in ("regex", "grammar"):
+        if key in given:
+            if not isinstance(given[key], str):
+                raise RequestError(f"{name}.{key} must be a string", param=name)
+            setattr(spec, key, given[key])
+    if "choice" in given:
+        spec.choice = _choices(given["choice"], f"{name}.choice")
+    if "json_object" in given:
+        if given["json_object"] is not True:
+            raise RequestError(f"{name}.json_object must be true or false", param=name)
+        spec.json_object = True
+    return spec
 
 
 def check_messages(messages: list[ChatMessage]) -> None:
@@ -250,6 +344,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         logit_bias=logit_bias,
+        structured=parse_structured(req),
     )
     try:
         return sp.validate()

@@ -136,9 +136,14 @@ def vllm_sampling_params(p: SamplingParams, kv_transfer_params: dict | None = No
     """Our ``SamplingParams`` as vLLM's: token ids out, one delta per step, stop strings left to
     the frontend (which sees the text); ``kv_transfer_params`` for our KV connector, if given."""
     from vllm import SamplingParams as VllmParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    so = p.structured
+    structured = None if so is None else StructuredOutputsParams(
+        json=so.json, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object or None,
+        disable_any_whitespace=so.disable_any_whitespace)
     return VllmParams(
+        structured_outputs=structured,
         n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
         top_k=p.top_k if p.top_k > 0 else 0, min_p=p.min_p, seed=p.seed,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,

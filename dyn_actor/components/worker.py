@@ -131,7 +131,7 @@ class Worker(Actor):
                 self._live.discard(out.request_id)
                 ended.append(out.request_id)
             if out.error is not None:  # its step failed: the request ended with the error
-                items.append(RequestDelta(out.request_id, error=out.error, error_type="EngineError"))
+                items.append(RequestDelta(out.request_id, error=out.error, error_type=out.error_type))
                 continue
             kv_bytes, seconds = remote.get(out.request_id, (0, 0.0)) if remote else (0, 0.0)
             items.append(RequestDelta(out.request_id, TokenDelta(

@@ -20,6 +20,8 @@ import gc
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import msgspec
@@ -32,6 +34,7 @@ from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.engine.sampling import Logprobs, PenaltyState, PendingSample, SamplingParams, sample, sample_async
 from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
+from dyn_actor.engine.structured import Grammars, GrammarState
 from dyn_actor.kv.block_manager import BlockManager
 from dyn_actor.kv.events import KvEvent
 from dyn_actor.kv.pool import KvLayout, KvPool
@@ -98,6 +101,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # the step that computed this request failed: it ended with this error
+    error_type: str = "EngineError"  # ValueError: the request's own input was at fault (a grammar that does not compile)
 
 
 class RemoteAllocation(msgspec.Struct):
@@ -246,6 +250,10 @@ class LLMEngine:
         self._hit_tokens = 0
         self._generated = 0
         self._preemptions = 0
+        # structured outputs: requests whose grammar is still compiling wait here, out of the scheduler
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
+        self._compiling: dict[str, Request] = {}
+        self.wake: Callable[[], None] = lambda: None  # called (from any thread) when a grammar is ready
         # what start-up made (modules, weights' wrappers, graphs) lives as long as the process: out of
         # the cyclic collector's way, whose full passes over it cost ~0.5 ms a step on a busy step loop
         gc.collect()
@@ -301,6 +309,10 @@ class LLMEngine:
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
+        if params.structured is not None:
+            fut = self.grammars.compile(params.structured)
+            fut.add_done_callback(lambda _: self.wake())
+            req.grammar = GrammarState(fut)
         return req
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -338,7 +350,10 @@ class LLMEngine:
         req = self._make_request(request_id, prompt_token_ids, params or SamplingParams(), validated)
         req.hold_blocks = hold_blocks
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if req.grammar is not None:
+            self._compiling[request_id] = req  # scheduled once its grammar is ready (``_admit_compiled``)
+        else:
+            self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks are freed. False if it is unknown or already done."""
@@ -346,6 +361,9 @@ class LLMEngine:
         if req is None:
             return self.release_blocks(request_id)
         req.finish_reason = "abort"
+        if self._compiling.pop(request_id, None) is not None:  # never scheduled: holds nothing
+            req.status = RequestStatus.FINISHED
+            return True
         self.scheduler.finish(req)
         return True
 
@@ -372,11 +390,33 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None or bool(self._compiling)
 
     def has_work(self) -> bool:
-        """Whether ``step`` would compute something now (requests waiting for remote KV do not count)."""
-        return bool(self.scheduler.waiting or self.scheduler.running or self._inflight is not None)
+        """Whether ``step`` would compute something now (requests waiting for remote KV, or for their
+        grammar to compile, do not count)."""
+        return bool(self.scheduler.waiting or self.scheduler.running or self._inflight is not None
+                    or any(r.grammar.ready for r in self._compiling.values()))
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Hand requests whose grammar is ready to the scheduler, in arrival order; end those whose
+        grammar did not compile, with the reason (the client's input: a 400 before the first token)."""
+        outputs = []
+        for rid, req in list(self._compiling.items()):
+            fut = req.grammar.future
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            exc = fut.exception()
+            if exc is None:
+                self.scheduler.add(req)
+                continue
+            self.requests.pop(rid, None)
+            req.status, req.finish_reason = RequestStatus.FINISHED, "error"
+            outputs.append(RequestOutput(request_id=rid, new_token_ids=[], finished=True, finish_reason="error",
+                                         error=str(exc), error_type="ValueError" if isinstance(exc, ValueError)
+                                         else "EngineError", num_prompt_tokens=req.num_prompt_tokens))
+        return outputs
 
     # ------------------------------------------------------------ remote KV
     def cached_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
@@ -477,6 +517,10 @@ class LLMEngine:
         req.append_token(token)
         self._generated += 1
         finished = req.check_stop(self.max_model_len)
+        error = None
+        if req.grammar is not None and not finished:
+            error = self._grammar_after(req)
+            finished = error is not None or req.finish_reason is not None
         out = RequestOutput(
             request_id=req.request_id,
             new_token_ids=[token],
@@ -491,14 +535,63 @@ class LLMEngine:
             out.finished = True
             out.finish_reason = req.finish_reason
             out.stop_reason = req.stop_reason
+            if error is not None:
+                out.error, out.error_type = error
             self.requests.pop(req.request_id, None)
             self.scheduler.finish(req, free_blocks=not req.hold_blocks)
             if req.hold_blocks:
                 self._held[req.request_id] = req
         return out
 
+    def _grammar_after(self, req: Request) -> tuple[str, str] | None:
+        """A structured-output request has a new token: feed its grammar. Sets the request's finish
+        reason when the grammar has terminated (an end-of-sequence token closed a complete text);
+        returns (message, error type) if it cannot go on."""
+        g = req.grammar
+        try:
+            g.sync(req.output_token_ids)
+        except Exception as e:  # noqa: BLE001 - its grammar did not compile (it was prefilled elsewhere meanwhile)
+            req.finish_reason = "error"
+            return str(e) or type(e).__name__, "ValueError" if isinstance(e, ValueError) else "EngineError"
+        if g.broken is not None:
+            log.error("%s: token %d is outside its grammar", req.request_id, g.broken)
+            req.finish_reason = "error"
+            return f"the sampled token {g.broken} is outside the request's grammar", "EngineError"
+        if g.terminated:
+            req.finish_reason, req.stop_reason = "stop", None
+        return None
+
+    def _apply_masks(self, logits: torch.Tensor, samplers: list[Request]) -> None:
+        """What no sampler may draw: stop tokens before ``min_tokens``, tokens outside a grammar."""
+        self._apply_min_tokens(logits, samplers)
+        rows = [i for i, r in enumerate(samplers) if r.grammar is not None]
+        if not rows:
+            return
+        states = []
+        for i in rows:
+            g = samplers[i].grammar
+            try:
+                g.sync(samplers[i].output_token_ids)
+            except Exception:  # noqa: BLE001 - drawn unmasked; ``_emit`` ends it with its grammar's error
+                pass
+            states.append(g)
+        keep = [(i, g) for i, g in zip(rows, states) if g.matcher is not None and g.broken is None]
+        if keep:
+            self.grammars.apply(logits, [i for i, _ in keep], [g for _, g in keep])
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one forward pass; return what each sampled request produced (and the
+        requests whose grammar failed to compile)."""
+        if not self._compiling:
+            return self._step()
+        if not self.has_work():  # only compiles under way (an offline loop): wait a little for one
+            wait_futures([r.grammar.future for r in self._compiling.values()], timeout=0.05,
+                         return_when=FIRST_COMPLETED)
+        early = self._admit_compiled()
+        return early + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         """Schedule and run one forward pass; return what each sampled request produced.
 
         With overlapped steps (``async_scheduling``) a call returns the tokens of the step before:
@@ -541,9 +634,11 @@ class LLMEngine:
     # ------------------------------------------------------- overlapped steps
     def _can_queue(self, scheduled: list[tuple[Request, int]]) -> bool:
         """Whether a step can be queued without the host seeing its tokens first: not where a row
-        scores prompt tokens, or holds its blocks (a prefill worker's, read right after)."""
+        scores prompt tokens, holds its blocks (a prefill worker's, read right after), or follows a
+        grammar (its mask needs the token before)."""
         for r, _ in scheduled:
-            if r.hold_blocks or (r.prompt_logprobs is not None and r.prompt_logprobs_pending):
+            if r.hold_blocks or r.grammar is not None or (
+                    r.prompt_logprobs is not None and r.prompt_logprobs_pending):
                 return False
         return True
 
@@ -576,7 +671,7 @@ class LLMEngine:
         for r, n in scheduled:
             r.num_computed_tokens += n
             computed.append(r.num_computed_tokens)
-        self._apply_min_tokens(logits, samplers)
+        self._apply_masks(logits, samplers)
         pending = sample_async(logits, [r.params for r in samplers], [r.generator for r in samplers],
                                self._penalties(samplers, logits))
         step = _InFlight([r for r, _ in scheduled], computed, samplers, pending)
@@ -655,7 +750,7 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         outputs: list[RequestOutput] = []
         if samplers:
-            self._apply_min_tokens(logits, samplers)
+            self._apply_masks(logits, samplers)
             result = sample(logits, [r.params for r in samplers], [r.generator for r in samplers],
                             self._penalties(samplers, logits))
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
@@ -731,7 +826,8 @@ class LLMEngine:
         rows: list[int] = []
         cols: list[int] = []
         for i, req in enumerate(reqs):
-            if req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
+            # a grammar decides where its text may end: it alone (min_tokens could leave it nothing)
+            if req.grammar is None and req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
                 banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
                 rows += [i] * len(banned)
                 cols += banned
@@ -924,7 +1020,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=len(s.waiting) + len(self._compiling),
             num_waiting_remote=len(s.remote),
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,
@@ -941,6 +1037,7 @@ class LLMEngine:
             self._drain_device()
             self._settle(self._inflight)
             self._inflight = None
+        self.grammars.close()
         close = getattr(self.pool, "close", None)
         if close is not None:
             close()

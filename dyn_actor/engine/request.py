@@ -39,6 +39,7 @@ class Request:
         "prompt_logprobs_sent",
         "pending_step",
         "pending_row",
+        "grammar",
     )
 
     def __init__(
@@ -72,6 +73,7 @@ class Request:
         # (the token is its row ``pending_row`` of that step's samples); None when there is none
         self.pending_step: object | None = None
         self.pending_row = -1
+        self.grammar = None  # a structured output's GrammarState (engine/structured.py), or None
 
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position
