@@ -336,6 +336,9 @@ def sample_async(
     vals = logp.gather(1, chosen)
     ranks = (logp > vals).sum(dim=-1, keepdim=True)
     top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (logp[:, :0], chosen[:, :0])
+    # a masked-out token (a grammar's, min_tokens') among the top: -9999 as vLLM reports it, not -inf
+    # (which JSON cannot carry)
+    top_v = top_v.clamp(min=-9999.0)
     # float64 holds token ids and ranks exactly
     figures = torch.cat([vals.double(), ranks.double() + 1, top_v.double(), top_i.double()], dim=1)
     packed = torch.cat([tokens.double(), figures.flatten()])

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MISSING = "structured outputs need the xgrammar package on the worker: pip install 'dyn-actor[structured]'"
+# JSON: at most this many whitespace characters in a row between two tokens of the text (enough to
+# indent 9 levels by 2). Unbounded, a model that favours "\n" or " " can spend all of max_tokens on
+# whitespace inside an unfinished object (seen here with the built-in model, and reported of small
+# models under vLLM's JSON mode, which leaves it unbounded); disable_any_whitespace allows none.
+MAX_WHITESPACE = 20
 _XGR_PREFIX = re.compile(r"^\[[\d:.]+\] \S+?:\d+: (Check failed: .*? is false: )?")
 
 
@@ -154,7 +159,7 @@ class Grammars:
 def _whitespace(spec: StructuredOutput) -> dict[str, Any]:
     if spec.disable_any_whitespace:  # none at all: not even after the separators
         return {"any_whitespace": False, "separators": (",", ":")}
-    return {"any_whitespace": True}
+    return {"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE}
 
 
 def _vocab_type(tokenizer_json: str, xgr: Any) -> Any:
