@@ -119,6 +119,34 @@ def test_unsupported_and_bad_input_are_400s(server):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
+def test_structured_outputs_through_vllm(server):
+    """The request's structured output reaches vLLM's own (xgrammar) structured decoding."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+
+    def complete(**kw):
+        r = requests.post(server.base_url + "/completions", timeout=120,
+                          json={"model": "tiny", "prompt": "Pick:", "max_tokens": 60, "seed": 2, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+
+    text, reason = complete(guided_choice=["alpha", "beta"], temperature=0)
+    assert text in ("alpha", "beta") and reason == "stop"
+    text, reason = complete(guided_regex=r"[a-z]{3}-[0-9]{2}")
+    assert re.fullmatch(r"[a-z]{3}-[0-9]{2}", text) and reason == "stop"
+    text, reason = complete(structured_outputs={"json": schema, "disable_any_whitespace": True})
+    doc = json.loads(text)
+    assert reason == "stop" and set(doc) == {"ok", "n"} and isinstance(doc["ok"], bool) and 0 <= doc["n"] <= 9
+    r = requests.post(server.base_url + "/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "x", "guided_regex": "a(b"})
+    assert r.status_code == 400, r.text
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
 def test_kv_events_route_conversations_to_their_cache(server):
     """Each later turn of a conversation goes where its prefix is cached: the hit tokens are vLLM's own
     count (``num_cached_tokens``); with 3 workers a load-only choice would miss 2 times in 3."""
