@@ -53,11 +53,12 @@ class Result:
 
 
 SAMPLING = {"temperature": 0.0}  # --temperature; 1.0 samples (with top_p 1, no seed)
+EXTRA_BODY: dict = {}  # --extra-body: more fields for every request (a structured output, say)
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **SAMPLING, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **EXTRA_BODY}
     t0 = time.perf_counter()
     last = None
     res = Result(ok=False)
@@ -288,8 +289,13 @@ def main() -> int:
                          "streamed event, can be the bottleneck)")
     ap.add_argument("--name", default="serve")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sampled")
+    ap.add_argument("--extra-body", default=None, metavar="JSON",
+                    help='more fields for every request, e.g. \'{"guided_json": {...}}\' (a request that '
+                         "completes its structured output ends early, ignore_eos or not)")
     args = ap.parse_args()
     SAMPLING["temperature"] = args.temperature
+    if args.extra_body:
+        EXTRA_BODY.update(json.loads(args.extra_body))
 
     model = args.model
     if model is None:

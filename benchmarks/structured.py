@@ -124,7 +124,7 @@ def main() -> None:
     print_table([{"model": k, **{c: f"{v:,.1f}" if isinstance(v, float) else v for c, v in d.items()}}
                  for k, d in compiles.items()],
                 ["model", "vocab", "first_compile_ms", "schema_compile_ms", "cached_compile_ms"])
-    path = write_json("structured", {"rows": rows, "compile": compiles, "tokens": args.tokens})
+    path = write_json("structured.json", {"rows": rows, "compile": compiles, "tokens": args.tokens})
     print(f"\nwrote {path}")
 
 
