@@ -47,6 +47,10 @@ for d in .whl wheels; do
     if ls $d/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl \
             && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        if ls $d/ifmissing/*.whl >/dev/null 2>&1 && ! $PY -c "import pydantic" 2>/dev/null; then
+            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                $d/ifmissing/*.whl
+        fi
         break
     fi
 done

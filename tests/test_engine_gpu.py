@@ -111,3 +111,36 @@ def test_prefill_and_mixed_steps_from_piecewise_graphs_give_the_eager_tokens(lla
     assert pieces == eager
     _, chunked = run(max_num_batched_tokens=64)
     assert chunked == eager
+
+
+def test_structured_outputs_on_the_gpu(llama_dir):
+    """Grammar rows beside free ones on the GPU, from the decode graphs with overlapped steps (the
+    defaults there): the bitmask unpacked on the device, every text kept to its spec, and the
+    grammar rows' greedy tokens those of the same engine in eager stepwise mode."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    from dyn_actor.protocol import StructuredOutput
+
+    spec = StructuredOutput(regex=r"[a-z]{2,8}-[0-9]{3}")
+
+    def run(**kw):
+        e = _engine(llama_dir, **kw)
+        vocab = e.model_config.vocab_size
+        rng = random.Random(9)
+        reqs = {f"free{i}": ([0] + [rng.randrange(2, vocab) for _ in range(20 + i)],
+                             SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)) for i in range(12)}
+        reqs.update({f"g{i}": ([0] + [rng.randrange(2, vocab) for _ in range(10 + i)],
+                               SamplingParams(max_tokens=40, temperature=0 if i < 4 else 1.0, seed=i, structured=spec))
+                     for i in range(8)})
+        out = run_all(e, reqs)
+        assert e.block_manager.num_used_blocks == 0
+        return {k: (e.tokenizer.decode(v[0]), v[1]) for k, v in out.items()}
+
+    graphs = run()
+    for i in range(8):
+        text, reason = graphs[f"g{i}"]
+        assert reason == "stop" and re.fullmatch(r"[a-z]{2,8}-[0-9]{3}", text), (i, text)
+    eager = run(cuda_graphs="off", piecewise_graphs="off", async_scheduling="off")
+    assert {k: graphs[k] for k in graphs if k.startswith("free") or k in ("g0", "g1", "g2", "g3")} == \
+        {k: eager[k] for k in graphs if k.startswith("free") or k in ("g0", "g1", "g2", "g3")}
