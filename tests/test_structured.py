@@ -110,8 +110,7 @@ def test_aborted_while_compiling(engine):
     spec = StructuredOutput(json=json.dumps({**SCHEMA, "title": "fresh"}))  # not in the compiler's cache
     engine.add_request("gone", engine.tokenizer.encode("x"), SamplingParams(structured=spec))
     assert engine.abort_request("gone")
-    assert not engine.has_unfinished_requests()
-    engine.requests.clear()
+    assert not engine.has_unfinished_requests() and "gone" not in engine.requests
     assert engine.step() == [] and engine.block_manager.num_used_blocks == 0
 
 
@@ -241,3 +240,45 @@ def test_without_xgrammar_a_structured_request_is_refused(engine, monkeypatch):
     with pytest.raises(ValueError, match="xgrammar"):
         engine.add_request("nx", engine.tokenizer.encode("x"), SamplingParams(structured=StructuredOutput(regex="a")))
     assert not engine.has_unfinished_requests()
+
+
+def test_the_engine_thread_wakes_when_a_grammar_is_compiled(monkeypatch):
+    """An idle engine thread sleeps until woken: a grammar compiled on its own thread must wake it
+    (the idle wait made long here, so only the wake-up can finish the request in time)."""
+    import asyncio
+    import time
+
+    from dyn_actor.components.engine_thread import EngineThread
+
+    monkeypatch.setattr(EngineThread, "IDLE_WAIT", 60.0)
+    compile_ = st.Grammars._compile
+
+    def slow(self, spec):  # a compile that is surely still running when the thread goes idle
+        time.sleep(0.3)
+        return compile_(self, spec)
+
+    monkeypatch.setattr(st.Grammars, "_compile", slow)
+    e = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=256))
+    spec = StructuredOutput(choice=["woken"])
+
+    async def main():
+        done = asyncio.get_running_loop().create_future()
+
+        def on_outputs(outs):
+            if any(o.finished for o in outs) and not done.done():
+                done.set_result(outs[-1])
+
+        thread = EngineThread(e, asyncio.get_running_loop(), on_outputs)
+        thread.start()
+        try:
+            await thread.submit(lambda eng: eng.add_request("w", eng.tokenizer.encode("x"), SamplingParams(
+                max_tokens=200, temperature=1.0, seed=1, structured=spec)))
+            return await asyncio.wait_for(done, timeout=30)
+        finally:
+            thread.stop()
+
+    try:
+        out = asyncio.run(main())
+        assert out.finish_reason == "stop"
+    finally:
+        e.close()

@@ -156,6 +156,20 @@ def test_the_policy_moves_while_serving(server):
         local + 1, remote + 1)
 
 
+def test_structured_output_with_a_remote_prefill(server):
+    """A guided request whose prompt is prefilled by the prefill worker keeps to its regex."""
+    import re
+
+    prompt = [0] + [9 + (11 * k) % 70 for k in range(199)]  # cached nowhere yet
+    remote = _metric(server, "dyn_remote_prefills_total")
+    r = requests.post(server.base_url + "/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 30, "temperature": 1.0, "seed": 5, "guided_regex": r"[a-z]{4}-[0-9]{3}"})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert re.fullmatch(r"[a-z]{4}-[0-9]{3}", choice["text"]) and choice["finish_reason"] == "stop", choice
+    assert _metric(server, "dyn_remote_prefills_total") == remote + 1
+
+
 def test_prefill_worker_killed_mid_request(server, expected):
     """The prefill worker's model runner is stopped, so the request it pulls sits there; then the
     worker is killed: the queue reports it lost, the decode worker computes the prompt itself."""

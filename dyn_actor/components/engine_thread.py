@@ -21,6 +21,8 @@ BURST_WINDOW = 0.005  # seconds an idle engine thread waits for the rest of a bu
 class EngineThread:
     """Runs ``engine.step()`` in a loop on its own thread; other threads submit commands."""
 
+    IDLE_WAIT = 0.5  # seconds an idle engine thread sleeps unless woken (a command, a grammar compiled)
+
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, on_outputs: Callable[[list[RequestOutput]], None],
                  on_kv_events: Callable[[int, list[KvEvent]], None] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
@@ -33,6 +35,7 @@ class EngineThread:
         self.kv_seq = 0  # KV event batches handed out so far (engine thread only)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        engine.wake = self._wake.set  # a grammar compiled off this thread: its request can be scheduled
         self._stop = False
         self.step_seconds = 0.0
         self.steps = 0
@@ -109,7 +112,7 @@ class EngineThread:
                 if outputs:
                     self._loop.call_soon_threadsafe(self._on_outputs, outputs)
                 self._drain_kv_events()
-            elif self._wake.wait(timeout=0.5):
+            elif self._wake.wait(timeout=self.IDLE_WAIT):
                 self._settle_burst()
 
     def _settle_burst(self) -> None:
