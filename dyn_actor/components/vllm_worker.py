@@ -154,6 +154,12 @@ def vllm_sampling_params(p: SamplingParams, kv_transfer_params: dict | None = No
         extra_args=None if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params})
 
 
+def _refused_input(e: BaseException) -> bool:
+    """Whether vLLM refused the request's input: a ``ValueError``, or one of vLLM's client errors
+    (``VLLMValidationError`` for a grammar that does not compile, say), which are not ``ValueError``s."""
+    return isinstance(e, ValueError) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
+
+
 def _logprobs(token_ids: list[int], entries, k: int) -> list[Logprobs]:
     """vLLM's per-position ``{token id: Logprob}`` as ours: the sampled token's figures and the top ``k``."""
     out = []
@@ -376,9 +382,10 @@ class VllmWorker(Actor):
                     break
         except asyncio.CancelledError:
             raise  # aborted: vLLM's generate() aborts the request as it unwinds
-        except ValueError as e:  # vLLM refused the input
-            self._emit(RequestDelta(rid, error=str(e)))
         except Exception as e:  # noqa: BLE001 - this request ends with the error; the worker goes on
+            if _refused_input(e):  # vLLM refused the input (a 400 for the client)
+                self._emit(RequestDelta(rid, error=str(e)))
+                return
             log.error("vLLM request %s failed: %s: %s", rid, type(e).__name__, e)
             self._emit(RequestDelta(rid, error=f"{type(e).__name__}: {e}", error_type="EngineError"))
         finally:
