@@ -44,6 +44,9 @@ MISSING = "structured outputs need the xgrammar package on the worker: pip insta
 # whitespace inside an unfinished object (seen here with the built-in model, and reported of small
 # models under vLLM's JSON mode, which leaves it unbounded); disable_any_whitespace allows none.
 MAX_WHITESPACE = 20
+# compiled grammars kept for reuse (least recently used dropped first): a server that sees a new
+# schema in every request must not grow without bound (xgrammar's own default has no limit)
+CACHE_BYTES = 256 << 20
 _XGR_PREFIX = re.compile(r"^\[[\d:.]+\] \S+?:\d+: (Check failed: .*? is false: )?")
 
 
@@ -68,6 +71,8 @@ class Grammars:
         self._lock = threading.Lock()
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self.torch_masks = False  # the GPU's way on the CPU too (tests compare the two)
+        self._bitmask: torch.Tensor | None = None
+        self._bitmask_vocab = 0
 
     def compile(self, spec: StructuredOutput) -> Future:
         """Start compiling ``spec``; the future gives the compiled grammar or raises ``GrammarError``.
@@ -108,7 +113,7 @@ class Grammars:
                                  add_prefix_space=prefix_space)
         threads = max(1, min(8, os.cpu_count() or 1))
         log.info("structured outputs: xgrammar over a %d-token vocabulary (%s)", size, vocab_type.name)
-        return xgr.GrammarCompiler(info, max_threads=threads)
+        return xgr.GrammarCompiler(info, max_threads=threads, cache_limit_bytes=CACHE_BYTES)
 
     def _compile(self, spec: StructuredOutput) -> Any:
         if self._compiler is None:
@@ -138,8 +143,11 @@ class Grammars:
         """Mask ``logits`` rows ``rows`` (in place) to the tokens each state's grammar allows next."""
         import xgrammar as xgr
 
-        vocab = logits.shape[1]
-        bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)  # one row per logits row
+        n, vocab = logits.shape
+        # one row per logits row, reused from step to step (only the grammar rows are filled, and read)
+        if self._bitmask is None or self._bitmask.shape[0] < n or self._bitmask_vocab != vocab:
+            self._bitmask, self._bitmask_vocab = xgr.allocate_token_bitmask(max(n, 64), vocab), vocab
+        bitmask = self._bitmask[:n]
         for row, st in zip(rows, states):
             st.matcher.fill_next_token_bitmask(bitmask, row)
         if logits.device.type == "cpu" and not self.torch_masks:
