@@ -112,8 +112,19 @@ CASES = [
     ("chat/completions", {"messages": MSGS, "structured_outputs": {"regex": "a", "choice": ["a"]}}, 400),
     ("chat/completions", {"messages": MSGS, "structured_outputs": {}}, 400),
     ("completions", {"prompt": "hi", "guided_choice": ["x" * 300_000]}, 400),
-    ("chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, 400),
-    ("chat/completions", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "tool_calls": [{"function": {}}]}]}, 400),
+    ("chat/completions", {"messages": [{"role": "assistant", "tool_calls": "x"}]}, 400),
+    ("chat/completions", {"messages": [{"role": "function", "content": "42"}]}, 400),
+    ("chat/completions", {"messages": MSGS, "tools": {"type": "function"}, "tool_choice": "required"}, 400),
+    ("chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "a b"}}],
+                          "tool_choice": "required"}, 400),
+    ("chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400),
+    ("chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": "required", "guided_regex": "a"}, 400),
+    ("chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": "required", "parallel_tool_calls": "no"}, 400),
+    ("completions", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("chat/completions", {"messages": [{"role": "user"}]}, 400),
     ("chat/completions", {"messages": MSGS, "stream_options": {"include_usage": True}}, 400),
@@ -137,7 +148,7 @@ def test_bad_request(server, route, body, status):
 def test_unsupported_features_are_named(server):
     r = requests.post(server.base_url + "/chat/completions", timeout=30,
                       json={"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"  # "auto": no tool-call parser
     r = requests.post(server.base_url + "/completions", timeout=30, json={"prompt": "hi", "top_k": 2**63})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
     # what is harmless passes: a plain-text response format, tool_choice none

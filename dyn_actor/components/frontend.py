@@ -40,6 +40,7 @@ from dyn_actor.components.openai_api import (
     sampling_params,
 )
 from dyn_actor.components.processor import Processor
+from dyn_actor.components.tools import ToolPlan, new_call_id, plan_tools, tool_calls, tool_dicts
 from dyn_actor.engine.tokenizer import Tokenizer
 from dyn_actor.metrics import FrontendMetrics
 from dyn_actor.protocol import Logprobs, SamplingParams
@@ -305,9 +306,12 @@ class Frontend:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
         self.processor.check_model(req.model)
-        check_supported(req)
+        check_supported(req, chat=True)
         check_messages(req.messages)
-        prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt)
+        tools = tool_dicts(req.tools)
+        plan = plan_tools(tools, req.tool_choice, _optional_bool(req.parallel_tool_calls, "parallel_tool_calls"))
+        prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
+                                          tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -318,11 +322,17 @@ class Frontend:
             max_tokens = self._default_max_tokens([len(prompt_ids)], None)
         params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults, req.prompt_logprobs)
                   for i in range(req.n)]
+        if plan is not None:  # the output is the tool calls' JSON
+            if params[0].structured is not None:
+                raise RequestError("tool_choice and a structured output (response_format, guided_*) cannot be "
+                                   "asked for together", param="tool_choice")
+            for p in params:
+                p.structured = plan.spec
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage),
-                                   show_prompt_logprobs=req.prompt_logprobs is not None)
+                                   show_prompt_logprobs=req.prompt_logprobs is not None, tools=plan)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
@@ -361,17 +371,17 @@ class Frontend:
                                    req.prompt_logprobs is not None)
 
     async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage, echo=None,
-                       show_prompt_logprobs=False):
+                       show_prompt_logprobs=False, tools: ToolPlan | None = None):
         batches = prompt_ids if kind == "text" else [prompt_ids]
         jobs = [(pi * len(params) + i, ids, p) for pi, ids in enumerate(batches) for i, p in enumerate(params)]
         if echo is not None:  # the prompt's text of each job
             echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
-            return await self._stream_response(request, rid, kind, jobs, include_usage, echo)
-        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs)
+            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools)
+        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools)
 
     async def _full_response(self, rid, kind, jobs, echo: Echo | None = None,
-                             show_prompt_logprobs: bool = False) -> web.Response:
+                             show_prompt_logprobs: bool = False, tools: ToolPlan | None = None) -> web.Response:
         async def collect(index, ids, p):
             text, toks, lps, reason, stop_reason, cached, plps = "", [], [], None, None, 0, None
             async for c in self.generate(f"{rid}-{index}", ids, p):
@@ -392,7 +402,13 @@ class Frontend:
         for index, ids, text, _toks, lps, reason, stop_reason, _, plps in results:
             p = jobs[index][2]
             if kind == "chat":
-                choices.append(R.ChatChoice(index, R.ChatMessage("assistant", text),
+                message = R.ChatMessage("assistant", text)
+                calls = tool_calls(tools, text) if tools is not None else None
+                if calls is not None:
+                    message = R.ChatMessage("assistant", None, calls)
+                    if tools.mode == "required" and reason == "stop":
+                        reason = "tool_calls"
+                choices.append(R.ChatChoice(index, message,
                                             self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
                                             reason, stop_reason))
                 continue
@@ -413,8 +429,8 @@ class Frontend:
             body.prompt_logprobs = self.processor.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
         return _json(body)
 
-    async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None
-                               ) -> web.StreamResponse:
+    async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None,
+                               tools: ToolPlan | None = None) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
         stats = {"completion": 0, "cached": 0}
 
@@ -429,7 +445,7 @@ class Frontend:
 
         tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
         try:  # however this ends (the client left before the first token, too), the requests end with it
-            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo)
+            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools)
         except ConnectionResetError:  # the client went away mid-write: nobody to answer
             return stats.get("resp") or web.Response(status=499)
         finally:
@@ -437,7 +453,7 @@ class Frontend:
                 t.cancel()
 
     async def _write_sse(self, request, rid, kind, jobs, include_usage, queue: asyncio.Queue,
-                         stats: dict, echo: Echo | None = None) -> web.StreamResponse:
+                         stats: dict, echo: Echo | None = None, tools: ToolPlan | None = None) -> web.StreamResponse:
         # errors before the first byte (no worker, bad input caught by the engine) become normal responses
         first_item = await queue.get()
         if isinstance(first_item[2], BaseException):
@@ -474,6 +490,7 @@ class Frontend:
                              [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
         open_jobs = len(jobs)
         echoed: set[int] = set()
+        calls_text: dict[int, list] = {}  # tool calls: each choice's text so far, and its call id
         item = first_item
         while True:
             index, p, c = item
@@ -508,7 +525,13 @@ class Frontend:
                         lp = self.processor.chat_logprobs(c.logprobs) if kind == "chat" else self.processor.text_logprobs(c.logprobs)
                     reason = c.finish_reason if c.finished else None
                     stop_reason = c.stop_reason if c.finished else R.UNSET
-                    if kind == "chat":
+                    if kind == "chat" and tools is not None:
+                        delta, reason = self._tool_delta(tools, calls_text, index, c, reason)
+                        if delta is None:  # "required": the calls go out once the array is complete
+                            item = await next_item()
+                            continue
+                        choice = R.ChatChunkChoice(index, delta, lp, reason, stop_reason)
+                    elif kind == "chat":
                         delta = R.ChatDelta(content=c.text) if c.text or c.token_ids else R.ChatDelta()
                         choice = R.ChatChunkChoice(index, delta, lp, reason, stop_reason)
                     else:
@@ -523,6 +546,31 @@ class Frontend:
         out.append(b"data: [DONE]\n\n")
         await flush()
         return resp
+
+    @staticmethod
+    def _tool_delta(plan: ToolPlan, state: dict[int, list], index: int, c, reason):
+        """A streamed chunk of a tool-call choice: a named call's arguments as they come (its id and
+        name in the first); for "required", nothing until the end, then every call at once (or the
+        text, where it is not a complete array). Returns (delta or None, finish reason)."""
+        st = state.setdefault(index, ["", None])
+        st[0] += c.text
+        if plan.mode == "named":
+            if not c.text:
+                return R.ChatDelta(), reason
+            if st[1] is None:
+                st[1] = new_call_id()
+                call = {"index": 0, "id": st[1], "type": "function",
+                        "function": {"name": plan.name, "arguments": c.text}}
+            else:
+                call = {"index": 0, "function": {"arguments": c.text}}
+            return R.ChatDelta(tool_calls=[call]), reason
+        if not c.finished:
+            return None, reason
+        calls = tool_calls(plan, st[0])
+        if calls is None:
+            return R.ChatDelta(content=st[0]), reason
+        return (R.ChatDelta(tool_calls=[{"index": i, **call} for i, call in enumerate(calls)]),
+                "tool_calls" if reason == "stop" else reason)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
@@ -630,6 +678,13 @@ _encode = R.encode  # response bodies: typed structs (components/responses.py) e
 
 def _json(obj, status: int = 200) -> web.Response:
     return web.Response(body=_encode(obj), status=status, content_type="application/json")
+
+
+def _optional_bool(raw: msgspec.Raw, name: str) -> bool | None:
+    value = msgspec.json.decode(raw)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false", param=name)
+    return value
 
 
 def error_response(message: str, status: int, type: str, code: str | int | None = None,

@@ -36,7 +36,7 @@ MAX_STOP = 64
 NULL = msgspec.Raw(b"null")  # a field given as null, or not given
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class StreamOptions(msgspec.Struct):
@@ -130,9 +130,14 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
-def check_supported(req: _Common) -> None:
+CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")  # chat completions take these (components/tools.py)
+
+
+def check_supported(req: _Common, chat: bool = False) -> None:
     """A 400 naming the first feature the request asks for that this server does not implement."""
     for name in UNSUPPORTED:
+        if chat and name in CHAT_ONLY:
+            continue
         raw = getattr(req, name)
         if bytes(raw) == b"null":
             continue
@@ -246,15 +251,26 @@ def _structured_outputs(value: Any) -> StructuredOutput:
 
 
 def check_messages(messages: list[ChatMessage]) -> None:
-    """Roles this server can render, each message with text content."""
+    """Roles this server can render, each message with text content (an assistant's tool calls may
+    stand in for it)."""
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            what = "tool messages are" if m.role in ("tool", "function") else f"the role {m.role[:32]!r} is"
+            what = "function messages are" if m.role == "function" else f"the role {m.role[:32]!r} is"
             raise RequestError(f"messages[{i}]: {what} not supported by this server (roles: {', '.join(ROLES)})",
                                param="messages")
-        if bytes(m.tool_calls) not in (b"null", b"[]"):
-            raise RequestError(f"messages[{i}]: tool_calls are not supported by this server", param="messages")
-        if m.content is None:
+        calls = bytes(m.tool_calls) not in (b"null", b"[]")
+        if calls and m.role != "assistant":
+            raise RequestError(f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
+        if calls:
+            try:
+                value = msgspec.json.decode(m.tool_calls)
+            except RecursionError:
+                raise RequestError(f"messages[{i}].tool_calls is nested too deeply", param="messages") from None
+            if not isinstance(value, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) for c in value):
+                raise RequestError(f"messages[{i}].tool_calls must be a list of {{\"function\": {{...}}}}",
+                                   param="messages")
+        if m.content is None and not calls:
             raise RequestError(f"messages[{i}] has no content", param="messages")
 
 

@@ -5,7 +5,10 @@ OpenAI shapes of logprobs."""
 
 from __future__ import annotations
 
+import msgspec
+
 from dyn_actor.components.openai_api import RequestError, message_text
+from dyn_actor.components.tools import template_messages
 from dyn_actor.engine.detokenizer import TextStream
 from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
 from dyn_actor.protocol import Logprobs, SamplingParams
@@ -47,11 +50,22 @@ class Processor:
             raise RequestError(outside[1], param=outside[0])
         return n
 
-    def chat_prompt(self, messages, add_generation_prompt: bool) -> list[int]:
-        """The chat template applied and tokenized (slow for long conversations: call it off the loop)."""
-        msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
+    def chat_prompt(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+        """The chat template applied and tokenized (slow for long conversations: call it off the loop).
+        ``tools``: shown to the template (as ``tools``), as vLLM does."""
+        msgs = []
+        for m in messages:
+            d = {"role": m.role, "content": message_text(m.content)}
+            if bytes(m.tool_calls) not in (b"null", b"[]"):
+                d["tool_calls"] = msgspec.json.decode(m.tool_calls)
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+            msgs.append(d)
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tokenizer.encode_chat(msgs, add_generation_prompt)
+            return self.tokenizer.encode_chat(template_messages(msgs), add_generation_prompt, **extra)
         except ChatTemplateError as e:
             raise RequestError(str(e), param="messages") from None
 

@@ -44,7 +44,8 @@ class CompletionChoice(msgspec.Struct):
 
 class ChatMessage(msgspec.Struct):
     role: str
-    content: str
+    content: str | None  # None where the message is tool calls
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -77,6 +78,7 @@ class CompletionChunkChoice(msgspec.Struct):
 class ChatDelta(msgspec.Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # each with its "index"; id/type/name in the first
 
 
 class ChatChunkChoice(msgspec.Struct):
