@@ -110,12 +110,18 @@ def test_completions_streamed_with_several_choices(server):
 def test_a_spec_that_does_not_compile_is_a_400_and_serving_goes_on(server):
     url = server.base_url + "/chat/completions"
     msgs = [{"role": "user", "content": "x"}]
+    remote = _metric(server, "dyn_remote_prefills_total")
     for stream in (False, True):
         r = requests.post(url, timeout=60, json={"messages": msgs, "stream": stream,
                                                  "guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}})
         assert r.status_code == 400 and "nope" in r.json()["error"]["message"], r.text
         r = requests.post(url, timeout=60, json={"messages": msgs, "stream": stream, "guided_regex": "[a-"})
         assert r.status_code == 400 and "regex" in r.json()["error"]["message"], r.text
+    # 1p1d: the decode worker's own compile refused them before any push (no prefill worker saw them)
+    assert _metric(server, "dyn_remote_prefills_total") == remote
+    assert "prefill of" not in server.log() and "remote prefill of" not in server.log()
     r = requests.post(url, timeout=60, json={"messages": msgs, "max_tokens": 4, "guided_choice": ["fine"]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    if server.kind != "agg":
+        assert _metric(server, "dyn_remote_prefills_total") == remote + 1
     assert eventually(lambda: _metric(server, "dyn_worker_kv_blocks_used") == 0)

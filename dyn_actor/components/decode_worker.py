@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import msgspec
@@ -25,7 +26,7 @@ from dyn_actor.components.disagg_messages import (
     SetDisaggPolicy,
     WriteGrant,
 )
-from dyn_actor.components.messages import AbortRequest, GenerateRequest, WorkerMessage, WorkerStats
+from dyn_actor.components.messages import AbortRequest, GenerateRequest, RequestDelta, WorkerMessage, WorkerStats
 from dyn_actor.components.prefill_queue import PUBLISH_INTERVAL, depth_endpoint
 from dyn_actor.components.worker import Worker
 from dyn_actor.engine.engine import LLMEngine, RemoteAllocation, RequestOutput
@@ -158,7 +159,7 @@ class DecodeWorker(Worker):
         remote_ok = self._queue_usable()
         policy = self.policy
 
-        def admit(e: LLMEngine) -> RemoteAllocation | None:
+        def admit(e: LLMEngine) -> tuple[RemoteAllocation, Future | None] | None:
             if remote_ok and params.prompt_logprobs is None:  # prompt logprobs come from a local prefill
                 _, cached = e.cached_prefix(prompt)
                 depth = self._depth + self._pushed_since_depth
@@ -166,12 +167,35 @@ class DecodeWorker(Worker):
                     alloc = e.allocate_remote_prefill(rid, prompt, params, validated=True)
                     if alloc is not None:
                         self._pushed_since_depth += 1
-                        return alloc
+                        grammar = e.requests[rid].grammar
+                        return alloc, None if grammar is None else grammar.future
                     # no room for the whole prompt now: the scheduler queues it locally
             e.add_request(rid, prompt, params, validated=True)
             return None
 
-        self._admit(rid, self._thread.submit(admit), lambda alloc: alloc and self._push_remote(m, alloc))
+        self._admit(rid, self._thread.submit(admit), lambda got: got and self._push_when_compiled(m, *got))
+
+    def _push_when_compiled(self, m: GenerateRequest, alloc: RemoteAllocation, grammar: Future | None) -> None:
+        """Push a remote prefill once its structured output's grammar has compiled here: one that
+        does not compile ends the request now, as the client's error (a 400), and no prefill worker
+        is handed a request that can only fail."""
+        if grammar is None or (grammar.done() and grammar.exception() is None):
+            self._push_remote(m, alloc)
+            return
+        rid = m.request_id
+
+        def compiled(f: asyncio.Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                self._push_remote(m, alloc)
+            elif rid in self._live:  # nothing was pushed: the blocks are only ours, freed by the abort
+                self._live.discard(rid)
+                self._thread.submit(lambda e: e.abort_request(rid))
+                self._publish([RequestDelta(rid, error=str(exc), error_type="ValueError" if isinstance(
+                    exc, ValueError) else "EngineError")])
+                self._subscribers.forget(rid)
+
+        asyncio.wrap_future(grammar).add_done_callback(compiled)
 
     def _push_remote(self, m: GenerateRequest, alloc: RemoteAllocation) -> None:
         rid = m.request_id
