@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -102,20 +103,23 @@ def main() -> None:
     rows = []
     compiles = {}
     tmp = tempfile.mkdtemp(prefix="dyn-actor-structured-")
-    for name in args.models.split(","):
-        model = "builtin:tiny" if name == "builtin" else str(write_random_llama(Path(tmp) / name))
-        engine = _engine(model)
-        vocab = engine.model_config.vocab_size
-        compiles[name] = {"vocab": vocab, **_compile_times(engine)}
-        for batch in (int(b) for b in args.batch.split(",")):
-            base = None
-            for kind, spec in specs.items():
-                r = _run(engine, batch, args.tokens, spec)
-                base = base or r["ms_per_step"]
-                rows.append({"model": name, "vocab": vocab, "batch": batch, "workload": kind, **r,
-                             "overhead": r["ms_per_step"] / base})
-                print(f"{name} batch {batch} {kind}: {r['ms_per_step']:.2f} ms/step", flush=True)
-        engine.close()
+    try:
+        for name in args.models.split(","):
+            model = "builtin:tiny" if name == "builtin" else str(write_random_llama(Path(tmp) / name))
+            engine = _engine(model)
+            vocab = engine.model_config.vocab_size
+            compiles[name] = {"vocab": vocab, **_compile_times(engine)}
+            for batch in (int(b) for b in args.batch.split(",")):
+                base = None
+                for kind, spec in specs.items():
+                    r = _run(engine, batch, args.tokens, spec)
+                    base = base or r["ms_per_step"]
+                    rows.append({"model": name, "vocab": vocab, "batch": batch, "workload": kind, **r,
+                                 "overhead": r["ms_per_step"] / base})
+                    print(f"{name} batch {batch} {kind}: {r['ms_per_step']:.2f} ms/step", flush=True)
+            engine.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the 125M checkpoint is half a gigabyte
     print()
     print_table([{**r, "ms_per_step": f"{r['ms_per_step']:.2f}", "out_tok_s": f"{r['out_tok_s']:,.0f}",
                   "overhead": f"{r['overhead']:.2f}x"} for r in rows],
