@@ -1,5 +1,5 @@
-"""Structured outputs: a request's text held to a JSON schema, a regex, a choice of strings or an
-EBNF grammar, by masking each step's logits to the tokens that keep it inside.
+"""Structured outputs: a request's text held to a JSON schema, a regex, a choice of strings or a
+grammar (EBNF or Lark), by masking each step's logits to the tokens that keep it inside.
 
 The grammar engine is xgrammar (an optional dependency, the ``[structured]`` extra): it compiles a
 spec against the tokenizer's vocabulary once (cached), and per request a matcher walks the tokens
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 MISSING = "structured outputs need the xgrammar package on the worker: pip install 'dyn-actor[structured]'"
 # JSON: at most this many whitespace characters in a row between two tokens of the text (enough to
 # indent 9 levels by 2). Unbounded, a model that favours "\n" or " " can spend all of max_tokens on
-# whitespace inside an unfinished object (seen here with the built-in model, and reported of small
-# models under vLLM's JSON mode, which leaves it unbounded); disable_any_whitespace allows none.
+# whitespace inside an unfinished object (seen here with the built-in model; vLLM 0.32 leaves it
+# unbounded); disable_any_whitespace allows none.
 MAX_WHITESPACE = 20
 # compiled grammars kept for reuse (least recently used dropped first): a server that sees a new
 # schema in every request must not grow without bound (xgrammar's own default has no limit)
