@@ -562,22 +562,38 @@ class LLMEngine:
         return None
 
     def _apply_masks(self, logits: torch.Tensor, samplers: list[Request]) -> None:
-        """What no sampler may draw: stop tokens before ``min_tokens``, tokens outside a grammar."""
-        self._apply_min_tokens(logits, samplers)
-        rows = [i for i, r in enumerate(samplers) if r.grammar is not None]
-        if not rows:
-            return
-        states = []
+        """What no sampler may draw: the stop tokens of rows short of their ``min_tokens`` (counting a
+        token a queued step sampled, not appended yet), tokens outside a row's grammar. One pass over
+        the rows (this runs every step); no wait for the device."""
+        rows: list[int] = []
+        cols: list[int] = []
+        grammar_rows: list[int] = []
+        for i, req in enumerate(samplers):
+            if req.grammar is not None:  # the grammar alone decides where its text may end
+                grammar_rows.append(i)
+            elif req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
+                banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
+                rows += [i] * len(banned)
+                cols += banned
+        if rows:
+            idx = to_device(torch.tensor([rows, cols], dtype=torch.long), logits.device)
+            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
+        if grammar_rows:
+            self._apply_grammars(logits, samplers, grammar_rows)
+
+    def _apply_grammars(self, logits: torch.Tensor, samplers: list[Request], rows: list[int]) -> None:
+        keep, states = [], []
         for i in rows:
             g = samplers[i].grammar
             try:
                 g.sync(samplers[i].output_token_ids)
             except Exception:  # noqa: BLE001 - drawn unmasked; ``_emit`` ends it with its grammar's error
-                pass
-            states.append(g)
-        keep = [(i, g) for i, g in zip(rows, states) if g.matcher is not None and g.broken is None]
+                continue
+            if g.broken is None:
+                keep.append(i)
+                states.append(g)
         if keep:
-            self.grammars.apply(logits, [i for i, _ in keep], [g for _, g in keep])
+            self.grammars.apply(logits, keep, states)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -819,21 +835,6 @@ class LLMEngine:
                 r.penalty.add_pending(r.pending_step.pending.tokens[row:row + 1])
             states.append(r.penalty)
         return rows, states
-
-    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
-        """Ban the stop tokens of rows short of their ``min_tokens`` (counting a token a queued step
-        sampled, not appended yet), with no wait for the device."""
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, req in enumerate(reqs):
-            # a grammar decides where its text may end: it alone (min_tokens could leave it nothing)
-            if req.grammar is None and req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
-                banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
-                rows += [i] * len(banned)
-                cols += banned
-        if rows:
-            idx = to_device(torch.tensor([rows, cols], dtype=torch.long), logits.device)
-            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
 
     def _decode_from_graph(self, scheduled: list[tuple[Request, int]],
                            fill: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[Request]]:
