@@ -40,7 +40,7 @@ from dyn_actor.components.openai_api import (
     sampling_params,
 )
 from dyn_actor.components.processor import Processor
-from dyn_actor.components.tools import ToolPlan, new_call_id, plan_tools, tool_calls, tool_dicts
+from dyn_actor.components.tools import ToolPlan, ToolStream, plan_tools, stream_delta, tool_calls, tool_dicts
 from dyn_actor.engine.tokenizer import Tokenizer
 from dyn_actor.metrics import FrontendMetrics
 from dyn_actor.protocol import Logprobs, SamplingParams
@@ -490,7 +490,7 @@ class Frontend:
                              [R.ChatChunkChoice(index, R.ChatDelta("assistant", ""), None, None)]))
         open_jobs = len(jobs)
         echoed: set[int] = set()
-        calls_text: dict[int, list] = {}  # tool calls: each choice's text so far, and its call id
+        calls_text: dict[int, ToolStream] = {}  # tool calls: each choice's text so far, and its call id
         item = first_item
         while True:
             index, p, c = item
@@ -526,7 +526,8 @@ class Frontend:
                     reason = c.finish_reason if c.finished else None
                     stop_reason = c.stop_reason if c.finished else R.UNSET
                     if kind == "chat" and tools is not None:
-                        delta, reason = self._tool_delta(tools, calls_text, index, c, reason)
+                        delta, reason = stream_delta(tools, calls_text.setdefault(index, ToolStream()), c.text,
+                                                     c.finished, reason)
                         if delta is None:  # "required": the calls go out once the array is complete
                             item = await next_item()
                             continue
@@ -546,31 +547,6 @@ class Frontend:
         out.append(b"data: [DONE]\n\n")
         await flush()
         return resp
-
-    @staticmethod
-    def _tool_delta(plan: ToolPlan, state: dict[int, list], index: int, c, reason):
-        """A streamed chunk of a tool-call choice: a named call's arguments as they come (its id and
-        name in the first); for "required", nothing until the end, then every call at once (or the
-        text, where it is not a complete array). Returns (delta or None, finish reason)."""
-        st = state.setdefault(index, ["", None])
-        st[0] += c.text
-        if plan.mode == "named":
-            if not c.text:
-                return R.ChatDelta(), reason
-            if st[1] is None:
-                st[1] = new_call_id()
-                call = {"index": 0, "id": st[1], "type": "function",
-                        "function": {"name": plan.name, "arguments": c.text}}
-            else:
-                call = {"index": 0, "function": {"arguments": c.text}}
-            return R.ChatDelta(tool_calls=[call]), reason
-        if not c.finished:
-            return None, reason
-        calls = tool_calls(plan, st[0])
-        if calls is None:
-            return R.ChatDelta(content=st[0]), reason
-        return (R.ChatDelta(tool_calls=[{"index": i, **call} for i, call in enumerate(calls)]),
-                "tool_calls" if reason == "stop" else reason)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{

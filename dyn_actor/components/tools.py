@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from dyn_actor.components import responses as R
 from dyn_actor.components.openai_api import RequestError
 from dyn_actor.protocol import StructuredOutput
 
@@ -91,7 +92,7 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: 
                                   "items": items[0] if len(items) == 1 else {"anyOf": items}}
         if parallel is False:
             schema["maxItems"] = 1
-        return ToolPlan("required", StructuredOutput(json=json.dumps(schema)))
+        return ToolPlan("required", _checked(StructuredOutput(json=json.dumps(schema))))
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
         and isinstance(choice.get("function"), dict) else None
     if not isinstance(name, str):
@@ -99,7 +100,14 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: 
                            '{"name": ...}}', param="tool_choice")
     if name not in functions:
         raise RequestError(f"tool_choice names {name[:64]!r}, which is not among the tools", param="tool_choice")
-    return ToolPlan("named", StructuredOutput(json=json.dumps(_params(functions[name]))), name)
+    return ToolPlan("named", _checked(StructuredOutput(json=json.dumps(_params(functions[name])))), name)
+
+
+def _checked(spec: StructuredOutput) -> StructuredOutput:
+    try:
+        return spec.validate()
+    except ValueError as e:  # the tools' schemas too long, say
+        raise RequestError(f"tools: {e}", param="tools") from None
 
 
 def _params(fn: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +130,40 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
         return None
     return [_call(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False)) for c in calls]
+
+
+class ToolStream:
+    """One streamed choice's text so far, and its named call's id once sent."""
+
+    __slots__ = ("text", "call_id")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.call_id: str | None = None
+
+
+def stream_delta(plan: ToolPlan, st: ToolStream, text: str, finished: bool,
+                 reason: str | None) -> tuple[R.ChatDelta | None, str | None]:
+    """A streamed chunk of a tool-call choice: a named call's arguments as they come (its id, type
+    and name in the first); for "required", nothing (None) until the end, then every call at once (or
+    the text, where it is not a complete array). Returns (delta, finish reason)."""
+    st.text += text
+    if plan.mode == "named":
+        if not text:
+            return R.ChatDelta(), reason
+        if st.call_id is None:
+            st.call_id = new_call_id()
+            call = {"index": 0, "id": st.call_id, "type": "function", "function": {"name": plan.name, "arguments": text}}
+        else:
+            call = {"index": 0, "function": {"arguments": text}}
+        return R.ChatDelta(tool_calls=[call]), reason
+    if not finished:
+        return None, reason
+    calls = tool_calls(plan, st.text)
+    if calls is None:
+        return R.ChatDelta(content=st.text), reason
+    return (R.ChatDelta(tool_calls=[{"index": i, **call} for i, call in enumerate(calls)]),
+            "tool_calls" if reason == "stop" else reason)
 
 
 def _call(name: str | None, arguments: str) -> dict[str, Any]:
