@@ -29,9 +29,12 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     # JSON (json, json_object) without whitespace between its tokens; by default any is allowed
     disable_any_whitespace: bool = False
 
-    def validate(self) -> StructuredOutput:
+    def _given(self) -> list[str]:
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
-        given += ["json_object"] if self.json_object else []
+        return given + ["json_object"] if self.json_object else given
+
+    def validate(self) -> StructuredOutput:
+        given = self._given()
         if len(given) != 1:
             raise ValueError("a structured output takes exactly one of json, json_object, regex, choice and "
                              f"grammar, got {', '.join(given) or 'none'}")
@@ -51,8 +54,8 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
-            if not self.json_object else "json_object"
+        """Which one it is (of a validated spec)."""
+        return self._given()[0]
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
