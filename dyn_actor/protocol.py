@@ -28,6 +28,9 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     grammar: str | None = None
     # JSON (json, json_object) without whitespace between its tokens; by default any is allowed
     disable_any_whitespace: bool = False
+    # token ids that the constraint starts after (a reasoning model's end of thinking, "</think>"):
+    # the output is free until it holds them; empty: constrained from the first token
+    start_after: list[int] = []
 
     def _given(self) -> list[str]:
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
@@ -50,6 +53,8 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise ValueError(f"the structured output's {given[0]} is empty")
         if size > MAX_SPEC_CHARS:
             raise ValueError(f"the structured output's {given[0]} is longer than {MAX_SPEC_CHARS} characters")
+        if len(self.start_after) > 64:
+            raise ValueError("start_after takes at most 64 token ids")
         return self
 
     @property

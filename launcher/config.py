@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from dyn_actor.components.parsers import REASONING_PARSERS, TOOL_PARSERS
 from dyn_actor.router import ROUTER_MODES
 
 
@@ -70,6 +71,9 @@ class LaunchConfig:
     max_request_bytes: int = 4 << 20
     generation_config: str = "auto"
     frontends: int = 1
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -139,6 +143,16 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="defaults for the sampling parameters a request leaves unset: 'auto' (the model "
                          "folder's generation_config.json, as vLLM), 'vllm' (temperature 1, top-p 1: the "
                          "server's own) or a folder holding a generation_config.json")
+    ap.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                    help="split a thinking model's <think>...</think> out of chat answers into the message's "
+                         "'reasoning' field (deepseek_r1: the output opens with reasoning; qwen3: where the output "
+                         "or the prompt opens a <think>)")
+    ap.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSERS,
+                    help="serve tool_choice 'auto' (the default when a request gives tools): read the calls the "
+                         "model writes in its own format (hermes: <tool_call> JSON </tool_call>, as Hermes and "
+                         "Qwen write; llama3_json: a JSON object, as Llama 3.1-3.3 write)")
+    ap.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help="vLLM's flag for the same: accepted, and needs --tool-call-parser")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
@@ -287,6 +301,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--max-request-bytes must be between 1024 and 1073741824")
     if cfg.drain_timeout < 0:
         raise ConfigError("--drain-timeout must be >= 0")
+    if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + " or ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
         raise ConfigError(f"--generation-config {cfg.generation_config!r}: no such folder (use auto, vllm or a folder)")
     if cfg.remote_prefill_timeout <= 0:

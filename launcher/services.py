@@ -152,7 +152,7 @@ class FrontendService:
         edge = EdgePolicy(cfg.host, cfg.api_key, cfg.metrics_require_key, frozenset(cfg.allowed_hosts),
                           cfg.max_request_bytes)
         self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge,
-                                             defaults)
+                                             defaults, cfg.reasoning_parser, cfg.tool_call_parser)
         frontend.index = self.index
         frontend.on_policy = lambda fields: self.notify(("policy", fields))
         if self.queue_endpoint:

@@ -9,8 +9,15 @@ import random
 
 import pytest
 
-from dyn_actor.components.parsers import (HermesReader, Llama3JsonReader, OutputReader, Piece, ReasoningReader,
-                                          read_all, thinks_after)
+from dyn_actor.components.parsers import (
+    HermesReader,
+    Llama3JsonReader,
+    OutputReader,
+    Piece,
+    ReasoningReader,
+    read_all,
+    thinks_after,
+)
 
 
 def _reader(reasoning=None, tools=None, names=None) -> OutputReader:

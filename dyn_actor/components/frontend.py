@@ -38,7 +38,9 @@ from dyn_actor.components.openai_api import (
     decode_body,
     prompt_list,
     sampling_params,
+    template_kwargs,
 )
+from dyn_actor.components.parsers import END_THINK, Reading, read_all, thinks_after
 from dyn_actor.components.processor import Processor
 from dyn_actor.components.tools import ToolPlan, ToolStream, plan_tools, stream_delta, tool_calls, tool_dicts
 from dyn_actor.engine.tokenizer import Tokenizer
@@ -75,8 +77,13 @@ class Chunk:
 
 class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, router: Router, info: WorkerInfo,
-                 edge: EdgePolicy | None = None, sampling_defaults: dict | None = None) -> None:
+                 edge: EdgePolicy | None = None, sampling_defaults: dict | None = None,
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> None:
         self.model_name = model_name
+        # how chat answers are read (components/parsers.py): --reasoning-parser, --tool-call-parser
+        self.reasoning_parser = reasoning_parser
+        self.tool_call_parser = tool_call_parser
+        self._end_think_ids: list[int] | None = None  # "</think>" as token ids (structured outputs start after)
         # what a request leaves unset: the model's generation_config.json (loader.default_sampling)
         self.sampling_defaults = sampling_defaults or {}
         self.tokenizer = tokenizer
@@ -309,9 +316,10 @@ class Frontend:
         check_supported(req, chat=True)
         check_messages(req.messages)
         tools = tool_dicts(req.tools)
-        plan = plan_tools(tools, req.tool_choice, _optional_bool(req.parallel_tool_calls, "parallel_tool_calls"))
+        plan = plan_tools(tools, req.tool_choice, _optional_bool(req.parallel_tool_calls, "parallel_tool_calls"),
+                          self.tool_call_parser)
         prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
-                                          tools)
+                                          tools, template_kwargs(req.chat_template_kwargs))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -322,17 +330,43 @@ class Frontend:
             max_tokens = self._default_max_tokens([len(prompt_ids)], None)
         params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults, req.prompt_logprobs)
                   for i in range(req.n)]
-        if plan is not None:  # the output is the tool calls' JSON
+        if plan is not None and plan.spec is not None:  # the output is the tool calls' JSON
             if params[0].structured is not None:
                 raise RequestError("tool_choice and a structured output (response_format, guided_*) cannot be "
                                    "asked for together", param="tool_choice")
             for p in params:
                 p.structured = plan.spec
+        auto = plan if plan is not None and plan.mode == "auto" else None
+        if auto is not None and self.tool_call_parser == "hermes":
+            for p in params:  # its tags are special tokens in some models (vLLM does the same)
+                p.skip_special_tokens = False
+        reading = self._reading(prompt_ids, params, auto, req.include_reasoning)
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage),
-                                   show_prompt_logprobs=req.prompt_logprobs is not None, tools=plan)
+                                   show_prompt_logprobs=req.prompt_logprobs is not None,
+                                   tools=plan if auto is None else None, reading=reading)
+
+    def _reading(self, prompt_ids: list[int], params: list[SamplingParams], auto: ToolPlan | None,
+                 include_reasoning: bool) -> Reading | None:
+        """How this request's answers are read (None: as they are). Where the model starts out
+        thinking, a structured output (tool calls named or "required" too) holds only the text after
+        its reasoning, as vLLM's does with a reasoning parser: the grammar starts after "</think>"."""
+        reasoning = self.reasoning_parser is not None
+        if not reasoning and auto is None:
+            return None
+        thinking = reasoning and (self.reasoning_parser == "deepseek_r1"
+                                  or thinks_after(self.processor.decode(prompt_ids[-32:])))
+        if thinking and params[0].structured is not None:
+            if self._end_think_ids is None:
+                self._end_think_ids = self.tokenizer.encode(END_THINK, add_special_tokens=False)
+            spec = msgspec.structs.replace(params[0].structured, start_after=self._end_think_ids)
+            for p in params:
+                p.structured = spec
+        return Reading(reasoning, thinking, include_reasoning and reasoning,
+                       self.tool_call_parser if auto is not None else None,
+                       auto.names if auto is not None else None, auto.parallel if auto is not None else True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
@@ -371,17 +405,17 @@ class Frontend:
                                    req.prompt_logprobs is not None)
 
     async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage, echo=None,
-                       show_prompt_logprobs=False, tools: ToolPlan | None = None):
+                       show_prompt_logprobs=False, tools: ToolPlan | None = None, reading: Reading | None = None):
         batches = prompt_ids if kind == "text" else [prompt_ids]
         jobs = [(pi * len(params) + i, ids, p) for pi, ids in enumerate(batches) for i, p in enumerate(params)]
         if echo is not None:  # the prompt's text of each job
             echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
-            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools)
-        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools)
+            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading)
+        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading)
 
-    async def _full_response(self, rid, kind, jobs, echo: Echo | None = None,
-                             show_prompt_logprobs: bool = False, tools: ToolPlan | None = None) -> web.Response:
+    async def _full_response(self, rid, kind, jobs, echo: Echo | None = None, show_prompt_logprobs: bool = False,
+                             tools: ToolPlan | None = None, reading: Reading | None = None) -> web.Response:
         async def collect(index, ids, p):
             text, toks, lps, reason, stop_reason, cached, plps = "", [], [], None, None, 0, None
             async for c in self.generate(f"{rid}-{index}", ids, p):
@@ -402,12 +436,7 @@ class Frontend:
         for index, ids, text, _toks, lps, reason, stop_reason, _, plps in results:
             p = jobs[index][2]
             if kind == "chat":
-                message = R.ChatMessage("assistant", text)
-                calls = tool_calls(tools, text) if tools is not None else None
-                if calls is not None:
-                    message = R.ChatMessage("assistant", None, calls)
-                    if tools.mode == "required" and reason == "stop":
-                        reason = "tool_calls"
+                message, reason = self._chat_message(text, reason, tools, reading)
                 choices.append(R.ChatChoice(index, message,
                                             self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
                                             reason, stop_reason))
@@ -429,8 +458,33 @@ class Frontend:
             body.prompt_logprobs = self.processor.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
         return _json(body)
 
+    @staticmethod
+    def _chat_message(text: str, reason: str | None, tools: ToolPlan | None,
+                      reading: Reading | None) -> tuple[R.ChatMessage, str | None]:
+        """A whole chat choice's message (and its finish reason): read by the server's parsers, where
+        it has any, then as the tool calls that ``tools`` asked for."""
+        reasoning: str | None | R.UnsetType = R.UNSET
+        calls = None
+        if reading is not None:
+            piece = read_all(reading.reader(), text)
+            text = piece.content
+            if reading.show_reasoning:
+                reasoning = piece.reasoning or None
+            calls = [{k: v for k, v in c.items() if k != "index"} for c in reading.calls(piece, 0)] or None
+            if calls and reason == "stop":
+                reason = "tool_calls"
+        if tools is not None:
+            calls = tool_calls(tools, text)
+            if calls is not None and tools.mode == "required" and reason == "stop":
+                reason = "tool_calls"
+            if calls is not None:
+                return R.ChatMessage("assistant", None, calls, reasoning), reason
+        if calls:
+            return R.ChatMessage("assistant", text or None, calls, reasoning), reason
+        return R.ChatMessage("assistant", (text or None) if reading is not None else text, R.UNSET, reasoning), reason
+
     async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None,
-                               tools: ToolPlan | None = None) -> web.StreamResponse:
+                               tools: ToolPlan | None = None, reading: Reading | None = None) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
         stats = {"completion": 0, "cached": 0}
 
@@ -445,7 +499,7 @@ class Frontend:
 
         tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
         try:  # however this ends (the client left before the first token, too), the requests end with it
-            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools)
+            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools, reading)
         except ConnectionResetError:  # the client went away mid-write: nobody to answer
             return stats.get("resp") or web.Response(status=499)
         finally:
@@ -453,7 +507,8 @@ class Frontend:
                 t.cancel()
 
     async def _write_sse(self, request, rid, kind, jobs, include_usage, queue: asyncio.Queue,
-                         stats: dict, echo: Echo | None = None, tools: ToolPlan | None = None) -> web.StreamResponse:
+                         stats: dict, echo: Echo | None = None, tools: ToolPlan | None = None,
+                         reading: Reading | None = None) -> web.StreamResponse:
         # errors before the first byte (no worker, bad input caught by the engine) become normal responses
         first_item = await queue.get()
         if isinstance(first_item[2], BaseException):
@@ -491,6 +546,7 @@ class Frontend:
         open_jobs = len(jobs)
         echoed: set[int] = set()
         calls_text: dict[int, ToolStream] = {}  # tool calls: each choice's text so far, and its call id
+        readers: dict = {}  # with parsers: each choice's reader
         item = first_item
         while True:
             index, p, c = item
@@ -525,9 +581,28 @@ class Frontend:
                         lp = self.processor.chat_logprobs(c.logprobs) if kind == "chat" else self.processor.text_logprobs(c.logprobs)
                     reason = c.finish_reason if c.finished else None
                     stop_reason = c.stop_reason if c.finished else R.UNSET
-                    if kind == "chat" and tools is not None:
-                        delta, reason = stream_delta(tools, calls_text.setdefault(index, ToolStream()), c.text,
-                                                     c.finished, reason)
+                    if kind == "chat" and (reading is not None or tools is not None):
+                        text, reasoning, calls = c.text, "", []
+                        if reading is not None:  # the reasoning first; tool calls in what follows
+                            rd = readers.get(index) or readers.setdefault(index, reading.reader())
+                            before = rd.calls
+                            piece = rd.feed(c.text)
+                            if c.finished:
+                                end = rd.finish()
+                                piece.reasoning += end.reasoning
+                                piece.content += end.content
+                                piece.calls += end.calls
+                            text, reasoning, calls = piece.content, piece.reasoning, reading.calls(piece, before)
+                            if c.finished and rd.calls and reason == "stop":
+                                reason = "tool_calls"
+                        if tools is not None:  # a named function or "required": the text is their JSON
+                            delta, reason = stream_delta(tools, calls_text.setdefault(index, ToolStream()), text,
+                                                         c.finished, reason)
+                        else:
+                            delta = R.ChatDelta(content=text or R.UNSET, tool_calls=calls or R.UNSET)
+                        if reasoning and reading is not None and reading.show_reasoning:
+                            delta = delta or R.ChatDelta()
+                            delta.reasoning = reasoning
                         if delta is None:  # "required": the calls go out once the array is complete
                             item = await next_item()
                             continue
@@ -632,7 +707,8 @@ class Frontend:
             raise RequestError("give exactly one of prompt or messages")
         if req.messages is not None:
             check_messages(req.messages)
-            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt)
+            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt, None,
+                                       template_kwargs(req.chat_template_kwargs))
         else:
             ids = await self._off_loop(self.tokenizer.encode, req.prompt or "", req.add_special_tokens)
         # a long prompt's ids: msgspec encodes them ~20x faster than json, on the event loop

@@ -55,6 +55,8 @@ class ChatMessage(msgspec.Struct):
     name: Name | None = None
     tool_calls: msgspec.Raw = NULL
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an earlier answer's reasoning (vLLM's field; reasoning_content its old name)
+    reasoning_content: str | None = None
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -103,6 +105,8 @@ class ChatCompletionRequest(_Common, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (vLLM's field)
+    include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out of the answer
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -120,6 +124,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -146,6 +151,20 @@ def check_supported(req: _Common, chat: bool = False) -> None:
         raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+TEMPLATE_OWN = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``chat_template_kwargs`` checked: the names the server sets itself are refused."""
+    if not kwargs:
+        return {}
+    taken = [k for k in kwargs if k in TEMPLATE_OWN]
+    if taken:
+        raise RequestError(f"chat_template_kwargs may not set {', '.join(taken)}: the server sets it (use the "
+                           "request's own field)", param="chat_template_kwargs")
+    return kwargs
 
 
 def _json_field(raw: msgspec.Raw, name: str) -> Any:

@@ -280,3 +280,25 @@ def read_all(reader: OutputReader, text: str) -> Piece:
     """A whole output through ``reader``."""
     a, b = reader.feed(text), reader.finish()
     return Piece(a.reasoning + b.reasoning, a.content + b.content, a.calls + b.calls)
+
+
+@dataclass
+class Reading:
+    """How one request's chat choices are read: which parsers, and what goes in the answer."""
+
+    reasoning: bool  # a reasoning parser reads the output
+    thinking: bool  # the output starts inside the reasoning
+    show_reasoning: bool  # the answer carries a "reasoning" field (include_reasoning)
+    tools: str | None = None  # the tool-call parser ("auto" tool choice)
+    names: frozenset[str] | None = None  # the tools a call may name
+    parallel: bool = True  # False: the first call only
+
+    def reader(self) -> OutputReader:
+        return OutputReader(ReasoningReader(self.thinking) if self.reasoning else None,
+                            TOOL_READERS[self.tools](self.names) if self.tools else None)
+
+    def calls(self, piece: Piece, before: int) -> list[dict[str, Any]]:
+        """The piece's calls that are answered, each with its ``index`` in the choice (``before``:
+        calls read before this piece)."""
+        calls = [{"index": before + i, **c} for i, c in enumerate(piece.calls)]
+        return calls if self.parallel else [c for c in calls if c["index"] == 0]

@@ -50,9 +50,11 @@ class Processor:
             raise RequestError(outside[1], param=outside[0])
         return n
 
-    def chat_prompt(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None,
+                    kwargs: dict | None = None) -> list[int]:
         """The chat template applied and tokenized (slow for long conversations: call it off the loop).
-        ``tools``: shown to the template (as ``tools``), as vLLM does."""
+        ``tools``: shown to the template (as ``tools``), as vLLM does; ``kwargs``: more variables for
+        it (the request's ``chat_template_kwargs``, checked)."""
         msgs = []
         for m in messages:
             d = {"role": m.role, "content": message_text(m.content)}
@@ -62,8 +64,13 @@ class Processor:
                 d["tool_call_id"] = m.tool_call_id
             if m.name is not None:
                 d["name"] = m.name
+            reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+            if reasoning is not None:  # templates read reasoning_content (Qwen3, DeepSeek-R1)
+                d["reasoning_content"] = d["reasoning"] = reasoning
             msgs.append(d)
-        extra = {"tools": tools} if tools else {}
+        extra = dict(kwargs or {})
+        if tools:
+            extra["tools"] = tools
         try:
             return self.tokenizer.encode_chat(template_messages(msgs), add_generation_prompt, **extra)
         except ChatTemplateError as e:

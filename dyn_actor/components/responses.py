@@ -46,6 +46,7 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | None  # None where the message is tool calls
     tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+    reasoning: str | None | UnsetType = UNSET  # with --reasoning-parser (vLLM's field)
 
 
 class ChatChoice(msgspec.Struct):
@@ -79,6 +80,7 @@ class ChatDelta(msgspec.Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
     tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # each with its "index"; id/type/name in the first
+    reasoning: str | UnsetType = UNSET
 
 
 class ChatChunkChoice(msgspec.Struct):

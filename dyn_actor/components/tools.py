@@ -6,9 +6,10 @@ held to a JSON schema made from the tools (a structured output), and read back a
 - ``tool_choice: "required"``: the output is a JSON array of ``{"name", "parameters"}`` objects, one
   of the tools each (at most one with ``parallel_tool_calls: false``); the message carries them as
   tool calls, finish reason ``tool_calls``.
-- ``"none"``: the tools are shown to the chat template only. ``"auto"`` (the default when tools are
-  given) needs a parser for the model's own tool-call format, which this server does not have: a
-  400, as vLLM answers without ``--enable-auto-tool-choice``.
+- ``"none"``: the tools are shown to the chat template only.
+- ``"auto"`` (the default when tools are given): the model writes calls or not, in its own format,
+  which the server's ``--tool-call-parser`` reads (``components/parsers.py``); without one, a 400
+  that says so.
 
 torch-free: the frontend imports it.
 """
@@ -30,9 +31,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class ToolPlan(msgspec.Struct):
-    mode: str  # "named" or "required"
-    spec: StructuredOutput
+    mode: str  # "named", "required" or "auto"
+    spec: StructuredOutput | None  # what the output is held to (None for "auto")
     name: str | None = None  # the named function
+    names: frozenset[str] = frozenset()  # "auto": the tools' names (a call to another is text)
+    parallel: bool = True  # "auto": False keeps the first call only
 
 
 def tool_dicts(raw: msgspec.Raw) -> list[dict[str, Any]]:
@@ -62,8 +65,10 @@ def tool_dicts(raw: msgspec.Raw) -> list[dict[str, Any]]:
     return tools
 
 
-def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: bool | None) -> ToolPlan | None:
-    """What ``tool_choice`` asks of the output (None: nothing, the text is free)."""
+def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: bool | None,
+               parser: str | None = None) -> ToolPlan | None:
+    """What ``tool_choice`` asks of the output (None: nothing, the text is free). ``parser``: the
+    server's ``--tool-call-parser`` (None: "auto" is refused)."""
     choice: Any = None
     if bytes(tool_choice) != b"null":
         try:
@@ -79,10 +84,13 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: 
     if choice == "none":
         return None
     if choice == "auto":
+        if parser is not None:
+            return ToolPlan("auto", None, names=frozenset(t["function"]["name"] for t in tools),
+                            parallel=parallel is not False)
         raise RequestError(
             'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own tool-call '
-            'format, which this server does not have: ask for "required", name a function, or "none"',
-            param="tool_choice", code="unsupported_parameter")
+            'format: start the server with --tool-call-parser (hermes or llama3_json), or ask for "required", '
+            'name a function, or "none"', param="tool_choice", code="unsupported_parameter")
     functions = {t["function"]["name"]: t["function"] for t in tools}
     if choice == "required":
         items = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _params(fn)},

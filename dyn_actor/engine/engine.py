@@ -312,7 +312,7 @@ class LLMEngine:
         if params.structured is not None:
             fut = self.grammars.compile(params.structured)
             fut.add_done_callback(lambda _: self.wake())
-            req.grammar = GrammarState(fut)
+            req.grammar = GrammarState(fut, params.structured.start_after)
         return req
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -589,7 +589,7 @@ class LLMEngine:
                 g.sync(samplers[i].output_token_ids)
             except Exception:  # noqa: BLE001 - drawn unmasked; ``_emit`` ends it with its grammar's error
                 continue
-            if g.broken is None:
+            if g.broken is None and g.active:  # (a row still waiting for its start is drawn free)
                 keep.append(i)
                 states.append(g)
         if keep:

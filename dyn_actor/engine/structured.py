@@ -183,19 +183,28 @@ def _vocab_type(tokenizer_json: str, xgr: Any) -> Any:
 
 class GrammarState:
     """One request's grammar: the compile in progress, then its matcher and how many of the
-    request's output tokens it has taken."""
+    request's output tokens it has taken. With ``start_after`` (the end of a reasoning block), the
+    grammar starts after the first place those ids appear in the output; before, the row is free."""
 
-    __slots__ = ("future", "matcher", "accepted", "broken")
+    __slots__ = ("future", "matcher", "accepted", "broken", "after", "start", "_scanned")
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, start_after: list[int] | tuple[int, ...] = ()) -> None:
         self.future = future
         self.matcher: Any = None
         self.accepted = 0
         self.broken: int | None = None  # a sampled token the grammar refused (never expected)
+        self.after = tuple(start_after)
+        self.start: int | None = None if self.after else 0  # where in the output the grammar starts
+        self._scanned = 0  # output tokens searched for ``after`` so far
 
     @property
     def ready(self) -> bool:
         return self.future.done()
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar holds the next token (False while the output waits for ``after``)."""
+        return self.start is not None
 
     def sync(self, output_token_ids: list[int]) -> None:
         """Make the matcher (waiting for the compile if it is still running) and feed it the output
@@ -204,6 +213,10 @@ class GrammarState:
             import xgrammar as xgr
 
             self.matcher = xgr.GrammarMatcher(self.future.result())
+        if self.start is None:
+            self._find_start(output_token_ids)
+            if self.start is None:
+                return
         while self.accepted < len(output_token_ids) and self.broken is None:
             tok = output_token_ids[self.accepted]
             if not self.matcher.accept_token(tok):
@@ -211,6 +224,14 @@ class GrammarState:
                 break
             self.accepted += 1
 
+    def _find_start(self, ids: list[int]) -> None:
+        k = len(self.after)
+        for end in range(max(self._scanned, k), len(ids) + 1):
+            if tuple(ids[end - k:end]) == self.after:
+                self.start = self.accepted = end
+                return
+        self._scanned = len(ids) + 1
+
     @property
     def terminated(self) -> bool:
-        return self.matcher is not None and self.matcher.is_terminated()
+        return self.matcher is not None and self.start is not None and self.matcher.is_terminated()
