@@ -98,6 +98,23 @@ def test_stop_strings(server, client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == base[: base.find(stop)]
 
 
+def test_a_stop_token_leaves_its_text_out(server, client):
+    """As vLLM: the token that ended the request (one of stop_token_ids, the end of sequence) is not in
+    the text unless include_stop_str_in_output, with special tokens skipped or not."""
+    kw = dict(model="builtin:tiny", prompt="abc", max_tokens=40, temperature=0)
+    base = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    ch = base[10]
+    (tok,) = requests.post(server.url + "/tokenize", json={"prompt": ch, "add_special_tokens": False}).json()["tokens"]
+    for extra, want in (({}, base[:base.find(ch)]), ({"include_stop_str_in_output": True}, base[:base.find(ch) + 1])):
+        r = client.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [tok], **extra})
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.choices[0].stop_reason) == (want, "stop", tok)
+    eos = {"logit_bias": {"1": 100}, "skip_special_tokens": False}  # the first token is "</s>"
+    r = client.completions.create(**kw, extra_body=eos)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    r = client.completions.create(**kw, extra_body={**eos, "include_stop_str_in_output": True})
+    assert r.choices[0].text == "</s>"
+
+
 def test_seeded_sampling_is_reproducible_and_n(server, client):
     kw = dict(model="builtin:tiny", prompt="Once", max_tokens=16, temperature=1.0, top_p=0.95,
               extra_body={"ignore_eos": True})

@@ -277,7 +277,7 @@ class Frontend:
                     last_tok = i == len(toks) - 1
                     fin = d.finished and last_tok
                     ids = [] if tok is None else [tok]
-                    text, stopped = stream.update(ids, fin)
+                    text, stopped = stream.update(ids, fin, fin and d.finish_reason == "stop")
                     lp = lps[i:i + 1] if len(lps) == len(toks) else (lps if last_tok else [])
                     if stopped:
                         outcome = "success"

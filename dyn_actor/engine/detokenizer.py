@@ -96,11 +96,15 @@ class TextStream:
         self.final_text: str | None = None
         self.stop_reason: str | None = None
 
-    def update(self, token_ids: Sequence[int], finished: bool) -> tuple[str, bool]:
-        """Feed new tokens; return (text to send now, whether a stop string ended the request)."""
+    def update(self, token_ids: Sequence[int], finished: bool, stop_token: bool = False) -> tuple[str, bool]:
+        """Feed new tokens; return (text to send now, whether a stop string ended the request).
+        ``stop_token``: the last token ended the request (an end-of-sequence or a ``stop_token_ids``
+        token): its text is left out unless ``include_stop_str_in_output``, as vLLM does."""
         if self.final_text is not None:
             return "", True
         before = len(self.detok.text)
+        if stop_token and finished and not self.include_stop:
+            token_ids = token_ids[:-1]
         self.detok.add(token_ids)
         if finished:
             self.detok.finish()

@@ -65,7 +65,8 @@ class LLM:
                 if out.logprobs:
                     comp.logprobs.extend(out.logprobs)
                 gen.num_cached_tokens = out.num_cached_tokens
-                _, stopped = stream.update(out.new_token_ids, out.finished)
+                _, stopped = stream.update(out.new_token_ids, out.finished,
+                                           out.finished and out.finish_reason == "stop")
                 if stopped:
                     if not out.finished:
                         engine.abort_request(out.request_id)
