@@ -235,6 +235,30 @@ def test_prefilled_elsewhere_the_grammar_carries_on():
         prefill.close()
 
 
+def test_a_grammar_that_starts_after_the_reasoning(engine):
+    """``start_after`` (a reasoning model's "</think>"): the output is drawn free until it holds those
+    ids (the same tokens as without the spec, seed for seed), then held to the spec; ids that never
+    come leave the whole output free."""
+    prompt = engine.tokenizer.encode("Think: ")
+    regex = r"[0-9]{2}-[a-z]{2}"
+    for seed in range(4):
+        common = dict(max_tokens=60, temperature=1.5, seed=seed, ignore_eos=True)
+        free = run_all(engine, {"f": (prompt, SamplingParams(**common))})["f"][0]
+        after = free[5:7]
+        end = next(e for e in range(2, len(free) + 1) if free[e - 2:e] == after)
+        spec = StructuredOutput(regex=regex, start_after=after)
+        got, reason, _ = run_all(engine, {"c": (prompt, SamplingParams(**common, structured=spec))})["c"]
+        assert got[:end] == free[:end], seed
+        assert reason == "stop" and got[-1] in engine.eos_token_ids, (seed, reason)
+        assert re.fullmatch(regex, _text(engine, got[end:-1])), (seed, _text(engine, got[end:]))
+        assert not re.fullmatch(regex, _text(engine, free[end:end + 5]))  # the spec made that part
+    never = [t for t in range(2, 12) if t not in free][:3]
+    spec = StructuredOutput(regex=regex, start_after=never)
+    got, reason, _ = run_all(engine, {"n": (prompt, SamplingParams(**common, structured=spec))})["n"]
+    assert got == free and reason == "length"
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_without_xgrammar_a_structured_request_is_refused(engine, monkeypatch):
     monkeypatch.setattr(st, "available", lambda: False)
     with pytest.raises(ValueError, match="xgrammar"):
