@@ -56,3 +56,23 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     model.save_pretrained(str(directory), safe_serialization=True)
     write_tokenizer(directory)
     return directory
+
+
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
+def write_markup_checkpoint(directory: Path, chat_template: str, seed: int = 0) -> dict[str, int]:
+    """A random Llama (head_dim 64, which vLLM's CPU attention takes) on the built-in ASCII
+    tokenizer plus ``MARKUP_TOKENS`` as tokens of their own, as Qwen3's tokenizer has them; return
+    those tokens' ids."""
+    from tokenizers import AddedToken
+
+    tk = builtin.build_tokenizer()
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
+    write_checkpoint(directory, seed=seed, vocab_size=tk.get_vocab_size(), hidden_size=256, intermediate_size=512,
+                     num_attention_heads=4, num_key_value_heads=2)
+    tk.save(str(directory / "tokenizer.json"))
+    cfg = builtin.tokenizer_config()
+    cfg["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return {t: tk.token_to_id(t) for t in MARKUP_TOKENS}

@@ -189,3 +189,27 @@ def test_llama3_json_calls_and_deepseek_r1_reasoning(model_dir):
         assert msg["content"] is None and msg["reasoning"] == text  # no "</think>": all of it is reasoning
     finally:
         s.stop()
+
+
+def test_the_grammar_waits_for_the_end_of_the_reasoning(tmp_path):
+    """A tokenizer with "</think>" as one token (as Qwen3's): while the model thinks, a structured
+    output does not hold it; once it writes "</think>" (made its first token here by a logit bias),
+    the answer after it keeps to the spec and the reasoning parser reads it apart."""
+    from tests.checkpoints import write_markup_checkpoint
+
+    ids = write_markup_checkpoint(tmp_path / "model", TEMPLATE)
+    s = _start(tmp_path / "model", "--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes")
+    try:
+        for seed in range(3):
+            choice = _chat(s, seed=seed, guided_choice=["yes", "no"], logit_bias={str(ids["</think>"]): 100},
+                           max_tokens=20)["choices"][0]
+            assert choice["finish_reason"] == "stop" and choice["message"]["content"] in ("yes", "no"), choice
+            assert choice["message"]["reasoning"] is None
+            free = _chat(s, seed=seed, guided_choice=["yes", "no"], max_tokens=20, ignore_eos=True)["choices"][0]
+            assert free["message"]["content"] is None and free["finish_reason"] == "length"  # never left thinking
+        call = r'<tool_call>\{"name": "get_time", "arguments": \{\}\}</tool_call>'
+        choice = _chat(s, seed=0, guided_regex=call, tools=TOOLS, logit_bias={str(ids["</think>"]): 100})["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_time"]
+    finally:
+        s.stop()

@@ -143,6 +143,38 @@ def test_structured_outputs_through_vllm(server):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
+def test_reasoning_and_tool_parsers_over_vllm(tmp_path):
+    """The frontend's parsers read vLLM's output as the native engine's, and vLLM's engine (given our
+    --reasoning-parser) holds a structured output only after "</think>": made the first token here
+    by a logit bias, then the answer keeps to the spec; without it the whole answer is reasoning."""
+    from tests.checkpoints import write_markup_checkpoint
+    from tests.test_reasoning import TEMPLATE
+
+    ids = write_markup_checkpoint(tmp_path / "model", TEMPLATE)
+    s = Server("--engine", "vllm", "--model", str(tmp_path / "model"), "--dtype", "float32", "--max-model-len", "512",
+               "--kv-cache-memory-gb", "0.5", "--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes",
+               timeout=420)
+    try:
+        def chat(**body):
+            r = requests.post(s.base_url + "/chat/completions", timeout=120,
+                              json={"messages": [{"role": "user", "content": "yes or no?"}], "max_tokens": 20, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]
+
+        for seed in range(2):
+            c = chat(seed=seed, guided_choice=["yes", "no"], logit_bias={str(ids["</think>"]): 100})
+            assert c["finish_reason"] == "stop" and c["message"]["content"] in ("yes", "no"), c
+            free = chat(seed=seed, guided_choice=["yes", "no"], ignore_eos=True)
+            assert free["message"]["content"] is None and len(free["message"]["reasoning"]) > 3, free
+        call = (r'<tool_call>\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}</tool_call>')
+        c = chat(seed=0, max_tokens=80, guided_regex=call, tools=[{"type": "function", "function": {
+            "name": "get_time", "parameters": {"type": "object"}}}], logit_bias={str(ids["</think>"]): 100})
+        assert c["finish_reason"] == "tool_calls" and c["message"]["tool_calls"][0]["function"]["name"] == "get_time", c
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+
+
 def test_kv_events_route_conversations_to_their_cache(server):
     """Each later turn of a conversation goes where its prefix is cached: the hit tokens are vLLM's own
     count (``num_cached_tokens``); with 3 workers a load-only choice would miss 2 times in 3."""
