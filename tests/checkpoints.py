@@ -58,7 +58,7 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     return directory
 
 
-MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<|python_tag|>"]
 
 
 def write_markup_checkpoint(directory: Path, chat_template: str, seed: int = 0) -> dict[str, int]:

@@ -17,16 +17,17 @@ from tests.helpers import run_all
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-async def _with_worker(name: str, body):
+async def _with_worker(name: str, body, worker_too: bool = False):
     engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=512))
     endpoint = inproc_endpoint(name)
-    server = ActorServer(Worker(name, engine), endpoint)
+    worker = Worker(name, engine)
+    server = ActorServer(worker, endpoint)
     task = asyncio.ensure_future(server.serve())
     ref = await ActorRef(endpoint, name).start(wait_ready=5)
     client = WorkerClient(name, ref)
     client.start()
     try:
-        await body(client, engine)
+        await (body(client, engine, worker) if worker_too else body(client, engine))
     finally:
         await ref.close()
         server.stop()
@@ -76,11 +77,14 @@ def test_leaving_early_aborts_and_bad_input_is_an_error():
 
 
 def test_a_burst_of_32_requests_is_admitted_at_one_engine_step():
-    """The mailbox does not wait for the engine thread: requests sent together reach the engine at
-    one step boundary, so all 32 get their first token in the same step."""
+    """The mailbox does not wait for the engine thread: requests that arrive while the engine thread
+    is busy (held here by a command of the test's) queue up and reach the engine at one step
+    boundary, so all 32 get their first token in the same step."""
+    import threading
+
     from dyn_actor.components.messages import GenerateRequest, OutputBatch, Subscribe
 
-    async def body(client: WorkerClient, engine: LLMEngine):
+    async def body(client: WorkerClient, engine: LLMEngine, worker: Worker):
         ref = client.ref
         steps: list[set[str]] = []  # request ids that got their first token, per output batch
         seen: set[str] = set()
@@ -98,13 +102,23 @@ def test_a_burst_of_32_requests_is_admitted_at_one_engine_step():
 
         watcher = asyncio.ensure_future(watch())
         await asyncio.sleep(0.2)
+        busy, release = threading.Event(), threading.Event()
+        held = worker._thread.submit(lambda engine: (busy.set(), release.wait(30)))
+        assert await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)
         for i, rid in enumerate(ids):
             await ref.tell(GenerateRequest(rid, [0, 5 + i, 6, 7], SamplingParams(max_tokens=2, temperature=0)))
+        for _ in range(1000):  # every request is in the engine thread's queue, behind the held command
+            if worker._thread._cmds.qsize() >= len(ids):
+                break
+            await asyncio.sleep(0.01)
+        assert worker._thread._cmds.qsize() >= len(ids)
+        release.set()
+        await held
         await asyncio.wait_for(done.wait(), 30)
         watcher.cancel()
         assert len(steps) == 1, [len(s) for s in steps]
 
-    asyncio.run(_with_worker("w-burst", body))
+    asyncio.run(_with_worker("w-burst", body, worker_too=True))
 
 
 def test_a_worker_whose_engine_thread_dies_stops_instead_of_lingering():

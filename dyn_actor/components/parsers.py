@@ -146,11 +146,13 @@ class HermesReader:
         self.called = False
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        seen = max(0, len(self.pending) - len(self.END) + 1)  # a call's end tag can only be new
         self.pending += text
         content, calls = "", []
         while True:
             if self.in_call:
-                at = self.pending.find(self.END)
+                at = self.pending.find(self.END, seen)
+                seen = 0
                 if at == -1:
                     return content, calls
                 body, self.pending = self.pending[:at], self.pending[at + len(self.END):]
