@@ -74,6 +74,7 @@ class LaunchConfig:
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    chat_template: str | None = None  # the template's text (a file given is read by validate)
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -143,6 +144,9 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="defaults for the sampling parameters a request leaves unset: 'auto' (the model "
                          "folder's generation_config.json, as vLLM), 'vllm' (temperature 1, top-p 1: the "
                          "server's own) or a folder holding a generation_config.json")
+    ap.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                    help="serve with this Jinja chat template instead of the model's: a file, or the template "
+                         "itself")
     ap.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                     help="split a thinking model's <think>...</think> out of chat answers into the message's "
                          "'reasoning' field (deepseek_r1: the output opens with reasoning; qwen3: where the output "
@@ -190,6 +194,25 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="compute threads per engine process (default: on the CPU, the cores this launcher may "
                          "use less one, shared out between the engine processes, at least 1; on a GPU, up to 4)")
     return ap
+
+
+def read_chat_template(value: str) -> str:
+    """``--chat-template``: a file's text, or the value itself where it is a template (it holds
+    Jinja's ``{{``, ``{%``); checked to compile. A ``ConfigError`` otherwise."""
+    from dyn_actor.engine.tokenizer import _compile_template
+
+    path = Path(value).expanduser()
+    if "{{" not in value and "{%" not in value:
+        try:
+            value = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"--chat-template {str(path)!r}: {e.strerror or e} (give a file, or the template "
+                              "itself)") from None
+    try:
+        _compile_template(value)
+    except Exception as e:  # noqa: BLE001 - ModelLoadError: jinja's reason
+        raise ConfigError(f"--chat-template: {e}".splitlines()[0]) from None
+    return value
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -301,6 +324,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--max-request-bytes must be between 1024 and 1073741824")
     if cfg.drain_timeout < 0:
         raise ConfigError("--drain-timeout must be >= 0")
+    if cfg.chat_template is not None:
+        cfg.chat_template = read_chat_template(cfg.chat_template)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + " or ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):

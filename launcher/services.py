@@ -140,6 +140,8 @@ class FrontendService:
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)
+        if cfg.chat_template is not None:
+            tokenizer.set_chat_template(cfg.chat_template)
         defaults = default_sampling(cfg.model, cfg.generation_config)
         if defaults:
             log.info("default sampling from the generation config: %s (--generation-config vllm: the server's own)",

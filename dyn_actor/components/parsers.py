@@ -302,5 +302,7 @@ class Reading:
     def calls(self, piece: Piece, before: int) -> list[dict[str, Any]]:
         """The piece's calls that are answered, each with its ``index`` in the choice (``before``:
         calls read before this piece)."""
+        if not piece.calls:
+            return []
         calls = [{"index": before + i, **c} for i, c in enumerate(piece.calls)]
         return calls if self.parallel else [c for c in calls if c["index"] == 0]

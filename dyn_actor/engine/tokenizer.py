@@ -39,9 +39,13 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         add_bos_token: bool | None = None,
+        named_templates: dict[str, str] | None = None,
     ) -> None:
         self._tk = tokenizer
         self.chat_template = chat_template
+        # a tokenizer_config's named templates ([{"name", "template"}]): "tool_use" is the one for a
+        # conversation with tools, as transformers picks it
+        self.named_templates = {k: v for k, v in (named_templates or {}).items() if k and v}
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
@@ -53,7 +57,7 @@ class Tokenizer:
             probe = tokenizer.encode("a", add_special_tokens=True).ids
             self._manual_bos = not probe or probe[0] != self.bos_token_id
         self.special_ids = frozenset(k for k, t in tokenizer.get_added_tokens_decoder().items() if t.special)
-        self._template = None
+        self._templates: dict[str, Any] = {}  # compiled, by source
         self.byte_fallback_ids = _byte_fallback_ids(tokenizer)
         self._special_texts: tuple[str, ...] | None = None
         self._plain: tokenizers.Tokenizer | None = None
@@ -76,8 +80,9 @@ class Tokenizer:
             template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
         else:
             template = cfg.get("chat_template")
+        named = None
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         return cls(
             tk,
@@ -85,7 +90,14 @@ class Tokenizer:
             bos_token=_token_content(cfg.get("bos_token")),
             eos_token=_token_content(cfg.get("eos_token")),
             add_bos_token=cfg.get("add_bos_token"),
+            named_templates=named,
         )
+
+    def set_chat_template(self, source: str) -> None:
+        """Serve with this chat template instead of the model's (``--chat-template``); compiled now,
+        so a template that does not compile fails at start (``ModelLoadError``)."""
+        compiled = _compile_template(source)
+        self.chat_template, self.named_templates, self._templates = source, {}, {source: compiled}
 
     # ------------------------------------------------------------- properties
     @property
@@ -118,12 +130,16 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         **extra: Any,
     ) -> str:
-        if not self.chat_template:
-            raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
+        source = self.named_templates.get("tool_use") if extra.get("tools") else None
+        source = source or self.chat_template
+        if not source:
+            raise ChatTemplateError("this model has no chat template: use /v1/completions with a plain prompt, "
+                                    "or start the server with --chat-template")
+        template = self._templates.get(source)
+        if template is None:
+            template = self._templates[source] = _compile_template(source)
         try:
-            return self._template.render(
+            return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
