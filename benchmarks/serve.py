@@ -56,15 +56,31 @@ SAMPLING = {"temperature": 0.0}  # --temperature; 1.0 samples (with top_p 1, no 
 EXTRA_BODY: dict = {}  # --extra-body: more fields for every request (a structured output, say)
 
 
+CHAT = {"on": False}  # --chat: /v1/chat/completions, the prompt's ids written out as the user's text
+
+
+def _streamed_token(choice: dict) -> bool:
+    """Whether a streamed choice carries a token's output: completions' text; chat's content,
+    reasoning or tool calls (not the first chunk's bare role)."""
+    if "text" in choice:
+        return bool(choice["text"])
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"))
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **SAMPLING, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **EXTRA_BODY}
+    route = "/v1/completions"
+    if CHAT["on"]:
+        body["messages"] = [{"role": "user", "content": " ".join(map(str, body.pop("prompt")))}]
+        route = "/v1/chat/completions"
     t0 = time.perf_counter()
     last = None
     res = Result(ok=False)
     tokens_seen = 0
     try:
-        async with session.post(url + "/v1/completions", json=body) as resp:
+        async with session.post(url + route, json=body) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
@@ -82,7 +98,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                 if obj.get("usage"):
                     res.output_tokens = obj["usage"]["completion_tokens"]
                     res.prompt_tokens = obj["usage"]["prompt_tokens"]
-                if obj.get("choices") and obj["choices"][0].get("text"):
+                if obj.get("choices") and _streamed_token(obj["choices"][0]):
                     now = time.perf_counter()
                     tokens_seen += 1
                     if last is None:
@@ -289,6 +305,9 @@ def main() -> int:
                          "streamed event, can be the bottleneck)")
     ap.add_argument("--name", default="serve")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sampled")
+    ap.add_argument("--chat", action="store_true",
+                    help="stream /v1/chat/completions (the prompt's token ids written out as the user's text) "
+                         "instead of /v1/completions")
     ap.add_argument("--extra-body", default=None, metavar="JSON",
                     help='more fields for every request, e.g. \'{"guided_json": {...}}\' (a request that '
                          "completes its structured output ends early, ignore_eos or not)")
@@ -296,6 +315,7 @@ def main() -> int:
     SAMPLING["temperature"] = args.temperature
     if args.extra_body:
         EXTRA_BODY.update(json.loads(args.extra_body))
+    CHAT["on"] = args.chat
 
     model = args.model
     if model is None:
