@@ -42,6 +42,7 @@ from dyn_actor.components.openai_api import (
 )
 from dyn_actor.components.parsers import END_THINK, Reading, read_all, thinks_after
 from dyn_actor.components.processor import Processor
+from dyn_actor.components.responses_api import ResponseBuilder, ResponsesRequest, chat_request
 from dyn_actor.components.tools import ToolPlan, ToolStream, plan_tools, stream_delta, tool_calls, tool_dicts
 from dyn_actor.engine.tokenizer import Tokenizer
 from dyn_actor.metrics import FrontendMetrics
@@ -61,6 +62,16 @@ class Echo:
 
     texts: list[str]
     prompt_only: bool = False
+
+
+@dataclass
+class ChatJob:
+    """A chat request made ready (``Frontend._prepare_chat``)."""
+
+    prompt_ids: list[int]
+    params: list[SamplingParams]
+    plan: ToolPlan | None  # a named function or "required": the output is their JSON
+    reading: Reading | None  # the server's parsers, where they apply
 
 
 @dataclass
@@ -132,6 +143,7 @@ class Frontend:
         app = web.Application(middlewares=[self._errors], client_max_size=self.edge.max_request_bytes)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
@@ -312,6 +324,16 @@ class Frontend:
     # ----------------------------------------------------------------- routes
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
+        job = await self._prepare_chat(req)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await self._respond(request, rid, "chat", job.prompt_ids, job.params, req.stream,
+                                   bool(req.stream_options and req.stream_options.include_usage),
+                                   show_prompt_logprobs=req.prompt_logprobs is not None,
+                                   tools=job.plan, reading=job.reading)
+
+    async def _prepare_chat(self, req: ChatCompletionRequest) -> ChatJob:
+        """A chat request checked and made ready to run: its prompt, each choice's parameters, the
+        tool calls it forces (a named function or "required") and how its answers are read."""
         self.processor.check_model(req.model)
         check_supported(req, chat=True)
         check_messages(req.messages)
@@ -342,11 +364,85 @@ class Frontend:
                 p.skip_special_tokens = False
         reading = self._reading(prompt_ids, params, auto, req.include_reasoning)
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._respond(request, rid, "chat", prompt_ids, params, req.stream,
-                                   bool(req.stream_options and req.stream_options.include_usage),
-                                   show_prompt_logprobs=req.prompt_logprobs is not None,
-                                   tools=plan if auto is None else None, reading=reading)
+        return ChatJob(prompt_ids, params, plan if auto is None else None, reading)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API, run as one chat choice (``components/responses_api.py``)."""
+        req: ResponsesRequest = decode_body(await request.read(), ResponsesRequest)
+        job = await self._prepare_chat(chat_request(req))
+        builder = ResponseBuilder(req, self.model_name, req.stream)
+        reader = job.reading.reader() if job.reading is not None else None
+        state = {"held": "", "tokens": 0, "cached": 0, "reason": None}
+        gen = self.generate(builder.id, job.prompt_ids, job.params[0])
+        try:
+            if not req.stream:
+                async for c in gen:
+                    self._response_chunk(builder, job, reader, state, c)
+                return _json(builder.finish(state["reason"], len(job.prompt_ids), state["tokens"], state["cached"]))
+            first = await gen.__anext__()  # errors before the first byte are plain error responses
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            builder.start()
+            c = first
+            try:
+                while True:
+                    self._response_chunk(builder, job, reader, state, c)
+                    if c.finished:
+                        builder.finish(state["reason"], len(job.prompt_ids), state["tokens"], state["cached"])
+                    if builder.events:
+                        await resp.write(b"".join(builder.events))
+                        builder.events.clear()
+                    if c.finished:
+                        break
+                    c = await gen.__anext__()
+            except StopAsyncIteration:
+                pass
+            except ConnectionResetError:  # the client went away: nobody to answer
+                return resp
+            except Exception as e:  # noqa: BLE001 - after the first byte, an error event ends the stream
+                builder.error(f"the request failed: {str(e) or type(e).__name__}")
+                await resp.write(b"".join(builder.events))
+            return resp
+        finally:
+            await gen.aclose()  # however it ends, the request ends with it
+
+    @staticmethod
+    def _response_chunk(builder: ResponseBuilder, job: ChatJob, reader, state: dict, c: Chunk) -> None:
+        """One generated token's chunk into the response's items: the reasoning, then the answer's
+        text, the calls the parser read, or a forced call's arguments."""
+        state["tokens"] += len(c.token_ids)
+        state["cached"] = c.num_cached_tokens
+        text, reasoning, calls = c.text, "", []
+        if reader is not None:
+            before = reader.calls
+            piece = reader.feed(c.text)
+            if c.finished:
+                end = reader.finish()
+                piece.reasoning += end.reasoning
+                piece.content += end.content
+                piece.calls += end.calls
+            text, reasoning, calls = piece.content, piece.reasoning, job.reading.calls(piece, before)
+            if reader.reasoning is not None and reader.reasoning.state != "content":
+                builder.reasoning_tokens += len(c.token_ids)
+        if reasoning and job.reading.show_reasoning:
+            builder.reasoning(reasoning)
+        plan = job.plan
+        if plan is None:
+            builder.text(text)
+            for call in calls:
+                builder.call(call)
+        elif plan.mode == "named":
+            builder.arguments(plan.name, text)
+        else:  # "required": the calls once their array is complete
+            state["held"] += text
+            if c.finished:
+                made = tool_calls(plan, state["held"])
+                if made is None:
+                    builder.text(state["held"])
+                for call in made or []:
+                    builder.call(call)
+        if c.finished:
+            state["reason"] = c.finish_reason
 
     def _reading(self, prompt_ids: list[int], params: list[SamplingParams], auto: ToolPlan | None,
                  include_reasoning: bool) -> Reading | None:
