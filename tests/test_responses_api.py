@@ -192,3 +192,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(server):
     r.close()
     assert eventually(lambda: _metric(server, "dyn_worker_kv_blocks_used") == 0, timeout=10)
     assert eventually(lambda: _metric(server, "dyn_requests_in_flight") == 0, timeout=10)
+
+
+def test_a_spec_that_does_not_compile_is_a_400_streamed_or_not(server):
+    for stream in (False, True):
+        r = requests.post(server.url + "/v1/responses", timeout=60,
+                          json={"input": "hi", "stream": stream, "structured_outputs": {"regex": "[a-"}})
+        assert r.status_code == 400 and "regex" in r.json()["error"]["message"], r.text

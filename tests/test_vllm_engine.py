@@ -58,6 +58,13 @@ def test_openai_client_on_vllm(server):
     stopped = c.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=[whole[3:5]],
                                    extra_body={"ignore_eos": True}).choices[0]
     assert stopped.text == whole[:whole.index(whole[3:5])] and stopped.finish_reason == "stop"
+    # the Responses API runs through the same frontend: the same text as the chat answer
+    r = c.responses.create(model="tiny", input="hi", max_output_tokens=6, temperature=0)
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                     temperature=0)
+    assert r.output_text == chat.choices[0].message.content and r.usage.output_tokens == chat.usage.completion_tokens
+    events = list(c.responses.create(model="tiny", input="hi", max_output_tokens=6, temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
     # logit_bias reaches vLLM's sampler: "x" forced at every step
     x = requests.post(server.url + "/tokenize", json={"prompt": "x", "add_special_tokens": False},
                       timeout=30).json()["tokens"][0]
