@@ -422,7 +422,8 @@ class Frontend:
                 piece.content += end.content
                 piece.calls += end.calls
             text, reasoning, calls = piece.content, piece.reasoning, job.reading.calls(piece, before)
-            if reader.reasoning is not None and reader.reasoning.state != "content":
+            rr = reader.reasoning
+            if rr is not None and (rr.state == "reasoning" or (rr.state == "lead" and rr.thinking)):
                 builder.reasoning_tokens += len(c.token_ids)
         if reasoning and job.reading.show_reasoning:
             builder.reasoning(reasoning)

@@ -121,8 +121,8 @@ def _messages(req: ResponsesRequest) -> list[ChatMessage]:
         kind = it.get("type", "message")
         if kind == "message":
             role = it.get("role")
-            if not isinstance(role, str):
-                raise RequestError(f"{where}.role must be a string", param="input")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise RequestError(f"{where}.role must be user, system, developer or assistant", param="input")
             msg = {"role": role, "content": _text(it.get("content"), where)}
             if role == "assistant" and reasoning is not None:
                 msg["reasoning"], reasoning = reasoning, None
