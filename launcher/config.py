@@ -154,7 +154,8 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
     ap.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSERS,
                     help="serve tool_choice 'auto' (the default when a request gives tools): read the calls the "
                          "model writes in its own format (hermes: <tool_call> JSON </tool_call>, as Hermes and "
-                         "Qwen write; llama3_json: a JSON object, as Llama 3.1-3.3 write)")
+                         "Qwen write; llama3_json: a JSON object, as Llama 3.1-3.3 write; pythonic: a Python list "
+                         "of calls, as Llama 3.2 and 4 write)")
     ap.add_argument("--enable-auto-tool-choice", action="store_true",
                     help="vLLM's flag for the same: accepted, and needs --tool-call-parser")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
@@ -327,7 +328,7 @@ def validate(cfg: LaunchConfig) -> None:
     if cfg.chat_template is not None:
         cfg.chat_template = read_chat_template(cfg.chat_template)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
-        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + " or ".join(TOOL_PARSERS) + ")")
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
         raise ConfigError(f"--generation-config {cfg.generation_config!r}: no such folder (use auto, vllm or a folder)")
     if cfg.remote_prefill_timeout <= 0:

@@ -155,3 +155,30 @@ def test_reasoning_then_tool_calls(text, reasoning, content, calls):
 def test_each_call_has_its_own_id():
     p = read_all(_reader(tools="hermes"), f"<tool_call>{CALL}</tool_call><tool_call>{CALL}</tool_call>")
     assert len({c["id"] for c in p.calls}) == 2 and all(c["type"] == "function" for c in p.calls)
+
+
+PYTHONIC = [
+    ('[get_weather(city="Paris", days=2)]', "", [("get_weather", {"city": "Paris", "days": 2})]),
+    ("[get_time(tz='UTC'), get_time()]", "", [("get_time", {"tz": "UTC"}), ("get_time", {})]),
+    ('<|python_start|>[get_time(tz="CET")]<|python_end|>', "", [("get_time", {"tz": "CET"})]),  # Llama 4's tags
+    ('[get_weather(city="Oslo", days=[1, 2], opts={"a": None, "b": True})]', "",
+     [("get_weather", {"city": "Oslo", "days": [1, 2], "opts": {"a": None, "b": True}})]),
+    ("The weather is fine.", "The weather is fine.", []),
+    ("[1, 2, 3]", "[1, 2, 3]", []),  # a list, not calls
+    ('[get_time("UTC")]', '[get_time("UTC")]', []),  # a positional argument
+    ("[get_time(tz=os.system('x'))]", "[get_time(tz=os.system('x'))]", []),  # not a literal: never run
+    ("[get_time(tz={1, 2})]", "[get_time(tz={1, 2})]", []),  # no JSON for a set
+    ('[get_weather(city="Pa', '[get_weather(city="Pa', []),  # cut short
+]
+
+
+@pytest.mark.parametrize("text,content,calls", PYTHONIC)
+def test_pythonic_whole_and_streamed(text, content, calls):
+    from dyn_actor.components.parsers import PythonicReader
+
+    def make():
+        return OutputReader(None, PythonicReader(None))
+
+    assert _plain(read_all(make(), text)) == ("", content, calls)
+    for chunks in _splits(text):
+        assert _plain(_streamed(make, chunks)) == ("", content, calls), chunks

@@ -164,7 +164,7 @@ def test_without_a_tool_call_parser_auto_is_refused(model_dir):
         s.stop()
 
 
-def test_llama3_json_calls_and_deepseek_r1_reasoning(model_dir):
+def test_llama3_json_and_pythonic_calls_and_deepseek_r1_reasoning(model_dir):
     s = _start(model_dir, "--tool-call-parser", "llama3_json")
     try:
         call = r'\{"name": "get_time", "parameters": \{\}\}; \{"name": "get_weather", "parameters": \{"city": "Oslo", "days": [1-7]\}\}'
@@ -178,6 +178,18 @@ def test_llama3_json_calls_and_deepseek_r1_reasoning(model_dir):
         assert [c["function"]["name"] for c in one] == ["get_time"]
         choice = _chat(s, tools=TOOLS, seed=2, guided_regex="[a-z ]{4,20}")["choices"][0]
         assert choice["finish_reason"] == "stop" and choice["message"]["content"] and "tool_calls" not in choice["message"]
+    finally:
+        s.stop()
+    s = _start(model_dir, "--tool-call-parser", "pythonic")
+    try:
+        body = dict(tools=TOOLS, seed=1, chat_template_kwargs=NO_THINKING,
+                    guided_regex=r'\[get_time\(\), get_weather\(city="(Oslo|Lima)", days=[1-7]\)\]')
+        choice = _chat(s, **body)["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in choice["message"]["tool_calls"]]
+        assert calls[0] == ("get_time", {}) and calls[1][0] == "get_weather" and calls[1][1]["city"] in ("Oslo", "Lima")
+        got, reason, _ = _stream(s, **body)
+        assert reason == "tool_calls" and [c["name"] for c in got["tool_calls"].values()] == ["get_time", "get_weather"]
     finally:
         s.stop()
     s = _start(model_dir, "--reasoning-parser", "deepseek_r1")

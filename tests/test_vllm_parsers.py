@@ -18,7 +18,14 @@ if os.environ.get("DYN_REQUIRE_VLLM") == "1":
 else:
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm]')")
 
-from dyn_actor.components.parsers import HermesReader, Llama3JsonReader, OutputReader, ReasoningReader, read_all  # noqa: E402
+from dyn_actor.components.parsers import (  # noqa: E402
+    HermesReader,
+    Llama3JsonReader,
+    OutputReader,
+    PythonicReader,
+    ReasoningReader,
+    read_all,
+)
 from tests.test_parsers import CALL  # noqa: E402
 
 NAMES = frozenset({"get_weather", "get_time"})
@@ -51,7 +58,7 @@ def request_():
 
 
 def _ours(tools: str | None, text: str, reasoning: bool = False):
-    reader = {"hermes": HermesReader, "llama3_json": Llama3JsonReader, None: None}[tools]
+    reader = {"hermes": HermesReader, "llama3_json": Llama3JsonReader, "pythonic": PythonicReader, None: None}[tools]
     p = read_all(OutputReader(ReasoningReader(True) if reasoning else None, reader and reader(NAMES)), text)
     calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in p.calls]
     return p.reasoning, p.content or None, calls
@@ -99,6 +106,24 @@ def test_llama3_json_reads_as_vllms(hf_tokenizer, request_):
     theirs = Llama3JsonToolParser(hf_tokenizer)
     for text in LLAMA_SAME:
         assert _ours("llama3_json", text)[1:] == _theirs(theirs, text, request_), text
+
+
+PYTHONIC_SAME = [
+    '[get_weather(city="Paris", days=2)]',
+    "[get_time(tz='UTC'), get_time()]",
+    '[get_weather(city="Oslo", days=[1, 2], opts={"a": None, "b": True})]',
+    "The weather is fine.",
+    "[1, 2, 3]",
+    '[get_weather(city="Pa',
+]
+
+
+def test_pythonic_reads_as_vllms(hf_tokenizer, request_):
+    from vllm.tool_parsers.pythonic_tool_parser import PythonicToolParser
+
+    theirs = PythonicToolParser(hf_tokenizer)
+    for text in PYTHONIC_SAME:
+        assert _ours("pythonic", text)[1:] == _theirs(theirs, text, request_), text
 
 
 def test_deepseek_r1_reads_as_vllms(hf_tokenizer, request_):

@@ -24,6 +24,8 @@ Tool-call parsers:
 - ``llama3_json`` (Llama 3.1-3.3): an output that is a JSON object ``{"name": ..., "parameters":
   {...}}`` (optionally after ``<|python_tag|>``, several separated by ``;``) is tool calls; any other
   output is content.
+- ``pythonic`` (Llama 3.2 and 4, and others prompted so): an output that is a Python list of calls,
+  ``[get_weather(city="Paris"), get_time()]``, is tool calls; any other output is content.
 
 A call that does not read as one (bad JSON, no name) stays in the content as the model wrote it.
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
-TOOL_PARSERS = ("hermes", "llama3_json")
+TOOL_PARSERS = ("hermes", "llama3_json", "pythonic")
 
 THINK, END_THINK = "<think>", "</think>"
 
@@ -127,7 +129,10 @@ def _read_call(obj: Any, names: frozenset[str] | None) -> dict[str, Any] | None:
         except ValueError:
             return None
     elif isinstance(args, dict):
-        args = json.dumps(args, ensure_ascii=False)
+        try:
+            args = json.dumps(args, ensure_ascii=False)
+        except (TypeError, ValueError):  # a value JSON has no form for (a Python set, bytes)
+            return None
     else:
         return None
     return {"id": new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": args}}
@@ -197,6 +202,7 @@ class Llama3JsonReader:
     calls separated by ``;``; any other output streams as content."""
 
     TAG = "<|python_tag|>"
+    OPEN: tuple[str, ...] = ("{", TAG)
 
     def __init__(self, names: frozenset[str] | None = None) -> None:
         self.names = names
@@ -209,7 +215,7 @@ class Llama3JsonReader:
             head = self.pending.lstrip()
             if not head or (self.TAG.startswith(head) and head != self.TAG):
                 return "", []
-            self.state = "json" if head.startswith(("{", self.TAG)) else "content"
+            self.state = "json" if head.startswith(self.OPEN) else "content"
         if self.state == "json":
             return "", []
         out, self.pending = self.pending, ""
@@ -242,7 +248,45 @@ class Llama3JsonReader:
         return calls or None
 
 
-TOOL_READERS = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
+class PythonicReader(Llama3JsonReader):
+    """An output that opens with ``[`` (optionally inside Llama 4's ``<|python_start|>`` ...
+    ``<|python_end|>``) is held to the end and read as a Python list of calls with keyword arguments
+    of literal values, ``[get_weather(city="Paris", days=2), get_time()]``; any other output streams
+    as content. Read with Python's own parser (``ast``), never evaluated."""
+
+    TAG = "<|python_start|>"
+    OPEN = ("[", TAG)
+
+    def _calls(self, text: str) -> list[dict[str, Any]] | None:
+        import ast
+
+        text = text.strip()
+        if text.startswith(self.TAG):
+            text = text[len(self.TAG):].removesuffix("<|python_end|>").strip()
+        try:
+            tree = ast.parse(text, mode="eval").body
+        except (SyntaxError, ValueError, RecursionError):
+            return None
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                return None
+            if any(k.arg is None for k in node.keywords):  # **kwargs
+                return None
+            try:
+                args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                return None
+            call = _read_call({"name": node.func.id, "arguments": args}, self.names)
+            if call is None:
+                return None
+            calls.append(call)
+        return calls
+
+
+TOOL_READERS = {"hermes": HermesReader, "llama3_json": Llama3JsonReader, "pythonic": PythonicReader}
 
 
 class OutputReader:

@@ -89,7 +89,7 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: msgspec.Raw, parallel: 
                             parallel=parallel is not False)
         raise RequestError(
             'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own tool-call '
-            'format: start the server with --tool-call-parser (hermes or llama3_json), or ask for "required", '
+            'format: start the server with --tool-call-parser (hermes, llama3_json or pythonic), or ask for "required", '
             'name a function, or "none"', param="tool_choice", code="unsupported_parameter")
     functions = {t["function"]["name"]: t["function"] for t in tools}
     if choice == "required":
