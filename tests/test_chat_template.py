@@ -57,6 +57,8 @@ def test_named_templates_tool_use_with_tools(tmp_path):
     try:
         assert _prompt_tokens(s) == len("hi")
         assert _prompt_tokens(s, tools=TOOLS, tool_choice="none") == len("TOOLS1:hi")
+        r = requests.post(s.url + "/tokenize", json={"messages": MSGS, "tools": TOOLS}, timeout=30)
+        assert r.json()["count"] == len("TOOLS1:hi"), r.text  # /tokenize renders as the chat route does
     finally:
         s.stop()
     s = InprocServer("--model", str(tmp_path), "--kv-cache-memory-gb", "0.05", "--chat-template", "<{{ messages | length }}>")

@@ -804,8 +804,8 @@ class Frontend:
             raise RequestError("give exactly one of prompt or messages")
         if req.messages is not None:
             check_messages(req.messages)
-            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt, None,
-                                       template_kwargs(req.chat_template_kwargs))
+            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
+                                       tool_dicts(req.tools) or None, template_kwargs(req.chat_template_kwargs))
         else:
             ids = await self._off_loop(self.tokenizer.encode, req.prompt or "", req.add_special_tokens)
         # a long prompt's ids: msgspec encodes them ~20x faster than json, on the event loop

@@ -125,6 +125,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: msgspec.Raw = NULL  # with messages: shown to the chat template, as on chat completions
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
