@@ -16,6 +16,16 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
 
 
+def builtin_with_template(directory: Path, chat_template) -> Path:
+    """The built-in model saved as a folder, with this chat template (a string, or named templates
+    as a list) in its tokenizer_config.json."""
+    builtin.save_builtin(directory)
+    cfg = json.loads((directory / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random ``kind`` ("llama" or "qwen2") model with ``save_pretrained``; return the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -4,8 +4,6 @@ tools, "default" otherwise, as transformers picks them). Bad flags are one-line 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import requests
 
@@ -45,14 +43,11 @@ def test_the_flag_replaces_the_models_template(tmp_path):
 
 
 def test_named_templates_tool_use_with_tools(tmp_path):
-    from dyn_actor.engine.builtin import save_builtin
+    from tests.checkpoints import builtin_with_template
 
-    save_builtin(tmp_path)
-    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = [{"name": "default", "template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
-                            {"name": "tool_use", "template": "TOOLS{{ tools | length }}:{% for m in messages %}"
-                                                             "{{ m.content }}{% endfor %}"}]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    builtin_with_template(tmp_path, [
+        {"name": "default", "template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
+        {"name": "tool_use", "template": "TOOLS{{ tools | length }}:{% for m in messages %}{{ m.content }}{% endfor %}"}])
     s = InprocServer("--model", str(tmp_path), "--kv-cache-memory-gb", "0.05")
     try:
         assert _prompt_tokens(s) == len("hi")

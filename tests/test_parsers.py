@@ -27,15 +27,15 @@ def _reader(reasoning=None, tools=None, names=None) -> OutputReader:
 
 
 def _streamed(make, chunks: list[str]) -> Piece:
+    """As the frontend reads a stream: each chunk with ``step``, the last one finishing."""
     reader = make()
     out = Piece()
-    for c in chunks:
-        p = reader.feed(c)
+    for i, c in enumerate(chunks or [""]):
+        p = reader.step(c, i == max(len(chunks), 1) - 1)
         out.reasoning += p.reasoning
         out.content += p.content
         out.calls += p.calls
-    p = reader.finish()
-    return Piece(out.reasoning + p.reasoning, out.content + p.content, out.calls + p.calls)
+    return out
 
 
 def _splits(text: str, seed: int = 0):

@@ -39,14 +39,9 @@ HERMES_OUT = (r'<think>[a-z]{3,12}</think>[A-Z][a-z]{2,8}\.<tool_call>\{"name": 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from dyn_actor.engine.builtin import save_builtin
+    from tests.checkpoints import builtin_with_template
 
-    d = tmp_path_factory.mktemp("thinking-model")
-    save_builtin(d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
+    return builtin_with_template(tmp_path_factory.mktemp("thinking-model"), TEMPLATE)
 
 
 def _start(model_dir, *flags):

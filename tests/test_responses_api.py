@@ -25,13 +25,9 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from dyn_actor.engine.builtin import save_builtin
+    from tests.checkpoints import builtin_with_template
 
-    d = tmp_path_factory.mktemp("responses-model")
-    save_builtin(d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    d = builtin_with_template(tmp_path_factory.mktemp("responses-model"), TEMPLATE)
     s = InprocServer("--model", str(d), "--served-model-name", "m", "--max-model-len", "512",
                      "--kv-cache-memory-gb", "0.1", "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes")
     yield s

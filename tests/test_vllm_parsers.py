@@ -100,14 +100,6 @@ LLAMA_SAME = [
 ]
 
 
-def test_llama3_json_reads_as_vllms(hf_tokenizer, request_):
-    from vllm.tool_parsers.llama_tool_parser import Llama3JsonToolParser
-
-    theirs = Llama3JsonToolParser(hf_tokenizer)
-    for text in LLAMA_SAME:
-        assert _ours("llama3_json", text)[1:] == _theirs(theirs, text, request_), text
-
-
 PYTHONIC_SAME = [
     '[get_weather(city="Paris", days=2)]',
     "[get_time(tz='UTC'), get_time()]",
@@ -118,12 +110,17 @@ PYTHONIC_SAME = [
 ]
 
 
-def test_pythonic_reads_as_vllms(hf_tokenizer, request_):
-    from vllm.tool_parsers.pythonic_tool_parser import PythonicToolParser
+@pytest.mark.parametrize("name,theirs_at,texts", [
+    ("llama3_json", "llama_tool_parser.Llama3JsonToolParser", LLAMA_SAME),
+    ("pythonic", "pythonic_tool_parser.PythonicToolParser", PYTHONIC_SAME),
+])
+def test_json_and_pythonic_read_as_vllms(hf_tokenizer, request_, name, theirs_at, texts):
+    import importlib
 
-    theirs = PythonicToolParser(hf_tokenizer)
-    for text in PYTHONIC_SAME:
-        assert _ours("pythonic", text)[1:] == _theirs(theirs, text, request_), text
+    module, cls = theirs_at.rsplit(".", 1)
+    theirs = getattr(importlib.import_module(f"vllm.tool_parsers.{module}"), cls)(hf_tokenizer)
+    for text in texts:
+        assert _ours(name, text)[1:] == _theirs(theirs, text, request_), text
 
 
 def test_deepseek_r1_reads_as_vllms(hf_tokenizer, request_):

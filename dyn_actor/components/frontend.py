@@ -415,12 +415,7 @@ class Frontend:
         text, reasoning, calls = c.text, "", []
         if reader is not None:
             before = reader.calls
-            piece = reader.feed(c.text)
-            if c.finished:
-                end = reader.finish()
-                piece.reasoning += end.reasoning
-                piece.content += end.content
-                piece.calls += end.calls
+            piece = reader.step(c.text, c.finished)
             text, reasoning, calls = piece.content, piece.reasoning, job.reading.calls(piece, before)
             rr = reader.reasoning
             if rr is not None and (rr.state == "reasoning" or (rr.state == "lead" and rr.thinking)):
@@ -683,12 +678,7 @@ class Frontend:
                         if reading is not None:  # the reasoning first; tool calls in what follows
                             rd = readers.get(index) or readers.setdefault(index, reading.reader())
                             before = rd.calls
-                            piece = rd.feed(c.text)
-                            if c.finished:
-                                end = rd.finish()
-                                piece.reasoning += end.reasoning
-                                piece.content += end.content
-                                piece.calls += end.calls
+                            piece = rd.step(c.text, c.finished)
                             text, reasoning, calls = piece.content, piece.reasoning, reading.calls(piece, before)
                             if c.finished and rd.calls and reason == "stop":
                                 reason = "tool_calls"

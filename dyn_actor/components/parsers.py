@@ -304,6 +304,16 @@ class OutputReader:
     def finish(self) -> Piece:
         return self._read("", True)
 
+    def step(self, text: str, finished: bool) -> Piece:
+        """A streamed chunk's text, and the end with it when it is the last."""
+        piece = self.feed(text)
+        if finished:
+            end = self.finish()
+            piece.reasoning += end.reasoning
+            piece.content += end.content
+            piece.calls += end.calls
+        return piece
+
     def _read(self, text: str, end: bool) -> Piece:
         piece = Piece()
         content = text
