@@ -43,6 +43,15 @@ def random_prompt(rng: random.Random, n: int, vocab: int = 99) -> list[int]:
     return [0] + [rng.randrange(2, vocab) for _ in range(n - 1)]
 
 
+def metric(server, name: str) -> float:
+    """A Prometheus metric from a server's /metrics: the sum over its series (labels)."""
+    import requests
+
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + " ", name + "{")))
+
+
 def eventually(check, timeout: float = 3.0, interval: float = 0.05):
     """``check()`` until it is truthy or ``timeout`` seconds pass; its last value. For what the
     frontend learns from the workers' load reports (a few times a second): /metrics gauges."""

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import eventually
+from tests.helpers import eventually, metric
 from tests.server import InprocServer, Server, own_segments, segments_of
 
 LENGTHS = [3, 15, 16, 17, 32, 40, 77, 130]
@@ -35,12 +35,6 @@ def _tokens(resp: dict) -> list[str]:
     return resp["choices"][0]["logprobs"]["tokens"]
 
 
-def _metric(server: Server, name: str) -> float:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 @pytest.fixture(scope="module")
 def agg_tokens():
     s = InprocServer("--topology", "agg", "--kv-cache-memory-gb", "0.1")
@@ -57,15 +51,15 @@ def test_1p1d_matches_agg_and_really_goes_remote(agg_tokens):
         prompts = _prompts()
         for p, want in zip(prompts, agg_tokens):
             assert _tokens(_complete(s, p)) == want, f"{len(p)}-token prompt"
-        assert _metric(s, "dyn_remote_prefills_total") == len(prompts)
-        assert _metric(s, "dyn_local_prefills_total") == 0
-        assert _metric(s, "dyn_kv_transfer_bytes_total") > 0
+        assert metric(s, "dyn_remote_prefills_total") == len(prompts)
+        assert metric(s, "dyn_local_prefills_total") == 0
+        assert metric(s, "dyn_kv_transfer_bytes_total") > 0
         # again: the decode side now has the prefixes cached; only the rest is prefilled remotely
-        hits = _metric(s, "dyn_prefix_cache_hit_tokens_total")
+        hits = metric(s, "dyn_prefix_cache_hit_tokens_total")
         for p, want in zip(prompts, agg_tokens):
             assert _tokens(_complete(s, p)) == want
-        assert _metric(s, "dyn_prefix_cache_hit_tokens_total") > hits
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert metric(s, "dyn_prefix_cache_hit_tokens_total") > hits
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         code, err = s.stop()
     assert code == 0, err
@@ -77,14 +71,14 @@ def test_short_prompts_stay_local():
     try:
         _complete(s, [0] + [5] * 20)
         _complete(s, [0] + [6] * 100)
-        assert _metric(s, "dyn_local_prefills_total") == 1 and _metric(s, "dyn_remote_prefills_total") == 1
+        assert metric(s, "dyn_local_prefills_total") == 1 and metric(s, "dyn_remote_prefills_total") == 1
         text = requests.get(s.url + "/metrics", timeout=10).text
         assert "dyn_prefill_queue_depth 0" in text and "dyn_remote_prefill_latency_seconds_count 1" in text
         # the threshold changes at run time, without a restart
         r = requests.post(s.base_url + "/disagg/policy", json={"max_local_prefill_length": 1000}, timeout=10)
         assert r.json() == {"workers": {"decode-0": {"max_local_prefill_length": 1000, "max_prefill_queue_size": 8}}}
         _complete(s, [0] + [7] * 100)
-        assert _metric(s, "dyn_local_prefills_total") == 2 and _metric(s, "dyn_remote_prefills_total") == 1
+        assert metric(s, "dyn_local_prefills_total") == 2 and metric(s, "dyn_remote_prefills_total") == 1
         # a bad value is refused and changes nothing, not even the good one beside it
         assert requests.post(s.base_url + "/disagg/policy", json={"max_local_prefill_length": 5,
                                                                   "max_prefill_queue_size": -1},
@@ -110,9 +104,9 @@ def test_a_restarted_decode_worker_keeps_the_policy_set_while_serving():
             return got.status_code == 200 and got.json()["workers"] and got.json()
 
         assert eventually(policy, timeout=15, interval=0.2) == r.json()
-        local = _metric(s, "dyn_local_prefills_total")
+        local = metric(s, "dyn_local_prefills_total")
         _complete(s, [0] + [7] * 100)  # over the launch threshold, under the one set: here
-        assert _metric(s, "dyn_local_prefills_total") == local + 1
+        assert metric(s, "dyn_local_prefills_total") == local + 1
     finally:
         code, err = s.stop()
     assert code == 0, err[-2000:]
@@ -129,10 +123,10 @@ def test_64_concurrent_requests(topology):
             results = list(pool.map(lambda j: _complete(s, j[0], j[1]), jobs))
         for (prompt, n), r in zip(jobs, results):
             assert r["usage"]["completion_tokens"] == n and r["usage"]["prompt_tokens"] == len(prompt)
-        assert _metric(s, "dyn_remote_prefills_total") > 0
+        assert metric(s, "dyn_remote_prefills_total") > 0
         time.sleep(0.5)
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
-        assert eventually(lambda: _metric(s, "dyn_worker_requests_running") == 0)
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert eventually(lambda: metric(s, "dyn_worker_requests_running") == 0)
     finally:
         s.stop()
 
@@ -155,8 +149,8 @@ def test_dead_prefill_worker_falls_back_to_local(agg_tokens):
         prompt = _prompts()[-1]
         assert _tokens(_complete(s, prompt)) == agg_tokens[-1]
         assert time.monotonic() - t0 < 10
-        assert _metric(s, "dyn_local_prefills_total") == 1
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert metric(s, "dyn_local_prefills_total") == 1
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         s.stop()
 
@@ -169,9 +163,9 @@ def test_disconnect_during_remote_prefill_leaks_nothing():
                 requests.post(s.base_url + "/completions", timeout=0.05,
                               json={"prompt": [0] + [7] * 300, "max_tokens": 2000, "ignore_eos": True})
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _metric(s, "dyn_worker_kv_blocks_used") > 0:
+        while time.monotonic() < deadline and metric(s, "dyn_worker_kv_blocks_used") > 0:
             time.sleep(0.2)
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
         assert _complete(s, [0, 5, 6])["usage"]["completion_tokens"] == 16
     finally:
         s.stop()
@@ -203,9 +197,9 @@ def test_killed_decode_worker_does_not_stall_the_other():
         assert all("error" in b for b in failed)
         assert len(ok) >= 6  # at least decode 1's share
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _metric(s, "dyn_prefill_queue_depth") > 0:
+        while time.monotonic() < deadline and metric(s, "dyn_prefill_queue_depth") > 0:
             time.sleep(0.2)
-        assert _metric(s, "dyn_prefill_queue_depth") == 0
+        assert metric(s, "dyn_prefill_queue_depth") == 0
         assert _complete(s, prompts[0], 3)["usage"]["completion_tokens"] == 3
     finally:
         s.stop()
@@ -222,7 +216,7 @@ def test_an_in_process_topology_serves_disaggregated_and_leaves_nothing():
         try:
             assert set(s.pids()) == {"prefill-queue 0", "decode 0", "prefill 0"}
             assert _complete(s, [0] + [5] * 40, 4)["usage"]["completion_tokens"] == 4
-            assert _metric(s, "dyn_remote_prefills_total") == 1 and _metric(s, "dyn_kv_transfer_bytes_total") > 0
+            assert metric(s, "dyn_remote_prefills_total") == 1 and metric(s, "dyn_kv_transfer_bytes_total") > 0
         finally:
             s.stop()
         assert set(own_segments()) <= before

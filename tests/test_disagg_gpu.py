@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from tests.helpers import eventually
+from tests.helpers import eventually, metric
 from tests.server import Server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -36,11 +36,6 @@ def _tokens(s: Server, prompt: list[int]) -> list[str]:
     return r.json()["choices"][0]["logprobs"]["tokens"]
 
 
-def _metric(s: Server, name: str) -> float:
-    text = requests.get(s.url + "/metrics", timeout=10).text
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith((name + " ", name + "{")))
-
-
 def test_1p1d_on_one_gpu_matches_agg_with_and_without_a_prefix_hit():
     agg = Server("--topology", "agg", *FLAGS)
     try:
@@ -52,11 +47,11 @@ def test_1p1d_on_one_gpu_matches_agg_with_and_without_a_prefix_hit():
     try:
         for round_ in range(2):  # the second round hits the decode side's prefix cache
             assert [_tokens(s, p) for p in _prompts()] == want, f"round {round_}"
-        assert _metric(s, "dyn_remote_prefills_total") == 2 * len(LENGTHS)
-        assert _metric(s, "dyn_kv_transfer_bytes_total") > 0
+        assert metric(s, "dyn_remote_prefills_total") == 2 * len(LENGTHS)
+        assert metric(s, "dyn_kv_transfer_bytes_total") > 0
         os.kill(s.pids()["prefill 0"], signal.SIGKILL)  # restarted; meanwhile the decode side computes
         assert _tokens(s, _prompts()[-1]) == want[-1]
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         code, err = s.stop()
     assert code == 0, err[-2000:]
@@ -104,8 +99,8 @@ def test_killed_workers_leave_no_device_memory_held():
                     _tokens(s, p)
             assert eventually(lambda: _free_mib() > level - pool_mib / 2, timeout=30), \
                 f"after killing {role}: {level - _free_mib():.0f} MiB of the card still held"
-            assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0, timeout=15)
-            assert _metric(s, "dyn_worker_kv_blocks_fenced") == 0
+            assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0, timeout=15)
+            assert metric(s, "dyn_worker_kv_blocks_fenced") == 0
     finally:
         code, err = s.stop()
     assert code == 0, err[-2000:]

@@ -23,7 +23,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import random_prompt
+from tests.helpers import metric, random_prompt
 from tests.server import Server, segments_of
 
 BOUND = 45.0  # seconds within which every request of a case ends (the longest stall is 10 s)
@@ -111,12 +111,6 @@ class Load:
         return self.results
 
 
-def _metric(s: Server, name: str) -> float:
-    text = requests.get(s.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def _greedy(s: Server, prompt: list[int], max_tokens: int) -> dict:
     deadline = time.monotonic() + 30
     while True:  # a 503 is what a client retries (a worker rejoining)
@@ -156,10 +150,10 @@ def _remote_again(s: Server, rng: random.Random, within: float = 5.0) -> float:
     fault here; a request lost in the queue would cost its 5-s remote-prefill timeout first)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
-        before = _metric(s, "dyn_remote_prefills_total")
+        before = metric(s, "dyn_remote_prefills_total")
         r = requests.post(s.base_url + "/completions", timeout=60,
                           json={"prompt": random_prompt(rng, 300), "max_tokens": 2})
-        if r.status_code == 200 and _metric(s, "dyn_remote_prefills_total") > before:
+        if r.status_code == 200 and metric(s, "dyn_remote_prefills_total") > before:
             return time.monotonic() - t0
         time.sleep(0.3)
     raise AssertionError(f"no remote prefill within {within:.0f}s of the fault; log:\n{_log_tail(s)}")
@@ -175,7 +169,7 @@ def _no_leaks(s: Server, within: float = 15.0) -> None:
     names = ("dyn_worker_kv_blocks_used", "dyn_worker_kv_blocks_fenced", "dyn_worker_requests_running",
              "dyn_requests_in_flight")
     while time.monotonic() < deadline:
-        values = {n: _metric(s, n) for n in names}
+        values = {n: metric(s, n) for n in names}
         if not any(values.values()):
             return
         time.sleep(0.3)

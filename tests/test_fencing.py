@@ -34,7 +34,7 @@ from dyn_actor.components.messages import StatsRequest, WorkerStats
 from dyn_actor.components.prefill_queue import PrefillQueue, depth_endpoint
 from dyn_actor.components.worker_client import WorkerClient
 from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.helpers import eventually, random_prompt, run_all
+from tests.helpers import eventually, metric, random_prompt, run_all
 from tests.server import Server, own_segments
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -177,12 +177,6 @@ def _policy(s: Server, max_local: int) -> None:
     assert r.status_code == 200, r.text
 
 
-def _metric(s: Server, name: str) -> float:
-    text = requests.get(s.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def _close(a: dict, b: dict) -> bool:
     return a["tokens"] == b["tokens"] and max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
 
@@ -216,14 +210,14 @@ def test_a_frozen_prefill_worker_never_corrupts_reused_blocks():
             for a, b in zip(answers, again):
                 assert _close(a, b), f"round {i}: cached KV changed: {a} vs {b}"
             assert _close(first, _complete(s, late)), f"round {i}: the timed-out prompt's answer differs"
-            assert eventually(lambda n=i + 1: _metric(s, "dyn_worker_remote_prefill_timeouts_total") == n)
+            assert eventually(lambda n=i + 1: metric(s, "dyn_worker_remote_prefill_timeouts_total") == n)
         # and the prefill worker still serves: a long prompt goes remote again
         _policy(s, 0)
-        remote = _metric(s, "dyn_remote_prefills_total")
+        remote = metric(s, "dyn_remote_prefills_total")
         _complete(s, random_prompt(rng, 600))
-        assert _metric(s, "dyn_remote_prefills_total") == remote + 1
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_fenced") == 0)
-        assert eventually(lambda: _metric(s, "dyn_worker_kv_blocks_used") == 0)
+        assert metric(s, "dyn_remote_prefills_total") == remote + 1
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_fenced") == 0)
+        assert eventually(lambda: metric(s, "dyn_worker_kv_blocks_used") == 0)
     finally:
         code, err = s.stop()
     assert code == 0, err[-3000:]

@@ -171,14 +171,8 @@ def test_what_is_not_served_is_a_400(server, body, param):
     assert ok.status_code == 200 and ok.json()["store"] is False
 
 
-def _metric(server, name: str) -> float:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def test_a_client_that_leaves_mid_stream_frees_its_request(server):
-    from tests.helpers import eventually
+    from tests.helpers import eventually, metric
 
     r = requests.post(server.url + "/v1/responses", stream=True, timeout=60,
                       json={"input": "hi", "stream": True, "max_output_tokens": 400, "ignore_eos": True,
@@ -186,10 +180,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(server):
     lines = r.iter_lines()
     got = [next(lines) for _ in range(24)]
     assert any(b"response.output_text.delta" in line for line in got)
-    assert eventually(lambda: _metric(server, "dyn_worker_kv_blocks_used") > 0, timeout=5)  # (a load report)
+    assert eventually(lambda: metric(server, "dyn_worker_kv_blocks_used") > 0, timeout=5)  # (a load report)
     r.close()
-    assert eventually(lambda: _metric(server, "dyn_worker_kv_blocks_used") == 0, timeout=10)
-    assert eventually(lambda: _metric(server, "dyn_requests_in_flight") == 0, timeout=10)
+    assert eventually(lambda: metric(server, "dyn_worker_kv_blocks_used") == 0, timeout=10)
+    assert eventually(lambda: metric(server, "dyn_requests_in_flight") == 0, timeout=10)
 
 
 def test_a_spec_that_does_not_compile_is_a_400_streamed_or_not(server):

@@ -13,7 +13,7 @@ import requests
 
 pytest.importorskip("xgrammar")
 
-from tests.helpers import eventually  # noqa: E402
+from tests.helpers import eventually, metric  # noqa: E402
 from tests.server import InprocServer  # noqa: E402
 
 COLORS = ["red", "green", "blue"]
@@ -35,12 +35,6 @@ def server(request):
     s.stop()
 
 
-def _metric(server, name: str) -> float:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def _valid(doc: dict) -> bool:
     return (set(doc) == {"ok", "color", "size"} and isinstance(doc["ok"], bool) and doc["color"] in COLORS
             and isinstance(doc["size"], int) and 1 <= doc["size"] <= 9)
@@ -49,7 +43,7 @@ def _valid(doc: dict) -> bool:
 def test_response_format_json_schema_with_the_openai_client(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.base_url, api_key="x")
-    remote = _metric(server, "dyn_remote_prefills_total")
+    remote = metric(server, "dyn_remote_prefills_total")
     docs = []
     for seed in range(4):
         r = client.chat.completions.create(
@@ -60,7 +54,7 @@ def test_response_format_json_schema_with_the_openai_client(server):
         docs.append(json.loads(r.choices[0].message.content))
     assert all(_valid(d) for d in docs), docs
     if server.kind != "agg":  # every prompt was prefilled by the prefill worker
-        assert _metric(server, "dyn_remote_prefills_total") >= remote + 4
+        assert metric(server, "dyn_remote_prefills_total") >= remote + 4
 
 
 def test_json_object_and_vllm_fields(server):
@@ -110,7 +104,7 @@ def test_completions_streamed_with_several_choices(server):
 def test_a_spec_that_does_not_compile_is_a_400_and_serving_goes_on(server):
     url = server.base_url + "/chat/completions"
     msgs = [{"role": "user", "content": "x"}]
-    remote = _metric(server, "dyn_remote_prefills_total")
+    remote = metric(server, "dyn_remote_prefills_total")
     for stream in (False, True):
         r = requests.post(url, timeout=60, json={"messages": msgs, "stream": stream,
                                                  "guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}})
@@ -118,10 +112,10 @@ def test_a_spec_that_does_not_compile_is_a_400_and_serving_goes_on(server):
         r = requests.post(url, timeout=60, json={"messages": msgs, "stream": stream, "guided_regex": "[a-"})
         assert r.status_code == 400 and "regex" in r.json()["error"]["message"], r.text
     # 1p1d: the decode worker's own compile refused them before any push (no prefill worker saw them)
-    assert _metric(server, "dyn_remote_prefills_total") == remote
+    assert metric(server, "dyn_remote_prefills_total") == remote
     assert "prefill of" not in server.log() and "remote prefill of" not in server.log()
     r = requests.post(url, timeout=60, json={"messages": msgs, "max_tokens": 4, "guided_choice": ["fine"]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
     if server.kind != "agg":
-        assert _metric(server, "dyn_remote_prefills_total") == remote + 1
-    assert eventually(lambda: _metric(server, "dyn_worker_kv_blocks_used") == 0)
+        assert metric(server, "dyn_remote_prefills_total") == remote + 1
+    assert eventually(lambda: metric(server, "dyn_worker_kv_blocks_used") == 0)

@@ -151,7 +151,8 @@ class HermesReader:
         self.called = False
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        seen = max(0, len(self.pending) - len(self.END) + 1)  # a call's end tag can only be new
+        # inside a call, its end tag can only be in (or reach into) the new text
+        seen = max(0, len(self.pending) - len(self.END) + 1) if self.in_call else 0
         self.pending += text
         content, calls = "", []
         while True:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any
 
 import msgspec
 
 from dyn_actor.components import responses as R
 from dyn_actor.components.openai_api import RequestError
+from dyn_actor.components.parsers import new_call_id
 from dyn_actor.protocol import StructuredOutput
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -120,10 +120,6 @@ def _checked(spec: StructuredOutput) -> StructuredOutput:
 
 def _params(fn: dict[str, Any]) -> dict[str, Any]:
     return fn.get("parameters") or {"type": "object", "properties": {}}
-
-
-def new_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
