@@ -200,7 +200,7 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
 def read_chat_template(value: str) -> str:
     """``--chat-template``: a file's text, or the value itself where it is a template (it holds
     Jinja's ``{{``, ``{%``); checked to compile. A ``ConfigError`` otherwise."""
-    from dyn_actor.engine.tokenizer import _compile_template
+    from dyn_actor.engine.tokenizer import compile_chat_template
 
     path = Path(value).expanduser()
     if "{{" not in value and "{%" not in value:
@@ -210,7 +210,7 @@ def read_chat_template(value: str) -> str:
             raise ConfigError(f"--chat-template {str(path)!r}: {e.strerror or e} (give a file, or the template "
                               "itself)") from None
     try:
-        _compile_template(value)
+        compile_chat_template(value)
     except Exception as e:  # noqa: BLE001 - ModelLoadError: jinja's reason
         raise ConfigError(f"--chat-template: {e}".splitlines()[0]) from None
     return value

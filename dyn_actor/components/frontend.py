@@ -416,7 +416,7 @@ class Frontend:
         if reader is not None:
             before = reader.calls
             piece = reader.step(c.text, c.finished)
-            text, reasoning, calls = piece.content, piece.reasoning, job.reading.calls(piece, before)
+            text, reasoning, calls = piece.content, piece.reasoning, job.reading.answered(piece, before)
             rr = reader.reasoning
             if rr is not None and (rr.state == "reasoning" or (rr.state == "lead" and rr.thinking)):
                 builder.reasoning_tokens += len(c.token_ids)
@@ -562,7 +562,7 @@ class Frontend:
             text = piece.content
             if reading.show_reasoning:
                 reasoning = piece.reasoning or None
-            calls = [{k: v for k, v in c.items() if k != "index"} for c in reading.calls(piece, 0)] or None
+            calls = reading.answered(piece, 0) or None
             if calls and reason == "stop":
                 reason = "tool_calls"
         if tools is not None:

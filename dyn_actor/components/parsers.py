@@ -354,10 +354,11 @@ class Reading:
         return OutputReader(ReasoningReader(self.thinking) if self.reasoning else None,
                             TOOL_READERS[self.tools](self.names) if self.tools else None)
 
+    def answered(self, piece: Piece, before: int) -> list[dict[str, Any]]:
+        """The piece's calls that are answered (``before``: calls read before this piece): all, or
+        with ``parallel_tool_calls: false`` the choice's first only."""
+        return piece.calls if self.parallel else piece.calls[:max(0, 1 - before)]
+
     def calls(self, piece: Piece, before: int) -> list[dict[str, Any]]:
-        """The piece's calls that are answered, each with its ``index`` in the choice (``before``:
-        calls read before this piece)."""
-        if not piece.calls:
-            return []
-        calls = [{"index": before + i, **c} for i, c in enumerate(piece.calls)]
-        return calls if self.parallel else [c for c in calls if c["index"] == 0]
+        """``answered``, each with its ``index`` in the choice, as a streamed delta carries them."""
+        return [{"index": before + i, **c} for i, c in enumerate(self.answered(piece, before))]

@@ -274,7 +274,7 @@ class ResponseBuilder:
         item, self._open = self._open, None
         if item is None:
             return
-        index = self.output.index(item)
+        index = len(self.output) - 1  # the open item is always the last
         item["status"] = status
         if item["type"] in ("message", "reasoning"):
             part = item["content"][0]
@@ -293,7 +293,7 @@ class ResponseBuilder:
             return
         item = self._begin("reasoning")
         item["content"][0]["text"] += text
-        self._event("response.reasoning_text.delta", item_id=item["id"], output_index=self.output.index(item),
+        self._event("response.reasoning_text.delta", item_id=item["id"], output_index=len(self.output) - 1,
                     content_index=0, delta=text)
 
     def text(self, text: str) -> None:
@@ -301,7 +301,7 @@ class ResponseBuilder:
             return
         item = self._begin("message")
         item["content"][0]["text"] += text
-        self._event("response.output_text.delta", item_id=item["id"], output_index=self.output.index(item),
+        self._event("response.output_text.delta", item_id=item["id"], output_index=len(self.output) - 1,
                     content_index=0, delta=text, logprobs=[])
 
     def arguments(self, name: str, text: str) -> None:
@@ -311,7 +311,7 @@ class ResponseBuilder:
         if text:
             item["arguments"] += text
             self._event("response.function_call_arguments.delta", item_id=item["id"],
-                        output_index=self.output.index(item), delta=text)
+                        output_index=len(self.output) - 1, delta=text)
 
     def call(self, call: dict[str, Any]) -> None:
         """A whole call (chat's ``{"id", "function": {"name", "arguments"}}``) as one item."""

@@ -96,7 +96,7 @@ class Tokenizer:
     def set_chat_template(self, source: str) -> None:
         """Serve with this chat template instead of the model's (``--chat-template``); compiled now,
         so a template that does not compile fails at start (``ModelLoadError``)."""
-        compiled = _compile_template(source)
+        compiled = compile_chat_template(source)
         self.chat_template, self.named_templates, self._templates = source, {}, {source: compiled}
 
     # ------------------------------------------------------------- properties
@@ -137,7 +137,7 @@ class Tokenizer:
                                     "or start the server with --chat-template")
         template = self._templates.get(source)
         if template is None:
-            template = self._templates[source] = _compile_template(source)
+            template = self._templates[source] = compile_chat_template(source)
         try:
             return template.render(
                 messages=messages,
@@ -227,7 +227,7 @@ def _byte_fallback_ids(tk: tokenizers.Tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
-def _compile_template(source: str):  # -> jinja2.Template
+def compile_chat_template(source: str):  # -> jinja2.Template
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
