@@ -34,6 +34,7 @@ from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.engine.sampling import Logprobs, PenaltyState, PendingSample, SamplingParams, sample, sample_async
 from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
+from dyn_actor.engine.spec_decode import NgramProposer, SpeculativeConfig, verify
 from dyn_actor.engine.structured import Grammars, GrammarState
 from dyn_actor.kv.block_manager import BlockManager
 from dyn_actor.kv.events import KvEvent
@@ -85,6 +86,8 @@ class EngineConfig:
     # replayed eagerly, for tests; needs attention="triton"), off. $DYN_ACTOR_PIECEWISE_GRAPHS sets the default
     piecewise_graphs: str = field(default_factory=lambda: os.environ.get("DYN_ACTOR_PIECEWISE_GRAPHS", "auto"))
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
+    # speculative decoding with n-gram drafts (spec_decode.py); None: off
+    speculative: SpeculativeConfig | None = None
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -135,6 +138,9 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     generated_tokens: int
     num_preemptions: int
+    spec_drafts: int = 0  # speculative decoding: drafts checked, their tokens, and those kept
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -240,6 +246,16 @@ class LLMEngine:
             raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
         self._overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto"
                                                              and self.device.type == "cuda")
+        self.speculative = config.speculative
+        self._proposer = None
+        self._spec_drafts = self._spec_draft_tokens = self._spec_accepted = 0
+        if self.speculative is not None:
+            if config.async_scheduling == "on":
+                raise ValueError("speculative decoding and overlapped steps (async scheduling) do not go together")
+            # a step's drafts come from the tokens of the step before: the host must have them first
+            self._overlap = False
+            self._proposer = NgramProposer(self.speculative)
+            self.scheduler.propose = self._propose
         self._inflight: _InFlight | None = None  # the step queued on the device, its tokens not taken yet
         self.scheduler.release = self._release
         self.overlapped_steps = 0  # steps queued before the host had the tokens of the step before
@@ -738,8 +754,9 @@ class LLMEngine:
         that sample (after any prompt-scoring rows, with ``scores``) and their requests. ``fill``
         writes input tokens the host does not have into the step's input ids on the device."""
         g = self.graphs
-        if g is not None and len(scheduled) <= g.max_batch and all(
-                n == 1 and (r.prompt_logprobs is None or not r.prompt_logprobs_pending) for r, n in scheduled):
+        if g is not None and sum(n for _, n in scheduled) <= g.max_batch and all(
+                (n == 1 or r.spec_token_ids) and (r.prompt_logprobs is None or not r.prompt_logprobs_pending)
+                for r, n in scheduled):
             return self._decode_from_graph(scheduled, fill)
         batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
         if fill is not None:
@@ -761,9 +778,15 @@ class LLMEngine:
         logits, samplers = self._forward(scheduled, scores=scores)
         if scores:  # rows that score prompt tokens come first in the logits; the sampled rows follow
             logits = self._score_prompts(logits, scores)
+        drafted = False
         for req, n in scheduled:
+            if req.spec_token_ids:  # how far it got is known once its draft is checked
+                drafted = True
+                continue
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        if drafted:
+            return self._sample_with_drafts(logits, samplers)
         outputs: list[RequestOutput] = []
         if samplers:
             self._apply_masks(logits, samplers)
@@ -772,6 +795,97 @@ class LLMEngine:
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
         return outputs
+
+    # ------------------------------------------------------- speculative decoding
+    def _propose(self, req: Request, budget: int) -> list[int]:
+        """The draft a decode row checks this step (the scheduler asks, with its token budget left):
+        none for a request whose sampling needs what drafted rows do not give (penalties, logit bias,
+        logprobs, a grammar, stop tokens still banned by ``min_tokens``), nor for a prefill worker's;
+        at most what its ``max_tokens`` and the context length leave after the token the step adds."""
+        p = req.params
+        if (req.grammar is not None or req.hold_blocks or p.logprobs is not None or p.penalized or p.logit_bias
+                or req.num_output_tokens < p.min_tokens or req.prompt_logprobs_pending):
+            return []
+        k = min(self._proposer.k, budget - 1, req.max_tokens - req.num_output_tokens - 1,
+                self.max_model_len - req.num_tokens - 1)
+        if k <= 0:
+            return []
+        tokens = req.all_token_ids
+        req.ngram_buf = buf = NgramProposer.packed(tokens, req.ngram_buf)
+        return self._proposer.propose(tokens, k, buf)
+
+    @staticmethod
+    def _drafted_rows(req: Request) -> list[tuple[int, int]]:
+        """(position, input token) of each row of a request checking its draft: its last token, then
+        the draft's, each row attending to the KV the rows before it write in the same step."""
+        c = req.num_computed_tokens
+        return [(c, req.all_token_ids[c]), *((c + 1 + j, t) for j, t in enumerate(req.spec_token_ids))]
+
+    def _sample_with_drafts(self, logits: torch.Tensor, samplers: list[Request]) -> list[RequestOutput]:
+        """A step where some rows checked drafts (``len(draft) + 1`` logits rows each; the others one):
+        the plain rows sampled as usual, the drafts verified (``spec_decode.verify``); each drafted
+        request emits the draft tokens kept and one more, and its computed length moves over the
+        input token and the kept ones."""
+        plain_rows: list[int] = []
+        plain: list[Request] = []
+        spec_rows: list[int] = []
+        spec: list[Request] = []
+        row = 0
+        for r in samplers:
+            k = len(r.spec_token_ids)
+            if k:
+                spec_rows.extend(range(row, row + k + 1))
+                spec.append(r)
+                row += k + 1
+            else:
+                plain_rows.append(row)
+                plain.append(r)
+                row += 1
+        outputs: list[RequestOutput] = []
+        if plain:
+            lg = logits.index_select(0, to_device(torch.tensor(plain_rows), logits.device))
+            self._apply_masks(lg, plain)
+            result = sample(lg, [r.params for r in plain], [r.generator for r in plain], self._penalties(plain, lg))
+            for req, tok, lp in zip(plain, result.token_ids, result.logprobs):
+                outputs.append(self._emit(req, tok, lp))
+        lg = logits.index_select(0, to_device(torch.tensor(spec_rows), logits.device))
+        checked = verify(lg, [r.params for r in spec], [r.generator for r in spec], [r.spec_token_ids for r in spec])
+        for req, v in zip(spec, checked):
+            self._spec_drafts += 1
+            self._spec_draft_tokens += len(req.spec_token_ids)
+            self._spec_accepted += v.accepted
+            req.spec_token_ids = []
+            outputs.append(self._emit_many(req, v.tokens, req.num_computed_tokens + 1 + v.accepted))
+        return outputs
+
+    def _emit_many(self, req: Request, tokens: list[int], computed: int) -> RequestOutput:
+        """``_emit`` for the tokens a checked draft gave (no logprobs, no grammar), up to the first
+        that ends the request; ``computed``: the request's computed length after the step (the KV of
+        every emitted token but the last), whose full blocks enter the prefix cache before a finished
+        request frees them."""
+        finished = False
+        taken = 0
+        for tok in tokens:
+            req.append_token(tok)
+            taken += 1
+            if req.check_stop(self.max_model_len):
+                finished = True
+                break
+        self._generated += taken
+        req.num_computed_tokens = min(computed, req.num_tokens)
+        self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        out = RequestOutput(request_id=req.request_id, new_token_ids=tokens[:taken],
+                            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(0, req.num_cached_tokens))
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = req.prompt_logprobs
+            req.prompt_logprobs_sent = True
+        if finished:
+            out.finished = True
+            out.finish_reason = req.finish_reason
+            out.stop_reason = req.stop_reason
+            self.requests.pop(req.request_id, None)
+            self.scheduler.finish(req, free_blocks=not req.hold_blocks)
+        return out
 
     def _score_prompts(self, logits: torch.Tensor, scores: list[tuple[Request, int, int, int]]) -> torch.Tensor:
         """Append each request's prompt logprobs from its rows of ``logits`` (``scores``: request, first
@@ -853,9 +967,23 @@ class LLMEngine:
         positions: list[int] = []
         slot_blocks: list[int] = []
         width = 0
-        for row, (r, _) in enumerate(scheduled):
-            pos = r.num_computed_tokens
+        row = -1
+        for r, n in scheduled:
             blocks = table_of(r.request_id)
+            if n > 1:  # a drafted request: a row for each of its positions
+                for pos, tok in self._drafted_rows(r):
+                    row += 1
+                    n_blocks = pos // bs + 1
+                    ids.append(tok)
+                    positions.append(pos)
+                    slot_blocks.append(blocks[n_blocks - 1])
+                    set_row(row, blocks, n_blocks)
+                    width = max(width, n_blocks)
+                    rows.append(row)
+                samplers.append(r)
+                continue
+            row += 1
+            pos = r.num_computed_tokens
             n_blocks = pos // bs + 1
             known = len(r.all_token_ids)
             ids.append(r.all_token_ids[pos] if pos < known else 0)  # else: a queued step's token, filled in
@@ -868,7 +996,7 @@ class LLMEngine:
                 rows.append(row)
                 samplers.append(r)
         logits = g.replay_rows(ids, positions, slot_blocks, width, fill)
-        if len(rows) != len(scheduled):
+        if len(rows) != row + 1:
             logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         return logits, samplers
 
@@ -881,8 +1009,9 @@ class LLMEngine:
         the positions that score prompt tokens of requests that asked for prompt logprobs: their
         logits rows come first, the sampled rows after them."""
         bs = self.layout.block_size
-        decodes = [(r, n) for r, n in scheduled if n == 1 and not all_logits]
-        prefills = [(r, n) for r, n in scheduled if n > 1 or all_logits]
+        # a request that checks a draft is a decode row for each of its positions (``_drafted_rows``)
+        decodes = [(r, n) for r, n in scheduled if (n == 1 or r.spec_token_ids) and not all_logits]
+        prefills = [(r, n) for r, n in scheduled if (n > 1 and not r.spec_token_ids) or all_logits]
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
@@ -891,13 +1020,27 @@ class LLMEngine:
         score_rows: list[int] = []  # token rows that score prompt tokens: their logits come first
         samplers: list[Request] = []
         table = mask = ctx_lens = None
-        nd = len(decodes)
+        nd = sum(n for _, n in decodes)
         if nd:
             tables = []
             ctx = []
-            for row, (r, _) in enumerate(decodes):
-                pos = r.num_computed_tokens
+            row = -1
+            for r, n in decodes:
                 blocks = self.block_manager.block_table(r.request_id)
+                if n > 1:
+                    for pos, tok in self._drafted_rows(r):
+                        row += 1
+                        ids.append(tok)
+                        positions.append(pos)
+                        slot_blocks.append(blocks[pos // bs])
+                        slot_offsets.append(pos % bs)
+                        tables.append(blocks[:pos // bs + 1])
+                        ctx.append(pos + 1)
+                        logits_rows.append(row)
+                    samplers.append(r)
+                    continue
+                row += 1
+                pos = r.num_computed_tokens
                 ids.append(r.all_token_ids[pos] if pos < r.num_tokens else 0)  # else: filled in on the device
                 positions.append(pos)
                 slot_blocks.append(blocks[pos // bs])
@@ -1030,6 +1173,9 @@ class LLMEngine:
             prefix_cache_hit_tokens=self._hit_tokens,
             generated_tokens=self._generated,
             num_preemptions=self._preemptions,
+            spec_drafts=self._spec_drafts,
+            spec_draft_tokens=self._spec_draft_tokens,
+            spec_accepted_tokens=self._spec_accepted,
         )
 
     def close(self) -> None:

@@ -40,6 +40,8 @@ class Request:
         "pending_step",
         "pending_row",
         "grammar",
+        "spec_token_ids",
+        "ngram_buf",
     )
 
     def __init__(
@@ -74,6 +76,10 @@ class Request:
         self.pending_step: object | None = None
         self.pending_row = -1
         self.grammar = None  # a structured output's GrammarState (engine/structured.py), or None
+        # speculative decoding: the draft tokens this step checks after the input token (spec_decode.py),
+        # and the request's tokens packed for the n-gram lookup
+        self.spec_token_ids: list[int] = []
+        self.ngram_buf: bytearray | None = None
 
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position

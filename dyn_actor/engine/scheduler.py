@@ -52,6 +52,9 @@ class Scheduler:
         self.remote: dict[str, Request] = {}  # allocated, KV being written by a prefill worker
         # frees a request's blocks; the engine defers it while a queued step still writes them
         self.release: Callable[[str], None] = block_manager.free
+        # speculative decoding: (request, token budget left) -> the draft tokens for a decode row to
+        # check this step (spec_decode.py); None: off
+        self.propose: Callable[[Request, int], list[int]] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -113,6 +116,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.release(req.request_id)
+        req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -124,6 +128,7 @@ class Scheduler:
         cap = self.config.long_prefill_token_threshold
         running = self.running
         extend = self.bm.extend
+        propose = self.propose
         i = 0
         while i < len(running) and budget > 0:  # the hot loop of every decode step: kept lean
             req = running[i]
@@ -136,6 +141,14 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            if propose is not None and n == 1 and req.pending_step is None:
+                # a decode row checks a draft where one is found and its blocks can grow without preempting
+                draft = propose(req, budget)
+                if draft and extend(req.request_id, req.num_computed_tokens + 1 + len(draft)):
+                    n += len(draft)
+                else:
+                    draft = []
+                req.spec_token_ids = draft
             allocated = True
             while not extend(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()
