@@ -172,6 +172,8 @@ def verify(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     generator, whatever else is in the batch."""
     counts = [len(d) + 1 for d in drafts]
     n = sum(counts)
+    if logits.shape[0] != n:
+        raise ValueError(f"{logits.shape[0]} logits rows for drafts that check {n}")
     greedy = [p.greedy for p in params]
     cols = [t for d in drafts for t in (*d, 0)]
     if all(greedy):
