@@ -131,6 +131,13 @@ class FrontendMetrics:
                               "KV blocks held back while a late remote-prefill write may still land", ("worker",))
         self.step_seconds = r.gauge("dyn_worker_engine_step_seconds_total", "Time in engine steps", ("worker",))
         self.steps = r.gauge("dyn_worker_engine_steps_total", "Engine steps run", ("worker",))
+        # speculative decoding (vLLM's spec_decode_num_drafts / _num_draft_tokens / _num_accepted_tokens)
+        self.spec_drafts = r.gauge("dyn_worker_spec_decode_drafts_total", "Drafts checked (speculative decoding)",
+                                   ("worker",))
+        self.spec_draft_tokens = r.gauge("dyn_worker_spec_decode_draft_tokens_total", "Draft tokens checked",
+                                         ("worker",))
+        self.spec_accepted_tokens = r.gauge("dyn_worker_spec_decode_accepted_tokens_total", "Draft tokens kept",
+                                            ("worker",))
         self.planner_decisions = r.counter("dyn_planner_decisions_total",
                                            "Planner decisions by action (observe mode: what it would do)",
                                            ("action",))

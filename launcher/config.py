@@ -75,6 +75,7 @@ class LaunchConfig:
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
     chat_template: str | None = None  # the template's text (a file given is read by validate)
+    speculative_config: str | None = None  # a JSON object (checked by validate; a YAML mapping is written as one)
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -158,6 +159,11 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "of calls, as Llama 3.2 and 4 write)")
     ap.add_argument("--enable-auto-tool-choice", action="store_true",
                     help="vLLM's flag for the same: accepted, and needs --tool-call-parser")
+    ap.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help="speculative decoding, as vLLM's flag: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                         "\"prompt_lookup_max\": 4}' drafts by n-gram lookup in each request's own tokens and checks "
+                         "the draft in the same step (the native engine's only method; with --engine vllm, any "
+                         "config vLLM takes). Off by default")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
@@ -216,6 +222,28 @@ def read_chat_template(value: str) -> str:
     return value
 
 
+def check_speculative_config(value: str, engine: str) -> str | None:
+    """``--speculative-config`` checked (the native engine's rules in full; vLLM checks its own at
+    start-up), as normalized JSON; None for an empty one."""
+    import json
+
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
+
+    if engine == "vllm":
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config must be a JSON object: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("--speculative-config must be a JSON object")
+        return json.dumps(data) if data else None
+    try:
+        spec = SpeculativeConfig.parse(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return None if spec is None else json.dumps(spec.to_dict())
+
+
 def _gpu_list(text: str) -> list[int]:
     try:
         gpus = [int(x) for x in text.split(",") if x.strip()]
@@ -270,6 +298,10 @@ def _file_argv(ap: argparse.ArgumentParser, data: dict, path: Path) -> list[str]
             if not isinstance(value, bool):
                 raise ConfigError(f"config file {path}: {key} must be true or false, got {value!r}")
             argv += [flag] if value else []
+        elif isinstance(value, dict):  # a mapping (--speculative-config) goes as the JSON object it is
+            import json
+
+            argv += [flag, json.dumps(value)]
         elif value is not None:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return argv
@@ -327,6 +359,11 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--drain-timeout must be >= 0")
     if cfg.chat_template is not None:
         cfg.chat_template = read_chat_template(cfg.chat_template)
+    if cfg.speculative_config is not None:
+        cfg.speculative_config = check_speculative_config(cfg.speculative_config, cfg.engine)
+        if cfg.speculative_config and cfg.engine == "native" and cfg.async_scheduling == "on":
+            raise ConfigError("--speculative-config and --async-scheduling on do not go together (a step's drafts "
+                              "come from the tokens of the step before)")
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):

@@ -205,7 +205,7 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                     "remote_prefill_timeout": cfg.remote_prefill_timeout})
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
                                                         util, cfg.vllm_args, cfg.block_size, theirs, transfer,
-                                                        cfg.reasoning_parser))
+                                                        cfg.reasoning_parser, cfg.speculative_config))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)

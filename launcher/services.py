@@ -22,6 +22,7 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
     pool is shared (prefill workers write into it). On the GPU when ``gpu`` is given (the process
     sees only that card)."""
     from dyn_actor.engine.engine import EngineConfig, LLMEngine
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
 
     kv = None if cfg.kv_cache_memory_gb is None else int(cfg.kv_cache_memory_gb * (1 << 30))
     return LLMEngine(EngineConfig(
@@ -31,7 +32,9 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         prefill_threads=cfg.prefill_threads,
         shared_kv=role == "decode", device="cuda" if gpu is not None else "cpu",
         gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto",
-        async_scheduling=cfg.async_scheduling))
+        async_scheduling=cfg.async_scheduling,
+        # (a prefill worker computes prompts only: nothing to draft)
+        speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:

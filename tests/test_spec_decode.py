@@ -249,3 +249,53 @@ def test_seeded_sampling_with_drafts_is_reproducible(prompts):
     engine = _engine(SPEC)
     assert run_all(engine, jobs)["s"][0] == alone and len(alone) == 40
     assert engine.stats().spec_drafts > 0
+
+
+# ---------------------------------------------------------------------------- served
+def _completion(s, prompt: list[int], stream: bool = False) -> list[int] | str:
+    import json
+
+    import requests
+
+    body = {"model": "builtin:tiny", "prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    if not stream:
+        r = requests.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    text = ""
+    with requests.post(s.url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def test_served_1p1d_with_drafts_answers_as_agg_without(prompts, tmp_path):
+    """The launcher's flag (from a YAML config too), 1p1d with every prefill remote: the same greedy
+    text as agg without drafts, whole and streamed; /metrics counts the drafts."""
+    from tests.helpers import metric
+    from tests.server import InprocServer, Server
+
+    ref = InprocServer("--topology", "agg", "--dtype", "float32", "--kv-cache-memory-gb", "0.1")
+    try:
+        want = [_completion(ref, p) for p in prompts]
+    finally:
+        ref.stop()
+    config = tmp_path / "spec.yaml"
+    config.write_text("speculative-config:\n  method: ngram\n  num_speculative_tokens: 4\n  prompt_lookup_max: 3\n"
+                      "  prompt_lookup_min: 2\n")
+    s = Server("--config", str(config), "--topology", "1p1d", "--max-local-prefill-length", "0", "--dtype", "float32",
+               "--kv-cache-memory-gb", "0.1")
+    try:
+        assert [_completion(s, p) for p in prompts] == want
+        assert [_completion(s, p, stream=True) for p in prompts[:3]] == want[:3]
+        from tests.helpers import eventually
+
+        assert eventually(lambda: metric(s, "dyn_worker_spec_decode_accepted_tokens_total") > 0, timeout=5)
+        assert metric(s, "dyn_worker_spec_decode_draft_tokens_total") >= metric(
+            s, "dyn_worker_spec_decode_accepted_tokens_total")
+        assert metric(s, "dyn_remote_prefills_total") >= len(prompts)
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]

@@ -746,6 +746,10 @@ class Frontend:
             m.fenced.set(s.kv_blocks_fenced, w)
             m.step_seconds.set(s.step_seconds_total, w)
             m.steps.set(s.steps_total, w)
+            if s.spec_drafts:
+                m.spec_drafts.set(s.spec_drafts, w)
+                m.spec_draft_tokens.set(s.spec_draft_tokens, w)
+                m.spec_accepted_tokens.set(s.spec_accepted_tokens, w)
 
         async def queue_depth():
             if self.prefill_queue is None or not self.prefill_queue.alive:

@@ -108,6 +108,9 @@ class WorkerStats(msgspec.Struct):
     remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
     kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
     max_local_prefill_length: int = -1  # decode workers: the local/remote prefill threshold (-1: none)
+    spec_drafts: int = 0  # speculative decoding: drafts checked, their tokens, the tokens kept
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class WorkerInfo(msgspec.Struct):

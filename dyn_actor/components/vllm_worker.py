@@ -100,13 +100,15 @@ def cpu_memory_share(kv_cache_gb: float) -> float:
 
 def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager: bool,
                 gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
-                kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None):
+                kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None,
+                speculative_config: str | None = None):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
     replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
     ``KVTransferConfig`` of our connector (disaggregated workers); ``reasoning_parser``: our
     ``--reasoning-parser``, which vLLM's engine reads too, to hold a structured output only after
-    the reasoning (the frontend reads the text itself)."""
+    the reasoning (the frontend reads the text itself); ``speculative_config``: our
+    ``--speculative-config`` (a JSON object), vLLM's engine argument of that name."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -118,6 +120,10 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         kw["block_size"] = block_size  # the router hashes blocks of --block-size tokens
     if reasoning_parser:
         kw["reasoning_parser"] = reasoning_parser
+    if speculative_config:
+        import json
+
+        kw["speculative_config"] = json.loads(speculative_config)
     if kv_events is not None:
         from vllm.config import KVEventsConfig
 

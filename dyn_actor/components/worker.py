@@ -109,7 +109,8 @@ class Worker(Actor):
                 prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, generated_tokens=s.generated_tokens,
                 num_preemptions=s.num_preemptions, step_seconds_total=s.step_seconds_total, steps_total=s.steps_total,
                 remote_prefill_timeouts=s.remote_prefill_timeouts, kv_blocks_fenced=s.kv_blocks_fenced,
-                max_local_prefill_length=s.max_local_prefill_length))
+                max_local_prefill_length=s.max_local_prefill_length, spec_drafts=s.spec_drafts,
+                spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens))
             await asyncio.sleep(self.LOAD_INTERVAL)
 
     async def kv_snapshot(self, m: KvSnapshotRequest) -> KvSnapshot:
@@ -194,6 +195,7 @@ class Worker(Actor):
             self.name, s.kv_blocks_used, s.kv_blocks_total, s.kv_blocks_cached, s.num_running,
             s.num_waiting + s.num_waiting_remote, s.prompt_tokens, s.prefix_cache_hit_tokens,
             s.generated_tokens, s.num_preemptions, t.step_seconds if t else 0.0, t.steps if t else 0,
+            spec_drafts=s.spec_drafts, spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
         )
 
     def info(self, m: InfoRequest) -> WorkerInfo:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from dyn_actor.engine.detokenizer import TextStream
 from dyn_actor.engine.engine import EngineConfig, LLMEngine
 from dyn_actor.engine.sampling import Logprobs, SamplingParams
+from dyn_actor.engine.spec_decode import SpeculativeConfig
 
 
 @dataclass
@@ -30,7 +31,12 @@ class GenerationOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "builtin:tiny", **engine_options) -> None:
+    def __init__(self, model: str = "builtin:tiny", speculative_config: dict | str | None = None,
+                 **engine_options) -> None:
+        """``engine_options``: ``EngineConfig``'s fields; ``speculative_config`` as vLLM's ``LLM`` takes it
+        (``{"method": "ngram", "num_speculative_tokens": 4, ...}``)."""
+        if speculative_config is not None:
+            engine_options["speculative"] = SpeculativeConfig.parse(speculative_config)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -67,6 +67,9 @@ class WorkerLoad(msgspec.Struct, tag="load", frozen=True):
     remote_prefill_timeouts: int = 0  # decode workers: remote prefills given up at the deadline
     kv_blocks_fenced: int = 0  # decode workers: blocks held back while a late write may still land
     max_local_prefill_length: int = -1  # decode workers: the local/remote prefill threshold (-1: none)
+    spec_drafts: int = 0  # speculative decoding: drafts checked, their tokens, the tokens kept
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 KvPublication = KvEventBatch | WorkerLoad
