@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating none / ngram runs per configuration")
     ap.add_argument("--out", default="spec_decode.json")
     args = ap.parse_args()
     lo, hi = map(int, args.lookup.split(","))
@@ -176,24 +178,34 @@ def main() -> int:
         for batch in map(int, args.batches.split(",")):
             for temp in map(float, args.temperatures.split(",")):
                 for ename, fn in engines:
-                    base = None
-                    for drafts in ("none", "ngram"):
-                        print(f"running {ename} ({drafts}) on {mname}, batch {batch}, T={temp:g} ...", flush=True)
-                        res = run_isolated(fn, path, vocab, batch, args.prompt_len, args.max_tokens, temp,
-                                           spec if drafts == "ngram" else None, args.dtype, args.device)
-                        tokens = res.pop("tokens")
-                        row = {"model": mname, "batch": batch, "temperature": temp, "engine": ename,
-                               "drafts": drafts, **res}
-                        if base is None:
-                            base = (res["output_tok_s"], tokens)
-                            row["speedup"] = 1.0
-                            row["same_tokens"] = ""
-                        else:
-                            row["speedup"] = res["output_tok_s"] / base[0]
-                            row["same_tokens"] = str(tokens == base[1]) if temp == 0 else "(sampled)"
-                        rows.append(row)
-                        print(f"  {res['output_tok_s']:,.0f} output tok/s, kept {res['kept']:.2f}", flush=True)
-    cols = ["model", "batch", "temperature", "engine", "drafts", "output_tok_s", "speedup", "kept",
+                    # rounds alternate none / ngram, so that a slow spell of a shared machine falls on both;
+                    # the speed-up is the median of each round's ratio
+                    runs: dict[str, list[dict]] = {"none": [], "ngram": []}
+                    for rnd in range(args.rounds):
+                        for drafts in ("none", "ngram"):
+                            print(f"running {ename} ({drafts}) on {mname}, batch {batch}, T={temp:g}, "
+                                  f"round {rnd + 1} ...", flush=True)
+                            res = run_isolated(fn, path, vocab, batch, args.prompt_len, args.max_tokens, temp,
+                                               spec if drafts == "ngram" else None, args.dtype, args.device)
+                            runs[drafts].append(res)
+                            print(f"  {res['output_tok_s']:,.0f} output tok/s, kept {res['kept']:.2f}", flush=True)
+                    ratios = [b["output_tok_s"] / a["output_tok_s"] for a, b in zip(runs["none"], runs["ngram"])]
+                    for drafts, results in runs.items():
+                        tok_s = [r["output_tok_s"] for r in results]
+                        last = results[-1]
+                        same = ""
+                        if drafts == "ngram":
+                            same = str(all(r["tokens"] == runs["none"][0]["tokens"] for r in results)) \
+                                if temp == 0 else "(sampled)"
+                        rows.append({
+                            "model": mname, "batch": batch, "temperature": temp, "engine": ename, "drafts": drafts,
+                            "output_tok_s": statistics.median(tok_s), "output_tok_s_rounds": tok_s,
+                            "speedup": statistics.median(ratios) if drafts == "ngram" else 1.0,
+                            "speedup_rounds": "/".join(f"{x:.2f}" for x in ratios) if drafts == "ngram" else "",
+                            **{k: last[k] for k in ("kept", "drafted_tokens_per_step", "steps", "draft_tokens")},
+                            **({"version": last["version"]} if "version" in last else {}),
+                            "same_tokens": same})
+    cols = ["model", "batch", "temperature", "engine", "drafts", "output_tok_s", "speedup", "speedup_rounds", "kept",
             "drafted_tokens_per_step", "steps", "same_tokens"]
     print(f"\nn-gram drafts: {spec}; {args.prompt_len}-token prompts, {args.max_tokens} tokens out, "
           f"{args.dtype} on {args.device}")

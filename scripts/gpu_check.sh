@@ -24,9 +24,12 @@
 #              stream of them with overlapped steps off and on
 #              (benchmarks/mixed_step.py);
 #     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load;
-#   not in the default list (the script would pass its 8 minutes), run with ONLY=fe after it:
+#   not in the default list (the script would pass its 8 minutes), run with ONLY="fe spec" after it:
 #     fe       serving the 1B model over HTTP with one frontend process against four (--frontends 4),
-#              256 streams, four client processes (benchmarks/serve.py).
+#              256 streams, four client processes (benchmarks/serve.py);
+#     spec     n-gram speculative decoding on the 1B bf16 model, drafts vs none at batches 1 and 16,
+#              greedy and sampled (benchmarks/spec_decode.py; the engine test of drafted steps is in
+#              the default list, in tests/test_engine_gpu.py).
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
 # measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
 # "--transformers --stepwise". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
@@ -135,6 +138,10 @@ export PY
 launch fe "serving the 1B model: one frontend vs four" 300 bash -c fe_run
 collect fe
 want fe && grep -A3 "^endpoint " "$LOG/fe.log" | tail -n 3
+launch spec "n-gram speculative decoding, 1B bf16" 240 $PY benchmarks/spec_decode.py --device cuda --models 1b \
+    --dtype bfloat16 --no-vllm --batches 1,16 --max-tokens 128 --rounds 2 --out spec_decode_gpu.json
+collect spec
+want spec && grep -A12 "^n-gram drafts" "$LOG/spec.log"
 if [ "$FAULTS_BESIDE" = 1 ]; then collect faults; want faults && tail -n 5 "$LOG/faults.log"; fi
 echo
 echo "== GPU check summary =="

@@ -144,3 +144,26 @@ def test_structured_outputs_on_the_gpu(llama_dir):
     eager = run(cuda_graphs="off", piecewise_graphs="off", async_scheduling="off")
     assert {k: graphs[k] for k in graphs if k.startswith("free") or k in ("g0", "g1", "g2", "g3")} == \
         {k: eager[k] for k in graphs if k.startswith("free") or k in ("g0", "g1", "g2", "g3")}
+
+
+def test_drafted_steps_give_the_plain_greedy_tokens(llama_dir):
+    """Speculative decoding on the card: drafted rows replayed from the decode graphs (and run
+    eagerly) give the tokens of the plain engine (graphs, overlapped steps). Prompts repeat a pattern
+    so that the n-gram lookup finds drafts, kept or not."""
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse({"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    vocab = _engine(llama_dir).model_config.vocab_size
+    rng = random.Random(9)
+    prompts = {}
+    for i in range(24):
+        pattern = [rng.randrange(2, vocab) for _ in range(rng.randint(2, 9))]
+        prompts[f"r{i}"] = [0] + pattern * rng.randint(2, 8)
+    jobs = {k: (p, params) for k, p in prompts.items()}
+    plain = {k: v[0] for k, v in run_all(_engine(llama_dir), jobs).items()}
+    for kw in ({}, {"cuda_graphs": "off", "piecewise_graphs": "off"}):
+        engine = _engine(llama_dir, speculative=spec, **kw)
+        assert {k: v[0] for k, v in run_all(engine, jobs).items()} == plain, kw
+        assert engine.stats().spec_draft_tokens > 0
+        assert engine.block_manager.num_used_blocks == 0
