@@ -86,6 +86,41 @@ def run_native(model: str, vocab: int, batch: int, prompt_len: int, max_tokens: 
             "draft_tokens": draft_tokens, "tokens": tokens}
 
 
+def run_step_cost(model: str, vocab: int, batch: int, prompt_len: int, k: int, dtype: str, device: str,
+                  steps: int = 24) -> dict:
+    """What a step costs when every request checks ``k`` draft tokens against a plain decode step,
+    at the same batch and context: the drafts are forced (each request's last token repeated, nearly
+    always refused), so the figure is the rows' cost alone. Tokens a step over this ratio is the
+    speed-up a kept share gives."""
+    from dyn_actor.engine import EngineConfig, LLMEngine
+    from dyn_actor.engine.sampling import SamplingParams
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
+
+    out = {}
+    for mode in ("plain", "drafted", "plain"):  # plain twice, around the drafted run
+        spec = SpeculativeConfig(k, 1, 1) if mode == "drafted" else None
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=4096,
+                                        kv_cache_memory=None if device == "cuda" else 2 << 30, speculative=spec))
+        if spec is not None:
+            engine._proposer.propose = lambda tokens, n, buf: [tokens[-1]] * n
+        sp = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+        for i, p in enumerate(make_prompts(batch, prompt_len, vocab, 5)):
+            engine.add_request(f"r{i}", p, sp)
+        for _ in range(4):  # prefill and a few steps of warm-up
+            engine.step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - t0) / steps
+        out.setdefault(mode, []).append(ms)
+    plain = statistics.mean(out["plain"])
+    return {"plain_step_ms": plain, "drafted_step_ms": out["drafted"][0], "cost_ratio": out["drafted"][0] / plain}
+
+
 def run_vllm(model: str, vocab: int, batch: int, prompt_len: int, max_tokens: int, temperature: float,
              spec: dict | None, dtype: str, device: str) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -162,6 +197,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--cost-only", action="store_true", help="only the step-cost table (native engine)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating none / ngram runs per configuration")
     ap.add_argument("--out", default="spec_decode.json")
     args = ap.parse_args()
@@ -173,8 +209,14 @@ def main() -> int:
         engines.append(("vllm", run_vllm))
     elif not args.no_vllm:
         print("vLLM: not installed here, so only the native engine runs")
-    rows = []
+    costs = []
     for mname, (path, vocab) in models.items():
+        for batch in map(int, args.batches.split(",")):
+            print(f"step cost on {mname}, batch {batch} ...", flush=True)
+            res = run_isolated(run_step_cost, path, vocab, batch, args.prompt_len, args.k, args.dtype, args.device)
+            costs.append({"model": mname, "batch": batch, "k": args.k, **res})
+    rows = []
+    for mname, (path, vocab) in ([] if args.cost_only else models.items()):
         for batch in map(int, args.batches.split(",")):
             for temp in map(float, args.temperatures.split(",")):
                 for ename, fn in engines:
@@ -209,8 +251,11 @@ def main() -> int:
             "drafted_tokens_per_step", "steps", "same_tokens"]
     print(f"\nn-gram drafts: {spec}; {args.prompt_len}-token prompts, {args.max_tokens} tokens out, "
           f"{args.dtype} on {args.device}")
-    print_table(rows, cols)
-    out = write_json(args.out, {"config": vars(args), "spec": spec, "rows": rows})
+    if rows:
+        print_table(rows, cols)
+    print(f"\nwhat a step costs when every request checks {args.k} draft tokens, against a plain decode step")
+    print_table(costs, ["model", "batch", "k", "plain_step_ms", "drafted_step_ms", "cost_ratio"])
+    out = write_json(args.out, {"config": vars(args), "spec": spec, "rows": rows, "step_cost": costs})
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out}")
     return 0
