@@ -43,6 +43,21 @@ def test_config_defaults_and_checks():
         assert words in str(e.value), (bad, str(e.value))
 
 
+def test_launcher_flag_is_checked_at_start():
+    from launcher.config import ConfigError, parse_args
+
+    cfg = parse_args(["--speculative-config", '{"num_speculative_tokens": 3, "prompt_lookup_max": 4}'])
+    assert SpeculativeConfig.parse(cfg.speculative_config) == SpeculativeConfig(3, 4, 4)
+    for argv, says in ((["--speculative-config", '{"num_speculative_tokens": 99}'], "from 1 to 16"),
+                       (["--speculative-config", "ngram"], "JSON object"),
+                       (["--speculative-config", '{"num_speculative_tokens": 2}', "--async-scheduling", "on"],
+                        "do not go together")):
+        with pytest.raises(ConfigError, match=says) as e:
+            parse_args(argv)
+        assert "\n" not in str(e.value)
+    assert parse_args(["--speculative-config", "{}"]).speculative_config is None  # an empty object: off
+
+
 # ---------------------------------------------------------------------------- the lookup
 def _reference(tokens: list[int], k: int, lo: int, hi: int) -> list[int]:
     """The longest n-gram (lo..hi) that ends ``tokens`` at its earliest earlier occurrence, by brute force."""

@@ -237,3 +237,16 @@ def test_vllm_event_encoding_is_what_the_translator_reads():
     h = hash_blocks(toks, 4)
     assert t.apply(0, msgspec.msgpack.Encoder().encode(batch)) == [
         ours.BlockStored(h, None, toks, 4), ours.BlockRemoved([h[0]]), ours.AllBlocksCleared()]
+
+
+def test_speculative_config_reaches_vllms_engine(model_dir):
+    """``--speculative-config`` goes to vLLM's engine arguments as the object it is, and vLLM's own
+    config accepts it as its ngram method (the launcher checks only that it is a JSON object)."""
+    from dyn_actor.components.vllm_worker import engine_args
+    from launcher.config import check_speculative_config
+
+    text = check_speculative_config('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}', "vllm")
+    args = engine_args(str(model_dir), "float32", 512, True, 0.1, [], speculative_config=text)
+    assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    spec = args.create_engine_config().speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == ("ngram", 3, 4, 4)

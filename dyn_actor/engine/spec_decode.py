@@ -70,6 +70,8 @@ class SpeculativeConfig:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--speculative-config must be a JSON object: {e}") from None
+        if value == {}:
+            return None
         if not isinstance(value, dict):
             raise ValueError("--speculative-config must be a JSON object, e.g. "
                              '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
