@@ -537,10 +537,16 @@ class LLMEngine:
         if req.grammar is not None and not finished:
             error = self._grammar_after(req)
             finished = error is not None or req.finish_reason is not None
+        return self._output(req, [token], [lp] if lp is not None else None, finished, error)
+
+    def _output(self, req: Request, tokens: list[int], lps: list[Logprobs] | None, finished: bool,
+                error: tuple[str, str] | None = None) -> RequestOutput:
+        """The output of a request's new ``tokens`` (already appended); a finished request leaves the
+        engine here, its blocks freed (or held, for a prefill worker's)."""
         out = RequestOutput(
             request_id=req.request_id,
-            new_token_ids=[token],
-            logprobs=[lp] if lp is not None else None,
+            new_token_ids=tokens,
+            logprobs=lps,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(0, req.num_cached_tokens),
         )
@@ -874,18 +880,7 @@ class LLMEngine:
         self._generated += taken
         req.num_computed_tokens = min(computed, req.num_tokens)
         self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
-        out = RequestOutput(request_id=req.request_id, new_token_ids=tokens[:taken],
-                            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(0, req.num_cached_tokens))
-        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            out.prompt_logprobs = req.prompt_logprobs
-            req.prompt_logprobs_sent = True
-        if finished:
-            out.finished = True
-            out.finish_reason = req.finish_reason
-            out.stop_reason = req.stop_reason
-            self.requests.pop(req.request_id, None)
-            self.scheduler.finish(req, free_blocks=not req.hold_blocks)
-        return out
+        return self._output(req, tokens[:taken], None, finished)
 
     def _score_prompts(self, logits: torch.Tensor, scores: list[tuple[Request, int, int, int]]) -> torch.Tensor:
         """Append each request's prompt logprobs from its rows of ``logits`` (``scores``: request, first

@@ -210,6 +210,21 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[int], biases: Sequence
     logits.index_put_((idx[0], idx[1]), vals.to(logits.dtype), accumulate=True)
 
 
+def processed(logits: torch.Tensor, params: Sequence[SamplingParams], greedy: Sequence[bool], temps: torch.Tensor,
+              top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The logits that random rows draw from: each row's temperature, then top-k, top-p and min-p
+    (the tensors: one value a row, on the logits' device; greedy rows have temperature 1 and the
+    filters off). What is off in every row is skipped, decided from ``params`` without a device sync."""
+    x = logits / temps.unsqueeze(1)
+    max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
+    top_p_on = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
+    unbounded = any(p.top_p < 1.0 and p.top_k <= 0 and not g for p, g in zip(params, greedy))
+    x = apply_top_k_top_p(x, top_k.long() if max_k > 0 else None, top_p if top_p_on else None, max_k, unbounded)
+    if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
+        x = apply_min_p(x, min_p)
+    return x
+
+
 def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token a row of ``probs`` (``[n, vocab]``, rows not necessarily summing to 1 exactly):
     the first whose cumulative probability exceeds ``u`` (``[n]``, in [0, 1)) times the row's
@@ -314,14 +329,7 @@ def sample_async(
                 table[5, i] = torch.rand((), generator=gen)
         table = to_device(table, dev)  # one small copy, not waited for
         temps, top_k_f, top_p_t, min_p_t, greedy_t, u = table.unbind(0)
-        x = logits / temps.unsqueeze(1)
-        max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
-        top_k = top_k_f.long() if max_k > 0 else None
-        top_p = top_p_t if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)) else None
-        unbounded = any(p.top_p < 1.0 and p.top_k <= 0 and not g for p, g in zip(params, greedy))
-        x = apply_top_k_top_p(x, top_k, top_p, max_k, unbounded)
-        if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
-            x = apply_min_p(x, min_p_t)
+        x = processed(logits, params, greedy, temps, top_k_f, top_p_t, min_p_t)
         tokens = draw_from(x.softmax(dim=-1), u)
         if any(greedy):
             tokens = torch.where(greedy_t.bool(), logits.argmax(dim=-1), tokens)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from dyn_actor.engine.h2d import to_device
-from dyn_actor.engine.sampling import apply_min_p, apply_top_k_top_p, draw_from
+from dyn_actor.engine.sampling import draw_from, processed
 from dyn_actor.protocol import SamplingParams
 
 #: the most draft tokens a step may check per request
@@ -198,15 +198,10 @@ def verify(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
             row += c
         table = to_device(torch.cat([rows, u]), dev)
         temps, top_k_f, top_p_t, min_p_t, greedy_t, col_t, drafted, u_keep, u_draw = table.unbind(0)
-        x = logits / temps.unsqueeze(1)
-        max_k = max((p.top_k for p, g in zip(params, greedy) if not g), default=0)
-        top_k = top_k_f.long() if max_k > 0 else None
-        top_p = top_p_t if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)) else None
-        unbounded = any(p.top_p < 1.0 and p.top_k <= 0 and not g for p, g in zip(params, greedy))
-        x = apply_top_k_top_p(x, top_k, top_p, max_k, unbounded)
-        if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
-            x = apply_min_p(x, min_p_t)
-        probs = x.softmax(dim=-1)
+        # each row's distribution as plain sampling makes it (per-row parameters: row-wise repeated)
+        row_params = [p for p, c in zip(params, counts) for _ in range(c)]
+        row_greedy = [g for g, c in zip(greedy, counts) for _ in range(c)]
+        probs = processed(logits, row_params, row_greedy, temps, top_k_f, top_p_t, min_p_t).softmax(dim=-1)
         col = col_t.long().unsqueeze(1)
         keep = u_keep < probs.gather(1, col).squeeze(1)
         # a refused draft token's row draws from the rest (its own probability taken out); the
