@@ -239,7 +239,11 @@ def test_decode_worker_killed_with_remote_prefills_in_flight(server, expected):
         t.join(60)
     assert len(results) == 6, "a request did not end"
     failed = [text for status, text in results if status != 200]
-    assert failed and all("decode-0" in text for text in failed), results
+    # those in flight name the dead worker; one that reached the frontend only after the worker was
+    # found dead (a slow machine: the client threads start a second before the kill) is a 503 that no
+    # worker is available. Either way an error, none hung
+    named = [t for t in failed if "decode-0" in t]
+    assert named and all(t in named or '"code":"no_worker"' in t for t in failed), results
     eventually(lambda: "decode 0 is back" in server.log(), timeout=180, interval=1)
 
     def answered() -> bool:
