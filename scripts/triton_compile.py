@@ -13,7 +13,7 @@ no GPU needed. With ``--ptxas-info`` it also reports each kernel's registers and
     python scripts/triton_compile.py [--arch 90] [--quick] [--ptxas-info] [--jobs N] [--json out.json]
 
 The launches compile in ``--jobs`` forked processes (default: the cores, at most 4).
-``--quick`` (the test suite's run, 20 s cold on 2 cores): bfloat16 and float32 only, three of the five model
+``--quick`` (the test suite's run, 20 s cold on 2 cores): bfloat16 and float32 only, four of the six model
 shapes; every kernel still compiles in every variant of its compile-time constants that those take.
 
 Exit status 1 if any launch fails to compile. Run with ``TRITON_INTERPRET`` unset.
@@ -108,9 +108,10 @@ def record(drive) -> list[Launch]:
 
 # ------------------------------------------------------------------------------ what is driven
 # (num_heads, num_kv_heads, head_dim, hidden, intermediate): Llama-3.2-1B, Llama-3.1-8B, the built-in
-# model, and GQA ratios 1 and 2
+# model, GQA ratios 1 and 2, and Qwen3-0.6B (query heads wider than the hidden size; per-head q/k norms)
 MODELS = [(32, 8, 64, 2048, 8192), (32, 8, 128, 4096, 14336), (4, 2, 64, 256, 688), (16, 16, 64, 1024, 2816),
-          (8, 4, 128, 1024, 2048)]
+          (8, 4, 128, 1024, 2048), (16, 8, 128, 1024, 3072)]
+QK_NORM_MODELS = {(16, 8, 128, 1024, 3072)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BLOCK_SIZES = [16, 32]
 #: every kernel the project launches (the run fails if a driver misses one)
@@ -119,8 +120,8 @@ KERNELS = {"_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel", "_d
 
 
 def quick() -> None:
-    """Fewer shapes and dtypes: the 1B and 8B shapes and GQA 1; bfloat16 and float32."""
-    MODELS[:] = [MODELS[0], MODELS[1], MODELS[3]]
+    """Fewer shapes and dtypes: the 1B and 8B shapes, GQA 1 and Qwen3's; bfloat16 and float32."""
+    MODELS[:] = [MODELS[0], MODELS[1], MODELS[3], MODELS[5]]
     DTYPES[:] = [torch.bfloat16, torch.float32]
 
 
@@ -141,6 +142,9 @@ def drive_ops() -> None:
                 kc = torch.zeros(4, bs, nkv, d, dtype=dt)
                 pos = torch.zeros(t, dtype=torch.long)
                 triton_ops.rope_and_store(qkv, cos, cos, pos, pos, pos, kc, kc.clone(), nh, nkv, d)
+                if (nh, nkv, d, hidden, inter) in QK_NORM_MODELS:
+                    qn = torch.ones(d, dtype=dt)
+                    triton_ops.rope_and_store(qkv, cos, cos, pos, pos, pos, kc, kc.clone(), nh, nkv, d, qn, qn, 1e-6)
 
 
 def drive_attention() -> None:

@@ -27,8 +27,11 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama" or "qwen2") model with ``save_pretrained``; return the folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Write a random ``kind`` ("llama", "qwen2" or "qwen3") model with ``save_pretrained``; return the
+    folder. "qwen3" has head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's
+    small models."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     vocab = len(builtin.build_tokenizer().get_vocab())
     common = dict(
@@ -50,6 +53,10 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     elif kind == "qwen2":
         common.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif kind == "qwen3":
+        common.setdefault("tie_word_embeddings", True)
+        common.setdefault("head_dim", 64)
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
     else:
         raise ValueError(kind)
     # random init from transformers is small and flat; widen it so greedy tokens are well separated

@@ -20,6 +20,13 @@ def qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    from tests.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
 def builtin_dir(tmp_path_factory):
     """The built-in model saved as a folder (head_dim 64: vLLM's CPU attention takes it)."""
     from dyn_actor.engine.builtin import save_builtin

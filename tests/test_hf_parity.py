@@ -25,9 +25,12 @@ def _hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_logits_match_transformers(kind, llama_dir, qwen2_dir):
-    model_dir = llama_dir if kind == "llama" else qwen2_dir
+KINDS = ["llama", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(kind, request):
+    model_dir = request.getfixturevalue(f"{kind}_dir")
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256))
     hf = _hf(model_dir)
     prompts = _prompts(engine.model_config.vocab_size)
@@ -40,15 +43,16 @@ def test_logits_match_transformers(kind, llama_dir, qwen2_dir):
     assert engine.block_manager.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_matches_generate(kind, llama_dir, qwen2_dir):
-    model_dir = llama_dir if kind == "llama" else qwen2_dir
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_generate(kind, request):
+    model_dir = request.getfixturevalue(f"{kind}_dir")
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256))
     hf = _hf(model_dir)
     prompts = _prompts(engine.model_config.vocab_size, seed=1)
     new = 24
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+        # min_tokens as generate()'s min_new_tokens: end-of-sequence is masked, not just ignored
+        engine.add_request(str(i), p, SamplingParams(max_tokens=new, min_tokens=new, temperature=0))
     got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -76,6 +80,29 @@ def test_llama3_rope_scaling_matches(tmp_path):
     assert engine.model_config.rope_scaling["rope_type"] == "llama3"
     hf = _hf(d)
     p = _prompts(engine.model_config.vocab_size, seed=3)[-1] * 2
+    (ours,) = engine.score([p])
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("qwen3", {}),  # Qwen3's documented long-context setting, scaled down
+    ("llama", {"beta_fast": 16, "beta_slow": 2, "truncate": False}),
+    ("llama", {"mscale": 0.8, "mscale_all_dim": 0.5}),  # DeepSeek-style attention factor
+])
+def test_yarn_rope_scaling_matches(tmp_path, kind, extra):
+    """YaRN: the frequencies and the cos/sin factor as transformers computes them, on prompts past
+    the original context (where the interpolated frequencies matter)."""
+    from tests.checkpoints import write_checkpoint
+
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, **extra}
+    d = write_checkpoint(tmp_path / "yarn", kind, rope_scaling=scaling, rope_theta=10000.0, max_position_embeddings=256)
+    engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    assert engine.model_config.rope_scaling["rope_type"] == "yarn"
+    assert engine.model_config.rope_attention_factor() != 1.0
+    hf = _hf(d)
+    p = _prompts(engine.model_config.vocab_size, seed=4)[-1] * 2  # 194 tokens, 3x the original context
     (ours,) = engine.score([p])
     with torch.no_grad():
         ref = hf(torch.tensor([p])).logits[0]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 
@@ -76,6 +77,47 @@ def test_missing_tensor_and_missing_folder(tmp_path):
     save_file(w, str(d / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="layers.1.mlp.up_proj.weight"):
         LLMEngine(EngineConfig(model=str(d), num_kv_blocks=32))
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"architectures": ["Qwen3ForCausalLM"]}, "q_norm.weight"),  # Qwen3 without its head norms
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+    ],
+)
+def test_configs_the_engine_cannot_run_are_one_line_errors(tmp_path, changes, message):
+    d = save_builtin(tmp_path / "m")
+    _edit_config(d, **changes)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        LLMEngine(EngineConfig(model=str(d), num_kv_blocks=32))
+    assert "\n" not in str(info.value)
+
+
+def test_qwen3_by_model_type_and_yarn_from_the_top_level(tmp_path):
+    from dyn_actor.engine.model_config import ModelConfig
+
+    d = save_builtin(tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["architectures"]
+    cfg.update(model_type="qwen3", original_max_position_embeddings=64,
+               rope_scaling={"type": "yarn", "factor": 2.0})
+    mc = ModelConfig.from_hf_dict(cfg)
+    assert mc.architecture == "Qwen3ForCausalLM" and mc.qk_norm
+    assert mc.rope_scaling["original_max_position_embeddings"] == 64
+    assert abs(mc.rope_attention_factor() - (0.1 * math.log(2.0) + 1)) < 1e-12
+    # the interpolated (slow) end of the frequencies is divided by the factor, the fast end kept
+    plain = ModelConfig.from_hf_dict({**cfg, "rope_scaling": None}).rope_inv_freq()
+    yarn = mc.rope_inv_freq()
+    assert torch.equal(yarn[0], plain[0]) and torch.allclose(yarn[-1], plain[-1] / 2)
 
 
 def test_chat_template_sources(tmp_path):

@@ -154,6 +154,29 @@ def test_the_engine_on_the_triton_kernels_gives_the_same_tokens(tmp_path):
     assert got == want and preempted > 0
 
 
+def test_the_triton_path_runs_qwen3(tmp_path):
+    """Qwen3's per-head query/key norms on the Triton path (fused into the RoPE kernel) give the
+    default kernels' greedy tokens, eagerly and through the graphs' runners; one layer, head_dim 64
+    over a hidden size of 128 (query heads wider than the hidden size, as Qwen3's)."""
+    from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.checkpoints import write_checkpoint
+    from tests.helpers import run_all
+
+    model = str(write_checkpoint(tmp_path / "qwen3", "qwen3", num_hidden_layers=1))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = {"a": [0] + list(range(5, 40)), "b": [0] + [11] * 20, "c": [0, 5, 6]}
+
+    def tokens(attention: str, **kw) -> dict:
+        engine = LLMEngine(EngineConfig(model=model, dtype="float32", max_model_len=64, attention=attention,
+                                        device=DEVICE, num_kv_blocks=64, **kw))
+        return {k: v[0] for k, v in run_all(engine, {k: (p, params) for k, p in prompts.items()}).items()}
+
+    want = tokens("native")
+    assert len({tuple(ts) for ts in want.values()}) == 3, want
+    assert tokens("triton") == want
+    assert tokens("triton", cuda_graphs="on", piecewise_graphs="on", max_num_batched_tokens=16) == want
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="serving sizes: on a GPU only (the interpreter is too slow)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_serving_sizes_match_reference_on_the_gpu(dtype):

@@ -1,4 +1,4 @@
-"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, TinyLlama, SmolLM) over a paged KV pool.
+"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM) over a paged KV pool.
 
 Plain tensors, no ``nn.Module``: the engine feeds one flat batch of tokens
 per step (decode tokens first, then prefill chunks) and gets logits back for
@@ -79,7 +79,7 @@ def d_half(cfg: ModelConfig) -> int:
 
 
 class _Layer:
-    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown")
+    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown", "qn", "kn")
 
 
 class Linear:
@@ -162,6 +162,9 @@ class LlamaModel:
             layer = _Layer()
             layer.ln1 = take(p + "input_layernorm.weight")
             layer.ln2 = take(p + "post_attention_layernorm.weight")
+            # Qwen3: an RMSNorm over each query and key head before RoPE
+            layer.qn = take(a + "q_norm.weight") if cfg.qk_norm else None
+            layer.kn = take(a + "k_norm.weight") if cfg.qk_norm else None
             wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
             biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
             bqkv = None
@@ -183,9 +186,10 @@ class LlamaModel:
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
+        scale = cfg.rope_attention_factor()  # YaRN scales the tables
+        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
         # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
-        sin = emb.sin()
+        sin = emb.sin() * scale
         self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ pieces
@@ -194,6 +198,15 @@ class LlamaModel:
             return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
         xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps)
         return weight * xf.to(x.dtype)
+
+    def _qk_norm_(self, qkv: torch.Tensor, layer: _Layer) -> None:
+        """Qwen3's per-head RMSNorm of the query and key heads, in place in the QKV rows."""
+        cfg = self.cfg
+        t, nh, nkv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = qkv[:, : nh * d].view(t, nh, d)
+        k = qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d)
+        q.copy_(self._rms_norm(q, layer.qn))
+        k.copy_(self._rms_norm(k, layer.kn))
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -305,6 +318,8 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
             qkv = layer.wqkv(h)
+            if layer.qn is not None:
+                self._qk_norm_(qkv, layer)
             qk = self._rope(qkv[:, :qk_size].view(t, nh + nkv, d), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qk_size:].view(t, nkv, d)
@@ -332,6 +347,8 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h = ops.add_rms_norm(x, delta, layer.ln1, eps)
             qkv = layer.wqkv(h)
+            if layer.qn is not None:
+                self._qk_norm_(qkv, layer)
             ops.rope_(qkv, self.cos, self.sin, b.positions, nh + nkv, d)
             q = qkv[:, : nh * d].view(t, nh, d)
             k = qkv[:, nh * d : qk_size].view(t, nkv, d)
@@ -367,7 +384,7 @@ class LlamaModel:
         h = self.ops.add_rms_norm(x, delta, layer.ln1, cfg.rms_norm_eps)
         qkv = layer.wqkv(h)
         self.ops.rope_and_store(qkv, self.cos, self.sin, positions, slot_blocks, slot_offsets, pool.k[i], pool.v[i],
-                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer.qn, layer.kn, cfg.rms_norm_eps)
         return qkv
 
     def post_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+#: architectures that RMS-normalise each query and key head (weights ``q_norm`` / ``k_norm``) before RoPE
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ModelLoadError(ValueError):
@@ -45,6 +48,9 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ModelLoadError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is implemented")
+        prf = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if float(prf) != 1.0:
+            raise ModelLoadError(f"unsupported partial_rotary_factor {prf}: RoPE over the whole head only")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -55,8 +61,13 @@ class ModelConfig:
             if scaling is not None:
                 scaling = dict(scaling)
                 rtype = scaling.get("rope_type", scaling.get("type", "default"))
-                if rtype not in ("default", "llama3", "linear"):
-                    raise ModelLoadError(f"unsupported rope_type {rtype!r}: 'default', 'linear' and 'llama3' are")
+                if rtype not in ROPE_TYPES:
+                    raise ModelLoadError(f"unsupported rope_type {rtype!r}: {', '.join(map(repr, ROPE_TYPES))} are")
+                if rtype == "yarn" and not scaling.get("original_max_position_embeddings"):
+                    omax = cfg.get("original_max_position_embeddings")
+                    if not omax:
+                        raise ModelLoadError("rope_type 'yarn' needs original_max_position_embeddings")
+                    scaling["original_max_position_embeddings"] = omax
                 scaling["rope_type"] = rtype
                 if rtype == "default":
                     scaling = None
@@ -89,6 +100,11 @@ class ModelConfig:
             raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from None
 
     @property
+    def qk_norm(self) -> bool:
+        """Whether each query and key head is RMS-normalised (own weights) before RoPE, as in Qwen3."""
+        return self.architecture in QK_NORM_ARCHITECTURES
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
@@ -99,6 +115,8 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
 
@@ -113,6 +131,8 @@ class ModelConfig:
             return inv_freq
         if s["rope_type"] == "linear":
             return inv_freq / float(s["factor"])
+        if s["rope_type"] == "yarn":
+            return self._yarn_inv_freq(inv_freq)
         # llama3: keep high frequencies, divide low ones by factor, blend in between
         factor = float(s["factor"])
         low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
@@ -126,7 +146,56 @@ class ModelConfig:
         return torch.where(is_medium, smoothed, scaled)
 
 
+    def _yarn_factor(self) -> float:
+        s = self.rope_scaling or {}
+        factor = s.get("factor")
+        if factor is None:  # as DeepSeek-V3's configs: the ratio of the context lengths
+            factor = self.max_position_embeddings / float(s["original_max_position_embeddings"])
+        return float(factor)
+
+    def _yarn_inv_freq(self, inv_freq):  # -> torch.Tensor
+        """YaRN (arXiv 2309.00071): frequencies that turn fewer than ``beta_slow`` times over the original
+        context are divided by ``factor`` (interpolated), those that turn more than ``beta_fast`` times are
+        kept (extrapolated), with a linear ramp over the dimensions between."""
+        import torch
+
+        s, d = self.rope_scaling or {}, self.head_dim
+        factor = self._yarn_factor()
+        old_ctx = float(s["original_max_position_embeddings"])
+        beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+        def dim_of(rotations: float) -> float:  # the dimension whose frequency turns this often over old_ctx
+            return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+
+        low, high = dim_of(beta_fast), dim_of(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # share of the unscaled (extrapolated) frequency
+        return (inv_freq / factor) * (1 - keep) + inv_freq * keep
+
+    def rope_attention_factor(self) -> float:
+        """The factor on the cos/sin tables: 1, or YaRN's ``0.1 ln(factor) + 1`` (or its mscale ratio)."""
+        s = self.rope_scaling
+        if s is None or s["rope_type"] != "yarn":
+            return 1.0
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        factor = self._yarn_factor()
+
+        def mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return mscale(float(s["mscale"])) / mscale(float(s["mscale_all_dim"]))
+        return mscale(1.0)
+
+
 def _arch_from_model_type(model_type: str | None) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}.get(
         model_type or "", f"<model_type {model_type!r}>"
     )

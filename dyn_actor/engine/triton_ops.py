@@ -5,8 +5,9 @@ elementwise kernels (norms, RoPE, the KV write, the gated MLP's activation, resi
 a few microseconds, so together a third of the step. Three kernels replace them:
 
 - ``add_rms_norm``: the residual add and the next RMSNorm in one pass over the row;
-- ``rope_and_store``: RoPE on the query and key heads of every token, the query written back in
-  place, the key and value written straight into their KV slots;
+- ``rope_and_store``: RoPE on the query and key heads of every token (after each head's RMSNorm
+  where the model has one, as Qwen3), the query written back in place, the key and value written
+  straight into their KV slots;
 - ``silu_mul``: SiLU(gate) * up of the gated MLP.
 
 Each rounds where PyTorch's sequence of ops rounds (to the activations' dtype after the add,
@@ -53,9 +54,10 @@ def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor,
 
 
 @triton.jit
-def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC,
+def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC, QN, KN, eps,
                        s_t, s_cos, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-                       NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr):
+                       NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr,
+                       QK_NORM: tl.constexpr):
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(POS + t).to(tl.int64)
@@ -68,6 +70,15 @@ def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC,
     x1 = tl.load(base, mask=hm, other=0.0).to(tl.float32)
     x2 = tl.load(base + half, mask=hm, other=0.0).to(tl.float32)
     dt = QKV.dtype.element_ty
+    if QK_NORM:
+        # each head's RMSNorm, rounded as PyTorch's: normalised in float32, to the dtype, times the weight
+        r = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)
+        isq = hd < NH
+        w1 = tl.where(isq, tl.load(QN + j)[None, :].to(tl.float32), tl.load(KN + j)[None, :].to(tl.float32))
+        w2 = tl.where(isq, tl.load(QN + half + j)[None, :].to(tl.float32),
+                      tl.load(KN + half + j)[None, :].to(tl.float32))
+        x1 = ((x1 * r[:, None]).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        x2 = ((x2 * r[:, None]).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
     # as PyTorch's x*cos (rounded) + roll(x)*sin_signed (one rounding)
     o1 = ((x1 * c[None, :]).to(dt).to(tl.float32) + x2 * s[None, :]).to(dt)
     o2 = ((x2 * c[None, :]).to(dt).to(tl.float32) - x1 * s[None, :]).to(dt)
@@ -89,21 +100,28 @@ def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC,
 
 def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                    slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+                   v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                   q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> None:
     """``qkv`` ``[T, (NH + 2 NKV) * D]`` (rows contiguous): RoPE on the query heads in place, and the
     rotated keys and the values written to ``k_cache`` / ``v_cache`` ``[blocks, bs, NKV, D]`` at
-    ``(slot_blocks[t], slot_offsets[t])``. ``cos`` / ``sin_signed`` ``[max_len, D]`` tables."""
+    ``(slot_blocks[t], slot_offsets[t])``. ``cos`` / ``sin_signed`` ``[max_len, D]`` tables. With
+    ``q_norm`` and ``k_norm`` (``[D]`` each), every query and key head is RMS-normalised with them
+    first (Qwen3)."""
     t = qkv.shape[0]
     if t == 0:
         return
     if qkv.stride(1) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or cos.stride(1) != 1:
         raise ValueError("rope_and_store needs contiguous rows and head dimensions")
+    qk_norm = q_norm is not None
+    if qk_norm != (k_norm is not None):
+        raise ValueError("rope_and_store takes both q_norm and k_norm or neither")
     _rope_store_kernel[(t,)](
         qkv, cos, sin_signed, positions, slot_blocks, slot_offsets, k_cache, v_cache,
+        q_norm if qk_norm else cos, k_norm if qk_norm else cos, float(eps),
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NH=num_heads, NKV=num_kv_heads, D=head_dim, HP=triton.next_power_of_2(num_heads + num_kv_heads),
-        KP=triton.next_power_of_2(num_kv_heads), num_warps=4)
+        KP=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, num_warps=4)
 
 
 @triton.jit
