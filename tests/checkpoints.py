@@ -30,8 +30,7 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     """Write a random ``kind`` ("llama", "qwen2" or "qwen3") model with ``save_pretrained``; return the
     folder. "qwen3" has head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's
     small models."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     vocab = len(builtin.build_tokenizer().get_vocab())
     common = dict(
@@ -93,3 +92,44 @@ def write_markup_checkpoint(directory: Path, chat_template: str, seed: int = 0) 
     cfg["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
     return {t: tk.token_to_id(t) for t in MARKUP_TOKENS}
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_lora(base_dir: Path, directory: Path, seed: int = 0, r: int = 8, alpha: float = 16.0,
+               targets: list[str] | None = None, **config) -> Path:
+    """A LoRA adapter for the checkpoint in ``base_dir``, written by PEFT itself (``save_pretrained``),
+    with random A and B large enough to change greedy tokens; return the folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM", **config)
+    model = get_peft_model(base, lcfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # PEFT starts B at zero (no change); make both random
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def merge_lora(base_dir: Path, lora_dir: Path, directory: Path) -> Path:
+    """The base checkpoint with the adapter merged into its weights (PEFT's ``merge_and_unload``), saved
+    with the base's tokenizer: what serving the adapter must equal."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(lora_dir)).merge_and_unload()
+    directory.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(directory), safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_dir / f, directory / f)
+    return directory

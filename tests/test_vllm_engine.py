@@ -256,7 +256,8 @@ def test_qwen3_with_yarn_gives_vllms_greedy_tokens(tmp_path):
     """A random Qwen3 checkpoint (per-head query/key norms, head_dim 64 as vLLM's CPU attention takes)
     with YaRN rope scaling, on prompts past the original context: the native engine's greedy tokens
     are vLLM's own."""
-    from vllm import LLM, SamplingParams as VllmParams
+    from vllm import LLM
+    from vllm import SamplingParams as VllmParams
 
     from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
     from tests.checkpoints import write_checkpoint

@@ -88,6 +88,9 @@ class EngineConfig:
     shared_kv: bool = False  # put the KV pool in shared memory, so another process can write blocks into it
     # speculative decoding with n-gram drafts (spec_decode.py); None: off
     speculative: SpeculativeConfig | None = None
+    # LoRA adapters served beside the base model, name -> PEFT folder (lora.py); requests pick one by name
+    lora_modules: dict[str, str] | None = None
+    max_lora_rank: int = 16
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -179,6 +182,18 @@ class LLMEngine:
         # the model first: on a GPU the KV pool gets what the weights and a full step leave free
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops,
                                 device=self.device, attention=self.attention)
+        # LoRA adapters: every one loaded now, slot i + 1 (0: none); steps with adapter rows run eagerly
+        self.loras: dict[str, int] = {}
+        if config.lora_modules:
+            from dyn_actor.engine.lora import load_adapter, lora_root
+
+            for name, path in config.lora_modules.items():
+                slot = len(self.loras) + 1
+                self.model.add_adapter(slot, load_adapter(name, path, cfg, self.dtype, self.device,
+                                                          config.max_lora_rank))
+                self.loras[name] = slot
+            self._lora_roots = {name: lora_root(name) for name in self.loras}
+            log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in config.lora_modules.items()))
         layout = KvLayout(1, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         blocks_per_seq = -(-limit // bs)
         if config.num_kv_blocks:
@@ -312,9 +327,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------- requests
     def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      validated: bool = False) -> Request:
+                      validated: bool = False, lora_name: str | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        slot = self.lora_slot(lora_name)
         n = len(prompt_token_ids)
         if validated:  # checked at the edge (the frontend's processor): only the invariants a step relies on
             assert 0 < n < self.max_model_len, f"{request_id}: a {n}-token prompt"
@@ -325,11 +341,27 @@ class LLMEngine:
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
+        if slot:
+            req.lora, req.lora_root = slot, self._lora_roots[lora_name]
         if params.structured is not None:
             fut = self.grammars.compile(params.structured)
             fut.add_done_callback(lambda _: self.wake())
             req.grammar = GrammarState(fut, params.structured.start_after)
         return req
+
+    def lora_slot(self, lora_name: str | None) -> int:
+        """The model's slot of adapter ``lora_name`` (0 for None); ``ValueError`` for one not loaded."""
+        if not lora_name:
+            return 0
+        slot = self.loras.get(lora_name)
+        if slot is None:
+            known = ", ".join(sorted(self.loras)) or "none are loaded"
+            raise ValueError(f"unknown LoRA adapter {lora_name!r} (adapters: {known})")
+        return slot
+
+    def lora_root(self, lora_name: str | None) -> int | None:
+        """The parent hash of the first KV block of a request served with ``lora_name``."""
+        return self._lora_roots[lora_name] if lora_name and self.lora_slot(lora_name) else None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ``ValueError`` (a message for the user) for input this engine cannot run: what a
@@ -354,16 +386,18 @@ class LLMEngine:
         params: SamplingParams | None = None,
         hold_blocks: bool = False,
         validated: bool = False,
+        lora_name: str | None = None,
     ) -> None:
         """Queue a request. Raises ``ValueError`` (a message for the user) for bad input.
 
         ``hold_blocks``: keep the request's KV blocks when it finishes, until
         ``release_blocks`` (a prefill worker copies them out first). ``validated``: the input was
         checked at the edge (a worker's requests come from the frontend, which did): not again.
+        ``lora_name``: serve it with that LoRA adapter (one of ``EngineConfig.lora_modules``).
         """
         if request_id in self._held:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = self._make_request(request_id, prompt_token_ids, params or SamplingParams(), validated)
+        req = self._make_request(request_id, prompt_token_ids, params or SamplingParams(), validated, lora_name)
         req.hold_blocks = hold_blocks
         self.requests[request_id] = req
         if req.grammar is not None:
@@ -435,13 +469,16 @@ class LLMEngine:
         return outputs
 
     # ------------------------------------------------------------ remote KV
-    def cached_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
-        """(block ids, token count) of the leading full blocks of ``token_ids`` cached here."""
-        hits = self.block_manager.find_cached_prefix(token_ids, max_tokens=len(token_ids) - 1)
+    def cached_prefix(self, token_ids: list[int], lora_name: str | None = None) -> tuple[list[int], int]:
+        """(block ids, token count) of the leading full blocks of ``token_ids`` cached here (for
+        requests of adapter ``lora_name``)."""
+        hits = self.block_manager.find_cached_prefix(token_ids, max_tokens=len(token_ids) - 1,
+                                                     root=self.lora_root(lora_name))
         return [b.block_id for b in hits], len(hits) * self.layout.block_size
 
     def import_prefix(
-        self, token_ids: list[int], num_blocks: int, read_blocks: Callable[[list[int]], torch.Tensor]
+        self, token_ids: list[int], num_blocks: int, read_blocks: Callable[[list[int]], torch.Tensor],
+        lora_name: str | None = None,
     ) -> list[int]:
         """Put KV computed elsewhere for the first ``num_blocks`` full blocks of ``token_ids`` into
         this engine's prefix cache, so a request for that prompt computes only the rest.
@@ -450,7 +487,7 @@ class LLMEngine:
         called only for blocks not cached here already. Returns the ids of the blocks copied in (for
         ``discard_prefix`` if what was read turns out not to be trustworthy).
         """
-        todo = self.block_manager.import_cached_blocks(token_ids, num_blocks)
+        todo = self.block_manager.import_cached_blocks(token_ids, num_blocks, root=self.lora_root(lora_name))
         ids = [b for _, b in todo]
         if todo:
             try:
@@ -465,10 +502,11 @@ class LLMEngine:
         self.block_manager.discard_cached(block_ids)
 
     def allocate_remote_prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, validated: bool = False
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, validated: bool = False,
+        lora_name: str | None = None,
     ) -> RemoteAllocation | None:
         """Allocate the prompt's blocks for an external prefill; None when the pool has no room now."""
-        req = self._make_request(request_id, prompt_token_ids, params, validated)
+        req = self._make_request(request_id, prompt_token_ids, params, validated, lora_name)
         if not self.scheduler.allocate_remote(req):
             return None
         self.requests[request_id] = req
@@ -759,6 +797,8 @@ class LLMEngine:
         """The step's forward pass (decode graphs, piecewise graphs or eager); the logits of the rows
         that sample (after any prompt-scoring rows, with ``scores``) and their requests. ``fill``
         writes input tokens the host does not have into the step's input ids on the device."""
+        if self.loras and any(r.lora for r, _ in scheduled):
+            return self._forward_lora(scheduled, fill, scores)
         g = self.graphs
         if g is not None and sum(n for _, n in scheduled) <= g.max_batch and all(
                 (n == 1 or r.spec_token_ids) and (r.prompt_logprobs is None or not r.prompt_logprobs_pending)
@@ -778,6 +818,34 @@ class LLMEngine:
         finally:
             if wide:
                 torch.set_num_threads(self._threads)
+
+    def _forward_lora(self, scheduled: list[tuple[Request, int]], fill: Callable[[torch.Tensor], None] | None,
+                      scores: list | None) -> tuple[torch.Tensor, list[Request]]:
+        """A step with rows of LoRA adapters: eagerly (the graphs hold no adapter), each projection told
+        which rows take which adapter. Rows are laid out as ``_build_batch`` does: decode rows (one per
+        request, or one per position of a checked draft) in schedule order, then the prefill chunks."""
+        batch, samplers = self._build_batch(scheduled, scores=scores)
+        if fill is not None:
+            fill(batch.input_ids)
+        rows: dict[int, list[int]] = {}
+        row = 0
+        for part in ([(r, n) for r, n in scheduled if n == 1 or r.spec_token_ids],
+                     [(r, n) for r, n in scheduled if n > 1 and not r.spec_token_ids]):
+            for r, n in part:
+                if r.lora:
+                    rows.setdefault(r.lora, []).extend(range(row, row + n))
+                row += n
+        groups = []
+        for slot, idx in rows.items():
+            if idx[-1] - idx[0] + 1 == len(idx):  # consecutive: a view, no gather
+                groups.append((slot, slice(idx[0], idx[-1] + 1)))
+            else:
+                groups.append((slot, to_device(torch.tensor(idx, dtype=torch.long), self.device)))
+        self.model.lora_rows.groups = groups
+        try:
+            return self.model.forward(batch, self.pool), samplers
+        finally:
+            self.model.lora_rows.groups = []
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
         scores: list[tuple[Request, int, int, int]] = []

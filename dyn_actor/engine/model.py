@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dyn_actor.engine.lora import LoraAdapter, LoraRows
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
 from dyn_actor.kv.pool import KvPool
 from dyn_actor.native_ops import CpuFusedOps, native_lib, paged_decode_attention
@@ -86,10 +87,15 @@ class Linear:
     """``y = x @ W.T + b``; float32 weights are also pre-packed for MKL's sgemm when torch has it
     (about 20% faster for the small batches of decode steps)."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "lora", "rows")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
+                 rows: LoraRows | None = None) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
+        # LoRA adapters of this projection, slot -> (A [r, in], B [out, r] scaled), and the step's
+        # rows of each adapter (shared by every projection of the model)
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows = rows
         if pack and weight.dtype == torch.float32:
             try:
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
@@ -98,8 +104,20 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 64)
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 64)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.lora and self.rows.groups:
+            for slot, rows in self.rows.groups:
+                ab = self.lora.get(slot)
+                if ab is None:
+                    continue
+                a, b = ab
+                if isinstance(rows, slice):
+                    y[rows].addmm_(x[rows] @ a.t(), b.t())
+                else:
+                    y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        return y
 
 
 class LlamaModel:
@@ -131,6 +149,7 @@ class LlamaModel:
         pack = on_cpu and native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
         self.scale = cfg.head_dim**-0.5
+        self.lora_rows = LoraRows()
         w = {k.removeprefix("model."): v for k, v in weights.items()}
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
@@ -172,12 +191,13 @@ class LlamaModel:
                 if any(b is None for b in biases):
                     raise ModelLoadError(f"layer {i} has a bias on only some of q/k/v")
                 bqkv = torch.cat(biases).contiguous()  # type: ignore[arg-type]
-            layer.wqkv = Linear(wqkv.contiguous(), bqkv, pack)
-            layer.wo = Linear(take(a + "o_proj.weight"), take(a + "o_proj.bias", required=False), pack)
+            rows = self.lora_rows
+            layer.wqkv = Linear(wqkv.contiguous(), bqkv, pack, rows)
+            layer.wo = Linear(take(a + "o_proj.weight"), take(a + "o_proj.bias", required=False), pack, rows)
             m = p + "mlp."
             layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
-                               None, pack)
-            layer.wdown = Linear(take(m + "down_proj.weight"), None, pack)
+                               None, pack, rows)
+            layer.wdown = Linear(take(m + "down_proj.weight"), None, pack, rows)
             if take(m + "down_proj.bias", required=False) is not None:
                 raise ModelLoadError("MLP biases are not supported")
             self.layers.append(layer)
@@ -191,6 +211,12 @@ class LlamaModel:
         # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
         sin = emb.sin() * scale
         self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(device=device, dtype=dtype)
+
+    def add_adapter(self, slot: int, adapter: LoraAdapter) -> None:
+        """Make LoRA ``adapter`` slot ``slot`` of every projection it updates (``lora.load_adapter``)."""
+        for layer, fused in zip(self.layers, adapter.layers):
+            for key, ab in fused.items():
+                {"qkv": layer.wqkv, "o": layer.wo, "gu": layer.wgu, "down": layer.wdown}[key].lora[slot] = ab
 
     # ------------------------------------------------------------------ pieces
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ class Request:
         "grammar",
         "spec_token_ids",
         "ngram_buf",
+        "lora",
+        "lora_root",
     )
 
     def __init__(
@@ -80,6 +82,10 @@ class Request:
         # and the request's tokens packed for the n-gram lookup
         self.spec_token_ids: list[int] = []
         self.ngram_buf: bytearray | None = None
+        # a LoRA adapter's slot in the model (0: none) and the parent hash of the request's first
+        # KV block (lora.lora_root; None: the base model's root)
+        self.lora = 0
+        self.lora_root: int | None = None
 
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position

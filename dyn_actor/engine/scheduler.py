@@ -80,8 +80,8 @@ class Scheduler:
     # ------------------------------------------------------------ remote KV
     def allocate_remote(self, req: Request) -> bool:
         """Allocate blocks for the whole prompt without computing it (prefix hits are shared)."""
-        hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1)
-        if self.bm.allocate(req.request_id, req.num_tokens, hits) is None:
+        hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1, root=req.lora_root)
+        if self.bm.allocate(req.request_id, req.num_tokens, hits, root=req.lora_root) is None:
             return False
         req.num_computed_tokens = len(hits) * self.bm.block_size
         req.num_cached_tokens = req.num_computed_tokens
@@ -173,12 +173,12 @@ class Scheduler:
                 limit = req.num_tokens - 1
                 if req.prompt_logprobs is not None:  # the positions that score missing prompt tokens are computed
                     limit = min(limit, len(req.prompt_logprobs) - 1)
-                hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=limit)
+                hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=limit, root=req.lora_root)
                 computed = len(hits) * self.bm.block_size
             else:  # blocks kept from a failed remote prefill
                 computed = req.num_computed_tokens
             n = self._chunk(req, budget, computed)
-            if self.bm.allocate(req.request_id, computed + n, hits) is None:
+            if self.bm.allocate(req.request_id, computed + n, hits, root=req.lora_root) is None:
                 break
             self.waiting.popleft()
             req.num_computed_tokens = computed

@@ -58,24 +58,29 @@ class BlockManager:
         self._req_blocks: dict[str, list[KvBlock]] = {}
         self._req_ids: dict[str, list[int]] = {}  # the ids of _req_blocks' blocks, kept beside them
         self._req_hashes: dict[str, list[int]] = {}
+        # the parent hash of a request's first block where it is not the root: a LoRA adapter's
+        # (``lora.lora_root``), so KV computed with one adapter is only found by requests of that adapter
+        self._req_roots: dict[str, int] = {}
         self._events: list[KvEvent] = []
         # the last prompt's chained block hashes: a decode worker looks a prompt up (local or
         # remote?) and then allocates it, the scheduler may look again; each block is hashed once
         self._memo_tokens: tuple[int, ...] = ()
         self._memo_hashes: list[int] = []
+        self._memo_root: int | None = None
 
-    def _chain(self, tokens: tuple[int, ...]) -> list[int]:
-        """Chained hashes of the full blocks of ``tokens`` (reusing the last call's common prefix)."""
+    def _chain(self, tokens: tuple[int, ...], root: int | None = None) -> list[int]:
+        """Chained hashes of the full blocks of ``tokens`` after ``root`` (reusing the last call's common
+        prefix)."""
         bs = self.block_size
         n = len(tokens) // bs
         memo, hashes = self._memo_tokens, self._memo_hashes
-        keep = min(len(hashes), n)
+        keep = min(len(hashes), n) if root == self._memo_root else 0
         if keep and tokens[: keep * bs] != memo[: keep * bs]:
             keep = 0
         hashes = hashes[:keep]
         for i in range(keep, n):
-            hashes.append(self._hash_fn(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
-        self._memo_tokens, self._memo_hashes = tokens, hashes
+            hashes.append(self._hash_fn(hashes[-1] if hashes else root, tokens[i * bs:(i + 1) * bs]))
+        self._memo_tokens, self._memo_hashes, self._memo_root = tokens, hashes, root
         return hashes
 
     # ------------------------------------------------------------------ queries
@@ -111,11 +116,13 @@ class BlockManager:
     def has_request(self, request_id: str) -> bool:
         return request_id in self._req_blocks
 
-    def find_cached_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None) -> list[KvBlock]:
+    def find_cached_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None,
+                           root: int | None = None) -> list[KvBlock]:
         """Leading full blocks of ``token_ids`` whose KV is cached (tokens verified).
 
         ``max_tokens`` caps the hit (the engine passes ``len - 1``: the last
-        prompt token must be computed to produce logits).
+        prompt token must be computed to produce logits). ``root``: the first block's parent hash
+        (a LoRA adapter's; None for the base model).
         """
         if not self.enable_prefix_caching:
             return []
@@ -123,9 +130,9 @@ class BlockManager:
         bs = self.block_size
         tokens = tuple(token_ids[: limit - limit % bs])
         hits: list[KvBlock] = []
-        if not tokens or self._cached.get(self._hash_fn(None, tokens[:bs])) is None:
+        if not tokens or self._cached.get(self._hash_fn(root, tokens[:bs])) is None:
             return hits  # not even the first block: no need to hash the rest
-        for i, h in enumerate(self._chain(tokens)):
+        for i, h in enumerate(self._chain(tokens, root)):
             block = self._cached.get(h)
             if block is None or block.token_ids != tokens[i * bs:(i + 1) * bs]:
                 break
@@ -141,11 +148,13 @@ class BlockManager:
         request_id: str,
         num_tokens: int,
         computed_blocks: Sequence[KvBlock] = (),
+        root: int | None = None,
     ) -> list[int] | None:
         """Make ``request_id`` own enough blocks for ``num_tokens`` tokens.
 
         ``computed_blocks`` (prefix-cache hits, only on a request's first
-        allocation) are shared, not copied. Returns the request's block ids,
+        allocation) are shared, not copied. ``root`` (first allocation): the parent hash of the
+        request's first block, as in ``find_cached_prefix``. Returns the request's block ids,
         or ``None`` (and changes nothing) when there are not enough free blocks.
         """
         owned = self._req_blocks.get(request_id)
@@ -165,6 +174,8 @@ class BlockManager:
             self._req_blocks[request_id] = owned
             self._req_ids[request_id] = ids = []
             self._req_hashes[request_id] = []
+            if root is not None:
+                self._req_roots[request_id] = root
         for b in computed_blocks:
             if b.ref_cnt == 0:
                 del self._free[b.block_id]
@@ -210,7 +221,7 @@ class BlockManager:
         if num_full <= len(hashes):
             return
         first = len(hashes)
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else self._req_roots.get(request_id)
         stored_hashes: list[int] = []
         stored_tokens: list[int] = []
         stored_parent = parent
@@ -236,7 +247,8 @@ class BlockManager:
         if stored_hashes:
             self._events.append(BlockStored(stored_hashes, stored_parent, stored_tokens, bs))
 
-    def import_cached_blocks(self, token_ids: Sequence[int], num_blocks: int) -> list[tuple[int, int]]:
+    def import_cached_blocks(self, token_ids: Sequence[int], num_blocks: int,
+                             root: int | None = None) -> list[tuple[int, int]]:
         """Make the first ``num_blocks`` full blocks of ``token_ids`` cached here, for KV that comes
         from elsewhere (another worker's pool).
 
@@ -252,8 +264,8 @@ class BlockManager:
         to_write: list[tuple[int, int]] = []
         stored_hashes: list[int] = []
         stored_tokens: list[int] = []
-        stored_parent: int | None = None
-        parent: int | None = None
+        stored_parent: int | None = root
+        parent: int | None = root
         prefix_free = 0  # blocks of this prefix now at the tail of the free queue
         for i in range(num_blocks):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
@@ -308,6 +320,9 @@ class BlockManager:
         self._req_blocks[new_owner] = owned
         self._req_ids[new_owner] = self._req_ids.pop(request_id)
         self._req_hashes[new_owner] = hashes or []
+        root = self._req_roots.pop(request_id, None)
+        if root is not None:
+            self._req_roots[new_owner] = root
         return len(owned)
 
     def free(self, request_id: str) -> None:
@@ -315,6 +330,7 @@ class BlockManager:
         owned = self._req_blocks.pop(request_id, None)
         self._req_ids.pop(request_id, None)
         self._req_hashes.pop(request_id, None)
+        self._req_roots.pop(request_id, None)
         if not owned:
             return
         # tail blocks first: they are the least likely to be shared, so evict them first

@@ -1,0 +1,205 @@
+"""LoRA adapters served beside the base model (vLLM's ``--enable-lora --lora-modules name=path``).
+
+An adapter is a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) of low-rank
+updates ``W + s * B @ A`` to the attention and MLP projections, ``s = lora_alpha / r`` (or
+``/ sqrt(r)`` with rsLoRA). The base weights are never changed: every adapter stays loaded, each
+row of a step applies its request's adapter (``x @ A.T @ B.T`` added to the projection's output),
+and requests of different adapters, and of none, share a step.
+
+The engine fuses the query/key/value projections into one product and the gate/up projections
+into another; an adapter's updates are fused the same way: the ``A`` matrices of the fused
+projections stacked (one product for all of them), their ``B`` matrices placed block-diagonally
+(each writes only its own projection's columns), the scale folded into ``B``. A fused projection
+an adapter leaves alone costs nothing for its rows.
+
+Prefix caching and KV-aware routing key blocks by adapter: a request's first block hashes on top
+of ``lora_root(name)`` (``hash_block``'s parent) instead of the empty root, so KV computed with one
+adapter is never taken for another's, or the base model's (``dyn_actor.kv.block_hash``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+
+#: the projections an adapter may target, grouped as the engine fuses them
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"),
+         "down": ("down_proj",)}
+MODULES = tuple(m for ms in FUSED.values() for m in ms)
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def lora_root(name: str | None) -> int | None:
+    """The parent hash of the first block of a request served with adapter ``name`` (None: the base
+    model's root). Shared by the engine's prefix cache and the router's index."""
+    if not name:
+        return None
+    return int.from_bytes(hashlib.blake2b(b"lora:" + name.encode(), digest_size=8).digest(), "little") or 1
+
+
+def parse_lora_modules(specs: list[str] | None) -> dict[str, str]:
+    """``name=path`` items (or vLLM's JSON form ``{"name": ..., "path": ...}``) into {name: path}; a
+    ``ValueError`` with a one-line message for a malformed or repeated one."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        spec = spec.strip()
+        if spec.startswith("{"):
+            try:
+                obj = json.loads(spec)
+                name, path = str(obj["name"]), str(obj["path"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules: {spec!r} is not a JSON object with 'name' and 'path'") from None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--lora-modules: {spec!r} is not NAME=PATH")
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ValueError(f"--lora-modules: {spec!r} needs both a name and a path")
+        if name in out:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: str
+    rank: int
+    scale: float
+    #: per layer: fused projection ("qkv", "o", "gu", "down") -> (A [r_total, in], B [out, r_total]), scale in B
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
+
+
+def _out_sizes(cfg: ModelConfig) -> dict[str, int]:
+    return {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+
+
+def _in_sizes(cfg: ModelConfig) -> dict[str, int]:
+    h = cfg.hidden_size
+    return {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": cfg.q_size, "gate_proj": h, "up_proj": h,
+            "down_proj": cfg.intermediate_size}
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    d = Path(path)
+    if not d.is_dir():
+        raise ModelLoadError(f"LoRA adapter folder {str(d)!r} does not exist")
+    f = d / "adapter_config.json"
+    if not f.is_file():
+        raise ModelLoadError(f"LoRA adapter {str(d)!r} has no adapter_config.json")
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"LoRA adapter {str(d)!r}: adapter_config.json is not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"LoRA adapter {str(d)!r}: adapter_config.json is not an object")
+    return cfg
+
+
+def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 max_rank: int) -> LoraAdapter:
+    """Read a PEFT LoRA folder for a model of ``cfg``; a ``ModelLoadError`` (one line) for anything this
+    engine would not apply exactly as PEFT does."""
+    from safetensors.torch import load_file
+
+    where = f"LoRA adapter {name!r} ({path})"
+    acfg = read_adapter_config(path)
+    peft_type = str(acfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ModelLoadError(f"{where}: peft_type {peft_type!r} is not LORA")
+    for key, why in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (whole trained modules)"),
+                     ("rank_pattern", "per-module ranks (rank_pattern)"),
+                     ("alpha_pattern", "per-module alphas (alpha_pattern)"), ("fan_in_fan_out", "fan_in_fan_out"),
+                     ("use_qalora", "QA-LoRA"), ("lora_bias", "lora_bias")):
+        if acfg.get(key):
+            raise ModelLoadError(f"{where}: {why} is not supported")
+    if acfg.get("bias", "none") != "none":
+        raise ModelLoadError(f"{where}: bias {acfg['bias']!r} is not supported (only 'none')")
+    try:
+        r = int(acfg["r"])
+        alpha = float(acfg.get("lora_alpha", r))
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"{where}: adapter_config.json needs an integer 'r'") from None
+    if not 0 < r <= max_rank:
+        raise ModelLoadError(f"{where}: rank {r} is above --max-lora-rank {max_rank}" if r > 0
+                             else f"{where}: rank {r}")
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    files = sorted(Path(path).glob("adapter_model*.safetensors"))
+    if not files:
+        if (Path(path) / "adapter_model.bin").exists():
+            raise ModelLoadError(f"{where}: only adapter_model.safetensors is read (found adapter_model.bin)")
+        raise ModelLoadError(f"{where}: no adapter_model.safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - a broken file: say which
+            raise ModelLoadError(f"{where}: cannot read {f.name} ({type(e).__name__})") from None
+    # (layer, module) -> {"A": ..., "B": ...}
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        if m is None:
+            if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
+                raise ModelLoadError(f"{where}: adapters of the embeddings or the LM head are not supported ({key})")
+            if key.endswith(".bias") or "magnitude" in key:
+                raise ModelLoadError(f"{where}: tensor {key!r} is not supported")
+            raise ModelLoadError(f"{where}: unexpected tensor {key!r}")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in MODULES:
+            raise ModelLoadError(f"{where}: module {module!r} is not one of {', '.join(MODULES)}")
+        if not 0 <= layer < cfg.num_layers:
+            raise ModelLoadError(f"{where}: layer {layer} is outside the model's {cfg.num_layers}")
+        found.setdefault((layer, module), {})[ab] = t
+    if not found:
+        raise ModelLoadError(f"{where}: no LoRA weights found")
+    outs, ins = _out_sizes(cfg), _in_sizes(cfg)
+    for (layer, module), ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise ModelLoadError(f"{where}: layer {layer} {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        a, b = ab["A"], ab["B"]
+        if tuple(a.shape) != (r, ins[module]) or tuple(b.shape) != (outs[module], r):
+            raise ModelLoadError(
+                f"{where}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; a rank-{r} "
+                f"adapter of this model has A {(r, ins[module])} and B {(outs[module], r)} (another base model?)")
+    adapter = LoraAdapter(name, str(path), r, scale, targets=tuple(sorted({m for _, m in found})))
+    for layer in range(cfg.num_layers):
+        fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, modules in FUSED.items():
+            present = [m for m in modules if (layer, m) in found]
+            if not present:
+                continue
+            a = torch.cat([found[(layer, m)]["A"].float() for m in present])
+            b = torch.zeros((sum(outs[m] for m in modules), r * len(present)), dtype=torch.float32)
+            row = col = 0
+            for m in modules:
+                if m in present:
+                    b[row:row + outs[m], col:col + r] = found[(layer, m)]["B"].float() * scale
+                    col += r
+                row += outs[m]
+            fused[key] = (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous())
+        adapter.layers.append(fused)
+    return adapter
+
+
+class LoraRows:
+    """Which rows of the step's batch use which adapter: set by the engine before a forward pass that
+    has rows with an adapter, read by every projection (``Linear``) of that pass, cleared after."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        #: (adapter slot, rows: a slice of consecutive rows or an index tensor)
+        self.groups: list[tuple[int, slice | torch.Tensor]] = []

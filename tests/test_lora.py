@@ -1,0 +1,225 @@
+"""LoRA adapters in the native engine, against PEFT itself: adapters written by PEFT's
+``save_pretrained`` and served beside the base model give the greedy tokens of the merged
+checkpoint (PEFT's ``merge_and_unload``) and of PEFT's own forward pass, alone and in batches that
+mix adapters, with chunked prefill, preemption, drafts, prefix caching kept apart per adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton path's test, as the other Triton tests
+
+from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+from dyn_actor.engine.model_config import ModelLoadError
+
+pytest.importorskip("peft")
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = {"short": [0, 5, 6, 7], "blocks": [0] + [(7 * k) % 90 + 3 for k in range(40)],
+           "long": [0] + [(11 * k) % 93 + 2 for k in range(70)]}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from tests.checkpoints import merge_lora, write_checkpoint, write_lora
+
+    root = tmp_path_factory.mktemp("lora")
+    base = write_checkpoint(root / "base", "llama")
+    a = write_lora(base, root / "a", seed=1)
+    b = write_lora(base, root / "b", seed=2, r=4, alpha=4.0, targets=["q_proj", "v_proj"], use_rslora=True)
+    return {"base": base, "a": a, "b": b, "merged_a": merge_lora(base, a, root / "merged_a"),
+            "merged_b": merge_lora(base, b, root / "merged_b")}
+
+
+def _engine(model, **kw) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 128)
+    return LLMEngine(EngineConfig(model=str(model), dtype="float32", **kw))
+
+
+def _tokens(engine: LLMEngine, prompts: dict, lora: dict | None = None, params=GREEDY) -> dict[str, list[int]]:
+    for k, p in prompts.items():
+        engine.add_request(k, p, params, lora_name=(lora or {}).get(k))
+    got: dict[str, list[int]] = {k: [] for k in prompts}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+    assert engine.block_manager.num_used_blocks == 0
+    return got
+
+
+@pytest.fixture(scope="module")
+def want(dirs):
+    """Each prompt's greedy tokens on the base model and on each merged checkpoint."""
+    return {name: _tokens(_engine(dirs[m]), PROMPTS) for name, m in
+            (("base", "base"), ("a", "merged_a"), ("b", "merged_b"))}
+
+
+def test_adapters_change_the_tokens_and_equal_the_merged_checkpoints(dirs, want):
+    assert want["a"] != want["base"] and want["b"] != want["base"] and want["a"] != want["b"]
+    engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"]), "b": str(dirs["b"])})
+    for name in ("a", "b"):
+        assert _tokens(engine, PROMPTS, {k: name for k in PROMPTS}) == want[name], name
+    assert _tokens(engine, PROMPTS) == want["base"]  # requests without an adapter: the base model
+
+
+def test_peft_forward_gives_the_same_tokens(dirs):
+    """PEFT's own forward pass (the adapter applied beside the weights, not merged) as the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(dirs["base"]), dtype=torch.float32),
+                                      str(dirs["a"])).eval()
+    engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"])})
+    got = _tokens(engine, PROMPTS, {k: "a" for k in PROMPTS})
+    for k, p in PROMPTS.items():
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                 pad_token_id=1)[0, len(p):].tolist()
+        if 1 in got[k]:  # generate()'s min_new_tokens masks end-of-sequence where ignore_eos keeps it
+            continue
+        assert got[k] == ref, k
+    assert any(1 not in v for v in got.values())
+
+
+@pytest.mark.parametrize("setup", ["one batch", "chunked prefill", "preemption", "drafts", "overlapped"])
+def test_mixed_batches(dirs, want, setup):
+    """Requests of adapter a, adapter b and none in the same steps: each gets its own tokens."""
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
+
+    kw = {"one batch": {}, "chunked prefill": {"max_num_batched_tokens": 24}, "preemption": {"num_kv_blocks": 9},
+          "drafts": {"speculative": SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3,
+                                                             "prompt_lookup_min": 1, "prompt_lookup_max": 3})},
+          "overlapped": {"async_scheduling": "on"}}[setup]
+    engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"]), "b": str(dirs["b"])}, **kw)
+    prompts, lora, expect = {}, {}, {}
+    for k, p in PROMPTS.items():
+        for name in ("a", "b", "base"):
+            key = f"{k}-{name}"
+            prompts[key] = p
+            if name != "base":
+                lora[key] = name
+            expect[key] = want[name][k]
+    assert _tokens(engine, prompts, lora) == expect
+    if setup == "preemption":
+        assert engine.stats().num_preemptions > 0
+    if setup == "drafts":
+        assert engine.stats().spec_accepted_tokens > 0
+
+
+def test_prefix_cache_is_kept_apart_per_adapter(dirs, want):
+    from dyn_actor.engine.lora import lora_root
+    from dyn_actor.kv.block_hash import hash_blocks
+
+    engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"]), "b": str(dirs["b"])})
+    p = PROMPTS["long"]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def run(rid, lora):
+        engine.add_request(rid, p, params, lora_name=lora)
+        req = engine.requests[rid]
+        toks = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                toks.extend(out.new_token_ids)
+        return toks, req.num_cached_tokens
+
+    base_toks, cached = run("base-1", None)
+    assert cached == 0 and base_toks == want["base"]["long"][:4]
+    a_toks, cached = run("a-1", "a")  # the base model's blocks hold other KV: no hit
+    assert cached == 0 and a_toks == want["a"]["long"][:4]
+    assert run("a-2", "a") == (a_toks, 64)  # its own: a hit
+    assert run("b-1", "b")[1] == 0
+    assert run("base-2", None)[1] == 64
+    # the KV events say so: adapter a's blocks hash on its root, as the router hashes its requests
+    stored = {h for ev in engine.drain_kv_events() for h in getattr(ev, "block_hashes", [])}
+    for root in (None, lora_root("a"), lora_root("b")):
+        assert set(hash_blocks(p, 16, root)[:4]) <= stored
+    assert len({lora_root("a"), lora_root("b"), None}) == 3
+
+
+def test_remote_prefill_hooks_carry_the_adapter(dirs, want):
+    """The disaggregation hooks: a decode engine allocates for adapter a, a prefill engine computes the
+    prompt with adapter a and its KV is copied into the decode engine's blocks; decoding continues
+    with the adapter's tokens. Imported prefixes are cached under the adapter's root only."""
+    lora = {"a": str(dirs["a"])}
+    dec, pre = _engine(dirs["base"], lora_modules=lora), _engine(dirs["base"], lora_modules=lora)
+    p = PROMPTS["long"]
+    alloc = dec.allocate_remote_prefill("r", p, GREEDY, lora_name="a")
+    assert alloc is not None
+    pre.add_request("r", p, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True, lora_name="a")
+    first = []
+    while pre.has_unfinished_requests():
+        first += [t for o in pre.step() for t in o.new_token_ids]
+    src = pre.block_ids("r")
+    dec.pool.write_blocks(alloc.block_ids, pre.pool.read_blocks(src))
+    pre.release_blocks("r")
+    got = list(first)
+    out = dec.finish_remote_prefill("r", first[0])
+    assert out is not None
+    while dec.has_unfinished_requests():
+        got += [t for o in dec.step() for t in o.new_token_ids]
+    assert got == want["a"]["long"]
+    assert dec.cached_prefix(p, "a")[1] == 64 and dec.cached_prefix(p)[1] == 0
+
+
+def test_bad_adapters_and_names_are_one_line_errors(dirs, tmp_path):
+    import shutil
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(dirs["a"], d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        edit(d, cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return d
+
+    cases = [
+        (tmp_path / "nope", "does not exist"),
+        (broken("dora", lambda d, c: c.update(use_dora=True)), "DoRA"),
+        (broken("save", lambda d, c: c.update(modules_to_save=["lm_head"])), "modules_to_save"),
+        (broken("rank", lambda d, c: c.update(r=64)), "above --max-lora-rank"),
+        (broken("shape", lambda d, c: c.update(r=4)), "another base model"),
+        (broken("bias", lambda d, c: c.update(bias="all")), "bias"),
+        (broken("nofile", lambda d, c: (d / "adapter_model.safetensors").unlink()), "no adapter_model"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ModelLoadError, match=message) as info:
+            _engine(dirs["base"], lora_modules={"x": str(path)})
+        assert "\n" not in str(info.value)
+    engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"])})
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'zz'.*adapters: a"):
+        engine.add_request("r", [0, 5, 6], GREEDY, lora_name="zz")
+    assert not engine.requests and engine.block_manager.num_used_blocks == 0
+
+
+def test_parse_lora_modules():
+    from dyn_actor.engine.lora import parse_lora_modules
+
+    assert parse_lora_modules(["a=/x", ' {"name": "b", "path": "/y", "base_model_name": "m"} ']) == {
+        "a": "/x", "b": "/y"}
+    for bad, msg in ((["a"], "NAME=PATH"), (["a=/x", "a=/y"], "twice"), (["=/x"], "both"),
+                     (['{"name": "a"}'], "'name' and 'path'")):
+        with pytest.raises(ValueError, match=msg):
+            parse_lora_modules(bad)
+
+
+def test_the_triton_path_applies_adapters(dirs, tmp_path):
+    """The fused GPU path (under Triton's interpreter here) with an adapter, eagerly and with the
+    graph runners on (steps with adapter rows run eagerly beside them): the default path's tokens."""
+    pytest.importorskip("triton")
+    from tests.checkpoints import write_checkpoint, write_lora
+
+    base = write_checkpoint(tmp_path / "one", num_hidden_layers=1)
+    a = write_lora(base, tmp_path / "a", seed=3)
+    prompts = {"x": PROMPTS["blocks"], "y": [0, 9, 8]}
+    lora = {"x": "a", "y": "a"}
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    want = _tokens(_engine(base, lora_modules={"a": str(a)}, max_model_len=64), prompts, lora, params)
+    for kw in ({}, {"cuda_graphs": "on", "piecewise_graphs": "on"}):
+        engine = _engine(base, lora_modules={"a": str(a)}, max_model_len=64, attention="triton", **kw)
+        assert _tokens(engine, prompts, lora, params) == want, kw
