@@ -91,6 +91,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[int, float] = {}
     # the output's text constrained to a JSON schema, a regex, a choice or a grammar (None: free)
     structured: StructuredOutput | None = None
+    # the LoRA adapter that serves the request (the request's ``model``, when it names one; None: the
+    # base model). Not a sampling parameter as such: it travels here so that every path that carries
+    # a request's parameters (to a worker, through the prefill queue, to vLLM) carries it too
+    lora_name: str | None = None
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ``ValueError`` with a user-facing message for any bad value; return self."""

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dyn_actor.kv.block_hash import hash_blocks
+from dyn_actor.kv.block_hash import hash_blocks, lora_root
 from dyn_actor.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch, KvSnapshot, WorkerLoad
 from dyn_actor.kv.index import KvIndex
 
@@ -162,7 +162,8 @@ class Router:
         return [w for w in self.workers.values() if w.alive and not w.draining]
 
     # --------------------------------------------------------------- routing
-    def pick(self, token_ids: Sequence[int] = ()) -> Route:
+    def pick(self, token_ids: Sequence[int] = (), lora_name: str | None = None) -> Route:
+        """The worker for a prompt (of LoRA adapter ``lora_name``, whose blocks hash apart)."""
         live = self.live_workers()
         if not live:
             raise NoWorkerAvailable("no worker is available to take the request")
@@ -173,7 +174,8 @@ class Router:
             entry = live[self._rr % len(live)]
             self._rr += 1
             return Route(entry, prompt_blocks)
-        overlaps = self.index.overlaps(hash_blocks(token_ids, self.block_size)) if self.index.num_blocks else {}
+        overlaps = (self.index.overlaps(hash_blocks(token_ids, self.block_size, lora_root(lora_name)))
+                    if self.index.num_blocks else {})
         candidates = [w for w in live if w.kv_usage <= self.busy_threshold] or live
         costs = {w.name: kv_cost(overlaps.get(w.name, 0), prompt_blocks, w.pending_prefill_blocks, w.active_blocks,
                                  self.overlap_weight) for w in candidates}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -76,6 +77,10 @@ class LaunchConfig:
     enable_auto_tool_choice: bool = False
     chat_template: str | None = None  # the template's text (a file given is read by validate)
     speculative_config: str | None = None  # a JSON object (checked by validate; a YAML mapping is written as one)
+    enable_lora: bool = False
+    lora_modules: list[str] = field(default_factory=list)  # NAME=PATH (validate makes the paths absolute)
+    max_lora_rank: int = 16
+    max_loras: int | None = None
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -164,6 +169,14 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "\"prompt_lookup_max\": 4}' drafts by n-gram lookup in each request's own tokens and checks "
                          "the draft in the same step (the native engine's only method; with --engine vllm, any "
                          "config vLLM takes). Off by default")
+    ap.add_argument("--enable-lora", action="store_true",
+                    help="serve LoRA adapters beside the base model (vLLM's flag; implied by --lora-modules)")
+    ap.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                    help="LoRA adapters (PEFT folders) to serve, each under its name: a request whose model is "
+                         "NAME is served with it; also vLLM's JSON form '{\"name\": ..., \"path\": ...}'")
+    ap.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank accepted (vLLM's default 16)")
+    ap.add_argument("--max-loras", type=int, default=None,
+                    help="at most this many adapters (all of --lora-modules stay loaded, so it must cover them)")
     ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every process to start")
@@ -225,8 +238,6 @@ def read_chat_template(value: str) -> str:
 def check_speculative_config(value: str, engine: str) -> str | None:
     """``--speculative-config`` checked (the native engine's rules in full; vLLM checks its own at
     start-up), as normalized JSON; None for an empty one."""
-    import json
-
     from dyn_actor.engine.spec_decode import SpeculativeConfig
 
     if engine == "vllm":
@@ -298,9 +309,11 @@ def _file_argv(ap: argparse.ArgumentParser, data: dict, path: Path) -> list[str]
             if not isinstance(value, bool):
                 raise ConfigError(f"config file {path}: {key} must be true or false, got {value!r}")
             argv += [flag] if value else []
+        elif dest == "lora_modules" and isinstance(value, (dict, list)):  # name: path, or a list of NAME=PATH
+            items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else [
+                json.dumps(v) if isinstance(v, dict) else str(v) for v in value]
+            argv += [flag, *items] if items else []
         elif isinstance(value, dict):  # a mapping (--speculative-config) goes as the JSON object it is
-            import json
-
             argv += [flag, json.dumps(value)]
         elif value is not None:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
@@ -364,6 +377,7 @@ def validate(cfg: LaunchConfig) -> None:
         if cfg.speculative_config and cfg.engine == "native" and cfg.async_scheduling == "on":
             raise ConfigError("--speculative-config and --async-scheduling on do not go together (a step's drafts "
                               "come from the tokens of the step before)")
+    check_lora(cfg)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
@@ -374,6 +388,33 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
     if cfg.kv_cache_memory_gb is not None and cfg.kv_cache_memory_gb <= 0:
         raise ConfigError("--kv-cache-memory-gb must be positive")
+
+
+def check_lora(cfg: LaunchConfig) -> None:
+    """``--lora-modules`` parsed, each folder checked for an ``adapter_config.json`` (the weights are
+    checked by the engines as they load them), the paths made absolute (``NAME=PATH`` again)."""
+    from dyn_actor.engine.lora import parse_lora_modules, read_adapter_config
+    from dyn_actor.engine.model_config import ModelLoadError
+
+    if not 1 <= cfg.max_lora_rank <= 512:
+        raise ConfigError(f"--max-lora-rank must be between 1 and 512, got {cfg.max_lora_rank}")
+    try:
+        modules = parse_lora_modules(cfg.lora_modules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.served_model_name in modules or cfg.model in modules:
+        raise ConfigError("a LoRA adapter cannot take the base model's name")
+    if cfg.max_loras is not None and not 1 <= len(modules) <= cfg.max_loras:
+        raise ConfigError(f"--max-loras {cfg.max_loras}: --lora-modules gives {len(modules)} adapters, and every "
+                          "one stays loaded" if modules else "--max-loras needs --lora-modules")
+    for name, path in modules.items():
+        try:
+            read_adapter_config(os.path.expanduser(path))
+        except ModelLoadError as e:
+            raise ConfigError(f"--lora-modules {name}: {e}") from None
+    cfg.lora_modules = [f"{n}={os.path.abspath(os.path.expanduser(p))}" for n, p in modules.items()]
+    if modules:
+        cfg.enable_lora = True
 
 
 def resolve_gpus(cfg: LaunchConfig) -> list[int]:

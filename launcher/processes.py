@@ -186,7 +186,9 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             from vllm.v1.engine.async_llm import AsyncLLM
 
             from dyn_actor.engine.loader import load_tokenizer
+            from dyn_actor.engine.lora import parse_lora_modules
 
+            loras = parse_lora_modules(cfg.lora_modules)
             util = gpu_share if on_gpu else cpu_memory_share(cfg.kv_cache_memory_gb or 1.0)
             # vLLM's KV events (its own sockets, next to ours) -> this worker -> ours, for the kv router
             ours = endpoint + "-kv" if endpoint.startswith("ipc://") and role != "prefill" else ""
@@ -205,7 +207,8 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                     "remote_prefill_timeout": cfg.remote_prefill_timeout})
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
                                                         util, cfg.vllm_args, cfg.block_size, theirs, transfer,
-                                                        cfg.reasoning_parser, cfg.speculative_config))
+                                                        cfg.reasoning_parser, cfg.speculative_config, loras,
+                                                        cfg.max_lora_rank))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)
@@ -213,7 +216,7 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                        *([] if tok.eos_token_id is None else [tok.eos_token_id])]
             info = WorkerInfo(name, cfg.model, mc.max_model_len, mc.get_vocab_size(),
                               llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), ours,
-                              device=str(llm.vllm_config.device_config.device_type))
+                              device=str(llm.vllm_config.device_config.device_type), lora_modules=loras)
         except Exception as e:  # noqa: BLE001 - any start-up failure is a one-line error in the launcher
             conn.send(("failed", f"{role} {index}: vLLM did not start: {type(e).__name__}: {e}"))
             return

@@ -22,6 +22,7 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
     pool is shared (prefill workers write into it). On the GPU when ``gpu`` is given (the process
     sees only that card)."""
     from dyn_actor.engine.engine import EngineConfig, LLMEngine
+    from dyn_actor.engine.lora import parse_lora_modules
     from dyn_actor.engine.spec_decode import SpeculativeConfig
 
     kv = None if cfg.kv_cache_memory_gb is None else int(cfg.kv_cache_memory_gb * (1 << 30))
@@ -34,7 +35,8 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         gpu_memory_utilization=gpu_share, cuda_graphs="off" if cfg.enforce_eager else "auto",
         async_scheduling=cfg.async_scheduling,
         # (a prefill worker computes prompts only: nothing to draft)
-        speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None))
+        speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None,
+        lora_modules=parse_lora_modules(cfg.lora_modules) or None, max_lora_rank=cfg.max_lora_rank))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:

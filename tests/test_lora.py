@@ -223,3 +223,90 @@ def test_the_triton_path_applies_adapters(dirs, tmp_path):
     for kw in ({}, {"cuda_graphs": "on", "piecewise_graphs": "on"}):
         engine = _engine(base, lora_modules={"a": str(a)}, max_model_len=64, attention="triton", **kw)
         assert _tokens(engine, prompts, lora, params) == want, kw
+
+
+def _complete(server, model, prompt, **kw):
+    import requests
+
+    r = requests.post(server.url + "/v1/completions", timeout=60, json={
+        "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True, **kw})
+    return r
+
+
+def test_served_1p1d_with_adapters(dirs, want):
+    """The launcher's flags, 1p1d with every prefill remote: each request's model picks its adapter (the
+    prefill worker computes with it too), /v1/models lists the adapters, the answer names the adapter,
+    an unknown model is a 404 naming what is served."""
+    import requests
+
+    from dyn_actor.engine.loader import load_tokenizer
+    from tests.helpers import metric
+    from tests.server import Server
+
+    tok = load_tokenizer(str(dirs["base"]))
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--model", str(dirs["base"]),
+               "--served-model-name", "base", "--dtype", "float32", "--kv-cache-memory-gb", "0.1",
+               "--enable-lora", "--lora-modules", f"a={dirs['a']}", f'{{"name": "b", "path": "{dirs["b"]}"}}')
+    try:
+        models = requests.get(s.url + "/v1/models", timeout=10).json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("a", "base"), ("b", "base")]
+        assert models[1]["root"] == str(dirs["a"])
+        for name, model in (("a", "a"), ("b", "b"), ("base", "base")):
+            for k in ("blocks", "long"):
+                r = _complete(s, model, PROMPTS[k])
+                assert r.status_code == 200, r.text
+                assert r.json()["model"] == model
+                assert r.json()["choices"][0]["text"] == tok.decode(want[name][k]), (name, k)
+        chunks = requests.post(s.url + "/v1/chat/completions", timeout=60, stream=True, json={
+            "model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+        lines = [ln for ln in chunks.iter_lines() if ln.startswith(b"data: {")]
+        assert lines and all(json.loads(ln[6:])["model"] == "a" for ln in lines)
+        r = _complete(s, "zz", [0, 5, 6])
+        assert r.status_code == 404 and "'base', 'a', 'b'" in r.json()["error"]["message"]
+        assert metric(s, "dyn_remote_prefills_total") >= 6
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+
+
+def test_kv_router_keeps_adapters_apart(dirs, tmp_path):
+    """Two aggregated workers behind the kv router, the adapters from a YAML config: a conversation of
+    adapter a returns to the worker that caches it; the same prompt for adapter b, or the base model,
+    is predicted no overlap there and hits no cache (their blocks hash apart)."""
+    from tests.helpers import metric
+    from tests.server import InprocServer
+
+    config = tmp_path / "lora.yaml"
+    config.write_text(f"lora-modules:\n  a: {dirs['a']}\n  b: {dirs['b']}\nmax-loras: 2\n")
+    s = InprocServer("--config", str(config), "--workers", "2", "--model", str(dirs["base"]), "--dtype", "float32",
+                     "--kv-cache-memory-gb", "0.1", "--served-model-name", "base")
+    try:
+        p = PROMPTS["long"]
+        first = _complete(s, "a", p).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        from tests.helpers import eventually
+
+        def hits(model):
+            return _complete(s, model, p).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert eventually(lambda: hits("a") == 64, timeout=5)  # routed back to its cache
+        predicted = metric(s, "dyn_router_predicted_overlap_tokens_total")
+        assert hits("b") == 0 and hits("base") == 0
+        assert metric(s, "dyn_router_predicted_overlap_tokens_total") == predicted
+    finally:
+        s.stop()
+
+
+def test_launcher_refuses_bad_lora_flags(dirs, tmp_path):
+    from launcher.config import ConfigError, parse_args
+
+    for argv, msg in ((["--lora-modules", "a"], "NAME=PATH"),
+                      (["--lora-modules", f"a={tmp_path}"], "no adapter_config.json"),
+                      (["--lora-modules", f"a={dirs['a']}", f"b={dirs['b']}", "--max-loras", "1"], "every one"),
+                      (["--max-loras", "2"], "needs --lora-modules"),
+                      (["--lora-modules", f"builtin:tiny={dirs['a']}"], "base model's name"),
+                      (["--max-lora-rank", "0"], "--max-lora-rank")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_args(argv)
+    cfg = parse_args(["--lora-modules", f"a={dirs['a']}"])
+    assert cfg.enable_lora and cfg.lora_modules == [f"a={dirs['a']}"]

@@ -161,7 +161,7 @@ class DecodeWorker(Worker):
 
         def admit(e: LLMEngine) -> tuple[RemoteAllocation, Future | None] | None:
             if remote_ok and params.prompt_logprobs is None:  # prompt logprobs come from a local prefill
-                _, cached = e.cached_prefix(prompt)
+                _, cached = e.cached_prefix(prompt, params.lora_name)
                 depth = self._depth + self._pushed_since_depth
                 if prefill_remotely(len(prompt) - cached, depth, policy):
                     alloc = e.allocate_remote_prefill(rid, prompt, params, validated=True)

@@ -98,7 +98,7 @@ class Frontend:
         # what a request leaves unset: the model's generation_config.json (loader.default_sampling)
         self.sampling_defaults = sampling_defaults or {}
         self.tokenizer = tokenizer
-        self.processor = Processor(model_name, tokenizer, info.max_model_len, info.vocab_size)
+        self.processor = Processor(model_name, tokenizer, info.max_model_len, info.vocab_size, list(info.lora_modules))
         self.edge = edge or EdgePolicy()
         # tokenizing and rendering templates take time in proportion to the body: off the event loop
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
@@ -226,7 +226,7 @@ class Frontend:
         """
         tried: set[str] = set()
         while True:
-            route = self.router.pick(prompt_ids)
+            route = self.router.pick(prompt_ids, params.lora_name)
             entry = route.entry
             if entry.name in tried:
                 raise NoWorkerAvailable("no live worker is available to take the request")
@@ -334,7 +334,7 @@ class Frontend:
     async def _prepare_chat(self, req: ChatCompletionRequest) -> ChatJob:
         """A chat request checked and made ready to run: its prompt, each choice's parameters, the
         tool calls it forces (a named function or "required") and how its answers are read."""
-        self.processor.check_model(req.model)
+        lora = self.processor.check_model(req.model)
         check_supported(req, chat=True)
         check_messages(req.messages)
         tools = tool_dicts(req.tools)
@@ -352,6 +352,8 @@ class Frontend:
             max_tokens = self._default_max_tokens([len(prompt_ids)], None)
         params = [sampling_params(req, max_tokens, lp, i, self.sampling_defaults, req.prompt_logprobs)
                   for i in range(req.n)]
+        for p in params:
+            p.lora_name = lora
         if plan is not None and plan.spec is not None:  # the output is the tool calls' JSON
             if params[0].structured is not None:
                 raise RequestError("tool_choice and a structured output (response_format, guided_*) cannot be "
@@ -370,7 +372,7 @@ class Frontend:
         """OpenAI's Responses API, run as one chat choice (``components/responses_api.py``)."""
         req: ResponsesRequest = decode_body(await request.read(), ResponsesRequest)
         job = await self._prepare_chat(chat_request(req))
-        builder = ResponseBuilder(req, self.model_name, req.stream)
+        builder = ResponseBuilder(req, job.params[0].lora_name or self.model_name, req.stream)
         reader = job.reading.reader() if job.reading is not None else None
         state = {"held": "", "tokens": 0, "cached": 0, "reason": None}
         gen = self.generate(builder.id, job.prompt_ids, job.params[0])
@@ -462,7 +464,7 @@ class Frontend:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
-        self.processor.check_model(req.model)
+        lora = self.processor.check_model(req.model)
         check_supported(req)
         if req.suffix:
             raise RequestError("suffix is not supported", param="suffix")
@@ -487,6 +489,8 @@ class Frontend:
             plp = max(plp or 0, req.logprobs)
         params = [sampling_params(req, max_tokens or 1, req.logprobs, i, self.sampling_defaults, plp)
                   for i in range(req.n)]
+        for p in params:
+            p.lora_name = lora
         for ids in prompt_ids_list:
             self.processor.check_prompt(ids, max_tokens or 1, params[0])
         if len(prompt_ids_list) * req.n > 64:
@@ -545,7 +549,8 @@ class Frontend:
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
         usage = R.usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        body = R.CompletionResponse(rid, obj, int(time.time()), self.model_name, choices, usage)
+        body = R.CompletionResponse(rid, obj, int(time.time()), jobs[0][2].lora_name or self.model_name, choices,
+                                    usage)
         if kind == "chat" and show_prompt_logprobs:
             body.prompt_logprobs = self.processor.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
         return _json(body)
@@ -610,7 +615,7 @@ class Frontend:
         stats["resp"] = resp
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        model = self.model_name
+        model = jobs[0][2].lora_name or self.model_name  # the adapter's name for its requests, as vLLM answers
 
         # events are written when nothing more is waiting: one write a token while the frontend keeps
         # up, and the tokens that queued meanwhile in one write when it falls behind (a write is a
@@ -711,9 +716,13 @@ class Frontend:
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
+        # the base model, then each LoRA adapter (its folder as root, the base model as parent), as vLLM lists them
         return web.json_response({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyn-actor",
-            "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}]})
+            "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}, *({
+                "id": name, "object": "model", "created": self.created, "owned_by": "dyn-actor", "root": path,
+                "parent": self.model_name, "max_model_len": self.info.max_model_len}
+                for name, path in self.info.lora_modules.items())]})
 
     async def version(self, request: web.Request) -> web.Response:
         from dyn_actor import __version__

@@ -122,6 +122,7 @@ class WorkerInfo(msgspec.Struct):
     eos_token_ids: list[int]
     kv_events_endpoint: str = ""  # where the worker publishes its KV events ("" if it does not)
     device: str = "cpu"  # where its engine runs: cpu, or cuda (card name)
+    lora_modules: dict[str, str] = {}  # the LoRA adapters it serves, name -> folder
 
 
 class Subscribers:

@@ -192,7 +192,8 @@ class PrefillWorker(Worker):
             # the decode worker's already computed blocks are read, not recomputed: copied into this
             # engine's prefix cache (those it lacks), so the request below computes only the rest
             imported.extend(e.import_prefix(r.prompt_token_ids, k,
-                                            lambda idx: pool.read_blocks([r.block_ids[i] for i in idx])))
+                                            lambda idx: pool.read_blocks([r.block_ids[i] for i in idx]),
+                                            params.lora_name))
             e.add_request(rid, r.prompt_token_ids, params, hold_blocks=True, validated=True)
 
         running = self._running.setdefault(r.decode_endpoint, set())

@@ -15,17 +15,25 @@ from dyn_actor.protocol import Logprobs, SamplingParams
 
 
 class Processor:
-    def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
+                 lora_names: list[str] | tuple[str, ...] = ()) -> None:
         self.model_name = model_name
+        self.lora_names = frozenset(lora_names)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
 
     # ------------------------------------------------------------- requests
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}", 404,
-                               "invalid_request_error", "model_not_found", "model")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); a 404 for a name this
+        server does not serve."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.lora_names:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_name, *sorted(self.lora_names)])
+        raise RequestError(f"the model {model!r} does not exist; this server serves {served}", 404,
+                           "invalid_request_error", "model_not_found", "model")
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, params: SamplingParams | None = None) -> int:
         """What only the model can tell of a request: the context length, the vocabulary of the

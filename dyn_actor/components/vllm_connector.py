@@ -195,6 +195,7 @@ class RemoteAsk:
     prompt_token_ids: list[int]
     block_ids: list[int]  # the prompt's blocks (all of them, including the already-computed leading ones)
     num_computed_blocks: int
+    lora_name: str | None = None  # the request's LoRA adapter: the prefill worker computes with it too
 
 
 @dataclass
@@ -276,7 +277,8 @@ class DecodeAgent(Actor):
         loop = asyncio.get_running_loop()
         w = self._waiting[a.request_id] = _Waiting(loop.time(), a.num_computed_blocks * self.block_size)
         w.timer = loop.call_later(self.timeout, self._timed_out, a.request_id)
-        req = RemotePrefillRequest(a.request_id, a.prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0),
+        req = RemotePrefillRequest(a.request_id, a.prompt_token_ids,
+                                   SamplingParams(max_tokens=1, temperature=0.0, lora_name=a.lora_name),
                                    self.name, self.endpoint, self.pool, a.block_ids, a.num_computed_blocks,
                                    self.block_size)
         asyncio.ensure_future(self._push(req))
@@ -741,8 +743,9 @@ class DynActorConnector(KVConnectorBase_V1, SupportsHMA):
             return
         block_ids = list(blocks.get_block_ids()[0])
         computed = request.num_prompt_tokens - num_external_tokens
+        lora = getattr(request, "lora_request", None)
         self._asks.append(RemoteAsk(request.request_id, list(request.prompt_token_ids), block_ids,
-                                    computed // self.block_size))
+                                    computed // self.block_size, lora.lora_name if lora is not None else None))
         self._waiting.add(request.request_id)
         self._pushed_since_depth += 1
 

@@ -20,7 +20,7 @@ import logging
 
 import msgspec
 
-from dyn_actor.kv.block_hash import hash_blocks
+from dyn_actor.kv.block_hash import hash_blocks, lora_root
 from dyn_actor.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class VllmBlockStored(msgspec.Struct, tag="BlockStored"):
     block_size: int
     medium: str | None = None
     group_idx: int | None = None
+    lora_name: str | None = None  # the adapter the blocks were computed with (their hashes start from its root)
 
 
 class VllmBlockRemoved(msgspec.Struct, tag="BlockRemoved"):
@@ -99,7 +100,7 @@ class KvEventTranslator:
     def _stored(self, ev: VllmBlockStored) -> BlockStored | None:
         if ev.medium not in _SERVING_MEDIA or ev.group_idx not in (None, 0):
             return None
-        parent = None
+        parent = lora_root(ev.lora_name)
         if ev.parent_block_hash is not None:
             parent = self._ours.get(ev.parent_block_hash)
             if parent is None:

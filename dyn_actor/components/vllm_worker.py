@@ -101,14 +101,16 @@ def cpu_memory_share(kv_cache_gb: float) -> float:
 def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager: bool,
                 gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
                 kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None,
-                speculative_config: str | None = None):
+                speculative_config: str | None = None, lora_modules: dict[str, str] | None = None,
+                max_lora_rank: int = 16):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
     replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
     ``KVTransferConfig`` of our connector (disaggregated workers); ``reasoning_parser``: our
     ``--reasoning-parser``, which vLLM's engine reads too, to hold a structured output only after
     the reasoning (the frontend reads the text itself); ``speculative_config``: our
-    ``--speculative-config`` (a JSON object), vLLM's engine argument of that name."""
+    ``--speculative-config`` (a JSON object), vLLM's engine argument of that name; ``lora_modules``:
+    LoRA serving on, with room for every adapter in one batch (requests name theirs)."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -124,6 +126,9 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         import json
 
         kw["speculative_config"] = json.loads(speculative_config)
+    if lora_modules:
+        kw.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(lora_modules),
+                  max_cpu_loras=len(lora_modules))
     if kv_events is not None:
         from vllm.config import KVEventsConfig
 
@@ -195,6 +200,12 @@ class VllmWorker(Actor):
         self.policy = policy
         self.llm = llm
         self._info = info
+        # the LoRA adapters, each vLLM's LoRARequest under its name (ids from 1, in the flag's order)
+        self._loras: dict[str, object] = {}
+        if info.lora_modules:
+            from vllm.lora.request import LoRARequest
+
+            self._loras = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(info.lora_modules.items())}
         # KV events: vLLM's (publisher, replay) endpoints in, ours (info.kv_events_endpoint) out
         self._vllm_events = vllm_events
         self._translator = KvEventTranslator()
@@ -346,6 +357,15 @@ class VllmWorker(Actor):
         for rid in list(self._tasks) if owner is None else self._subscribers.owned_by(owner):
             self.abort(AbortRequest(rid))
 
+    def _lora_request(self, name: str | None):
+        """vLLM's LoRARequest of adapter ``name`` (None for the base model); ``ValueError`` if unknown."""
+        if not name:
+            return None
+        lr = self._loras.get(name)
+        if lr is None:
+            raise ValueError(f"unknown LoRA adapter {name!r} (adapters: {', '.join(self._loras) or 'none are loaded'})")
+        return lr
+
     # --------------------------------------------------------------- requests
     def generate(self, m: GenerateRequest) -> None:
         if m.request_id in self._tasks:
@@ -358,6 +378,7 @@ class VllmWorker(Actor):
         rid, ids, p = m.request_id, m.prompt_token_ids, m.params
         try:
             sp = vllm_sampling_params(p, None if self.policy is None else policy_param(self.policy))
+            lora = self._lora_request(p.lora_name)
         except (ValueError, TypeError) as e:
             self._tasks.pop(rid, None)
             self._emit(RequestDelta(rid, error=str(e)))
@@ -365,7 +386,8 @@ class VllmWorker(Actor):
         first = True
         try:
             self._tokens[rid] = len(ids)
-            async for out in self.llm.generate({"prompt_token_ids": list(ids)}, sp, request_id=rid):
+            async for out in self.llm.generate({"prompt_token_ids": list(ids)}, sp, request_id=rid,
+                                               lora_request=lora):
                 o = out.outputs[0]
                 new = list(o.token_ids)
                 self._tokens[rid] += len(new)
@@ -511,7 +533,8 @@ class VllmPrefillWorker(VllmWorker):
                         extra_args={"kv_transfer_params": transfer})
         rid = f"prefill-{r.request_id}"
         try:
-            async for out in self.llm.generate({"prompt_token_ids": list(r.prompt_token_ids)}, sp, request_id=rid):
+            async for out in self.llm.generate({"prompt_token_ids": list(r.prompt_token_ids)}, sp, request_id=rid,
+                                               lora_request=self._lora_request(r.params.lora_name)):
                 if out.finished:
                     break
         except (ValueError, RuntimeError) as e:  # told, so that the decode worker falls back at once

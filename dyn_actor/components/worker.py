@@ -202,5 +202,5 @@ class Worker(Actor):
         e = self.engine
         return WorkerInfo(
             self.name, e.model_name, e.max_model_len, e.model_config.vocab_size, e.layout.block_size,
-            list(e.eos_token_ids), self.events_endpoint or "", e.device_name,
+            list(e.eos_token_ids), self.events_endpoint or "", e.device_name, dict(e.lora_modules),
         )

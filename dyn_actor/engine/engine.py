@@ -194,6 +194,7 @@ class LLMEngine:
                 self.loras[name] = slot
             self._lora_roots = {name: lora_root(name) for name in self.loras}
             log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in config.lora_modules.items()))
+        self.lora_modules = dict(config.lora_modules or {})
         layout = KvLayout(1, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         blocks_per_seq = -(-limit // bs)
         if config.num_kv_blocks:
@@ -330,6 +331,8 @@ class LLMEngine:
                       validated: bool = False, lora_name: str | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_name is None:
+            lora_name = params.lora_name
         slot = self.lora_slot(lora_name)
         n = len(prompt_token_ids)
         if validated:  # checked at the edge (the frontend's processor): only the invariants a step relies on

@@ -19,30 +19,24 @@ adapter is never taken for another's, or the base model's (``dyn_actor.kv.block_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.kv.block_hash import lora_root  # noqa: F401 - part of this module's interface
+
+if TYPE_CHECKING:  # torch is imported where adapters are loaded: the launcher checks flags without it
+    import torch
 
 #: the projections an adapter may target, grouped as the engine fuses them
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 MODULES = tuple(m for ms in FUSED.values() for m in ms)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-def lora_root(name: str | None) -> int | None:
-    """The parent hash of the first block of a request served with adapter ``name`` (None: the base
-    model's root). Shared by the engine's prefix cache and the router's index."""
-    if not name:
-        return None
-    return int.from_bytes(hashlib.blake2b(b"lora:" + name.encode(), digest_size=8).digest(), "little") or 1
 
 
 def parse_lora_modules(specs: list[str] | None) -> dict[str, str]:
@@ -112,6 +106,7 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
                  max_rank: int) -> LoraAdapter:
     """Read a PEFT LoRA folder for a model of ``cfg``; a ``ModelLoadError`` (one line) for anything this
     engine would not apply exactly as PEFT does."""
+    import torch
     from safetensors.torch import load_file
 
     where = f"LoRA adapter {name!r} ({path})"

@@ -28,6 +28,16 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def lora_root(name: str | None) -> int | None:
+    """The parent hash of the first block of a sequence served with LoRA adapter ``name`` (None for
+    the base model): KV computed with an adapter differs from the base model's for the same tokens,
+    so its blocks hash apart, in the engine's prefix cache and the router's index alike."""
+    if not name:
+        return None
+    h = hashlib.blake2b(b"lora:" + name.encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") or 1
+
+
 def hash_blocks(
     token_ids: Sequence[int], block_size: int, parent_hash: int | None = None
 ) -> list[int]:
