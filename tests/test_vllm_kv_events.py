@@ -67,6 +67,21 @@ def test_stored_chains_with_our_hash_and_removed_maps_back():
     assert t.seq == 3 and t.expects(4) and not t.expects(6)
 
 
+def test_an_adapters_blocks_hash_on_its_root():
+    """vLLM names the LoRA adapter of stored blocks (``lora_name``): ours hash from that adapter's root,
+    as the router hashes that adapter's requests; a child block chains from its parent as usual."""
+    from dyn_actor.kv.block_hash import lora_root
+
+    t = KvEventTranslator()
+    toks = list(range(30, 42))
+    out = t.apply(0, _payload(BlockStoredV([b"l1", b"l2"], None, toks[:8], BS, lora_id=1, lora_name="sql")))
+    ours = hash_blocks(toks, BS, lora_root("sql"))
+    assert out == [BlockStored(ours[:2], lora_root("sql"), toks[:8], BS)]
+    assert ours[0] != hash_blocks(toks, BS)[0]
+    out = t.apply(1, _payload(BlockStoredV([b"l3"], b"l2", toks[8:], BS, lora_id=1, lora_name="sql")))
+    assert out == [BlockStored(ours[2:], ours[1], toks[8:], BS)]
+
+
 def test_int_hashes_other_media_orphans_and_loss():
     t = KvEventTranslator()
     toks = list(range(40, 48))

@@ -117,7 +117,9 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
     for key, why in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (whole trained modules)"),
                      ("rank_pattern", "per-module ranks (rank_pattern)"),
                      ("alpha_pattern", "per-module alphas (alpha_pattern)"), ("fan_in_fan_out", "fan_in_fan_out"),
-                     ("use_qalora", "QA-LoRA"), ("lora_bias", "lora_bias")):
+                     ("use_qalora", "QA-LoRA"), ("lora_bias", "lora_bias"),
+                     ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
+                     ("layer_replication", "layer_replication"), ("target_parameters", "target_parameters")):
         if acfg.get(key):
             raise ModelLoadError(f"{where}: {why} is not supported")
     if acfg.get("bias", "none") != "none":
