@@ -57,3 +57,39 @@ def write_random_llama(directory: str | Path, spec: dict | None = None, seed: in
     (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     return d
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_lora(base: str | Path, directory: str | Path, rank: int = 16, seed: int = 0,
+                      targets: tuple[str, ...] = LORA_TARGETS) -> Path:
+    """A random LoRA adapter for the checkpoint in ``base``, in PEFT's file format (what PEFT's
+    ``save_pretrained`` writes: ``adapter_config.json`` and ``adapter_model.safetensors``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    if (d / "adapter_config.json").is_file():
+        return d
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
+              "up_proj": (h, inter), "down_proj": (inter, h)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for m in targets:
+            part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            fan_in, fan_out = shapes[m]
+            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[key + ".lora_A.weight"] = torch.randn((rank, fan_in), generator=g) / fan_in ** 0.5
+            tensors[key + ".lora_B.weight"] = torch.randn((fan_out, rank), generator=g) / rank ** 0.5 * 0.1
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": str(base)}, indent=2))
+    return d
