@@ -86,16 +86,21 @@ def test_peft_forward_gives_the_same_tokens(dirs):
     assert any(1 not in v for v in got.values())
 
 
+@pytest.mark.parametrize("form", ["auto", "grouped", "dense"])
 @pytest.mark.parametrize("setup", ["one batch", "chunked prefill", "preemption", "drafts", "overlapped"])
-def test_mixed_batches(dirs, want, setup):
-    """Requests of adapter a, adapter b and none in the same steps: each gets its own tokens."""
+def test_mixed_batches(dirs, want, setup, form, monkeypatch):
+    """Requests of adapter a, adapter b and none in the same steps: each gets its own tokens, with the
+    adapters applied per adapter on its rows (grouped), all at once masked per row (dense), or as the
+    engine picks for each step (auto)."""
     from dyn_actor.engine.spec_decode import SpeculativeConfig
 
+    monkeypatch.setenv("DYN_ACTOR_LORA_FORM", form)
     kw = {"one batch": {}, "chunked prefill": {"max_num_batched_tokens": 24}, "preemption": {"num_kv_blocks": 9},
           "drafts": {"speculative": SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3,
                                                              "prompt_lookup_min": 1, "prompt_lookup_max": 3})},
           "overlapped": {"async_scheduling": "on"}}[setup]
     engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"]), "b": str(dirs["b"])}, **kw)
+    assert engine.lora_form == form
     prompts, lora, expect = {}, {}, {}
     for k, p in PROMPTS.items():
         for name in ("a", "b", "base"):

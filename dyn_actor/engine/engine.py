@@ -192,9 +192,14 @@ class LLMEngine:
                 self.model.add_adapter(slot, load_adapter(name, path, cfg, self.dtype, self.device,
                                                           config.max_lora_rank))
                 self.loras[name] = slot
+            self.model.stack_adapters(len(self.loras))
             self._lora_roots = {name: lora_root(name) for name in self.loras}
             log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in config.lora_modules.items()))
         self.lora_modules = dict(config.lora_modules or {})
+        # how a step with adapter rows applies them (LoraRows): auto, grouped or dense ($DYN_ACTOR_LORA_FORM)
+        self.lora_form = os.environ.get("DYN_ACTOR_LORA_FORM", "auto")
+        if self.lora_form not in ("auto", "grouped", "dense"):
+            raise ValueError(f"DYN_ACTOR_LORA_FORM must be auto, grouped or dense, got {self.lora_form!r}")
         layout = KvLayout(1, cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         blocks_per_seq = -(-limit // bs)
         if config.num_kv_blocks:
@@ -830,25 +835,31 @@ class LLMEngine:
         batch, samplers = self._build_batch(scheduled, scores=scores)
         if fill is not None:
             fill(batch.input_ids)
-        rows: dict[int, list[int]] = {}
-        row = 0
+        slots: list[int] = []  # each row's adapter slot (0: none), in row order
         for part in ([(r, n) for r, n in scheduled if n == 1 or r.spec_token_ids],
                      [(r, n) for r, n in scheduled if n > 1 and not r.spec_token_ids]):
             for r, n in part:
-                if r.lora:
-                    rows.setdefault(r.lora, []).extend(range(row, row + n))
-                row += n
-        groups = []
-        for slot, idx in rows.items():
-            if idx[-1] - idx[0] + 1 == len(idx):  # consecutive: a view, no gather
-                groups.append((slot, slice(idx[0], idx[-1] + 1)))
-            else:
-                groups.append((slot, to_device(torch.tensor(idx, dtype=torch.long), self.device)))
-        self.model.lora_rows.groups = groups
+                slots.extend([r.lora] * n)
+        rows = self.model.lora_rows
+        runs = {}  # slot -> its rows
+        for i, slot in enumerate(slots):
+            if slot:
+                runs.setdefault(slot, []).append(i)
+        form = self.lora_form
+        if form == "auto":  # one adapter over consecutive rows (a batch of one adapter, a long prompt): its
+            # products on those rows alone; otherwise every adapter at once, masked per row
+            (idx,) = runs.values() if len(runs) == 1 else ([0, -1],)
+            form = "grouped" if idx[-1] - idx[0] + 1 == len(idx) else "dense"
+        if form == "grouped":
+            for slot, idx in runs.items():
+                rows.groups.append((slot, slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx)
+                                    else to_device(torch.tensor(idx, dtype=torch.long), self.device)))
+        else:
+            rows.row_slot = to_device(torch.tensor(slots, dtype=torch.long), self.device)
         try:
             return self.model.forward(batch, self.pool), samplers
         finally:
-            self.model.lora_rows.groups = []
+            rows.clear()
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
         scores: list[tuple[Request, int, int, int]] = []

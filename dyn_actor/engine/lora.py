@@ -193,10 +193,41 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
 
 class LoraRows:
     """Which rows of the step's batch use which adapter: set by the engine before a forward pass that
-    has rows with an adapter, read by every projection (``Linear``) of that pass, cleared after."""
+    has rows with an adapter, read by every projection (``Linear``) of that pass, cleared after.
 
-    __slots__ = ("groups",)
+    Two forms. ``groups``: (slot, rows) per adapter of the step, rows a slice where they are
+    consecutive: each projection runs each adapter's two small products on its rows (best when one
+    adapter serves a run of rows). ``row_slot``: every row's slot (0: none): each projection runs
+    one product against every adapter's stacked ``A`` at once, zeroes the columns of the adapters a
+    row does not use, and one product against the stacked ``B`` (``Linear``'s dense form; a few
+    products whatever the mix, with no gather or scatter)."""
+
+    __slots__ = ("groups", "row_slot", "_masks")
 
     def __init__(self) -> None:
         #: (adapter slot, rows: a slice of consecutive rows or an index tensor)
         self.groups: list[tuple[int, slice | torch.Tensor]] = []
+        self.row_slot: torch.Tensor | None = None  # [T] long
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.groups) or self.row_slot is not None
+
+    def clear(self) -> None:
+        self.groups = []
+        self.row_slot = None
+        self._masks.clear()
+
+    def mask(self, width: int, slots: int, dtype) -> torch.Tensor:
+        """``[T, slots * width]``: 1 where a row's adapter owns the column (adapter ``s`` owns columns
+        ``[(s - 1) * width, s * width)``), else 0; made once a step for each layout."""
+        key = (width, slots)
+        m = self._masks.get(key)
+        if m is None:
+            import torch
+
+            rs = self.row_slot
+            col_slot = torch.arange(slots * width, device=rs.device) // width + 1
+            m = self._masks[key] = (rs.unsqueeze(1) == col_slot.unsqueeze(0)).to(dtype)
+        return m
