@@ -167,3 +167,48 @@ def test_drafted_steps_give_the_plain_greedy_tokens(llama_dir):
         assert {k: v[0] for k, v in run_all(engine, jobs).items()} == plain, kw
         assert engine.stats().spec_draft_tokens > 0
         assert engine.block_manager.num_used_blocks == 0
+
+
+def test_lora_adapters_in_the_graphs_give_the_merged_checkpoints_tokens(llama_dir, tmp_path):
+    """Two adapters (written without PEFT, which the GPU machine lacks) and base requests in the same
+    decode steps replayed from the CUDA graphs, and eagerly: the tokens of the checkpoint with each
+    adapter merged into its weights, float32."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from benchmarks.checkpoints import write_random_lora
+    from dyn_actor.engine.loader import load_model
+
+    adapters = {n: str(write_random_lora(llama_dir, tmp_path / n, rank=8, seed=i)) for i, n in enumerate("ab")}
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = _prompts(_engine(llama_dir).model_config.vocab_size, seed=6)
+    want = {}
+    for name in adapters:
+        loaded = load_model(str(llama_dir))
+        acfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        lw = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        w = dict(loaded.weights)
+        for key, a in lw.items():
+            if ".lora_A." in key:
+                target = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+                w[target] = w[target] + acfg["lora_alpha"] / acfg["r"] * lw[key.replace(".lora_A.", ".lora_B.")] @ a
+        loaded.weights = w
+        merged = LLMEngine(EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_kv_blocks=256,
+                                        max_model_len=512), loaded=loaded)
+        want[name] = {str(i): v[0] for i, v in run_all(merged, {str(i): (p, params) for i, p in enumerate(prompts)}).items()}
+    base = {str(i): v[0] for i, v in run_all(_engine(llama_dir), {str(i): (p, params)
+                                                                  for i, p in enumerate(prompts)}).items()}
+    for kw in ({}, {"cuda_graphs": "off"}):
+        engine = _engine(llama_dir, lora_modules=adapters, **kw)
+        assert (engine.graphs is not None) == (not kw)
+        for i, p in enumerate(prompts):
+            for name in ("a", "b", None):
+                engine.add_request(f"{name}-{i}", p, params, lora_name=name)
+        got: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        for i in range(len(prompts)):
+            assert got[f"a-{i}"] == want["a"][str(i)] and got[f"b-{i}"] == want["b"][str(i)], (kw, i)
+            assert got[f"None-{i}"] == base[str(i)], (kw, i)

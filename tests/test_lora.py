@@ -87,7 +87,7 @@ def test_peft_forward_gives_the_same_tokens(dirs):
 
 
 @pytest.mark.parametrize("form", ["auto", "grouped", "dense"])
-@pytest.mark.parametrize("setup", ["one batch", "chunked prefill", "preemption", "drafts", "overlapped"])
+@pytest.mark.parametrize("setup", ["one batch", "chunked prefill", "preemption", "drafts", "overlapped", "graphs"])
 def test_mixed_batches(dirs, want, setup, form, monkeypatch):
     """Requests of adapter a, adapter b and none in the same steps: each gets its own tokens, with the
     adapters applied per adapter on its rows (grouped), all at once masked per row (dense), or as the
@@ -98,7 +98,7 @@ def test_mixed_batches(dirs, want, setup, form, monkeypatch):
     kw = {"one batch": {}, "chunked prefill": {"max_num_batched_tokens": 24}, "preemption": {"num_kv_blocks": 9},
           "drafts": {"speculative": SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3,
                                                              "prompt_lookup_min": 1, "prompt_lookup_max": 3})},
-          "overlapped": {"async_scheduling": "on"}}[setup]
+          "overlapped": {"async_scheduling": "on"}, "graphs": {"cuda_graphs": "on", "num_kv_blocks": 24}}[setup]
     engine = _engine(dirs["base"], lora_modules={"a": str(dirs["a"]), "b": str(dirs["b"])}, **kw)
     assert engine.lora_form == form
     prompts, lora, expect = {}, {}, {}
@@ -114,6 +114,8 @@ def test_mixed_batches(dirs, want, setup, form, monkeypatch):
         assert engine.stats().num_preemptions > 0
     if setup == "drafts":
         assert engine.stats().spec_accepted_tokens > 0
+    if setup in ("graphs", "overlapped"):  # decode steps replayed from the graph runner, adapters in it
+        assert engine.graphs is not None and engine.graphs.lora
 
 
 def test_prefix_cache_is_kept_apart_per_adapter(dirs, want):

@@ -10,6 +10,10 @@ table's width (``max_blocks``, fixed), never on the contexts, which is what make
 
 On the CPU (for tests) the same runner "replays" by running the forward pass on the static
 buffers: the bucketing, padding and copying are the same code.
+
+With LoRA adapters loaded, the graphs hold them too, in their dense form (``lora.LoraRows``): each
+row's adapter slot is one more static input (0 for none, and for padding rows), so a decode step
+whose requests use adapters replays like any other.
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ class DecodeGraphs:
         dev = pool.device
         n = self.max_batch
         # the graphs' inputs: the per-row values (token, position, slot block, slot offset, context
-        # length) in one [5, n] tensor, the block table in another; each has a host twin (pinned on
-        # a GPU) that a step fills in place and copies over whole, one copy each
-        self.vec = torch.zeros((5, n), dtype=torch.long, device=dev)
+        # length, LoRA adapter slot) in one [6, n] tensor, the block table in another; each has a host
+        # twin (pinned on a GPU) that a step fills in place and copies over whole, one copy each
+        self.vec = torch.zeros((6, n), dtype=torch.long, device=dev)
         self.vec[2].fill_(scratch_block)
         self.vec[4].fill_(1)
-        self.ids, self.positions, self.slot_blocks, self.slot_offsets, self.ctx = self.vec.unbind(0)
+        self.ids, self.positions, self.slot_blocks, self.slot_offsets, self.ctx, self.lora_slot = self.vec.unbind(0)
+        self.lora = model.has_adapters  # the graphs apply the adapters of rows whose slot is set
         self.table = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=dev)
         self.rows = torch.arange(n, device=dev)
         pin = dev.type == "cuda"
@@ -87,6 +92,16 @@ class DecodeGraphs:
         return ForwardBatch(self.ids[:b], self.positions[:b], self.slot_blocks[:b], self.slot_offsets[:b], b,
                             self.table[:b], self.ctx[:b], None, [], self.rows[:b])
 
+    def _forward(self, b: int) -> torch.Tensor:
+        """The forward pass of bucket ``b`` on the static inputs (captured, or run as a CPU replay)."""
+        rows = self.model.lora_rows
+        if self.lora:
+            rows.row_slot = self.lora_slot[:b]
+        try:
+            return self.model.forward(self._static(b), self.pool)
+        finally:
+            rows.clear()
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, the largest first (the smaller ones reuse its memory pool)."""
@@ -95,7 +110,7 @@ class DecodeGraphs:
                 out = torch.empty(0)
 
                 def replay(b: int = b) -> None:
-                    self._replays[b] = (self._replays[b][0], self.model.forward(self._static(b), self.pool))
+                    self._replays[b] = (self._replays[b][0], self._forward(b))
 
                 self._replays[b] = (replay, out)
             return
@@ -104,13 +119,13 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up (Triton compiles, cuBLAS picks its kernels) outside the capture
-                self.model.forward(self._static(self.max_batch), self.pool)
+                self._forward(self.max_batch)
         torch.cuda.current_stream().wait_stream(stream)
         with quiet_capture():
             for b in reversed(self.buckets):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._mempool):
-                    out = self.model.forward(self._static(b), self.pool)
+                    out = self._forward(b)
                 self._replays[b] = (graph.replay, out)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", ",".join(map(str, self.buckets)))
@@ -129,16 +144,20 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def replay_rows(self, ids: list[int], positions: list[int], slot_blocks: list[int], width: int,
-                    fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                    fill: Callable[[torch.Tensor], None] | None = None,
+                    lora_slots: list[int] | None = None) -> torch.Tensor:
         """Replay a step of ``len(ids)`` sequences (their block tables set with ``set_table_row``):
         the logits of its rows. Slot offsets and context lengths follow from the positions. ``fill``
         then writes, on the device, input tokens the host does not have yet (sampled by the step
-        before, still queued) into the static ids."""
+        before, still queued) into the static ids. ``lora_slots``: each row's adapter (graphs that
+        hold adapters only; None: none for every row)."""
         n = len(ids)
         v = self._host_vec_np
         v[0, :n] = ids
         v[1, :n] = positions
         v[2, :n] = slot_blocks
+        if self.lora:
+            v[5, :n] = 0 if lora_slots is None else lora_slots
         np.remainder(v[1, :n], self.pool.layout.block_size, out=v[3, :n])
         np.add(v[1, :n], 1, out=v[4, :n])
         return self.replay_host(n, width, fill)
@@ -157,6 +176,7 @@ class DecodeGraphs:
             v[2, n:b] = self.scratch
             v[3, n:b] = 0
             v[4, n:b] = 1
+            v[5, n:b] = 0
             self._host_table_np[n:b, 0] = self.scratch
             self._row_held[n:b] = [(None, 0)] * (b - n)
         self.vec.copy_(self.host_vec, non_blocking=True)

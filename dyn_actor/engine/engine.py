@@ -805,13 +805,13 @@ class LLMEngine:
         """The step's forward pass (decode graphs, piecewise graphs or eager); the logits of the rows
         that sample (after any prompt-scoring rows, with ``scores``) and their requests. ``fill``
         writes input tokens the host does not have into the step's input ids on the device."""
-        if self.loras and any(r.lora for r, _ in scheduled):
-            return self._forward_lora(scheduled, fill, scores)
         g = self.graphs
         if g is not None and sum(n for _, n in scheduled) <= g.max_batch and all(
                 (n == 1 or r.spec_token_ids) and (r.prompt_logprobs is None or not r.prompt_logprobs_pending)
                 for r, n in scheduled):
-            return self._decode_from_graph(scheduled, fill)
+            return self._decode_from_graph(scheduled, fill)  # the graphs hold the adapters, if any
+        if self.loras and any(r.lora for r, _ in scheduled):
+            return self._forward_lora(scheduled, fill, scores)
         batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
         if fill is not None:
             fill(batch.input_ids)
@@ -1043,10 +1043,13 @@ class LLMEngine:
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
+        loras: list[int] | None = [] if self.loras else None  # each row's adapter slot
         width = 0
         row = -1
         for r, n in scheduled:
             blocks = table_of(r.request_id)
+            if loras is not None:
+                loras.extend([r.lora] * n)
             if n > 1:  # a drafted request: a row for each of its positions
                 for pos, tok in self._drafted_rows(r):
                     row += 1
@@ -1072,7 +1075,7 @@ class LLMEngine:
             if pos + 1 >= known:
                 rows.append(row)
                 samplers.append(r)
-        logits = g.replay_rows(ids, positions, slot_blocks, width, fill)
+        logits = g.replay_rows(ids, positions, slot_blocks, width, fill, loras)
         if len(rows) != row + 1:
             logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         return logits, samplers

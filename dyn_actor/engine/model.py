@@ -224,6 +224,11 @@ class LlamaModel:
             for key, ab in fused.items():
                 {"qkv": layer.wqkv, "o": layer.wo, "gu": layer.wgu, "down": layer.wdown}[key].lora[slot] = ab
 
+    @property
+    def has_adapters(self) -> bool:
+        return any(lin.stacked is not None for layer in self.layers for lin in (layer.wqkv, layer.wo, layer.wgu,
+                                                                                 layer.wdown))
+
     def stack_adapters(self, slots: int) -> None:
         """After ``add_adapter`` for slots 1..``slots``: each projection's adapters stacked for the dense
         form, every slot ``w`` columns wide (the widest of its fused rank; narrower ones zero-padded)."""
