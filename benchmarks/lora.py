@@ -184,16 +184,18 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--engines", default="native,vllm", help="which engines run (vllm where installed)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="lora.json")
     args = ap.parse_args()
     from benchmarks.checkpoints import write_random_lora
 
     models = prepare_models(args.models.split(","))
-    engines = [("native", run_native)]
-    if not args.no_vllm and vllm_available():
+    wanted = args.engines.split(",")
+    engines = [("native", run_native)] if "native" in wanted else []
+    if "vllm" in wanted and not args.no_vllm and vllm_available():
         engines.append(("vllm", run_vllm))
-    elif not args.no_vllm:
+    elif "vllm" in wanted and not args.no_vllm:
         print("vLLM: not installed here, so only the native engine runs")
     rows = []
     for mname, (path, vocab) in models.items():
@@ -201,7 +203,8 @@ def main() -> int:
                                                       args.rank, seed=i)) for i in range(args.adapters)}
         for batch in map(int, args.batches.split(",")):
             merged = run_isolated(merged_tokens, path, adapters["lora0"], vocab, batch, args.prompt_len,
-                                  args.max_tokens, args.dtype, args.device)
+                                  args.max_tokens, args.dtype, args.device) if any(
+                                      e == "native" for e, _ in engines) else None
             for ename, fn in engines:
                 runs: dict[str, list[dict]] = {c: [] for c in CASES}
                 for rnd in range(args.rounds):
@@ -219,7 +222,8 @@ def main() -> int:
                         "adapters": 0 if case == "base" else args.adapters,
                         "output_tok_s": statistics.median(tok_s), "runs_tok_s": tok_s,
                         "vs_base": statistics.median(ratios),
-                        "equals_merged": str(all(r["tokens"] == merged for r in runs[case])) if case == "one" else "",
+                        "equals_merged": str(all(r["tokens"] == merged for r in runs[case]))
+                        if case == "one" and merged is not None else "",
                         "version": runs[case][-1].get("version", "")})
     print(f"LoRA rank {args.rank}, {args.prompt_len} in / {args.max_tokens} out, greedy ({args.dtype}, "
           f"{args.device}); vs_base: the median of {args.rounds} rounds' ratios")

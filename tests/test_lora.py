@@ -204,6 +204,18 @@ def test_bad_adapters_and_names_are_one_line_errors(dirs, tmp_path):
     assert not engine.requests and engine.block_manager.num_used_blocks == 0
 
 
+def test_offline_llm_takes_adapters(dirs, want):
+    from dyn_actor.engine.llm import LLM
+
+    llm = LLM(str(dirs["base"]), lora_modules={"a": str(dirs["a"])}, dtype="float32", num_kv_blocks=64)
+    keys = ["short", "blocks"]
+    outs = llm.generate([PROMPTS[k] for k in keys], GREEDY, lora_name=["a", None])
+    assert [o.output.token_ids for o in outs] == [want["a"]["short"], want["base"]["blocks"]]
+    assert llm.generate([PROMPTS["long"]], GREEDY, lora_name="a")[0].output.token_ids == want["a"]["long"]
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate([PROMPTS["short"]], GREEDY, lora_name=["a", "a"])
+
+
 def test_parse_lora_modules():
     from dyn_actor.engine.lora import parse_lora_modules
 

@@ -32,11 +32,14 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str = "builtin:tiny", speculative_config: dict | str | None = None,
-                 **engine_options) -> None:
+                 lora_modules: dict[str, str] | None = None, **engine_options) -> None:
         """``engine_options``: ``EngineConfig``'s fields; ``speculative_config`` as vLLM's ``LLM`` takes it
-        (``{"method": "ngram", "num_speculative_tokens": 4, ...}``)."""
+        (``{"method": "ngram", "num_speculative_tokens": 4, ...}``); ``lora_modules``: LoRA adapters
+        (name -> PEFT folder) that ``generate(..., lora_name=)`` serves prompts through."""
         if speculative_config is not None:
             engine_options["speculative"] = SpeculativeConfig.parse(speculative_config)
+        if lora_modules:
+            engine_options["lora_modules"] = dict(lora_modules)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -45,21 +48,26 @@ class LLM:
         self,
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_name: str | Sequence[str | None] | None = None,
     ) -> list[GenerationOutput]:
-        """Run every prompt to completion (continuously batched); outputs in prompt order."""
+        """Run every prompt to completion (continuously batched); outputs in prompt order.
+        ``lora_name``: the LoRA adapter of every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        loras = [lora_name] * len(prompts) if lora_name is None or isinstance(lora_name, str) else list(lora_name)
+        if len(loras) != len(prompts):
+            raise ValueError("give one lora_name, or one per prompt")
         engine = self.engine
         order: list[str] = []
         state: dict[str, tuple[GenerationOutput, TextStream]] = {}
-        for prompt, sp in zip(prompts, params_list):
+        for prompt, sp, lora in zip(prompts, params_list, loras):
             text = prompt if isinstance(prompt, str) else None
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"gen-{next(self._ids)}"
-            engine.add_request(rid, ids, sp)
+            engine.add_request(rid, ids, sp, lora_name=lora)
             stream = TextStream(self.tokenizer, ids, sp.stop, sp.include_stop_str_in_output, sp.skip_special_tokens)
             state[rid] = (GenerationOutput(rid, text, ids, CompletionOutput("", [], None)), stream)
             order.append(rid)
