@@ -240,10 +240,11 @@ class LlamaModel:
                 w = lin.weight
                 a_all = torch.zeros((slots * width, w.shape[1]), dtype=w.dtype, device=w.device)
                 b_all = torch.zeros((w.shape[0], slots * width), dtype=w.dtype, device=w.device)
-                for slot, (a, b) in lin.lora.items():
-                    lo = (slot - 1) * width
-                    a_all[lo:lo + a.shape[0]] = a
-                    b_all[:, lo:lo + a.shape[0]] = b
+                for slot, (a, b) in list(lin.lora.items()):
+                    lo, hi = (slot - 1) * width, (slot - 1) * width + a.shape[0]
+                    a_all[lo:hi] = a
+                    b_all[:, lo:hi] = b
+                    lin.lora[slot] = (a_all[lo:hi], b_all[:, lo:hi])  # the grouped form reads the same memory
                 lin.stacked = (a_all, b_all, width, slots)
 
     # ------------------------------------------------------------------ pieces
