@@ -93,6 +93,8 @@ class FrontendMetrics:
         self.e2e = r.histogram("dyn_e2e_request_latency_seconds", "Request latency, end to end")
         self.prompt_tokens = r.counter("dyn_prompt_tokens_total", "Prompt tokens of admitted requests")
         self.generation_tokens = r.counter("dyn_generation_tokens_total", "Generated tokens")
+        self.lora_requests = r.counter("dyn_lora_requests_total", "Requests served through each LoRA adapter",
+                                       ("adapter",))
         self.cache_hits = r.counter("dyn_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")
         self.local_prefills = r.counter("dyn_local_prefills_total", "Prompts prefilled on their decode/aggregated worker")
         self.remote_prefills = r.counter("dyn_remote_prefills_total", "Prompts prefilled by a prefill worker")

@@ -283,6 +283,8 @@ def test_served_1p1d_with_adapters(dirs, want):
         r = _complete(s, "zz", [0, 5, 6])
         assert r.status_code == 404 and "'base', 'a', 'b'" in r.json()["error"]["message"]
         assert metric(s, "dyn_remote_prefills_total") >= 6
+        text = requests.get(s.url + "/metrics", timeout=10).text
+        assert 'dyn_lora_requests_total{adapter="a"} 3' in text and 'dyn_lora_requests_total{adapter="b"} 2' in text
     finally:
         code, err = s.stop()
     assert code == 0, err[-2000:]

@@ -248,6 +248,8 @@ class Frontend:
         entry = route.entry
         self.router.begin(route)
         self.metrics.decisions.inc(1, entry.name)
+        if params.lora_name:
+            self.metrics.lora_requests.inc(1, params.lora_name)
         self.metrics.predicted_overlap.inc(route.overlap_blocks * self.router.block_size, entry.name)
         self._in_flight += 1
         self._idle.clear()
