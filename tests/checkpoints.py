@@ -27,9 +27,9 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama", "qwen2" or "qwen3") model with ``save_pretrained``; return the
-    folder. "qwen3" has head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's
-    small models."""
+    """Write a random ``kind`` ("llama", "qwen2", "qwen3", or the mixtures of experts "mixtral",
+    "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has head_dim
+    64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     vocab = len(builtin.build_tokenizer().get_vocab())
@@ -56,6 +56,23 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
         common.setdefault("tie_word_embeddings", True)
         common.setdefault("head_dim", 64)
         model = Qwen3ForCausalLM(Qwen3Config(**common))
+    elif kind == "mixtral":  # every layer sparse: 8 experts, 2 a token
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        common = {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 128, **common}
+        model = MixtralForCausalLM(MixtralConfig(**common))
+    elif kind == "qwen2_moe":  # a shared expert beside the routed ones; q/k/v biases
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        common = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 96, **common}
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common))
+    elif kind == "qwen3_moe":  # head norms; layer 1 keeps a dense MLP; weights renormalised
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        common = {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 64, "head_dim": 64,
+                  "mlp_only_layers": [1], "norm_topk_prob": True, **common}
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common))
     else:
         raise ValueError(kind)
     # random init from transformers is small and flat; widen it so greedy tokens are well separated

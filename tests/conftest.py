@@ -27,6 +27,27 @@ def qwen3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory):
+    from tests.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral")
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe_dir(tmp_path_factory):
+    from tests.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory):
+    from tests.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
 def builtin_dir(tmp_path_factory):
     """The built-in model saved as a folder (head_dim 64: vLLM's CPU attention takes it)."""
     from dyn_actor.engine.builtin import save_builtin

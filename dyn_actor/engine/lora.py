@@ -149,6 +149,8 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
     for key, t in tensors.items():
         m = _KEY.search(key)
         if m is None:
+            if any(part in key for part in (".experts.", ".shared_expert", ".block_sparse_moe.")):
+                raise ModelLoadError(f"{where}: adapters of a mixture of experts' MLPs are not supported ({key})")
             if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
                 raise ModelLoadError(f"{where}: adapters of the embeddings or the LM head are not supported ({key})")
             if key.endswith(".bias") or "magnitude" in key:
@@ -159,6 +161,9 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
             raise ModelLoadError(f"{where}: module {module!r} is not one of {', '.join(MODULES)}")
         if not 0 <= layer < cfg.num_layers:
             raise ModelLoadError(f"{where}: layer {layer} is outside the model's {cfg.num_layers}")
+        if layer in cfg.moe_layers and module in ("gate_proj", "up_proj", "down_proj"):
+            raise ModelLoadError(f"{where}: layer {layer} is a mixture of experts; adapters of its MLP are not "
+                                 "supported")
         found.setdefault((layer, module), {})[ab] = t
     if not found:
         raise ModelLoadError(f"{where}: no LoRA weights found")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dyn_actor.engine.lora import LoraAdapter, LoraRows
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.engine.moe import load_sparse_moe, silu_mul_torch
 from dyn_actor.kv.pool import KvPool
 from dyn_actor.native_ops import CpuFusedOps, native_lib, paged_decode_attention
 
@@ -80,7 +81,11 @@ def d_half(cfg: ModelConfig) -> int:
 
 
 class _Layer:
-    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown", "qn", "kn")
+    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown", "qn", "kn", "moe")
+
+    def linears(self) -> list[Linear]:
+        """The projections that LoRA adapters can update (a sparse layer's experts are not among them)."""
+        return [lin for lin in (self.wqkv, self.wo, self.wgu, self.wdown) if lin is not None]
 
 
 class Linear:
@@ -201,11 +206,15 @@ class LlamaModel:
             layer.wqkv = Linear(wqkv.contiguous(), bqkv, pack, rows)
             layer.wo = Linear(take(a + "o_proj.weight"), take(a + "o_proj.bias", required=False), pack, rows)
             m = p + "mlp."
-            layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
-                               None, pack, rows)
-            layer.wdown = Linear(take(m + "down_proj.weight"), None, pack, rows)
-            if take(m + "down_proj.bias", required=False) is not None:
-                raise ModelLoadError("MLP biases are not supported")
+            layer.moe = layer.wgu = layer.wdown = None
+            if i in cfg.moe_layers:
+                layer.moe = load_sparse_moe(cfg, i, take, triton=attention == "triton")
+            else:
+                layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
+                                   None, pack, rows)
+                layer.wdown = Linear(take(m + "down_proj.weight"), None, pack, rows)
+                if take(m + "down_proj.bias", required=False) is not None:
+                    raise ModelLoadError("MLP biases are not supported")
             self.layers.append(layer)
         self.lm_head_linear = Linear(self.lm_head, None, pack)
         inv_freq = cfg.rope_inv_freq()
@@ -226,14 +235,13 @@ class LlamaModel:
 
     @property
     def has_adapters(self) -> bool:
-        return any(lin.stacked is not None for layer in self.layers for lin in (layer.wqkv, layer.wo, layer.wgu,
-                                                                                 layer.wdown))
+        return any(lin.stacked is not None for layer in self.layers for lin in layer.linears())
 
     def stack_adapters(self, slots: int) -> None:
         """After ``add_adapter`` for slots 1..``slots``: each projection's adapters stacked for the dense
         form, every slot ``w`` columns wide (the widest of its fused rank; narrower ones zero-padded)."""
         for layer in self.layers:
-            for lin in (layer.wqkv, layer.wo, layer.wgu, layer.wdown):
+            for lin in layer.linears():
                 if not lin.lora:
                     continue
                 width = max(a.shape[0] for a, _ in lin.lora.values())
@@ -369,7 +377,6 @@ class LlamaModel:
         cos = self.cos[b.positions].unsqueeze(1)
         sin = self.sin[b.positions].unsqueeze(1)
         qk_size = (nh + nkv) * d
-        inter = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
             qkv = layer.wqkv(h)
@@ -383,8 +390,7 @@ class LlamaModel:
             attn = self._attention(q, k, v, i, pool, b)
             x = x + layer.wo(attn)
             h = self._rms_norm(x, layer.ln2)
-            gu = layer.wgu(h)
-            x = x + layer.wdown(F.silu(gu[:, :inter]) * gu[:, inter:])
+            x = x + self._mlp(layer, h, silu_mul_torch)
         h = self._rms_norm(x[b.logits_indices], self.norm)
         return self.lm_head_linear(h).float()
 
@@ -412,7 +418,7 @@ class LlamaModel:
             pool.v[i][b.slot_blocks, b.slot_offsets] = v
             attn = self._attention(q, k, v, i, pool, b)
             h = ops.add_rms_norm(x, layer.wo(attn), layer.ln2, eps)
-            delta = layer.wdown(ops.silu_mul(layer.wgu(h)))
+            delta = self._mlp(layer, h, ops.silu_mul)
         x = x[b.logits_indices]
         h = ops.add_rms_norm(x, None if delta is None else delta[b.logits_indices], self.norm, eps)
         return self.lm_head_linear(h).float()
@@ -446,7 +452,14 @@ class LlamaModel:
         """Layer ``i`` after attention: ``x +=`` the output product, the norm, the MLP; its output."""
         layer = self.layers[i]
         h = self.ops.add_rms_norm(x, layer.wo(attn), layer.ln2, self.cfg.rms_norm_eps)
-        return layer.wdown(self.ops.silu_mul(layer.wgu(h)))
+        return self._mlp(layer, h, self.ops.silu_mul)
+
+    @staticmethod
+    def _mlp(layer: _Layer, h: torch.Tensor, silu_mul) -> torch.Tensor:
+        """The layer's MLP: dense SwiGLU, or its sparse mixture of experts."""
+        if layer.moe is not None:
+            return layer.moe(h, silu_mul)
+        return layer.wdown(silu_mul(layer.wgu(h)))
 
     def final_logits(self, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         h = self.ops.add_rms_norm(x[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)

@@ -6,9 +6,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 #: architectures that RMS-normalise each query and key head (weights ``q_norm`` / ``k_norm``) before RoPE
-QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+#: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -35,6 +38,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    # sparse mixture of experts (0 experts: a dense model): the experts, how many each token uses, their
+    # MLP width, whether the chosen experts' weights are renormalised to sum to 1, the layers that are
+    # sparse (the others keep a dense MLP of ``intermediate_size``), and Qwen2-MoE's gated shared expert
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -76,6 +88,7 @@ class ModelConfig:
             sliding = cfg.get("sliding_window")
             if cfg.get("use_sliding_window") is False:
                 sliding = None
+            moe = _moe_fields(arch, cfg) if arch in MOE_ARCHITECTURES else {}
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -94,6 +107,7 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 bos_token_id=cfg.get("bos_token_id"),
                 sliding_window=int(sliding) if sliding else None,
+                **moe,
                 extra=cfg,
             )
         except KeyError as e:
@@ -112,13 +126,21 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
     def num_parameters(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * h
         if self.qk_norm:
             per_layer += 2 * self.head_dim
+        sparse = len(self.moe_layers)
+        moe = self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        if self.shared_expert_intermediate_size:
+            moe += 3 * h * self.shared_expert_intermediate_size + h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        return self.num_layers * per_layer + (self.num_layers - sparse) * 3 * h * i + sparse * moe + emb + h
 
     def rope_inv_freq(self):  # -> torch.Tensor
         """Inverse frequencies as transformers computes them (float32), with rope scaling applied."""
@@ -194,8 +216,29 @@ class ModelConfig:
         return mscale(1.0)
 
 
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE ``config.json``."""
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    top_k = int(cfg.get("num_experts_per_tok") or 0)
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise ModelLoadError(f"{arch} needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts "
+                             f"(config has {experts} and {top_k})")
+    layers = int(cfg["num_hidden_layers"])
+    if arch == "MixtralForCausalLM":  # every layer sparse, experts as wide as the MLP, weights renormalised
+        return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=int(cfg["intermediate_size"]),
+                    norm_topk_prob=True, moe_layers=tuple(range(layers)))
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
+    return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+                shared_expert_intermediate_size=shared)
+
+
 def _arch_from_model_type(model_type: str | None) -> str:
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}.get(
+            "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
         model_type or "", f"<model_type {model_type!r}>"
     )

@@ -1,0 +1,129 @@
+"""Sparse mixture-of-experts MLPs: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+On a sparse layer each token's hidden row goes to a router (one linear map to a score per
+expert), the softmax of the scores picks the ``top_k`` experts, and the token's MLP output is the
+sum of those experts' SwiGLU MLPs weighted by their probabilities (renormalised over the chosen
+ones where the model says so: Mixtral always, Qwen by ``norm_topk_prob``). Qwen2-MoE adds a shared
+expert that every token passes through, scaled by a sigmoid gate of its own.
+
+The experts' weights are stacked: ``w13`` ``[E, 2I, H]`` (each expert's gate rows, then its up rows,
+as the dense MLP fuses them) and ``w2`` ``[E, H, I]``. Two ways to run them:
+
+- ``experts_loop`` (the CPU, and a GPU with ``--enforce-eager``): group the (token, expert)
+  assignments by expert, then per expert that has any, two matrix products over its tokens and a
+  weighted scatter-add. The number of tokens per expert is read on the host, so the step cannot
+  be captured in a CUDA graph.
+- ``triton_moe.fused_experts`` (the Triton path): the same grouping done on the device with fixed
+  sizes, then one grouped matrix-product kernel per projection over tiles of one expert's rows,
+  so decode steps replay from CUDA graphs like a dense model's.
+
+Routing follows transformers' order of operations (router logits in the activations' dtype,
+softmax in float32, ``torch.topk``, weights cast back), so float32 greedy tokens match it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+
+
+class SparseMoe:
+    __slots__ = ("gate", "w13", "w2", "top_k", "renormalize", "shared_gu", "shared_down", "shared_gate", "triton")
+
+    def __init__(self, gate: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalize: bool,
+                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, triton: bool = False) -> None:
+        self.gate, self.w13, self.w2 = gate, w13, w2
+        self.top_k, self.renormalize = top_k, renormalize
+        # Qwen2-MoE: the shared expert's fused gate/up [2I, H], its down [H, I], and its gate [1, H]
+        self.shared_gu, self.shared_down, self.shared_gate = shared if shared is not None else (None, None, None)
+        self.triton = triton
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's experts ``[T, top_k]`` (int64) and their weights (in ``h``'s dtype)."""
+        logits = F.linear(h, self.gate)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(h.dtype), experts
+
+    def __call__(self, h: torch.Tensor, silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        weights, experts = self.route(h)
+        if self.triton:
+            from dyn_actor.engine.triton_moe import fused_experts
+
+            out = fused_experts(h, self.w13, self.w2, weights, experts, silu_mul)
+        else:
+            out = experts_loop(h, self.w13, self.w2, weights, experts, silu_mul)
+        if self.shared_gu is not None:
+            shared = F.linear(silu_mul(F.linear(h, self.shared_gu)), self.shared_down)
+            out = out + torch.sigmoid(F.linear(h, self.shared_gate)) * shared
+        return out
+
+
+def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                 silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{experts[t, j]}(h[t])`` for every row ``t``, expert by expert."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # assignments (row * top_k + j) grouped by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    flat_w = weights.reshape(-1)
+    out = torch.zeros_like(h)
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        picked = order[start : start + n]
+        start += n
+        rows = torch.div(picked, top_k, rounding_mode="floor")
+        y = F.linear(silu_mul(F.linear(h.index_select(0, rows), w13[e])), w2[e])
+        out.index_add_(0, rows, y * flat_w[picked, None])
+    return out
+
+
+def silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
+    inter = gu.shape[-1] // 2
+    return F.silu(gu[:, :inter]) * gu[:, inter:]
+
+
+def load_sparse_moe(cfg: ModelConfig, layer: int, take: Callable[..., torch.Tensor | None], triton: bool) -> SparseMoe:
+    """Layer ``layer``'s experts from a checkpoint, in any of the names transformers writes: Mixtral's
+    ``block_sparse_moe.experts.J.w1/w3/w2``, Qwen's ``mlp.experts.J.gate_proj/up_proj/down_proj``, or
+    the stacked ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` / ``mlp.experts.down_proj`` ``[E, H, I]``.
+    ``take(name, required=True)`` returns the tensor on the model's device and dtype."""
+    e, h, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    p = f"layers.{layer}."
+    prefix = p + "block_sparse_moe." if take(p + "block_sparse_moe.gate.weight", required=False) is not None \
+        else p + "mlp."
+    gate = take(prefix + "gate.weight")
+    if tuple(gate.shape) != (e, h):
+        raise ModelLoadError(f"{prefix}gate.weight has shape {tuple(gate.shape)}, config says ({e}, {h})")
+    x = prefix + "experts."
+    fused_gu = take(x + "gate_up_proj", required=False)
+    if fused_gu is not None:
+        w13, w2 = fused_gu, take(x + "down_proj")
+    else:
+        names = ("w1", "w3", "w2") if take(x + "0.w1.weight", required=False) is not None else \
+            ("gate_proj", "up_proj", "down_proj")
+        w13 = torch.stack([torch.cat([take(f"{x}{j}.{names[0]}.weight"), take(f"{x}{j}.{names[1]}.weight")])
+                           for j in range(e)])
+        w2 = torch.stack([take(f"{x}{j}.{names[2]}.weight") for j in range(e)])
+    if tuple(w13.shape) != (e, 2 * inter, h) or tuple(w2.shape) != (e, h, inter):
+        raise ModelLoadError(f"layer {layer}'s experts have shapes {tuple(w13.shape)} and {tuple(w2.shape)}, "
+                             f"config says ({e}, {2 * inter}, {h}) and ({e}, {h}, {inter})")
+    shared = None
+    if cfg.shared_expert_intermediate_size:
+        s = prefix + "shared_expert."
+        shared = (torch.cat([take(s + "gate_proj.weight"), take(s + "up_proj.weight")]).contiguous(),
+                  take(s + "down_proj.weight"), take(prefix + "shared_expert_gate.weight"))
+    return SparseMoe(gate, w13.contiguous(), w2.contiguous(), cfg.experts_per_token, cfg.norm_topk_prob, shared,
+                     triton=triton)
