@@ -116,7 +116,10 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BLOCK_SIZES = [16, 32]
 #: every kernel the project launches (the run fails if a driver misses one)
 KERNELS = {"_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel", "_decode_split_kernel",
-           "_decode_reduce_kernel", "_prefill_kernel", "_top_p_threshold_kernel", "scatter_rows", "move_rows"}
+           "_decode_reduce_kernel", "_prefill_kernel", "_top_p_threshold_kernel", "scatter_rows", "move_rows",
+           "_grouped_gemm_kernel"}
+#: mixtures of experts: (experts, experts a token); Qwen3-30B-A3B's 128 of 8, Mixtral's 8 of 2
+MOE_SHAPES = [(128, 8), (8, 2)]
 
 
 def quick() -> None:
@@ -183,7 +186,23 @@ def drive_kv_moves() -> None:
         cuda_ipc.scatter_blocks(pool, pool.clone(), ids)
 
 
-DRIVERS = [drive_ops, drive_attention, drive_sampling, drive_kv_moves]
+def drive_moe() -> None:
+    """The grouped-experts kernel: each dtype, decode-sized and prefill-sized steps (tiles of 16 and 64
+    rows), both projections. The constexprs depend on the widths only through the tile sizes, which
+    any width of 64 or more gives, so small widths stand in for the real ones."""
+    from dyn_actor.engine import triton_moe
+
+    for dt in DTYPES:
+        for experts, top_k in MOE_SHAPES:
+            for t in (1, 64, 512):
+                h = torch.zeros(t, 128, dtype=dt)
+                w13, w2 = torch.zeros(experts, 128, 128, dtype=dt), torch.zeros(experts, 128, 64, dtype=dt)
+                ids = torch.zeros(t, top_k, dtype=torch.long)
+                triton_moe.fused_experts(h, w13, w2, torch.zeros(t, top_k, dtype=dt), ids,
+                                         lambda gu: gu[:, : gu.shape[1] // 2].contiguous())
+
+
+DRIVERS = [drive_ops, drive_attention, drive_sampling, drive_kv_moves, drive_moe]
 
 
 # ------------------------------------------------------------------------------ compiling

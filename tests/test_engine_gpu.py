@@ -212,3 +212,35 @@ def test_lora_adapters_in_the_graphs_give_the_merged_checkpoints_tokens(llama_di
         for i in range(len(prompts)):
             assert got[f"a-{i}"] == want["a"][str(i)] and got[f"b-{i}"] == want["b"][str(i)], (kw, i)
             assert got[f"None-{i}"] == base[str(i)], (kw, i)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_mixtures_of_experts_on_the_gpu(kind, tmp_path):
+    """A sparse MoE checkpoint on the card: float32 greedy tokens equal transformers' ``generate()``
+    (the grouped-experts kernel in IEEE float32), a batch of 64 through the decode graphs equals
+    ``--enforce-eager`` and the prompts alone, and bf16 greedy runs through the graphs."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.checkpoints import write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / kind, kind)
+    engine = _engine(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).cuda().eval()
+    prompts = _prompts(engine.model_config.vocab_size, seed=2)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    got = run_all(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                              pad_token_id=1)[0, len(p):].tolist()
+        assert got[str(i)][0] == ref, f"{kind}: prompt {i} ({len(p)} tokens)"
+    rng = random.Random(5)
+    vocab = engine.model_config.vocab_size
+    many = {f"r{i}": [0] + [rng.randrange(2, vocab) for _ in range(rng.randint(5, 90))] for i in range(64)}
+    graphs = run_all(_engine(model_dir), {k: (p, params) for k, p in many.items()})
+    eager = run_all(_engine(model_dir, cuda_graphs="off", piecewise_graphs="off", async_scheduling="off"), {k: (p, params) for k, p in many.items()})
+    assert {k: v[0] for k, v in graphs.items()} == {k: v[0] for k, v in eager.items()}
+    alone = {k: run_all(engine, {k: (p, params)})[k][0] for k, p in list(many.items())[:4]}
+    assert {k: graphs[k][0] for k in alone} == alone
+    bf16 = run_all(_engine(model_dir, dtype="bfloat16"), {k: (p, params) for k, p in many.items()})
+    assert all(len(v[0]) == 16 for v in bf16.values())
