@@ -59,6 +59,53 @@ def write_random_llama(directory: str | Path, spec: dict | None = None, seed: in
     return d
 
 
+# a small Qwen3-MoE (random weights): 8 layers of 512, 32 experts of width 256, 4 a token; ~140M
+# parameters of which ~55M are used a token (the embeddings and LM head included)
+QWEN3_MOE_SMALL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=64, vocab_size=32000, num_experts=32, num_experts_per_tok=4,
+                       moe_intermediate_size=256, norm_topk_prob=True)
+
+
+def write_random_qwen3_moe(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
+    """A random Qwen3-MoE checkpoint in transformers' per-expert names (``mlp.experts.J.gate_proj``...), in
+    bfloat16 as MoE checkpoints are published (so every server's ``--dtype auto`` serves it in bfloat16)."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = dict(spec or QWEN3_MOE_SMALL)
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 4096, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+        "torch_dtype": "bfloat16", "intermediate_size": 4 * spec["hidden_size"], **spec,
+    }
+    w = builtin.random_llama_weights({**cfg, "intermediate_size": 1}, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    h, e, inter, hd = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"], cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            del w[p + f"mlp.{m}.weight"]
+        w[p + "self_attn.q_norm.weight"] = torch.ones(hd)
+        w[p + "self_attn.k_norm.weight"] = torch.ones(hd)
+        w[p + "mlp.gate.weight"] = torch.randn(e, h, generator=g) / h ** 0.5
+        for j in range(e):
+            x = p + f"mlp.experts.{j}."
+            w[x + "gate_proj.weight"] = torch.randn(inter, h, generator=g) / h ** 0.5
+            w[x + "up_proj.weight"] = torch.randn(inter, h, generator=g) / h ** 0.5
+            w[x + "down_proj.weight"] = torch.randn(h, inter, generator=g) / inter ** 0.5
+    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    _wide_tokenizer(cfg["vocab_size"]).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    return d
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

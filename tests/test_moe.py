@@ -75,10 +75,34 @@ def test_grouped_kernel_equals_the_expert_loop(dtype, t, top_k, skew):
     assert (block_expert[int((counts + 15).div(16, rounding_mode="floor").sum()):] == e).all()
 
 
+@pytest.mark.parametrize("t", [1, 6, 40, 200])
+def test_both_cpu_forms_equal_a_row_by_row_reference(t, monkeypatch):
+    """``moe.experts_loop``: the padded batched form (decode-sized steps using most experts) and the
+    per-expert form both equal each row's experts summed one by one."""
+    import torch.nn.functional as F
+
+    from dyn_actor.engine import moe
+
+    g = torch.Generator().manual_seed(t)
+    e, h, inter, top_k = 8, 32, 24, 2
+    x = torch.randn((t, h), generator=g)
+    w13, w2 = torch.randn((e, 2 * inter, h), generator=g), torch.randn((e, h, inter), generator=g)
+    experts = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(t)])
+    weights = torch.softmax(torch.randn((t, top_k), generator=g), -1)
+    want = torch.stack([sum(weights[r, j] * F.linear(moe.silu_mul_torch(F.linear(x[r:r + 1], w13[experts[r, j]])),
+                                                     w2[experts[r, j]])[0] for j in range(top_k)) for r in range(t)])
+    torch.testing.assert_close(moe.experts_loop(x, w13, w2, weights, experts, moe.silu_mul_torch), want,
+                               atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(moe, "PADDED_MAX_ROWS", 0)  # the per-expert form for every size
+    torch.testing.assert_close(moe.experts_loop(x, w13, w2, weights, experts, moe.silu_mul_torch), want,
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_greedy_tokens_do_not_depend_on_the_batch(kind, request):
     """Float32 greedy tokens of each prompt alone equal those in a batch, after a prefix hit, with
-    chunked prefill, with preemption in a small pool, and with overlapped steps."""
+    chunked prefill, with preemption in a small pool, with overlapped steps and with n-gram drafts
+    (the verifying step's rows routed like any others)."""
     model = request.getfixturevalue(f"{kind}_dir")
     alone = {k: _tokens(_engine(model), {k: p})[k] for k, p in PROMPTS.items()}
     assert len({tuple(v) for v in alone.values()}) == 4, alone
@@ -91,6 +115,12 @@ def test_greedy_tokens_do_not_depend_on_the_batch(kind, request):
     small = _engine(model, num_kv_blocks=7)
     assert _tokens(small, PROMPTS) == alone and small.stats().num_preemptions > 0
     assert _tokens(_engine(model, async_scheduling="on"), PROMPTS) == alone
+    from dyn_actor.engine.spec_decode import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                    "prompt_lookup_max": 3})
+    drafted = _engine(model, speculative=spec)
+    assert _tokens(drafted, PROMPTS) == alone and drafted.stats().spec_drafts > 0
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])

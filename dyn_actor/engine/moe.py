@@ -69,24 +69,46 @@ class SparseMoe:
         return out
 
 
+#: up to this many rows a step (decode-sized), most experts in use: the padded batched form
+PADDED_MAX_ROWS = 128
+
+
 def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                  silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``sum_j weights[t, j] * expert_{experts[t, j]}(h[t])`` for every row ``t``, expert by expert."""
-    top_k = experts.shape[1]
+    """``sum_j weights[t, j] * expert_{experts[t, j]}(h[t])`` for every row ``t``, grouped by expert.
+
+    The assignments (row, j) are sorted by expert. A step of up to ``PADDED_MAX_ROWS`` rows that uses
+    most experts (a decode step of many sequences) pads each expert's rows to the busiest expert's
+    count and runs every expert in two batched products: a few large operations that stream the
+    stacked weights instead of five small ones per expert. Otherwise (one sequence's decode, prefill
+    chunks, where padding would waste real work) two products per expert in use."""
+    t, top_k = experts.shape
+    e = w13.shape[0]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments (row * top_k + j) grouped by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    flat_w = weights.reshape(-1)
+    counts = torch.bincount(flat, minlength=e).tolist()
+    rows_sorted = torch.div(order, top_k, rounding_mode="floor")
+    scale = weights.reshape(-1)[order, None]
     out = torch.zeros_like(h)
+    if 1 < t <= PADDED_MAX_ROWS and 2 * sum(1 for n in counts if n) > e:
+        width = max(counts)
+        expert_sorted = flat[order]
+        first = torch.tensor([0] + counts[:-1], device=h.device).cumsum(0)
+        slot = torch.arange(order.shape[0], device=h.device) - first[expert_sorted]  # place within its expert
+        pick = torch.full((e, width), t, dtype=torch.long, device=h.device)  # row t: a row of zeros
+        pick[expert_sorted, slot] = rows_sorted
+        x = torch.cat([h, h.new_zeros((1, h.shape[1]))])[pick]
+        act = silu_mul(torch.bmm(x, w13.transpose(1, 2)).view(e * width, -1)).view(e, width, -1)
+        y = torch.bmm(act, w2.transpose(1, 2))[expert_sorted, slot]
+        return out.index_add_(0, rows_sorted, y * scale)
     start = 0
-    for e, n in enumerate(counts):
+    for ex, n in enumerate(counts):
         if not n:
             continue
-        picked = order[start : start + n]
+        rows = rows_sorted[start : start + n]
+        y = F.linear(silu_mul(F.linear(h.index_select(0, rows), w13[ex])), w2[ex])
+        out.index_add_(0, rows, y * scale[start : start + n])
         start += n
-        rows = torch.div(picked, top_k, rounding_mode="floor")
-        y = F.linear(silu_mul(F.linear(h.index_select(0, rows), w13[e])), w2[e])
-        out.index_add_(0, rows, y * flat_w[picked, None])
     return out
 
 

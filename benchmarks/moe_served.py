@@ -1,0 +1,78 @@
+"""A mixture-of-experts checkpoint served, measured as users measure: ``vllm bench serve`` against
+this project's server and (with ``--vllm``) against ``vllm serve``, both with their default flags, on
+a random Qwen3-MoE (``benchmarks.checkpoints.QWEN3_MOE_SMALL``: 8 layers of 512, 32 experts of
+width 256, 4 a token; about 140M parameters, 55M of them used a token; bfloat16).
+
+    python benchmarks/moe_served.py --vllm              # concurrency 1 and 16, greedy and sampled
+    python benchmarks/moe_served.py --concurrency 16 --temperatures 0
+
+Needs the ``[vllm]`` extra (``vllm bench serve`` comes from it). Each server is started once and
+measured alone; ``--rounds`` repeats the sweep within it. Writes ``results/moe_served.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.lora_served import _bench, _wait_ready  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--vllm", action="store_true", help="also vllm serve (default flags)")
+    ap.add_argument("--out", default="moe_served.json")
+    args = ap.parse_args()
+    from benchmarks.checkpoints import QWEN3_MOE_SMALL, write_random_qwen3_moe
+
+    model = str(write_random_qwen3_moe(RESULTS / "checkpoints" / "qwen3-moe-small-random"))
+    servers = [("native", [sys.executable, "-m", "launcher", "--model", model, "--port", "8320"],
+                "http://127.0.0.1:8320")]
+    if args.vllm:
+        servers.append(("vllm", [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", "8321"],
+                        "http://127.0.0.1:8321"))
+    rows = []
+    for name, cmd, url in servers:
+        print(f"starting {name}: {' '.join(cmd)}", flush=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        try:
+            _wait_ready(url, proc)
+            for rnd in range(args.rounds):
+                for conc in map(int, args.concurrency.split(",")):
+                    for temp in map(float, args.temperatures.split(",")):
+                        n = 16 if conc == 1 else 4 * conc
+                        print(f"{name} round {rnd + 1}: concurrency {conc}, T={temp:g} ...", flush=True)
+                        res = _bench(url, model, None, conc, n, args.input_len, args.output_len, temp)
+                        print(f"  {res['output_tok_s']:,.0f} output tok/s", flush=True)
+                        rows.append({"server": name, "round": rnd + 1, "concurrency": conc, "temperature": temp,
+                                     **res})
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    print_table(rows, ["server", "round", "concurrency", "temperature", "completed", "output_tok_s", "median_ttft_ms",
+                       "median_tpot_ms", "p99_itl_ms"])
+    out = write_json(args.out, {"args": vars(args), "model": QWEN3_MOE_SMALL, "host": "see docs/benchmarks.md",
+                                "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
