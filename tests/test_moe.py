@@ -93,7 +93,7 @@ def test_both_cpu_forms_equal_a_row_by_row_reference(t, monkeypatch):
                                                      w2[experts[r, j]])[0] for j in range(top_k)) for r in range(t)])
     torch.testing.assert_close(moe.experts_loop(x, w13, w2, weights, experts, moe.silu_mul_torch), want,
                                atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(moe, "PADDED_MAX_ROWS", 0)  # the per-expert form for every size
+    monkeypatch.setattr(moe, "PADDED", False)  # the per-expert form for every size
     torch.testing.assert_close(moe.experts_loop(x, w13, w2, weights, experts, moe.silu_mul_torch), want,
                                atol=1e-4, rtol=1e-4)
 

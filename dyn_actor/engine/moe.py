@@ -69,19 +69,22 @@ class SparseMoe:
         return out
 
 
-#: up to this many rows a step (decode-sized), most experts in use: the padded batched form
-PADDED_MAX_ROWS = 128
+#: the padded batched form when most experts are in use and padding at most doubles the rows computed
+#: (or adds no more than this many: a decode step's few rows a expert cost little against its weights)
+PADDED_SLACK_ROWS = 2048
+PADDED = True  # False: always the per-expert form (tests)
 
 
 def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                  silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``sum_j weights[t, j] * expert_{experts[t, j]}(h[t])`` for every row ``t``, grouped by expert.
 
-    The assignments (row, j) are sorted by expert. A step of up to ``PADDED_MAX_ROWS`` rows that uses
-    most experts (a decode step of many sequences) pads each expert's rows to the busiest expert's
-    count and runs every expert in two batched products: a few large operations that stream the
-    stacked weights instead of five small ones per expert. Otherwise (one sequence's decode, prefill
-    chunks, where padding would waste real work) two products per expert in use."""
+    The assignments (row, j) are sorted by expert. A step that uses most experts, where padding each
+    expert's rows to the busiest expert's count at most doubles the rows (or adds fewer than
+    ``PADDED_SLACK_ROWS``: a decode step of many sequences), runs every expert in two batched products:
+    a few large operations that stream the stacked weights instead of five small ones per expert.
+    Otherwise (one sequence's decode; a prefill whose tokens crowd a few experts) two products per
+    expert in use."""
     t, top_k = experts.shape
     e = w13.shape[0]
     flat = experts.reshape(-1)
@@ -90,8 +93,8 @@ def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     rows_sorted = torch.div(order, top_k, rounding_mode="floor")
     scale = weights.reshape(-1)[order, None]
     out = torch.zeros_like(h)
-    if 1 < t <= PADDED_MAX_ROWS and 2 * sum(1 for n in counts if n) > e:
-        width = max(counts)
+    width = max(counts)
+    if PADDED and t > 1 and 2 * sum(1 for n in counts if n) > e and e * width <= max(2 * t * top_k, PADDED_SLACK_ROWS):
         expert_sorted = flat[order]
         first = torch.tensor([0] + counts[:-1], device=h.device).cumsum(0)
         slot = torch.arange(order.shape[0], device=h.device) - first[expert_sorted]  # place within its expert
