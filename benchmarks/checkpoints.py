@@ -37,6 +37,15 @@ def _wide_tokenizer(vocab_size: int) -> Tokenizer:
     return tk
 
 
+def _finish_folder(d: Path, cfg: dict) -> Path:
+    """Beside the weights: config.json, the padded ASCII tokenizer, generation_config.json."""
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    _wide_tokenizer(cfg["vocab_size"]).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    return d
+
+
 def write_random_llama(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
     spec = dict(spec or LLAMA_125M)
     d = Path(directory)
@@ -52,11 +61,7 @@ def write_random_llama(directory: str | Path, spec: dict | None = None, seed: in
     from safetensors.torch import save_file
 
     save_file(w, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    _wide_tokenizer(cfg["vocab_size"]).save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
-    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
-    return d
+    return _finish_folder(d, cfg)
 
 
 # a small Qwen3-MoE (random weights): 8 layers of 512, 32 experts of width 256, 4 a token; ~140M
@@ -99,11 +104,7 @@ def write_random_qwen3_moe(directory: str | Path, spec: dict | None = None, seed
             w[x + "up_proj.weight"] = torch.randn(inter, h, generator=g) / h ** 0.5
             w[x + "down_proj.weight"] = torch.randn(h, inter, generator=g) / inter ** 0.5
     save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    _wide_tokenizer(cfg["vocab_size"]).save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(builtin.tokenizer_config()))
-    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
-    return d
+    return _finish_folder(d, cfg)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

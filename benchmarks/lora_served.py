@@ -13,6 +13,7 @@ base and the adapter runs alternate within it, ``--rounds`` times. Writes ``resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,23 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
             pass
         time.sleep(1)
     raise RuntimeError("the server did not come up")
+
+
+@contextlib.contextmanager
+def started(name: str, cmd: list[str], url: str):
+    """Start a server (its own session, output discarded), wait until it answers; stop it after."""
+    print(f"starting {name}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        _wait_ready(url, proc)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _bench(url: str, model: str, loras: list[str] | None, concurrency: int, prompts: int, in_len: int, out_len: int,
@@ -88,11 +106,7 @@ def main() -> int:
                                  "--max-lora-rank", str(args.rank)], "http://127.0.0.1:8311"))
     rows = []
     for name, cmd, url in servers:
-        print(f"starting {name}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        try:
-            _wait_ready(url, proc)
+        with started(name, cmd, url):
             for rnd in range(args.rounds):
                 for conc in map(int, args.concurrency.split(",")):
                     for temp in map(float, args.temperatures.split(",")):
@@ -103,12 +117,6 @@ def main() -> int:
                             print(f"  {res['output_tok_s']:,.0f} output tok/s", flush=True)
                             rows.append({"server": name, "round": rnd + 1, "case": case, "concurrency": conc,
                                          "temperature": temp, **res})
-        finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
     print_table(rows, ["server", "round", "case", "concurrency", "temperature", "completed", "output_tok_s",
                        "median_tpot_ms", "p99_itl_ms"])
     out = write_json(args.out, {"args": vars(args), "host": "see docs/benchmarks.md", "rows": rows})

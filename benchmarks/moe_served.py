@@ -13,9 +13,6 @@ measured alone; ``--rounds`` repeats the sweep within it. Writes ``results/moe_s
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
-from benchmarks.lora_served import _bench, _wait_ready  # noqa: E402
+from benchmarks.lora_served import _bench, started  # noqa: E402
 
 
 def main() -> int:
@@ -46,11 +43,7 @@ def main() -> int:
                         "http://127.0.0.1:8321"))
     rows = []
     for name, cmd, url in servers:
-        print(f"starting {name}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        try:
-            _wait_ready(url, proc)
+        with started(name, cmd, url):
             for rnd in range(args.rounds):
                 for conc in map(int, args.concurrency.split(",")):
                     for temp in map(float, args.temperatures.split(",")):
@@ -60,12 +53,6 @@ def main() -> int:
                         print(f"  {res['output_tok_s']:,.0f} output tok/s", flush=True)
                         rows.append({"server": name, "round": rnd + 1, "concurrency": conc, "temperature": temp,
                                      **res})
-        finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
     print_table(rows, ["server", "round", "concurrency", "temperature", "completed", "output_tok_s", "median_ttft_ms",
                        "median_tpot_ms", "p99_itl_ms"])
     out = write_json(args.out, {"args": vars(args), "model": QWEN3_MOE_SMALL, "host": "see docs/benchmarks.md",

@@ -5,46 +5,24 @@ import pytest
 from dyn_actor.engine import EngineConfig, LLMEngine
 
 
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
+def _checkpoint_fixture(kind: str):
+    """A session fixture: a random ``kind`` checkpoint written once (``tests.checkpoints.write_checkpoint``)."""
 
-    return write_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        from tests.checkpoints import write_checkpoint
 
+        return write_checkpoint(tmp_path_factory.mktemp(kind), kind)
 
-@pytest.fixture(scope="session")
-def qwen2_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2")
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def qwen3_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
-
-
-@pytest.fixture(scope="session")
-def mixtral_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral")
-
-
-@pytest.fixture(scope="session")
-def qwen2_moe_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
-
-
-@pytest.fixture(scope="session")
-def qwen3_moe_dir(tmp_path_factory):
-    from tests.checkpoints import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe")
+llama_dir = _checkpoint_fixture("llama")
+qwen2_dir = _checkpoint_fixture("qwen2")
+qwen3_dir = _checkpoint_fixture("qwen3")
+mixtral_dir = _checkpoint_fixture("mixtral")
+qwen2_moe_dir = _checkpoint_fixture("qwen2_moe")
+qwen3_moe_dir = _checkpoint_fixture("qwen3_moe")
 
 
 @pytest.fixture(scope="session")

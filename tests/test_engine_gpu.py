@@ -27,6 +27,13 @@ def _engine(model_dir, dtype="float32", **kw) -> LLMEngine:
                                   **{"num_kv_blocks": 256, "max_model_len": 512, **kw}))
 
 
+def _generate(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy ``generate()`` of exactly ``n`` tokens (end of sequence masked, as min_tokens)."""
+    with torch.no_grad():
+        return hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
+                           min_new_tokens=n, pad_token_id=1)[0, len(prompt):].tolist()
+
+
 def test_float32_greedy_matches_generate_and_bf16_logits_are_close(llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -36,10 +43,7 @@ def test_float32_greedy_matches_generate_and_bf16_logits_are_close(llama_dir):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     got = run_all(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
     for i, p in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False, min_new_tokens=24,
-                              pad_token_id=1)[0, len(p):].tolist()
-        assert got[str(i)][0] == ref, f"prompt {i} ({len(p)} tokens)"
+        assert got[str(i)][0] == _generate(hf, p, 24), f"prompt {i} ({len(p)} tokens)"
     bf16 = _engine(llama_dir, dtype="bfloat16")
     for ours, ref in zip(bf16.score(prompts), engine.score(prompts)):
         assert (ours.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
@@ -230,10 +234,7 @@ def test_mixtures_of_experts_on_the_gpu(kind, tmp_path):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     got = run_all(engine, {str(i): (p, params) for i, p in enumerate(prompts)})
     for i, p in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                              pad_token_id=1)[0, len(p):].tolist()
-        assert got[str(i)][0] == ref, f"{kind}: prompt {i} ({len(p)} tokens)"
+        assert got[str(i)][0] == _generate(hf, p, 16), f"{kind}: prompt {i} ({len(p)} tokens)"
     rng = random.Random(5)
     vocab = engine.model_config.vocab_size
     many = {f"r{i}": [0] + [rng.randrange(2, vocab) for _ in range(rng.randint(5, 90))] for i in range(64)}

@@ -252,20 +252,14 @@ def test_speculative_config_reaches_vllms_engine(model_dir):
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == ("ngram", 3, 4, 4)
 
 
-def test_qwen3_with_yarn_gives_vllms_greedy_tokens(tmp_path):
-    """A random Qwen3 checkpoint (per-head query/key norms, head_dim 64 as vLLM's CPU attention takes)
-    with YaRN rope scaling, on prompts past the original context: the native engine's greedy tokens
-    are vLLM's own."""
+def _native_and_vllm_greedy(d) -> tuple[list[list[int]], list[list[int]]]:
+    """24 greedy tokens of each of ``PROMPTS`` from the native engine and from vLLM, float32."""
     from vllm import LLM
     from vllm import SamplingParams as VllmParams
 
     from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
-    from tests.checkpoints import write_checkpoint
     from tests.helpers import run_all
 
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-    d = write_checkpoint(tmp_path / "qwen3", "qwen3", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, rope_scaling=yarn)
     native = LLMEngine(EngineConfig(model=str(d), dtype="float32", num_kv_blocks=128, max_model_len=512))
     res = run_all(native, {str(i): (p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
                            for i, p in enumerate(PROMPTS)})
@@ -276,6 +270,19 @@ def test_qwen3_with_yarn_gives_vllms_greedy_tokens(tmp_path):
     want = [list(o.outputs[0].token_ids) for o in outs]
     del llm, outs
     gc.collect()
+    return got, want
+
+
+def test_qwen3_with_yarn_gives_vllms_greedy_tokens(tmp_path):
+    """A random Qwen3 checkpoint (per-head query/key norms, head_dim 64 as vLLM's CPU attention takes)
+    with YaRN rope scaling, on prompts past the original context: the native engine's greedy tokens
+    are vLLM's own."""
+    from tests.checkpoints import write_checkpoint
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    d = write_checkpoint(tmp_path / "qwen3", "qwen3", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, rope_scaling=yarn)
+    got, want = _native_and_vllm_greedy(d)
     assert got == want
 
 
@@ -284,23 +291,9 @@ def test_mixtures_of_experts_give_vllms_greedy_tokens(tmp_path, kind):
     """Random sparse MoE checkpoints (Mixtral: every layer sparse; Qwen3-MoE: head norms, a dense layer
     among sparse ones, renormalised weights), head_dim 64: the native engine's greedy tokens are
     vLLM's own."""
-    from vllm import LLM
-    from vllm import SamplingParams as VllmParams
-
-    from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
     from tests.checkpoints import write_checkpoint
-    from tests.helpers import run_all
 
     d = write_checkpoint(tmp_path / kind, kind, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, max_position_embeddings=512)
-    native = LLMEngine(EngineConfig(model=str(d), dtype="float32", num_kv_blocks=128, max_model_len=512))
-    res = run_all(native, {str(i): (p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-                           for i, p in enumerate(PROMPTS)})
-    got = [res[str(i)][0] for i in range(len(PROMPTS))]
-    llm = LLM(model=str(d), dtype="float32", max_model_len=512, seed=0, gpu_memory_utilization=cpu_memory_share(1.0))
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        VllmParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-    want = [list(o.outputs[0].token_ids) for o in outs]
-    del llm, outs
-    gc.collect()
+    got, want = _native_and_vllm_greedy(d)
     assert got == want
