@@ -24,12 +24,16 @@
 #              stream of them with overlapped steps off and on
 #              (benchmarks/mixed_step.py);
 #     dbench   benchmarks/disagg.py --device cuda: agg (2 workers on the card) vs 1p1d under mixed load;
-#   not in the default list (the script would pass its 8 minutes), run with ONLY="fe spec" after it:
+#   not in the default list (the script would pass its 8 minutes), run with ONLY="fe spec moe" after it:
 #     fe       serving the 1B model over HTTP with one frontend process against four (--frontends 4),
 #              256 streams, four client processes (benchmarks/serve.py);
 #     spec     n-gram speculative decoding on the 1B bf16 model, drafts vs none at batches 1 and 16,
 #              greedy and sampled (benchmarks/spec_decode.py; the engine test of drafted steps is in
-#              the default list, in tests/test_engine_gpu.py).
+#              the default list, in tests/test_engine_gpu.py);
+#     moe      one mixture-of-experts layer (Qwen3-30B-A3B's and Mixtral-8x7B's shapes, bf16): the grouped
+#              Triton kernel against the PyTorch forms from 1 row to 2,048, weight bandwidth beside a
+#              device copy, and the kernel's step captured in a CUDA graph and checked against eager
+#              (benchmarks/moe_kernel.py; the engine test of MoE checkpoints is in the default list).
 # ONLY="kernels thru" runs a subset; FAULTS_BESIDE=1 lets the fault matrix run beside the
 # measurements (to save time; their numbers are then not for reporting); THRU_EXTRA replaces thru's
 # "--transformers --stepwise". Needs torch with CUDA, triton, transformers, msgspec, pyzmq,
@@ -142,6 +146,10 @@ launch spec "n-gram speculative decoding, 1B bf16" 240 $PY benchmarks/spec_decod
     --dtype bfloat16 --no-vllm --batches 1,16 --max-tokens 128 --rounds 2 --out spec_decode_gpu.json
 collect spec
 want spec && grep -A12 "^n-gram drafts" "$LOG/spec.log"
+launch moe "one MoE layer's experts: grouped Triton kernel vs PyTorch, eager and captured" 120 \
+    $PY benchmarks/moe_kernel.py --device cuda --out moe_kernel_gpu.json
+collect moe
+want moe && grep -A14 "^shape " "$LOG/moe.log"
 if [ "$FAULTS_BESIDE" = 1 ]; then collect faults; want faults && tail -n 5 "$LOG/faults.log"; fi
 echo
 echo "== GPU check summary =="
