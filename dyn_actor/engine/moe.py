@@ -83,9 +83,16 @@ def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     expert's rows to the busiest expert's count at most doubles the rows (or adds fewer than
     ``PADDED_SLACK_ROWS``: a decode step of many sequences), runs every expert in two batched products:
     a few large operations that stream the stacked weights instead of five small ones per expert.
-    Otherwise (one sequence's decode; a prefill whose tokens crowd a few experts) two products per
-    expert in use."""
+    Otherwise (a prefill whose tokens crowd a few experts) two products per expert in use; a single
+    row (one sequence's decode) goes through its experts directly (7% of a bf16 decode step on the
+    benchmark's 8-layer model, against grouping it)."""
     t, top_k = experts.shape
+    if t == 1:  # one sequence's decode step: its experts one after the other, nothing to group
+        out = None
+        for j, ex in enumerate(experts[0].tolist()):
+            y = F.linear(silu_mul(F.linear(h, w13[ex])), w2[ex]) * weights[0, j]
+            out = y if out is None else out + y
+        return out
     e = w13.shape[0]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments (row * top_k + j) grouped by expert
