@@ -79,15 +79,20 @@ def _bench(url: str, model: str, loras: list[str] | None, concurrency: int, prom
             "p99_itl_ms": r["p99_itl_ms"]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapters", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
+def add_sweep_args(ap: argparse.ArgumentParser, rounds: int) -> None:
+    """The flags of a served sweep under ``vllm bench serve``: concurrencies, temperatures, lengths, rounds."""
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    add_sweep_args(ap, rounds=2)
     ap.add_argument("--vllm", action="store_true", help="also vllm serve with --enable-lora")
     ap.add_argument("--out", default="lora_served.json")
     args = ap.parse_args()

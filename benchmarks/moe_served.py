@@ -20,16 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
-from benchmarks.lora_served import _bench, started  # noqa: E402
+from benchmarks.lora_served import _bench, add_sweep_args, started  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concurrency", default="1,16")
-    ap.add_argument("--temperatures", default="0,1")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=1)
+    add_sweep_args(ap, rounds=1)
     ap.add_argument("--vllm", action="store_true", help="also vllm serve (default flags)")
     ap.add_argument("--out", default="moe_served.json")
     args = ap.parse_args()

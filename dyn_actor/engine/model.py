@@ -208,7 +208,7 @@ class LlamaModel:
             m = p + "mlp."
             layer.moe = layer.wgu = layer.wdown = None
             if i in cfg.moe_layers:
-                layer.moe = load_sparse_moe(cfg, i, take, triton=attention == "triton")
+                layer.moe = load_sparse_moe(cfg, i, take, w.keys(), triton=attention == "triton")
             else:
                 layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
                                    None, pack, rows)

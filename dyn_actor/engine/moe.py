@@ -23,7 +23,7 @@ softmax in float32, ``torch.topk``, weights cast back), so float32 greedy tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import torch
 import torch.nn.functional as F
@@ -127,28 +127,26 @@ def silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(gu[:, :inter]) * gu[:, inter:]
 
 
-def load_sparse_moe(cfg: ModelConfig, layer: int, take: Callable[..., torch.Tensor | None], triton: bool) -> SparseMoe:
+def load_sparse_moe(cfg: ModelConfig, layer: int, take: Callable[..., torch.Tensor | None], names: Container[str],
+                    triton: bool) -> SparseMoe:
     """Layer ``layer``'s experts from a checkpoint, in any of the names transformers writes: Mixtral's
     ``block_sparse_moe.experts.J.w1/w3/w2``, Qwen's ``mlp.experts.J.gate_proj/up_proj/down_proj``, or
     the stacked ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` / ``mlp.experts.down_proj`` ``[E, H, I]``.
-    ``take(name, required=True)`` returns the tensor on the model's device and dtype."""
+    ``take(name, required=True)`` returns the tensor on the model's device and dtype; ``names`` are the
+    checkpoint's tensor names (which naming it uses is read from them, nothing copied to find out)."""
     e, h, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     p = f"layers.{layer}."
-    prefix = p + "block_sparse_moe." if take(p + "block_sparse_moe.gate.weight", required=False) is not None \
-        else p + "mlp."
+    prefix = p + "block_sparse_moe." if p + "block_sparse_moe.gate.weight" in names else p + "mlp."
     gate = take(prefix + "gate.weight")
     if tuple(gate.shape) != (e, h):
         raise ModelLoadError(f"{prefix}gate.weight has shape {tuple(gate.shape)}, config says ({e}, {h})")
     x = prefix + "experts."
-    fused_gu = take(x + "gate_up_proj", required=False)
-    if fused_gu is not None:
-        w13, w2 = fused_gu, take(x + "down_proj")
+    if x + "gate_up_proj" in names:
+        w13, w2 = take(x + "gate_up_proj"), take(x + "down_proj")
     else:
-        names = ("w1", "w3", "w2") if take(x + "0.w1.weight", required=False) is not None else \
-            ("gate_proj", "up_proj", "down_proj")
-        w13 = torch.stack([torch.cat([take(f"{x}{j}.{names[0]}.weight"), take(f"{x}{j}.{names[1]}.weight")])
-                           for j in range(e)])
-        w2 = torch.stack([take(f"{x}{j}.{names[2]}.weight") for j in range(e)])
+        g, u, d = ("w1", "w3", "w2") if x + "0.w1.weight" in names else ("gate_proj", "up_proj", "down_proj")
+        w13 = torch.stack([torch.cat([take(f"{x}{j}.{g}.weight"), take(f"{x}{j}.{u}.weight")]) for j in range(e)])
+        w2 = torch.stack([take(f"{x}{j}.{d}.weight") for j in range(e)])
     if tuple(w13.shape) != (e, 2 * inter, h) or tuple(w2.shape) != (e, h, inter):
         raise ModelLoadError(f"layer {layer}'s experts have shapes {tuple(w13.shape)} and {tuple(w2.shape)}, "
                              f"config says ({e}, {2 * inter}, {h}) and ({e}, {h}, {inter})")
