@@ -17,12 +17,14 @@ lib = native_lib()
 pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler: the PyTorch path is used")
 
 
-def _reference(q, pool: KvPool, layer: int, tables: list[list[int]], ctx: list[int], scale: float) -> torch.Tensor:
+def _reference(q, pool: KvPool, layer: int, tables: list[list[int]], ctx: list[int], scale: float,
+               window: int = 0) -> torch.Tensor:
     nb, bs, nkv, d = pool.k[layer].shape
     out = []
     for i, (t, n) in enumerate(zip(tables, ctx)):
-        k = pool.k[layer][t].reshape(-1, nkv, d)[:n].float()
-        v = pool.v[layer][t].reshape(-1, nkv, d)[:n].float()
+        first = max(n - window, 0) if window else 0
+        k = pool.k[layer][t].reshape(-1, nkv, d)[first:n].float()
+        v = pool.v[layer][t].reshape(-1, nkv, d)[first:n].float()
         g = q.shape[1] // nkv
         k = k.repeat_interleave(g, dim=1).transpose(0, 1)
         v = v.repeat_interleave(g, dim=1).transpose(0, 1)
@@ -33,7 +35,10 @@ def _reference(q, pool: KvPool, layer: int, tables: list[list[int]], ctx: list[i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (12, 4), (8, 1)])
-def test_kernel_matches_reference(dtype, nh, nkv):
+@pytest.mark.parametrize("window", [0, 7, 16, 40])
+def test_kernel_matches_reference(dtype, nh, nkv, window):
+    """With ``window`` > 0, a sliding window: only the last ``window`` positions (starting inside a
+    block, on a block boundary, or before the context begins)."""
     torch.manual_seed(0)
     d, bs = 64, 16
     pool = KvPool(KvLayout(40, 3, bs, nkv, d, dtype))
@@ -45,8 +50,8 @@ def test_kernel_matches_reference(dtype, nh, nkv):
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     qkv = torch.randn(len(ctx), (nh + 2 * nkv) * d).to(dtype)  # q as a strided slice, as in the model
     q = qkv[:, : nh * d].view(len(ctx), nh, d)
-    got = paged_decode_attention(lib, q, pool.k[1], pool.v[1], table, torch.tensor(ctx), d**-0.5)
-    ref = _reference(q, pool, 1, tables, ctx, d**-0.5)
+    got = paged_decode_attention(lib, q, pool.k[1], pool.v[1], table, torch.tensor(ctx), d**-0.5, window)
+    ref = _reference(q, pool, 1, tables, ctx, d**-0.5, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - ref).abs().max().item() < tol
 

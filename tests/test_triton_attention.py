@@ -113,6 +113,53 @@ def test_prefill_after_a_cached_prefix_matches_reference(seqs, g, nkv, d, bs, dt
         torch.testing.assert_close(got[starts[s]:starts[s] + n].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+SLIDING = [  # (window, context lengths / (cached prefix, new tokens), G, num_kv_heads, head_dim, block size, dtype)
+    (16, [1, 15, 16, 17, 40], [(0, 40), (20, 9)], 2, 2, 64, 16, torch.float32),
+    (7, [3, 7, 8, 100], [(0, 33), (50, 20)], 1, 2, 64, 16, torch.float32),
+    (40, [39, 40, 41, 300], [(0, 70), (100, 50), (5, 1)], 4, 2, 128, 16, torch.float32),
+    (33, [32, 33, 34, 200], [(0, 65), (64, 40)], 8, 1, 64, 32, torch.float32),
+    (20, [5, 77, 300], [(30, 45), (0, 20)], 2, 2, 64, 16, torch.bfloat16),
+]
+
+
+def _window_mask(n_keys: int, qpos: torch.Tensor, window: int) -> torch.Tensor:
+    kpos = torch.arange(n_keys, device=qpos.device)[None, :]
+    return (kpos <= qpos[:, None]) & (kpos > qpos[:, None] - window)
+
+
+@pytest.mark.parametrize("window,lens,seqs,g,nkv,d,bs,dtype", SLIDING)
+def test_sliding_window_kernels_match_reference(window, lens, seqs, g, nkv, d, bs, dtype):
+    """A sliding window (Gemma 3's local layers, Mistral's): a query at position p sees keys
+    p - window + 1 .. p, in decode (windows inside one block, across blocks, a context shorter than
+    the window; one and three slices) and in prefill chunks after a cached prefix."""
+    nh = g * nkv
+    totals = [c + n for c, n in seqs]
+    num_blocks = sum(-(-n // bs) for n in lens + totals) + 5
+    kc, vc = _pool(num_blocks, bs, nkv, d, dtype)
+    scale = d ** -0.5
+    table = _tables(lens, bs, num_blocks, seed=window)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn((len(lens), nh, d), generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    for splits in (1, 3):
+        got = paged_decode_attention(q, kc, vc, table, ctx, scale, num_splits=splits, window=window)
+        for b, n in enumerate(lens):
+            mask = _window_mask(n, torch.tensor([n - 1], device=DEVICE), window)
+            want = _attend(q[b:b + 1], _gather(kc, table[b], n), _gather(vc, table[b], n), scale, mask)[0]
+            torch.testing.assert_close(got[b].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    table = _tables(totals, bs, num_blocks, seed=window + 1)
+    q_lens = [n for _, n in seqs]
+    starts = [sum(q_lens[:i]) for i in range(len(seqs))]
+    q = torch.randn((sum(q_lens), nh, d), generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    got = paged_prefill_attention(q, kc, vc, table, as_t(starts), as_t(q_lens), as_t([c for c, _ in seqs]), scale,
+                                  max(q_lens), block_m=16, window=window)
+    for s, (c, n) in enumerate(seqs):
+        k, v = _gather(kc, table[s], c + n), _gather(vc, table[s], c + n)
+        mask = _window_mask(c + n, c + torch.arange(n, device=DEVICE), window)
+        want = _attend(q[starts[s]:starts[s] + n], k, v, scale, mask)
+        torch.testing.assert_close(got[starts[s]:starts[s] + n].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_the_engine_on_the_triton_kernels_gives_the_same_tokens(tmp_path):
     """The whole engine with ``attention="triton"`` (on the CPU: under the interpreter) against the
     default kernels, float32 greedy: a batch of prompts of several blocks, a prefix-cache hit,

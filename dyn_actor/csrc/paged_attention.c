@@ -54,22 +54,25 @@ static inline float exp_nonpositive(float x) {
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                              \
     void NAME(const T *q, int64_t q_stride, const T *k, const T *v, int64_t block_stride,                \
               const int64_t *table, int64_t max_blocks, const int64_t *ctx, T *out, int64_t num_seqs,     \
-              int64_t nh, int64_t nkv, int64_t d, int64_t bs, float scale, int nthreads) {                \
+              int64_t nh, int64_t nkv, int64_t d, int64_t bs, float scale, int64_t window, int nthreads) {\
         const int64_t G = nh / nkv;                                                                       \
         const int64_t row = nkv * d;                                                                      \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                          \
         for (int64_t b = 0; b < num_seqs; b++) {                                                         \
-            const int64_t n = ctx[b];                                                                    \
+            const int64_t end = ctx[b];                                                                  \
+            /* a sliding window: only the last `window` positions (the newest one included) */           \
+            const int64_t first = window > 0 && end > window ? end - window : 0;                         \
+            const int64_t n = end - first;                                                               \
             const int64_t *tb = table + b * max_blocks;                                                  \
             float *scores = (float *)malloc(sizeof(float) * (size_t)(nh * n + 2 * nh * d));             \
             float *qf = scores + nh * n;                                                                 \
             float *acc = qf + nh * d;                                                                    \
             const T *qb = q + b * q_stride;                                                              \
             for (int64_t i = 0; i < nh * d; i++) qf[i] = LOAD(qb[i]) * scale;                            \
-            for (int64_t start = 0, blk = 0; start < n; start += bs, blk++) {                            \
+            for (int64_t blk = first / bs, t0 = first % bs, start = -t0; start < n; start += bs, blk++, t0 = 0) { \
                 const T *kb = k + tb[blk] * block_stride;                                                \
                 const int64_t lim = n - start < bs ? n - start : bs;                                     \
-                for (int64_t t = 0; t < lim; t++) {                                                      \
+                for (int64_t t = t0; t < lim; t++) {                                                     \
                     const T *kr = kb + t * row;                                                          \
                     for (int64_t kh = 0, h = 0; kh < nkv; kh++) {                                        \
                         const T *kp = kr + kh * d;                                                       \
@@ -98,10 +101,10 @@ static inline float exp_nonpositive(float x) {
                 for (int64_t pos = 0; pos < n; pos++) sh[pos] *= inv;                                    \
             }                                                                                            \
             memset(acc, 0, sizeof(float) * (size_t)(nh * d));                                            \
-            for (int64_t start = 0, blk = 0; start < n; start += bs, blk++) {                            \
+            for (int64_t blk = first / bs, t0 = first % bs, start = -t0; start < n; start += bs, blk++, t0 = 0) { \
                 const T *vb = v + tb[blk] * block_stride;                                                \
                 const int64_t lim = n - start < bs ? n - start : bs;                                     \
-                for (int64_t t = 0; t < lim; t++) {                                                      \
+                for (int64_t t = t0; t < lim; t++) {                                                     \
                     const T *vr = vb + t * row;                                                          \
                     for (int64_t kh = 0, h = 0; kh < nkv; kh++) {                                        \
                         const T *vp = vr + kh * d;                                                       \

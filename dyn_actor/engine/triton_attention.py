@@ -59,9 +59,9 @@ def _decode_split_kernel(
     s_btb,
     s_ob, s_oh, s_os,
     s_lb, s_lh,
-    scale, num_splits,
+    scale, num_splits, window,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SLIDING: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
@@ -73,10 +73,14 @@ def _decode_split_kernel(
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
     ctx = tl.load(CL + b)
     n_blocks = tl.cdiv(ctx, BS)
-    # this sequence's own blocks split evenly over the slices (the grid stays fixed; the loop
-    # bounds follow the data), KB blocks per iteration
-    per = tl.cdiv(n_blocks, num_splits)
-    start = split * per
+    first = 0  # the first visible position: with a sliding window, only the last ``window`` ones
+    if SLIDING:
+        first = tl.maximum(ctx - window, 0)
+    b0 = first // BS
+    # this sequence's own (visible) blocks split evenly over the slices (the grid stays fixed; the
+    # loop bounds follow the data), KB blocks per iteration
+    per = tl.cdiv(n_blocks - b0, num_splits)
+    start = b0 + split * per
     end = tl.minimum(start + per, n_blocks)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -91,8 +95,9 @@ def _decode_split_kernel(
                     other=0.0)
         v = tl.load(V + blk[:, None] * s_vb + off[:, None] * s_vt + h * s_vh + d[None, :], mask=valid[:, None],
                     other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, (valid & (jt * BS + off < ctx))[None, :], m_i, l_i, acc, scale,
-                                      IEEE)
+        kpos = jt * BS + off
+        m_i, l_i, acc = _attend_block(q, k, v, (valid & (kpos < ctx) & (kpos >= first))[None, :], m_i, l_i, acc,
+                                      scale, IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -157,8 +162,10 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     tuning: dict | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged context.
+    """Attention of one query token per sequence over its paged context (with ``window`` > 0: over
+    its last ``window`` tokens only, a sliding window).
 
     ``q`` ``[B, num_heads, D]``; ``k_cache`` / ``v_cache`` ``[num_blocks, block_size, num_kv_heads, D]``
     (any block stride, the rest contiguous); ``block_table`` ``[B, max_blocks]`` (entries past a
@@ -198,8 +205,9 @@ def paged_decode_attention(
         block_table.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        scale, splits,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=kb, IEEE=_ieee(q.dtype), **extra,
+        scale, splits, window,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=kb, IEEE=_ieee(q.dtype), SLIDING=window > 0,
+        **extra,
     )
     _decode_reduce_kernel[(bsz, nh)](
         part, lse, out,
@@ -219,8 +227,9 @@ def _prefill_kernel(
     s_vb, s_vt, s_vh,
     s_btb,
     s_ot, s_oh,
-    scale,
+    scale, window,
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     seq = tl.program_id(0)
     hq = tl.program_id(1)
@@ -241,11 +250,18 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for j in range(0, tl.cdiv(last, BS)):
+    j0 = 0
+    if SLIDING:  # a sliding window: the tile's first query sees back to ``window - 1`` keys before it
+        j0 = tl.maximum(ctx + mb * BLOCK_M - window + 1, 0) // BS
+    for j in range(j0, tl.cdiv(last, BS)):
         blk = tl.load(BT + seq * s_btb + j).to(tl.int64)
         k = tl.load(K + blk * s_kb + t[:, None] * s_kt + h * s_kh + d[None, :])
         v = tl.load(V + blk * s_vb + t[:, None] * s_vt + h * s_vh + d[None, :])
-        m_i, l_i, acc = _attend_block(q, k, v, (j * BS + t)[None, :] <= qpos[:, None], m_i, l_i, acc, scale, IEEE)
+        kpos = (j * BS + t)[None, :]
+        visible = kpos <= qpos[:, None]
+        if SLIDING:
+            visible = visible & (kpos > qpos[:, None] - window)
+        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + (q_start + i)[:, None] * s_ot + hq * s_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=imask[:, None])
@@ -277,8 +293,10 @@ def paged_prefill_attention(
     max_q_len: int,
     out: torch.Tensor | None = None,
     block_m: int = 32,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of chunks of new tokens over their sequences' paged KV.
+    """Causal attention of chunks of new tokens over their sequences' paged KV (with ``window`` > 0, a
+    sliding window: each token sees itself and the ``window - 1`` tokens before it).
 
     ``q`` ``[T, num_heads, D]``: the chunks of all sequences, one after another (sequence ``s``
     at rows ``q_starts[s]`` to ``q_starts[s] + q_lens[s]``); its tokens follow ``ctx_lens[s]``
@@ -301,7 +319,8 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        scale,
-        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype), **_prefill_options(q, d, bs, block_m),
+        scale, window,
+        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype), SLIDING=window > 0,
+        **_prefill_options(q, d, bs, block_m),
     )
     return out
