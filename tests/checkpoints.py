@@ -27,9 +27,9 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama", "qwen2", "qwen3", or the mixtures of experts "mixtral",
-    "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has head_dim
-    64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
+    """Write a random ``kind`` ("llama", "qwen2", "qwen3", "gemma3", or the mixtures of experts
+    "mixtral", "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has
+    head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     vocab = len(builtin.build_tokenizer().get_vocab())
@@ -73,13 +73,25 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
         common = {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 64, "head_dim": 64,
                   "mlp_only_layers": [1], "norm_topk_prob": True, **common}
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common))
+    elif kind == "gemma3":  # sliding-window layers (8 tokens) around a global one with linear RoPE scaling
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        common = {"head_dim": 64, "sliding_window": 8, "query_pre_attn_scalar": 48,
+                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                  "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                  **common}
+        if common["num_hidden_layers"] != len(common["layer_types"]):
+            common["layer_types"] = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                     for i in range(common["num_hidden_layers"])]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common))
     else:
         raise ValueError(kind)
     # random init from transformers is small and flat; widen it so greedy tokens are well separated
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+            if "norm" in name:  # Gemma's norms scale by 1 + w
+                p.copy_((0 if kind == "gemma3" else 1) + 0.1 * torch.randn_like(p))
             elif "bias" in name:
                 p.copy_(0.1 * torch.randn_like(p))
             else:

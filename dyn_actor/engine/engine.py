@@ -171,8 +171,6 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_heap()  # a step's activations reused, not faulted in afresh (native_ops)
         limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)
         if config.max_model_len:
             if config.max_model_len > limit:
                 raise ModelLoadError(f"max_model_len {config.max_model_len} exceeds the model's limit of {limit}")

@@ -1,4 +1,5 @@
-"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM) over a paged KV pool.
+"""Llama-family forward pass (Llama 2/3, Mistral, Qwen2, Qwen3, TinyLlama, SmolLM, their mixtures of
+experts, Gemma 3's text model) over a paged KV pool.
 
 Plain tensors, no ``nn.Module``: the engine feeds one flat batch of tokens
 per step (decode tokens first, then prefill chunks) and gets logits back for
@@ -8,7 +9,7 @@ the rows that sample.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ class ForwardBatch:
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # [S] rows whose logits are returned
     prefill_meta: PrefillMeta | None = None  # the prefills as tensors, for the Triton kernel
+    # the PyTorch attention path's sliding-window masks, made once a step: (kind, index, window) -> mask
+    window_masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,8 +83,17 @@ def d_half(cfg: ModelConfig) -> int:
     return cfg.head_dim // 2
 
 
+def gelu_tanh_mul_torch(gu: torch.Tensor) -> torch.Tensor:
+    """Gemma's MLP activation: ``gelu_tanh(gu[:, :I]) * gu[:, I:]``."""
+    inter = gu.shape[-1] // 2
+    return F.gelu(gu[:, :inter], approximate="tanh") * gu[:, inter:]
+
+
 class _Layer:
-    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown", "qn", "kn", "moe")
+    # ln1 / ln2: the norms before attention and before the MLP; post_attn / post_ff: Gemma's norms of the
+    # attention's and the MLP's outputs (None elsewhere); window: a sliding window in tokens (0: none)
+    __slots__ = ("ln1", "wqkv", "wo", "ln2", "wgu", "wdown", "qn", "kn", "moe", "post_attn", "post_ff", "window",
+                 "cos", "sin")
 
     def linears(self) -> list[Linear]:
         """The projections that LoRA adapters can update (a sparse layer's experts are not among them)."""
@@ -159,7 +171,8 @@ class LlamaModel:
             self.ops = triton_ops  # the fused norms, RoPE + KV write and SiLU-mul
         pack = on_cpu and native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attention_scale
+        self.gemma = cfg.is_gemma
         self.lora_rows = LoraRows()
         w = {k.removeprefix("model."): v for k, v in weights.items()}
 
@@ -171,8 +184,19 @@ class LlamaModel:
                 return None
             return t.to(device=device, dtype=dtype).contiguous()
 
+        def take_norm(name: str) -> torch.Tensor:
+            """An RMSNorm weight; Gemma's as ``1 + w`` in float32 (its norms multiply before rounding)."""
+            if not self.gemma:
+                return take(name)
+            t = w.get(name)
+            if t is None:
+                raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
+            return (1.0 + t.to(device=device, dtype=torch.float32)).contiguous()
+
         self.embed = take("embed_tokens.weight")
-        self.norm = take("norm.weight")
+        # Gemma scales the embeddings by sqrt(hidden), that factor rounded to the dtype first
+        self.embed_scale = (torch.tensor(cfg.hidden_size**0.5).to(dtype).to(device) if self.gemma else None)
+        self.norm = take_norm("norm.weight")
         head = weights.get("lm_head.weight")
         if head is None:
             if not cfg.tie_word_embeddings and "lm_head.weight" not in weights:
@@ -190,11 +214,18 @@ class LlamaModel:
             p = f"layers.{i}."
             a = p + "self_attn."
             layer = _Layer()
-            layer.ln1 = take(p + "input_layernorm.weight")
-            layer.ln2 = take(p + "post_attention_layernorm.weight")
-            # Qwen3: an RMSNorm over each query and key head before RoPE
-            layer.qn = take(a + "q_norm.weight") if cfg.qk_norm else None
-            layer.kn = take(a + "k_norm.weight") if cfg.qk_norm else None
+            layer.ln1 = take_norm(p + "input_layernorm.weight")
+            if self.gemma:
+                layer.post_attn = take_norm(p + "post_attention_layernorm.weight")
+                layer.ln2 = take_norm(p + "pre_feedforward_layernorm.weight")
+                layer.post_ff = take_norm(p + "post_feedforward_layernorm.weight")
+            else:
+                layer.ln2 = take_norm(p + "post_attention_layernorm.weight")
+                layer.post_attn = layer.post_ff = None
+            layer.window = cfg.window(i)
+            # Qwen3, Gemma 3: an RMSNorm over each query and key head before RoPE
+            layer.qn = take_norm(a + "q_norm.weight") if cfg.qk_norm else None
+            layer.kn = take_norm(a + "k_norm.weight") if cfg.qk_norm else None
             wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
             biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
             bqkv = None
@@ -217,15 +248,29 @@ class LlamaModel:
                     raise ModelLoadError("MLP biases are not supported")
             self.layers.append(layer)
         self.lm_head_linear = Linear(self.lm_head, None, pack)
+        self.act_mul = gelu_tanh_mul_torch if cfg.hidden_act == "gelu_pytorch_tanh" else None
+        self.cos, self.sin = self._rope_tables(cfg, max_len)
+        # Gemma 3's sliding-window layers turn at their own RoPE base
+        local = self._rope_tables(cfg.local(), max_len) if cfg.local_rope is not None else (self.cos, self.sin)
+        for layer in self.layers:
+            layer.cos, layer.sin = local if layer.window and cfg.local_rope is not None else (self.cos, self.sin)
+
+    def _rope_tables(self, cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin tables ``[max_len, head_dim]`` of ``cfg``'s RoPE."""
         inv_freq = cfg.rope_inv_freq()
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = cfg.rope_attention_factor()  # YaRN scales the tables
-        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+        cos = (emb.cos() * scale).to(device=self.device, dtype=self.dtype)
         # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
         sin = emb.sin() * scale
-        self.sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(device=device, dtype=dtype)
+        sin = torch.cat((-sin[:, : d_half(cfg)], sin[:, d_half(cfg) :]), dim=-1).to(device=self.device, dtype=self.dtype)
+        return cos, sin
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def add_adapter(self, slot: int, adapter: LoraAdapter) -> None:
         """Make LoRA ``adapter`` slot ``slot`` of every projection it updates (``lora.load_adapter``)."""
@@ -257,8 +302,10 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ pieces
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+        """RMSNorm as transformers rounds it: a weight in the activations' dtype multiplies the normalised
+        rows after they are rounded (Llama); a float32 weight (Gemma's ``1 + w``) before."""
+        if x.dtype == torch.float32 or weight.dtype == torch.float32:
+            return F.rms_norm(x.float(), (x.shape[-1],), weight, self.cfg.rms_norm_eps).to(x.dtype)
         xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps)
         return weight * xf.to(x.dtype)
 
@@ -284,19 +331,21 @@ class LlamaModel:
             out = torch.empty((q.shape[0], nh, d), dtype=q.dtype, device=q.device)
         k_rows, v_rows = pool.k_rows[layer], pool.v_rows[layer]
         nd = b.num_decode
+        window = self.layers[layer].window
         if self.attention == "triton":
             kc, vc = pool.k[layer], pool.v[layer]
             if nd:
                 self.triton.paged_decode_attention(q[:nd], kc, vc, b.decode_block_table, b.decode_ctx_lens,
-                                                   self.scale, out=out[:nd])
+                                                   self.scale, out=out[:nd], window=window)
             m = b.prefill_meta
             if m is not None:
                 self.triton.paged_prefill_attention(q[nd:], kc, vc, m.block_tables, m.q_starts, m.q_lens, m.ctx_lens,
-                                                    self.scale, m.max_q_len, out=out[nd:])
+                                                    self.scale, m.max_q_len, out=out[nd:], window=window)
             return out.view(q.shape[0], nh * d)
         if nd and self.native is not None:
             out[:nd] = paged_decode_attention(
-                self.native, q[:nd], pool.k[layer], pool.v[layer], b.decode_block_table, b.decode_ctx_lens, self.scale
+                self.native, q[:nd], pool.k[layer], pool.v[layer], b.decode_block_table, b.decode_ctx_lens, self.scale,
+                window,
             )
         elif nd:
             table = b.decode_block_table.view(-1)
@@ -304,7 +353,7 @@ class LlamaModel:
             kd = k_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             vd = v_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             qd = q[:nd].view(nd, nkv, nh // nkv, d)  # heads grouped by their kv head
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(b, window), scale=self.scale)
             out[:nd] = o.reshape(nd, nh, d)
         gqa = nkv != nh
         singles = []
@@ -312,7 +361,7 @@ class LlamaModel:
             if len(group) == 1:
                 singles.append(group[0])
             else:
-                self._fresh_prompts_attention(q, k, v, group, out)
+                self._fresh_prompts_attention(q, k, v, group, out, window)
         for p in singles + [p for p in b.prefills if p.context_len > 0]:
             lo, hi = p.start, p.start + p.length
             if p.context_len == 0:
@@ -321,20 +370,50 @@ class LlamaModel:
                 total = p.context_len + p.length
                 ks = k_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
                 vs = v_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
+            mask = self._prefill_mask(b, p, window)
             # 4-D inputs: the CPU flash kernel is only chosen for [batch, heads, seq, dim]
             o = F.scaled_dot_product_attention(
                 q[lo:hi].transpose(0, 1).unsqueeze(0),
                 ks.transpose(0, 1).unsqueeze(0),
                 vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=p.mask,
-                is_causal=p.mask is None,
+                attn_mask=mask,
+                is_causal=mask is None,
                 scale=self.scale,
                 enable_gqa=gqa,
             )
             out[lo:hi] = o[0].transpose(0, 1)
         return out.view(q.shape[0], nh * d)
 
-    def _fresh_prompts_attention(self, q, k, v, group: list[PrefillSeq], out: torch.Tensor) -> None:
+    @staticmethod
+    def _band(q_pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+        """``[len(q_pos), n_keys]`` bool: key j visible from query position p when p - window < j <= p."""
+        j = torch.arange(n_keys, device=q_pos.device).unsqueeze(0)
+        p = q_pos.unsqueeze(1)
+        return (j <= p) & (j > p - window)
+
+    def _decode_mask(self, b: ForwardBatch, window: int) -> torch.Tensor:
+        """The PyTorch decode path's additive mask; with a sliding window, the window's own (made once a step)."""
+        if not window:
+            return b.decode_mask
+        key = ("decode", 0, window)
+        if key not in b.window_masks:
+            s = b.decode_mask.shape[-1]
+            visible = self._band(b.decode_ctx_lens.to(b.decode_mask.device) - 1, s, window)
+            b.window_masks[key] = b.decode_mask.masked_fill(~visible.view(b.num_decode, 1, 1, s), float("-inf"))
+        return b.window_masks[key]
+
+    def _prefill_mask(self, b: ForwardBatch, p: PrefillSeq, window: int) -> torch.Tensor | None:
+        """A prefill's bool mask (None: plainly causal); with a sliding window narrower than its context, the band."""
+        total = p.context_len + p.length
+        if not window or total <= window:
+            return p.mask
+        key = ("prefill", p.start, window)
+        if key not in b.window_masks:
+            device = p.mask.device if p.mask is not None else b.input_ids.device
+            b.window_masks[key] = self._band(torch.arange(p.context_len, total, device=device), total, window)
+        return b.window_masks[key]
+
+    def _fresh_prompts_attention(self, q, k, v, group: list[PrefillSeq], out: torch.Tensor, window: int = 0) -> None:
         """Causal attention of several prompts with nothing cached, as one ``[batch, heads, seq, dim]``
         call: shorter prompts are padded at the end (a causal row never sees the padding after it;
         the padded rows' output is dropped). Prompts of one length that lie back to back in the
@@ -354,8 +433,12 @@ class LlamaModel:
                 qb[i, : p.length] = q[p.start : p.start + p.length]
                 kb[i, : p.length] = k[p.start : p.start + p.length]
                 vb[i, : p.length] = v[p.start : p.start + p.length]
-        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
-                                           is_causal=True, scale=self.scale, enable_gqa=nkv != nh).transpose(1, 2)
+        mask = None
+        if window and longest > window:  # a sliding window: the band, the same for every row of the group
+            mask = self._band(torch.arange(longest, device=q.device), longest, window)
+        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale,
+                                           enable_gqa=nkv != nh).transpose(1, 2)
         if in_place:
             out[lo:hi].view(n, longest, nh, d).copy_(o)
         else:
@@ -373,11 +456,14 @@ class LlamaModel:
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         t = b.input_ids.shape[0]
-        x = F.embedding(b.input_ids, self.embed)
-        cos = self.cos[b.positions].unsqueeze(1)
-        sin = self.sin[b.positions].unsqueeze(1)
+        x = self.embed_tokens(b.input_ids)
+        tables = {}  # each RoPE table's rows of the step's positions, gathered once
         qk_size = (nh + nkv) * d
+        act = self.act_mul or silu_mul_torch
         for i, layer in enumerate(self.layers):
+            if id(layer.cos) not in tables:
+                tables[id(layer.cos)] = (layer.cos[b.positions].unsqueeze(1), layer.sin[b.positions].unsqueeze(1))
+            cos, sin = tables[id(layer.cos)]
             h = self._rms_norm(x, layer.ln1)
             qkv = layer.wqkv(h)
             if layer.qn is not None:
@@ -387,12 +473,18 @@ class LlamaModel:
             v = qkv[:, qk_size:].view(t, nkv, d)
             pool.k[i][b.slot_blocks, b.slot_offsets] = k
             pool.v[i][b.slot_blocks, b.slot_offsets] = v
-            attn = self._attention(q, k, v, i, pool, b)
-            x = x + layer.wo(attn)
+            attn = layer.wo(self._attention(q, k, v, i, pool, b))
+            x = x + (attn if layer.post_attn is None else self._rms_norm(attn, layer.post_attn))
             h = self._rms_norm(x, layer.ln2)
-            x = x + self._mlp(layer, h, silu_mul_torch)
+            mlp = self._mlp(layer, h, act)
+            x = x + (mlp if layer.post_ff is None else self._rms_norm(mlp, layer.post_ff))
         h = self._rms_norm(x[b.logits_indices], self.norm)
-        return self.lm_head_linear(h).float()
+        return self._softcap(self.lm_head_linear(h).float())
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """``final_logit_softcapping``: logits squashed into (-c, c) by ``c * tanh(logits / c)``."""
+        c = self.cfg.final_logit_softcapping
+        return logits if c is None else logits.div_(c).tanh_().mul_(c)
 
     def _forward_cpu_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
         """``forward`` on the CPU with the elementwise work fused (``native_ops.CpuFusedOps``): the
@@ -403,32 +495,37 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         t = b.input_ids.shape[0]
         qk_size = (nh + nkv) * d
-        x = F.embedding(b.input_ids, self.embed)
+        x = self.embed_tokens(b.input_ids)
+        act = self.act_mul or ops.silu_mul
         delta = None
         for i, layer in enumerate(self.layers):
             h = ops.add_rms_norm(x, delta, layer.ln1, eps)
             qkv = layer.wqkv(h)
             if layer.qn is not None:
                 self._qk_norm_(qkv, layer)
-            ops.rope_(qkv, self.cos, self.sin, b.positions, nh + nkv, d)
+            ops.rope_(qkv, layer.cos, layer.sin, b.positions, nh + nkv, d)
             q = qkv[:, : nh * d].view(t, nh, d)
             k = qkv[:, nh * d : qk_size].view(t, nkv, d)
             v = qkv[:, qk_size:].view(t, nkv, d)
             pool.k[i][b.slot_blocks, b.slot_offsets] = k
             pool.v[i][b.slot_blocks, b.slot_offsets] = v
-            attn = self._attention(q, k, v, i, pool, b)
-            h = ops.add_rms_norm(x, layer.wo(attn), layer.ln2, eps)
-            delta = self._mlp(layer, h, ops.silu_mul)
+            attn = layer.wo(self._attention(q, k, v, i, pool, b))
+            if layer.post_attn is not None:
+                attn = ops.add_rms_norm(attn, None, layer.post_attn, eps)
+            h = ops.add_rms_norm(x, attn, layer.ln2, eps)
+            delta = self._mlp(layer, h, act)
+            if layer.post_ff is not None:
+                delta = ops.add_rms_norm(delta, None, layer.post_ff, eps)
         x = x[b.logits_indices]
         h = ops.add_rms_norm(x, None if delta is None else delta[b.logits_indices], self.norm, eps)
-        return self.lm_head_linear(h).float()
+        return self._softcap(self.lm_head_linear(h).float())
 
     def _forward_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
         """The Triton path: the same computation with the elementwise work fused (``triton_ops``):
         per layer three matrix products around attention and the MLP, and four small kernels."""
         nh, d = self.cfg.num_heads, self.cfg.head_dim
         t = b.input_ids.shape[0]
-        x = F.embedding(b.input_ids, self.embed)
+        x = self.embed_tokens(b.input_ids)
         delta = None
         for i in range(len(self.layers)):
             qkv = self.pre_attention(i, x, delta, b.positions, b.slot_blocks, b.slot_offsets, pool)
@@ -444,15 +541,20 @@ class LlamaModel:
         cfg, layer = self.cfg, self.layers[i]
         h = self.ops.add_rms_norm(x, delta, layer.ln1, cfg.rms_norm_eps)
         qkv = layer.wqkv(h)
-        self.ops.rope_and_store(qkv, self.cos, self.sin, positions, slot_blocks, slot_offsets, pool.k[i], pool.v[i],
+        self.ops.rope_and_store(qkv, layer.cos, layer.sin, positions, slot_blocks, slot_offsets, pool.k[i], pool.v[i],
                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer.qn, layer.kn, cfg.rms_norm_eps)
         return qkv
 
     def post_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Layer ``i`` after attention: ``x +=`` the output product, the norm, the MLP; its output."""
-        layer = self.layers[i]
-        h = self.ops.add_rms_norm(x, layer.wo(attn), layer.ln2, self.cfg.rms_norm_eps)
-        return self._mlp(layer, h, self.ops.silu_mul)
+        """Layer ``i`` after attention: ``x +=`` the output product (Gemma: its norm), the norm, the MLP
+        (Gemma: and its norm); its output."""
+        layer, eps = self.layers[i], self.cfg.rms_norm_eps
+        a = layer.wo(attn)
+        if layer.post_attn is not None:
+            a = self.ops.add_rms_norm(a, None, layer.post_attn, eps)
+        h = self.ops.add_rms_norm(x, a, layer.ln2, eps)
+        out = self._mlp(layer, h, self.act_mul or self.ops.silu_mul)
+        return out if layer.post_ff is None else self.ops.add_rms_norm(out, None, layer.post_ff, eps)
 
     @staticmethod
     def _mlp(layer: _Layer, h: torch.Tensor, silu_mul) -> torch.Tensor:
@@ -463,4 +565,4 @@ class LlamaModel:
 
     def final_logits(self, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         h = self.ops.add_rms_norm(x[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
-        return self.lm_head_linear(h).float()
+        return self._softcap(self.lm_head_linear(h).float())

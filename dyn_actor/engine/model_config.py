@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
 #: architectures that RMS-normalise each query and key head (weights ``q_norm`` / ``k_norm``) before RoPE
-QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+#: Gemma 3's text model: scaled embeddings, norms of ``(1 + w)`` around attention and the MLP (four a
+#: layer), GeLU-tanh MLP, local (sliding-window) layers with their own RoPE base among global ones
+GEMMA_ARCHITECTURES = ("Gemma3ForCausalLM",)
 #: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -38,6 +41,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    #: each layer's attention window (0: the whole context; n: a sliding window of the last n tokens)
+    layer_windows: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    #: attention scores scaled by this ** -0.5 (Gemma's ``query_pre_attn_scalar``; None: head_dim)
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+    #: RoPE of the sliding-window layers where it differs from the global one (Gemma 3): theta, scaling
+    local_rope: tuple[float, dict[str, Any] | None] | None = None
     # sparse mixture of experts (0 experts: a dense model): the experts, how many each token uses, their
     # MLP width, whether the chosen experts' weights are renormalised to sum to 1, the layers that are
     # sparse (the others keep a dense MLP of ``intermediate_size``), and Qwen2-MoE's gated shared expert
@@ -57,9 +68,13 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture {arch!r}: the native engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ModelLoadError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is implemented")
+        gemma = arch in GEMMA_ARCHITECTURES
+        act = (cfg.get("hidden_activation") or cfg.get("hidden_act")) if gemma else cfg.get("hidden_act", "silu")
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            want = "'gelu_pytorch_tanh'" if gemma else "'silu' (SwiGLU)"
+            raise ModelLoadError(f"unsupported hidden_act {act!r}: only {want} is implemented for {arch}")
+        if cfg.get("attn_logit_softcapping") is not None:
+            raise ModelLoadError("attn_logit_softcapping is not supported (no attention kernel caps its scores)")
         prf = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         if float(prf) != 1.0:
             raise ModelLoadError(f"unsupported partial_rotary_factor {prf}: RoPE over the whole head only")
@@ -67,34 +82,32 @@ class ModelConfig:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             rope = dict(cfg.get("rope_parameters") or {})
+            local_rope = None
+            if "full_attention" in rope or "sliding_attention" in rope:  # per layer type (Gemma 3, transformers 5)
+                local = dict(rope.get("sliding_attention") or {})
+                rope = dict(rope.get("full_attention") or {})
+                local_rope = (float(local.pop("rope_theta", 10000.0)), _rope_scaling(local or None, cfg))
+            elif gemma:  # transformers < 5: the local layers' base apart, unscaled
+                local_rope = (float(cfg.get("rope_local_base_freq", 10000.0)), None)
             # transformers < 5 keeps theta and scaling at the top level
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            scaling = rope or cfg.get("rope_scaling") or None
-            if scaling is not None:
-                scaling = dict(scaling)
-                rtype = scaling.get("rope_type", scaling.get("type", "default"))
-                if rtype not in ROPE_TYPES:
-                    raise ModelLoadError(f"unsupported rope_type {rtype!r}: {', '.join(map(repr, ROPE_TYPES))} are")
-                if rtype == "yarn" and not scaling.get("original_max_position_embeddings"):
-                    omax = cfg.get("original_max_position_embeddings")
-                    if not omax:
-                        raise ModelLoadError("rope_type 'yarn' needs original_max_position_embeddings")
-                    scaling["original_max_position_embeddings"] = omax
-                scaling["rope_type"] = rtype
-                if rtype == "default":
-                    scaling = None
+            scaling = _rope_scaling(rope or cfg.get("rope_scaling") or None, cfg)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             sliding = cfg.get("sliding_window")
             if cfg.get("use_sliding_window") is False:
                 sliding = None
+            layers = int(cfg["num_hidden_layers"])
+            windows = _layer_windows(arch, cfg, layers, int(sliding) if sliding else 0)
             moe = _moe_fields(arch, cfg) if arch in MOE_ARCHITECTURES else {}
+            scalar = cfg.get("query_pre_attn_scalar") if gemma else None
+            softcap = cfg.get("final_logit_softcapping")
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -107,11 +120,36 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 bos_token_id=cfg.get("bos_token_id"),
                 sliding_window=int(sliding) if sliding else None,
+                layer_windows=windows,
+                hidden_act=act,
+                query_pre_attn_scalar=float(scalar) if scalar else None,
+                final_logit_softcapping=float(softcap) if softcap else None,
+                local_rope=local_rope if gemma else None,
                 **moe,
                 extra=cfg,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from None
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window in tokens (0: it attends over the whole context)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def local(self) -> ModelConfig:
+        """This config with the sliding-window layers' RoPE (Gemma 3's local base) as its own."""
+        if self.local_rope is None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, rope_theta=self.local_rope[0], rope_scaling=self.local_rope[1], local_rope=None)
 
     @property
     def qk_norm(self) -> bool:
@@ -132,7 +170,7 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * h
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + (4 if self.is_gemma else 2) * h
         if self.qk_norm:
             per_layer += 2 * self.head_dim
         sparse = len(self.moe_layers)
@@ -216,6 +254,47 @@ class ModelConfig:
         return mscale(1.0)
 
 
+def _rope_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """A checked copy of a RoPE scaling dict, ``rope_type`` always set; None for no scaling."""
+    if scaling is None:
+        return None
+    scaling = dict(scaling)
+    scaling.pop("rope_theta", None)
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype not in ROPE_TYPES:
+        raise ModelLoadError(f"unsupported rope_type {rtype!r}: {', '.join(map(repr, ROPE_TYPES))} are")
+    if rtype == "yarn" and not scaling.get("original_max_position_embeddings"):
+        omax = cfg.get("original_max_position_embeddings")
+        if not omax:
+            raise ModelLoadError("rope_type 'yarn' needs original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = omax
+    scaling["rope_type"] = rtype
+    return None if rtype == "default" else scaling
+
+
+def _layer_windows(arch: str, cfg: dict[str, Any], layers: int, sliding: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers assigns them: ``layer_types``
+    where the config lists them; else Gemma 3's pattern (every ``sliding_window_pattern``-th layer
+    global), Qwen2/3's (sliding from ``max_window_layers`` on), or every layer (Mistral, Mixtral)."""
+    if not sliding:
+        return ()
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != layers:
+            raise ModelLoadError(f"layer_types lists {len(types)} layers, config has {layers}")
+        unknown = set(types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ModelLoadError(f"unsupported layer types {sorted(unknown)}: full_attention and sliding_attention are")
+        return tuple(sliding if t == "sliding_attention" else 0 for t in types)
+    if arch in GEMMA_ARCHITECTURES:
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        return tuple(0 if (i + 1) % pattern == 0 else sliding for i in range(layers))
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        first = int(cfg.get("max_window_layers") or 0)
+        return tuple(sliding if i >= first else 0 for i in range(layers))
+    return (sliding,) * layers
+
+
 def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE ``config.json``."""
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
@@ -239,6 +318,6 @@ def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def _arch_from_model_type(model_type: str | None) -> str:
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+            "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(
         model_type or "", f"<model_type {model_type!r}>"
     )

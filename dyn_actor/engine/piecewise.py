@@ -75,7 +75,7 @@ class PiecewiseGraphs:
         x = self.x[:t]
         pos, sb, so = self.positions[:t], self.slot_blocks[:t], self.slot_offsets[:t]
         if p == 0:
-            x.copy_(F.embedding(self.ids[:t], m.embed))
+            x.copy_(m.embed_tokens(self.ids[:t]))
             delta = None
         else:
             delta = m.post_attention(p - 1, x, self.attn[:t])

@@ -24,7 +24,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, DX, W, H, s_x, s_dx, s_h, N, eps, HAS_DX: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(X, DX, W, H, s_x, s_dx, s_h, N, eps, HAS_DX: tl.constexpr, BLOCK: tl.constexpr,
+                         ROUND_FIRST: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -34,14 +35,17 @@ def _add_rms_norm_kernel(X, DX, W, H, s_x, s_dx, s_h, N, eps, HAS_DX: tl.constex
         tl.store(X + row * s_x + cols, y, mask=m)
         x = y.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
-    h = (x * r).to(H.dtype.element_ty).to(tl.float32)
+    h = x * r
+    if ROUND_FIRST:  # a weight in the activations' dtype multiplies the rounded rows (Llama); float32 (Gemma) not
+        h = h.to(H.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(H + row * s_h + cols, (h * w).to(H.dtype.element_ty), mask=m)
 
 
 def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x += dx`` in place (when ``dx`` is given), then return ``rms_norm(x) * weight``. ``x`` and
-    ``dx`` are ``[T, N]`` with contiguous rows."""
+    ``dx`` are ``[T, N]`` with contiguous rows. A float32 ``weight`` (Gemma's ``1 + w``) multiplies
+    before the result is rounded to ``x``'s dtype, one in that dtype after (as transformers does each)."""
     t, n = x.shape
     h = torch.empty_like(x)
     if t == 0:
@@ -49,6 +53,7 @@ def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor,
     block = triton.next_power_of_2(n)
     _add_rms_norm_kernel[(t,)](x, x if dx is None else dx, weight, h, x.stride(0), 0 if dx is None else dx.stride(0),
                                h.stride(0), n, eps, HAS_DX=dx is not None, BLOCK=block,
+                               ROUND_FIRST=weight.dtype != torch.float32,
                                num_warps=8 if block >= 2048 else 4)
     return h
 
@@ -57,7 +62,7 @@ def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor,
 def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC, QN, KN, eps,
                        s_t, s_cos, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
                        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr,
-                       QK_NORM: tl.constexpr):
+                       QK_NORM: tl.constexpr, ROUND_FIRST: tl.constexpr):
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(POS + t).to(tl.int64)
@@ -77,8 +82,13 @@ def _rope_store_kernel(QKV, COS, SIN, POS, SB, SO, KC, VC, QN, KN, eps,
         w1 = tl.where(isq, tl.load(QN + j)[None, :].to(tl.float32), tl.load(KN + j)[None, :].to(tl.float32))
         w2 = tl.where(isq, tl.load(QN + half + j)[None, :].to(tl.float32),
                       tl.load(KN + half + j)[None, :].to(tl.float32))
-        x1 = ((x1 * r[:, None]).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-        x2 = ((x2 * r[:, None]).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+        x1 = x1 * r[:, None]
+        x2 = x2 * r[:, None]
+        if ROUND_FIRST:  # as ``add_rms_norm``: Gemma's float32 weights multiply before rounding
+            x1 = x1.to(dt).to(tl.float32)
+            x2 = x2.to(dt).to(tl.float32)
+        x1 = (x1 * w1).to(dt).to(tl.float32)
+        x2 = (x2 * w2).to(dt).to(tl.float32)
     # as PyTorch's x*cos (rounded) + roll(x)*sin_signed (one rounding)
     o1 = ((x1 * c[None, :]).to(dt).to(tl.float32) + x2 * s[None, :]).to(dt)
     o2 = ((x2 * c[None, :]).to(dt).to(tl.float32) - x1 * s[None, :]).to(dt)
@@ -121,7 +131,8 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tenso
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NH=num_heads, NKV=num_kv_heads, D=head_dim, HP=triton.next_power_of_2(num_heads + num_kv_heads),
-        KP=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, num_warps=4)
+        KP=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm,
+        ROUND_FIRST=not qk_norm or q_norm.dtype != torch.float32, num_warps=4)
 
 
 @triton.jit
