@@ -27,7 +27,7 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama", "qwen2", "qwen3", "gemma3", or the mixtures of experts
+    """Write a random ``kind`` ("llama", "mistral", "qwen2", "qwen3", "gemma3", or the mixtures of experts
     "mixtral", "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has
     head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -49,6 +49,10 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     torch.manual_seed(seed)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "mistral":  # a sliding window of 8 tokens on every layer
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(**{"sliding_window": 8, **common}))
     elif kind == "qwen2":
         common.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**common))
@@ -76,13 +80,14 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     elif kind == "gemma3":  # sliding-window layers (8 tokens) around a global one with linear RoPE scaling
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-        common = {"head_dim": 64, "sliding_window": 8, "query_pre_attn_scalar": 48,
+        # untied: a random tied head mostly echoes the input token back (the scaled embedding dominates)
+        common = {"head_dim": 64, "sliding_window": 8, "query_pre_attn_scalar": 48, "tie_word_embeddings": False,
                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
                   "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
                   **common}
         if common["num_hidden_layers"] != len(common["layer_types"]):
-            common["layer_types"] = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+            common["layer_types"] = ["full_attention" if i % 2 else "sliding_attention"
                                      for i in range(common["num_hidden_layers"])]
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common))
     else:

@@ -24,6 +24,7 @@ mixtral_dir = _checkpoint_fixture("mixtral")
 qwen2_moe_dir = _checkpoint_fixture("qwen2_moe")
 qwen3_moe_dir = _checkpoint_fixture("qwen3_moe")
 gemma3_dir = _checkpoint_fixture("gemma3")
+mistral_dir = _checkpoint_fixture("mistral")
 
 
 @pytest.fixture(scope="session")

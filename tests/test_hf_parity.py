@@ -25,7 +25,8 @@ def _hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-KINDS = ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
+# mistral and gemma3 attend over sliding windows of 8 tokens (gemma3: its middle layer over everything)
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,3 +108,43 @@ def test_yarn_rope_scaling_matches(tmp_path, kind, extra):
     with torch.no_grad():
         ref = hf(torch.tensor([p])).logits[0]
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_qwen2_sliding_window_layers_match(tmp_path):
+    """Qwen2 with ``use_sliding_window``: layers from ``max_window_layers`` on attend over a window,
+    the ones before over everything (read from ``layer_types``, and from the older keys without it)."""
+    import json
+
+    from tests.checkpoints import write_checkpoint
+
+    d = write_checkpoint(tmp_path / "q2", "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    cfg = json.loads((d / "config.json").read_text())
+    engines = [LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))]
+    cfg.pop("layer_types", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    engines.append(LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128)))
+    hf = _hf(d)
+    p = _prompts(engines[0].model_config.vocab_size, seed=5)[-1]
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0]
+    for engine in engines:
+        assert engine.model_config.layer_windows == (0, 8, 8)
+        (ours,) = engine.score([p])
+        assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_gemma3_bfloat16_logits_are_close(gemma3_dir):
+    """Gemma 3 in bfloat16 (its norms multiply by ``1 + w`` in float32 before rounding) against
+    transformers in bfloat16: logits within bf16 noise of each other."""
+    from transformers import AutoModelForCausalLM
+
+    engine = LLMEngine(EngineConfig(model=str(gemma3_dir), dtype="bfloat16", num_kv_blocks=128))
+    hf = AutoModelForCausalLM.from_pretrained(str(gemma3_dir), dtype=torch.bfloat16).eval()
+    hf32 = _hf(gemma3_dir)
+    for p in _prompts(engine.model_config.vocab_size, seed=6)[2:]:
+        (ours,) = engine.score([p])
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].float()
+            exact = hf32(torch.tensor([p])).logits[0]
+        # as close to transformers' bf16 as transformers' bf16 is to float32
+        assert (ours - ref).abs().max().item() <= max(0.1, 1.5 * (ref - exact).abs().max().item())
