@@ -118,6 +118,8 @@ BLOCK_SIZES = [16, 32]
 KERNELS = {"_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel", "_decode_split_kernel",
            "_decode_reduce_kernel", "_prefill_kernel", "_top_p_threshold_kernel", "scatter_rows", "move_rows",
            "_grouped_gemm_kernel"}
+#: Gemma 3 (head_dim 256, float32 ``1 + w`` norm weights, sliding windows): the 1B and 4B text shapes
+GEMMA_MODELS = [(4, 1, 256, 1152, 6912), (8, 4, 256, 2560, 10240)]
 #: mixtures of experts: (experts, experts a token); Qwen3-30B-A3B's 128 of 8, Mixtral's 8 of 2
 MOE_SHAPES = [(128, 8), (8, 2)]
 
@@ -167,6 +169,38 @@ def drive_attention() -> None:
                 ta.paged_prefill_attention(q, kc, kc, torch.zeros(2, 8, dtype=torch.long), lens, lens, lens, 0.125, 33)
 
 
+def drive_gemma() -> None:
+    """Gemma 3's launches: norms and head norms with float32 weights over 16-bit rows (multiplied before
+    rounding), head_dim 256, and the attention kernels with a sliding window and without."""
+    from dyn_actor.engine import triton_attention as ta
+    from dyn_actor.engine import triton_ops
+
+    for dt in (torch.bfloat16, torch.float32):
+        for nh, nkv, d, hidden, _ in GEMMA_MODELS:
+            t = 8
+            x = torch.zeros(t, hidden, dtype=dt)
+            w = torch.zeros(hidden, dtype=torch.float32)
+            triton_ops.add_rms_norm(x, x.clone(), w, 1e-6)
+            triton_ops.add_rms_norm(x, None, w, 1e-6)
+            for bs in BLOCK_SIZES:
+                qkv = torch.zeros(t, (nh + 2 * nkv) * d, dtype=dt)
+                cos = torch.zeros(64, d, dtype=dt)
+                kc = torch.zeros(8, bs, nkv, d, dtype=dt)
+                pos = torch.zeros(t, dtype=torch.long)
+                qn = torch.ones(d, dtype=torch.float32)
+                triton_ops.rope_and_store(qkv, cos, cos, pos, pos, pos, kc, kc.clone(), nh, nkv, d, qn, qn, 1e-6)
+                for window in (0, 512):
+                    for batch, width in ((1, 8), (64, 16)):
+                        q = torch.zeros(batch, nh, d, dtype=dt)
+                        table = torch.zeros(batch, width, dtype=torch.long)
+                        ctx = torch.ones(batch, dtype=torch.long)
+                        ta.paged_decode_attention(q, kc, kc, table, ctx, 0.0625, window=window)
+                    q = torch.zeros(40, nh, d, dtype=dt)
+                    lens = torch.zeros(2, dtype=torch.long)
+                    ta.paged_prefill_attention(q, kc, kc, torch.zeros(2, 8, dtype=torch.long), lens, lens, lens, 0.0625,
+                                               33, window=window)
+
+
 def drive_sampling() -> None:
     from dyn_actor.engine.triton_sampling import top_p_thresholds
 
@@ -202,7 +236,7 @@ def drive_moe() -> None:
                                          lambda gu: gu[:, : gu.shape[1] // 2].contiguous())
 
 
-DRIVERS = [drive_ops, drive_attention, drive_sampling, drive_kv_moves, drive_moe]
+DRIVERS = [drive_ops, drive_attention, drive_gemma, drive_sampling, drive_kv_moves, drive_moe]
 
 
 # ------------------------------------------------------------------------------ compiling
