@@ -297,3 +297,16 @@ def test_mixtures_of_experts_give_vllms_greedy_tokens(tmp_path, kind):
                          head_dim=64, max_position_embeddings=512)
     got, want = _native_and_vllm_greedy(d)
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_sliding_windows_give_vllms_greedy_tokens(tmp_path, kind):
+    """Sliding-window attention over prompts of several windows: Gemma 3 (local layers of 32 tokens
+    with their own RoPE base around a global one with linear scaling, ``1 + w`` norms, GeLU-tanh,
+    scaled embeddings) and Mistral (every layer windowed); the native engine's greedy tokens are vLLM's."""
+    from tests.checkpoints import write_checkpoint
+
+    d = write_checkpoint(tmp_path / kind, kind, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=512, sliding_window=32)
+    got, want = _native_and_vllm_greedy(d)
+    assert got == want
