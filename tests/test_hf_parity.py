@@ -148,3 +148,54 @@ def test_gemma3_bfloat16_logits_are_close(gemma3_dir):
             exact = hf32(torch.tensor([p])).logits[0]
         # as close to transformers' bf16 as transformers' bf16 is to float32
         assert (ours - ref).abs().max().item() <= max(0.1, 1.5 * (ref - exact).abs().max().item())
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (Gemma 3 4B-27B's form: the text model's config nested
+    in ``text_config``, its tensors under ``language_model.``, a vision tower beside): the language
+    model alone is loaded, and its logits on text equal transformers' multimodal model given the
+    same token ids. A ``text_config`` that lists only what differs from Gemma 3's defaults (as the
+    published ones do) reads the same."""
+    import json
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from dyn_actor.engine import builtin
+    from tests.checkpoints import write_tokenizer
+
+    vocab = len(builtin.build_tokenizer().get_vocab())
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, vocab_size=vocab, sliding_window=8, sliding_window_pattern=3,
+                bos_token_id=0, eos_token_id=1, max_position_embeddings=1024)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5)
+    d = tmp_path / "gemma3-mm"
+    hf.save_pretrained(str(d), safe_serialization=True)
+    write_tokenizer(d)
+    engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    cfg = engine.model_config
+    assert cfg.text_of == "Gemma3ForConditionalGeneration" and cfg.layer_windows == (8, 8, 0)
+    hf.eval()
+    for p in _prompts(vocab, seed=7)[1:]:
+        (ours,) = engine.score([p])
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([p])).logits[0]
+        assert (ours - ref).abs().max().item() < 1e-4, len(p)
+    # the published form: only the keys that differ from Gemma 3's defaults
+    full = json.loads((d / "config.json").read_text())
+    defaults = {"rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256}
+    tc = full["text_config"]
+    assert all(tc[k] == v for k, v in defaults.items())
+    for k in (*defaults, "layer_types", "rope_parameters"):
+        tc.pop(k)
+    tc.update(rope_theta=1e6, rope_local_base_freq=1e4)
+    (d / "config.json").write_text(json.dumps(full))
+    short = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    assert short.model_config.layer_windows == (8, 8, 0)
+    p = _prompts(vocab, seed=7)[-1]
+    assert torch.equal(short.score([p])[0], engine.score([p])[0])

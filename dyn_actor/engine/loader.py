@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from dyn_actor.engine import builtin
-from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.engine.model_config import TEXT_WEIGHT_PREFIXES, ModelConfig, ModelLoadError
 from dyn_actor.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def load_model(source: str) -> LoadedModel:
         raise ModelLoadError(f"{path} has no *.safetensors weights (other formats are not loaded)")
     tok = Tokenizer.from_dir(path)
     weights = _load_safetensors(files)
+    if cfg.text_of is not None:
+        weights = _language_model_weights(weights)
     gen_cfg = None
     if (path / "generation_config.json").is_file():
         gen_cfg = json.loads((path / "generation_config.json").read_text())
@@ -69,6 +71,20 @@ def _load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         except Exception as e:  # corrupt or truncated file
             raise ModelLoadError(f"cannot read {f}: {e}") from None
     return weights
+
+
+def _language_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A multimodal checkpoint's language-model tensors under a causal LM's names; the vision tower and
+    projector are dropped."""
+    out = {}
+    for name, t in weights.items():
+        for old, new in TEXT_WEIGHT_PREFIXES:
+            if name.startswith(old):
+                out[new + name[len(old):]] = t
+                break
+    if not out:
+        raise ModelLoadError("the checkpoint holds no language-model tensors (language_model.model.*)")
+    return out
 
 
 def _eos_ids(cfg: ModelConfig, tok: Tokenizer, gen_cfg: dict | None) -> tuple[int, ...]:

@@ -13,6 +13,19 @@ QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCa
 #: Gemma 3's text model: scaled embeddings, norms of ``(1 + w)`` around attention and the MLP (four a
 #: layer), GeLU-tanh MLP, local (sliding-window) layers with their own RoPE base among global ones
 GEMMA_ARCHITECTURES = ("Gemma3ForCausalLM",)
+#: what Gemma 3's text config means when it leaves a key out (transformers' ``Gemma3TextConfig``);
+#: the 4B-27B checkpoints' ``text_config`` lists only what differs from these
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6, "rope_theta": 1e6,
+    "rope_local_base_freq": 1e4, "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+}
+#: multimodal checkpoints whose language model is served alone (text in, text out): the class, and the
+#: prefixes its language model's tensors carry (transformers < 5 and 5 save the first; some exports the second)
+TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+TEXT_WEIGHT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
 #: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -49,6 +62,8 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     #: RoPE of the sliding-window layers where it differs from the global one (Gemma 3): theta, scaling
     local_rope: tuple[float, dict[str, Any] | None] | None = None
+    #: the multimodal architecture whose language model this is (its other towers are not loaded)
+    text_of: str | None = None
     # sparse mixture of experts (0 experts: a dense model): the experts, how many each token uses, their
     # MLP width, whether the chosen experts' weights are renormalised to sum to 1, the layers that are
     # sparse (the others keep a dense MLP of ``intermediate_size``), and Qwen2-MoE's gated shared expert
@@ -64,6 +79,14 @@ class ModelConfig:
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
+        text_of = None
+        if arch in TEXT_OF_MULTIMODAL:  # its language model, from the nested text_config
+            text_of, arch = arch, TEXT_OF_MULTIMODAL[arch]
+            top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
+                   if cfg.get(k) is not None}
+            cfg = {**top, **(cfg.get("text_config") or {}), "architectures": [arch]}
+        if arch in GEMMA_ARCHITECTURES:
+            cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
                 f"unsupported architecture {arch!r}: the native engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -125,6 +148,7 @@ class ModelConfig:
                 query_pre_attn_scalar=float(scalar) if scalar else None,
                 final_logit_softcapping=float(softcap) if softcap else None,
                 local_rope=local_rope if gemma else None,
+                text_of=text_of,
                 **moe,
                 extra=cfg,
             )
