@@ -107,6 +107,49 @@ def write_random_qwen3_moe(directory: str | Path, spec: dict | None = None, seed
     return _finish_folder(d, cfg)
 
 
+# a small Gemma 3 text model (random weights): 8 layers of 512, 8 heads of 64 over 4 KV heads, every
+# fourth layer global and the others over a sliding window of 64 tokens; ~60M parameters, bfloat16
+GEMMA3_SMALL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, vocab_size=32000, sliding_window=64, sliding_window_pattern=4)
+
+
+def write_random_gemma3(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
+    """A random ``Gemma3ForCausalLM`` checkpoint in transformers' names, in bfloat16 as Gemma 3 is
+    published: four norms a layer (weights stored as ``w`` of ``1 + w``), head norms, tied embeddings."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = dict(spec or GEMMA3_SMALL)
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    layers, pattern = spec["num_hidden_layers"], spec.pop("sliding_window_pattern", 6)
+    cfg = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 8192, "query_pre_attn_scalar": spec["head_dim"],
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16", **spec,
+    }
+    w = builtin.random_llama_weights({**cfg, "tie_word_embeddings": True}, seed)
+    w.pop("lm_head.weight", None)
+    g = torch.Generator().manual_seed(seed + 1)
+    w["model.embed_tokens.weight"] /= cfg["hidden_size"] ** 0.5  # Gemma scales embeddings up by sqrt(hidden)
+    w["model.norm.weight"] = 0.1 * torch.randn(cfg["hidden_size"], generator=g)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            w[p + n + ".weight"] = 0.1 * torch.randn(cfg["hidden_size"], generator=g)
+        for n in ("q_norm", "k_norm"):
+            w[p + f"self_attn.{n}.weight"] = 0.1 * torch.randn(cfg["head_dim"], generator=g)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
+    return _finish_folder(d, cfg)
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -88,6 +88,32 @@ def add_sweep_args(ap: argparse.ArgumentParser, rounds: int) -> None:
     ap.add_argument("--rounds", type=int, default=rounds)
 
 
+def served_sweep(model: str, args: argparse.Namespace, port: int) -> list[dict]:
+    """``model`` served by this project's launcher and (``args.vllm``) by ``vllm serve``, both with their
+    default flags, each started once and measured alone: the sweep of ``add_sweep_args``' flags
+    (16 prompts at concurrency 1, 4 a slot above), one row per run."""
+    servers = [("native", [sys.executable, "-m", "launcher", "--model", model, "--port", str(port)],
+                f"http://127.0.0.1:{port}")]
+    if args.vllm:
+        servers.append(("vllm", [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port",
+                                 str(port + 1)], f"http://127.0.0.1:{port + 1}"))
+    rows = []
+    for name, cmd, url in servers:
+        with started(name, cmd, url):
+            for rnd in range(args.rounds):
+                for conc in map(int, args.concurrency.split(",")):
+                    for temp in map(float, args.temperatures.split(",")):
+                        n = 16 if conc == 1 else 4 * conc
+                        print(f"{name} round {rnd + 1}: concurrency {conc}, T={temp:g} ...", flush=True)
+                        res = _bench(url, model, None, conc, n, args.input_len, args.output_len, temp)
+                        print(f"  {res['output_tok_s']:,.0f} output tok/s", flush=True)
+                        rows.append({"server": name, "round": rnd + 1, "concurrency": conc, "temperature": temp,
+                                     **res})
+    print_table(rows, ["server", "round", "concurrency", "temperature", "completed", "output_tok_s", "median_ttft_ms",
+                       "median_tpot_ms", "p99_itl_ms"])
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=4)

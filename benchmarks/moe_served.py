@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
-from benchmarks.lora_served import _bench, add_sweep_args, started  # noqa: E402
+from benchmarks.common import RESULTS, write_json  # noqa: E402
+from benchmarks.lora_served import add_sweep_args, served_sweep  # noqa: E402
 
 
 def main() -> int:
@@ -32,25 +32,7 @@ def main() -> int:
     from benchmarks.checkpoints import QWEN3_MOE_SMALL, write_random_qwen3_moe
 
     model = str(write_random_qwen3_moe(RESULTS / "checkpoints" / "qwen3-moe-small-random"))
-    servers = [("native", [sys.executable, "-m", "launcher", "--model", model, "--port", "8320"],
-                "http://127.0.0.1:8320")]
-    if args.vllm:
-        servers.append(("vllm", [sys.executable, str(ROOT / "benchmarks" / "vllm_serve.py"), model, "--port", "8321"],
-                        "http://127.0.0.1:8321"))
-    rows = []
-    for name, cmd, url in servers:
-        with started(name, cmd, url):
-            for rnd in range(args.rounds):
-                for conc in map(int, args.concurrency.split(",")):
-                    for temp in map(float, args.temperatures.split(",")):
-                        n = 16 if conc == 1 else 4 * conc
-                        print(f"{name} round {rnd + 1}: concurrency {conc}, T={temp:g} ...", flush=True)
-                        res = _bench(url, model, None, conc, n, args.input_len, args.output_len, temp)
-                        print(f"  {res['output_tok_s']:,.0f} output tok/s", flush=True)
-                        rows.append({"server": name, "round": rnd + 1, "concurrency": conc, "temperature": temp,
-                                     **res})
-    print_table(rows, ["server", "round", "concurrency", "temperature", "completed", "output_tok_s", "median_ttft_ms",
-                       "median_tpot_ms", "p99_itl_ms"])
+    rows = served_sweep(model, args, 8320)
     out = write_json(args.out, {"args": vars(args), "model": QWEN3_MOE_SMALL, "host": "see docs/benchmarks.md",
                                 "rows": rows})
     print(f"wrote {out}")
