@@ -47,7 +47,7 @@ def _decode_ms(model: Path, context: int, batch: int, steps: int, dtype: str) ->
     from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(model), dtype=dtype, max_model_len=context + steps + 8,
-                                 kv_cache_memory_gb=2.0))
+                                 kv_cache_memory=2 << 30))
     rng = random.Random(context)
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     for b in range(batch):
