@@ -117,3 +117,40 @@ def test_prefix_hit_skips_cached_blocks():
     out = s.schedule()
     assert out.scheduled == [(b, 1)]  # 12 of 13 tokens cached
     assert b.num_cached_tokens == 12
+
+
+def test_heavy_decode_steps_take_the_prefill_threads(monkeypatch):
+    """On the CPU a decode step runs with ``num_threads`` (a core kept for the frontend) unless it is
+    heavy: at least ``WIDE_DECODE_CORE_MS`` of core time and ``WIDE_DECODE_CORE_MS_PER_ROW`` per
+    sampled row; then the next ones take ``prefill_threads`` too, until a step falls under half."""
+    import torch
+
+    from dyn_actor.engine import EngineConfig, LLMEngine
+    from dyn_actor.engine import engine as engine_mod
+
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64, num_threads=1, prefill_threads=2))
+    note = eng._note_decode_cost
+    note(0.003, 1, 1)  # 3 core-ms: light
+    assert not eng._wide_decode
+    note(0.010, 1, 4)  # 10 core-ms, 2.5 a row: heavy
+    assert eng._wide_decode
+    note(0.0018, 2, 1)  # 3.6 core-ms with both threads: still above half
+    assert eng._wide_decode
+    note(0.010, 2, 64)  # 0.31 core-ms a row: the frontend's share matters again
+    assert not eng._wide_decode
+    # the step itself: a heavy decode runs with the prefill threads, and the engine's own count after
+    seen = []
+    real = eng.model.forward
+
+    def forward(batch, pool):
+        seen.append(torch.get_num_threads())
+        return real(batch, pool)
+
+    monkeypatch.setattr(eng.model, "forward", forward)
+    monkeypatch.setattr(engine_mod, "WIDE_DECODE_CORE_MS", 0.0)
+    monkeypatch.setattr(engine_mod, "WIDE_DECODE_CORE_MS_PER_ROW", 0.0)
+    eng.add_request("a", [0, 5, 6], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert seen[0] == 1 and seen[1:] == [2] * (len(seen) - 1), seen
+    assert torch.get_num_threads() == 1

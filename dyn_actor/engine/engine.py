@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
@@ -48,6 +49,12 @@ log = logging.getLogger(__name__)
 
 #: a step with at least this many tokens runs with ``EngineConfig.prefill_threads``
 PREFILL_THREADS_MIN_TOKENS = 128
+#: ... and so does a decode step of a heavy model: one that takes at least this many core-ms (its time
+#: times its threads) and this many core-ms per sampled row. The frontend's work for a streamed token
+#: is 50-80 us of a core (docs/benchmarks.md), so past this the core kept for it idles most of the step;
+#: a step that falls under half of both goes back to ``num_threads``
+WIDE_DECODE_CORE_MS = 4.0
+WIDE_DECODE_CORE_MS_PER_ROW = 1.0
 
 
 @dataclass
@@ -152,6 +159,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self._threads = torch.get_num_threads()
+        self._wide_decode = False  # decode steps heavy enough to take the prefill threads too (``_forward``)
         self._prefill_threads = (config.prefill_threads if config.prefill_threads and config.prefill_threads > self._threads
                                  else 0)
         if config.block_size < 1 or config.block_size > 1024:
@@ -814,9 +822,11 @@ class LLMEngine:
         if fill is not None:
             fill(batch.input_ids)
         tokens = sum(n for _, n in scheduled)
-        wide = self._prefill_threads and tokens >= PREFILL_THREADS_MIN_TOKENS
+        prefill = tokens >= PREFILL_THREADS_MIN_TOKENS
+        wide = self._prefill_threads and (prefill or self._wide_decode)
         if wide:
             torch.set_num_threads(self._prefill_threads)
+        t0 = time.perf_counter()
         try:
             if self.pieces is not None and self.pieces.fits(tokens):
                 return self.pieces.forward(batch), samplers
@@ -824,6 +834,17 @@ class LLMEngine:
         finally:
             if wide:
                 torch.set_num_threads(self._threads)
+            if self._prefill_threads and not prefill and samplers:
+                self._note_decode_cost(time.perf_counter() - t0, self._prefill_threads if wide else self._threads,
+                                       len(samplers))
+
+    def _note_decode_cost(self, seconds: float, threads: int, rows: int) -> None:
+        """After a CPU decode step: whether the next ones take the prefill threads (``WIDE_DECODE_*``)."""
+        core_ms = 1000 * seconds * threads
+        if core_ms >= WIDE_DECODE_CORE_MS and core_ms / rows >= WIDE_DECODE_CORE_MS_PER_ROW:
+            self._wide_decode = True
+        elif core_ms < WIDE_DECODE_CORE_MS / 2 or core_ms / rows < WIDE_DECODE_CORE_MS_PER_ROW / 2:
+            self._wide_decode = False
 
     def _forward_lora(self, scheduled: list[tuple[Request, int]], fill: Callable[[torch.Tensor], None] | None,
                       scores: list | None) -> tuple[torch.Tensor, list[Request]]:

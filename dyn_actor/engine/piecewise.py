@@ -25,7 +25,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from dyn_actor.engine.cuda_graphs import quiet_capture
 from dyn_actor.engine.model import ForwardBatch, LlamaModel
