@@ -27,7 +27,7 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama", "mistral", "qwen2", "qwen3", "gemma3", or the mixtures of experts
+    """Write a random ``kind`` ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3", or the mixtures of experts
     "mixtral", "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has
     head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -53,6 +53,10 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
         from transformers import MistralConfig, MistralForCausalLM
 
         model = MistralForCausalLM(MistralConfig(**{"sliding_window": 8, **common}))
+    elif kind == "phi3":  # fused qkv / gate_up tensors; RoPE on half of each head (Phi-4-mini turns 3/4)
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        model = Phi3ForCausalLM(Phi3Config(**{"partial_rotary_factor": 0.5, "pad_token_id": 1, **common}))
     elif kind == "qwen2":
         common.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**common))

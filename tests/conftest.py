@@ -25,6 +25,7 @@ qwen2_moe_dir = _checkpoint_fixture("qwen2_moe")
 qwen3_moe_dir = _checkpoint_fixture("qwen3_moe")
 gemma3_dir = _checkpoint_fixture("gemma3")
 mistral_dir = _checkpoint_fixture("mistral")
+phi3_dir = _checkpoint_fixture("phi3")
 
 
 @pytest.fixture(scope="session")

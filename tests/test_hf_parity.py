@@ -26,7 +26,8 @@ def _hf(model_dir):
 
 
 # mistral and gemma3 attend over sliding windows of 8 tokens (gemma3: its middle layer over everything)
-KINDS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
+# phi3 turns half of each head's dimensions (partial_rotary_factor 0.5)
+KINDS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -199,3 +200,43 @@ def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
     assert short.model_config.layer_windows == (8, 8, 0)
     p = _prompts(vocab, seed=7)[-1]
     assert torch.equal(short.score([p])[0], engine.score([p])[0])
+
+
+def test_phi3_longrope_matches(tmp_path):
+    """Phi-3's LongRoPE (``rope_scaling`` type ``longrope``, or ``su`` as the first Phi-3 configs call it):
+    per-frequency short and long factors and the ``sqrt(1 + ln(factor) / ln(original))`` table factor.
+    An engine whose context stays within ``original_max_position_embeddings`` uses the short factors
+    (transformers' choice for such sequences); one that may go past it, the long ones for every
+    position (vLLM's choice; transformers switches on a sequence's length, so they agree on
+    prompts past the original context)."""
+    import json
+
+    from tests.checkpoints import write_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    rotated = 16  # head_dim 32, partial_rotary_factor 0.5
+    scaling = {"type": "longrope", "short_factor": (1 + torch.rand(rotated // 2, generator=g)).tolist(),
+               "long_factor": (2 + 4 * torch.rand(rotated // 2, generator=g)).tolist()}
+    d = write_checkpoint(tmp_path / "phi3", "phi3", rope_scaling=scaling, original_max_position_embeddings=64,
+                         max_position_embeddings=512)
+    hf = _hf(d)
+    short = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128, max_model_len=64))
+    long = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    assert long.model_config.rope_scaling["rope_type"] == "longrope"
+    assert not short.model_config.uses_long_rope(64) and long.model_config.uses_long_rope(512)
+    assert long.model_config.rope_attention_factor() > 1
+    prompts = _prompts(long.model_config.vocab_size, seed=8)
+    for engine, p in ((short, prompts[2]), (short, prompts[1]), (long, prompts[-1] * 2), (long, prompts[-2])):
+        (ours,) = engine.score([p])
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0]
+        assert (ours - ref).abs().max().item() < 1e-4, len(p)
+    # the first configs' name for it, read the same
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {**scaling, "type": "su"}
+    cfg["partial_rotary_factor"] = 0.5
+    (d / "config.json").write_text(json.dumps(cfg))
+    su = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=128))
+    p = prompts[-1] * 2
+    assert torch.equal(su.score([p])[0], long.score([p])[0])

@@ -331,3 +331,19 @@ def test_launcher_refuses_bad_lora_flags(dirs, tmp_path):
             parse_args(argv)
     cfg = parse_args(["--lora-modules", f"a={dirs['a']}"])
     assert cfg.enable_lora and cfg.lora_modules == [f"a={dirs['a']}"]
+
+
+def test_phi3_adapters_of_its_fused_projections(tmp_path):
+    """Phi-3's adapters target the projections it stores fused (``qkv_proj``, ``gate_up_proj``) and its
+    heads turn half their dimensions (the model reorders them; so must the adapter's query and key rows):
+    served through the adapter, the greedy tokens are the merged checkpoint's, mixed with base rows."""
+    from tests.checkpoints import merge_lora, write_checkpoint, write_lora
+
+    base = write_checkpoint(tmp_path / "base", "phi3")
+    lora = write_lora(base, tmp_path / "lora", seed=3, targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    merged = _tokens(_engine(merge_lora(base, lora, tmp_path / "merged")), PROMPTS)
+    plain = _tokens(_engine(base), PROMPTS)
+    assert merged != plain
+    engine = _engine(base, lora_modules={"p": str(lora)})
+    mixed = _tokens(engine, PROMPTS, {"short": "p", "long": "p"})
+    assert mixed == {"short": merged["short"], "blocks": plain["blocks"], "long": merged["long"]}

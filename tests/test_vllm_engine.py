@@ -310,3 +310,21 @@ def test_sliding_windows_give_vllms_greedy_tokens(tmp_path, kind):
                          head_dim=64, max_position_embeddings=512, sliding_window=32)
     got, want = _native_and_vllm_greedy(d)
     assert got == want
+
+
+def test_phi3_partial_rotary_and_longrope_give_vllms_greedy_tokens(tmp_path):
+    """Phi-3 in Phi-4-mini's form: fused qkv / gate_up tensors, RoPE on 3/4 of each head (48 of 64
+    dimensions), LongRoPE factors with an original context of 64 tokens (vLLM takes the long factors
+    as this engine does, the context allowed past it): the native engine's greedy tokens are vLLM's."""
+    import torch
+
+    from tests.checkpoints import write_checkpoint
+
+    g = torch.Generator().manual_seed(4)
+    scaling = {"rope_type": "longrope", "short_factor": (1 + torch.rand(24, generator=g)).tolist(),
+               "long_factor": (1 + 3 * torch.rand(24, generator=g)).tolist()}
+    d = write_checkpoint(tmp_path / "phi3", "phi3", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         partial_rotary_factor=0.75, rope_scaling=scaling, original_max_position_embeddings=64,
+                         max_position_embeddings=512)
+    got, want = _native_and_vllm_greedy(d)
+    assert got == want

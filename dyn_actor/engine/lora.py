@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # torch is imported where adapters are loaded: the launcher c
 #: the projections an adapter may target, grouped as the engine fuses them
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
-MODULES = tuple(m for ms in FUSED.values() for m in ms)
+#: projections that checkpoints store already fused (Phi-3), one adapter module each
+STORED_FUSED = {"qkv_proj": "qkv", "gate_up_proj": "gu"}
+MODULES = tuple(m for ms in FUSED.values() for m in ms) + tuple(STORED_FUSED)
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -77,13 +79,14 @@ class LoraAdapter:
 
 def _out_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
-            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size,
+            "qkv_proj": cfg.q_size + 2 * cfg.kv_size, "gate_up_proj": 2 * cfg.intermediate_size}
 
 
 def _in_sizes(cfg: ModelConfig) -> dict[str, int]:
     h = cfg.hidden_size
     return {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": cfg.q_size, "gate_proj": h, "up_proj": h,
-            "down_proj": cfg.intermediate_size}
+            "down_proj": cfg.intermediate_size, "qkv_proj": h, "gate_up_proj": h}
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -161,7 +164,7 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
             raise ModelLoadError(f"{where}: module {module!r} is not one of {', '.join(MODULES)}")
         if not 0 <= layer < cfg.num_layers:
             raise ModelLoadError(f"{where}: layer {layer} is outside the model's {cfg.num_layers}")
-        if layer in cfg.moe_layers and module in ("gate_proj", "up_proj", "down_proj"):
+        if layer in cfg.moe_layers and module in ("gate_proj", "up_proj", "down_proj", "gate_up_proj"):
             raise ModelLoadError(f"{where}: layer {layer} is a mixture of experts; adapters of its MLP are not "
                                  "supported")
         found.setdefault((layer, module), {})[ab] = t
@@ -176,9 +179,20 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
             raise ModelLoadError(
                 f"{where}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; a rank-{r} "
                 f"adapter of this model has A {(r, ins[module])} and B {(outs[module], r)} (another base model?)")
+    for (layer, module) in found:
+        if module in STORED_FUSED and any((layer, m) in found for m in FUSED[STORED_FUSED[module]]):
+            raise ModelLoadError(f"{where}: layer {layer} has {module} and its parts' adapters both")
     adapter = LoraAdapter(name, str(path), r, scale, targets=tuple(sorted({m for _, m in found})))
     for layer in range(cfg.num_layers):
         fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, key in STORED_FUSED.items():
+            if (layer, module) in found:
+                b = found[(layer, module)]["B"].float() * scale
+                if key == "qkv" and cfg.rotary_dim:
+                    b = torch.cat([_rotary_rows(cfg, part) for part in
+                                   b.split([cfg.q_size, cfg.kv_size, cfg.kv_size])[:2]] + [b[cfg.q_size + cfg.kv_size:]])
+                fused[key] = (found[(layer, module)]["A"].to(device=device, dtype=dtype).contiguous(),
+                              b.to(device=device, dtype=dtype).contiguous())
         for key, modules in FUSED.items():
             present = [m for m in modules if (layer, m) in found]
             if not present:
@@ -188,12 +202,23 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, dtype: torch.dtype, dev
             row = col = 0
             for m in modules:
                 if m in present:
-                    b[row:row + outs[m], col:col + r] = found[(layer, m)]["B"].float() * scale
+                    bm = found[(layer, m)]["B"].float() * scale
+                    b[row:row + outs[m], col:col + r] = _rotary_rows(cfg, bm) if m in ("q_proj", "k_proj") else bm
                     col += r
                 row += outs[m]
             fused[key] = (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous())
         adapter.layers.append(fused)
     return adapter
+
+
+def _rotary_rows(cfg: ModelConfig, b: torch.Tensor) -> torch.Tensor:
+    """A query or key projection's ``B`` rows with each head's dimensions in the order the model keeps
+    them under a partial rotary factor (``model.rotary_order``); as is otherwise."""
+    if not cfg.rotary_dim:
+        return b
+    from dyn_actor.engine.model import rotary_order
+
+    return b.view(-1, cfg.head_dim, b.shape[1])[:, rotary_order(cfg)].reshape(b.shape)
 
 
 class LoraRows:

@@ -83,6 +83,17 @@ def d_half(cfg: ModelConfig) -> int:
     return cfg.head_dim // 2
 
 
+def rotary_order(cfg: ModelConfig) -> torch.Tensor:
+    """Partial rotary (RoPE on the first ``r`` of ``d`` head dimensions, pairing ``i`` with ``i + r/2``):
+    the head dimensions reordered so that every kernel's whole-head RoPE (pairing ``j`` with ``j + d/2``)
+    does it. New position ``j`` takes old dimension ``order[j]``: the rotated pairs at ``j < r/2`` and
+    ``j + d/2``, the unrotated dimensions between, turning at frequency 0 (cos 1, sin 0). Queries and keys
+    are reordered alike (their products do not change); values are not."""
+    r, d = cfg.rotated, cfg.head_dim
+    h, rest = r // 2, (d - r) // 2
+    return torch.cat([torch.arange(0, h), torch.arange(r, r + rest), torch.arange(h, r), torch.arange(r + rest, d)])
+
+
 def gelu_tanh_mul_torch(gu: torch.Tensor) -> torch.Tensor:
     """Gemma's MLP activation: ``gelu_tanh(gu[:, :I]) * gu[:, I:]``."""
     inter = gu.shape[-1] // 2
@@ -226,8 +237,20 @@ class LlamaModel:
             # Qwen3, Gemma 3: an RMSNorm over each query and key head before RoPE
             layer.qn = take_norm(a + "q_norm.weight") if cfg.qk_norm else None
             layer.kn = take_norm(a + "k_norm.weight") if cfg.qk_norm else None
-            wqkv = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
+            if cfg.rotary_dim and cfg.qk_norm:
+                layer.qn, layer.kn = layer.qn[rotary_order(cfg).to(device)], layer.kn[rotary_order(cfg).to(device)]
+            if a + "qkv_proj.weight" in w:  # Phi-3: the three projections stored as one
+                wq, wk, wv = take(a + "qkv_proj.weight").split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+            else:
+                wq, wk, wv = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
+            if cfg.rotary_dim:  # partial rotary: each query and key head's dimensions reordered (``rotary_order``)
+                order = rotary_order(cfg).to(device)
+                wq = wq.view(cfg.num_heads, cfg.head_dim, -1)[:, order].reshape(cfg.q_size, -1)
+                wk = wk.view(cfg.num_kv_heads, cfg.head_dim, -1)[:, order].reshape(cfg.kv_size, -1)
+            wqkv = torch.cat([wq, wk, wv])
             biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
+            if cfg.rotary_dim and any(b is not None for b in biases[:2]):
+                raise ModelLoadError("query/key biases with a partial rotary factor are not supported")
             bqkv = None
             if any(b is not None for b in biases):
                 if any(b is None for b in biases):
@@ -241,8 +264,9 @@ class LlamaModel:
             if i in cfg.moe_layers:
                 layer.moe = load_sparse_moe(cfg, i, take, w.keys(), triton=attention == "triton")
             else:
-                layer.wgu = Linear(torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).contiguous(),
-                                   None, pack, rows)
+                gu = (take(m + "gate_up_proj.weight") if m + "gate_up_proj.weight" in w  # Phi-3: stored as one
+                      else torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]))
+                layer.wgu = Linear(gu.contiguous(), None, pack, rows)
                 layer.wdown = Linear(take(m + "down_proj.weight"), None, pack, rows)
                 if take(m + "down_proj.bias", required=False) is not None:
                     raise ModelLoadError("MLP biases are not supported")
@@ -257,11 +281,17 @@ class LlamaModel:
 
     def _rope_tables(self, cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin tables ``[max_len, head_dim]`` of ``cfg``'s RoPE."""
-        inv_freq = cfg.rope_inv_freq()
+        inv_freq = cfg.rope_inv_freq(long=cfg.uses_long_rope(max_len))
+        pairs = inv_freq.shape[0]
+        # YaRN and LongRoPE scale the tables, over the rotated pairs only
+        scale = torch.full((d_half(cfg),), cfg.rope_attention_factor())
+        if cfg.rotary_dim:  # partial rotary: the unrotated pairs turn at frequency 0, unscaled (``rotary_order``)
+            inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(d_half(cfg) - pairs)])
+            scale[pairs:] = 1.0
+        scale = torch.cat((scale, scale))
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        scale = cfg.rope_attention_factor()  # YaRN scales the tables
         cos = (emb.cos() * scale).to(device=self.device, dtype=self.dtype)
         # sin with the sign of rotate_half folded in: rope(x) = x*cos + roll(x, d/2)*sin_signed
         sin = emb.sin() * scale

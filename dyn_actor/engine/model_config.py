@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM",
+                           "Phi3ForCausalLM")
 #: architectures that RMS-normalise each query and key head (weights ``q_norm`` / ``k_norm``) before RoPE
 QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
 #: Gemma 3's text model: scaled embeddings, norms of ``(1 + w)`` around attention and the MLP (four a
@@ -28,7 +29,7 @@ TEXT_WEIGHT_PREFIXES = (("language_model.model.", "model."), ("model.language_mo
                         ("language_model.lm_head.", "lm_head."))
 #: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 class ModelLoadError(ValueError):
@@ -64,6 +65,9 @@ class ModelConfig:
     local_rope: tuple[float, dict[str, Any] | None] | None = None
     #: the multimodal architecture whose language model this is (its other towers are not loaded)
     text_of: str | None = None
+    #: the leading dimensions of each query and key head that RoPE turns (``partial_rotary_factor``;
+    #: 0: all of them)
+    rotary_dim: int = 0
     # sparse mixture of experts (0 experts: a dense model): the experts, how many each token uses, their
     # MLP width, whether the chosen experts' weights are renormalised to sum to 1, the layers that are
     # sparse (the others keep a dense MLP of ``intermediate_size``), and Qwen2-MoE's gated shared expert
@@ -98,9 +102,8 @@ class ModelConfig:
             raise ModelLoadError(f"unsupported hidden_act {act!r}: only {want} is implemented for {arch}")
         if cfg.get("attn_logit_softcapping") is not None:
             raise ModelLoadError("attn_logit_softcapping is not supported (no attention kernel caps its scores)")
-        prf = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if float(prf) != 1.0:
-            raise ModelLoadError(f"unsupported partial_rotary_factor {prf}: RoPE over the whole head only")
+        prf = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                            cfg.get("partial_rotary_factor") or 1.0))
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -114,6 +117,7 @@ class ModelConfig:
                 local_rope = (float(cfg.get("rope_local_base_freq", 10000.0)), None)
             # transformers < 5 keeps theta and scaling at the top level
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+            rope.pop("partial_rotary_factor", None)
             scaling = _rope_scaling(rope or cfg.get("rope_scaling") or None, cfg)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -125,6 +129,15 @@ class ModelConfig:
             moe = _moe_fields(arch, cfg) if arch in MOE_ARCHITECTURES else {}
             scalar = cfg.get("query_pre_attn_scalar") if gemma else None
             softcap = cfg.get("final_logit_softcapping")
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            rotary = int(head_dim * prf)
+            if not 0 < prf <= 1 or rotary < 2 or rotary % 2:
+                raise ModelLoadError(f"partial_rotary_factor {prf} of head_dim {head_dim} does not give an even "
+                                     "number of rotated dimensions")
+            if scaling is not None and scaling["rope_type"] == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    if len(scaling.get(key) or ()) != rotary // 2:
+                        raise ModelLoadError(f"longrope {key} needs {rotary // 2} values (one a rotated pair)")
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -133,7 +146,7 @@ class ModelConfig:
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                head_dim=head_dim,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=scaling,
@@ -149,6 +162,7 @@ class ModelConfig:
                 final_logit_softcapping=float(softcap) if softcap else None,
                 local_rope=local_rope if gemma else None,
                 text_of=text_of,
+                rotary_dim=rotary if rotary < head_dim else 0,
                 **moe,
                 extra=cfg,
             )
@@ -204,15 +218,32 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + (self.num_layers - sparse) * 3 * h * i + sparse * moe + emb + h
 
-    def rope_inv_freq(self):  # -> torch.Tensor
-        """Inverse frequencies as transformers computes them (float32), with rope scaling applied."""
+    @property
+    def rotated(self) -> int:
+        """The head dimensions RoPE turns."""
+        return self.rotary_dim or self.head_dim
+
+    def uses_long_rope(self, max_len: int) -> bool:
+        """LongRoPE: whether the long factors apply, for an engine serving up to ``max_len`` tokens. As
+        vLLM decides it: once for the engine (the long ones when it may go past the original context), so
+        that a sequence's cached keys never change frequencies as it grows (transformers switches per
+        forward pass, by the length so far: the same on any sequence within the original context)."""
+        s = self.rope_scaling
+        return s is not None and s["rope_type"] == "longrope" and max_len > int(s["original_max_position_embeddings"])
+
+    def rope_inv_freq(self, long: bool = False):  # -> torch.Tensor
+        """Inverse frequencies as transformers computes them (float32), with rope scaling applied; one
+        a pair of rotated dimensions. ``long``: LongRoPE's long factors (``uses_long_rope``)."""
         import torch
 
-        d = self.head_dim
+        d = self.rotated
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         s = self.rope_scaling
         if s is None:
             return inv_freq
+        if s["rope_type"] == "longrope":
+            ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+            return 1.0 / (ext * self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         if s["rope_type"] == "linear":
             return inv_freq / float(s["factor"])
         if s["rope_type"] == "yarn":
@@ -243,7 +274,7 @@ class ModelConfig:
         kept (extrapolated), with a linear ramp over the dimensions between."""
         import torch
 
-        s, d = self.rope_scaling or {}, self.head_dim
+        s, d = self.rope_scaling or {}, self.rotated
         factor = self._yarn_factor()
         old_ctx = float(s["original_max_position_embeddings"])
         beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
@@ -264,10 +295,14 @@ class ModelConfig:
     def rope_attention_factor(self) -> float:
         """The factor on the cos/sin tables: 1, or YaRN's ``0.1 ln(factor) + 1`` (or its mscale ratio)."""
         s = self.rope_scaling
-        if s is None or s["rope_type"] != "yarn":
+        if s is None or s["rope_type"] not in ("yarn", "longrope"):
             return 1.0
         if s.get("attention_factor") is not None:
             return float(s["attention_factor"])
+        if s["rope_type"] == "longrope":  # sqrt(1 + ln(factor) / ln(original context)), as transformers
+            orig = float(s["original_max_position_embeddings"])
+            lr_factor = float(s.get("factor") or self.max_position_embeddings / orig)
+            return 1.0 if lr_factor <= 1 else math.sqrt(1 + math.log(lr_factor) / math.log(orig))
         factor = self._yarn_factor()
 
         def mscale(m: float) -> float:
@@ -285,12 +320,14 @@ def _rope_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[s
     scaling = dict(scaling)
     scaling.pop("rope_theta", None)
     rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype == "su":  # Phi-3's first name for LongRoPE
+        rtype = "longrope"
     if rtype not in ROPE_TYPES:
         raise ModelLoadError(f"unsupported rope_type {rtype!r}: {', '.join(map(repr, ROPE_TYPES))} are")
-    if rtype == "yarn" and not scaling.get("original_max_position_embeddings"):
+    if rtype in ("yarn", "longrope") and not scaling.get("original_max_position_embeddings"):
         omax = cfg.get("original_max_position_embeddings")
         if not omax:
-            raise ModelLoadError("rope_type 'yarn' needs original_max_position_embeddings")
+            raise ModelLoadError(f"rope_type {rtype!r} needs original_max_position_embeddings")
         scaling["original_max_position_embeddings"] = omax
     scaling["rope_type"] = rtype
     return None if rtype == "default" else scaling
@@ -342,6 +379,6 @@ def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def _arch_from_model_type(model_type: str | None) -> str:
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(
+            "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(
         model_type or "", f"<model_type {model_type!r}>"
     )
