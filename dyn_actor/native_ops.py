@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL | None:
     i64, p, f32, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, f32, i64, cint]
+        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, f32, i64, f32, cint]
         fn.restype = None
     for name in ("scatter_blocks", "gather_blocks"):
         fn = getattr(lib, name)
@@ -102,6 +102,7 @@ def paged_decode_attention(
     ctx: torch.Tensor,  # [num_seqs] int64
     scale: float,
     window: int = 0,  # > 0: a sliding window, only the last ``window`` positions of each context
+    softcap: float = 0.0,  # > 0: scores capped to softcap * tanh(score / softcap) (Gemma 2)
 ) -> torch.Tensor:
     n, nh, d = q.shape
     nb, bs, nkv, _ = k_layer.shape
@@ -112,7 +113,7 @@ def paged_decode_attention(
     fn(
         q.data_ptr(), q.stride(0), k_layer.data_ptr(), v_layer.data_ptr(), k_layer.stride(0),
         table.data_ptr(), table.shape[1], ctx.data_ptr(), out.data_ptr(),
-        n, nh, nkv, d, bs, scale, window, torch.get_num_threads(),
+        n, nh, nkv, d, bs, scale, window, softcap, torch.get_num_threads(),
     )
     return out
 

@@ -119,6 +119,7 @@ KERNELS = {"_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel", "_d
            "_decode_reduce_kernel", "_prefill_kernel", "_top_p_threshold_kernel", "scatter_rows", "move_rows",
            "_grouped_gemm_kernel"}
 #: Gemma 3 (head_dim 256, float32 ``1 + w`` norm weights, sliding windows): the 1B and 4B text shapes
+#: (Gemma 2 2B's is the 4B's but for the hidden size; its capped scores are driven on both)
 GEMMA_MODELS = [(4, 1, 256, 1152, 6912), (8, 4, 256, 2560, 10240)]
 #: mixtures of experts: (experts, experts a token); Qwen3-30B-A3B's 128 of 8, Mixtral's 8 of 2
 MOE_SHAPES = [(128, 8), (8, 2)]
@@ -189,16 +190,16 @@ def drive_gemma() -> None:
                 pos = torch.zeros(t, dtype=torch.long)
                 qn = torch.ones(d, dtype=torch.float32)
                 triton_ops.rope_and_store(qkv, cos, cos, pos, pos, pos, kc, kc.clone(), nh, nkv, d, qn, qn, 1e-6)
-                for window in (0, 512):
+                for window, cap in ((0, 0.0), (512, 0.0), (4096, 50.0), (0, 50.0)):  # Gemma 2: capped scores
                     for batch, width in ((1, 8), (64, 16)):
                         q = torch.zeros(batch, nh, d, dtype=dt)
                         table = torch.zeros(batch, width, dtype=torch.long)
                         ctx = torch.ones(batch, dtype=torch.long)
-                        ta.paged_decode_attention(q, kc, kc, table, ctx, 0.0625, window=window)
+                        ta.paged_decode_attention(q, kc, kc, table, ctx, 0.0625, window=window, softcap=cap)
                     q = torch.zeros(40, nh, d, dtype=dt)
                     lens = torch.zeros(2, dtype=torch.long)
                     ta.paged_prefill_attention(q, kc, kc, torch.zeros(2, 8, dtype=torch.long), lens, lens, lens, 0.0625,
-                                               33, window=window)
+                                               33, window=window, softcap=cap)
 
 
 def drive_sampling() -> None:

@@ -27,7 +27,7 @@ def builtin_with_template(directory: Path, chat_template) -> Path:
 
 
 def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a random ``kind`` ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3", or the mixtures of experts
+    """Write a random ``kind`` ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", or the mixtures of experts
     "mixtral", "qwen2_moe", "qwen3_moe") model with ``save_pretrained``; return the folder. "qwen3" has
     head_dim 64, so its query heads are wider than the hidden size, as in Qwen3's small models."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -81,6 +81,12 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
         common = {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 64, "head_dim": 64,
                   "mlp_only_layers": [1], "norm_topk_prob": True, **common}
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common))
+    elif kind == "gemma2":  # scores and logits capped low enough to matter; every other layer over 8 tokens
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        common = {"head_dim": 64, "sliding_window": 8, "query_pre_attn_scalar": 48, "tie_word_embeddings": False,
+                  "attn_logit_softcapping": 1.5, "final_logit_softcapping": 4.0, **common}
+        model = Gemma2ForCausalLM(Gemma2Config(**common))
     elif kind == "gemma3":  # sliding-window layers (8 tokens) around a global one with linear RoPE scaling
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -100,7 +106,7 @@ def write_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, **over
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # Gemma's norms scale by 1 + w
-                p.copy_((0 if kind == "gemma3" else 1) + 0.1 * torch.randn_like(p))
+                p.copy_((0 if kind.startswith("gemma") else 1) + 0.1 * torch.randn_like(p))
             elif "bias" in name:
                 p.copy_(0.1 * torch.randn_like(p))
             else:

@@ -26,6 +26,7 @@ qwen3_moe_dir = _checkpoint_fixture("qwen3_moe")
 gemma3_dir = _checkpoint_fixture("gemma3")
 mistral_dir = _checkpoint_fixture("mistral")
 phi3_dir = _checkpoint_fixture("phi3")
+gemma2_dir = _checkpoint_fixture("gemma2")
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ def _hf(model_dir):
 
 # mistral and gemma3 attend over sliding windows of 8 tokens (gemma3: its middle layer over everything)
 # phi3 turns half of each head's dimensions (partial_rotary_factor 0.5)
-KINDS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
+# gemma2 caps attention scores at 1.5 and logits at 4 (tanh), every other layer windowed
+KINDS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

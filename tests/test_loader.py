@@ -89,7 +89,7 @@ def _edit_config(d, **changes):
     "changes, message",
     [
         ({"architectures": ["Qwen3ForCausalLM"]}, "q_norm.weight"),  # Qwen3 without its head norms
-        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"partial_rotary_factor": 0.3}, "partial_rotary_factor 0.3 of head_dim 64"),  # 19 dimensions: odd
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "original_max_position_embeddings"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
     ],

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler: the PyTorch 
 
 
 def _reference(q, pool: KvPool, layer: int, tables: list[list[int]], ctx: list[int], scale: float,
-               window: int = 0) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     nb, bs, nkv, d = pool.k[layer].shape
     out = []
     for i, (t, n) in enumerate(zip(tables, ctx)):
@@ -28,15 +28,17 @@ def _reference(q, pool: KvPool, layer: int, tables: list[list[int]], ctx: list[i
         g = q.shape[1] // nkv
         k = k.repeat_interleave(g, dim=1).transpose(0, 1)
         v = v.repeat_interleave(g, dim=1).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q[i].float().unsqueeze(1), k, v, scale=scale)
-        out.append(o.squeeze(1))
+        s = (q[i].float().unsqueeze(1) @ k.transpose(1, 2)) * scale  # [heads, 1, n]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        out.append((s.softmax(-1) @ v).squeeze(1))
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (12, 4), (8, 1)])
-@pytest.mark.parametrize("window", [0, 7, 16, 40])
-def test_kernel_matches_reference(dtype, nh, nkv, window):
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (7, 0.0), (16, 0.0), (40, 0.0), (0, 0.5), (7, 2.0)])
+def test_kernel_matches_reference(dtype, nh, nkv, window, softcap):
     """With ``window`` > 0, a sliding window: only the last ``window`` positions (starting inside a
     block, on a block boundary, or before the context begins)."""
     torch.manual_seed(0)
@@ -50,8 +52,8 @@ def test_kernel_matches_reference(dtype, nh, nkv, window):
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     qkv = torch.randn(len(ctx), (nh + 2 * nkv) * d).to(dtype)  # q as a strided slice, as in the model
     q = qkv[:, : nh * d].view(len(ctx), nh, d)
-    got = paged_decode_attention(lib, q, pool.k[1], pool.v[1], table, torch.tensor(ctx), d**-0.5, window)
-    ref = _reference(q, pool, 1, tables, ctx, d**-0.5, window)
+    got = paged_decode_attention(lib, q, pool.k[1], pool.v[1], table, torch.tensor(ctx), d**-0.5, window, softcap)
+    ref = _reference(q, pool, 1, tables, ctx, d**-0.5, window, softcap)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - ref).abs().max().item() < tol
 

@@ -44,12 +44,15 @@ def _gather(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tenso
     return cache[blocks].reshape(-1, *cache.shape[2:])[:n]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+            softcap: float = 0.0):
     """q [m, nh, d], k/v [n, nkv, d] -> [m, nh, d], in float64."""
     g = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(g, dim=1)
     v = v.double().repeat_interleave(g, dim=1)
     s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.einsum("hmn,nhd->mhd", s.softmax(-1), v)
@@ -128,10 +131,12 @@ def _window_mask(n_keys: int, qpos: torch.Tensor, window: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("window,lens,seqs,g,nkv,d,bs,dtype", SLIDING)
-def test_sliding_window_kernels_match_reference(window, lens, seqs, g, nkv, d, bs, dtype):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_sliding_window_kernels_match_reference(window, lens, seqs, g, nkv, d, bs, dtype, softcap):
     """A sliding window (Gemma 3's local layers, Mistral's): a query at position p sees keys
     p - window + 1 .. p, in decode (windows inside one block, across blocks, a context shorter than
-    the window; one and three slices) and in prefill chunks after a cached prefix."""
+    the window; one and three slices) and in prefill chunks after a cached prefix. With ``softcap``,
+    Gemma 2's scores: ``softcap * tanh(score / softcap)``."""
     nh = g * nkv
     totals = [c + n for c, n in seqs]
     num_blocks = sum(-(-n // bs) for n in lens + totals) + 5
@@ -141,10 +146,10 @@ def test_sliding_window_kernels_match_reference(window, lens, seqs, g, nkv, d, b
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn((len(lens), nh, d), generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
     for splits in (1, 3):
-        got = paged_decode_attention(q, kc, vc, table, ctx, scale, num_splits=splits, window=window)
+        got = paged_decode_attention(q, kc, vc, table, ctx, scale, num_splits=splits, window=window, softcap=softcap)
         for b, n in enumerate(lens):
             mask = _window_mask(n, torch.tensor([n - 1], device=DEVICE), window)
-            want = _attend(q[b:b + 1], _gather(kc, table[b], n), _gather(vc, table[b], n), scale, mask)[0]
+            want = _attend(q[b:b + 1], _gather(kc, table[b], n), _gather(vc, table[b], n), scale, mask, softcap)[0]
             torch.testing.assert_close(got[b].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
     table = _tables(totals, bs, num_blocks, seed=window + 1)
     q_lens = [n for _, n in seqs]
@@ -152,11 +157,11 @@ def test_sliding_window_kernels_match_reference(window, lens, seqs, g, nkv, d, b
     q = torch.randn((sum(q_lens), nh, d), generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
     as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
     got = paged_prefill_attention(q, kc, vc, table, as_t(starts), as_t(q_lens), as_t([c for c, _ in seqs]), scale,
-                                  max(q_lens), block_m=16, window=window)
+                                  max(q_lens), block_m=16, window=window, softcap=softcap)
     for s, (c, n) in enumerate(seqs):
         k, v = _gather(kc, table[s], c + n), _gather(vc, table[s], c + n)
         mask = _window_mask(c + n, c + torch.arange(n, device=DEVICE), window)
-        want = _attend(q[starts[s]:starts[s] + n], k, v, scale, mask)
+        want = _attend(q[starts[s]:starts[s] + n], k, v, scale, mask, softcap)
         torch.testing.assert_close(got[starts[s]:starts[s] + n].double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 

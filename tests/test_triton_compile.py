@@ -48,3 +48,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # Gemma 3's: sliding windows, head_dim 256, float32 norm weights over bf16 rows
     assert any("SLIDING=True" in r["launch"] and "D=256" in r["launch"] and "bf16" in r["launch"] for r in rows)
     assert any("ROUND_FIRST=False" in r["launch"] and "bf16" in r["launch"] for r in rows)
+    assert any("SOFTCAP=True" in r["launch"] and "SLIDING=True" in r["launch"] for r in rows)  # Gemma 2

@@ -54,7 +54,8 @@ static inline float exp_nonpositive(float x) {
 #define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                              \
     void NAME(const T *q, int64_t q_stride, const T *k, const T *v, int64_t block_stride,                \
               const int64_t *table, int64_t max_blocks, const int64_t *ctx, T *out, int64_t num_seqs,     \
-              int64_t nh, int64_t nkv, int64_t d, int64_t bs, float scale, int64_t window, int nthreads) {\
+              int64_t nh, int64_t nkv, int64_t d, int64_t bs, float scale, int64_t window, float softcap,  \
+              int nthreads) {                                                                             \
         const int64_t G = nh / nkv;                                                                       \
         const int64_t row = nkv * d;                                                                      \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                          \
@@ -86,6 +87,8 @@ static inline float exp_nonpositive(float x) {
                     }                                                                                    \
                 }                                                                                        \
             }                                                                                            \
+            if (softcap > 0.f) /* Gemma 2: scores squashed into (-softcap, softcap) before the softmax */ \
+                for (int64_t i = 0; i < nh * n; i++) scores[i] = softcap * tanhf(scores[i] / softcap);    \
             for (int64_t h = 0; h < nh; h++) {                                                           \
                 float *sh = scores + h * n;                                                              \
                 float m = -INFINITY;                                                                     \

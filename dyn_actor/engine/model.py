@@ -183,6 +183,7 @@ class LlamaModel:
         pack = on_cpu and native_ops and os.environ.get("DYN_ACTOR_MKL_PACK", "1") != "0"
         self.dtype = dtype
         self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcapping or 0.0  # Gemma 2: attention scores capped by tanh
         self.gemma = cfg.is_gemma
         self.lora_rows = LoraRows()
         w = {k.removeprefix("model."): v for k, v in weights.items()}
@@ -366,16 +367,17 @@ class LlamaModel:
             kc, vc = pool.k[layer], pool.v[layer]
             if nd:
                 self.triton.paged_decode_attention(q[:nd], kc, vc, b.decode_block_table, b.decode_ctx_lens,
-                                                   self.scale, out=out[:nd], window=window)
+                                                   self.scale, out=out[:nd], window=window, softcap=self.softcap)
             m = b.prefill_meta
             if m is not None:
                 self.triton.paged_prefill_attention(q[nd:], kc, vc, m.block_tables, m.q_starts, m.q_lens, m.ctx_lens,
-                                                    self.scale, m.max_q_len, out=out[nd:], window=window)
+                                                    self.scale, m.max_q_len, out=out[nd:], window=window,
+                                                    softcap=self.softcap)
             return out.view(q.shape[0], nh * d)
         if nd and self.native is not None:
             out[:nd] = paged_decode_attention(
                 self.native, q[:nd], pool.k[layer], pool.v[layer], b.decode_block_table, b.decode_ctx_lens, self.scale,
-                window,
+                window, self.softcap,
             )
         elif nd:
             table = b.decode_block_table.view(-1)
@@ -383,7 +385,7 @@ class LlamaModel:
             kd = k_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             vd = v_rows.index_select(0, table).view(nd, s, nkv, d).transpose(1, 2)
             qd = q[:nd].view(nd, nkv, nh // nkv, d)  # heads grouped by their kv head
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(b, window), scale=self.scale)
+            o = self._sdpa(qd, kd, vd, self._decode_mask(b, window), False, False)
             out[:nd] = o.reshape(nd, nh, d)
         gqa = nkv != nh
         singles = []
@@ -402,17 +404,29 @@ class LlamaModel:
                 vs = v_rows.index_select(0, p.block_ids).view(-1, nkv, d)[:total]
             mask = self._prefill_mask(b, p, window)
             # 4-D inputs: the CPU flash kernel is only chosen for [batch, heads, seq, dim]
-            o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1).unsqueeze(0),
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self.scale,
-                enable_gqa=gqa,
-            )
+            o = self._sdpa(q[lo:hi].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+                           vs.transpose(0, 1).unsqueeze(0), mask, mask is None, gqa)
             out[lo:hi] = o[0].transpose(0, 1)
         return out.view(q.shape[0], nh * d)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+              gqa: bool) -> torch.Tensor:
+        """``scaled_dot_product_attention`` over ``[batch, heads, seq, dim]``; with Gemma 2's score cap, the
+        same written out (scores, ``softcap * tanh(scores / softcap)``, mask, softmax), which SDPA lacks.
+        ``mask``: bool (True: visible) or additive; ``causal``: a causal mask instead."""
+        if not self.softcap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                  enable_gqa=gqa)
+        if gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        s = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        s = s.div_(self.softcap).tanh_().mul_(self.softcap)
+        if causal:
+            mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril_(s.shape[-1] - s.shape[-2])
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return (s.softmax(-1) @ v.float()).to(q.dtype)
 
     @staticmethod
     def _band(q_pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
@@ -466,9 +480,8 @@ class LlamaModel:
         mask = None
         if window and longest > window:  # a sliding window: the band, the same for every row of the group
             mask = self._band(torch.arange(longest, device=q.device), longest, window)
-        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask,
-                                           is_causal=mask is None, scale=self.scale,
-                                           enable_gqa=nkv != nh).transpose(1, 2)
+        o = self._sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), mask, mask is None,
+                       nkv != nh).transpose(1, 2)
         if in_place:
             out[lo:hi].view(n, longest, nh, d).copy_(o)
         else:

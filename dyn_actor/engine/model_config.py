@@ -8,12 +8,13 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM",
-                           "Phi3ForCausalLM")
+                           "Phi3ForCausalLM", "Gemma2ForCausalLM")
 #: architectures that RMS-normalise each query and key head (weights ``q_norm`` / ``k_norm``) before RoPE
 QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
-#: Gemma 3's text model: scaled embeddings, norms of ``(1 + w)`` around attention and the MLP (four a
-#: layer), GeLU-tanh MLP, local (sliding-window) layers with their own RoPE base among global ones
-GEMMA_ARCHITECTURES = ("Gemma3ForCausalLM",)
+#: Gemma 2 and 3: scaled embeddings, norms of ``(1 + w)`` around attention and the MLP (four a layer),
+#: GeLU-tanh MLP, sliding-window layers among global ones (Gemma 3's with a RoPE base of their own;
+#: Gemma 2's scores capped by tanh)
+GEMMA_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma2ForCausalLM")
 #: what Gemma 3's text config means when it leaves a key out (transformers' ``Gemma3TextConfig``);
 #: the 4B-27B checkpoints' ``text_config`` lists only what differs from these
 GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
@@ -61,6 +62,8 @@ class ModelConfig:
     #: attention scores scaled by this ** -0.5 (Gemma's ``query_pre_attn_scalar``; None: head_dim)
     query_pre_attn_scalar: float | None = None
     final_logit_softcapping: float | None = None
+    #: attention scores squashed to ``c * tanh(score / c)`` before the softmax (Gemma 2)
+    attn_logit_softcapping: float | None = None
     #: RoPE of the sliding-window layers where it differs from the global one (Gemma 3): theta, scaling
     local_rope: tuple[float, dict[str, Any] | None] | None = None
     #: the multimodal architecture whose language model this is (its other towers are not loaded)
@@ -89,7 +92,7 @@ class ModelConfig:
             top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
                    if cfg.get(k) is not None}
             cfg = {**top, **(cfg.get("text_config") or {}), "architectures": [arch]}
-        if arch in GEMMA_ARCHITECTURES:
+        if arch == "Gemma3ForCausalLM":
             cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
@@ -100,8 +103,6 @@ class ModelConfig:
         if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
             want = "'gelu_pytorch_tanh'" if gemma else "'silu' (SwiGLU)"
             raise ModelLoadError(f"unsupported hidden_act {act!r}: only {want} is implemented for {arch}")
-        if cfg.get("attn_logit_softcapping") is not None:
-            raise ModelLoadError("attn_logit_softcapping is not supported (no attention kernel caps its scores)")
         prf = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor",
                                                             cfg.get("partial_rotary_factor") or 1.0))
         try:
@@ -113,7 +114,7 @@ class ModelConfig:
                 local = dict(rope.get("sliding_attention") or {})
                 rope = dict(rope.get("full_attention") or {})
                 local_rope = (float(local.pop("rope_theta", 10000.0)), _rope_scaling(local or None, cfg))
-            elif gemma:  # transformers < 5: the local layers' base apart, unscaled
+            elif arch == "Gemma3ForCausalLM":  # transformers < 5: the local layers' base apart, unscaled
                 local_rope = (float(cfg.get("rope_local_base_freq", 10000.0)), None)
             # transformers < 5 keeps theta and scaling at the top level
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -129,6 +130,7 @@ class ModelConfig:
             moe = _moe_fields(arch, cfg) if arch in MOE_ARCHITECTURES else {}
             scalar = cfg.get("query_pre_attn_scalar") if gemma else None
             softcap = cfg.get("final_logit_softcapping")
+            attn_cap = cfg.get("attn_logit_softcapping")
             head_dim = int(cfg.get("head_dim") or hidden // heads)
             rotary = int(head_dim * prf)
             if not 0 < prf <= 1 or rotary < 2 or rotary % 2:
@@ -160,6 +162,7 @@ class ModelConfig:
                 hidden_act=act,
                 query_pre_attn_scalar=float(scalar) if scalar else None,
                 final_logit_softcapping=float(softcap) if softcap else None,
+                attn_logit_softcapping=float(attn_cap) if attn_cap else None,
                 local_rope=local_rope if gemma else None,
                 text_of=text_of,
                 rotary_dim=rotary if rotary < head_dim else 0,
@@ -347,6 +350,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], layers: int, sliding: int) ->
         if unknown:
             raise ModelLoadError(f"unsupported layer types {sorted(unknown)}: full_attention and sliding_attention are")
         return tuple(sliding if t == "sliding_attention" else 0 for t in types)
+    if arch == "Gemma2ForCausalLM":  # every other layer, the first windowed
+        return tuple(0 if i % 2 else sliding for i in range(layers))
     if arch in GEMMA_ARCHITECTURES:
         pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
         return tuple(0 if (i + 1) % pattern == 0 else sliding for i in range(layers))
@@ -379,6 +384,7 @@ def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def _arch_from_model_type(model_type: str | None) -> str:
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(
+            "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM"}.get(
         model_type or "", f"<model_type {model_type!r}>"
     )

@@ -31,14 +31,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+def _attend_block(q, k, v, visible, m_i, l_i, acc, scale, softcap, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One block of keys in an online softmax: fold ``k``/``v`` (``[BS, D]``) into the running max
-    ``m_i``, sum ``l_i`` and output ``acc`` of the query rows ``q``, where ``visible`` allows."""
+    ``m_i``, sum ``l_i`` and output ``acc`` of the query rows ``q``, where ``visible`` allows. With
+    ``SOFTCAP``, scores are squashed to ``softcap * tanh(score / softcap)`` first (Gemma 2)."""
     if IEEE:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(visible, s * scale, float("-inf"))
+    s = s * scale
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates cleanly at both ends
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
@@ -59,9 +63,9 @@ def _decode_split_kernel(
     s_btb,
     s_ob, s_oh, s_os,
     s_lb, s_lh,
-    scale, num_splits, window,
+    scale, num_splits, window, softcap,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr,
-    IEEE: tl.constexpr, SLIDING: tl.constexpr,
+    IEEE: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # KV head
@@ -97,7 +101,7 @@ def _decode_split_kernel(
                     other=0.0)
         kpos = jt * BS + off
         m_i, l_i, acc = _attend_block(q, k, v, (valid & (kpos < ctx) & (kpos >= first))[None, :], m_i, l_i, acc,
-                                      scale, IEEE)
+                                      scale, softcap, IEEE, SOFTCAP)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -163,9 +167,10 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     tuning: dict | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context (with ``window`` > 0: over
-    its last ``window`` tokens only, a sliding window).
+    its last ``window`` tokens only, a sliding window; with ``softcap`` > 0, scores capped as Gemma 2's).
 
     ``q`` ``[B, num_heads, D]``; ``k_cache`` / ``v_cache`` ``[num_blocks, block_size, num_kv_heads, D]``
     (any block stride, the rest contiguous); ``block_table`` ``[B, max_blocks]`` (entries past a
@@ -205,9 +210,9 @@ def paged_decode_attention(
         block_table.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        scale, splits, window,
+        scale, splits, window, float(softcap or 1.0),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, KB=kb, IEEE=_ieee(q.dtype), SLIDING=window > 0,
-        **extra,
+        SOFTCAP=softcap > 0, **extra,
     )
     _decode_reduce_kernel[(bsz, nh)](
         part, lse, out,
@@ -227,9 +232,9 @@ def _prefill_kernel(
     s_vb, s_vt, s_vh,
     s_btb,
     s_ot, s_oh,
-    scale, window,
+    scale, window, softcap,
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
-    SLIDING: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     hq = tl.program_id(1)
@@ -261,7 +266,7 @@ def _prefill_kernel(
         visible = kpos <= qpos[:, None]
         if SLIDING:
             visible = visible & (kpos > qpos[:, None] - window)
-        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
+        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, scale, softcap, IEEE, SOFTCAP)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + (q_start + i)[:, None] * s_ot + hq * s_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=imask[:, None])
@@ -294,6 +299,7 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int = 32,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of chunks of new tokens over their sequences' paged KV (with ``window`` > 0, a
     sliding window: each token sees itself and the ``window - 1`` tokens before it).
@@ -319,8 +325,8 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        scale, window,
-        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype), SLIDING=window > 0,
+        scale, window, float(softcap or 1.0),
+        G=nh // nkv, D=d, BS=bs, BLOCK_M=block_m, IEEE=_ieee(q.dtype), SLIDING=window > 0, SOFTCAP=softcap > 0,
         **_prefill_options(q, d, bs, block_m),
     )
     return out
