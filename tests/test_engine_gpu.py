@@ -218,9 +218,10 @@ def test_lora_adapters_in_the_graphs_give_the_merged_checkpoints_tokens(llama_di
             assert got[f"None-{i}"] == base[str(i)], (kw, i)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gemma3", "mistral"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gemma3", "mistral", "gemma2", "phi3"])
 def test_model_families_on_the_gpu(kind, tmp_path):
-    """A sparse MoE checkpoint (and Gemma 3's, Mistral's sliding windows of 8 tokens) on the card:
+    """A sparse MoE checkpoint (and Gemma 3's, Mistral's sliding windows of 8 tokens, Gemma 2's capped
+    scores, Phi-3's partial rotary) on the card:
     float32 greedy tokens equal transformers' ``generate()`` (the grouped-experts kernel in IEEE
     float32; the windowed attention kernels), a batch of 64 through the decode graphs equals
     ``--enforce-eager`` and the prompts alone, and bf16 greedy runs through the graphs."""
