@@ -90,7 +90,7 @@ collect() {  # key: wait for it and add its line to the summary
 PYT=($PY -m pytest -q -p no:cacheprovider)
 launch kernels "triton kernels vs reference" 200 "${PYT[@]}" tests/test_triton_attention.py tests/test_triton_ops.py \
     tests/test_triton_sampling.py
-launch engine "engine on the GPU" 200 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
+launch engine "engine on the GPU" 290 "${PYT[@]}" -m gpu tests/test_engine_gpu.py
 launch ipc "CUDA IPC transfer tests" 150 env DYN_ACTOR_NATIVE_OPS=0 "${PYT[@]}" -m gpu tests/test_kv_transfer_gpu.py
 launch disagg "agg and 1p1d on the GPU agree, no device memory held after kills" 320 "${PYT[@]}" -m gpu tests/test_disagg_gpu.py
 launch faults "fault matrix on the GPU" ${FAULTS_LIMIT:-300} env DYN_TEST_SERVER_FLAGS="--device cuda --dtype float32" \
