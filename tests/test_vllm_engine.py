@@ -333,9 +333,9 @@ def test_phi3_partial_rotary_and_longrope_give_vllms_greedy_tokens(tmp_path):
 def test_gemma2_capped_scores_give_vllms_greedy_tokens(tmp_path):
     """Gemma 2: attention scores capped to ``c * tanh(s / c)`` (low, so that the cap matters), logits
     capped, every other layer over a window of 32 tokens: the native engine's greedy tokens are vLLM's."""
-    from tests.checkpoints import write_checkpoint
-
     from safetensors.torch import load_file, save_file
+
+    from tests.checkpoints import write_checkpoint
 
     d = write_checkpoint(tmp_path / "gemma2", "gemma2", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, max_position_embeddings=512, sliding_window=32, tie_word_embeddings=True)
