@@ -28,6 +28,26 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
     return {rid: (toks, reason, outs) for rid, (toks, reason, outs) in got.items()}
 
 
+def remote_prefill_matches_local(make_engine, prompt: list[int], params: SamplingParams) -> None:
+    """The disaggregation hooks on two engines of one model: a decode engine allocates, a prefill engine
+    computes ``prompt`` and its KV is copied into the decode engine's blocks; decoding continues with
+    the tokens of a local prefill (a third engine), and no block is left held on either side."""
+    dec, pre = make_engine(), make_engine()
+    want = run_all(make_engine(), {"r": (prompt, params)})["r"][0]
+    alloc = dec.allocate_remote_prefill("r", prompt, params)
+    assert alloc is not None
+    pre.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
+    first = [t for _ in range(10) if pre.has_unfinished_requests() for o in pre.step() for t in o.new_token_ids]
+    dec.pool.write_blocks(alloc.block_ids, pre.pool.read_blocks(pre.block_ids("r")))
+    pre.release_blocks("r")
+    got = list(first)
+    assert dec.finish_remote_prefill("r", first[0]) is not None
+    while dec.has_unfinished_requests():
+        got += [t for o in dec.step() for t in o.new_token_ids]
+    assert got == want
+    assert dec.block_manager.num_used_blocks == 0 and pre.block_manager.num_used_blocks == 0
+
+
 def fail_forward_once(engine: LLMEngine, message: str = "illegal memory access") -> None:
     """Make the engine's next forward pass raise ``RuntimeError(message)``; the one after works again."""
     forward = engine.model.forward

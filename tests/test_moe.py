@@ -151,21 +151,9 @@ def test_remote_prefill_hooks(mixtral_dir):
     """Disaggregation on an MoE model: a decode engine allocates, a prefill engine computes the prompt
     and its KV is copied into the decode engine's blocks; decoding continues with the tokens of a
     local prefill."""
-    dec, pre = _engine(mixtral_dir), _engine(mixtral_dir)
-    p = PROMPTS["c"]
-    want = _tokens(_engine(mixtral_dir), {"r": p})["r"]
-    alloc = dec.allocate_remote_prefill("r", p, GREEDY)
-    assert alloc is not None
-    pre.add_request("r", p, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    first = [t for _ in range(10) if pre.has_unfinished_requests() for o in pre.step() for t in o.new_token_ids]
-    dec.pool.write_blocks(alloc.block_ids, pre.pool.read_blocks(pre.block_ids("r")))
-    pre.release_blocks("r")
-    got = list(first)
-    assert dec.finish_remote_prefill("r", first[0]) is not None
-    while dec.has_unfinished_requests():
-        got += [t for o in dec.step() for t in o.new_token_ids]
-    assert got == want
-    assert dec.block_manager.num_used_blocks == 0 and pre.block_manager.num_used_blocks == 0
+    from tests.helpers import remote_prefill_matches_local
+
+    remote_prefill_matches_local(lambda: _engine(mixtral_dir), PROMPTS["c"], GREEDY)
 
 
 def test_load_errors_are_one_line(qwen3_moe_dir, tmp_path):

@@ -97,21 +97,9 @@ def test_remote_prefill_hooks(gemma3_dir):
     """Disaggregation on Gemma 3: a decode engine allocates, a prefill engine computes the prompt and
     its KV (every position, the window's too) is copied into the decode engine's blocks; decoding
     continues with the tokens of a local prefill."""
-    dec, pre = _engine(gemma3_dir), _engine(gemma3_dir)
-    p = PROMPTS["c"]
-    want = _tokens(_engine(gemma3_dir), {"r": p})["r"]
-    alloc = dec.allocate_remote_prefill("r", p, GREEDY)
-    assert alloc is not None
-    pre.add_request("r", p, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    first = [t for _ in range(10) if pre.has_unfinished_requests() for o in pre.step() for t in o.new_token_ids]
-    dec.pool.write_blocks(alloc.block_ids, pre.pool.read_blocks(pre.block_ids("r")))
-    pre.release_blocks("r")
-    got = list(first)
-    assert dec.finish_remote_prefill("r", first[0]) is not None
-    while dec.has_unfinished_requests():
-        got += [t for o in dec.step() for t in o.new_token_ids]
-    assert got == want
-    assert dec.block_manager.num_used_blocks == 0 and pre.block_manager.num_used_blocks == 0
+    from tests.helpers import remote_prefill_matches_local
+
+    remote_prefill_matches_local(lambda: _engine(gemma3_dir), PROMPTS["c"], GREEDY)
 
 
 def test_load_errors_are_one_line(gemma3_dir, tmp_path):
