@@ -48,6 +48,29 @@ def remote_prefill_matches_local(make_engine, prompt: list[int], params: Samplin
     assert dec.block_manager.num_used_blocks == 0 and pre.block_manager.num_used_blocks == 0
 
 
+def served_1p1d_remote_texts_match(model_dir, prompts: dict[str, list[int]], want: dict[str, list[int]],
+                                   max_tokens: int) -> None:
+    """The launcher on ``model_dir``, 1p1d with every prefill remote: each greedy completion of
+    ``prompts`` is the text of the engine's tokens ``want``, the prefills went remote, and the stop
+    is clean."""
+    from dyn_actor.engine.loader import load_tokenizer
+    from tests.server import Server
+
+    tok = load_tokenizer(str(model_dir))
+    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--model", str(model_dir),
+               "--dtype", "float32", "--kv-cache-memory-gb", "0.1")
+    try:
+        for k, prompt in prompts.items():
+            r = requests.post(s.url + "/v1/completions", timeout=60, json={
+                "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == tok.decode(want[k]), k
+        assert metric(s, "dyn_remote_prefills_total") >= len(prompts)
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+
+
 def fail_forward_once(engine: LLMEngine, message: str = "illegal memory access") -> None:
     """Make the engine's next forward pass raise ``RuntimeError(message)``; the one after works again."""
     forward = engine.model.forward

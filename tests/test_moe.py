@@ -200,23 +200,7 @@ def test_load_errors_are_one_line(qwen3_moe_dir, tmp_path):
 def test_served_1p1d_every_prefill_remote(mixtral_dir):
     """The launcher on a Mixtral checkpoint, 1p1d with every prefill remote: the texts of greedy
     completions are the engine's, and the stop is clean."""
-    import requests
+    from tests.helpers import served_1p1d_remote_texts_match
 
-    from dyn_actor.engine.loader import load_tokenizer
-    from tests.helpers import metric
-    from tests.server import Server
-
-    tok = load_tokenizer(str(mixtral_dir))
-    want = _tokens(_engine(mixtral_dir), {k: PROMPTS[k] for k in ("a", "c")})
-    s = Server("--topology", "1p1d", "--max-local-prefill-length", "0", "--model", str(mixtral_dir),
-               "--dtype", "float32", "--kv-cache-memory-gb", "0.1")
-    try:
-        for k in ("a", "c"):
-            r = requests.post(s.url + "/v1/completions", timeout=60, json={
-                "prompt": PROMPTS[k], "max_tokens": GREEDY.max_tokens, "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["text"] == tok.decode(want[k]), k
-        assert metric(s, "dyn_remote_prefills_total") >= 2
-    finally:
-        code, err = s.stop()
-    assert code == 0, err[-2000:]
+    prompts = {k: PROMPTS[k] for k in ("a", "c")}
+    served_1p1d_remote_texts_match(mixtral_dir, prompts, _tokens(_engine(mixtral_dir), prompts), GREEDY.max_tokens)
