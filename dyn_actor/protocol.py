@@ -63,6 +63,26 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self._given()[0]
 
 
+class PoolingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An embedding request (a model served with ``--runner pooling``): the prompt's hidden states
+    pooled into one vector instead of tokens generated. ``dimensions``: keep the first this many
+    (a Matryoshka model's shorter embeddings; vLLM's field); ``normalize``: scale it to unit length
+    (None: the model's pooler decides; vLLM calls it ``use_activation``)."""
+
+    dimensions: int | None = None
+    normalize: bool | None = None
+    # embed (a vector), or classify (a sequence classifier's label probabilities, ``/classify``; there
+    # ``normalize`` is vLLM's ``use_activation``: softmax or sigmoid over the scores, or the raw scores)
+    task: str = "embed"
+
+    def validate(self) -> PoolingParams:
+        if self.task not in ("embed", "classify"):
+            raise ValueError(f"unknown pooling task {self.task!r}: embed or classify")
+        if self.dimensions is not None and not 1 <= self.dimensions <= _I32:
+            raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
+        return self
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -95,6 +115,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # base model). Not a sampling parameter as such: it travels here so that every path that carries
     # a request's parameters (to a worker, through the prefill queue, to vLLM) carries it too
     lora_name: str | None = None
+    # an embedding request (``PoolingParams``): the engine pools the prompt's hidden states and
+    # generates nothing. It travels here for the same reason as ``lora_name``
+    pooling: PoolingParams | None = None
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ``ValueError`` with a user-facing message for any bad value; return self."""
@@ -128,6 +151,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         if self.structured is not None:
             self.structured.validate()
+        if self.pooling is not None:
+            self.pooling.validate()
         if vocab_size is not None:
             outside = self.outside_vocab(vocab_size)
             if outside is not None:

@@ -81,6 +81,8 @@ class LaunchConfig:
     lora_modules: list[str] = field(default_factory=list)  # NAME=PATH (validate makes the paths absolute)
     max_lora_rank: int = 16
     max_loras: int | None = None
+    runner: str = "auto"
+    pooler_config: str | None = None  # a JSON object (a YAML mapping is written as one)
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -169,6 +171,14 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                          "\"prompt_lookup_max\": 4}' drafts by n-gram lookup in each request's own tokens and checks "
                          "the draft in the same step (the native engine's only method; with --engine vllm, any "
                          "config vLLM takes). Off by default")
+    ap.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                    help="generate (text), or pooling: serve embeddings (/v1/embeddings), each prompt pooled "
+                         "into one vector (vLLM's flag). auto: pooling for an embedding model's folder (a "
+                         "sentence-transformers modules.json, or a bare *Model architecture)")
+    ap.add_argument("--pooler-config", default=None, metavar="JSON",
+                    help="how --runner pooling pools (vLLM's flag): '{\"pooling_type\": \"MEAN\", \"normalize\": "
+                         "false}'; pooling_type LAST, MEAN or CLS. Default: the folder's sentence-transformers "
+                         "Pooling and Normalize modules, else LAST and normalized")
     ap.add_argument("--enable-lora", action="store_true",
                     help="serve LoRA adapters beside the base model (vLLM's flag; implied by --lora-modules)")
     ap.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
@@ -378,6 +388,7 @@ def validate(cfg: LaunchConfig) -> None:
             raise ConfigError("--speculative-config and --async-scheduling on do not go together (a step's drafts "
                               "come from the tokens of the step before)")
     check_lora(cfg)
+    check_runner(cfg)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
@@ -388,6 +399,24 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
     if cfg.kv_cache_memory_gb is not None and cfg.kv_cache_memory_gb <= 0:
         raise ConfigError("--kv-cache-memory-gb must be positive")
+
+
+def check_runner(cfg: LaunchConfig) -> None:
+    """``--runner`` and ``--pooler-config`` checked against the model (its folder read, no weights)."""
+    from dyn_actor.engine.model_config import ModelLoadError
+    from dyn_actor.engine.pooling import classifier, parse_pooler_config, pooler_for, runner_of
+
+    try:
+        if cfg.pooler_config is not None:
+            parse_pooler_config(cfg.pooler_config, pooler_for(cfg.model, None))
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.engine == "vllm" and classifier(cfg.model):
+        raise ConfigError("sequence classifiers (/classify) are served by the native engine only")
+    if cfg.engine == "vllm" and cfg.topology != "agg" and runner_of(cfg.model, cfg.runner) == "pooling":
+        raise ConfigError("embeddings (--runner pooling) with --engine vllm are served in the agg topology only")
+    if cfg.pooler_config is not None and cfg.runner == "generate":
+        raise ConfigError("--pooler-config applies to --runner pooling")
 
 
 def check_lora(cfg: LaunchConfig) -> None:

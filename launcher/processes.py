@@ -208,7 +208,7 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
                                                         util, cfg.vllm_args, cfg.block_size, theirs, transfer,
                                                         cfg.reasoning_parser, cfg.speculative_config, loras,
-                                                        cfg.max_lora_rank))
+                                                        cfg.max_lora_rank, cfg.runner, cfg.pooler_config))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)
@@ -216,7 +216,8 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                        *([] if tok.eos_token_id is None else [tok.eos_token_id])]
             info = WorkerInfo(name, cfg.model, mc.max_model_len, mc.get_vocab_size(),
                               llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), ours,
-                              device=str(llm.vllm_config.device_config.device_type), lora_modules=loras)
+                              device=str(llm.vllm_config.device_config.device_type), lora_modules=loras,
+                              runner=mc.runner_type)
         except Exception as e:  # noqa: BLE001 - any start-up failure is a one-line error in the launcher
             conn.send(("failed", f"{role} {index}: vLLM did not start: {type(e).__name__}: {e}"))
             return

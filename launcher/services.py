@@ -36,7 +36,8 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         async_scheduling=cfg.async_scheduling,
         # (a prefill worker computes prompts only: nothing to draft)
         speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None,
-        lora_modules=parse_lora_modules(cfg.lora_modules) or None, max_lora_rank=cfg.max_lora_rank))
+        lora_modules=parse_lora_modules(cfg.lora_modules) or None, max_lora_rank=cfg.max_lora_rank,
+        runner=cfg.runner, pooler_config=cfg.pooler_config))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:

@@ -177,3 +177,66 @@ def merge_lora(base_dir: Path, lora_dir: Path, directory: Path) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base_dir / f, directory / f)
     return directory
+
+
+def write_embedding_checkpoint(directory: Path, kind: str = "qwen3", pooling: str | None = "lasttoken",
+                               normalize: bool = True, bare: bool = True, seed: int = 0, config: dict | None = None,
+                               **overrides) -> Path:
+    """A random decoder embedding model, as such models are published: with ``bare``, the transformer
+    alone (``Qwen3Model``, ``LlamaModel``, ...: no LM head, tensors without the ``model.`` prefix), else
+    the causal LM; with ``pooling`` (a sentence-transformers mode: lasttoken, mean, cls), a
+    ``modules.json`` naming a Pooling module (and a Normalize one with ``normalize``). ``config``: more
+    keys for config.json (``is_matryoshka``, ``matryoshka_dimensions``); ``overrides``: the model's
+    shape, as ``write_checkpoint`` takes them."""
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(directory, kind, seed, **overrides)
+    if bare:
+        full = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32)
+        for f in directory.glob("*.safetensors"):
+            f.unlink()
+        full.model.save_pretrained(str(directory), safe_serialization=True)
+    if config:
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg.update(config)
+        (directory / "config.json").write_text(json.dumps(cfg))
+    if pooling is not None:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (directory / "modules.json").write_text(json.dumps(modules))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        modes = {f"pooling_mode_{m}": m == pooling for m in ("cls_token", "mean_tokens", "max_tokens", "lasttoken")}
+        modes = {k: (v or k == f"pooling_mode_{pooling}_token" or k == f"pooling_mode_{pooling}_tokens")
+                 for k, v in modes.items()}
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": json.loads((directory / "config.json").read_text())["hidden_size"], **modes}))
+    return directory
+
+
+def write_classifier_checkpoint(directory: Path, kind: str = "llama", labels: list[str] | None = None,
+                                problem_type: str | None = None, seed: int = 0, **overrides) -> Path:
+    """A random ``*ForSequenceClassification`` (a causal LM's transformer under a ``score`` head over
+    the last token; ``labels``: its ``id2label``, one label for a reward model or a reranker's score),
+    with the built-in tokenizer; weights widened as ``write_checkpoint`` does."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    base = write_checkpoint(directory / "base", kind, seed, **overrides)
+    cfg = AutoConfig.from_pretrained(str(base))
+    labels = labels or ["LABEL_0", "LABEL_1"]
+    cfg.num_labels = len(labels)
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    cfg.pad_token_id = 1
+    if problem_type is not None:
+        cfg.problem_type = problem_type
+    torch.manual_seed(seed + 1)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    write_tokenizer(directory)
+    return directory

@@ -247,3 +247,30 @@ def test_model_families_on_the_gpu(kind, tmp_path):
     assert {k: graphs[k][0] for k in alone} == alone
     bf16 = run_all(_engine(model_dir, dtype="bfloat16"), {k: (p, params) for k, p in many.items()})
     assert all(len(v[0]) == 16 for v in bf16.values())
+
+
+def test_embeddings_on_the_gpu(tmp_path):
+    """A bare Qwen3Model with last-token pooling (Qwen3-Embedding's shape) on the GPU path: float32
+    vectors equal to transformers' ``AutoModel`` states, in chunks; bf16 close."""
+    from transformers import AutoModel
+
+    from dyn_actor.protocol import PoolingParams
+    from tests.checkpoints import write_embedding_checkpoint
+
+    folder = write_embedding_checkpoint(tmp_path / "emb", "qwen3", "lasttoken")
+    hf = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to("cuda")
+    prompts = _prompts(100)
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+        engine = _engine(folder, dtype, max_num_batched_tokens=32)
+        reqs = {str(i): (p, SamplingParams(max_tokens=1, pooling=PoolingParams())) for i, p in enumerate(prompts)}
+        for rid, (p, sp) in reqs.items():
+            engine.add_request(rid, p, sp)
+        got = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                got[o.request_id] = torch.frombuffer(bytearray(o.embedding), dtype=torch.float32)
+        for i, p in enumerate(prompts):
+            with torch.no_grad():
+                ref = hf(torch.tensor([p], device="cuda")).last_hidden_state[0, -1]
+            ref = torch.nn.functional.normalize(ref, dim=0).cpu()
+            assert (got[str(i)] - ref).abs().max() < tol, (dtype, i)

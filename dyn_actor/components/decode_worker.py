@@ -160,7 +160,8 @@ class DecodeWorker(Worker):
         policy = self.policy
 
         def admit(e: LLMEngine) -> tuple[RemoteAllocation, Future | None] | None:
-            if remote_ok and params.prompt_logprobs is None:  # prompt logprobs come from a local prefill
+            # prompt logprobs come from a local prefill; so does an embedding (the prompt's hidden states)
+            if remote_ok and params.prompt_logprobs is None and params.pooling is None:
                 _, cached = e.cached_prefix(prompt, params.lora_name)
                 depth = self._depth + self._pushed_since_depth
                 if prefill_remotely(len(prompt) - cached, depth, policy):

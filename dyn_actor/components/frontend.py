@@ -9,8 +9,11 @@ the worker and frees its KV blocks.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,10 +31,15 @@ from dyn_actor.components.messages import (
     WorkerInfo,
 )
 from dyn_actor.components.openai_api import (
+    MAX_EMBEDDING_INPUTS,
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     RequestError,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
     check_messages,
     check_supported,
@@ -46,13 +54,14 @@ from dyn_actor.components.responses_api import ResponseBuilder, ResponsesRequest
 from dyn_actor.components.tools import ToolPlan, ToolStream, plan_tools, stream_delta, tool_calls, tool_dicts
 from dyn_actor.engine.tokenizer import Tokenizer
 from dyn_actor.metrics import FrontendMetrics
-from dyn_actor.protocol import Logprobs, SamplingParams
+from dyn_actor.protocol import Logprobs, PoolingParams, SamplingParams
 from dyn_actor.router import NoWorkerAvailable, Route, Router, WorkerEntry
 
 log = logging.getLogger(__name__)
 
 
-_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/score",
+                      "/v1/score", "/classify", "/rerank", "/v1/rerank", "/v2/rerank")
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Chunk:
     logprobs: list[Logprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: list[Logprobs | None] | None = None  # on a request's first chunk, when asked
+    embedding: bytes | None = None  # an embedding request's vector (little-endian float32), on its last chunk
 
 
 class Frontend:
@@ -144,6 +154,12 @@ class Frontend:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/classify", self.classify)
+        for path in ("/score", "/v1/score"):
+            app.router.add_post(path, self.score)
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            app.router.add_post(path, self.rerank)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
@@ -300,7 +316,7 @@ class Frontend:
                     if fin:
                         outcome = "success"
                     yield Chunk(text, ids, fin, d.finish_reason if fin else None, d.stop_reason if fin else None, lp,
-                                d.num_cached_tokens, plp)
+                                d.num_cached_tokens, plp, d.embedding if fin else None)
                     plp = None
                 if d.finished:
                     return
@@ -333,10 +349,16 @@ class Frontend:
                                    show_prompt_logprobs=req.prompt_logprobs is not None,
                                    tools=job.plan, reading=job.reading)
 
+    def _check_generates(self) -> None:
+        if self.info.runner == "pooling":
+            raise RequestError("this model is served for embeddings (--runner pooling): it generates no text; "
+                               "use /v1/embeddings", code="model_not_supported")
+
     async def _prepare_chat(self, req: ChatCompletionRequest) -> ChatJob:
         """A chat request checked and made ready to run: its prompt, each choice's parameters, the
         tool calls it forces (a named function or "required") and how its answers are read."""
         lora = self.processor.check_model(req.model)
+        self._check_generates()
         check_supported(req, chat=True)
         check_messages(req.messages)
         tools = tool_dicts(req.tools)
@@ -467,6 +489,7 @@ class Frontend:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = decode_body(await request.read(), CompletionRequest)
         lora = self.processor.check_model(req.model)
+        self._check_generates()
         check_supported(req)
         if req.suffix:
             raise RequestError("suffix is not supported", param="suffix")
@@ -501,6 +524,176 @@ class Frontend:
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage), echo,
                                    req.prompt_logprobs is not None)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """``/v1/embeddings``: each input pooled into one vector by a worker of a ``--runner pooling``
+        model (``engine/pooling.py``), every input a request of its own, routed as any other (the kv
+        router sends a repeated prefix where it is cached); answered together, in input order."""
+        req: EmbeddingRequest = decode_body(await request.read(), EmbeddingRequest)
+        lora = self.processor.check_model(req.model)
+        self._check_pools()
+        if req.embed_dtype != "float32":
+            raise RequestError("embed_dtype other than float32 is not supported", param="embed_dtype")
+        if req.continue_final_message:
+            raise RequestError("continue_final_message is not supported by this server", param="continue_final_message")
+        if (req.input is None) == (req.messages is None):
+            raise RequestError("give exactly one of input or messages", param="input")
+        if req.messages is not None:
+            check_messages(req.messages)
+            ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt, None,
+                                       template_kwargs(req.chat_template_kwargs))
+            inputs = self._pooling_inputs([ids], req.truncate_prompt_tokens, "messages")
+        else:
+            inputs = await self._tokenized(prompt_list(req.input), req.add_special_tokens, req.truncate_prompt_tokens,
+                                           "input")
+        normalize = req.normalize if req.normalize is not None else req.use_activation
+        params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
+                                pooling=PoolingParams(dimensions=req.dimensions, normalize=normalize))
+        rid = f"embd-{uuid.uuid4().hex}"
+        vectors = await self._embed_all(rid, inputs, params)
+        data = []
+        for i, blob in enumerate(vectors):
+            if req.encoding_format == "base64":
+                data.append(R.EmbeddingData(i, "embedding", base64.b64encode(blob).decode("ascii")))
+            else:
+                data.append(R.EmbeddingData(i, "embedding", _floats(blob).tolist()))
+        n = sum(len(ids) for ids in inputs)
+        return _json(R.EmbeddingResponse(rid, "list", int(time.time()), lora or self.model_name, data,
+                                         R.EmbeddingUsage(n, n)))
+
+    async def classify(self, request: web.Request) -> web.Response:
+        """vLLM's ``/classify``: a sequence classifier's label probabilities for each input (its scores
+        through softmax or sigmoid, as vLLM applies them; ``use_activation: false``: the raw scores),
+        and the most likely label."""
+        req: ClassificationRequest = decode_body(await request.read(), ClassificationRequest)
+        lora = self.processor.check_model(req.model)
+        self._check_pools("classify")
+        inputs = await self._tokenized(prompt_list(req.input), req.add_special_tokens, req.truncate_prompt_tokens,
+                                       "input")
+        params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
+                                pooling=PoolingParams(task="classify", normalize=req.use_activation))
+        rid = f"classify-{uuid.uuid4().hex}"
+        labels = self.info.labels
+        data = []
+        for i, blob in enumerate(await self._embed_all(rid, inputs, params)):
+            probs = _floats(blob).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            data.append(R.ClassificationData(i, labels[best] if best < len(labels) else None, probs, len(probs)))
+        n = sum(len(ids) for ids in inputs)
+        return _json(R.ClassificationResponse(rid, "list", int(time.time()), lora or self.model_name, data,
+                                              R.ScoreUsage(n, n, 0)))
+
+    async def score(self, request: web.Request) -> web.Response:
+        """vLLM's ``/score`` for an embedding model (a bi-encoder): the cosine similarity of each pair's
+        embeddings. One text against many, or as many on each side, paired in order; every distinct
+        text is embedded once."""
+        req: ScoreRequest = decode_body(await request.read(), ScoreRequest)
+        lora = self.processor.check_model(req.model)
+        self._check_pools()
+        given = [(a, b) for a, b in (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"),
+                                     ("data_1", "data_2")) if getattr(req, a) is not None and getattr(req, b) is not None]
+        if len(given) != 1 or any(getattr(req, f) is not None for f in {"text_1", "text_2", "queries", "documents",
+                                                                          "items", "data_1", "data_2"} - set(given[0])):
+            raise RequestError("give one pair of text_1 and text_2 (or queries and documents, or data_1 and data_2)",
+                               param="text_1")
+        first, second = (_score_texts(getattr(req, f), f) for f in given[0])
+        if len(first) != 1 and len(first) != len(second):
+            raise RequestError(f"{given[0][0]} must hold one text or as many as {given[0][1]} "
+                               f"({len(first)} and {len(second)})", param=given[0][0])
+        pairs = [(first[0] if len(first) == 1 else first[i], second[i]) for i in range(len(second))]
+        scores, tokens = await self._similarities(pairs, req.truncate_prompt_tokens, lora)
+        rid = f"score-{uuid.uuid4().hex}"
+        data = [R.ScoreData(i, "score", v) for i, v in enumerate(scores)]
+        return _json(R.ScoreResponse(rid, "list", int(time.time()), lora or self.model_name, data,
+                                     R.ScoreUsage(tokens, tokens, 0)))
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """vLLM's (and Jina's, Cohere's) ``/rerank`` for an embedding model: the documents by the
+        cosine similarity of their embedding to the query's, best first; ``top_n`` of them (0: all)."""
+        req: RerankRequest = decode_body(await request.read(), RerankRequest)
+        lora = self.processor.check_model(req.model)
+        self._check_pools()
+        docs = _score_texts(req.documents, "documents")
+        query = _score_texts(req.query, "query")
+        if len(query) != 1:
+            raise RequestError("query must be one text", param="query")
+        scores, tokens = await self._similarities([(query[0], d) for d in docs], req.truncate_prompt_tokens, lora)
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])[: req.top_n or None]
+        results = [R.RerankResult(i, R.RerankDocument(docs[i]), scores[i]) for i in order]
+        return _json(R.RerankResponse(f"rerank-{uuid.uuid4().hex}", lora or self.model_name,
+                                      R.EmbeddingUsage(tokens, tokens), results))
+
+    async def _similarities(self, pairs: list[tuple[str, str]], truncate: int | None,
+                            lora: str | None) -> tuple[list[float], int]:
+        """Each pair's cosine similarity, and the tokens of the pairs (a text counted in each of its
+        pairs, as vLLM counts them)."""
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        inputs = await self._tokenized(texts, True, truncate, "documents")
+        params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora, pooling=PoolingParams(normalize=True))
+        vectors = dict(zip(texts, (_floats(b) for b in await self._embed_all(f"score-{uuid.uuid4().hex}", inputs,
+                                                                             params))))
+        lengths = dict(zip(texts, map(len, inputs)))
+        # unit vectors: the dot product is the cosine (off the loop: thousands of pairs take a while)
+        scores = await self._off_loop(lambda: [sum(x * y for x, y in zip(vectors[a], vectors[b])) for a, b in pairs])
+        return scores, sum(lengths[a] + lengths[b] for a, b in pairs)
+
+    def _check_pools(self, task: str = "embed") -> None:
+        """A 400 unless this server's model does ``task``: embed (an embedding model) or classify (a
+        sequence classifier), both served with ``--runner pooling``."""
+        if self.info.runner != "pooling":
+            raise RequestError("this model is served for generation; embeddings and classification need a model "
+                               "served with --runner pooling", code="model_not_supported")
+        if task == "classify" and not self.info.labels:
+            raise RequestError("this model is not a sequence classifier: /classify needs one (a "
+                               "*ForSequenceClassification folder)", code="model_not_supported")
+        if task == "embed" and self.info.labels:
+            raise RequestError("this model is a sequence classifier: use /classify (embeddings, /score and /rerank "
+                               "need an embedding model; cross-encoder scoring is not served)",
+                               code="model_not_supported")
+
+    async def _tokenized(self, texts: list[str | list[int]], special: bool, truncate: int | None,
+                         param: str) -> list[list[int]]:
+        """An embeddings or scoring request's inputs as checked token ids (texts tokenized off the loop)."""
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise RequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(texts)}", param=param)
+        encode = self.tokenizer.encode
+        ids = await self._off_loop(lambda: [encode(t, special) if isinstance(t, str) else t for t in texts])
+        return self._pooling_inputs(ids, truncate, param)
+
+    def _pooling_inputs(self, inputs: list[list[int]], keep: int | None, param: str) -> list[list[int]]:
+        """Inputs cut to their last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``; -1: the context's
+        worth), then checked: not empty, within the context and the vocabulary (a 400 naming ``param``)."""
+        limit = self.processor.max_model_len
+        if keep is not None:
+            keep = limit if keep == -1 else keep
+            if keep > limit:
+                raise RequestError(f"truncate_prompt_tokens ({keep}) exceeds the context length ({limit})",
+                                   param="truncate_prompt_tokens")
+            inputs = [ids[-keep:] if keep else [] for ids in inputs]
+        vocab = self.info.vocab_size
+        for ids in inputs:
+            if not ids:
+                raise RequestError("an input is empty", param=param)
+            if len(ids) > limit:
+                raise RequestError(f"this model's maximum context length is {limit} tokens; an input has {len(ids)} "
+                                   "tokens (truncate_prompt_tokens cuts it)", code="context_length_exceeded",
+                                   param=param)
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"token ids must be in [0, {vocab})", param=param)
+        return inputs
+
+    async def _embed_all(self, rid: str, inputs: list[list[int]], params: SamplingParams) -> list[bytes]:
+        """Every input's vector (little-endian float32 bytes), each a request of its own, in input order."""
+        async def one(i: int, ids: list[int]) -> bytes:
+            vec = None
+            async for c in self.generate(f"{rid}-{i}", ids, params):
+                if c.embedding is not None:
+                    vec = c.embedding
+            if vec is None:
+                raise RuntimeError(f"the worker ended embedding request {rid}-{i} without a vector")
+            return vec
+
+        return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs))))
 
     async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage, echo=None,
                        show_prompt_logprobs=False, tools: ToolPlan | None = None, reading: Reading | None = None):
@@ -828,6 +1021,22 @@ class Frontend:
 
 
 _encode = R.encode  # response bodies: typed structs (components/responses.py) encoded once, by msgspec
+
+
+def _floats(blob: bytes) -> array.array:
+    """An embedding's little-endian float32 bytes as floats."""
+    floats = array.array("f", blob)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return floats
+
+
+def _score_texts(value, name: str) -> list[str]:
+    """One side of a score or rerank request: a text or a list of texts (not empty)."""
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise RequestError(f"{name} is empty", param=name)
+    return texts
 
 
 def _json(obj, status: int = 200) -> web.Response:

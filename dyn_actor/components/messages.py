@@ -79,6 +79,7 @@ class TokenDelta(msgspec.Struct, omit_defaults=True):
     kv_transfer_bytes: int = 0
     remote_prefill_seconds: float = 0.0  # from queueing the prefill to its KV being in place
     prompt_logprobs: list[Logprobs | None] | None = None  # on the first delta, when asked (the first is None)
+    embedding: bytes | None = None  # an embedding request's vector (little-endian float32), on its one delta
 
 
 class RequestDelta(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -123,6 +124,8 @@ class WorkerInfo(msgspec.Struct):
     kv_events_endpoint: str = ""  # where the worker publishes its KV events ("" if it does not)
     device: str = "cpu"  # where its engine runs: cpu, or cuda (card name)
     lora_modules: dict[str, str] = {}  # the LoRA adapters it serves, name -> folder
+    runner: str = "generate"  # or pooling: it serves embeddings (engine/pooling.py)
+    labels: list[str] = []  # a pooling runner's sequence classifier: its labels (it serves /classify)
 
 
 class Subscribers:

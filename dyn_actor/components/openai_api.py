@@ -118,6 +118,70 @@ class CompletionRequest(_Common, kw_only=True):
     best_of: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = None
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """``/v1/embeddings``: OpenAI's fields, and vLLM's extras (a chat conversation as ``messages``,
+    ``truncate_prompt_tokens``, ``add_special_tokens``, ``use_activation``/``normalize``)."""
+
+    model: Name | None = None
+    input: str | list[TokenId | str | list[TokenId]] | None = None
+    messages: list[ChatMessage] | None = None  # vLLM: one conversation, rendered by the chat template
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=I32)] | None = None
+    user: str | None = None
+    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    use_activation: bool | None = None  # vLLM's name for normalizing an embedding
+    normalize: bool | None = None
+    embed_dtype: str = "float32"  # vLLM's: only float32 is sent
+    endianness: Literal["native", "little"] = "native"
+
+
+ScoreText = Annotated[str, msgspec.Meta(max_length=1 << 20)]
+
+
+class ScoreRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/score``: one pair of sides, under any of its names; each side a text or a list of texts."""
+
+    model: Name | None = None
+    text_1: ScoreText | list[ScoreText] | None = None
+    text_2: ScoreText | list[ScoreText] | None = None
+    queries: ScoreText | list[ScoreText] | None = None
+    documents: ScoreText | list[ScoreText] | None = None
+    items: ScoreText | list[ScoreText] | None = None
+    data_1: ScoreText | list[ScoreText] | None = None
+    data_2: ScoreText | list[ScoreText] | None = None
+    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    user: str | None = None
+
+
+class ClassificationRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/classify``: each input's label probabilities from a sequence classifier."""
+
+    input: str | list[TokenId | str | list[TokenId]]
+    model: Name | None = None
+    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    add_special_tokens: bool = True
+    use_activation: bool | None = None
+    user: str | None = None
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    """vLLM's (Jina's, Cohere's) ``/rerank``."""
+
+    query: ScoreText
+    documents: ScoreText | list[ScoreText]
+    model: Name | None = None
+    top_n: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
+    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    user: str | None = None
+
+
 class TokenizeRequest(msgspec.Struct, kw_only=True):
     model: Name | None = None
     prompt: str | None = None

@@ -67,6 +67,80 @@ class CompletionResponse(msgspec.Struct):
     prompt_logprobs: list[dict[str, Any] | None] | UnsetType = UNSET  # chat: vLLM's, when asked
 
 
+class EmbeddingData(msgspec.Struct):
+    index: int
+    object: str
+    embedding: list[float] | str  # floats, or with encoding_format base64 their float32 bytes
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
+
+
+class ScoreData(msgspec.Struct):
+    index: int
+    object: str
+    score: float
+
+
+class ScoreUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+
+
+class ScoreResponse(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
+
+
+class ClassificationData(msgspec.Struct):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: ScoreUsage
+
+
+class RerankDocument(msgspec.Struct):
+    text: str
+
+
+class RerankResult(msgspec.Struct):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankResponse(msgspec.Struct):
+    id: str
+    model: str
+    usage: EmbeddingUsage
+    results: list[RerankResult]
+
+
 # ------------------------------------------------------------------ stream chunks
 class CompletionChunkChoice(msgspec.Struct):
     index: int

@@ -139,7 +139,7 @@ class Worker(Actor):
                 list(out.new_token_ids), out.finished, out.finish_reason, out.stop_reason,
                 list(out.logprobs) if out.logprobs else None, out.num_prompt_tokens, out.num_cached_tokens,
                 remote_prefill=bool(remote) and out.request_id in remote, kv_transfer_bytes=kv_bytes,
-                remote_prefill_seconds=seconds, prompt_logprobs=out.prompt_logprobs)))
+                remote_prefill_seconds=seconds, prompt_logprobs=out.prompt_logprobs, embedding=out.embedding)))
         self._publish(items)
         for rid in ended:  # after their last deltas went to their owners
             self._subscribers.forget(rid)
@@ -202,5 +202,6 @@ class Worker(Actor):
         e = self.engine
         return WorkerInfo(
             self.name, e.model_name, e.max_model_len, e.model_config.vocab_size, e.layout.block_size,
-            list(e.eos_token_ids), self.events_endpoint or "", e.device_name, dict(e.lora_modules),
+            list(e.eos_token_ids), self.events_endpoint or "", e.device_name, dict(e.lora_modules), e.runner,
+            list(e.model_config.labels),
         )

@@ -32,6 +32,8 @@ from dyn_actor.engine.h2d import to_device, to_device_many
 from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
+from dyn_actor.engine.pooling import PoolerConfig, classify, pooler_for, resolve_runner
+from dyn_actor.engine.pooling import finish as finish_pooled
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.engine.sampling import Logprobs, PenaltyState, PendingSample, SamplingParams, sample, sample_async
 from dyn_actor.engine.scheduler import Scheduler, SchedulerConfig
@@ -98,6 +100,11 @@ class EngineConfig:
     # LoRA adapters served beside the base model, name -> PEFT folder (lora.py); requests pick one by name
     lora_modules: dict[str, str] | None = None
     max_lora_rank: int = 16
+    # generate (tokens), or pooling (embeddings: each prompt pooled into one vector, pooling.py); auto:
+    # pooling for an embedding model's folder (sentence-transformers files, or a bare ``*Model``)
+    runner: str = "auto"
+    # how a pooling runner pools (vLLM's --pooler-config, JSON or a dict): pooling_type, normalize
+    pooler_config: str | dict | None = None
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -115,6 +122,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0
     error: str | None = None  # the step that computed this request failed: it ended with this error
     error_type: str = "EngineError"  # ValueError: the request's own input was at fault (a grammar that does not compile)
+    embedding: bytes | None = None  # a pooling request's vector, little-endian float32 (``pooling.finish``)
 
 
 class RemoteAllocation(msgspec.Struct):
@@ -188,6 +196,23 @@ class LLMEngine:
         # the model first: on a GPU the KV pool gets what the weights and a full step leave free
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops,
                                 device=self.device, attention=self.attention)
+        # embeddings (pooling.py): every request pools its prompt's final hidden states; nothing is sampled
+        self.runner = resolve_runner(config.runner, loaded.name, cfg.base_model_only or bool(cfg.labels))
+        self.pooler: PoolerConfig | None = None
+        if self.runner == "pooling":
+            self.pooler = pooler_for(loaded.name, config.pooler_config)
+            self.model.pool_hidden = True
+            self.model.lm_head = self.model.lm_head_linear = None  # never used: its memory goes to the KV cache
+            log.info("serving embeddings: %s pooling%s (%s)", self.pooler.pooling_type,
+                     ", normalized" if self.pooler.normalize else "", self.pooler.source)
+            if config.speculative is not None:
+                raise ValueError("speculative decoding does not apply to a pooling runner (it generates nothing)")
+        elif cfg.labels:
+            raise ModelLoadError(f"{loaded.name} is a sequence classifier ({len(cfg.labels)} labels): serve it with "
+                                 "--runner pooling (/classify)")
+        elif cfg.base_model_only:
+            raise ModelLoadError(f"{loaded.name} holds a bare {cfg.architecture.replace('ForCausalLM', 'Model')} "
+                                 "with no LM head: serve it with --runner pooling (embeddings)")
         # LoRA adapters: every one loaded now, slot i + 1 (0: none); steps with adapter rows run eagerly
         self.loras: dict[str, int] = {}
         if config.lora_modules:
@@ -229,11 +254,13 @@ class LLMEngine:
         # the graphs replay the Triton kernels (or, on the CPU, the C ones); the PyTorch path's padded
         # mask is not capturable
         # overlapped steps asked for explicitly bring the graph runner with them (on the CPU: replayed eagerly)
-        graphs = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and (
-            (self.device.type == "cuda" and self.attention == "triton") or config.async_scheduling == "on"))
+        # (a pooling runner has no decode steps, and its steps' outputs are hidden states: eager, one at a time)
+        pooling = self.runner == "pooling"
+        graphs = not pooling and (config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and (
+            (self.device.type == "cuda" and self.attention == "triton") or config.async_scheduling == "on")))
         if config.piecewise_graphs not in ("auto", "on", "off"):
             raise ValueError(f"piecewise_graphs must be auto, on or off, got {config.piecewise_graphs!r}")
-        pieces = self.attention == "triton" and (config.piecewise_graphs == "on" or (
+        pieces = not pooling and self.attention == "triton" and (config.piecewise_graphs == "on" or (
             config.piecewise_graphs == "auto" and graphs and self.device.type == "cuda"))
         # with graphs, one more block than the block manager hands out: the padding rows' scratch
         scratch = graphs or pieces
@@ -271,8 +298,8 @@ class LLMEngine:
                     torch.cuda.synchronize(self.device)
         if config.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {config.async_scheduling!r}")
-        self._overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto"
-                                                             and self.device.type == "cuda")
+        self._overlap = not pooling and (config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda"))
         self.speculative = config.speculative
         self._proposer = None
         self._spec_drafts = self._spec_draft_tokens = self._spec_accepted = 0
@@ -346,15 +373,19 @@ class LLMEngine:
             lora_name = params.lora_name
         slot = self.lora_slot(lora_name)
         n = len(prompt_token_ids)
+        pooling = params.pooling is not None
         if validated:  # checked at the edge (the frontend's processor): only the invariants a step relies on
-            assert 0 < n < self.max_model_len, f"{request_id}: a {n}-token prompt"
+            assert 0 < n < self.max_model_len + pooling, f"{request_id}: a {n}-token prompt"
             assert 0 <= min(prompt_token_ids) and max(prompt_token_ids) < self.model_config.vocab_size, \
                 f"{request_id}: prompt token ids outside the vocabulary"
         else:
             self.validate_request(prompt_token_ids, params)
+        self._check_runner(params)
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max_tokens)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, max(1, max_tokens))
+        if pooling:
+            req.pooling = self.pooler.pooling_type
         if slot:
             req.lora, req.lora_root = slot, self._lora_roots[lora_name]
         if params.structured is not None:
@@ -362,6 +393,31 @@ class LLMEngine:
             fut.add_done_callback(lambda _: self.wake())
             req.grammar = GrammarState(fut, params.structured.start_after)
         return req
+
+    def _check_runner(self, params: SamplingParams) -> None:
+        """``ValueError`` for a request of the other kind than this engine's runner serves, or for
+        embedding dimensions the model cannot give."""
+        p = params.pooling
+        if self.runner == "pooling" and p is None:
+            raise ValueError("this model is served for embeddings (--runner pooling): it generates no text; "
+                             "use /v1/embeddings")
+        if self.runner != "pooling" and p is not None:
+            raise ValueError("this model is served for generation: embeddings need --runner pooling")
+        if p is not None and (p.task == "classify") != bool(self.model_config.labels):
+            raise ValueError("this model is a sequence classifier: use /classify" if self.model_config.labels
+                             else "this model is not a sequence classifier: /classify needs one")
+        if p is not None and p.task == "classify" and p.dimensions is not None:
+            raise ValueError("dimensions applies to embeddings, not to classification")
+        if p is None or p.dimensions is None:
+            return
+        cfg = self.model_config
+        if not cfg.matryoshka:
+            raise ValueError(f"this model does not support Matryoshka embeddings: dimensions must be unset "
+                             f"(got {p.dimensions})")
+        if not 1 <= p.dimensions <= cfg.hidden_size:
+            raise ValueError(f"dimensions must be between 1 and {cfg.hidden_size}, got {p.dimensions}")
+        if cfg.matryoshka_dimensions and p.dimensions not in cfg.matryoshka_dimensions:
+            raise ValueError(f"this model supports dimensions {list(cfg.matryoshka_dimensions)}, got {p.dimensions}")
 
     def lora_slot(self, lora_name: str | None) -> int:
         """The model's slot of adapter ``lora_name`` (0 for None); ``ValueError`` for one not loaded."""
@@ -384,7 +440,9 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
+        if params.pooling is not None and n > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens")
+        if params.pooling is None and n >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens, "
                 "which must also hold at least one generated token"
@@ -807,18 +865,19 @@ class LLMEngine:
                 log.exception("synchronizing after a failed step")
 
     def _forward(self, scheduled: list[tuple[Request, int]], fill: Callable[[torch.Tensor], None] | None = None,
-                 scores: list | None = None) -> tuple[torch.Tensor, list[Request]]:
+                 scores: list | None = None, pooled: list | None = None) -> tuple[torch.Tensor, list[Request]]:
         """The step's forward pass (decode graphs, piecewise graphs or eager); the logits of the rows
         that sample (after any prompt-scoring rows, with ``scores``) and their requests. ``fill``
-        writes input tokens the host does not have into the step's input ids on the device."""
+        writes input tokens the host does not have into the step's input ids on the device. A pooling
+        runner's (``pooled``): the final hidden states of the rows its requests pool instead."""
         g = self.graphs
         if g is not None and sum(n for _, n in scheduled) <= g.max_batch and all(
                 (n == 1 or r.spec_token_ids) and (r.prompt_logprobs is None or not r.prompt_logprobs_pending)
                 for r, n in scheduled):
             return self._decode_from_graph(scheduled, fill)  # the graphs hold the adapters, if any
         if self.loras and any(r.lora for r, _ in scheduled):
-            return self._forward_lora(scheduled, fill, scores)
-        batch, samplers = self._build_batch(scheduled, scores=scores)  # prefill and mixed steps
+            return self._forward_lora(scheduled, fill, scores, pooled)
+        batch, samplers = self._build_batch(scheduled, scores=scores, pooled=pooled)  # prefill and mixed steps
         if fill is not None:
             fill(batch.input_ids)
         tokens = sum(n for _, n in scheduled)
@@ -847,11 +906,11 @@ class LLMEngine:
             self._wide_decode = False
 
     def _forward_lora(self, scheduled: list[tuple[Request, int]], fill: Callable[[torch.Tensor], None] | None,
-                      scores: list | None) -> tuple[torch.Tensor, list[Request]]:
+                      scores: list | None, pooled: list | None = None) -> tuple[torch.Tensor, list[Request]]:
         """A step with rows of LoRA adapters: eagerly (the graphs hold no adapter), each projection told
         which rows take which adapter. Rows are laid out as ``_build_batch`` does: decode rows (one per
         request, or one per position of a checked draft) in schedule order, then the prefill chunks."""
-        batch, samplers = self._build_batch(scheduled, scores=scores)
+        batch, samplers = self._build_batch(scheduled, scores=scores, pooled=pooled)
         if fill is not None:
             fill(batch.input_ids)
         slots: list[int] = []  # each row's adapter slot (0: none), in row order
@@ -881,6 +940,8 @@ class LLMEngine:
             rows.clear()
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
+        if self.pooler is not None:
+            return self._run_pooling(scheduled)
         scores: list[tuple[Request, int, int, int]] = []
         logits, samplers = self._forward(scheduled, scores=scores)
         if scores:  # rows that score prompt tokens come first in the logits; the sampled rows follow
@@ -901,6 +962,42 @@ class LLMEngine:
                             self._penalties(samplers, logits))
             for req, tok, lp in zip(samplers, result.token_ids, result.logprobs):
                 outputs.append(self._emit(req, tok, lp))
+        return outputs
+
+    def _run_pooling(self, scheduled: list[tuple[Request, int]]) -> list[RequestOutput]:
+        """A pooling runner's step: each request's pooled rows taken from the final hidden states (a
+        MEAN request's chunks summed on the device); a request whose prompt is complete ends with its
+        vector (``pooling.finish``: cut, normalized), all of the step's in one device-to-host copy."""
+        pooled: list[tuple[Request, int, int, int]] = []
+        hidden, _ = self._forward(scheduled, pooled=pooled)
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        for req, row, k, first in pooled:
+            rows = hidden[row:row + k]
+            if req.pooling == "MEAN":  # a chunk from position 0 starts over (a preempted request recomputes)
+                s = rows.sum(0)
+                req.pool_acc = s if first == 0 or req.pool_acc is None else req.pool_acc + s
+            else:
+                req.pool_acc = rows[0]
+        done = [r for r, _ in scheduled if r.num_computed_tokens >= r.num_tokens]
+        if not done:
+            return []
+        vectors = torch.stack([r.pool_acc / r.num_tokens if r.pooling == "MEAN" else r.pool_acc
+                               for r in done]).float()
+        default = self.pooler.normalize
+        use = [default if r.params.pooling.normalize is None else r.params.pooling.normalize for r in done]
+        if self.model.score is not None:  # a classifier: its head's scores (on the device), then their activation
+            blobs = classify((vectors @ self.model.score.float().t()).cpu(), use, self.model_config.problem_type)
+        else:
+            blobs = finish_pooled(vectors.cpu(), [r.params.pooling.dimensions for r in done], use)
+        outputs = []
+        for req, blob in zip(done, blobs):
+            req.pool_acc = None
+            req.finish_reason = "stop"
+            out = self._output(req, [], None, True)
+            out.embedding = blob
+            outputs.append(out)
         return outputs
 
     # ------------------------------------------------------- speculative decoding
@@ -1102,11 +1199,14 @@ class LLMEngine:
     def _build_batch(
         self, scheduled: list[tuple[Request, int]], all_logits: bool = False,
         scores: list[tuple[Request, int, int, int]] | None = None,
+        pooled: list[tuple[Request, int, int, int]] | None = None,
     ) -> tuple[ForwardBatch, list[Request]]:
         """The forward pass's inputs, and the requests sampled from its logits, in row order. Where
         ``scores`` is given, it gets (request, first position, its first row in the logits, rows) for
         the positions that score prompt tokens of requests that asked for prompt logprobs: their
-        logits rows come first, the sampled rows after them."""
+        logits rows come first, the sampled rows after them. A pooling runner's step (``pooled``)
+        samples nothing: ``pooled`` gets (request, its first row in the output, rows, first position)
+        for the positions each request pools (``Request.pool_positions``), the output's only rows."""
         bs = self.layout.block_size
         # a request that checks a draft is a decode row for each of its positions (``_drafted_rows``)
         decodes = [(r, n) for r, n in scheduled if (n == 1 or r.spec_token_ids) and not all_logits]
@@ -1150,7 +1250,11 @@ class LLMEngine:
                 if scores is not None and r.prompt_logprobs is not None and r.prompt_logprob_positions(pos, pos + 1):
                     scores.append((r, pos, len(score_rows), 1))
                     score_rows.append(row)
-                if pos + 1 >= r.num_tokens:
+                if pooled is not None:
+                    if r.pool_positions(pos, pos + 1):
+                        pooled.append((r, len(logits_rows), 1, pos))
+                        logits_rows.append(row)
+                elif pos + 1 >= r.num_tokens:
                     logits_rows.append(row)
                     samplers.append(r)
             width = max(len(t) for t in tables)
@@ -1183,6 +1287,11 @@ class LLMEngine:
                     score_rows.extend(range(start + span.start - c, start + span.stop - c))
             if all_logits:
                 logits_rows.extend(range(start, start + n))
+            elif pooled is not None:
+                span = r.pool_positions(c, end)
+                if span:
+                    pooled.append((r, len(logits_rows), len(span), span.start))
+                    logits_rows.extend(range(start + span.start - c, start + span.stop - c))
             elif end == r.num_tokens:
                 logits_rows.append(start + n - 1)
                 samplers.append(r)

@@ -30,6 +30,14 @@ class GenerationOutput:
     num_cached_tokens: int = 0
 
 
+@dataclass
+class EmbeddingOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    embedding: list[float]
+
+
 class LLM:
     def __init__(self, model: str = "builtin:tiny", speculative_config: dict | str | None = None,
                  lora_modules: dict[str, str] | None = None, **engine_options) -> None:
@@ -89,6 +97,37 @@ class LLM:
                     comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
                 comp.text = stream.text
         return [state[rid][0] for rid in order]
+
+    def embed(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], dimensions: int | None = None,
+              normalize: bool | None = None, task: str = "embed") -> list[EmbeddingOutput]:
+        """Each prompt's embedding (an engine with ``runner="pooling"``, or an embedding model's folder),
+        in prompt order, as vLLM's ``LLM.embed``; ``dimensions``: a Matryoshka model's shorter vectors;
+        ``normalize``: None for the model's pooler's choice."""
+        import array
+
+        from dyn_actor.protocol import PoolingParams
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = SamplingParams(max_tokens=1, pooling=PoolingParams(dimensions=dimensions, normalize=normalize, task=task))
+        outputs: dict[str, EmbeddingOutput] = {}
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"embd-{next(self._ids)}"
+            self.engine.add_request(rid, ids, params)
+            outputs[rid] = EmbeddingOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"{out.request_id}: {out.error}")
+                outputs[out.request_id].embedding = array.array("f", out.embedding).tolist()
+        return list(outputs.values())
+
+    def classify(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 use_activation: bool | None = None) -> list[EmbeddingOutput]:
+        """A sequence classifier's label probabilities for each prompt (``embedding`` holds them, by
+        label index; ``self.engine.model_config.labels`` names them), as vLLM's ``LLM.classify``."""
+        return self.embed(prompts, normalize=use_activation, task="classify")
 
     def chat(
         self, messages: list[dict], params: SamplingParams | None = None

@@ -273,6 +273,12 @@ class LlamaModel:
                     raise ModelLoadError("MLP biases are not supported")
             self.layers.append(layer)
         self.lm_head_linear = Linear(self.lm_head, None, pack)
+        self.pool_hidden = False  # a pooling runner's: ``forward`` returns final hidden states, not logits
+        # a sequence classifier's head (labels x hidden), applied to the pooled state (engine/pooling.py)
+        self.score = take("score.weight") if cfg.labels else None
+        if self.score is not None and tuple(self.score.shape) != (len(cfg.labels), cfg.hidden_size):
+            raise ModelLoadError(f"score.weight has shape {tuple(self.score.shape)}, the config says "
+                                 f"({len(cfg.labels)}, {cfg.hidden_size}) (num_labels, hidden_size)")
         self.act_mul = gelu_tanh_mul_torch if cfg.hidden_act == "gelu_pytorch_tanh" else None
         self.cos, self.sin = self._rope_tables(cfg, max_len)
         # Gemma 3's sliding-window layers turn at their own RoPE base
@@ -522,6 +528,13 @@ class LlamaModel:
             mlp = self._mlp(layer, h, act)
             x = x + (mlp if layer.post_ff is None else self._rms_norm(mlp, layer.post_ff))
         h = self._rms_norm(x[b.logits_indices], self.norm)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The final-normed rows to float32 logits; for a pooling runner (``pool_hidden``), the rows
+        themselves in float32 (the embeddings are pooled from them)."""
+        if self.pool_hidden:
+            return h.float()
         return self._softcap(self.lm_head_linear(h).float())
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -561,7 +574,7 @@ class LlamaModel:
                 delta = ops.add_rms_norm(delta, None, layer.post_ff, eps)
         x = x[b.logits_indices]
         h = ops.add_rms_norm(x, None if delta is None else delta[b.logits_indices], self.norm, eps)
-        return self._softcap(self.lm_head_linear(h).float())
+        return self._head(h)
 
     def _forward_fused(self, b: ForwardBatch, pool: KvPool) -> torch.Tensor:
         """The Triton path: the same computation with the elementwise work fused (``triton_ops``):
@@ -608,4 +621,4 @@ class LlamaModel:
 
     def final_logits(self, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         h = self.ops.add_rms_norm(x[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
-        return self._softcap(self.lm_head_linear(h).float())
+        return self._head(h)

@@ -28,6 +28,16 @@ GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
 TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 TEXT_WEIGHT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                         ("language_model.lm_head.", "lm_head."))
+#: the bare transformer of a causal LM, with no LM head (an embedding model's folder): served as its
+#: causal LM's architecture, by default with ``--runner pooling``
+BASE_MODEL_OF = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+                 "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
+#: a causal LM's transformer under a classification head (``score``: labels x hidden) over its last
+#: token: reward models, classifiers; served with ``--runner pooling`` at ``/classify``
+CLASSIFIER_OF = {"LlamaForSequenceClassification": "LlamaForCausalLM",
+                 "MistralForSequenceClassification": "MistralForCausalLM",
+                 "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+                 "Qwen3ForSequenceClassification": "Qwen3ForCausalLM"}
 #: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
@@ -68,6 +78,16 @@ class ModelConfig:
     local_rope: tuple[float, dict[str, Any] | None] | None = None
     #: the multimodal architecture whose language model this is (its other towers are not loaded)
     text_of: str | None = None
+    #: the checkpoint is a bare ``*Model`` (no LM head): an embedding model (``BASE_MODEL_OF``)
+    base_model_only: bool = False
+    #: embeddings may be cut to fewer dimensions (a Matryoshka model: ``is_matryoshka`` or
+    #: ``matryoshka_dimensions`` in its config); the allowed sizes, where it lists them
+    matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] = ()
+    #: a sequence classifier (``CLASSIFIER_OF``): its labels (``id2label``, by index; 0 of them: not
+    #: one), and transformers' ``problem_type`` (which activation its scores take)
+    labels: tuple[str, ...] = ()
+    problem_type: str | None = None
     #: the leading dimensions of each query and key head that RoPE turns (``partial_rotary_factor``;
     #: 0: all of them)
     rotary_dim: int = 0
@@ -87,6 +107,15 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
         text_of = None
+        base_only = arch in BASE_MODEL_OF
+        if base_only:
+            arch = BASE_MODEL_OF[arch]
+        labels: tuple[str, ...] = ()
+        if arch in CLASSIFIER_OF:
+            arch = CLASSIFIER_OF[arch]
+            id2label = cfg.get("id2label") or {}
+            n = int(cfg.get("num_labels") or len(id2label) or 2)
+            labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
         if arch in TEXT_OF_MULTIMODAL:  # its language model, from the nested text_config
             text_of, arch = arch, TEXT_OF_MULTIMODAL[arch]
             top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
@@ -96,7 +125,8 @@ class ModelConfig:
             cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
-                f"unsupported architecture {arch!r}: the native engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}: the native engine runs {', '.join(SUPPORTED_ARCHITECTURES)}, "
+                f"as embedding models {', '.join(BASE_MODEL_OF)}, and as classifiers {', '.join(CLASSIFIER_OF)}"
             )
         gemma = arch in GEMMA_ARCHITECTURES
         act = (cfg.get("hidden_activation") or cfg.get("hidden_act")) if gemma else cfg.get("hidden_act", "silu")
@@ -165,6 +195,11 @@ class ModelConfig:
                 attn_logit_softcapping=float(attn_cap) if attn_cap else None,
                 local_rope=local_rope if gemma else None,
                 text_of=text_of,
+                base_model_only=base_only,
+                matryoshka=bool(cfg.get("is_matryoshka") or cfg.get("matryoshka_dimensions")),
+                matryoshka_dimensions=tuple(int(d) for d in cfg.get("matryoshka_dimensions") or ()),
+                labels=labels,
+                problem_type=cfg.get("problem_type") if labels else None,
                 rotary_dim=rotary if rotary < head_dim else 0,
                 **moe,
                 extra=cfg,

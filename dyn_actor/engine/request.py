@@ -44,6 +44,8 @@ class Request:
         "ngram_buf",
         "lora",
         "lora_root",
+        "pooling",
+        "pool_acc",
     )
 
     def __init__(
@@ -86,6 +88,24 @@ class Request:
         # KV block (lora.lora_root; None: the base model's root)
         self.lora = 0
         self.lora_root: int | None = None
+        # an embedding request: how its hidden states are pooled (LAST, MEAN, CLS; pooling.py), and what
+        # its chunks gave so far (MEAN: their sum; LAST, CLS: the row); None for a generating request
+        self.pooling: str | None = None
+        self.pool_acc: torch.Tensor | None = None
+
+    def pool_positions(self, start: int, end: int) -> range:
+        """The positions in ``[start, end)`` whose final hidden states an embedding request pools."""
+        if self.pooling == "MEAN":
+            return range(start, end)
+        if self.pooling == "CLS":
+            return range(0, 1) if start == 0 < end else range(0)
+        last = self.num_tokens - 1
+        return range(last, last + 1) if start <= last < end else range(0)
+
+    @property
+    def pools_every_position(self) -> bool:
+        """MEAN and CLS pooling need positions a cached prefix would skip: such a request takes no hit."""
+        return self.pooling in ("MEAN", "CLS")
 
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in ``[start, end)`` whose logits give prompt logprobs still missing (position

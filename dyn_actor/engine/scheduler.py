@@ -173,6 +173,8 @@ class Scheduler:
                 limit = req.num_tokens - 1
                 if req.prompt_logprobs is not None:  # the positions that score missing prompt tokens are computed
                     limit = min(limit, len(req.prompt_logprobs) - 1)
+                if req.pools_every_position:
+                    limit = 0
                 hits = self.bm.find_cached_prefix(req.all_token_ids, max_tokens=limit, root=req.lora_root)
                 computed = len(hits) * self.bm.block_size
             else:  # blocks kept from a failed remote prefill
