@@ -347,3 +347,81 @@ def test_gemma2_capped_scores_give_vllms_greedy_tokens(tmp_path):
     got, want = _native_and_vllm_greedy(d)
     assert got == want
     assert len({t for ts in got for t in ts}) > 6, got  # not one token echoed everywhere
+
+
+@pytest.mark.parametrize("kind,pooling", [("qwen3", "lasttoken"), ("llama", "mean")])
+def test_embeddings_equal_vllms(tmp_path, kind, pooling):
+    """A bare Qwen3Model with last-token pooling (Qwen3-Embedding's form) and a LlamaModel with mean
+    pooling, each with its sentence-transformers files: the native engine's embeddings are vLLM's
+    (``LLM(runner="pooling").embed``), float32, prompts of up to 131 tokens."""
+    import numpy as np
+    from vllm import LLM
+
+    from dyn_actor.engine.llm import LLM as NativeLLM
+    from tests.checkpoints import write_embedding_checkpoint
+
+    d = write_embedding_checkpoint(tmp_path / kind, kind, pooling, hidden_size=256, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    ours = [np.array(o.embedding) for o in NativeLLM(str(d), dtype="float32", num_kv_blocks=128).embed(PROMPTS)]
+    llm = LLM(model=str(d), dtype="float32", max_model_len=512, runner="pooling",
+              gpu_memory_utilization=cpu_memory_share(1.0))
+    theirs = [np.array(o.outputs.embedding) for o in llm.embed([{"prompt_token_ids": p} for p in PROMPTS],
+                                                                use_tqdm=False)]
+    del llm
+    gc.collect()
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (256,)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_embeddings_served_through_vllm(tmp_path):
+    """``--engine vllm`` with an embedding model's folder (vLLM picks its pooling runner from the
+    sentence-transformers files, as ours does): /v1/embeddings gives the native engine's vectors, cut
+    by ``dimensions`` on a Matryoshka model; generation routes are refused."""
+    import numpy as np
+
+    from dyn_actor.engine.llm import LLM as NativeLLM
+    from tests.checkpoints import write_embedding_checkpoint
+
+    d = write_embedding_checkpoint(tmp_path / "emb", "qwen3", "lasttoken", hidden_size=256, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                                   config={"is_matryoshka": True})
+    want = [np.array(o.embedding) for o in NativeLLM(str(d), dtype="float32", num_kv_blocks=128).embed(PROMPTS)]
+    s = Server("--engine", "vllm", "--model", str(d), "--dtype", "float32", "--max-model-len", "512",
+               "--kv-cache-memory-gb", "1", "--served-model-name", "emb", timeout=420)
+    try:
+        r = requests.post(s.url + "/v1/embeddings", json={"input": PROMPTS}, timeout=120)
+        assert r.status_code == 200, r.text
+        for a, b in zip(r.json()["data"], want):
+            np.testing.assert_allclose(a["embedding"], b, atol=1e-5)
+        cut = requests.post(s.url + "/v1/embeddings", json={"input": PROMPTS[1], "dimensions": 32}, timeout=120).json()
+        vec = np.array(cut["data"][0]["embedding"])
+        np.testing.assert_allclose(vec, want[1][:32] / np.linalg.norm(want[1][:32]), atol=1e-5)
+        r = requests.post(s.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+        assert r.status_code == 400 and "served for embeddings" in r.json()["error"]["message"]
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("kind,labels", [("qwen3", ["a", "b", "c"]), ("llama", ["reward"])])
+def test_classifiers_equal_vllms(tmp_path, kind, labels):
+    """``Qwen3ForSequenceClassification`` with three labels (softmax) and a one-label Llama (a reward
+    model's score, sigmoid): the native engine's probabilities are vLLM's ``LLM.classify``."""
+    import numpy as np
+    from vllm import LLM
+
+    from dyn_actor.engine.llm import LLM as NativeLLM
+    from tests.checkpoints import write_classifier_checkpoint
+
+    d = write_classifier_checkpoint(tmp_path / kind, kind, labels, hidden_size=256, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    ours = [np.array(o.embedding) for o in NativeLLM(str(d), dtype="float32", num_kv_blocks=128).classify(PROMPTS)]
+    llm = LLM(model=str(d), dtype="float32", max_model_len=512, gpu_memory_utilization=cpu_memory_share(1.0))
+    theirs = [np.array(o.outputs.probs) for o in llm.classify([{"prompt_token_ids": p} for p in PROMPTS],
+                                                               use_tqdm=False)]
+    del llm
+    gc.collect()
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (len(labels),)
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -102,7 +102,7 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
                 gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
                 kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None,
                 speculative_config: str | None = None, lora_modules: dict[str, str] | None = None,
-                max_lora_rank: int = 16):
+                max_lora_rank: int = 16, runner: str = "auto", pooler_config: str | None = None):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
     replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
@@ -110,7 +110,8 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
     ``--reasoning-parser``, which vLLM's engine reads too, to hold a structured output only after
     the reasoning (the frontend reads the text itself); ``speculative_config``: our
     ``--speculative-config`` (a JSON object), vLLM's engine argument of that name; ``lora_modules``:
-    LoRA serving on, with room for every adapter in one batch (requests name theirs)."""
+    LoRA serving on, with room for every adapter in one batch (requests name theirs); ``runner``,
+    ``pooler_config``: ours, vLLM's arguments of those names (embeddings)."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -126,6 +127,15 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         import json
 
         kw["speculative_config"] = json.loads(speculative_config)
+    if runner != "auto":
+        kw["runner"] = runner
+    if pooler_config:
+        from vllm.config import PoolerConfig
+
+        from dyn_actor.engine.pooling import parse_pooler_config, pooler_for
+
+        ours = parse_pooler_config(pooler_config, pooler_for(model, None))
+        kw["pooler_config"] = PoolerConfig(pooling_type=ours.pooling_type, use_activation=ours.normalize)
     if lora_modules:
         kw.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(lora_modules),
                   max_cpu_loras=len(lora_modules))
@@ -375,6 +385,9 @@ class VllmWorker(Actor):
         self._tasks[m.request_id] = asyncio.ensure_future(self._run(m))
 
     async def _run(self, m: GenerateRequest) -> None:
+        if m.params.pooling is not None:
+            await self._embed(m)
+            return
         rid, ids, p = m.request_id, m.prompt_token_ids, m.params
         try:
             sp = vllm_sampling_params(p, None if self.policy is None else policy_param(self.policy))
@@ -425,6 +438,36 @@ class VllmWorker(Actor):
             self._tokens.pop(rid, None)
             self._received.pop(rid, None)
             # (its last delta is flushed a moment later: with several frontends it goes to each)
+            self._subscribers.forget(rid)
+
+    async def _embed(self, m: GenerateRequest) -> None:
+        """An embedding request (a model vLLM serves with its pooling runner): its vector, one delta."""
+        from vllm import PoolingParams as VllmPoolingParams
+
+        rid, ids, p = m.request_id, m.prompt_token_ids, m.params
+        try:
+            pp = VllmPoolingParams(task="embed", dimensions=p.pooling.dimensions, use_activation=p.pooling.normalize)
+            async for out in self.llm.encode({"prompt_token_ids": list(ids)}, pp, request_id=rid,
+                                             lora_request=self._lora_request(p.lora_name)):
+                if not out.finished:
+                    continue
+                cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+                self._prompt_tokens += len(ids)
+                self._cached_tokens += cached
+                vec = out.outputs.data.detach().float().cpu().numpy().astype("<f4", copy=False).tobytes()
+                self._emit(RequestDelta(rid, TokenDelta([], True, "stop", None, None, len(ids), cached,
+                                                        embedding=vec)))
+                break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as in ``_run``
+            if _refused_input(e):
+                self._emit(RequestDelta(rid, error=str(e)))
+                return
+            log.error("vLLM embedding request %s failed: %s: %s", rid, type(e).__name__, e)
+            self._emit(RequestDelta(rid, error=f"{type(e).__name__}: {e}", error_type="EngineError"))
+        finally:
+            self._tasks.pop(rid, None)
             self._subscribers.forget(rid)
 
     def abort(self, m: AbortRequest) -> None:
