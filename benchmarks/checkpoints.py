@@ -150,6 +150,46 @@ def write_random_gemma3(directory: str | Path, spec: dict | None = None, seed: i
     return _finish_folder(d, cfg)
 
 
+# a small Qwen3-Embedding-shaped model (random weights): the bare transformer (no LM head), 8 layers of
+# 512, 8 heads of 64 over 4 KV heads, head norms, 32k vocabulary; last-token pooling, normalized
+QWEN3_EMBED_SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=64, vocab_size=32000)
+
+
+def write_random_embedding_model(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
+    """A random ``Qwen3Model`` folder as embedding models are published: tensors without the ``model.``
+    prefix and no LM head, sentence-transformers ``modules.json`` with last-token pooling and a
+    Normalize module; bfloat16."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = dict(spec or QWEN3_EMBED_SMALL)
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["Qwen3Model"], "model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True, "bos_token_id": 0,
+        "eos_token_id": 1, "torch_dtype": "bfloat16", **spec,
+    }
+    w = builtin.random_llama_weights(cfg, seed)
+    w.pop("lm_head.weight", None)
+    for i in range(cfg["num_hidden_layers"]):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = torch.ones(cfg["head_dim"])
+    save_file({k.removeprefix("model."): v.to(torch.bfloat16).contiguous() for k, v in w.items()},
+              str(d / "model.safetensors"))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (d / "modules.json").write_text(json.dumps(modules, indent=2))
+    (d / "1_Pooling").mkdir(exist_ok=True)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": cfg["hidden_size"], "pooling_mode_lasttoken": True}, indent=2))
+    return _finish_folder(d, cfg)
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
