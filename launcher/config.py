@@ -83,6 +83,7 @@ class LaunchConfig:
     max_loras: int | None = None
     runner: str = "auto"
     pooler_config: str | None = None  # a JSON object (a YAML mapping is written as one)
+    hf_overrides: str | None = None  # a JSON object set over the model's config.json
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -179,6 +180,10 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="how --runner pooling pools (vLLM's flag): '{\"pooling_type\": \"MEAN\", \"normalize\": "
                          "false}'; pooling_type LAST, MEAN or CLS. Default: the folder's sentence-transformers "
                          "Pooling and Normalize modules, else LAST and normalized")
+    ap.add_argument("--hf-overrides", default=None, metavar="JSON",
+                    help="keys set over the model's config.json (vLLM's flag), e.g. an original Qwen3-Reranker "
+                         "served as a reranker: '{\"architectures\": [\"Qwen3ForSequenceClassification\"], "
+                         "\"classifier_from_token\": [\"no\", \"yes\"], \"is_original_qwen3_reranker\": true}'")
     ap.add_argument("--enable-lora", action="store_true",
                     help="serve LoRA adapters beside the base model (vLLM's flag; implied by --lora-modules)")
     ap.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
@@ -388,6 +393,8 @@ def validate(cfg: LaunchConfig) -> None:
             raise ConfigError("--speculative-config and --async-scheduling on do not go together (a step's drafts "
                               "come from the tokens of the step before)")
     check_lora(cfg)
+    if cfg.hf_overrides is not None:
+        cfg.hf_overrides = json.dumps(hf_overrides(cfg))
     check_runner(cfg)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
@@ -401,19 +408,34 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("--kv-cache-memory-gb must be positive")
 
 
+def hf_overrides(cfg: LaunchConfig) -> dict | None:
+    """``--hf-overrides`` as a dict (None: not given); ``ConfigError`` unless a JSON object."""
+    if cfg.hf_overrides is None:
+        return None
+    try:
+        data = json.loads(cfg.hf_overrides)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--hf-overrides must be a JSON object: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--hf-overrides must be a JSON object")
+    return data or None
+
+
 def check_runner(cfg: LaunchConfig) -> None:
     """``--runner`` and ``--pooler-config`` checked against the model (its folder read, no weights)."""
     from dyn_actor.engine.model_config import ModelLoadError
     from dyn_actor.engine.pooling import classifier, parse_pooler_config, pooler_for, runner_of
 
+    overrides = hf_overrides(cfg)
     try:
         if cfg.pooler_config is not None:
             parse_pooler_config(cfg.pooler_config, pooler_for(cfg.model, None))
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    if cfg.engine == "vllm" and classifier(cfg.model):
-        raise ConfigError("sequence classifiers (/classify) are served by the native engine only")
-    if cfg.engine == "vllm" and cfg.topology != "agg" and runner_of(cfg.model, cfg.runner) == "pooling":
+    if cfg.engine == "vllm" and classifier(cfg.model, overrides):
+        raise ConfigError("sequence classifiers (/classify, cross-encoder /score) are served by the native engine "
+                          "only")
+    if cfg.engine == "vllm" and cfg.topology != "agg" and runner_of(cfg.model, cfg.runner, overrides) == "pooling":
         raise ConfigError("embeddings (--runner pooling) with --engine vllm are served in the agg topology only")
     if cfg.pooler_config is not None and cfg.runner == "generate":
         raise ConfigError("--pooler-config applies to --runner pooling")

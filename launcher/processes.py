@@ -208,7 +208,8 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             llm = AsyncLLM.from_engine_args(engine_args(cfg.model, cfg.dtype, cfg.max_model_len, cfg.enforce_eager,
                                                         util, cfg.vllm_args, cfg.block_size, theirs, transfer,
                                                         cfg.reasoning_parser, cfg.speculative_config, loras,
-                                                        cfg.max_lora_rank, cfg.runner, cfg.pooler_config))
+                                                        cfg.max_lora_rank, cfg.runner, cfg.pooler_config,
+                                                        cfg.hf_overrides))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)

@@ -9,6 +9,7 @@ endpoints. Both build them here, so they are the same objects either way.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
@@ -37,7 +38,8 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         # (a prefill worker computes prompts only: nothing to draft)
         speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None,
         lora_modules=parse_lora_modules(cfg.lora_modules) or None, max_lora_rank=cfg.max_lora_rank,
-        runner=cfg.runner, pooler_config=cfg.pooler_config))
+        runner=cfg.runner, pooler_config=cfg.pooler_config,
+        hf_overrides=json.loads(cfg.hf_overrides) if cfg.hf_overrides else None))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:
@@ -160,7 +162,7 @@ class FrontendService:
         edge = EdgePolicy(cfg.host, cfg.api_key, cfg.metrics_require_key, frozenset(cfg.allowed_hosts),
                           cfg.max_request_bytes)
         self.frontend = frontend = Frontend(cfg.served_model_name or cfg.model, tokenizer, self.router, info, edge,
-                                             defaults, cfg.reasoning_parser, cfg.tool_call_parser)
+                                             defaults, cfg.reasoning_parser, cfg.tool_call_parser, cfg.chat_template)
         frontend.index = self.index
         frontend.on_policy = lambda fields: self.notify(("policy", fields))
         if self.queue_endpoint:

@@ -425,3 +425,35 @@ def test_classifiers_equal_vllms(tmp_path, kind, labels):
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape == (len(labels),)
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["cross-encoder", "llm-reranker"])
+def test_cross_encoders_equal_vllms(tmp_path, case):
+    """Scores of (query, document) pairs equal vLLM's ``LLM.score``: a one-label Llama classifier whose
+    tokenizer separates a pair's texts, and a Qwen3 causal LM made an original Qwen3-Reranker by
+    ``hf_overrides`` (its head from the LM head's "n" and "y" rows) and scored through a template."""
+    import numpy as np
+    from vllm import LLM, PoolingParams
+
+    from dyn_actor.engine.llm import LLM as NativeLLM
+    from tests.checkpoints import write_checkpoint, write_classifier_checkpoint
+    from tests.test_rerank import DOCS, OVERRIDES, QUERY, TEMPLATE, separate_pairs
+
+    shape = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=512)
+    kw, template, extra = {}, None, {}
+    if case == "cross-encoder":
+        d = separate_pairs(write_classifier_checkpoint(tmp_path / "ce", "llama", ["relevance"], **shape))
+    else:
+        d = write_checkpoint(tmp_path / "lm", "qwen3", seed=3, **shape)
+        kw, template, extra = {"hf_overrides": OVERRIDES}, TEMPLATE, {"instruction": "about cats?"}
+    ours = [o.score for o in NativeLLM(str(d), dtype="float32", num_kv_blocks=128, **kw)
+            .score(QUERY, DOCS, chat_template=template, **extra)]
+    llm = LLM(model=str(d), dtype="float32", max_model_len=512, gpu_memory_utilization=cpu_memory_share(1.0), **kw)
+    params = PoolingParams(extra_kwargs={"chat_template_kwargs": extra}) if extra else None
+    theirs = [o.outputs.score for o in llm.score(QUERY, DOCS, use_tqdm=False, chat_template=template,
+                                                 pooling_params=params)]
+    del llm
+    gc.collect()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert len(set(np.round(ours, 4))) == len(DOCS)  # (distinct scores: the pairs were read apart)

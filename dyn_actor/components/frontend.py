@@ -52,7 +52,8 @@ from dyn_actor.components.parsers import END_THINK, Reading, read_all, thinks_af
 from dyn_actor.components.processor import Processor
 from dyn_actor.components.responses_api import ResponseBuilder, ResponsesRequest, chat_request
 from dyn_actor.components.tools import ToolPlan, ToolStream, plan_tools, stream_delta, tool_calls, tool_dicts
-from dyn_actor.engine.tokenizer import Tokenizer
+from dyn_actor.engine.pooling import pair_ids
+from dyn_actor.engine.tokenizer import ChatTemplateError, Tokenizer
 from dyn_actor.metrics import FrontendMetrics
 from dyn_actor.protocol import Logprobs, PoolingParams, SamplingParams
 from dyn_actor.router import NoWorkerAvailable, Route, Router, WorkerEntry
@@ -99,8 +100,12 @@ class Chunk:
 class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, router: Router, info: WorkerInfo,
                  edge: EdgePolicy | None = None, sampling_defaults: dict | None = None,
-                 reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = None,
+                 score_template: str | None = None) -> None:
         self.model_name = model_name
+        # --chat-template, which a cross-encoder's /score and /rerank render their pairs with (vLLM uses
+        # a template there only when one is given: many rerankers inherit an unrelated chat template)
+        self.score_template = score_template
         # how chat answers are read (components/parsers.py): --reasoning-parser, --tool-call-parser
         self.reasoning_parser = reasoning_parser
         self.tool_call_parser = tool_call_parser
@@ -584,12 +589,13 @@ class Frontend:
                                               R.ScoreUsage(n, n, 0)))
 
     async def score(self, request: web.Request) -> web.Response:
-        """vLLM's ``/score`` for an embedding model (a bi-encoder): the cosine similarity of each pair's
-        embeddings. One text against many, or as many on each side, paired in order; every distinct
-        text is embedded once."""
+        """vLLM's ``/score``: for an embedding model (a bi-encoder), the cosine similarity of each
+        pair's embeddings (every distinct text embedded once); for a one-label classifier (a
+        cross-encoder, a reranker), the model's score of each pair read as one input. One text
+        against many, or as many on each side, paired in order."""
         req: ScoreRequest = decode_body(await request.read(), ScoreRequest)
         lora = self.processor.check_model(req.model)
-        self._check_pools()
+        cross = self._check_pools("score")
         given = [(a, b) for a, b in (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"),
                                      ("data_1", "data_2")) if getattr(req, a) is not None and getattr(req, b) is not None]
         if len(given) != 1 or any(getattr(req, f) is not None for f in {"text_1", "text_2", "queries", "documents",
@@ -601,27 +607,68 @@ class Frontend:
             raise RequestError(f"{given[0][0]} must hold one text or as many as {given[0][1]} "
                                f"({len(first)} and {len(second)})", param=given[0][0])
         pairs = [(first[0] if len(first) == 1 else first[i], second[i]) for i in range(len(second))]
-        scores, tokens = await self._similarities(pairs, req.truncate_prompt_tokens, lora)
+        scores, tokens = await self._pair_scores(pairs, req, lora, cross)
         rid = f"score-{uuid.uuid4().hex}"
         data = [R.ScoreData(i, "score", v) for i, v in enumerate(scores)]
         return _json(R.ScoreResponse(rid, "list", int(time.time()), lora or self.model_name, data,
                                      R.ScoreUsage(tokens, tokens, 0)))
 
     async def rerank(self, request: web.Request) -> web.Response:
-        """vLLM's (and Jina's, Cohere's) ``/rerank`` for an embedding model: the documents by the
-        cosine similarity of their embedding to the query's, best first; ``top_n`` of them (0: all)."""
+        """vLLM's (and Jina's, Cohere's) ``/rerank``: the documents by their score against the query
+        (as ``/score`` gives it: cosine similarity or a cross-encoder's), best first; ``top_n`` of them
+        (0: all)."""
         req: RerankRequest = decode_body(await request.read(), RerankRequest)
         lora = self.processor.check_model(req.model)
-        self._check_pools()
+        cross = self._check_pools("score")
         docs = _score_texts(req.documents, "documents")
         query = _score_texts(req.query, "query")
         if len(query) != 1:
             raise RequestError("query must be one text", param="query")
-        scores, tokens = await self._similarities([(query[0], d) for d in docs], req.truncate_prompt_tokens, lora)
+        scores, tokens = await self._pair_scores([(query[0], d) for d in docs], req, lora, cross)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[: req.top_n or None]
         results = [R.RerankResult(i, R.RerankDocument(docs[i]), scores[i]) for i in order]
         return _json(R.RerankResponse(f"rerank-{uuid.uuid4().hex}", lora or self.model_name,
                                       R.EmbeddingUsage(tokens, tokens), results))
+
+    async def _pair_scores(self, pairs: list[tuple[str, str]], req: ScoreRequest | RerankRequest, lora: str | None,
+                           cross: bool) -> tuple[list[float], int]:
+        """Each (query, document) pair's score, and the tokens read for them (a bi-encoder's text counted
+        in each of its pairs, as vLLM counts them). Queries and documents are first cut to
+        ``max_tokens_per_query`` and ``max_tokens_per_doc`` tokens."""
+        if len(pairs) > MAX_EMBEDDING_INPUTS:
+            raise RequestError(f"at most {MAX_EMBEDDING_INPUTS} pairs per request, got {len(pairs)}", param="documents")
+        limits = (req.max_tokens_per_query, req.max_tokens_per_doc)
+        for name, v in zip(("max_tokens_per_query", "max_tokens_per_doc"), limits):
+            if v >= self.processor.max_model_len:
+                raise RequestError(f"{name} ({v}) must be less than the context length "
+                                   f"({self.processor.max_model_len})", param=name)
+        if any(limits):
+            cut = self.tokenizer.truncate_text
+            pairs = await self._off_loop(lambda: [(cut(q, limits[0]) if limits[0] else q,
+                                                   cut(d, limits[1]) if limits[1] else d) for q, d in pairs])
+        if cross:
+            return await self._cross_scores(pairs, req, lora)
+        return await self._similarities(pairs, req.truncate_prompt_tokens, lora)
+
+    async def _cross_scores(self, pairs: list[tuple[str, str]], req: ScoreRequest | RerankRequest,
+                            lora: str | None) -> tuple[list[float], int]:
+        """A cross-encoder's score of each pair read as one input (``pooling.pair_ids``: rendered by
+        ``--chat-template`` where one was given, else the tokenizer's text pair): the one-label
+        classifier's logit through its activation."""
+        tok = self.tokenizer
+        kwargs = template_kwargs(req.chat_template_kwargs) or {}
+        if req.instruction is not None:
+            kwargs = {**kwargs, "instruction": req.instruction}
+        template, sep = self.score_template, self.info.use_sep_token
+        try:
+            ids = await self._off_loop(lambda: [pair_ids(tok, q, d, sep, template, **kwargs) for q, d in pairs])
+        except ChatTemplateError as e:
+            raise RequestError(str(e)) from None
+        inputs = self._pooling_inputs(ids, req.truncate_prompt_tokens, "documents")
+        params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
+                                pooling=PoolingParams(task="classify", normalize=req.use_activation))
+        blobs = await self._embed_all(f"score-{uuid.uuid4().hex}", inputs, params)
+        return [float(_floats(b)[0]) for b in blobs], sum(map(len, inputs))
 
     async def _similarities(self, pairs: list[tuple[str, str]], truncate: int | None,
                             lora: str | None) -> tuple[list[float], int]:
@@ -637,19 +684,24 @@ class Frontend:
         scores = await self._off_loop(lambda: [sum(x * y for x, y in zip(vectors[a], vectors[b])) for a, b in pairs])
         return scores, sum(lengths[a] + lengths[b] for a, b in pairs)
 
-    def _check_pools(self, task: str = "embed") -> None:
-        """A 400 unless this server's model does ``task``: embed (an embedding model) or classify (a
-        sequence classifier), both served with ``--runner pooling``."""
+    def _check_pools(self, task: str = "embed") -> bool:
+        """A 400 unless this server's model does ``task``: embed (an embedding model), classify (a
+        sequence classifier) or score (either an embedding model or a one-label classifier, a
+        cross-encoder), all served with ``--runner pooling``. For score: whether it is a cross-encoder."""
         if self.info.runner != "pooling":
-            raise RequestError("this model is served for generation; embeddings and classification need a model "
-                               "served with --runner pooling", code="model_not_supported")
+            raise RequestError("this model is served for generation; embeddings, scores and classification need a "
+                               "model served with --runner pooling", code="model_not_supported")
         if task == "classify" and not self.info.labels:
             raise RequestError("this model is not a sequence classifier: /classify needs one (a "
                                "*ForSequenceClassification folder)", code="model_not_supported")
         if task == "embed" and self.info.labels:
-            raise RequestError("this model is a sequence classifier: use /classify (embeddings, /score and /rerank "
-                               "need an embedding model; cross-encoder scoring is not served)",
+            raise RequestError("this model is a sequence classifier: use /classify (or /score and /rerank, for a "
+                               "one-label classifier); embeddings need an embedding model", code="model_not_supported")
+        if task == "score" and len(self.info.labels) > 1:
+            raise RequestError(f"this classifier has {len(self.info.labels)} labels: /score and /rerank need an "
+                               "embedding model or a one-label classifier (a cross-encoder); use /classify",
                                code="model_not_supported")
+        return bool(self.info.labels)
 
     async def _tokenized(self, texts: list[str | list[int]], special: bool, truncate: int | None,
                          param: str) -> list[list[int]]:

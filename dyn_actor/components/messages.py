@@ -126,6 +126,9 @@ class WorkerInfo(msgspec.Struct):
     lora_modules: dict[str, str] = {}  # the LoRA adapters it serves, name -> folder
     runner: str = "generate"  # or pooling: it serves embeddings (engine/pooling.py)
     labels: list[str] = []  # a pooling runner's sequence classifier: its labels (it serves /classify)
+    # a one-label classifier (a cross-encoder, at /score and /rerank): a query and a document as a
+    # tokenizer's text pair (False: their texts concatenated, an LLM reranker's way)
+    use_sep_token: bool = True
 
 
 class Subscribers:

@@ -157,6 +157,14 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
     data_1: ScoreText | list[ScoreText] | None = None
     data_2: ScoreText | list[ScoreText] | None = None
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    # each query, each document cut to this many tokens first (0: not cut)
+    max_tokens_per_query: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
+    max_tokens_per_doc: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
+    # a cross-encoder's: its score through the model's activation (false: the raw logit); with
+    # --chat-template, the template's variables (``instruction`` is one of them)
+    use_activation: bool | None = None
+    instruction: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
 
 
@@ -179,6 +187,14 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     model: Name | None = None
     top_n: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    # each query, each document cut to this many tokens first (0: not cut)
+    max_tokens_per_query: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
+    max_tokens_per_doc: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
+    # a cross-encoder's: its score through the model's activation (false: the raw logit); with
+    # --chat-template, the template's variables (``instruction`` is one of them)
+    use_activation: bool | None = None
+    instruction: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
 
 

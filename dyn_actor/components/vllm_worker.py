@@ -102,7 +102,8 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
                 gpu_memory_utilization: float, extra: list[str], block_size: int | None = None,
                 kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None,
                 speculative_config: str | None = None, lora_modules: dict[str, str] | None = None,
-                max_lora_rank: int = 16, runner: str = "auto", pooler_config: str | None = None):
+                max_lora_rank: int = 16, runner: str = "auto", pooler_config: str | None = None,
+                hf_overrides: str | None = None):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
     replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
@@ -111,7 +112,8 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
     the reasoning (the frontend reads the text itself); ``speculative_config``: our
     ``--speculative-config`` (a JSON object), vLLM's engine argument of that name; ``lora_modules``:
     LoRA serving on, with room for every adapter in one batch (requests name theirs); ``runner``,
-    ``pooler_config``: ours, vLLM's arguments of those names (embeddings)."""
+    ``pooler_config``: ours, vLLM's arguments of those names (embeddings); ``hf_overrides``: ours (a
+    JSON object), vLLM's argument of that name."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -129,6 +131,10 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         kw["speculative_config"] = json.loads(speculative_config)
     if runner != "auto":
         kw["runner"] = runner
+    if hf_overrides:
+        import json
+
+        kw["hf_overrides"] = json.loads(hf_overrides)
     if pooler_config:
         from vllm.config import PoolerConfig
 

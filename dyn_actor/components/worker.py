@@ -203,5 +203,5 @@ class Worker(Actor):
         return WorkerInfo(
             self.name, e.model_name, e.max_model_len, e.model_config.vocab_size, e.layout.block_size,
             list(e.eos_token_ids), self.events_endpoint or "", e.device_name, dict(e.lora_modules), e.runner,
-            list(e.model_config.labels),
+            list(e.model_config.labels), e.model_config.use_sep_token,
         )

@@ -105,6 +105,9 @@ class EngineConfig:
     runner: str = "auto"
     # how a pooling runner pools (vLLM's --pooler-config, JSON or a dict): pooling_type, normalize
     pooler_config: str | dict | None = None
+    # keys set over the model's config.json (vLLM's --hf-overrides): e.g. a causal LM served as a
+    # reranker ({"architectures": [...ForSequenceClassification], "classifier_from_token": [...]})
+    hf_overrides: dict | None = None
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -172,7 +175,7 @@ class LLMEngine:
                                  else 0)
         if config.block_size < 1 or config.block_size > 1024:
             raise ValueError(f"block_size must be between 1 and 1024, got {config.block_size}")
-        loaded = loaded or load_model(config.model)
+        loaded = loaded or load_model(config.model, config.hf_overrides)
         self.model_name = loaded.name
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -988,7 +991,8 @@ class LLMEngine:
         default = self.pooler.normalize
         use = [default if r.params.pooling.normalize is None else r.params.pooling.normalize for r in done]
         if self.model.score is not None:  # a classifier: its head's scores (on the device), then their activation
-            blobs = classify((vectors @ self.model.score.float().t()).cpu(), use, self.model_config.problem_type)
+            blobs = classify((vectors.float() @ self.model.score.t()).cpu(), use, self.model_config.problem_type,
+                             self.model_config.classifier_activation)
         else:
             blobs = finish_pooled(vectors.cpu(), [r.params.pooling.dimensions for r in done], use)
         outputs = []

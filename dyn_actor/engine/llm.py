@@ -38,6 +38,12 @@ class EmbeddingOutput:
     embedding: list[float]
 
 
+@dataclass
+class ScoreOutput:
+    score: float
+    prompt_token_ids: list[int]  # a cross-encoder's input for the pair (a bi-encoder's: empty)
+
+
 class LLM:
     def __init__(self, model: str = "builtin:tiny", speculative_config: dict | str | None = None,
                  lora_modules: dict[str, str] | None = None, **engine_options) -> None:
@@ -128,6 +134,32 @@ class LLM:
         """A sequence classifier's label probabilities for each prompt (``embedding`` holds them, by
         label index; ``self.engine.model_config.labels`` names them), as vLLM's ``LLM.classify``."""
         return self.embed(prompts, normalize=use_activation, task="classify")
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str], use_activation: bool | None = None,
+              chat_template: str | None = None, **template_kwargs) -> list[ScoreOutput]:
+        """vLLM's ``LLM.score``: one text against many, or as many on each side, paired in order. An
+        embedding model's score is the cosine similarity of the pair's embeddings; a one-label
+        classifier's (a cross-encoder) its score of the pair read as one input (``pooling.pair_ids``,
+        rendered by ``chat_template`` where given)."""
+        from dyn_actor.engine.pooling import pair_ids
+
+        first = [data_1] if isinstance(data_1, str) else list(data_1)
+        second = [data_2] if isinstance(data_2, str) else list(data_2)
+        if not first or not second or len(first) not in (1, len(second)):
+            raise ValueError("score: data_1 must hold one text or as many as data_2 (neither empty)")
+        pairs = [(first[0] if len(first) == 1 else first[i], d) for i, d in enumerate(second)]
+        cfg = self.engine.model_config
+        if len(cfg.labels) > 1:
+            raise ValueError(f"score needs an embedding model or a one-label classifier; this one has "
+                             f"{len(cfg.labels)} labels (use classify)")
+        if cfg.labels:
+            ids = [pair_ids(self.tokenizer, q, d, cfg.use_sep_token, chat_template, **template_kwargs)
+                   for q, d in pairs]
+            outs = self.embed(ids, normalize=use_activation, task="classify")
+            return [ScoreOutput(o.embedding[0], i) for o, i in zip(outs, ids)]
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        vec = {t: o.embedding for t, o in zip(texts, self.embed(texts, normalize=True))}
+        return [ScoreOutput(sum(x * y for x, y in zip(vec[q], vec[d])), []) for q, d in pairs]
 
     def chat(
         self, messages: list[dict], params: SamplingParams | None = None

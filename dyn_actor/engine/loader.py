@@ -26,14 +26,15 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(source: str) -> LoadedModel:
-    """Load a model by name; raise ``ModelLoadError`` with a one-line reason when it cannot be served."""
+def load_model(source: str, hf_overrides: dict | None = None) -> LoadedModel:
+    """Load a model by name; raise ``ModelLoadError`` with a one-line reason when it cannot be served.
+    ``hf_overrides``: keys set over its config.json (vLLM's ``--hf-overrides``)."""
     if source.startswith(builtin.BUILTIN_PREFIX):
         try:
             cfg_dict = builtin.hf_config(source)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-        cfg = ModelConfig.from_hf_dict(cfg_dict)
+        cfg = ModelConfig.from_hf_dict(override(cfg_dict, hf_overrides))
         tok = Tokenizer(
             builtin.build_tokenizer(), builtin.CHAT_TEMPLATE, builtin.BOS, builtin.EOS, add_bos_token=True
         )
@@ -45,7 +46,7 @@ def load_model(source: str) -> LoadedModel:
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path} has no config.json")
     try:
-        cfg = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+        cfg = ModelConfig.from_hf_dict(override(json.loads(cfg_file.read_text()), hf_overrides))
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
     files = sorted(path.glob("*.safetensors"))
@@ -55,6 +56,8 @@ def load_model(source: str) -> LoadedModel:
     weights = _load_safetensors(files)
     if cfg.text_of is not None:
         weights = _language_model_weights(weights)
+    if cfg.classifier_from_token:
+        weights = _head_from_tokens(cfg, weights, tok)
     gen_cfg = None
     if (path / "generation_config.json").is_file():
         gen_cfg = json.loads((path / "generation_config.json").read_text())
@@ -84,6 +87,41 @@ def _language_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch
                 break
     if not out:
         raise ModelLoadError("the checkpoint holds no language-model tensors (language_model.model.*)")
+    return out
+
+
+def override(cfg: dict, overrides: dict | None) -> dict:
+    """``cfg`` with ``overrides`` set over it (nested objects merged key by key, as vLLM merges its
+    ``--hf-overrides`` into a config)."""
+    if not overrides:
+        return cfg
+    out = dict(cfg)
+    for k, v in overrides.items():
+        out[k] = override(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _head_from_tokens(cfg: ModelConfig, weights: dict[str, torch.Tensor], tok: Tokenizer) -> dict[str, torch.Tensor]:
+    """A causal LM's checkpoint made a classifier's (``classifier_from_token``): ``score.weight`` from
+    the LM head's rows of those tokens, in float32 (``from_2_way_softmax``: true minus false, the one
+    logit whose sigmoid is the 2-way softmax's true probability); the LM head itself dropped."""
+    import torch
+
+    head = None if cfg.tie_word_embeddings else weights.get("lm_head.weight")
+    if head is None:
+        head = weights.get("model.embed_tokens.weight", weights.get("embed_tokens.weight"))
+    if head is None:
+        raise ModelLoadError("classifier_from_token: the checkpoint has no LM head or embeddings to take rows from")
+    ids = []
+    for t in cfg.classifier_from_token:
+        i = tok.backend.token_to_id(t)
+        if i is None or not 0 <= i < head.shape[0]:
+            raise ModelLoadError(f"classifier_from_token: {t!r} is not a token of this tokenizer")
+        ids.append(i)
+    rows = head[ids].to(torch.float32)
+    score = rows[1:2] - rows[0:1] if cfg.classifier_method == "from_2_way_softmax" else rows
+    out = {k: v for k, v in weights.items() if not k.endswith("lm_head.weight")}
+    out["score.weight"] = score.contiguous()
     return out
 
 

@@ -275,7 +275,12 @@ class LlamaModel:
         self.lm_head_linear = Linear(self.lm_head, None, pack)
         self.pool_hidden = False  # a pooling runner's: ``forward`` returns final hidden states, not logits
         # a sequence classifier's head (labels x hidden), applied to the pooled state (engine/pooling.py)
-        self.score = take("score.weight") if cfg.labels else None
+        # (in float32, as vLLM keeps a pooling model's head)
+        self.score = None
+        if cfg.labels:
+            if "score.weight" not in w:
+                raise ModelLoadError("checkpoint lacks tensor 'score.weight' (a classifier's head)")
+            self.score = w["score.weight"].to(device=device, dtype=torch.float32).contiguous()
         if self.score is not None and tuple(self.score.shape) != (len(cfg.labels), cfg.hidden_size):
             raise ModelLoadError(f"score.weight has shape {tuple(self.score.shape)}, the config says "
                                  f"({len(cfg.labels)}, {cfg.hidden_size}) (num_labels, hidden_size)")

@@ -88,6 +88,20 @@ class ModelConfig:
     #: one), and transformers' ``problem_type`` (which activation its scores take)
     labels: tuple[str, ...] = ()
     problem_type: str | None = None
+    #: a classifier's activation named by sentence-transformers (``activation_fn`` of its
+    #: ``sentence_transformers`` block, or ``sbert_ce_default_activation_function``): Sigmoid,
+    #: Identity or Tanh; None: the one ``problem_type`` implies
+    classifier_activation: str | None = None
+    #: a one-label classifier scores a query and a document (a cross-encoder, ``/score`` and
+    #: ``/rerank``) as a tokenizer's text pair (its separator between them); False: one text, the
+    #: two concatenated (an LLM reranker's ``use_sep_token: false``)
+    use_sep_token: bool = True
+    #: a causal LM served as a classifier (vLLM's ``classifier_from_token``, e.g. an original
+    #: Qwen3-Reranker): the head is made at load from these tokens' LM-head rows, by ``method``
+    #: (``from_2_way_softmax``: one label, the second row minus the first; ``no_post_processing``: a
+    #: label per token)
+    classifier_from_token: tuple[str, ...] = ()
+    classifier_method: str = ""
     #: the leading dimensions of each query and key head that RoPE turns (``partial_rotary_factor``;
     #: 0: all of them)
     rotary_dim: int = 0
@@ -111,10 +125,14 @@ class ModelConfig:
         if base_only:
             arch = BASE_MODEL_OF[arch]
         labels: tuple[str, ...] = ()
+        from_token, method = _classifier_from_token(arch, cfg)
         if arch in CLASSIFIER_OF:
             arch = CLASSIFIER_OF[arch]
             id2label = cfg.get("id2label") or {}
             n = int(cfg.get("num_labels") or len(id2label) or 2)
+            if from_token:  # the head's rows come from these tokens: it has as many labels as they give
+                n = 1 if method == "from_2_way_softmax" else len(from_token)
+                id2label = {} if n != len(id2label) else id2label
             labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
         if arch in TEXT_OF_MULTIMODAL:  # its language model, from the nested text_config
             text_of, arch = arch, TEXT_OF_MULTIMODAL[arch]
@@ -200,6 +218,12 @@ class ModelConfig:
                 matryoshka_dimensions=tuple(int(d) for d in cfg.get("matryoshka_dimensions") or ()),
                 labels=labels,
                 problem_type=cfg.get("problem_type") if labels else None,
+                classifier_activation=_classifier_activation(cfg) if labels else None,
+                # an LLM reranker (a head made from tokens) concatenates by default, a cross-encoder separates
+                use_sep_token=bool(cfg["use_pad_token"] if cfg.get("use_pad_token") is not None
+                                   else cfg.get("use_sep_token", not from_token)),
+                classifier_from_token=from_token,
+                classifier_method=method,
                 rotary_dim=rotary if rotary < head_dim else 0,
                 **moe,
                 extra=cfg,
@@ -369,6 +393,47 @@ def _rope_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[s
         scaling["original_max_position_embeddings"] = omax
     scaling["rope_type"] = rtype
     return None if rtype == "default" else scaling
+
+
+#: sentence-transformers' activations of a cross-encoder's scores (by their torch class path), as
+#: vLLM accepts them (only classes of ``torch.nn.modules``)
+CLASSIFIER_ACTIVATIONS = {"torch.nn.modules.activation.Sigmoid": "Sigmoid", "torch.nn.modules.linear.Identity": "Identity",
+                          "torch.nn.modules.activation.Tanh": "Tanh"}
+
+
+def _classifier_activation(cfg: dict[str, Any]) -> str | None:
+    st = cfg.get("sentence_transformers")
+    name = st.get("activation_fn") if isinstance(st, dict) else None
+    name = name or cfg.get("sbert_ce_default_activation_function")
+    if name is None:
+        return None
+    if name not in CLASSIFIER_ACTIVATIONS:
+        raise ModelLoadError(f"unsupported classifier activation {name!r}: the native engine applies "
+                             + ", ".join(CLASSIFIER_ACTIVATIONS))
+    return CLASSIFIER_ACTIVATIONS[name]
+
+
+def _classifier_from_token(arch: str, cfg: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    """A classifier's head made from LM-head rows (vLLM's ``classifier_from_token`` and ``method``,
+    usually set by ``--hf-overrides`` over a causal LM's folder): the tokens and the method, checked."""
+    tokens = cfg.get("classifier_from_token")
+    if not tokens:
+        return (), ""
+    if arch not in CLASSIFIER_OF:
+        raise ModelLoadError("classifier_from_token needs a *ForSequenceClassification architecture (set "
+                             "architectures in --hf-overrides as well)")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        raise ModelLoadError("classifier_from_token must be a list of tokens")
+    # an original Qwen3-Reranker's flag implies the 2-way softmax of its "no" and "yes" tokens
+    method = cfg.get("method") or ("from_2_way_softmax" if cfg.get("is_original_qwen3_reranker") else None)
+    if method is None:
+        raise ModelLoadError("classifier_from_token needs a method: from_2_way_softmax or no_post_processing")
+    if method not in ("from_2_way_softmax", "no_post_processing"):
+        raise ModelLoadError(f"unsupported classifier method {method!r}: use from_2_way_softmax or "
+                             "no_post_processing")
+    if method == "from_2_way_softmax" and len(tokens) != 2:
+        raise ModelLoadError("method from_2_way_softmax needs two classifier_from_token tokens (false, true)")
+    return tuple(tokens), method
 
 
 def _layer_windows(arch: str, cfg: dict[str, Any], layers: int, sliding: int) -> tuple[int, ...]:

@@ -13,6 +13,10 @@ scaled to unit length. ``--pooler-config`` overrides either. Pooling types:
   the device), so long prompts still go in chunks; no prefix-cache hit (every position is computed).
 - ``CLS``: the first position's state; no prefix-cache hit either.
 
+A sequence classifier's pooled state goes through its ``score`` head (``classify``); one with a
+single label is a cross-encoder, which ``/score`` and ``/rerank`` give each (query, document) pair
+to as one input (``pair_ids``).
+
 This module is torch-free but for ``finish``: the launcher reads the configuration with it.
 """
 
@@ -27,6 +31,8 @@ from dyn_actor.engine.model_config import BASE_MODEL_OF, CLASSIFIER_OF, ModelLoa
 
 if TYPE_CHECKING:
     import torch
+
+    from dyn_actor.engine.tokenizer import Tokenizer
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
@@ -122,26 +128,27 @@ def resolve_runner(runner: str, source: str, base_model_only: bool) -> str:
     return "generate"
 
 
-def _architecture(source: str) -> str | None:
-    """The first architecture a model folder's config.json names (None: builtin, unreadable, none)."""
+def _architecture(source: str, overrides: dict | None = None) -> str | None:
+    """The first architecture a model folder's config.json names, ``overrides`` (``--hf-overrides``)
+    set over it (None: builtin, unreadable, none)."""
     cfg_file = Path(source).expanduser() / "config.json"
-    if source.startswith("builtin:") or not cfg_file.is_file():
-        return None
-    try:
-        archs = json.loads(cfg_file.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return None  # the engine reports it
-    return archs[0] if archs else None
+    archs = (overrides or {}).get("architectures")
+    if not archs and not source.startswith("builtin:") and cfg_file.is_file():
+        try:
+            archs = json.loads(cfg_file.read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            return None  # the engine reports it
+    return archs[0] if isinstance(archs, list) and archs else None
 
 
-def classifier(source: str) -> bool:
+def classifier(source: str, overrides: dict | None = None) -> bool:
     """Whether model ``source`` is a sequence classifier (from its config.json alone)."""
-    return _architecture(source) in CLASSIFIER_OF
+    return _architecture(source, overrides) in CLASSIFIER_OF
 
 
-def runner_of(source: str, runner: str) -> str:
+def runner_of(source: str, runner: str, overrides: dict | None = None) -> str:
     """``resolve_runner`` from the model's config.json alone (the launcher's check; no weights read)."""
-    arch = _architecture(source)
+    arch = _architecture(source, overrides)
     return resolve_runner(runner, source, arch in BASE_MODEL_OF or arch in CLASSIFIER_OF)
 
 
@@ -167,17 +174,40 @@ def finish(vectors: torch.Tensor, dims: list[int | None], normalize: list[bool])
     return out
 
 
-def classify(scores: torch.Tensor, activate: list[bool], problem_type: str | None) -> list[bytes]:
+def pair_ids(tok: Tokenizer, query: str, document: str, use_sep_token: bool, template: str | None = None,
+             **template_kwargs) -> list[int]:
+    """A cross-encoder's input for one (query, document) pair, as vLLM builds it: rendered by
+    ``template`` where one is given (``--chat-template``: the two as messages of roles ``query`` and
+    ``document``), else the tokenizer's text pair (its separator between them), or for an LLM
+    reranker (``use_sep_token`` false) the two texts concatenated. ``ChatTemplateError`` where the
+    template fails."""
+    if template is not None:
+        return tok.encode(tok.render_template(template, [{"role": "query", "content": query},
+                                                         {"role": "document", "content": document}],
+                                              **template_kwargs))
+    return tok.encode_pair(query, document) if use_sep_token else tok.encode(query + document)
+
+
+def classify(scores: torch.Tensor, activate: list[bool], problem_type: str | None,
+             activation: str | None = None) -> list[bytes]:
     """A sequence classifier's rows of label scores (float32, on the host) through the activation vLLM
-    gives them, as transformers' loss for ``problem_type`` reads them (where ``activate``; vLLM's
-    ``use_activation``): none for regression, a sigmoid per label for multi-label classification or a
-    single label, else a softmax over the labels. Little-endian float32 bytes, one row each."""
+    gives them (where ``activate``; vLLM's ``use_activation``): as transformers' loss for
+    ``problem_type`` reads them (none for regression, a sigmoid per label for multi-label
+    classification, a softmax over the labels for single-label), else the ``activation`` its
+    sentence-transformers config names (a cross-encoder's), else a sigmoid for a single label and a
+    softmax over several. Little-endian float32 bytes, one row each."""
     import torch
 
+    if problem_type not in ("regression", "single_label_classification", "multi_label_classification"):
+        problem_type = None
     out = []
     for row, act in zip(scores, activate):
         if act and problem_type != "regression":
-            multi = problem_type == "multi_label_classification" or row.numel() < 2
-            row = torch.sigmoid(row) if multi else torch.softmax(row, dim=0)
+            if problem_type is None and activation is not None:
+                row = {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Identity": lambda r: r}[activation](row)
+            elif problem_type == "multi_label_classification" or row.numel() < 2:
+                row = torch.sigmoid(row)
+            else:
+                row = torch.softmax(row, dim=0)
         out.append(row.contiguous().numpy().astype("<f4", copy=False).tobytes())
     return out

@@ -117,6 +117,23 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
         return ids
 
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """Two texts as one input, with the special tokens the tokenizer puts around and between a
+        pair (a cross-encoder's query and document; transformers' ``text_pair``)."""
+        if self._manual_bos:  # no BOS in the post-processor: one before each text, as transformers' Llama does
+            return self.encode(first) + self.encode(second)
+        return self._tk.encode_batch([(first, second)], add_special_tokens=True)[0].ids
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """``text`` cut, at a token's first character, to at most ``max_tokens`` tokens (0: empty)."""
+        while text:
+            enc = self._tk.encode_batch([text], add_special_tokens=False)[0]
+            if len(enc.ids) <= max_tokens:
+                break
+            cut = enc.offsets[max_tokens][0] if max_tokens else 0
+            text = text[:min(cut, len(text) - 1)]
+        return text
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
@@ -148,6 +165,18 @@ class Tokenizer:
             )
         except ChatTemplateError:
             raise
+        except Exception as e:  # jinja errors, template-raised errors
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+
+    def render_template(self, source: str, messages: list[dict[str, Any]], **extra: Any) -> str:
+        """Messages rendered by the template ``source`` (not the model's), without a generation prompt
+        (a cross-encoder's query and document pair, ``--chat-template``)."""
+        template = self._templates.get(source)
+        if template is None:
+            template = self._templates[source] = compile_chat_template(source)
+        try:
+            return template.render(messages=messages, add_generation_prompt=False, bos_token=self.bos_token or "",
+                                   eos_token=self.eos_token or "", **extra)
         except Exception as e:  # jinja errors, template-raised errors
             raise ChatTemplateError(f"chat template failed: {e}") from None
 
