@@ -190,6 +190,34 @@ def write_random_embedding_model(directory: str | Path, spec: dict | None = None
     return _finish_folder(d, cfg)
 
 
+def write_random_reranker_model(directory: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
+    """A random one-label ``Qwen3ForSequenceClassification`` (a cross-encoder reranker: a ``score`` head
+    of one row over the last token), the shape of ``QWEN3_EMBED_SMALL`` unless ``spec``; bfloat16."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = dict(spec or QWEN3_EMBED_SMALL)
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["Qwen3ForSequenceClassification"], "model_type": "qwen3", "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "torch_dtype": "bfloat16", "num_labels": 1,
+        "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, **spec,
+    }
+    w = builtin.random_llama_weights(cfg, seed)
+    w.pop("lm_head.weight", None)
+    for i in range(cfg["num_hidden_layers"]):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = torch.ones(cfg["head_dim"])
+    g = torch.Generator().manual_seed(seed + 1)
+    w["score.weight"] = torch.randn(1, cfg["hidden_size"], generator=g) / cfg["hidden_size"] ** 0.5
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
+    return _finish_folder(d, cfg)
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

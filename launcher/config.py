@@ -424,7 +424,7 @@ def hf_overrides(cfg: LaunchConfig) -> dict | None:
 def check_runner(cfg: LaunchConfig) -> None:
     """``--runner`` and ``--pooler-config`` checked against the model (its folder read, no weights)."""
     from dyn_actor.engine.model_config import ModelLoadError
-    from dyn_actor.engine.pooling import classifier, parse_pooler_config, pooler_for, runner_of
+    from dyn_actor.engine.pooling import parse_pooler_config, pooler_for, runner_of
 
     overrides = hf_overrides(cfg)
     try:
@@ -432,9 +432,6 @@ def check_runner(cfg: LaunchConfig) -> None:
             parse_pooler_config(cfg.pooler_config, pooler_for(cfg.model, None))
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    if cfg.engine == "vllm" and classifier(cfg.model, overrides):
-        raise ConfigError("sequence classifiers (/classify, cross-encoder /score) are served by the native engine "
-                          "only")
     if cfg.engine == "vllm" and cfg.topology != "agg" and runner_of(cfg.model, cfg.runner, overrides) == "pooling":
         raise ConfigError("embeddings (--runner pooling) with --engine vllm are served in the agg topology only")
     if cfg.pooler_config is not None and cfg.runner == "generate":

@@ -246,3 +246,31 @@ def test_launcher_refusals(tmp_path):
         assert r.json()["error"]["code"] == "model_not_supported"
     finally:
         s.stop()
+
+
+def test_qwen3_reranker_template():
+    """``docs/templates/qwen3_reranker.jinja`` renders a pair in the format of Qwen3-Reranker's model
+    card (its system line, the instruction, query and document, an empty thinking block), with the
+    card's default instruction unless the request gives one."""
+    from pathlib import Path
+
+    from dyn_actor.engine.tokenizer import Tokenizer
+    from tests.checkpoints import write_tokenizer
+
+    source = (Path(__file__).resolve().parent.parent / "docs" / "templates" / "qwen3_reranker.jinja").read_text()
+
+    def card(task: str) -> str:
+        return ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+                'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+                f"<Instruct>: {task}\n<Query>: {QUERY}\n<Document>: {DOCS[0]}<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tok = Tokenizer.from_dir(tmp)
+    msgs = [{"role": "query", "content": QUERY}, {"role": "document", "content": DOCS[0]}]
+    assert tok.render_template(source, msgs) == card(
+        "Given a web search query, retrieve relevant passages that answer the query")
+    assert tok.render_template(source, msgs, instruction="find cats") == card("find cats")

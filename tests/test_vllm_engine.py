@@ -457,3 +457,34 @@ def test_cross_encoders_equal_vllms(tmp_path, case):
     gc.collect()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert len(set(np.round(ours, 4))) == len(DOCS)  # (distinct scores: the pairs were read apart)
+
+
+def test_classifiers_served_through_vllm(tmp_path):
+    """``--engine vllm`` with a one-label classifier (a cross-encoder whose tokenizer separates a
+    pair): /score and /rerank give the native engine's scores of the same pairs (the frontend builds
+    each pair's tokens, vLLM's pooling runner scores them), /classify its probability."""
+    import numpy as np
+
+    from dyn_actor.engine.llm import LLM as NativeLLM
+    from tests.checkpoints import write_classifier_checkpoint
+    from tests.test_rerank import DOCS, QUERY, separate_pairs
+
+    d = separate_pairs(write_classifier_checkpoint(tmp_path / "ce", "llama", ["relevance"], hidden_size=256,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                                   max_position_embeddings=512))
+    native = NativeLLM(str(d), dtype="float32", num_kv_blocks=128)
+    want = [o.score for o in native.score(QUERY, DOCS)]
+    probs = [o.embedding for o in native.classify(DOCS[:2])]
+    s = Server("--engine", "vllm", "--model", str(d), "--dtype", "float32", "--max-model-len", "512",
+               "--kv-cache-memory-gb", "1", timeout=420)
+    try:
+        r = requests.post(s.url + "/score", json={"text_1": QUERY, "text_2": DOCS}, timeout=120)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose([x["score"] for x in r.json()["data"]], want, atol=1e-5)
+        r = requests.post(s.url + "/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1}, timeout=120).json()
+        assert r["results"][0]["index"] == int(np.argmax(want))
+        r = requests.post(s.url + "/classify", json={"input": DOCS[:2]}, timeout=120).json()
+        np.testing.assert_allclose([x["probs"] for x in r["data"]], probs, atol=1e-5)
+    finally:
+        code, err = s.stop()
+    assert code == 0, err[-2000:]

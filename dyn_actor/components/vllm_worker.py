@@ -447,12 +447,15 @@ class VllmWorker(Actor):
             self._subscribers.forget(rid)
 
     async def _embed(self, m: GenerateRequest) -> None:
-        """An embedding request (a model vLLM serves with its pooling runner): its vector, one delta."""
+        """A pooling request (a model vLLM serves with its pooling runner): an embedding's vector, or a
+        classifier's activated scores (``/classify``, a cross-encoder's ``/score``), one delta."""
         from vllm import PoolingParams as VllmPoolingParams
 
         rid, ids, p = m.request_id, m.prompt_token_ids, m.params
         try:
-            pp = VllmPoolingParams(task="embed", dimensions=p.pooling.dimensions, use_activation=p.pooling.normalize)
+            task = p.pooling.task or "embed"
+            pp = (VllmPoolingParams(task="classify", use_activation=p.pooling.normalize) if task == "classify" else
+                  VllmPoolingParams(task="embed", dimensions=p.pooling.dimensions, use_activation=p.pooling.normalize))
             async for out in self.llm.encode({"prompt_token_ids": list(ids)}, pp, request_id=rid,
                                              lora_request=self._lora_request(p.lora_name)):
                 if not out.finished:
