@@ -185,13 +185,10 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            from dyn_actor.engine.loader import load_tokenizer, read_model_config
+            from dyn_actor.engine.loader import load_tokenizer
             from dyn_actor.engine.lora import parse_lora_modules
-            from dyn_actor.engine.pooling import classifier
-            from launcher.config import hf_overrides
 
             loras = parse_lora_modules(cfg.lora_modules)
-            overrides = hf_overrides(cfg)
             util = gpu_share if on_gpu else cpu_memory_share(cfg.kv_cache_memory_gb or 1.0)
             # vLLM's KV events (its own sockets, next to ours) -> this worker -> ours, for the kv router
             ours = endpoint + "-kv" if endpoint.startswith("ipc://") and role != "prefill" else ""
@@ -219,9 +216,11 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
             eos_ids = [*(eos if isinstance(eos, list) else [] if eos is None else [eos]),
                        *([] if tok.eos_token_id is None else [tok.eos_token_id])]
             labels, sep = [], True
-            if mc.runner_type == "pooling" and classifier(cfg.model, overrides):  # what /classify, /score serve
-                ours_cfg = read_model_config(cfg.model, overrides)
-                labels, sep = list(ours_cfg.labels), ours_cfg.use_sep_token
+            if mc.runner_type == "pooling" and mc.score_type == "cross-encoder":  # a classifier, as vLLM reads it
+                n = int(getattr(mc.hf_config, "num_labels", 0) or 1)
+                names = getattr(mc.hf_config, "id2label", None) or {}
+                labels = [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+                sep = bool(mc.use_sep_token)
             info = WorkerInfo(name, cfg.model, mc.max_model_len, mc.get_vocab_size(),
                               llm.vllm_config.cache_config.block_size, list(dict.fromkeys(eos_ids)), ours,
                               device=str(llm.vllm_config.device_config.device_type), lora_modules=loras,

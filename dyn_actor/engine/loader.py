@@ -90,17 +90,6 @@ def _language_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def read_model_config(source: str, hf_overrides: dict | None = None) -> ModelConfig:
-    """A model's ``ModelConfig`` from its config.json alone (no weights), ``hf_overrides`` set over it."""
-    if source.startswith(builtin.BUILTIN_PREFIX):
-        return ModelConfig.from_hf_dict(override(builtin.hf_config(source), hf_overrides))
-    cfg_file = Path(source).expanduser() / "config.json"
-    try:
-        return ModelConfig.from_hf_dict(override(json.loads(cfg_file.read_text()), hf_overrides))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {cfg_file}: {e}") from None
-
-
 def override(cfg: dict, overrides: dict | None) -> dict:
     """``cfg`` with ``overrides`` set over it (nested objects merged key by key, as vLLM merges its
     ``--hf-overrides`` into a config)."""
