@@ -363,7 +363,9 @@ def _has_vllm() -> bool:
 
 @pytest.mark.parametrize("kind,labels,problem", [("llama", ["neg", "neu", "pos"], None), ("qwen3", ["score"], None),
                                                  ("qwen2", ["a", "b"], "multi_label_classification"),
-                                                 ("mistral", ["value"], "regression")])
+                                                 ("mistral", ["value"], "regression"), ("gemma2", ["score"], None),
+                                                 ("gemma3", ["a", "b", "c"], None), ("phi3", ["x", "y"], None),
+                                                 ("qwen3_moe", ["score"], None)])
 def test_classifiers_equal_transformers(tmp_path, kind, labels, problem):
     """``*ForSequenceClassification``: the last token's state through the score head, then softmax (several
     labels), sigmoid (one label, or multi-label) or nothing (regression), as vLLM applies them; equal to

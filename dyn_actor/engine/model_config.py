@@ -34,10 +34,10 @@ BASE_MODEL_OF = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCa
                  "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
 #: a causal LM's transformer under a classification head (``score``: labels x hidden) over its last
 #: token: reward models, classifiers; served with ``--runner pooling`` at ``/classify``
-CLASSIFIER_OF = {"LlamaForSequenceClassification": "LlamaForCausalLM",
-                 "MistralForSequenceClassification": "MistralForCausalLM",
-                 "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
-                 "Qwen3ForSequenceClassification": "Qwen3ForCausalLM"}
+CLASSIFIER_OF = {**{a.replace("ForCausalLM", "ForSequenceClassification"): a for a in SUPPORTED_ARCHITECTURES
+                    if a != "Gemma3ForCausalLM"},
+                 # (transformers' Gemma3ForSequenceClassification is the multimodal model's)
+                 "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM"}
 #: sparse mixture-of-experts architectures (``moe.SparseMoe`` in place of the MLP on their sparse layers)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
