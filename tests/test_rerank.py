@@ -206,6 +206,8 @@ def test_served_token_limits(server, folders):
     assert r.status_code == 400 and "one text or as many" in r.json()["error"]["message"]
     r = requests.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
     assert r.status_code == 400 and "sequence classifier" in r.json()["error"]["message"]
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert r.status_code == 400 and "use /classify, /score or /rerank" in r.json()["error"]["message"]
     assert requests.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
 

@@ -356,8 +356,11 @@ class Frontend:
 
     def _check_generates(self) -> None:
         if self.info.runner == "pooling":
-            raise RequestError("this model is served for embeddings (--runner pooling): it generates no text; "
-                               "use /v1/embeddings", code="model_not_supported")
+            routes = ("/classify" + (", /score or /rerank" if len(self.info.labels) == 1 else "") if self.info.labels
+                      else "/v1/embeddings, /score or /rerank")
+            what = "a classifier" if self.info.labels else "embeddings"
+            raise RequestError(f"this model is served for {what} (--runner pooling): it generates no text; "
+                               f"use {routes}", code="model_not_supported")
 
     async def _prepare_chat(self, req: ChatCompletionRequest) -> ChatJob:
         """A chat request checked and made ready to run: its prompt, each choice's parameters, the
