@@ -248,6 +248,28 @@ def test_served_embeddings(server, folders):
     assert metric(server, "dyn_remote_prefills_total") == 0 and metric(server, "dyn_local_prefills_total") >= 45
 
 
+def test_served_embed_dtypes(server):
+    """vLLM's ``embed_dtype`` and ``endianness`` for base64 embeddings: float16 and bfloat16 as torch
+    rounds them, big-endian where asked; floats stay float32; fp8 and unknown dtypes are a 400."""
+    def get(**kw) -> str:
+        r = requests.post(server.url + "/v1/embeddings", json={"input": "some words to embed", **kw}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["embedding"]
+
+    floats = torch.tensor(get(encoding_format="float"), dtype=torch.float32)
+    for dtype, endian in [("float16", "native"), ("bfloat16", "little"), ("bfloat16", "big"), ("float32", "big")]:
+        raw = base64.b64decode(get(encoding_format="base64", embed_dtype=dtype, endianness=endian))
+        want = floats.to(getattr(torch, dtype))
+        got = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, want.element_size())
+        if endian == "big":
+            got = got.flip(1)
+        assert torch.equal(got.contiguous().view(want.dtype).view(-1), want), (dtype, endian)
+    for bad in ["fp8_e4m3", "int4"]:
+        r = requests.post(server.url + "/v1/embeddings", json={"input": "x", "encoding_format": "base64",
+                                                                "embed_dtype": bad}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "embed_dtype"
+
+
 def test_served_score_and_rerank(server, folders):
     """vLLM's bi-encoder ``/score`` and ``/rerank``: cosine similarities of the embeddings, one text
     against many or pairwise, documents best first and cut to ``top_n``."""

@@ -540,8 +540,9 @@ class Frontend:
         req: EmbeddingRequest = decode_body(await request.read(), EmbeddingRequest)
         lora = self.processor.check_model(req.model)
         self._check_pools()
-        if req.embed_dtype != "float32":
-            raise RequestError("embed_dtype other than float32 is not supported", param="embed_dtype")
+        if req.embed_dtype not in EMBED_DTYPES:
+            raise RequestError(f"embed_dtype must be one of {', '.join(EMBED_DTYPES)} (the fp8 ones are not sent "
+                               f"by this server), got {req.embed_dtype!r}", param="embed_dtype")
         if req.continue_final_message:
             raise RequestError("continue_final_message is not supported by this server", param="continue_final_message")
         if (req.input is None) == (req.messages is None):
@@ -562,6 +563,7 @@ class Frontend:
         data = []
         for i, blob in enumerate(vectors):
             if req.encoding_format == "base64":
+                blob = _as_dtype(blob, req.embed_dtype, req.endianness)
                 data.append(R.EmbeddingData(i, "embedding", base64.b64encode(blob).decode("ascii")))
             else:
                 data.append(R.EmbeddingData(i, "embedding", _floats(blob).tolist()))
@@ -1084,6 +1086,29 @@ def _floats(blob: bytes) -> array.array:
     if sys.byteorder == "big":
         floats.byteswap()
     return floats
+
+
+#: what a base64 embedding may be sent as (vLLM's ``embed_dtype``, but for its fp8 ones)
+EMBED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _as_dtype(blob: bytes, dtype: str, endianness: str) -> bytes:
+    """An embedding's little-endian float32 bytes as ``dtype`` (float16 and bfloat16 rounded to
+    nearest, ties to even, as torch rounds them) in the byte order asked (native: this host's)."""
+    import numpy as np
+
+    if dtype == "float32" and endianness in ("little", "native") and sys.byteorder == "little":
+        return blob
+    x = np.frombuffer(blob, dtype="<f4")
+    if dtype == "float16":
+        out = x.astype("<f2")
+    elif dtype == "bfloat16":
+        bits = x.view("<u4").astype(np.uint64)
+        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    else:
+        out = x
+    big = endianness == "big" or (endianness == "native" and sys.byteorder == "big")
+    return out.astype(out.dtype.newbyteorder(">" if big else "<")).tobytes()
 
 
 def _score_texts(value, name: str) -> list[str]:

@@ -138,8 +138,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     use_activation: bool | None = None  # vLLM's name for normalizing an embedding
     normalize: bool | None = None
-    embed_dtype: str = "float32"  # vLLM's: only float32 is sent
-    endianness: Literal["native", "little"] = "native"
+    # vLLM's: the dtype and byte order of a base64 embedding (floats are floats either way)
+    embed_dtype: str = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
 
 
 ScoreText = Annotated[str, msgspec.Meta(max_length=1 << 20)]
