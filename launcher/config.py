@@ -84,6 +84,7 @@ class LaunchConfig:
     runner: str = "auto"
     pooler_config: str | None = None  # a JSON object (a YAML mapping is written as one)
     hf_overrides: str | None = None  # a JSON object set over the model's config.json
+    convert: str = "auto"
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -180,6 +181,10 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="how --runner pooling pools (vLLM's flag): '{\"pooling_type\": \"MEAN\", \"normalize\": "
                          "false}'; pooling_type LAST, MEAN or CLS. Default: the folder's sentence-transformers "
                          "Pooling and Normalize modules, else LAST and normalized")
+    ap.add_argument("--convert", default="auto", choices=["auto", "none", "embed", "classify"],
+                    help="adapt the model (vLLM's flag): embed serves a causal LM's embeddings (--runner pooling), "
+                         "classify reads a causal LM's folder as its *ForSequenceClassification (its head from "
+                         "score.weight, or from classifier_from_token in --hf-overrides)")
     ap.add_argument("--hf-overrides", default=None, metavar="JSON",
                     help="keys set over the model's config.json (vLLM's flag), e.g. an original Qwen3-Reranker "
                          "served as a reranker: '{\"architectures\": [\"Qwen3ForSequenceClassification\"], "
@@ -424,15 +429,16 @@ def hf_overrides(cfg: LaunchConfig) -> dict | None:
 def check_runner(cfg: LaunchConfig) -> None:
     """``--runner`` and ``--pooler-config`` checked against the model (its folder read, no weights)."""
     from dyn_actor.engine.model_config import ModelLoadError
-    from dyn_actor.engine.pooling import parse_pooler_config, pooler_for, runner_of
+    from dyn_actor.engine.pooling import converted, parse_pooler_config, pooler_for, runner_of
 
-    overrides = hf_overrides(cfg)
     try:
+        overrides = converted(cfg.model, cfg.convert, hf_overrides(cfg))
         if cfg.pooler_config is not None:
             parse_pooler_config(cfg.pooler_config, pooler_for(cfg.model, None))
+        runner = runner_of(cfg.model, cfg.runner, overrides, cfg.convert)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    if cfg.engine == "vllm" and cfg.topology != "agg" and runner_of(cfg.model, cfg.runner, overrides) == "pooling":
+    if cfg.engine == "vllm" and cfg.topology != "agg" and runner == "pooling":
         raise ConfigError("embeddings (--runner pooling) with --engine vllm are served in the agg topology only")
     if cfg.pooler_config is not None and cfg.runner == "generate":
         raise ConfigError("--pooler-config applies to --runner pooling")

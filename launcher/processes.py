@@ -209,7 +209,7 @@ def vllm_worker_main(index: int, cfg: LaunchConfig, endpoint: str, conn, role: s
                                                         util, cfg.vllm_args, cfg.block_size, theirs, transfer,
                                                         cfg.reasoning_parser, cfg.speculative_config, loras,
                                                         cfg.max_lora_rank, cfg.runner, cfg.pooler_config,
-                                                        cfg.hf_overrides))
+                                                        cfg.hf_overrides, cfg.convert))
             mc = llm.model_config
             tok = load_tokenizer(cfg.model)
             eos = getattr(mc.hf_config, "eos_token_id", None)

@@ -39,7 +39,7 @@ def build_engine(cfg: LaunchConfig, role: str, gpu: int | None = None, gpu_share
         speculative=SpeculativeConfig.parse(cfg.speculative_config) if role != "prefill" else None,
         lora_modules=parse_lora_modules(cfg.lora_modules) or None, max_lora_rank=cfg.max_lora_rank,
         runner=cfg.runner, pooler_config=cfg.pooler_config,
-        hf_overrides=json.loads(cfg.hf_overrides) if cfg.hf_overrides else None))
+        hf_overrides=json.loads(cfg.hf_overrides) if cfg.hf_overrides else None, convert=cfg.convert))
 
 
 def events_endpoint(role: str, endpoint: str) -> str | None:

@@ -211,10 +211,14 @@ def test_served_token_limits(server, folders):
     assert requests.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
 
-def test_served_llm_reranker(folders):
-    """``--hf-overrides`` and ``--chat-template`` as an original Qwen3-Reranker is served with vLLM;
-    the request's ``instruction`` reaches the template. A 3-label classifier refuses /score."""
-    s = InprocServer("--model", str(folders["lm"]), "--hf-overrides", json.dumps(OVERRIDES), "--chat-template",
+@pytest.mark.parametrize("flags", [["--hf-overrides", json.dumps(OVERRIDES)],
+                                   ["--convert", "classify", "--hf-overrides",
+                                    json.dumps({"classifier_from_token": ["n", "y"], "method": "from_2_way_softmax"})]])
+def test_served_llm_reranker(folders, flags):
+    """An original Qwen3-Reranker's way of being served with vLLM: ``--hf-overrides`` (the classifier
+    architecture, or ``--convert classify``) and ``--chat-template``; the request's ``instruction``
+    reaches the template."""
+    s = InprocServer("--model", str(folders["lm"]), *flags, "--chat-template",
                      TEMPLATE, "--kv-cache-memory-gb", "0.05", "--max-model-len", "256")
     try:
         r = requests.post(s.url + "/rerank", json={"query": QUERY, "documents": DOCS, "instruction": "cats?"},
@@ -276,3 +280,27 @@ def test_qwen3_reranker_template():
     assert tok.render_template(source, msgs) == card(
         "Given a web search query, retrieve relevant passages that answer the query")
     assert tok.render_template(source, msgs, instruction="find cats") == card("find cats")
+
+
+def test_convert(folders):
+    """vLLM's ``--convert``: ``classify`` reads a causal LM as its classifier (with
+    ``classifier_from_token`` and a method: the same reranker as the overridden architecture; without
+    them the checkpoint must hold a ``score`` head), ``embed`` serves its embeddings; neither goes
+    with ``--runner generate``."""
+    from launcher.config import ConfigError, parse_args
+
+    lm = str(folders["lm"])
+    tokens = {"classifier_from_token": ["n", "y"], "method": "from_2_way_softmax"}
+    want = [g.score for g in LLM(lm, kv_cache_memory=16 << 20, hf_overrides=OVERRIDES).score(QUERY, DOCS)]
+    got = LLM(lm, kv_cache_memory=16 << 20, convert="classify", hf_overrides=tokens)
+    assert got.engine.runner == "pooling" and got.engine.model_config.labels == ("LABEL_0",)
+    np.testing.assert_allclose([g.score for g in got.score(QUERY, DOCS)], want, atol=1e-6)
+    with pytest.raises(ModelLoadError, match="score.weight"):
+        LLMEngine(EngineConfig(model=lm, kv_cache_memory=16 << 20, convert="classify"))
+    emb = LLM(lm, kv_cache_memory=16 << 20, convert="embed")
+    assert emb.engine.runner == "pooling" and len(emb.embed(["hi"])[0].embedding) == 128
+    with pytest.raises(ModelLoadError, match="does not go with --runner generate"):
+        LLMEngine(EngineConfig(model=lm, kv_cache_memory=16 << 20, convert="embed", runner="generate"))
+    with pytest.raises(ConfigError, match="does not go with --runner generate"):
+        parse_args(["--model", lm, "--convert", "classify", "--runner", "generate"])
+    assert parse_args(["--model", lm, "--convert", "classify"]).convert == "classify"

@@ -427,11 +427,12 @@ def test_classifiers_equal_vllms(tmp_path, kind, labels):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["cross-encoder", "llm-reranker"])
+@pytest.mark.parametrize("case", ["cross-encoder", "llm-reranker", "convert"])
 def test_cross_encoders_equal_vllms(tmp_path, case):
     """Scores of (query, document) pairs equal vLLM's ``LLM.score``: a one-label Llama classifier whose
     tokenizer separates a pair's texts, and a Qwen3 causal LM made an original Qwen3-Reranker by
-    ``hf_overrides`` (its head from the LM head's "n" and "y" rows) and scored through a template."""
+    ``hf_overrides`` (its head from the LM head's "n" and "y" rows) and scored through a template, or
+    made one by ``convert="classify"`` and scored with the texts concatenated."""
     import numpy as np
     from vllm import LLM, PoolingParams
 
@@ -447,6 +448,9 @@ def test_cross_encoders_equal_vllms(tmp_path, case):
     else:
         d = write_checkpoint(tmp_path / "lm", "qwen3", seed=3, **shape)
         kw, template, extra = {"hf_overrides": OVERRIDES}, TEMPLATE, {"instruction": "about cats?"}
+        if case == "convert":
+            kw, template, extra = {"convert": "classify", "hf_overrides": {"classifier_from_token": ["n", "y"],
+                                                                           "method": "from_2_way_softmax"}}, None, {}
     ours = [o.score for o in NativeLLM(str(d), dtype="float32", num_kv_blocks=128, **kw)
             .score(QUERY, DOCS, chat_template=template, **extra)]
     llm = LLM(model=str(d), dtype="float32", max_model_len=512, gpu_memory_utilization=cpu_memory_share(1.0), **kw)

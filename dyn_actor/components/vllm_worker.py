@@ -103,7 +103,7 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
                 kv_events: tuple[str, str] | None = None, kv_transfer=None, reasoning_parser: str | None = None,
                 speculative_config: str | None = None, lora_modules: dict[str, str] | None = None,
                 max_lora_rank: int = 16, runner: str = "auto", pooler_config: str | None = None,
-                hf_overrides: str | None = None):
+                hf_overrides: str | None = None, convert: str = "auto"):
     """vLLM's ``AsyncEngineArgs`` from our flags, then each ``--vllm-arg KEY=VALUE`` (the value as
     YAML: numbers, booleans and lists come out typed). ``kv_events``: the endpoints (publisher,
     replay) where vLLM's scheduler is to publish its KV events; ``kv_transfer``: the
@@ -113,7 +113,7 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
     ``--speculative-config`` (a JSON object), vLLM's engine argument of that name; ``lora_modules``:
     LoRA serving on, with room for every adapter in one batch (requests name theirs); ``runner``,
     ``pooler_config``: ours, vLLM's arguments of those names (embeddings); ``hf_overrides``: ours (a
-    JSON object), vLLM's argument of that name."""
+    JSON object) and ``convert``, vLLM's arguments of those names."""
     import yaml
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -131,6 +131,8 @@ def engine_args(model: str, dtype: str, max_model_len: int | None, enforce_eager
         kw["speculative_config"] = json.loads(speculative_config)
     if runner != "auto":
         kw["runner"] = runner
+    if convert != "auto":
+        kw["convert"] = convert
     if hf_overrides:
         import json
 

@@ -32,7 +32,7 @@ from dyn_actor.engine.h2d import to_device, to_device_many
 from dyn_actor.engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from dyn_actor.engine.model import ForwardBatch, LlamaModel, PrefillMeta, PrefillSeq
 from dyn_actor.engine.model_config import ModelLoadError
-from dyn_actor.engine.pooling import PoolerConfig, classify, pooler_for, resolve_runner
+from dyn_actor.engine.pooling import PoolerConfig, classify, converted, pooler_for, resolve_runner
 from dyn_actor.engine.pooling import finish as finish_pooled
 from dyn_actor.engine.request import Request, RequestStatus
 from dyn_actor.engine.sampling import Logprobs, PenaltyState, PendingSample, SamplingParams, sample, sample_async
@@ -108,6 +108,9 @@ class EngineConfig:
     # keys set over the model's config.json (vLLM's --hf-overrides): e.g. a causal LM served as a
     # reranker ({"architectures": [...ForSequenceClassification], "classifier_from_token": [...]})
     hf_overrides: dict | None = None
+    # vLLM's --convert: classify (a causal LM read as its *ForSequenceClassification), embed (a pooling
+    # runner over it), none, auto
+    convert: str = "auto"
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
@@ -175,7 +178,7 @@ class LLMEngine:
                                  else 0)
         if config.block_size < 1 or config.block_size > 1024:
             raise ValueError(f"block_size must be between 1 and 1024, got {config.block_size}")
-        loaded = loaded or load_model(config.model, config.hf_overrides)
+        loaded = loaded or load_model(config.model, converted(config.model, config.convert, config.hf_overrides))
         self.model_name = loaded.name
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -200,7 +203,7 @@ class LLMEngine:
         self.model = LlamaModel(cfg, loaded.weights, self.dtype, limit, native_ops=config.native_ops,
                                 device=self.device, attention=self.attention)
         # embeddings (pooling.py): every request pools its prompt's final hidden states; nothing is sampled
-        self.runner = resolve_runner(config.runner, loaded.name, cfg.base_model_only or bool(cfg.labels))
+        self.runner = resolve_runner(config.runner, loaded.name, cfg.base_model_only or bool(cfg.labels), config.convert)
         self.pooler: PoolerConfig | None = None
         if self.runner == "pooling":
             self.pooler = pooler_for(loaded.name, config.pooler_config)

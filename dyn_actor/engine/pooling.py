@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify")
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
 
@@ -116,11 +117,15 @@ def parse_pooler_config(text: str | dict | None, base: PoolerConfig) -> PoolerCo
     return PoolerConfig(kind.upper(), normalize, "flag")
 
 
-def resolve_runner(runner: str, source: str, base_model_only: bool) -> str:
-    """``auto``: ``pooling`` for a sentence-transformers folder or a bare ``*Model`` architecture (no
-    LM head), ``generate`` otherwise, as vLLM decides."""
+def resolve_runner(runner: str, source: str, base_model_only: bool, convert: str = "auto") -> str:
+    """``auto``: ``pooling`` for a sentence-transformers folder, a bare ``*Model`` architecture (no
+    LM head), a classifier or a ``--convert`` to one of those, ``generate`` otherwise, as vLLM decides."""
     if runner not in RUNNERS:
         raise ModelLoadError(f"unknown runner {runner!r}: use auto, generate or pooling")
+    if convert in ("embed", "classify"):
+        if runner == "generate":
+            raise ModelLoadError(f"--convert {convert} makes a pooling model: it does not go with --runner generate")
+        return "pooling"
     if runner != "auto":
         return runner
     if base_model_only or (not source.startswith("builtin:") and (Path(source).expanduser() / "modules.json").is_file()):
@@ -141,15 +146,34 @@ def _architecture(source: str, overrides: dict | None = None) -> str | None:
     return archs[0] if isinstance(archs, list) and archs else None
 
 
+def converted(source: str, convert: str, overrides: dict | None) -> dict | None:
+    """vLLM's ``--convert``: ``classify`` reads a causal LM's folder as its ``*ForSequenceClassification``
+    (the head from the checkpoint's ``score.weight``, or from ``classifier_from_token``), by setting
+    ``architectures`` in ``overrides``; ``embed`` (a pooling runner over a causal LM) and ``none``
+    change nothing here. ``overrides`` as they are, or with that key set."""
+    if convert not in CONVERTS:
+        raise ModelLoadError(f"unknown convert {convert!r}: use {', '.join(CONVERTS)}")
+    if convert != "classify":
+        return overrides
+    arch = "LlamaForCausalLM" if source.startswith("builtin:") else _architecture(source, overrides)
+    if arch in CLASSIFIER_OF:
+        return overrides
+    cls = next((c for c, causal in CLASSIFIER_OF.items() if causal == arch), None)
+    if cls is None:
+        raise ModelLoadError(f"--convert classify: {arch or 'this model'} has no classifier form here (causal LMs of "
+                             f"{', '.join(CLASSIFIER_OF.values())})")
+    return {**(overrides or {}), "architectures": [cls]}
+
+
 def classifier(source: str, overrides: dict | None = None) -> bool:
     """Whether model ``source`` is a sequence classifier (from its config.json alone)."""
     return _architecture(source, overrides) in CLASSIFIER_OF
 
 
-def runner_of(source: str, runner: str, overrides: dict | None = None) -> str:
+def runner_of(source: str, runner: str, overrides: dict | None = None, convert: str = "auto") -> str:
     """``resolve_runner`` from the model's config.json alone (the launcher's check; no weights read)."""
     arch = _architecture(source, overrides)
-    return resolve_runner(runner, source, arch in BASE_MODEL_OF or arch in CLASSIFIER_OF)
+    return resolve_runner(runner, source, arch in BASE_MODEL_OF or arch in CLASSIFIER_OF, convert)
 
 
 def pooler_for(source: str, flag: str | dict | None) -> PoolerConfig:
