@@ -337,7 +337,7 @@ def test_served_refusals(server):
              ({"input": "a", "dimensions": 0}, "dimensions"),
              ({"input": "a", "dimensions": 200}, "between 1 and 128"),
              ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
-             ({"input": "a", "embed_dtype": "float16"}, "embed_dtype"),
+             ({"input": "a", "embed_dtype": "fp8_e4m3"}, "embed_dtype"),
              ({"input": [[1, 2, 99999]]}, "token ids must be in"),
              ({"input": "a", "model": "other"}, "does not exist")]
     for body, msg in cases:
@@ -440,3 +440,31 @@ def test_served_classify(tmp_path, folders):
         assert r.status_code == 400 and "not a sequence classifier" in r.json()["error"]["message"]
     finally:
         e.stop()
+
+
+def test_lora_embeddings(tmp_path):
+    """A LoRA adapter over an embedding model (a causal LM with ``--runner pooling``): ``LLM.embed``
+    and ``/v1/embeddings`` with the adapter's name give the merged checkpoint's vectors, the base
+    model's without it, in one batch."""
+    from dyn_actor.engine.llm import LLM
+    from tests.checkpoints import merge_lora, write_lora
+
+    base = write_checkpoint(tmp_path / "base", "qwen3")
+    lora = write_lora(base, tmp_path / "a", seed=1)
+    merged = merge_lora(base, lora, tmp_path / "merged")
+    want = [np.array(o.embedding) for o in LLM(str(merged), runner="pooling", kv_cache_memory=16 << 20).embed(PROMPTS)]
+    llm = LLM(str(base), runner="pooling", lora_modules={"a": str(lora)}, kv_cache_memory=16 << 20)
+    plain = [np.array(o.embedding) for o in llm.embed(PROMPTS)]
+    got = [np.array(o.embedding) for o in llm.embed(PROMPTS, lora_name="a")]
+    for g, w, p in zip(got, want, plain):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+        assert np.abs(p - w).max() > 1e-2  # (the adapter changes the vectors)
+    s = InprocServer("--model", str(base), "--runner", "pooling", "--lora-modules", f"a={lora}",
+                     "--kv-cache-memory-gb", "0.05", "--max-model-len", "256")
+    try:
+        r = requests.post(s.url + "/v1/embeddings", json={"model": "a", "input": PROMPTS}, timeout=60).json()
+        assert r["model"] == "a"
+        for d, w in zip(r["data"], want):
+            np.testing.assert_allclose(d["embedding"], w, atol=2e-5)
+    finally:
+        s.stop()

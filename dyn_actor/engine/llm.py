@@ -105,10 +105,10 @@ class LLM:
         return [state[rid][0] for rid in order]
 
     def embed(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], dimensions: int | None = None,
-              normalize: bool | None = None, task: str = "embed") -> list[EmbeddingOutput]:
+              normalize: bool | None = None, task: str = "embed", lora_name: str | None = None) -> list[EmbeddingOutput]:
         """Each prompt's embedding (an engine with ``runner="pooling"``, or an embedding model's folder),
         in prompt order, as vLLM's ``LLM.embed``; ``dimensions``: a Matryoshka model's shorter vectors;
-        ``normalize``: None for the model's pooler's choice."""
+        ``normalize``: None for the model's pooler's choice; ``lora_name``: through that adapter."""
         import array
 
         from dyn_actor.protocol import PoolingParams
@@ -120,7 +120,7 @@ class LLM:
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"embd-{next(self._ids)}"
-            self.engine.add_request(rid, ids, params)
+            self.engine.add_request(rid, ids, params, lora_name=lora_name)
             outputs[rid] = EmbeddingOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -130,13 +130,13 @@ class LLM:
         return list(outputs.values())
 
     def classify(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 use_activation: bool | None = None) -> list[EmbeddingOutput]:
+                 use_activation: bool | None = None, lora_name: str | None = None) -> list[EmbeddingOutput]:
         """A sequence classifier's label probabilities for each prompt (``embedding`` holds them, by
         label index; ``self.engine.model_config.labels`` names them), as vLLM's ``LLM.classify``."""
-        return self.embed(prompts, normalize=use_activation, task="classify")
+        return self.embed(prompts, normalize=use_activation, task="classify", lora_name=lora_name)
 
     def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str], use_activation: bool | None = None,
-              chat_template: str | None = None, **template_kwargs) -> list[ScoreOutput]:
+              chat_template: str | None = None, lora_name: str | None = None, **template_kwargs) -> list[ScoreOutput]:
         """vLLM's ``LLM.score``: one text against many, or as many on each side, paired in order. An
         embedding model's score is the cosine similarity of the pair's embeddings; a one-label
         classifier's (a cross-encoder) its score of the pair read as one input (``pooling.pair_ids``,
@@ -155,10 +155,10 @@ class LLM:
         if cfg.labels:
             ids = [pair_ids(self.tokenizer, q, d, cfg.use_sep_token, chat_template, **template_kwargs)
                    for q, d in pairs]
-            outs = self.embed(ids, normalize=use_activation, task="classify")
+            outs = self.embed(ids, normalize=use_activation, task="classify", lora_name=lora_name)
             return [ScoreOutput(o.embedding[0], i) for o, i in zip(outs, ids)]
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        vec = {t: o.embedding for t, o in zip(texts, self.embed(texts, normalize=True))}
+        vec = {t: o.embedding for t, o in zip(texts, self.embed(texts, normalize=True, lora_name=lora_name))}
         return [ScoreOutput(sum(x * y for x, y in zip(vec[q], vec[d])), []) for q, d in pairs]
 
     def chat(
