@@ -74,6 +74,10 @@ def _build() -> ctypes.CDLL | None:
     lib.silu_mul_f32.argtypes = [p, i64, p, i64, i64, i64, cint]
     for fn in (lib.add_rms_norm_f32, lib.rope_inplace_f32, lib.silu_mul_f32):
         fn.restype = None
+    lib.linear_bf16_available.argtypes = []
+    lib.linear_bf16_available.restype = cint
+    lib.linear_bf16.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, cint]
+    lib.linear_bf16.restype = None
     return lib
 
 
@@ -199,6 +203,33 @@ class CpuFusedOps:
 #: glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _heap_kept = False
+
+
+#: the most rows ``linear_bf16`` takes (a decode step of a few sequences; more go to oneDNN's GEMM)
+LINEAR_BF16_MAX_ROWS = 4
+
+
+def linear_bf16_lib() -> ctypes.CDLL | None:
+    """The C library when its ``linear_bf16`` runs here (built for a CPU with AVX-512 BF16), unless
+    ``DYN_ACTOR_LINEAR_BF16=0`` keeps torch's (oneDNN) for every bfloat16 linear map."""
+    if os.environ.get("DYN_ACTOR_LINEAR_BF16", "1") == "0":
+        return None
+    lib = native_lib()
+    return lib if lib is not None and lib.linear_bf16_available() else None
+
+
+def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                nthreads: int) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for bfloat16 ``x`` of at most ``LINEAR_BF16_MAX_ROWS`` rows (last dimension
+    contiguous) and a contiguous ``w`` ``[O, I]``, by the C kernel (``lib.linear_bf16_available()``)."""
+    import torch
+
+    m, i = x.shape
+    o = w.shape[0]
+    y = torch.empty((m, o), dtype=torch.bfloat16)
+    lib.linear_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), o,
+                    m, o, i, nthreads)
+    return y
 
 
 def keep_freed_heap(mmap_below: int = 32 << 20, keep: int = 1 << 30) -> bool:

@@ -163,3 +163,57 @@ def test_kept_heap_reuses_a_steps_memory():
     assert with_keep[len(with_keep) // 2] < 200, with_keep
     # without the kept heap, waves of this size do fault thousands of pages in
     assert without[-1] > 1000, without
+
+
+def _bf16_lib():
+    from dyn_actor.native_ops import linear_bf16_lib
+
+    lib = linear_bf16_lib()
+    if lib is None:
+        pytest.skip("the C library has no bfloat16 linear kernel here (a CPU without AVX-512 BF16)")
+    return lib
+
+
+@pytest.mark.parametrize("m,o,i", [(1, 512, 512), (2, 37, 100), (3, 8, 31), (4, 1000, 96), (1, 5, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_bf16_matches_reference(m, o, i, threads):
+    """The bfloat16 linear kernel: the float32 sum of bfloat16 products rounded once, as torch's is,
+    for rows of x with a stride of their own, widths and heights off the kernel's multiples (masked
+    tails, a last block of fewer rows), with and without a bias, on one and two threads."""
+    from dyn_actor.native_ops import linear_bf16
+
+    lib = _bf16_lib()
+    g = torch.Generator().manual_seed(m * 1000 + o + i)
+    w = torch.randn(o, i, generator=g).bfloat16()
+    x = torch.randn(m, i + 7, generator=g).bfloat16()[:, 3:3 + i]  # a stride of its own, not contiguous
+    b = torch.randn(o, generator=g).bfloat16()
+    for bias in (None, b):
+        got = linear_bf16(lib, x, w, bias, threads)
+        exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert got.dtype == torch.bfloat16 and got.shape == (m, o)
+        # within half a bfloat16 step of the exact sum, as a single rounding of a float32 sum is
+        torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-5 * i)
+        torch.testing.assert_close(got.float(), F.linear(x, w, bias).float(), rtol=2 ** -7, atol=1e-5 * i)
+
+
+def test_linear_bf16_in_the_model_and_experts():
+    """``Linear`` sends a bfloat16 decode step's rows (at most four) to the kernel and more to torch, and
+    the experts of one sequence go through it too: both within a rounding of torch's."""
+    from dyn_actor.engine.model import Linear
+    from dyn_actor.engine.moe import experts_loop, silu_mul_torch
+
+    lib = _bf16_lib()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    lin = Linear(w, None, pack=True)
+    assert lin.bf16 is not None and Linear(w.float(), None, pack=True).bf16 is None
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, 96, generator=g).bfloat16()
+        torch.testing.assert_close(lin(x).float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-3)
+    w13 = torch.randn(8, 2 * 32, 96, generator=g).bfloat16() / 10
+    w2 = torch.randn(8, 96, 32, generator=g).bfloat16() / 6
+    h = torch.randn(1, 96, generator=g).bfloat16()
+    weights, experts = torch.tensor([[0.7, 0.3]]).bfloat16(), torch.tensor([[5, 2]])
+    ours = experts_loop(h, w13, w2, weights, experts, silu_mul_torch, lib)
+    torch.testing.assert_close(ours.float(), experts_loop(h, w13, w2, weights, experts, silu_mul_torch).float(),
+                               rtol=2 ** -6, atol=1e-2)

@@ -220,3 +220,67 @@ void silu_mul_f32(const float *gu, int64_t sgu, float *out, int64_t so, int64_t 
         }
     }
 }
+
+/* A bfloat16 linear map for the few rows of a decode step: y[m][o] = bf16(sum_i x[m][i] w[o][i] (+ b[o]))
+ * for m < M <= 4, each weight row read once for all M rows, four weight rows at a time (sixteen
+ * independent accumulators), with AVX-512 BF16's pairwise dot products into float32. A decode step
+ * streams its weights from memory: oneDNN's bf16 GEMV reads them at about a quarter of this core's
+ * bandwidth, this at most of it. linear_bf16_available() says whether the build has the instructions
+ * (-march=native on a CPU with avx512_bf16); without them the caller keeps torch's. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+int linear_bf16_available(void) { return 1; }
+
+static inline __m512bh load_bf16(const uint16_t *p, __mmask32 k) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(k, p);
+}
+
+static inline void linear_bf16_rows(const uint16_t *x, int64_t sx, const uint16_t *w, const uint16_t *b,
+                                    uint16_t *y, int64_t sy, const int M, int64_t o0, int64_t n, int64_t I) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < I; i += 32) {
+        const __mmask32 k = I - i >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (I - i)) - 1u);
+        __m512bh xv[4];
+        for (int m = 0; m < M; m++) xv[m] = load_bf16(x + m * sx + i, k);
+        for (int r = 0; r < 4; r++) {
+            if (r >= n) break;
+            /* the rows two blocks on, a cache line at a time: the hardware prefetcher alone keeps too
+             * few lines in flight to stream from memory at this core's rate */
+            _mm_prefetch((const char *)(w + (o0 + 8 + r) * I + i), _MM_HINT_T0);
+            const __m512bh wv = load_bf16(w + (o0 + r) * I + i, k);
+            for (int m = 0; m < M; m++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+        }
+    }
+    for (int r = 0; r < n; r++)
+        for (int m = 0; m < M; m++) {
+            float s = _mm512_reduce_add_ps(acc[r][m]);
+            if (b) s += bf16_to_f32(b[o0 + r]);
+            y[m * sy + o0 + r] = f32_to_bf16(s);
+        }
+}
+
+void linear_bf16(const uint16_t *x, int64_t sx, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t sy,
+                 int64_t M, int64_t O, int64_t I, int nthreads) {
+    const int64_t blocks = (O + 3) / 4;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t o0 = blk * 4, n = O - o0 < 4 ? O - o0 : 4;
+        switch (M) { /* M a constant in each inlined copy: its loops unrolled, the accumulators in registers */
+        case 1: linear_bf16_rows(x, sx, w, b, y, sy, 1, o0, n, I); break;
+        case 2: linear_bf16_rows(x, sx, w, b, y, sy, 2, o0, n, I); break;
+        case 3: linear_bf16_rows(x, sx, w, b, y, sy, 3, o0, n, I); break;
+        default: linear_bf16_rows(x, sx, w, b, y, sy, 4, o0, n, I); break;
+        }
+    }
+}
+#else
+int linear_bf16_available(void) { return 0; }
+
+void linear_bf16(const uint16_t *x, int64_t sx, const uint16_t *w, const uint16_t *b, uint16_t *y, int64_t sy,
+                 int64_t M, int64_t O, int64_t I, int nthreads) {
+    (void)x; (void)sx; (void)w; (void)b; (void)y; (void)sy; (void)M; (void)O; (void)I; (void)nthreads;
+}
+#endif

@@ -18,7 +18,14 @@ from dyn_actor.engine.lora import LoraAdapter, LoraRows
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
 from dyn_actor.engine.moe import load_sparse_moe, silu_mul_torch
 from dyn_actor.kv.pool import KvPool
-from dyn_actor.native_ops import CpuFusedOps, native_lib, paged_decode_attention
+from dyn_actor.native_ops import (
+    LINEAR_BF16_MAX_ROWS,
+    CpuFusedOps,
+    linear_bf16,
+    linear_bf16_lib,
+    native_lib,
+    paged_decode_attention,
+)
 
 
 @dataclass
@@ -115,11 +122,14 @@ class Linear:
     """``y = x @ W.T + b``; float32 weights are also pre-packed for MKL's sgemm when torch has it
     (about 20% faster for the small batches of decode steps)."""
 
-    __slots__ = ("weight", "bias", "packed", "lora", "rows", "stacked")
+    __slots__ = ("weight", "bias", "packed", "lora", "rows", "stacked", "bf16")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
                  rows: LoraRows | None = None) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
+        # bfloat16 weights on the CPU: a decode step's few rows through the C kernel (native_ops.linear_bf16)
+        self.bf16 = (linear_bf16_lib() if pack and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+                     and (bias is None or bias.dtype == torch.bfloat16) else None)
         # LoRA adapters of this projection, slot -> (A [r, in], B [out, r] scaled), and the step's
         # rows of each adapter (shared by every projection of the model)
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -135,6 +145,9 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 64)
+        elif self.bf16 is not None and x.dim() == 2 and x.shape[0] <= LINEAR_BF16_MAX_ROWS and x.stride(1) == 1 \
+                and x.dtype == torch.bfloat16:
+            y = linear_bf16(self.bf16, x, self.weight, self.bias, torch.get_num_threads())
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.lora and self.rows.active:
@@ -263,7 +276,7 @@ class LlamaModel:
             m = p + "mlp."
             layer.moe = layer.wgu = layer.wdown = None
             if i in cfg.moe_layers:
-                layer.moe = load_sparse_moe(cfg, i, take, w.keys(), triton=attention == "triton")
+                layer.moe = load_sparse_moe(cfg, i, take, w.keys(), triton=attention == "triton", native=pack)
             else:
                 gu = (take(m + "gate_up_proj.weight") if m + "gate_up_proj.weight" in w  # Phi-3: stored as one
                       else torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]))

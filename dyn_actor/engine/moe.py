@@ -29,15 +29,20 @@ import torch
 import torch.nn.functional as F
 
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
+from dyn_actor.native_ops import linear_bf16, linear_bf16_lib
 
 
 class SparseMoe:
-    __slots__ = ("gate", "w13", "w2", "top_k", "renormalize", "shared_gu", "shared_down", "shared_gate", "triton")
+    __slots__ = ("gate", "w13", "w2", "top_k", "renormalize", "shared_gu", "shared_down", "shared_gate", "triton",
+                 "bf16")
 
     def __init__(self, gate: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalize: bool,
-                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, triton: bool = False) -> None:
+                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, triton: bool = False,
+                 native: bool = False) -> None:
         self.gate, self.w13, self.w2 = gate, w13, w2
         self.top_k, self.renormalize = top_k, renormalize
+        # bfloat16 on the CPU (``native``): one sequence's router and experts through the C kernel
+        self.bf16 = linear_bf16_lib() if native and w13.dtype == torch.bfloat16 and w13.device.type == "cpu" else None
         # Qwen2-MoE: the shared expert's fused gate/up [2I, H], its down [H, I], and its gate [1, H]
         self.shared_gu, self.shared_down, self.shared_gate = shared if shared is not None else (None, None, None)
         self.triton = triton
@@ -48,7 +53,8 @@ class SparseMoe:
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's experts ``[T, top_k]`` (int64) and their weights (in ``h``'s dtype)."""
-        logits = F.linear(h, self.gate)
+        logits = F.linear(h, self.gate) if self.bf16 is None or h.shape[0] != 1 else \
+            linear_bf16(self.bf16, h, self.gate, None, torch.get_num_threads())
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
@@ -62,7 +68,7 @@ class SparseMoe:
 
             out = fused_experts(h, self.w13, self.w2, weights, experts, silu_mul)
         else:
-            out = experts_loop(h, self.w13, self.w2, weights, experts, silu_mul)
+            out = experts_loop(h, self.w13, self.w2, weights, experts, silu_mul, self.bf16)
         if self.shared_gu is not None:
             shared = F.linear(silu_mul(F.linear(h, self.shared_gu)), self.shared_down)
             out = out + torch.sigmoid(F.linear(h, self.shared_gate)) * shared
@@ -76,7 +82,7 @@ PADDED = True  # False: always the per-expert form (tests)
 
 
 def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                 silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 silu_mul: Callable[[torch.Tensor], torch.Tensor], bf16=None) -> torch.Tensor:
     """``sum_j weights[t, j] * expert_{experts[t, j]}(h[t])`` for every row ``t``, grouped by expert.
 
     The assignments (row, j) are sorted by expert. A step that uses most experts, where padding each
@@ -85,12 +91,17 @@ def experts_loop(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     a few large operations that stream the stacked weights instead of five small ones per expert.
     Otherwise (a prefill whose tokens crowd a few experts) two products per expert in use; a single
     row (one sequence's decode) goes through its experts directly (7% of a bf16 decode step on the
-    benchmark's 8-layer model, against grouping it)."""
+    benchmark's 8-layer model, against grouping it), by the C kernel where ``bf16`` is its library."""
     t, top_k = experts.shape
     if t == 1:  # one sequence's decode step: its experts one after the other, nothing to group
         out = None
+        threads = torch.get_num_threads()
         for j, ex in enumerate(experts[0].tolist()):
-            y = F.linear(silu_mul(F.linear(h, w13[ex])), w2[ex]) * weights[0, j]
+            if bf16 is not None:
+                act = silu_mul(linear_bf16(bf16, h, w13[ex], None, threads))
+                y = linear_bf16(bf16, act, w2[ex], None, threads) * weights[0, j]
+            else:
+                y = F.linear(silu_mul(F.linear(h, w13[ex])), w2[ex]) * weights[0, j]
             out = y if out is None else out + y
         return out
     e = w13.shape[0]
@@ -128,7 +139,7 @@ def silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
 
 
 def load_sparse_moe(cfg: ModelConfig, layer: int, take: Callable[..., torch.Tensor | None], names: Container[str],
-                    triton: bool) -> SparseMoe:
+                    triton: bool, native: bool = False) -> SparseMoe:
     """Layer ``layer``'s experts from a checkpoint, in any of the names transformers writes: Mixtral's
     ``block_sparse_moe.experts.J.w1/w3/w2``, Qwen's ``mlp.experts.J.gate_proj/up_proj/down_proj``, or
     the stacked ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` / ``mlp.experts.down_proj`` ``[E, H, I]``.
@@ -156,4 +167,4 @@ def load_sparse_moe(cfg: ModelConfig, layer: int, take: Callable[..., torch.Tens
         shared = (torch.cat([take(s + "gate_proj.weight"), take(s + "up_proj.weight")]).contiguous(),
                   take(s + "down_proj.weight"), take(prefix + "shared_expert_gate.weight"))
     return SparseMoe(gate, w13.contiguous(), w2.contiguous(), cfg.experts_per_token, cfg.norm_topk_prob, shared,
-                     triton=triton)
+                     triton=triton, native=native)
