@@ -139,3 +139,16 @@ def wait_threshold_below(s, limit: int, timeout: float, worker: str = "decode-0"
         if policy[worker]["max_local_prefill_length"] < limit or time.monotonic() > deadline:
             return policy
         time.sleep(0.5)
+
+
+def pooling_server(folder, name: str, topology: str):
+    """A pooling model (embeddings, a reranker) served in ``topology`` in this process, as ``name``; in
+    1p1d every prompt would go remote if it were a generation (the decode worker must keep pooling
+    requests local)."""
+    from tests.server import InprocServer
+
+    args = ["--model", str(folder), "--served-model-name", name, "--max-model-len", "256",
+            "--kv-cache-memory-gb", "0.05", "--topology", topology]
+    if topology == "1p1d":
+        args += ["--max-local-prefill-length", "0"]
+    return InprocServer(*args)

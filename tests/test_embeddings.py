@@ -25,7 +25,7 @@ from dyn_actor.engine.model_config import ModelLoadError
 from dyn_actor.engine.pooling import PoolerConfig, parse_pooler_config, sentence_transformers_pooler
 from dyn_actor.protocol import PoolingParams
 from tests.checkpoints import write_checkpoint, write_classifier_checkpoint, write_embedding_checkpoint
-from tests.helpers import metric
+from tests.helpers import metric, pooling_server
 from tests.server import InprocServer
 
 PROMPTS = [list(range(5, 8)), list(range(9, 26)), [(7 * i) % 90 + 3 for i in range(50)]]
@@ -208,11 +208,7 @@ def test_pooler_configuration(tmp_path):
 
 @pytest.fixture(scope="module", params=["agg", "1p1d"])
 def server(request, folders):
-    args = ["--model", str(folders["qwen3"]), "--served-model-name", "emb", "--max-model-len", "256",
-            "--kv-cache-memory-gb", "0.05", "--topology", request.param]
-    if request.param == "1p1d":  # every prompt would go remote if it were a generation
-        args += ["--max-local-prefill-length", "0"]
-    s = InprocServer(*args)
+    s = pooling_server(folders["qwen3"], "emb", request.param)
     yield s
     s.stop()
 

@@ -17,7 +17,7 @@ from dyn_actor.engine import EngineConfig, LLMEngine
 from dyn_actor.engine.llm import LLM
 from dyn_actor.engine.model_config import ModelLoadError
 from tests.checkpoints import write_checkpoint, write_classifier_checkpoint
-from tests.helpers import metric
+from tests.helpers import metric, pooling_server
 from tests.server import InprocServer
 
 QUERY = "where is the cat"
@@ -157,11 +157,7 @@ def test_sentence_transformers_activation(tmp_path):
 
 @pytest.fixture(scope="module", params=["agg", "1p1d"])
 def server(request, folders):
-    args = ["--model", str(folders["ce"]), "--served-model-name", "rr", "--max-model-len", "256",
-            "--kv-cache-memory-gb", "0.05", "--topology", request.param]
-    if request.param == "1p1d":  # every prompt would go remote if it were a generation
-        args += ["--max-local-prefill-length", "0"]
-    s = InprocServer(*args)
+    s = pooling_server(folders["ce"], "rr", request.param)
     yield s
     s.stop()
 

@@ -146,17 +146,10 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 ScoreText = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 
 
-class ScoreRequest(msgspec.Struct, kw_only=True):
-    """vLLM's ``/score``: one pair of sides, under any of its names; each side a text or a list of texts."""
+class _ScoringRequest(msgspec.Struct, kw_only=True):
+    """What vLLM's ``/score`` and ``/rerank`` share."""
 
     model: Name | None = None
-    text_1: ScoreText | list[ScoreText] | None = None
-    text_2: ScoreText | list[ScoreText] | None = None
-    queries: ScoreText | list[ScoreText] | None = None
-    documents: ScoreText | list[ScoreText] | None = None
-    items: ScoreText | list[ScoreText] | None = None
-    data_1: ScoreText | list[ScoreText] | None = None
-    data_2: ScoreText | list[ScoreText] | None = None
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
     # each query, each document cut to this many tokens first (0: not cut)
     max_tokens_per_query: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
@@ -167,6 +160,18 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
     instruction: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
+
+
+class ScoreRequest(_ScoringRequest, kw_only=True):
+    """vLLM's ``/score``: one pair of sides, under any of its names; each side a text or a list of texts."""
+
+    text_1: ScoreText | list[ScoreText] | None = None
+    text_2: ScoreText | list[ScoreText] | None = None
+    queries: ScoreText | list[ScoreText] | None = None
+    documents: ScoreText | list[ScoreText] | None = None
+    items: ScoreText | list[ScoreText] | None = None
+    data_1: ScoreText | list[ScoreText] | None = None
+    data_2: ScoreText | list[ScoreText] | None = None
 
 
 class ClassificationRequest(msgspec.Struct, kw_only=True):
@@ -180,23 +185,12 @@ class ClassificationRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
-class RerankRequest(msgspec.Struct, kw_only=True):
+class RerankRequest(_ScoringRequest, kw_only=True):
     """vLLM's (Jina's, Cohere's) ``/rerank``."""
 
     query: ScoreText
     documents: ScoreText | list[ScoreText]
-    model: Name | None = None
     top_n: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
-    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
-    # each query, each document cut to this many tokens first (0: not cut)
-    max_tokens_per_query: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
-    max_tokens_per_doc: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
-    # a cross-encoder's: its score through the model's activation (false: the raw logit); with
-    # --chat-template, the template's variables (``instruction`` is one of them)
-    use_activation: bool | None = None
-    instruction: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    user: str | None = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
