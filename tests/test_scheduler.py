@@ -149,8 +149,38 @@ def test_heavy_decode_steps_take_the_prefill_threads(monkeypatch):
     monkeypatch.setattr(eng.model, "forward", forward)
     monkeypatch.setattr(engine_mod, "WIDE_DECODE_CORE_MS", 0.0)
     monkeypatch.setattr(engine_mod, "WIDE_DECODE_CORE_MS_PER_ROW", 0.0)
+    # (no back-off here: on a loaded host a wide step may well be slower than a narrow one)
+    monkeypatch.setattr(engine_mod, "WIDE_DECODE_SLOWER", float("inf"))
     eng.add_request("a", [0, 5, 6], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     while eng.has_unfinished_requests():
         eng.step()
     assert seen[0] == 1 and seen[1:] == [2] * (len(seen) - 1), seen
     assert torch.get_num_threads() == 1
+
+
+def test_wide_decode_backs_off_when_the_other_core_is_taken(monkeypatch):
+    """A wide decode step 1.5x as slow a row as the last narrow step of about its size (another process
+    on the extra core: each parallel region waits for it) sends decode and prefill steps back to
+    ``num_threads`` for ``WIDE_DECODE_BACKOFF_S``; then they may widen again. Steps of other sizes are
+    not compared (a row's cost falls as a step grows)."""
+    from dyn_actor.engine import EngineConfig, LLMEngine
+    from dyn_actor.engine import engine as engine_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(engine_mod.time, "monotonic", lambda: clock[0])
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64, num_threads=1, prefill_threads=2))
+    note = eng._note_decode_cost
+    note(0.010, 1, 1)  # heavy: widen
+    assert eng._wide_decode
+    note(0.006, 2, 1)  # faster on two threads: stays wide
+    assert eng._wide_decode
+    note(0.200, 2, 4)  # slow, but four times the rows of the narrow step: not compared
+    assert eng._wide_decode
+    note(0.016, 2, 1)  # 1.6x the narrow step's time for as many rows: the other core is taken
+    assert not eng._wide_decode and eng._wide_blocked_until == 100.0 + engine_mod.WIDE_DECODE_BACKOFF_S
+    clock[0] += 1
+    note(0.010, 1, 1)  # heavy, but within the back-off
+    assert not eng._wide_decode
+    clock[0] += engine_mod.WIDE_DECODE_BACKOFF_S
+    note(0.010, 1, 1)
+    assert eng._wide_decode

@@ -57,6 +57,12 @@ PREFILL_THREADS_MIN_TOKENS = 128
 #: a step that falls under half of both goes back to ``num_threads``
 WIDE_DECODE_CORE_MS = 4.0
 WIDE_DECODE_CORE_MS_PER_ROW = 1.0
+#: a wide decode step ``WIDE_DECODE_SLOWER`` times as slow a row as the last narrow one of about its
+#: size (the extra core is busy with another process: every parallel region waits for the thread that
+#: shares it) sends decode and prefill steps back to ``num_threads`` for ``WIDE_DECODE_BACKOFF_S``
+#: seconds before they try again
+WIDE_DECODE_BACKOFF_S = 5.0
+WIDE_DECODE_SLOWER = 1.5
 
 
 @dataclass
@@ -174,6 +180,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self._threads = torch.get_num_threads()
         self._wide_decode = False  # decode steps heavy enough to take the prefill threads too (``_forward``)
+        self._narrow_step = (0, 0.0)  # the last narrow decode step's rows and seconds
+        self._wide_blocked_until = 0.0  # (time.monotonic) no wide decode steps before this
         self._prefill_threads = (config.prefill_threads if config.prefill_threads and config.prefill_threads > self._threads
                                  else 0)
         if config.block_size < 1 or config.block_size > 1024:
@@ -888,7 +896,9 @@ class LLMEngine:
             fill(batch.input_ids)
         tokens = sum(n for _, n in scheduled)
         prefill = tokens >= PREFILL_THREADS_MIN_TOKENS
-        wide = self._prefill_threads and (prefill or self._wide_decode)
+        # (not while a decode step found the extra core taken: a prefill step would wait for it as well)
+        wide = self._prefill_threads and ((prefill and time.monotonic() >= self._wide_blocked_until)
+                                          or self._wide_decode)
         if wide:
             torch.set_num_threads(self._prefill_threads)
         t0 = time.perf_counter()
@@ -904,9 +914,24 @@ class LLMEngine:
                                        len(samplers))
 
     def _note_decode_cost(self, seconds: float, threads: int, rows: int) -> None:
-        """After a CPU decode step: whether the next ones take the prefill threads (``WIDE_DECODE_*``)."""
+        """After a CPU decode step: whether the next ones take the prefill threads (``WIDE_DECODE_*``).
+        Not where they do not help: a wide step slower a row than the last narrow one (a core taken by
+        another process) sends them back for ``WIDE_DECODE_BACKOFF_S``."""
+        now = time.monotonic()
+        if threads > self._threads:
+            narrow_rows, narrow_s = self._narrow_step
+            # (compared with a narrow step of about as many rows: a row's cost falls as a step grows)
+            if narrow_rows and 0.75 <= rows / narrow_rows <= 1.33 and \
+                    seconds / rows > WIDE_DECODE_SLOWER * narrow_s / narrow_rows:
+                self._wide_decode = False
+                self._wide_blocked_until = now + WIDE_DECODE_BACKOFF_S
+                return
+        else:
+            self._narrow_step = (rows, seconds)
         core_ms = 1000 * seconds * threads
-        if core_ms >= WIDE_DECODE_CORE_MS and core_ms / rows >= WIDE_DECODE_CORE_MS_PER_ROW:
+        if now < self._wide_blocked_until:
+            self._wide_decode = False
+        elif core_ms >= WIDE_DECODE_CORE_MS and core_ms / rows >= WIDE_DECODE_CORE_MS_PER_ROW:
             self._wide_decode = True
         elif core_ms < WIDE_DECODE_CORE_MS / 2 or core_ms / rows < WIDE_DECODE_CORE_MS_PER_ROW / 2:
             self._wide_decode = False
