@@ -158,7 +158,7 @@ def test_heavy_decode_steps_take_the_prefill_threads(monkeypatch):
     assert torch.get_num_threads() == 1
 
 
-def test_wide_decode_backs_off_when_the_other_core_is_taken(monkeypatch):
+def test_wide_decode_backs_off_when_the_other_core_is_taken():
     """A wide decode step 1.5x as slow a row as the last narrow step of about its size (another process
     on the extra core: each parallel region waits for it) sends decode and prefill steps back to
     ``num_threads`` for ``WIDE_DECODE_BACKOFF_S``; then they may widen again. Steps of other sizes are
@@ -167,8 +167,8 @@ def test_wide_decode_backs_off_when_the_other_core_is_taken(monkeypatch):
     from dyn_actor.engine import engine as engine_mod
 
     clock = [100.0]
-    monkeypatch.setattr(engine_mod.time, "monotonic", lambda: clock[0])
     eng = LLMEngine(EngineConfig(num_kv_blocks=64, num_threads=1, prefill_threads=2))
+    eng._clock = lambda: clock[0]
     note = eng._note_decode_cost
     note(0.010, 1, 1)  # heavy: widen
     assert eng._wide_decode

@@ -181,7 +181,8 @@ class LLMEngine:
         self._threads = torch.get_num_threads()
         self._wide_decode = False  # decode steps heavy enough to take the prefill threads too (``_forward``)
         self._narrow_step = (0, 0.0)  # the last narrow decode step's rows and seconds
-        self._wide_blocked_until = 0.0  # (time.monotonic) no wide decode steps before this
+        self._wide_blocked_until = 0.0  # (self._clock) no wide decode steps before this
+        self._clock = time.monotonic  # (tests set their own)
         self._prefill_threads = (config.prefill_threads if config.prefill_threads and config.prefill_threads > self._threads
                                  else 0)
         if config.block_size < 1 or config.block_size > 1024:
@@ -897,7 +898,7 @@ class LLMEngine:
         tokens = sum(n for _, n in scheduled)
         prefill = tokens >= PREFILL_THREADS_MIN_TOKENS
         # (not while a decode step found the extra core taken: a prefill step would wait for it as well)
-        wide = self._prefill_threads and ((prefill and time.monotonic() >= self._wide_blocked_until)
+        wide = self._prefill_threads and ((prefill and self._clock() >= self._wide_blocked_until)
                                           or self._wide_decode)
         if wide:
             torch.set_num_threads(self._prefill_threads)
@@ -917,7 +918,7 @@ class LLMEngine:
         """After a CPU decode step: whether the next ones take the prefill threads (``WIDE_DECODE_*``).
         Not where they do not help: a wide step slower a row than the last narrow one (a core taken by
         another process) sends them back for ``WIDE_DECODE_BACKOFF_S``."""
-        now = time.monotonic()
+        now = self._clock()
         if threads > self._threads:
             narrow_rows, narrow_s = self._narrow_step
             # (compared with a narrow step of about as many rows: a row's cost falls as a step grows)
