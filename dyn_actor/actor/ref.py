@@ -29,6 +29,7 @@ from typing import TypeVar
 import msgspec
 
 from dyn_actor.actor import envelope as env
+from dyn_actor.aio import wait_for
 from dyn_actor.transport import DealerSocket
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class ActorRef:
         self._asks[cid] = fut
         try:
             await self._sock.send(env.encode(env.Call(cid, env.ASK, env.raw(msg))))
-            body = await asyncio.wait_for(fut, timeout)
+            body = await wait_for(fut, timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             await self._cancel(cid)
             raise
@@ -169,7 +170,7 @@ class ActorRef:
         try:
             await self._sock.send(env.encode(env.Call(cid, env.STREAM, env.raw(msg))))
             while True:
-                item = await asyncio.wait_for(queue.get(), idle_timeout)
+                item = await wait_for(queue.get(), idle_timeout)
                 if item is _END:
                     finished = True
                     return
@@ -258,7 +259,7 @@ class ActorRef:
             try:
                 # a DEALER blocks on send while it has no peer (an inproc actor that stopped, a
                 # process being restarted): the ping may not go out, but the check below must run
-                await asyncio.wait_for(self._sock.send(env.encode(env.Ping(next(seq)))), self.heartbeat_interval)
+                await wait_for(self._sock.send(env.encode(env.Ping(next(seq)))), self.heartbeat_interval)
             except asyncio.TimeoutError:
                 pass
             t0 = time.monotonic()

@@ -24,6 +24,7 @@ import msgspec
 from aiohttp import web
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.aio import wait_for
 from dyn_actor.components import responses as R
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.http_edge import EdgePolicy
@@ -147,7 +148,7 @@ class Frontend:
         self.draining = True
         log.info("draining: %d requests in flight", self._in_flight)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("drain timeout (%.0fs): %d requests still in flight are cut off", timeout, self._in_flight)
             return False

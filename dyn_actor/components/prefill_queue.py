@@ -23,6 +23,7 @@ from collections import OrderedDict
 import msgspec
 
 from dyn_actor.actor import Actor, ActorRef
+from dyn_actor.aio import wait_for
 from dyn_actor.components.disagg_messages import (
     CancelPrefill,
     Depth,
@@ -86,7 +87,7 @@ class PrefillQueue(Actor):
             await self._pub.send(msgspec.msgpack.encode(self.depth(None)))
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), PUBLISH_INTERVAL)
+                await wait_for(self._changed.wait(), PUBLISH_INTERVAL)
             except asyncio.TimeoutError:
                 pass
 
@@ -160,7 +161,7 @@ class PrefillQueue(Actor):
                     return Pulled(None)
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    await wait_for(self._arrived.wait(), remaining)
                 except asyncio.TimeoutError:
                     return Pulled(None)
         finally:

@@ -10,6 +10,7 @@ import os
 import msgspec
 
 from dyn_actor.actor import ActorDeadError, ActorRef
+from dyn_actor.aio import wait_for
 from dyn_actor.components.disagg import leave_queue, pull_loop
 from dyn_actor.components.disagg_messages import (
     BeginWrite,
@@ -76,6 +77,7 @@ class PrefillWorker(Worker):
         self._loops = [asyncio.ensure_future(self._pull_loop()) for _ in range(self._concurrency)]
 
     async def on_stop(self) -> None:
+        self._draining = True  # a loop that somehow outlives its cancel ends at its next pull
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -142,7 +144,7 @@ class PrefillWorker(Worker):
         self._draining = True
         await leave_queue(self._queue, self.endpoint)
         try:
-            await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
+            await wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
             log.warning("%s: prefills still running after %.0f s of drain; stopping anyway", self.name, timeout)
         self.stop()

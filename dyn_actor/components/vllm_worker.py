@@ -36,6 +36,7 @@ import msgspec
 import zmq
 
 from dyn_actor.actor import Actor, ActorRef
+from dyn_actor.aio import wait_for
 from dyn_actor.components.disagg import DisaggPolicy, leave_queue, policy_param, pull_loop, set_policy
 from dyn_actor.components.disagg_messages import (
     CancelPrefill,
@@ -338,7 +339,7 @@ class VllmWorker(Actor):
         try:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             while True:
-                frames = await asyncio.wait_for(dealer.recv_multipart(), self.REPLAY_TIMEOUT)
+                frames = await wait_for(dealer.recv_multipart(), self.REPLAY_TIMEOUT)
                 if len(frames) != 4:
                     continue
                 seq = int.from_bytes(frames[2], "big", signed=True)
@@ -532,6 +533,7 @@ class VllmPrefillWorker(VllmWorker):
         self._loops = [asyncio.ensure_future(self._pull_loop()) for _ in range(self._concurrency)]
 
     async def on_stop(self) -> None:
+        self._draining = True  # a loop that somehow outlives its cancel ends at its next pull
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -545,7 +547,7 @@ class VllmPrefillWorker(VllmWorker):
         self._draining = True
         await leave_queue(self._queue, self.endpoint)
         try:
-            await asyncio.wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
+            await wait_for(asyncio.gather(*self._loops, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
             log.warning("%s: prefills still running after %.0f s of drain; stopping anyway", self.name, timeout)
         self.stop()

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
+from dyn_actor.aio import wait_for
 from dyn_actor.components.kv_events import KvEventFeed
 from dyn_actor.components.messages import (
     AbortRequest,
@@ -52,7 +53,7 @@ class WorkerClient:
         """Wait until the worker has the stream: a request sent before that could have its first
         outputs published to nobody."""
         try:
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
+            await wait_for(self._subscribed.wait(), timeout)
             return True
         except asyncio.TimeoutError:
             return False
