@@ -78,6 +78,12 @@ def _build() -> ctypes.CDLL | None:
     lib.linear_bf16_available.restype = cint
     lib.linear_bf16.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, cint]
     lib.linear_bf16.restype = None
+    lib.linear_w4_vectorized.argtypes = []
+    lib.linear_w4_vectorized.restype = cint
+    lib.linear_w4.argtypes = [p, i64, cint, p, p, p, p, p, p, i64, i64, i64, i64, i64, cint]
+    lib.linear_w4.restype = None
+    lib.dequant_w4.argtypes = [p, p, p, p, cint, i64, i64, i64, cint]
+    lib.dequant_w4.restype = None
     return lib
 
 

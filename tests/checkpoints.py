@@ -240,3 +240,109 @@ def write_classifier_checkpoint(directory: Path, kind: str = "llama", labels: li
     model.save_pretrained(str(directory), safe_serialization=True)
     write_tokenizer(directory)
     return directory
+
+
+_QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _pack_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """int ``[..., 8]`` of 0..15 -> int32 ``[...]``, the first in the low bits (as the formats store them)."""
+    word = (v.to(torch.int64) << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _rtn(w: torch.Tensor, gs: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit quantization of ``w`` ``[out, in]`` by groups of ``gs`` consecutive inputs:
+    (q ``[out, in]`` 0..15, zeros ``[out, groups]``, float16 scales ``[out, groups]``)."""
+    out, n = w.shape
+    g = w.float().view(out, n // gs, gs)
+    if sym:
+        scale = (g.abs().amax(-1) * 2 / 15).clamp_min(1e-6).half()
+        zero = torch.full_like(scale, 8, dtype=torch.int64)
+    else:
+        lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)
+        scale = ((hi - lo) / 15).clamp_min(1e-6).half()
+        zero = (-lo / scale.float()).round().clamp(0, 15).to(torch.int64)
+    q = (g / scale.float()[..., None]).round().to(torch.int64) + zero[..., None]
+    return q.clamp(0, 15).view(out, n), zero, scale
+
+
+def quantize_projection(w: torch.Tensor, method: str, gs: int, perm: torch.Tensor | None = None,
+                        v1: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One projection's weight as a GPTQ (symmetric; ``perm``: activation order, the inputs taken into
+    groups in that order) or AWQ (asymmetric) export stores it, and the float32 weight those tensors
+    stand for."""
+    out, n = w.shape
+    if method == "gptq":
+        perm = torch.arange(n) if perm is None else perm
+        q_p, zero, scale = _rtn(w[:, perm], gs, sym=True)  # groups over the permuted inputs
+        q = torch.empty_like(q_p).index_copy_(1, perm, q_p)  # back in input order
+        g_idx = torch.empty(n, dtype=torch.int32).index_copy_(0, perm, (torch.arange(n) // gs).to(torch.int32))
+        deq = (q - zero[:, g_idx.long()]).float() * scale.float()[:, g_idx.long()]
+        tensors = {
+            "qweight": _pack_nibbles(q.t().reshape(n // 8, 8, out).permute(0, 2, 1)),
+            "qzeros": _pack_nibbles((zero.t() - (1 if v1 else 0)).reshape(n // gs, out // 8, 8)),
+            "scales": scale.t().contiguous(),
+            "g_idx": g_idx,
+        }
+        return tensors, deq
+    q, zero, scale = _rtn(w, gs, sym=False)
+    groups = torch.arange(n) // gs
+    deq = (q - zero[:, groups]).float() * scale.float()[:, groups]
+    order = torch.tensor(_AWQ_ORDER)
+    tensors = {
+        "qweight": _pack_nibbles(q.t().reshape(n, out // 8, 8)[:, :, order]),
+        "qzeros": _pack_nibbles(zero.t().reshape(n // gs, out // 8, 8)[:, :, order]),
+        "scales": scale.t().contiguous(),
+    }
+    return tensors, deq
+
+
+def write_quantized_checkpoint(src: Path, directory: Path, method: str = "gptq", group_size: int = 32,
+                               desc_act: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """The checkpoint in ``src`` with its projections quantized to 4 bits as a GPTQ or AWQ export
+    (``directory / "quant"``), and the same model with those weights dequantized to float32
+    (``directory / "dense"``), the reference it must equal. With ``desc_act``, each input of a layer
+    gets its own random activation order (q/k/v share one, gate/up another, as GPTQ's would)."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    perms: dict[tuple[str, int], torch.Tensor] = {}
+    quant: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        m = re.search(r"layers\.(\d+)\.\w+\.(\w+)\.weight$", name)
+        if m is None or m.group(2) not in _QUANTIZED:
+            quant[name] = dense[name] = w
+            continue
+        perm = None
+        if desc_act:
+            shared = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+            key = (shared.get(m.group(2), m.group(2)), int(m.group(1)))
+            if key not in perms:
+                perms[key] = torch.randperm(w.shape[1], generator=gen)
+            perm = perms[key]
+        tensors, deq = quantize_projection(w, method, group_size, perm)
+        base = name.removesuffix(".weight")
+        quant.update({f"{base}.{k}": v for k, v in tensors.items()})
+        dense[name] = deq.to(w.dtype)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = ({"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": True,
+           "checkpoint_format": "gptq"} if method == "gptq" else
+          {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"})
+    out = {}
+    for sub, tensors, config in (("quant", quant, {**cfg, "quantization_config": qc}), ("dense", dense, cfg)):
+        d = directory / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name not in ("model.safetensors", "config.json") and f.is_file():
+                shutil.copy(f, d / f.name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(config))
+        out[sub] = d
+    return out["quant"], out["dense"]

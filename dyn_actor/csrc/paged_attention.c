@@ -284,3 +284,232 @@ void linear_bf16(const uint16_t *x, int64_t sx, const uint16_t *w, const uint16_
     (void)x; (void)sx; (void)w; (void)b; (void)y; (void)sy; (void)M; (void)O; (void)I; (void)nthreads;
 }
 #endif
+
+/* 4-bit weights (GPTQ, AWQ), group-wise: w[o][i] = q[o][i] * s[o][g] - zs[o][g], g = i / gs, where q is
+ * 0..15, s the group's scale and zs its zero point times its scale (float32, [O, G]). q is packed two to
+ * a byte, [O, I/2], by chunks of 64 inputs: byte k of a chunk's 32 holds input k in its low nibble and
+ * input 32 + k in its high one, so that one 32-byte load, widened to 16 bits, gives the chunk's first 32
+ * inputs (masked) and its last 32 (shifted) in order. Groups are multiples of 32 inputs, I of 64. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+
+int linear_w4_vectorized(void) { return 1; }
+
+/* a chunk's 64 weights as 16-bit integers 0..15: inputs 0..31 in *lo, 32..63 in *hi */
+static inline void w4_chunk(const uint8_t *p, __m512i *lo, __m512i *hi) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    *lo = _mm512_and_si512(v, _mm512_set1_epi16(0x000f));
+    *hi = _mm512_srli_epi16(v, 4);
+}
+
+/* bfloat16 activations: each weight read as the bfloat16 1 + q/128 (the bits 0x3f80 | q, one logic op),
+ * dot products by AVX-512 BF16 in pairs into float32; per group y += 128 s * D - (zs + 128 s) * xsum,
+ * which is s * sum(q x) - zs * xsum. */
+static inline void linear_w4_bf16_rows(const uint16_t *x, int64_t sx, const float *xsum, const uint8_t *q,
+                                       const float *s, const float *zs, const float *b, uint16_t *y, int64_t sy,
+                                       const int M, int64_t o0, int64_t n, int64_t I, int64_t gs) {
+    const int64_t G = I / gs, row_bytes = I / 2;
+    const int H = M <= 2 ? 2 : 1; /* few rows: the low and high halves in separate accumulators (latency) */
+    const __m512i one = _mm512_set1_epi16(0x3f80), nib = _mm512_set1_epi16(0x000f);
+    __m512 tot[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int m = 0; m < 4; m++) tot[r][m] = _mm512_setzero_ps();
+    /* gs 32: a chunk spans two groups, its halves scaled apart; otherwise a group is whole chunks */
+    const int64_t step = gs >= 64 ? gs : 64;
+    for (int64_t i0 = 0; i0 < I; i0 += step) {
+        __m512 acc[2][4][2];
+        for (int r = 0; r < 2; r++)
+            for (int m = 0; m < 4; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+        for (int64_t i = i0; i < i0 + step; i += 64) {
+            __m512bh xl[4], xh[4];
+            for (int m = 0; m < M; m++) {
+                xl[m] = (__m512bh)_mm512_loadu_si512(x + m * sx + i);
+                xh[m] = (__m512bh)_mm512_loadu_si512(x + m * sx + i + 32);
+            }
+            for (int r = 0; r < 2; r++) {
+                if (r >= n) break;
+                const uint8_t *row = q + (o0 + r) * row_bytes + i / 2;
+                _mm_prefetch((const char *)(row + 4 * row_bytes), _MM_HINT_T0);
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)row));
+                const __m512bh wl = (__m512bh)_mm512_ternarylogic_epi32(v, nib, one, 0xea); /* (v & 15) | 0x3f80 */
+                const __m512bh wh = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), one);
+                for (int m = 0; m < M; m++) {
+                    acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], xl[m], wl);
+                    acc[r][m][H - 1] = _mm512_dpbf16_ps(acc[r][m][H - 1], xh[m], wh);
+                }
+            }
+        }
+        for (int r = 0; r < 2; r++) {
+            if (r >= n) break;
+            const float *sr = s + (o0 + r) * G;
+            if (gs >= 64) {
+                const __m512 sg = _mm512_set1_ps(128.f * sr[i0 / gs]);
+                for (int m = 0; m < M; m++)
+                    tot[r][m] = _mm512_fmadd_ps(H == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0],
+                                                sg, tot[r][m]);
+            } else { /* the caller passes M <= 2 here, so the halves were kept apart (H == 2) */
+                const __m512 s0 = _mm512_set1_ps(128.f * sr[i0 / 32]), s1 = _mm512_set1_ps(128.f * sr[i0 / 32 + 1]);
+                for (int m = 0; m < M; m++) {
+                    tot[r][m] = _mm512_fmadd_ps(acc[r][m][0], s0, tot[r][m]);
+                    tot[r][m] = _mm512_fmadd_ps(acc[r][m][H - 1], s1, tot[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < n; r++) {
+        const float *z = zs + (o0 + r) * G, *sr = s + (o0 + r) * G;
+        for (int m = 0; m < M; m++) {
+            float v = _mm512_reduce_add_ps(tot[r][m]);
+            const float *xs = xsum + m * G;
+            for (int64_t g = 0; g < G; g++) v -= (z[g] + 128.f * sr[g]) * xs[g];
+            if (b) v += b[o0 + r];
+            y[m * sy + o0 + r] = f32_to_bf16(v);
+        }
+    }
+}
+
+/* float32 activations: the weights widened to float32, exact */
+static inline void linear_w4_f32_rows(const float *x, int64_t sx, const float *xsum, const uint8_t *q,
+                                      const float *s, const float *zs, const float *b, float *y, int64_t sy,
+                                      const int M, int64_t o0, int64_t n, int64_t I, int64_t gs) {
+    const int64_t G = I / gs, row_bytes = I / 2;
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = q + (o0 + r) * row_bytes;
+        __m512 tot[4];
+        for (int m = 0; m < 4; m++) tot[m] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < I; i += 64) {
+            __m512i lo, hi;
+            w4_chunk(row + i / 2, &lo, &hi);
+            __m512 w[4];
+            w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+            w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+            w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+            w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            for (int h = 0; h < 2; h++) { /* each half of the chunk is in one group */
+                const __m512 sg = _mm512_set1_ps(s[(o0 + r) * G + (i + 32 * h) / gs]);
+                for (int m = 0; m < M; m++) {
+                    __m512 d = _mm512_mul_ps(w[2 * h], _mm512_loadu_ps(x + m * sx + i + 32 * h));
+                    d = _mm512_fmadd_ps(w[2 * h + 1], _mm512_loadu_ps(x + m * sx + i + 32 * h + 16), d);
+                    tot[m] = _mm512_fmadd_ps(d, sg, tot[m]);
+                }
+            }
+        }
+        const float *z = zs + (o0 + r) * G;
+        for (int m = 0; m < M; m++) {
+            float v = _mm512_reduce_add_ps(tot[m]);
+            for (int64_t g = 0; g < G; g++) v -= z[g] * xsum[m * G + g];
+            y[m * sy + o0 + r] = b ? v + b[o0 + r] : v;
+        }
+    }
+}
+
+/* y[m][o] = sum_i x[m][i] w[o][i] (+ b[o]) for the rows of a decode step: two weight rows at a time, read
+ * from memory once for every row of x (four at a time), output rows split over the threads; x and y bfloat16
+ * (x_bf16) or float32. The sums of x over each group come first (xsum, [M, G], the caller's buffer). */
+void linear_w4(const void *x, int64_t sx, int x_bf16, float *xsum, const uint8_t *q, const float *s,
+               const float *zs, const float *b, void *y, int64_t sy, int64_t M, int64_t O, int64_t I, int64_t gs,
+               int nthreads) {
+    const int64_t G = I / gs;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float a = 0.f;
+            for (int64_t i = g * gs; i < (g + 1) * gs; i++)
+                a += x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * sx + i]) : ((const float *)x)[m * sx + i];
+            xsum[m * G + g] = a;
+        }
+    const int64_t blocks = (O + 1) / 2;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t o0 = blk * 2, n = O - o0 < 2 ? O - o0 : 2;
+        /* every row of x against this block of weight rows (in L1 after the first four), four at a time */
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mc = M - m0 < 4 ? M - m0 : 4;
+            const float *xs = xsum + m0 * G;
+            if (x_bf16) {
+                const uint16_t *xb = (const uint16_t *)x + m0 * sx;
+                uint16_t *yb = (uint16_t *)y + m0 * sy;
+                if (gs < 64) { /* groups of 32: two rows at a time (each chunk's halves kept apart) */
+                    for (int64_t m1 = 0; m1 < mc; m1 += 2) {
+                        if (mc - m1 >= 2)
+                            linear_w4_bf16_rows(xb + m1 * sx, sx, xs + m1 * G, q, s, zs, b, yb + m1 * sy, sy, 2, o0, n, I, gs);
+                        else
+                            linear_w4_bf16_rows(xb + m1 * sx, sx, xs + m1 * G, q, s, zs, b, yb + m1 * sy, sy, 1, o0, n, I, gs);
+                    }
+                    continue;
+                }
+                switch (mc) {
+                case 1: linear_w4_bf16_rows(xb, sx, xs, q, s, zs, b, yb, sy, 1, o0, n, I, gs); break;
+                case 2: linear_w4_bf16_rows(xb, sx, xs, q, s, zs, b, yb, sy, 2, o0, n, I, gs); break;
+                case 3: linear_w4_bf16_rows(xb, sx, xs, q, s, zs, b, yb, sy, 3, o0, n, I, gs); break;
+                default: linear_w4_bf16_rows(xb, sx, xs, q, s, zs, b, yb, sy, 4, o0, n, I, gs); break;
+                }
+            } else {
+                const float *xf = (const float *)x + m0 * sx;
+                float *yf = (float *)y + m0 * sy;
+                switch (mc) {
+                case 1: linear_w4_f32_rows(xf, sx, xs, q, s, zs, b, yf, sy, 1, o0, n, I, gs); break;
+                case 2: linear_w4_f32_rows(xf, sx, xs, q, s, zs, b, yf, sy, 2, o0, n, I, gs); break;
+                case 3: linear_w4_f32_rows(xf, sx, xs, q, s, zs, b, yf, sy, 3, o0, n, I, gs); break;
+                default: linear_w4_f32_rows(xf, sx, xs, q, s, zs, b, yf, sy, 4, o0, n, I, gs); break;
+                }
+            }
+        }
+    }
+}
+
+/* The whole weight, dequantized into out ([O, I], float32 or bfloat16): for a step of many rows, which
+ * then runs as one GEMM. */
+void dequant_w4(const uint8_t *q, const float *s, const float *zs, void *out, int out_bf16, int64_t O, int64_t I,
+                int64_t gs, int nthreads) {
+    const int64_t G = I / gs;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")
+    for (int64_t o = 0; o < O; o++) {
+        const uint8_t *row = q + o * (I / 2);
+        for (int64_t i = 0; i < I; i += 64) {
+            __m512i lo, hi;
+            w4_chunk(row + i / 2, &lo, &hi);
+            __m512 w[4];
+            w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+            w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+            w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+            w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            for (int h = 0; h < 2; h++) {
+                const int64_t g = o * G + (i + 32 * h) / gs;
+                const __m512 sg = _mm512_set1_ps(s[g]), zg = _mm512_set1_ps(zs[g]);
+                const __m512 a = _mm512_fmsub_ps(w[2 * h], sg, zg), c = _mm512_fmsub_ps(w[2 * h + 1], sg, zg);
+                if (out_bf16)
+                    _mm512_storeu_si512((uint16_t *)out + o * I + i + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(c, a));
+                else {
+                    _mm512_storeu_ps((float *)out + o * I + i + 32 * h, a);
+                    _mm512_storeu_ps((float *)out + o * I + i + 32 * h + 16, c);
+                }
+            }
+        }
+    }
+}
+#else
+int linear_w4_vectorized(void) { return 0; }
+
+void linear_w4(const void *x, int64_t sx, int x_bf16, float *xsum, const uint8_t *q, const float *s,
+               const float *zs, const float *b, void *y, int64_t sy, int64_t M, int64_t O, int64_t I, int64_t gs,
+               int nthreads) {
+    (void)x; (void)sx; (void)x_bf16; (void)xsum; (void)q; (void)s; (void)zs; (void)b; (void)y; (void)sy; (void)M;
+    (void)O; (void)I; (void)gs; (void)nthreads;
+}
+
+/* without AVX-512: plain C (the compiler vectorizes what it can) */
+void dequant_w4(const uint8_t *q, const float *s, const float *zs, void *out, int out_bf16, int64_t O, int64_t I,
+                int64_t gs, int nthreads) {
+    const int64_t G = I / gs;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")
+    for (int64_t o = 0; o < O; o++) {
+        const uint8_t *row = q + o * (I / 2);
+        for (int64_t i = 0; i < I; i += 64)
+            for (int64_t k = 0; k < 64; k++) {
+                const uint8_t byte = row[i / 2 + (k & 31)];
+                const float v = (float)(k < 32 ? (byte & 15) : (byte >> 4)) * s[o * G + (i + k) / gs] - zs[o * G + (i + k) / gs];
+                if (out_bf16) ((uint16_t *)out)[o * I + i + k] = f32_to_bf16(v);
+                else ((float *)out)[o * I + i + k] = v;
+            }
+    }
+}
+#endif

@@ -46,14 +46,20 @@ def load_model(source: str, hf_overrides: dict | None = None) -> LoadedModel:
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path} has no config.json")
     try:
-        cfg = ModelConfig.from_hf_dict(override(json.loads(cfg_file.read_text()), hf_overrides))
+        hf = override(json.loads(cfg_file.read_text()), hf_overrides)
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = ModelConfig.from_hf_dict(hf)
+    from dyn_actor.engine.quant import convert_weights, quant_config  # torch: not for the frontend's imports
+
+    qc = quant_config(path, hf)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights (other formats are not loaded)")
     tok = Tokenizer.from_dir(path)
     weights = _load_safetensors(files)
+    if qc is not None:  # GPTQ / AWQ: each projection's packed tensors become one QuantWeight
+        weights = convert_weights(qc, weights)
     if cfg.text_of is not None:
         weights = _language_model_weights(weights)
     if cfg.classifier_from_token:

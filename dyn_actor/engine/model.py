@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from dyn_actor.engine.lora import LoraAdapter, LoraRows
 from dyn_actor.engine.model_config import ModelConfig, ModelLoadError
 from dyn_actor.engine.moe import load_sparse_moe, silu_mul_torch
+from dyn_actor.engine.quant import QuantLinear, QuantWeight
 from dyn_actor.kv.pool import KvPool
 from dyn_actor.native_ops import (
     LINEAR_BF16_MAX_ROWS,
@@ -122,11 +123,16 @@ class Linear:
     """``y = x @ W.T + b``; float32 weights are also pre-packed for MKL's sgemm when torch has it
     (about 20% faster for the small batches of decode steps)."""
 
-    __slots__ = ("weight", "bias", "packed", "lora", "rows", "stacked", "bf16")
+    __slots__ = ("weight", "bias", "packed", "lora", "rows", "stacked", "bf16", "quant")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
+    def __init__(self, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None, pack: bool,
                  rows: LoraRows | None = None) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
+        # a 4-bit weight (GPTQ, AWQ; on the CPU): its own product (engine/quant.py)
+        self.quant = QuantLinear(weight, bias, native_lib() if pack else None) if isinstance(
+            weight, QuantWeight) else None
+        if self.quant is not None:
+            weight = torch.empty(0, dtype=torch.uint8)  # for the checks below: no bf16 kernel, no packing
         # bfloat16 weights on the CPU: a decode step's few rows through the C kernel (native_ops.linear_bf16)
         self.bf16 = (linear_bf16_lib() if pack and weight.dtype == torch.bfloat16 and weight.is_contiguous()
                      and (bias is None or bias.dtype == torch.bfloat16) else None)
@@ -143,7 +149,9 @@ class Linear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.quant is not None:
+            y = self.quant(x)
+        elif self.packed is not None:
             y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, 64)
         elif self.bf16 is not None and x.dim() == 2 and x.shape[0] <= LINEAR_BF16_MAX_ROWS and x.stride(1) == 1 \
                 and x.dtype == torch.bfloat16:
@@ -165,6 +173,20 @@ class Linear:
                 else:
                     y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return y
+
+
+def _rows(w: torch.Tensor | QuantWeight, index: torch.Tensor) -> torch.Tensor | QuantWeight:
+    """The rows ``index`` of a weight, dense or 4-bit."""
+    return w.rows(index) if isinstance(w, QuantWeight) else w[index]
+
+
+def _cat_rows(parts: list) -> torch.Tensor | QuantWeight:
+    """Projections of one input stacked into one weight, dense or 4-bit (a checkpoint quantizes all or none)."""
+    if any(isinstance(p, QuantWeight) for p in parts):
+        if not all(isinstance(p, QuantWeight) for p in parts):
+            raise ModelLoadError("a fused projection is quantized in part only")
+        return QuantWeight.cat(parts)
+    return torch.cat(parts).contiguous()
 
 
 class LlamaModel:
@@ -207,6 +229,11 @@ class LlamaModel:
                 if required:
                     raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
                 return None
+            if isinstance(t, QuantWeight):  # 4-bit: kept so on the CPU, dequantized once on a GPU
+                if device.type != "cpu":
+                    return t.dequantize(dtype).to(device).contiguous()
+                t.dtype = dtype
+                return t
             return t.to(device=device, dtype=dtype).contiguous()
 
         def take_norm(name: str) -> torch.Tensor:
@@ -223,6 +250,8 @@ class LlamaModel:
         self.embed_scale = (torch.tensor(cfg.hidden_size**0.5).to(dtype).to(device) if self.gemma else None)
         self.norm = take_norm("norm.weight")
         head = weights.get("lm_head.weight")
+        if isinstance(head, QuantWeight):  # a quantized LM head (GPTQ's lm_head option): served dense
+            head = head.dequantize(dtype)
         if head is None:
             if not cfg.tie_word_embeddings and "lm_head.weight" not in weights:
                 # some exports omit it and still tie; accept, as transformers does
@@ -254,14 +283,14 @@ class LlamaModel:
             if cfg.rotary_dim and cfg.qk_norm:
                 layer.qn, layer.kn = layer.qn[rotary_order(cfg).to(device)], layer.kn[rotary_order(cfg).to(device)]
             if a + "qkv_proj.weight" in w:  # Phi-3: the three projections stored as one
-                wq, wk, wv = take(a + "qkv_proj.weight").split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+                wq, wk, wv = take(a + "qkv_proj.weight").split([cfg.q_size, cfg.kv_size, cfg.kv_size])  # type: ignore[union-attr]
             else:
                 wq, wk, wv = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
             if cfg.rotary_dim:  # partial rotary: each query and key head's dimensions reordered (``rotary_order``)
                 order = rotary_order(cfg).to(device)
-                wq = wq.view(cfg.num_heads, cfg.head_dim, -1)[:, order].reshape(cfg.q_size, -1)
-                wk = wk.view(cfg.num_kv_heads, cfg.head_dim, -1)[:, order].reshape(cfg.kv_size, -1)
-            wqkv = torch.cat([wq, wk, wv])
+                wq = _rows(wq, (torch.arange(cfg.num_heads, device=device)[:, None] * cfg.head_dim + order).view(-1))
+                wk = _rows(wk, (torch.arange(cfg.num_kv_heads, device=device)[:, None] * cfg.head_dim + order).view(-1))
+            wqkv = _cat_rows([wq, wk, wv])
             biases = [take(a + f"{n}_proj.bias", required=False) for n in "qkv"]
             if cfg.rotary_dim and any(b is not None for b in biases[:2]):
                 raise ModelLoadError("query/key biases with a partial rotary factor are not supported")
@@ -271,7 +300,7 @@ class LlamaModel:
                     raise ModelLoadError(f"layer {i} has a bias on only some of q/k/v")
                 bqkv = torch.cat(biases).contiguous()  # type: ignore[arg-type]
             rows = self.lora_rows
-            layer.wqkv = Linear(wqkv.contiguous(), bqkv, pack, rows)
+            layer.wqkv = Linear(wqkv, bqkv, pack, rows)
             layer.wo = Linear(take(a + "o_proj.weight"), take(a + "o_proj.bias", required=False), pack, rows)
             m = p + "mlp."
             layer.moe = layer.wgu = layer.wdown = None
@@ -279,8 +308,8 @@ class LlamaModel:
                 layer.moe = load_sparse_moe(cfg, i, take, w.keys(), triton=attention == "triton", native=pack)
             else:
                 gu = (take(m + "gate_up_proj.weight") if m + "gate_up_proj.weight" in w  # Phi-3: stored as one
-                      else torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]))
-                layer.wgu = Linear(gu.contiguous(), None, pack, rows)
+                      else _cat_rows([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]))
+                layer.wgu = Linear(gu, None, pack, rows)
                 layer.wdown = Linear(take(m + "down_proj.weight"), None, pack, rows)
                 if take(m + "down_proj.bias", required=False) is not None:
                     raise ModelLoadError("MLP biases are not supported")
