@@ -147,3 +147,26 @@ def test_awq_gemv_and_missing_tensors(src, tmp_path):
     save_file(t, str(q_dir / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="up_proj: quantized projection lacks tensor 'qzeros'"):
         load_model(str(q_dir))
+
+
+def test_lora_adapters_on_a_quantized_base(src, tmp_path):
+    """A LoRA adapter over the 4-bit model (QLoRA's way of serving): the dequantized dense model with the
+    same adapter gives the same greedy tokens, batched with requests of no adapter."""
+    pytest.importorskip("peft")
+    from tests.checkpoints import write_lora
+
+    q_dir, dense_dir = write_quantized_checkpoint(src, tmp_path, "awq", 64)
+    adapter = write_lora(dense_dir, tmp_path / "a", seed=3)
+    prompts = {"plain": list(range(3, 30)), "lora": list(range(10, 60)), "lora2": list(range(5, 12))}
+    got = {}
+    for name, d in (("q", q_dir), ("dense", dense_dir)):
+        engine = LLMEngine(EngineConfig(model=str(d), dtype="float32", num_kv_blocks=64,
+                                        lora_modules={"a": str(adapter)}))
+        for k, p in prompts.items():
+            engine.add_request(k, p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                               lora_name=None if k == "plain" else "a")
+        got[name] = {k: [] for k in prompts}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got[name][out.request_id].extend(out.new_token_ids)
+    assert got["q"] == got["dense"]
