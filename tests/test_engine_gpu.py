@@ -274,3 +274,15 @@ def test_embeddings_on_the_gpu(tmp_path):
                 ref = hf(torch.tensor([p], device="cuda")).last_hidden_state[0, -1]
             ref = torch.nn.functional.normalize(ref, dim=0).cpu()
             assert (got[str(i)] - ref).abs().max() < tol, (dtype, i)
+
+
+def test_four_bit_checkpoint_on_the_gpu(tmp_path):
+    """A 4-bit GPTQ export on the GPU (dequantized once at load): the dense model's greedy tokens."""
+    from tests.checkpoints import write_checkpoint, write_quantized_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", "llama", hidden_size=256, intermediate_size=512)
+    q_dir, dense_dir = write_quantized_checkpoint(src, tmp_path, "gptq", 64, True)
+    prompts = _prompts(99, seed=3)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = [run_all(_engine(d), {str(i): (p, params) for i, p in enumerate(prompts)}) for d in (q_dir, dense_dir)]
+    assert {k: v[0] for k, v in got[0].items()} == {k: v[0] for k, v in got[1].items()}

@@ -170,3 +170,17 @@ def test_lora_adapters_on_a_quantized_base(src, tmp_path):
             for out in engine.step():
                 got[name][out.request_id].extend(out.new_token_ids)
     assert got["q"] == got["dense"]
+
+
+def test_an_older_gptq_export_with_quantize_config_json(src, tmp_path):
+    """AutoGPTQ's older exports keep the settings in quantize_config.json, not in config.json."""
+    q_dir, dense_dir = write_quantized_checkpoint(src, tmp_path, "gptq", 32)
+    cfg = json.loads((q_dir / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    q.pop("quant_method")
+    (q_dir / "config.json").write_text(json.dumps(cfg))
+    (q_dir / "quantize_config.json").write_text(json.dumps(q))
+    loaded, dense = load_model(str(q_dir)), load_model(str(dense_dir))
+    w = loaded.weights["model.layers.2.self_attn.o_proj.weight"]
+    assert isinstance(w, QuantWeight)
+    assert torch.equal(w.dequantize(torch.float32), dense.weights["model.layers.2.self_attn.o_proj.weight"])
