@@ -301,6 +301,16 @@ static inline void w4_chunk(const uint8_t *p, __m512i *lo, __m512i *hi) {
     *hi = _mm512_srli_epi16(v, 4);
 }
 
+/* a chunk's 64 weights as float32: inputs 0..15, 16..31, 32..47, 48..63 in w[0..3] */
+static inline void w4_chunk_f32(const uint8_t *p, __m512 w[4]) {
+    __m512i lo, hi;
+    w4_chunk(p, &lo, &hi);
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+    w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+    w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+}
+
 /* bfloat16 activations: each weight read as the bfloat16 1 + q/128 (the bits 0x3f80 | q, one logic op),
  * dot products by AVX-512 BF16 in pairs into float32; per group y += 128 s * D - (zs + 128 s) * xsum,
  * which is s * sum(q x) - zs * xsum. */
@@ -377,13 +387,8 @@ static inline void linear_w4_f32_rows(const float *x, int64_t sx, const float *x
         __m512 tot[4];
         for (int m = 0; m < 4; m++) tot[m] = _mm512_setzero_ps();
         for (int64_t i = 0; i < I; i += 64) {
-            __m512i lo, hi;
-            w4_chunk(row + i / 2, &lo, &hi);
             __m512 w[4];
-            w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
-            w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
-            w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
-            w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            w4_chunk_f32(row + i / 2, w);
             for (int h = 0; h < 2; h++) { /* each half of the chunk is in one group */
                 const __m512 sg = _mm512_set1_ps(s[(o0 + r) * G + (i + 32 * h) / gs]);
                 for (int m = 0; m < M; m++) {
@@ -465,13 +470,8 @@ void dequant_w4(const uint8_t *q, const float *s, const float *zs, void *out, in
     for (int64_t o = 0; o < O; o++) {
         const uint8_t *row = q + o * (I / 2);
         for (int64_t i = 0; i < I; i += 64) {
-            __m512i lo, hi;
-            w4_chunk(row + i / 2, &lo, &hi);
             __m512 w[4];
-            w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
-            w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
-            w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
-            w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            w4_chunk_f32(row + i / 2, w);
             for (int h = 0; h < 2; h++) {
                 const int64_t g = o * G + (i + 32 * h) / gs;
                 const __m512 sg = _mm512_set1_ps(s[g]), zg = _mm512_set1_ps(zs[g]);
