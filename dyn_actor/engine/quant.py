@@ -45,10 +45,6 @@ class QuantConfig:
     desc_act: bool
     zeros_minus_one: bool  # GPTQ's v1 format stores each zero point minus one
 
-    def describe(self) -> str:
-        g = "per-channel" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method} {self.bits}-bit, {g}" + (", activation order" if self.desc_act else "")
-
 
 def quant_config(folder: Path | None, hf: dict) -> QuantConfig | None:
     """The checkpoint's quantization (config.json's ``quantization_config``, or an older GPTQ
@@ -108,10 +104,6 @@ class QuantWeight:
     @property
     def device(self) -> torch.device:
         return self.q.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.s, self.zs))
 
     def _like(self, q: torch.Tensor, s: torch.Tensor, zs: torch.Tensor) -> QuantWeight:
         return QuantWeight(q.contiguous(), s.contiguous(), zs.contiguous(), self.perm, self.group_size,
