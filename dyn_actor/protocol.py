@@ -10,6 +10,7 @@ _GREEDY_EPS = 1e-5
 
 
 _I32 = 2**31 - 1  # integers that go into tensors
+MAX_BAD_WORDS = 128  # token sequences of a request's bad_words (each word spelled two ways), as vLLM
 MAX_SPEC_CHARS = 256 * 1024  # the longest schema, regex, grammar (or all choices) a request may give
 
 
@@ -109,6 +110,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # OpenAI's logit_bias: added to the token's logit before the penalties' result is sampled
     # (in [-100, 100]; -100 bans a token in practice, +100 all but forces it); logprobs stay raw
     logit_bias: dict[int, float] = {}
+    # vLLM's allowed_token_ids: only these may be sampled (None: any); and bad_words: texts that must
+    # not be generated, each as token sequences (``bad_words_ids``, made from the texts by
+    # ``tokenizer.bad_words_ids`` at the frontend, or by the engine where a caller gave texts alone):
+    # a sequence's last token is banned where the output ends with the ones before it
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = []
+    bad_words_ids: list[list[int]] = []
     # the output's text constrained to a JSON schema, a regex, a choice or a grammar (None: free)
     structured: StructuredOutput | None = None
     # the LoRA adapter that serves the request (the request's ``model``, when it names one; None: the
@@ -149,6 +157,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for bias in self.logit_bias.values():
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty (leave it out to allow every token)")
+        if any(not w for w in self.bad_words):
+            raise ValueError("bad_words must not contain an empty string")
+        if len(self.bad_words_ids) > MAX_BAD_WORDS or any(not ids for ids in self.bad_words_ids):
+            raise ValueError(f"bad_words must come to at most {MAX_BAD_WORDS} token sequences, none empty "
+                             f"(got {len(self.bad_words_ids)})")
         if self.structured is not None:
             self.structured.validate()
         if self.pooling is not None:
@@ -167,6 +182,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         bad = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
         if bad:
             return "logit_bias", f"logit_bias token ids {bad[:10]} are outside the vocabulary (size {vocab_size})"
+        bad = sorted({t for t in self.allowed_token_ids or () if not 0 <= t < vocab_size})
+        if bad:
+            return ("allowed_token_ids",
+                    f"allowed_token_ids {bad[:10]} are outside the vocabulary (size {vocab_size})")
+        bad = sorted({t for ids in self.bad_words_ids for t in ids if not 0 <= t < vocab_size})
+        if bad:
+            return "bad_words", f"bad_words tokenize to ids {bad[:10]} outside the vocabulary (size {vocab_size})"
         return None
 
     @property

@@ -49,6 +49,13 @@ CASES = [
     ("completions", {"prompt": "hi", "logit_bias": {"100000": 5}}, 400),  # outside the vocabulary
     ("completions", {"prompt": "hi", "logit_bias": {str(2**70): 5}}, 400),
     ("chat/completions", {"messages": MSGS, "stop_token_ids": [10**7]}, 400),
+    ("completions", {"prompt": "hi", "allowed_token_ids": []}, 400),
+    ("completions", {"prompt": "hi", "allowed_token_ids": [100000]}, 400),  # outside the vocabulary
+    ("chat/completions", {"messages": MSGS, "allowed_token_ids": [-1]}, 400),
+    ("chat/completions", {"messages": MSGS, "allowed_token_ids": 5}, 400),
+    ("chat/completions", {"messages": MSGS, "bad_words": [""]}, 400),
+    ("chat/completions", {"messages": MSGS, "bad_words": "word"}, 400),
+    ("completions", {"prompt": "hi", "bad_words": ["w"] * 200}, 400),
     ("chat/completions", {"messages": MSGS, "top_logprobs": 3}, 400),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
     ("chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400),
@@ -179,6 +186,27 @@ def test_logit_bias_bans_and_forces_tokens(server):
         "messages": MSGS, "max_tokens": 5, "temperature": 1.0, "ignore_eos": True, "logit_bias": {str(x): 500}})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "xxxxx"
+
+
+def test_allowed_token_ids_and_bad_words(server):
+    """vLLM's allowed_token_ids and bad_words over HTTP, on both routes (in 1p1d the prompts are
+    longer than --max-local-prefill-length: the prefill worker draws the first token under them)."""
+    body = {"prompt": "The quick brown fox jumps", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = requests.post(server.base_url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    word = plain[2:4]
+    r = requests.post(server.base_url + "/completions", json={**body, "bad_words": [word]}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["text"]
+    assert word not in got and got[:3] == plain[:3], (plain, word, got)
+    ids = requests.post(server.url + "/tokenize", json={"prompt": "xy", "add_special_tokens": False},
+                        timeout=30).json()["tokens"]
+    r = requests.post(server.base_url + "/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "say something long"}], "max_tokens": 8, "temperature": 1.0,
+        "seed": 5, "ignore_eos": True, "allowed_token_ids": ids, "n": 2})
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        text = choice["message"]["content"]
+        assert len(text) == 8 and set(text) <= {"x", "y"}, text
 
 
 def test_wrong_method_and_path(server):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import pytest
 import torch
 
@@ -285,3 +286,80 @@ def test_logit_bias_request_same_tokens_alone_and_batched():
     want = {k: v[0] for k, v in run_all(e2, others).items()}
     mixed = run_all(e2, {**others, "a": (p, sp)})
     assert mixed["a"][0] == alone and {k: mixed[k][0] for k in others} == want
+
+
+def _banned_pairs_absent(tokens: list[int], word: list[int]) -> bool:
+    return all(tokens[j:j + len(word)] != word for j in range(len(tokens)))
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_allowed_token_ids_and_bad_words_alone_and_batched(overlap):
+    """vLLM's allowed_token_ids (only those tokens drawn) and bad_words (a word's last token banned
+    where the output ends with the rest of it; one-token words always): greedy and seeded, the same
+    tokens alone and in a batch beside requests without them, which keep their own tokens."""
+    rng = random.Random(11)
+    prompt = random_prompt(rng, 24)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=256, async_scheduling=overlap))
+    base = run_all(engine, {"b": (prompt, greedy)})["b"][0]
+    allowed = sorted({base[3], 7, 40, 77})
+    pair = base[4:6]  # a two-token word the plain output writes at 4
+    cases = {
+        "allowed": SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, allowed_token_ids=allowed),
+        "allowed-sampled": SamplingParams(max_tokens=24, temperature=1.0, seed=4, ignore_eos=True,
+                                          allowed_token_ids=allowed),
+        "one": SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, bad_words_ids=[[base[2]], [base[7]]]),
+        "pair": SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, bad_words_ids=[pair]),
+        "pair-sampled": SamplingParams(max_tokens=24, temperature=1.0, seed=9, ignore_eos=True,
+                                       bad_words_ids=[pair, [base[0]]]),
+    }
+    alone = {k: run_all(engine, {k: (prompt, sp)})[k][0] for k, sp in cases.items()}
+    assert set(alone["allowed"]) <= set(allowed) and set(alone["allowed-sampled"]) <= set(allowed)
+    # the same draws as a logit_bias of -100 on every other token (which leaves them a chance of e^-100)
+    others_out = {t: -100.0 for t in range(engine.model_config.vocab_size) if t not in allowed}
+    for k in ("allowed", "allowed-sampled"):
+        biased = msgspec.structs.replace(cases[k], allowed_token_ids=None, logit_bias=others_out)
+        assert run_all(engine, {k: (prompt, biased)})[k][0] == alone[k]
+    assert base[2] not in alone["one"] and base[7] not in alone["one"] and alone["one"][:2] == base[:2]
+    # the pair's first token is still written; the second never follows it
+    assert alone["pair"][:5] == base[:5] and alone["pair"][5] != base[5] and _banned_pairs_absent(alone["pair"], pair)
+    assert _banned_pairs_absent(alone["pair-sampled"], pair) and base[0] not in alone["pair-sampled"]
+    others = {f"o{i}": (random_prompt(rng, 8 + 3 * i), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+              for i in range(4)}
+    want = {k: v[0] for k, v in run_all(engine, others).items()}
+    mixed = run_all(engine, {**others, **{k: (prompt, sp) for k, sp in cases.items()}})
+    assert {k: mixed[k][0] for k in cases} == alone
+    assert {k: mixed[k][0] for k in others} == want
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_bad_words_as_text_and_spaced_spellings():
+    """Texts alone (the offline API) are tokenized by the engine as vLLM does: the word as written
+    and, where a leading space spells it otherwise in as many tokens, that spelling too."""
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    tok = engine.tokenizer
+    assert tok.bad_words_ids(["ab", "  cd"]) == [tok.encode("ab", add_special_tokens=False),
+                                                   tok.encode("cd", add_special_tokens=False)]
+    prompt = tok.encode("the cat sat on")
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    base = run_all(engine, {"b": (prompt, greedy)})["b"][0]
+    word = tok.decode(base[1:3])
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, bad_words=[word])
+    got = run_all(engine, {"w": (prompt, sp)})["w"][0]
+    assert sp.bad_words_ids == [tok.encode(word, add_special_tokens=False)]
+    assert got[:2] == base[:2] and word not in tok.decode(got)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(allowed_token_ids=[]),
+    dict(allowed_token_ids=[5, 100000]),
+    dict(bad_words=[""]),
+    dict(bad_words_ids=[[]]),
+    dict(bad_words_ids=[[5, 100000]]),
+    dict(bad_words_ids=[[5]] * 129),
+])
+def test_bad_allowed_and_bad_words_are_rejected(bad):
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64))
+    with pytest.raises(ValueError):
+        engine.add_request("x", [0, 5, 6], SamplingParams(**bad))
+    assert not engine.has_unfinished_requests()

@@ -314,3 +314,23 @@ def test_served_1p1d_with_drafts_answers_as_agg_without(prompts, tmp_path):
     finally:
         code, err = s.stop()
     assert code == 0, err[-2000:]
+
+
+def test_allowed_tokens_and_bad_words_are_not_drafted_for(prompts, plain):
+    """A request with allowed_token_ids or bad_words gets no draft (a draft's rows skip those masks):
+    its tokens are those of an engine without drafts, while the plain requests beside it draft."""
+    jobs = {}
+    for i, p in enumerate(prompts[:4]):
+        out = plain[str(i)]
+        jobs[f"bad{i}"] = (p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                             bad_words_ids=[out[10:12], [out[20]]]))
+        jobs[f"allowed{i}"] = (p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                 allowed_token_ids=sorted(set(out[:8]))))
+        jobs[f"plain{i}"] = (p, GREEDY)
+    got = run_all(_engine(SPEC), jobs)
+    want = run_all(_engine(None), jobs)
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    for k, (_, _, outs) in got.items():
+        if not k.startswith("plain"):
+            assert all(len(o.new_token_ids) == 1 for o in outs), k
+    assert any(len(o.new_token_ids) > 1 for k, (_, _, outs) in got.items() if k.startswith("plain") for o in outs)

@@ -118,6 +118,26 @@ def test_echo_and_prompt_logprobs_equal_the_native_engines(server, model_dir):
     assert [e[str(t)]["logprob"] for e, t in zip(plp[1:], prompt[1:])] == pytest.approx(want, abs=2e-3)
 
 
+def test_allowed_token_ids_and_bad_words_equal_the_native_engines(server, model_dir):
+    """allowed_token_ids and bad_words go through our frontend to vLLM's sampler (bad_words as
+    texts: vLLM tokenizes them as the native engine does): the native engine's greedy tokens."""
+    from dyn_actor.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.helpers import run_all
+
+    native = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", num_kv_blocks=64, max_model_len=512))
+    tok = native.tokenizer
+    prompt = PROMPTS[1]
+    greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = run_all(native, {"p": (prompt, SamplingParams(**greedy))})["p"][0]
+    word = tok.decode(plain[3:5])
+    for extra in ({"bad_words": [word]}, {"allowed_token_ids": sorted(set(plain[:6]) | {7, 9})}):
+        want = run_all(native, {"x": (prompt, SamplingParams(**greedy, **extra))})["x"][0]
+        assert want != plain
+        r = requests.post(server.base_url + "/completions", timeout=120, json={"prompt": prompt, **greedy, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(want), extra
+
+
 def test_unsupported_and_bad_input_are_400s(server):
     r = requests.post(server.base_url + "/completions", json={"prompt": "a", "max_tokens": 5000}, timeout=30)
     assert r.status_code == 400

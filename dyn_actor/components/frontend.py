@@ -398,6 +398,7 @@ class Frontend:
             for p in params:  # its tags are special tokens in some models (vLLM does the same)
                 p.skip_special_tokens = False
         reading = self._reading(prompt_ids, params, auto, req.include_reasoning)
+        self.processor.bad_words_ids(params)
         self.processor.check_prompt(prompt_ids, max_tokens, params[0])
         return ChatJob(prompt_ids, params, plan if auto is None else None, reading)
 
@@ -525,6 +526,7 @@ class Frontend:
                   for i in range(req.n)]
         for p in params:
             p.lora_name = lora
+        self.processor.bad_words_ids(params)
         for ids in prompt_ids_list:
             self.processor.check_prompt(ids, max_tokens or 1, params[0])
         if len(prompt_ids_list) * req.n > 64:

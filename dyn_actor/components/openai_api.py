@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dyn_actor.protocol import SamplingParams, StructuredOutput
+from dyn_actor.protocol import MAX_BAD_WORDS, SamplingParams, StructuredOutput
 
 MAX_N = 16
 
@@ -35,6 +35,7 @@ StopString = Annotated[str, msgspec.Meta(max_length=1024)]
 MAX_STOP = 64
 NULL = msgspec.Raw(b"null")  # a field given as null, or not given
 MAX_STOP_TOKEN_IDS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 20  # more than any vocabulary has
 MAX_LOGPROBS = 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -83,6 +84,8 @@ class _Common(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
+    bad_words: Annotated[list[StopString], msgspec.Meta(max_length=MAX_BAD_WORDS)] = []
     # structured outputs (``parse_structured``): OpenAI's response_format, vLLM's guided_* and
     # structured_outputs; checked by hand for messages that name the field
     response_format: msgspec.Raw = NULL
@@ -455,6 +458,8 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         logit_bias=logit_bias,
+        allowed_token_ids=None if req.allowed_token_ids is None else list(dict.fromkeys(req.allowed_token_ids)),
+        bad_words=list(dict.fromkeys(req.bad_words)),
         structured=parse_structured(req),
     )
     try:

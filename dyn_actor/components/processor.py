@@ -87,6 +87,17 @@ class Processor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def bad_words_ids(self, params: list[SamplingParams]) -> None:
+        """The token sequences of the choices' ``bad_words`` (the same texts in each), set on them."""
+        if not params or not params[0].bad_words:
+            return
+        try:
+            ids = self.tokenizer.bad_words_ids(params[0].bad_words)
+        except ValueError as e:
+            raise RequestError(str(e), param="bad_words") from None
+        for p in params:
+            p.bad_words_ids = ids
+
     # -------------------------------------------------------------- outputs
     def text_stream(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
         return TextStream(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,

@@ -184,6 +184,7 @@ def vllm_sampling_params(p: SamplingParams, kv_transfer_params: dict | None = No
         logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=p.skip_special_tokens,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, logit_bias=dict(p.logit_bias) or None,
+        allowed_token_ids=p.allowed_token_ids, bad_words=list(p.bad_words) or None,
         output_kind=RequestOutputKind.DELTA,
         extra_args=None if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params})
 

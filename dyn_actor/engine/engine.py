@@ -451,6 +451,8 @@ class LLMEngine:
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ``ValueError`` (a message for the user) for input this engine cannot run: what a
         caller without the frontend's checks (the offline API, tests) gets from ``add_request``."""
+        if params.bad_words and not params.bad_words_ids:  # texts alone (the frontend sends both)
+            params.bad_words_ids = self.tokenizer.bad_words_ids(params.bad_words)
         params.validate(self.model_config.vocab_size)
         n = len(prompt_token_ids)
         if n == 0:
@@ -710,23 +712,47 @@ class LLMEngine:
 
     def _apply_masks(self, logits: torch.Tensor, samplers: list[Request]) -> None:
         """What no sampler may draw: the stop tokens of rows short of their ``min_tokens`` (counting a
-        token a queued step sampled, not appended yet), tokens outside a row's grammar. One pass over
-        the rows (this runs every step); no wait for the device."""
+        token a queued step sampled, not appended yet), tokens outside a row's ``allowed_token_ids``,
+        the token that would complete one of its ``bad_words``, tokens outside its grammar. One pass
+        over the rows (this runs every step); no wait for the device."""
         rows: list[int] = []
         cols: list[int] = []
         grammar_rows: list[int] = []
+        allowed_rows: list[int] = []
         for i, req in enumerate(samplers):
+            p = req.params
             if req.grammar is not None:  # the grammar alone decides where its text may end
                 grammar_rows.append(i)
-            elif req.num_output_tokens + (req.pending_step is not None) < req.params.min_tokens:
-                banned = list(req.eos_token_ids) + list(req.params.stop_token_ids)
+            elif req.num_output_tokens + (req.pending_step is not None) < p.min_tokens:
+                banned = list(req.eos_token_ids) + list(p.stop_token_ids)
                 rows += [i] * len(banned)
                 cols += banned
+            if p.allowed_token_ids is not None:
+                allowed_rows.append(i)
+            if p.bad_words_ids:  # (a request with a longer one never has a token in flight: ``_can_queue``)
+                out = req.output_token_ids
+                for ids in p.bad_words_ids:
+                    k = len(ids) - 1
+                    if k == 0 or (k <= len(out) and out[len(out) - k:] == ids[:k]):
+                        rows.append(i)
+                        cols.append(ids[k])
+        if allowed_rows:
+            self._keep_allowed(logits, allowed_rows, [samplers[i].params.allowed_token_ids for i in allowed_rows])
         if rows:
             idx = to_device(torch.tensor([rows, cols], dtype=torch.long), logits.device)
             logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
         if grammar_rows:
             self._apply_grammars(logits, samplers, grammar_rows)
+
+    @staticmethod
+    def _keep_allowed(logits: torch.Tensor, rows: list[int], allowed: list[list[int]]) -> None:
+        """-inf in ``rows`` of ``logits`` but at each row's allowed token ids (ids in one copy)."""
+        at = [rows[j] for j, ids in enumerate(allowed) for _ in ids]
+        idx, rows_t = to_device_many([torch.tensor([at, [t for ids in allowed for t in ids]], dtype=torch.long),
+                                      torch.tensor(rows, dtype=torch.long)], logits.device)
+        kept = logits[idx[0], idx[1]]
+        logits.index_fill_(0, rows_t, float("-inf"))
+        logits.index_put_((idx[0], idx[1]), kept)
 
     def _apply_grammars(self, logits: torch.Tensor, samplers: list[Request], rows: list[int]) -> None:
         keep, states = [], []
@@ -798,10 +824,11 @@ class LLMEngine:
     def _can_queue(self, scheduled: list[tuple[Request, int]]) -> bool:
         """Whether a step can be queued without the host seeing its tokens first: not where a row
         scores prompt tokens, holds its blocks (a prefill worker's, read right after), or follows a
-        grammar (its mask needs the token before)."""
+        grammar or has a bad word of several tokens (their masks need the token before)."""
         for r, _ in scheduled:
             if r.hold_blocks or r.grammar is not None or (
-                    r.prompt_logprobs is not None and r.prompt_logprobs_pending):
+                    r.prompt_logprobs is not None and r.prompt_logprobs_pending) or (
+                    r.params.bad_words_ids and any(len(ids) > 1 for ids in r.params.bad_words_ids)):
                 return False
         return True
 
@@ -1037,10 +1064,12 @@ class LLMEngine:
     def _propose(self, req: Request, budget: int) -> list[int]:
         """The draft a decode row checks this step (the scheduler asks, with its token budget left):
         none for a request whose sampling needs what drafted rows do not give (penalties, logit bias,
-        logprobs, a grammar, stop tokens still banned by ``min_tokens``), nor for a prefill worker's;
+        allowed tokens, bad words, logprobs, a grammar, stop tokens still banned by ``min_tokens``), nor
+        for a prefill worker's;
         at most what its ``max_tokens`` and the context length leave after the token the step adds."""
         p = req.params
         if (req.grammar is not None or req.hold_blocks or p.logprobs is not None or p.penalized or p.logit_bias
+                or p.allowed_token_ids is not None or p.bad_words_ids
                 or req.num_output_tokens < p.min_tokens or req.prompt_logprobs_pending):
             return []
         k = min(self._proposer.k, budget - 1, req.max_tokens - req.num_output_tokens - 1,

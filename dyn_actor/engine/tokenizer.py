@@ -17,6 +17,7 @@ from typing import Any
 import tokenizers
 
 from dyn_actor.engine.model_config import ModelLoadError
+from dyn_actor.protocol import MAX_BAD_WORDS
 
 
 class ChatTemplateError(ValueError):
@@ -123,6 +124,23 @@ class Tokenizer:
         if self._manual_bos:  # no BOS in the post-processor: one before each text, as transformers' Llama does
             return self.encode(first) + self.encode(second)
         return self._tk.encode_batch([(first, second)], add_special_tokens=True)[0].ids
+
+    def bad_words_ids(self, words: Sequence[str]) -> list[list[int]]:
+        """vLLM's ``bad_words`` as token sequences: each word as written (leading spaces dropped) and,
+        where that spells it differently in as many tokens, after a space (a word inside a text).
+        ``ValueError`` for a word that is no token at all, or past ``MAX_BAD_WORDS`` sequences."""
+        out: list[list[int]] = []
+        for word in words:
+            bare = self.encode(word.lstrip(), add_special_tokens=False)
+            if not bare:
+                raise ValueError(f"bad_words entry {word!r} is no token at all")
+            out.append(bare)
+            spaced = self.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+                out.append(spaced)
+            if len(out) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words come to more than {MAX_BAD_WORDS} token sequences")
+        return out
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut, at a token's first character, to at most ``max_tokens`` tokens (0: empty)."""
