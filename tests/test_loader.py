@@ -184,3 +184,27 @@ def test_prefill_workers_see_every_card_their_own_first():
     assert visible_devices("prefill", 1, [0, 1, 0, 1]) == [1, 0]
     assert visible_devices("decode", 2, [0, 1, 2, 3]) == [2]
     assert visible_devices("worker", 0, [0, 1]) == [0]
+
+
+def test_bad_words_spellings_as_vllm_makes_them():
+    """``bad_words`` as token sequences: a word as written, plus its spelling after a space where
+    that is as many tokens and starts with another one (a byte-level BPE has " cat" as a token)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the cat sat on the mat", "cat catalog the cat"] * 50,
+                           trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(tk)
+
+    def enc(s):
+        return tok.encode(s, add_special_tokens=False)
+
+    assert len(enc("cat")) == len(enc(" cat")) == 1 and enc("cat") != enc(" cat")
+    assert tok.bad_words_ids(["cat", " the cat"]) == [enc("cat"), enc(" cat"), enc("the cat"), enc(" the cat")]
+    assert len(enc("zq")) != len(enc(" zq"))  # the spaced spelling has its own space token: left out
+    assert tok.bad_words_ids(["zq"]) == [enc("zq")]
+    with pytest.raises(ValueError, match="more than 128"):
+        tok.bad_words_ids([f"cat{i}" for i in range(100)])
