@@ -206,3 +206,22 @@ def test_one_chunk_per_token_as_vllm_streams(server):
 def test_version(server):
     r = requests.get(server.url + "/version")
     assert r.status_code == 200 and r.json()["version"]
+
+
+def test_continue_final_message(server, client):
+    """vLLM's continue_final_message: the answer goes on from the last message's text (the prompt that
+    /tokenize gives for the same messages), and asking for a generation prompt with it is a 400."""
+    msgs = [{"role": "user", "content": "list three colours"}, {"role": "assistant", "content": "Sure: red,"}]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    ids = requests.post(server.url + "/tokenize", json={"messages": msgs, **flags}, timeout=30).json()["tokens"]
+    text = requests.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    assert text.endswith("assistant: Sure: red,"), text
+    r = client.chat.completions.create(model="builtin:tiny", messages=msgs, max_tokens=10, temperature=0,
+                                       extra_body={**flags, "ignore_eos": True})
+    assert r.usage.prompt_tokens == len(ids)
+    want = client.completions.create(model="builtin:tiny", prompt=ids, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert r.choices[0].message.content == want
+    bad = requests.post(server.base_url + "/chat/completions", timeout=30,
+                        json={"messages": msgs, "continue_final_message": True})
+    assert bad.status_code == 400 and "add_generation_prompt" in bad.json()["error"]["message"]

@@ -374,7 +374,7 @@ class Frontend:
         plan = plan_tools(tools, req.tool_choice, _optional_bool(req.parallel_tool_calls, "parallel_tool_calls"),
                           self.tool_call_parser)
         prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
-                                          tools, template_kwargs(req.chat_template_kwargs))
+                                          tools, template_kwargs(req.chat_template_kwargs), req.continue_final_message)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -546,14 +546,12 @@ class Frontend:
         if req.embed_dtype not in EMBED_DTYPES:
             raise RequestError(f"embed_dtype must be one of {', '.join(EMBED_DTYPES)} (the fp8 ones are not sent "
                                f"by this server), got {req.embed_dtype!r}", param="embed_dtype")
-        if req.continue_final_message:
-            raise RequestError("continue_final_message is not supported by this server", param="continue_final_message")
         if (req.input is None) == (req.messages is None):
             raise RequestError("give exactly one of input or messages", param="input")
         if req.messages is not None:
             check_messages(req.messages)
             ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt, None,
-                                       template_kwargs(req.chat_template_kwargs))
+                                       template_kwargs(req.chat_template_kwargs), req.continue_final_message)
             inputs = self._pooling_inputs([ids], req.truncate_prompt_tokens, "messages")
         else:
             inputs = await self._tokenized(prompt_list(req.input), req.add_special_tokens, req.truncate_prompt_tokens,
@@ -1063,7 +1061,8 @@ class Frontend:
         if req.messages is not None:
             check_messages(req.messages)
             ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
-                                       tool_dicts(req.tools) or None, template_kwargs(req.chat_template_kwargs))
+                                       tool_dicts(req.tools) or None, template_kwargs(req.chat_template_kwargs),
+                                       req.continue_final_message)
         else:
             ids = await self._off_loop(self.tokenizer.encode, req.prompt or "", req.add_special_tokens)
         # a long prompt's ids: msgspec encodes them ~20x faster than json, on the event loop

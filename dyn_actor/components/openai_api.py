@@ -108,6 +108,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the prompt ends inside the last message, which goes on
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (vLLM's field)
     include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out of the answer
 
@@ -202,6 +203,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: msgspec.Raw = NULL  # with messages: shown to the chat template, as on chat completions
 

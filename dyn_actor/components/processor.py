@@ -59,10 +59,11 @@ class Processor:
         return n
 
     def chat_prompt(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None,
-                    kwargs: dict | None = None) -> list[int]:
+                    kwargs: dict | None = None, continue_final_message: bool = False) -> list[int]:
         """The chat template applied and tokenized (slow for long conversations: call it off the loop).
         ``tools``: shown to the template (as ``tools``), as vLLM does; ``kwargs``: more variables for
-        it (the request's ``chat_template_kwargs``, checked)."""
+        it (the request's ``chat_template_kwargs``, checked); ``continue_final_message``: the prompt
+        ends inside the last message (``Tokenizer.encode_chat``)."""
         msgs = []
         for m in messages:
             d = {"role": m.role, "content": message_text(m.content)}
@@ -80,7 +81,8 @@ class Processor:
         if tools:
             extra["tools"] = tools
         try:
-            return self.tokenizer.encode_chat(template_messages(msgs), add_generation_prompt, **extra)
+            return self.tokenizer.encode_chat(template_messages(msgs), add_generation_prompt, continue_final_message,
+                                              **extra)
         except ChatTemplateError as e:
             raise RequestError(str(e), param="messages") from None
 

@@ -162,7 +162,10 @@ class LLM:
         return [ScoreOutput(sum(x * y for x, y in zip(vec[q], vec[d])), []) for q, d in pairs]
 
     def chat(
-        self, messages: list[dict], params: SamplingParams | None = None
+        self, messages: list[dict], params: SamplingParams | None = None, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> GenerationOutput:
-        ids = self.tokenizer.encode_chat(messages)
+        """One answer to ``messages`` (``continue_final_message``: the last message goes on, as in
+        vLLM's ``LLM.chat``; give ``add_generation_prompt=False`` with it)."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt, continue_final_message)
         return self.generate([ids], params)[0]

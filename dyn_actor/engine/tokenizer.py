@@ -198,11 +198,23 @@ class Tokenizer:
         except Exception as e:  # jinja errors, template-raised errors
             raise ChatTemplateError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **extra: Any) -> list[int]:
         """The rendered conversation's token ids. Special tokens come only from the template: text
-        in a message that spells one (a user typing ``</s>``) is tokenized as the text it is."""
+        in a message that spells one (a user typing ``</s>``) is tokenized as the text it is.
+
+        ``continue_final_message``: the conversation ends inside its last message, whose text the
+        model goes on with (an answer begun for it): the render, without a generation prompt, cut
+        right after that text (what transformers' ``apply_chat_template`` of that name does)."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true")
+            if not messages or not any(t.strip() for t in _texts(messages[-1].get("content"))):
+                raise ChatTemplateError("continue_final_message needs a last message with text to continue")
         if not any(self._spells_special(t) for m in messages for t in _texts(m.get("content"))):
             text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+            if continue_final_message:
+                text = _cut_after_final(text, _texts(messages[-1].get("content"))[-1])
             # the template writes the BOS itself when the model wants one
             return self.encode(text, add_special_tokens=False)
         # render with every message text replaced by a placeholder; then the template's own text is
@@ -215,6 +227,12 @@ class Tokenizer:
 
         marked = [{**m, "content": _map_texts(m.get("content"), mark)} for m in messages]
         rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **extra)
+        if continue_final_message:  # the last placeholder is the last message's last text
+            last = f"\ue000{len(originals) - 1}\ue001"
+            if last not in rendered:
+                raise ChatTemplateError("continue_final_message: the chat template does not write the last "
+                                        "message's text")
+            rendered = rendered[:rendered.rindex(last) + len(last)]
         ids: list[int] = []
         for i, piece in enumerate(_PLACEHOLDER.split(rendered)):
             if i % 2:  # a placeholder's index
@@ -236,6 +254,18 @@ class Tokenizer:
             plain.encode_special_tokens = True
             self._plain = plain
         return self._plain
+
+
+def _cut_after_final(rendered: str, final: str) -> str:
+    """``rendered`` up to the end of its last occurrence of the text ``final``, as the template
+    wrote it: with its trailing spaces where it kept them (a template may strip a message)."""
+    core = final.strip()
+    at = rendered.rfind(core)
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not write the last message's text")
+    keep = final.lstrip()
+    end = at + len(keep) if rendered[at:at + len(keep)] == keep else at + len(core)
+    return rendered[:end]
 
 
 _PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
