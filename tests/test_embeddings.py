@@ -464,3 +464,21 @@ def test_lora_embeddings(tmp_path):
             np.testing.assert_allclose(d["embedding"], w, atol=2e-5)
     finally:
         s.stop()
+
+
+def test_truncation_sides(server):
+    """truncate_prompt_tokens on a pooling model keeps an input's first tokens, as vLLM's pooling
+    runner does (``truncation_side`` "right"); "left" keeps its last ones."""
+    url = server.url + "/v1/embeddings"
+    ids = [3 + (7 * k) % 90 for k in range(30)]
+
+    def vec(body):
+        r = requests.post(url, json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["embedding"]
+
+    head, tail = vec({"input": [ids[:8]]}), vec({"input": [ids[-8:]]})
+    assert head != tail
+    assert vec({"input": [ids], "truncate_prompt_tokens": 8}) == pytest.approx(head, abs=1e-6)
+    assert vec({"input": [ids], "truncate_prompt_tokens": 8, "truncation_side": "right"}) == pytest.approx(head, abs=1e-6)
+    assert vec({"input": [ids], "truncate_prompt_tokens": 8, "truncation_side": "left"}) == pytest.approx(tail, abs=1e-6)

@@ -186,7 +186,7 @@ def test_served_score_and_rerank(server, folders):
 
 def test_served_token_limits(server, folders):
     """``max_tokens_per_query`` and ``max_tokens_per_doc`` cut each text first (the built-in tokenizer
-    has a token a character); ``truncate_prompt_tokens`` keeps each pair's last tokens; limits at or
+    has a token a character); ``truncate_prompt_tokens`` keeps each pair's first tokens; limits at or
     past the context are a 400."""
     r = requests.post(server.url + "/rerank", json={"query": QUERY, "documents": DOCS[:2], "max_tokens_per_query": 5,
                                                     "max_tokens_per_doc": 7}, timeout=60).json()

@@ -225,3 +225,35 @@ def test_continue_final_message(server, client):
     bad = requests.post(server.base_url + "/chat/completions", timeout=30,
                         json={"messages": msgs, "continue_final_message": True})
     assert bad.status_code == 400 and "add_generation_prompt" in bad.json()["error"]["message"]
+
+
+def test_truncate_prompt_tokens(server, client):
+    """vLLM's truncate_prompt_tokens on generation: the prompt's last tokens (its first with
+    truncation_side "right"), -1 the context less one; an echo gives the prompt that was read."""
+    ids = requests.post(server.url + "/tokenize", json={"prompt": "the quick brown fox jumps"},
+                        timeout=30).json()["tokens"]
+    kw = dict(model="builtin:tiny", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+
+    def completion(prompt, **extra):
+        return client.completions.create(prompt=prompt, **{**kw, "extra_body": {**kw["extra_body"], **extra}})
+
+    for side, want in ((None, ids[-5:]), ("left", ids[-5:]), ("right", ids[:5])):
+        extra = {"truncate_prompt_tokens": 5, **({"truncation_side": side} if side else {})}
+        r = completion("the quick brown fox jumps", **extra)
+        assert r.usage.prompt_tokens == 5 and r.choices[0].text == completion(want).choices[0].text, side
+    echo = client.completions.create(prompt="the quick brown fox jumps", echo=True, **{
+        **kw, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 5}}).choices[0].text
+    tail = requests.post(server.url + "/detokenize", json={"tokens": ids[-5:]}, timeout=30).json()["prompt"]
+    assert echo.startswith(tail) and not echo.startswith("the quick")
+    long = "z" * 600  # past the 512-token context: -1 keeps 511 tokens
+    r = completion(long, truncate_prompt_tokens=-1, max_tokens=1)
+    assert r.usage.prompt_tokens == 511
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": long}], **{
+        **kw, "max_tokens": 1, "extra_body": {"truncate_prompt_tokens": 40}})
+    assert chat.usage.prompt_tokens == 40
+    bad = requests.post(server.base_url + "/completions", json={"prompt": "a", "truncate_prompt_tokens": 513},
+                        timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+    bad = requests.post(server.base_url + "/completions", json={"prompt": "a", "truncation_side": "middle"},
+                        timeout=30)
+    assert bad.status_code == 400

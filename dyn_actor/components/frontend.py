@@ -48,6 +48,7 @@ from dyn_actor.components.openai_api import (
     prompt_list,
     sampling_params,
     template_kwargs,
+    truncated,
 )
 from dyn_actor.components.parsers import END_THINK, Reading, read_all, thinks_after
 from dyn_actor.components.processor import Processor
@@ -375,6 +376,7 @@ class Frontend:
                           self.tool_call_parser)
         prompt_ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt,
                                           tools, template_kwargs(req.chat_template_kwargs), req.continue_final_message)
+        prompt_ids = self._truncated_prompt(prompt_ids, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -508,6 +510,11 @@ class Frontend:
         prompts = prompt_list(req.prompt)
         prompt_ids_list = [await self._off_loop(self.processor.encode, p) if isinstance(p, str) else p
                            for p in prompts]
+        if req.truncate_prompt_tokens is not None:
+            cut = [self._truncated_prompt(ids, req) for ids in prompt_ids_list]
+            # an echo gives the prompt that was read: a cut one's tokens, decoded
+            prompts = [p if len(c) == len(ids) else c for p, ids, c in zip(prompts, prompt_ids_list, cut)]
+            prompt_ids_list = cut
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = self._default_max_tokens([len(ids) for ids in prompt_ids_list], 16)
@@ -552,10 +559,10 @@ class Frontend:
             check_messages(req.messages)
             ids = await self._off_loop(self.processor.chat_prompt, req.messages, req.add_generation_prompt, None,
                                        template_kwargs(req.chat_template_kwargs), req.continue_final_message)
-            inputs = self._pooling_inputs([ids], req.truncate_prompt_tokens, "messages")
+            inputs = self._pooling_inputs([ids], req.truncate_prompt_tokens, "messages", req.truncation_side)
         else:
             inputs = await self._tokenized(prompt_list(req.input), req.add_special_tokens, req.truncate_prompt_tokens,
-                                           "input")
+                                           "input", req.truncation_side)
         normalize = req.normalize if req.normalize is not None else req.use_activation
         params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
                                 pooling=PoolingParams(dimensions=req.dimensions, normalize=normalize))
@@ -580,7 +587,7 @@ class Frontend:
         lora = self.processor.check_model(req.model)
         self._check_pools("classify")
         inputs = await self._tokenized(prompt_list(req.input), req.add_special_tokens, req.truncate_prompt_tokens,
-                                       "input")
+                                       "input", req.truncation_side)
         params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
                                 pooling=PoolingParams(task="classify", normalize=req.use_activation))
         rid = f"classify-{uuid.uuid4().hex}"
@@ -654,7 +661,7 @@ class Frontend:
                                                    cut(d, limits[1]) if limits[1] else d) for q, d in pairs])
         if cross:
             return await self._cross_scores(pairs, req, lora)
-        return await self._similarities(pairs, req.truncate_prompt_tokens, lora)
+        return await self._similarities(pairs, req.truncate_prompt_tokens, lora, req.truncation_side)
 
     async def _cross_scores(self, pairs: list[tuple[str, str]], req: ScoreRequest | RerankRequest,
                             lora: str | None) -> tuple[list[float], int]:
@@ -670,18 +677,18 @@ class Frontend:
             ids = await self._off_loop(lambda: [pair_ids(tok, q, d, sep, template, **kwargs) for q, d in pairs])
         except ChatTemplateError as e:
             raise RequestError(str(e)) from None
-        inputs = self._pooling_inputs(ids, req.truncate_prompt_tokens, "documents")
+        inputs = self._pooling_inputs(ids, req.truncate_prompt_tokens, "documents", req.truncation_side)
         params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora,
                                 pooling=PoolingParams(task="classify", normalize=req.use_activation))
         blobs = await self._embed_all(f"score-{uuid.uuid4().hex}", inputs, params)
         return [float(_floats(b)[0]) for b in blobs], sum(map(len, inputs))
 
     async def _similarities(self, pairs: list[tuple[str, str]], truncate: int | None,
-                            lora: str | None) -> tuple[list[float], int]:
+                            lora: str | None, side: str | None) -> tuple[list[float], int]:
         """Each pair's cosine similarity, and the tokens of the pairs (a text counted in each of its
         pairs, as vLLM counts them)."""
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        inputs = await self._tokenized(texts, True, truncate, "documents")
+        inputs = await self._tokenized(texts, True, truncate, "documents", side)
         params = SamplingParams(max_tokens=1, temperature=0.0, lora_name=lora, pooling=PoolingParams(normalize=True))
         vectors = dict(zip(texts, (_floats(b) for b in await self._embed_all(f"score-{uuid.uuid4().hex}", inputs,
                                                                              params))))
@@ -709,25 +716,29 @@ class Frontend:
                                code="model_not_supported")
         return bool(self.info.labels)
 
+    def _truncated_prompt(self, ids: list[int], req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+        """A generation's prompt cut as its ``truncate_prompt_tokens`` asks (its last tokens unless
+        ``truncation_side`` is "right"; -1: the context less the one token a completion needs)."""
+        limit = self.processor.max_model_len
+        return truncated(ids, req.truncate_prompt_tokens, req.truncation_side or "left", limit, limit - 1)
+
     async def _tokenized(self, texts: list[str | list[int]], special: bool, truncate: int | None,
-                         param: str) -> list[list[int]]:
+                         param: str, side: str | None = None) -> list[list[int]]:
         """An embeddings or scoring request's inputs as checked token ids (texts tokenized off the loop)."""
         if len(texts) > MAX_EMBEDDING_INPUTS:
             raise RequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(texts)}", param=param)
         encode = self.tokenizer.encode
         ids = await self._off_loop(lambda: [encode(t, special) if isinstance(t, str) else t for t in texts])
-        return self._pooling_inputs(ids, truncate, param)
+        return self._pooling_inputs(ids, truncate, param, side)
 
-    def _pooling_inputs(self, inputs: list[list[int]], keep: int | None, param: str) -> list[list[int]]:
-        """Inputs cut to their last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``; -1: the context's
-        worth), then checked: not empty, within the context and the vocabulary (a 400 naming ``param``)."""
+    def _pooling_inputs(self, inputs: list[list[int]], keep: int | None, param: str,
+                        side: str | None = None) -> list[list[int]]:
+        """Inputs cut to ``keep`` tokens (vLLM's ``truncate_prompt_tokens``; -1: the context's worth):
+        their first ones, or their last with ``side`` "left" (vLLM's ``truncation_side``; a pooling
+        model's default is "right"), then checked: not empty, within the context and the vocabulary
+        (a 400 naming ``param``)."""
         limit = self.processor.max_model_len
-        if keep is not None:
-            keep = limit if keep == -1 else keep
-            if keep > limit:
-                raise RequestError(f"truncate_prompt_tokens ({keep}) exceeds the context length ({limit})",
-                                   param="truncate_prompt_tokens")
-            inputs = [ids[-keep:] if keep else [] for ids in inputs]
+        inputs = [truncated(ids, keep, side or "right", limit, limit) for ids in inputs]
         vocab = self.info.vocab_size
         for ids in inputs:
             if not ids:

@@ -33,6 +33,7 @@ Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1 - MAX_N)]  # + the 
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 StopString = Annotated[str, msgspec.Meta(max_length=1024)]
 MAX_STOP = 64
+Side = Literal["left", "right"]
 NULL = msgspec.Raw(b"null")  # a field given as null, or not given
 MAX_STOP_TOKEN_IDS = 1024
 MAX_ALLOWED_TOKEN_IDS = 1 << 20  # more than any vocabulary has
@@ -85,6 +86,10 @@ class _Common(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     allowed_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
+    # vLLM's: the prompt cut to this many tokens (-1: the context less one), its last ones unless
+    # truncation_side is "right"
+    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    truncation_side: Side | None = None
     bad_words: Annotated[list[StopString], msgspec.Meta(max_length=MAX_BAD_WORDS)] = []
     # structured outputs (``parse_structured``): OpenAI's response_format, vLLM's guided_* and
     # structured_outputs; checked by hand for messages that name the field
@@ -136,6 +141,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     dimensions: Annotated[int, msgspec.Meta(ge=1, le=I32)] | None = None
     user: str | None = None
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    truncation_side: Side | None = None  # which end truncate_prompt_tokens keeps: "right" (default) the start
     add_special_tokens: bool = True
     add_generation_prompt: bool = False
     continue_final_message: bool = False
@@ -155,6 +161,7 @@ class _ScoringRequest(msgspec.Struct, kw_only=True):
 
     model: Name | None = None
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    truncation_side: Side | None = None  # which end truncate_prompt_tokens keeps: "right" (default) the start
     # each query, each document cut to this many tokens first (0: not cut)
     max_tokens_per_query: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
     max_tokens_per_doc: Annotated[int, msgspec.Meta(ge=0, le=I32)] = 0
@@ -184,6 +191,7 @@ class ClassificationRequest(msgspec.Struct, kw_only=True):
     input: str | list[TokenId | str | list[TokenId]]
     model: Name | None = None
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
+    truncation_side: Side | None = None  # which end truncate_prompt_tokens keeps: "right" (default) the start
     add_special_tokens: bool = True
     use_activation: bool | None = None
     user: str | None = None
@@ -468,6 +476,21 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None, 
         return sp.validate()
     except ValueError as e:
         raise RequestError(str(e)) from None
+
+
+def truncated(ids: list[int], keep: int | None, side: str, limit: int, most: int) -> list[int]:
+    """``ids`` cut to ``keep`` tokens (vLLM's ``truncate_prompt_tokens``: None keeps them all, -1
+    means ``most``): the first ones (``side`` "right") or the last ("left"). A 400 where ``keep``
+    is past the context length ``limit``."""
+    if keep is None:
+        return ids
+    if keep > limit:
+        raise RequestError(f"truncate_prompt_tokens ({keep}) exceeds the context length ({limit})",
+                           param="truncate_prompt_tokens")
+    keep = most if keep == -1 else keep
+    if keep >= len(ids):
+        return ids
+    return ids[len(ids) - keep:] if side == "left" else ids[:keep]
 
 
 FinishReason = Literal["stop", "length", "abort"]
