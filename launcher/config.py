@@ -85,6 +85,7 @@ class LaunchConfig:
     pooler_config: str | None = None  # a JSON object (a YAML mapping is written as one)
     hf_overrides: str | None = None  # a JSON object set over the model's config.json
     convert: str = "auto"
+    quantization: str | None = None  # vLLM's -q: checked against the checkpoint's own method
 
 
 class _FileParser(argparse.ArgumentParser):
@@ -185,6 +186,11 @@ def build_parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -
                     help="adapt the model (vLLM's flag): embed serves a causal LM's embeddings (--runner pooling), "
                          "classify reads a causal LM's folder as its *ForSequenceClassification (its head from "
                          "score.weight, or from classifier_from_token in --hf-overrides)")
+    ap.add_argument("-q", "--quantization", default=None, metavar="METHOD",
+                    help="vLLM's flag: the checkpoint's quantization method, which is read from the checkpoint "
+                         "anyway; the native engine runs gptq and awq (gptq_marlin, awq_marlin: the same), and "
+                         "the server refuses to start where the checkpoint's method is another. With --engine vllm "
+                         "it goes to vLLM")
     ap.add_argument("--hf-overrides", default=None, metavar="JSON",
                     help="keys set over the model's config.json (vLLM's flag), e.g. an original Qwen3-Reranker "
                          "served as a reranker: '{\"architectures\": [\"Qwen3ForSequenceClassification\"], "
@@ -401,6 +407,7 @@ def validate(cfg: LaunchConfig) -> None:
     if cfg.hf_overrides is not None:
         cfg.hf_overrides = json.dumps(hf_overrides(cfg))
     check_runner(cfg)
+    check_quantization(cfg)
     if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(TOOL_PARSERS) + ")")
     if cfg.generation_config not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(cfg.generation_config)):
@@ -442,6 +449,39 @@ def check_runner(cfg: LaunchConfig) -> None:
         raise ConfigError("embeddings (--runner pooling) with --engine vllm are served in the agg topology only")
     if cfg.pooler_config is not None and cfg.runner == "generate":
         raise ConfigError("--pooler-config applies to --runner pooling")
+
+
+NATIVE_QUANTIZATION = {"gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq"}
+
+
+def check_quantization(cfg: LaunchConfig) -> None:
+    """``--quantization`` against the checkpoint's own method (its config read, no weights): the
+    native engine takes gptq and awq (and vLLM's marlin names for them) where the checkpoint is
+    one; ``--engine vllm`` gets the flag as its engine argument."""
+    if cfg.quantization is None:
+        return
+    q = cfg.quantization.strip().lower()
+    if cfg.engine == "vllm":
+        cfg.vllm_args = [f"quantization={q}", *cfg.vllm_args]
+        return
+    want = NATIVE_QUANTIZATION.get(q)
+    if want is None:
+        raise ConfigError(f"--quantization {cfg.quantization}: the native engine runs "
+                          f"{', '.join(NATIVE_QUANTIZATION)} checkpoints (or serve it with --engine vllm)")
+    from dyn_actor.engine.model_config import ModelLoadError, quantization_section
+
+    have = None
+    folder = Path(os.path.expanduser(cfg.model))
+    if (folder / "config.json").is_file():
+        try:
+            hf = {**json.loads((folder / "config.json").read_text()), **(hf_overrides(cfg) or {})}
+            section = quantization_section(folder, hf)
+        except (ValueError, ModelLoadError) as e:
+            raise ConfigError(f"--quantization: {e}".splitlines()[0]) from None
+        have = None if section is None else str(section.get("quant_method", "")).lower() or "unknown"
+    if have != want:
+        raise ConfigError(f"--quantization {cfg.quantization}: the checkpoint {cfg.model} is "
+                          f"{'not quantized' if have is None else f'quantized with {have}'}")
 
 
 def check_lora(cfg: LaunchConfig) -> None:

@@ -184,3 +184,23 @@ def test_an_older_gptq_export_with_quantize_config_json(src, tmp_path):
     w = loaded.weights["model.layers.2.self_attn.o_proj.weight"]
     assert isinstance(w, QuantWeight)
     assert torch.equal(w.dequantize(torch.float32), dense.weights["model.layers.2.self_attn.o_proj.weight"])
+    from launcher.config import parse_args
+
+    assert parse_args(["--model", str(q_dir), "--quantization", "gptq_marlin"]).quantization == "gptq_marlin"
+
+
+def test_the_quantization_flag_is_checked_against_the_checkpoint(src, tmp_path):
+    """vLLM's ``--quantization`` (``-q``): the method is the checkpoint's own; a flag that names it
+    (or vLLM's marlin name for it) starts, one that does not, or names a method the native engine
+    does not run, is a one-line error before anything starts."""
+    from launcher.config import ConfigError, parse_args
+
+    gptq, dense = write_quantized_checkpoint(src, tmp_path / "g", "gptq", 32)
+    awq, _ = write_quantized_checkpoint(src, tmp_path / "a", "awq", 128)
+    for folder, flag in ((gptq, "gptq"), (gptq, "GPTQ_Marlin"), (awq, "awq"), (awq, "awq_marlin")):
+        assert parse_args(["--model", str(folder), "-q", flag]).quantization == flag
+    for folder, flag, says in ((gptq, "awq", "quantized with gptq"), (dense, "gptq", "is not quantized"),
+                               ("builtin:tiny", "awq", "is not quantized"), (gptq, "fp8", "native engine runs")):
+        with pytest.raises(ConfigError, match=says) as e:
+            parse_args(["--model", str(folder), "--quantization", flag])
+        assert "\n" not in str(e.value)

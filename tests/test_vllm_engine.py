@@ -536,3 +536,9 @@ def test_four_bit_checkpoints_give_vllms_greedy_tokens(tmp_path, method):
             logits = native.score([p + w[:j]])[0][-1].float()
             assert logits[g[j]] - logits[w[j]] < 0.1, (j, g, w)
     assert same >= len(PROMPTS) * 10 // 2  # most of them agree outright (10 tokens of 4 prompts)
+    # vLLM's --quantization reaches its engine (the flag naming the checkpoint's method: vLLM checks it)
+    from dyn_actor.components.vllm_worker import engine_args
+    from launcher.config import parse_args
+
+    cfg = parse_args(["--engine", "vllm", "--model", str(q_dir), "-q", method])
+    assert engine_args(str(q_dir), "bfloat16", 512, True, 0.1, cfg.vllm_args).quantization == method

@@ -47,6 +47,25 @@ class ModelLoadError(ValueError):
     """A model folder cannot be served; the message says what is wrong."""
 
 
+def quantization_section(folder: Any, hf: dict) -> dict | None:
+    """A checkpoint's quantization settings as written (config.json's ``quantization_config``, or an
+    older GPTQ export's ``quantize_config.json`` in ``folder``, a ``Path`` or None), ``quant_method``
+    always set; None for an unquantized checkpoint. Read without torch (the launcher checks flags)."""
+    import json
+
+    q = hf.get("quantization_config")
+    if q is None and folder is not None and (folder / "quantize_config.json").is_file():
+        try:
+            q = json.loads((folder / "quantize_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{folder / 'quantize_config.json'}: {e}".splitlines()[0]) from None
+        if isinstance(q, dict):
+            q.setdefault("quant_method", "gptq")
+    if q is not None and not isinstance(q, dict):
+        raise ModelLoadError("quantization_config must be an object")
+    return q
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str

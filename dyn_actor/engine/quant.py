@@ -26,13 +26,12 @@ memory saving).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dyn_actor.engine.model_config import ModelLoadError
+from dyn_actor.engine.model_config import ModelLoadError, quantization_section
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output column _AWQ_ORDER[j]
 
@@ -50,17 +49,9 @@ def quant_config(folder: Path | None, hf: dict) -> QuantConfig | None:
     """The checkpoint's quantization (config.json's ``quantization_config``, or an older GPTQ
     export's ``quantize_config.json``); None for an unquantized one. ``ModelLoadError`` for a method
     or variant this engine does not run, naming what it does."""
-    q = hf.get("quantization_config")
-    if q is None and folder is not None and (folder / "quantize_config.json").is_file():
-        try:
-            q = json.loads((folder / "quantize_config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{folder / 'quantize_config.json'}: {e}".splitlines()[0]) from None
-        q.setdefault("quant_method", "gptq")
+    q = quantization_section(folder, hf)
     if q is None:
         return None
-    if not isinstance(q, dict):
-        raise ModelLoadError("quantization_config must be an object")
     method = str(q.get("quant_method", "")).lower()
     bits = q.get("bits", q.get("w_bit"))
     group = q.get("group_size", q.get("q_group_size", -1))
