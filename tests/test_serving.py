@@ -257,3 +257,26 @@ def test_truncate_prompt_tokens(server, client):
     bad = requests.post(server.base_url + "/completions", json={"prompt": "a", "truncation_side": "middle"},
                         timeout=30)
     assert bad.status_code == 400
+
+
+def test_return_tokens_as_token_ids(server, client):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token ``token_id:N`` (the sampled ones and
+    the alternatives; chat and completions, whole and streamed, and the echoed prompt)."""
+    kw = dict(model="builtin:tiny", prompt="Once upon", max_tokens=5, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0]
+    r = client.completions.create(**kw, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in r.logprobs.tokens]
+    assert r.text == plain.text and all(t.startswith("token_id:") for t in r.logprobs.tokens)
+    assert requests.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"] == plain.text
+    assert all(k.startswith("token_id:") for top in r.logprobs.top_logprobs for k in top)
+    assert r.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    echo = client.completions.create(**kw, echo=True, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    prompt_ids = requests.post(server.url + "/tokenize", json={"prompt": "Once upon"}, timeout=30).json()["tokens"]
+    assert echo.logprobs.tokens == [f"token_id:{t}" for t in prompt_ids + ids]
+    chat = dict(model="builtin:tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                logprobs=True, top_logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [e for ch in client.chat.completions.create(**chat, stream=True) if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole] and len(whole) == 4
+    assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:") for e in whole)

@@ -354,7 +354,7 @@ class Frontend:
         return await self._respond(request, rid, "chat", job.prompt_ids, job.params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage),
                                    show_prompt_logprobs=req.prompt_logprobs is not None,
-                                   tools=job.plan, reading=job.reading)
+                                   tools=job.plan, reading=job.reading, token_ids_as_text=req.return_tokens_as_token_ids)
 
     def _check_generates(self) -> None:
         if self.info.runner == "pooling":
@@ -541,7 +541,7 @@ class Frontend:
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage), echo,
-                                   req.prompt_logprobs is not None)
+                                   req.prompt_logprobs is not None, token_ids_as_text=req.return_tokens_as_token_ids)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """``/v1/embeddings``: each input pooled into one vector by a worker of a ``--runner pooling``
@@ -765,17 +765,22 @@ class Frontend:
         return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs))))
 
     async def _respond(self, request, rid, kind, prompt_ids, params, stream, include_usage, echo=None,
-                       show_prompt_logprobs=False, tools: ToolPlan | None = None, reading: Reading | None = None):
+                       show_prompt_logprobs=False, tools: ToolPlan | None = None, reading: Reading | None = None,
+                       token_ids_as_text: bool = False):
+        """``token_ids_as_text``: logprobs name tokens ``token_id:N`` (vLLM's return_tokens_as_token_ids)."""
+        proc = self.processor.naming_token_ids() if token_ids_as_text else self.processor
         batches = prompt_ids if kind == "text" else [prompt_ids]
         jobs = [(pi * len(params) + i, ids, p) for pi, ids in enumerate(batches) for i, p in enumerate(params)]
         if echo is not None:  # the prompt's text of each job
             echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
-            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading)
-        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading)
+            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading, proc)
+        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading, proc)
 
     async def _full_response(self, rid, kind, jobs, echo: Echo | None = None, show_prompt_logprobs: bool = False,
-                             tools: ToolPlan | None = None, reading: Reading | None = None) -> web.Response:
+                             tools: ToolPlan | None = None, reading: Reading | None = None,
+                             proc: Processor | None = None) -> web.Response:
+        proc = proc or self.processor  # formats the logprobs
         async def collect(index, ids, p):
             text, toks, lps, reason, stop_reason, cached, plps = "", [], [], None, None, 0, None
             async for c in self.generate(f"{rid}-{index}", ids, p):
@@ -798,17 +803,17 @@ class Frontend:
             if kind == "chat":
                 message, reason = self._chat_message(text, reason, tools, reading)
                 choices.append(R.ChatChoice(index, message,
-                                            self.processor.chat_logprobs(lps) if p.logprobs is not None else None,
+                                            proc.chat_logprobs(lps) if p.logprobs is not None else None,
                                             reason, stop_reason))
                 continue
             lp = None
             if p.logprobs is not None:
-                lp = self.processor.text_logprobs(lps) if echo is None else \
-                    self.processor.echo_logprobs(ids, plps or [None] * len(ids), lps)
+                lp = proc.text_logprobs(lps) if echo is None else \
+                    proc.echo_logprobs(ids, plps or [None] * len(ids), lps)
             choice = R.CompletionChoice(index, text if echo is None else echo.texts[index] + text, lp, reason,
                                         stop_reason)
             if show_prompt_logprobs:
-                choice.prompt_logprobs = self.processor.prompt_logprobs(ids, plps or [None] * len(ids))
+                choice.prompt_logprobs = proc.prompt_logprobs(ids, plps or [None] * len(ids))
             choices.append(choice)
         prompt_tokens = sum(len(ids) for ids in {tuple(j[1]) for j in jobs}) if kind == "text" else len(jobs[0][1])
         usage = R.usage(prompt_tokens, sum(len(r[3]) for r in results), results[0][7])
@@ -816,7 +821,7 @@ class Frontend:
         body = R.CompletionResponse(rid, obj, int(time.time()), jobs[0][2].lora_name or self.model_name, choices,
                                     usage)
         if kind == "chat" and show_prompt_logprobs:
-            body.prompt_logprobs = self.processor.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
+            body.prompt_logprobs = proc.prompt_logprobs(jobs[0][1], results[0][8] or [None] * len(jobs[0][1]))
         return _json(body)
 
     @staticmethod
@@ -845,7 +850,8 @@ class Frontend:
         return R.ChatMessage("assistant", (text or None) if reading is not None else text, R.UNSET, reasoning), reason
 
     async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None,
-                               tools: ToolPlan | None = None, reading: Reading | None = None) -> web.StreamResponse:
+                               tools: ToolPlan | None = None, reading: Reading | None = None,
+                               proc: Processor | None = None) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
         stats = {"completion": 0, "cached": 0}
 
@@ -860,7 +866,8 @@ class Frontend:
 
         tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
         try:  # however this ends (the client left before the first token, too), the requests end with it
-            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools, reading)
+            return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools, reading,
+                                         proc or self.processor)
         except ConnectionResetError:  # the client went away mid-write: nobody to answer
             return stats.get("resp") or web.Response(status=499)
         finally:
@@ -869,7 +876,8 @@ class Frontend:
 
     async def _write_sse(self, request, rid, kind, jobs, include_usage, queue: asyncio.Queue,
                          stats: dict, echo: Echo | None = None, tools: ToolPlan | None = None,
-                         reading: Reading | None = None) -> web.StreamResponse:
+                         reading: Reading | None = None, proc: Processor | None = None) -> web.StreamResponse:
+        proc = proc or self.processor  # formats the logprobs
         # errors before the first byte (no worker, bad input caught by the engine) become normal responses
         first_item = await queue.get()
         if isinstance(first_item[2], BaseException):
@@ -928,7 +936,7 @@ class Frontend:
                     ids = jobs[index][1]
                     lp = None
                     if p.logprobs is not None:
-                        lp = self.processor.echo_logprobs(ids, c.prompt_logprobs or [None] * len(ids), [])
+                        lp = proc.echo_logprobs(ids, c.prompt_logprobs or [None] * len(ids), [])
                     send(R.Chunk(rid, obj, created, model, [R.CompletionChunkChoice(
                         index, echo.texts[index], lp, "length" if echo.prompt_only else None)]))
                 if echo is not None and echo.prompt_only:
@@ -939,7 +947,7 @@ class Frontend:
                 if c.token_ids or c.text or c.finished:  # one chunk per token, with or without text
                     lp = None
                     if p.logprobs is not None and c.logprobs:
-                        lp = self.processor.chat_logprobs(c.logprobs) if kind == "chat" else self.processor.text_logprobs(c.logprobs)
+                        lp = proc.chat_logprobs(c.logprobs) if kind == "chat" else proc.text_logprobs(c.logprobs)
                     reason = c.finish_reason if c.finished else None
                     stop_reason = c.stop_reason if c.finished else R.UNSET
                     if kind == "chat" and (reading is not None or tools is not None):

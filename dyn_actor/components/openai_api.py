@@ -90,6 +90,7 @@ class _Common(msgspec.Struct, kw_only=True):
     # truncation_side is "right"
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
     truncation_side: Side | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens token_id:N
     bad_words: Annotated[list[StopString], msgspec.Meta(max_length=MAX_BAD_WORDS)] = []
     # structured outputs (``parse_structured``): OpenAI's response_format, vLLM's guided_* and
     # structured_outputs; checked by hand for messages that name the field

@@ -5,6 +5,8 @@ OpenAI shapes of logprobs."""
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
 
 from dyn_actor.components.openai_api import RequestError, message_text
@@ -111,6 +113,13 @@ class Processor:
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def naming_token_ids(self) -> Processor:
+        """This processor with its logprobs naming each token ``token_id:N`` instead of its text
+        (vLLM's ``return_tokens_as_token_ids``: the ids of tokens that are no text of their own)."""
+        view = copy.copy(self)
+        view.token_str = lambda token_id: f"token_id:{token_id}"  # type: ignore[method-assign]
+        return view
 
     def chat_logprobs(self, lps: list[Logprobs]) -> dict:
         content = []
