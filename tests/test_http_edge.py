@@ -25,6 +25,7 @@ ROUTES = [
     ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [5, 6]}),
     ("GET", "/v1/router/state", None), ("GET", "/v1/disagg/policy", None),
     ("POST", "/v1/disagg/policy", {"max_local_prefill_length": 7}),
+    ("GET", "/load", None), ("GET", "/v1/models/builtin:tiny", None),
 ]
 
 
@@ -37,7 +38,7 @@ def keyed(tmp_path_factory):
     s.stop()
 
 
-def test_every_route_but_health_and_metrics_needs_the_key(keyed: Server):
+def test_every_route_but_health_ping_and_metrics_needs_the_key(keyed: Server):
     for method, route, body in ROUTES:
         r = requests.request(method, keyed.url + route, json=body, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (route, r.text)
@@ -48,6 +49,7 @@ def test_every_route_but_health_and_metrics_needs_the_key(keyed: Server):
     health = requests.get(keyed.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["devices"] == {"decode-0": "cpu"}
     assert requests.get(keyed.url + "/metrics", timeout=10).status_code == 200
+    assert requests.post(keyed.url + "/ping", timeout=10).status_code == 200  # a load balancer's check, no key
     # the key came from a file: it is in no process's command line
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert KEY not in ps

@@ -280,3 +280,16 @@ def test_return_tokens_as_token_ids(server, client):
                 for e in ch.choices[0].logprobs.content]
     assert [e.token for e in streamed] == [e.token for e in whole] and len(whole) == 4
     assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:") for e in whole)
+
+
+def test_ping_load_and_one_model(server, client):
+    """vLLM's /ping (GET and POST, /health's answer) and /load (requests in flight), and OpenAI's
+    GET /v1/models/{model} (the openai client's models.retrieve; a 404 for a name not served)."""
+    for method in ("get", "post"):
+        r = getattr(requests, method)(server.url + "/ping", timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert requests.get(server.url + "/load", timeout=10).json() == {"server_load": 0}
+    card = client.models.retrieve("builtin:tiny")
+    assert card.id == "builtin:tiny" and card.object == "model"
+    r = requests.get(server.base_url + "/models/gpt-4", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

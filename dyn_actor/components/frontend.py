@@ -168,7 +168,11 @@ class Frontend:
         for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
             app.router.add_post(path, self.rerank)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_get("/load", self.load)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/ping", self.ping)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/tokenize", self.tokenize)
@@ -987,19 +991,36 @@ class Frontend:
         await flush()
         return resp
 
+    def _model_cards(self) -> list[dict]:
+        """The base model, then each LoRA adapter (its folder as root, the base model as parent), as
+        vLLM lists them."""
+        return [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyn-actor",
+                 "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}, *({
+                     "id": name, "object": "model", "created": self.created, "owned_by": "dyn-actor", "root": path,
+                     "parent": self.model_name, "max_model_len": self.info.max_model_len}
+                     for name, path in self.info.lora_modules.items())]
+
     async def models(self, request: web.Request) -> web.Response:
-        # the base model, then each LoRA adapter (its folder as root, the base model as parent), as vLLM lists them
-        return web.json_response({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "dyn-actor",
-            "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}, *({
-                "id": name, "object": "model", "created": self.created, "owned_by": "dyn-actor", "root": path,
-                "parent": self.model_name, "max_model_len": self.info.max_model_len}
-                for name, path in self.info.lora_modules.items())]})
+        return web.json_response({"object": "list", "data": self._model_cards()})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}`` (OpenAI's retrieve): one model's card; a 404 for another name."""
+        name = request.match_info["model"]
+        self.processor.check_model(name)
+        return web.json_response(next(c for c in self._model_cards() if c["id"] == name))
+
+    async def load(self, request: web.Request) -> web.Response:
+        """vLLM's ``GET /load``: the requests this frontend has in flight."""
+        return web.json_response({"server_load": self._in_flight})
 
     async def version(self, request: web.Request) -> web.Response:
         from dyn_actor import __version__
 
         return web.json_response({"version": __version__})
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """vLLM's ``/ping`` (GET or POST; SageMaker's health check): /health's answer."""
+        return await self.health(request)
 
     async def health(self, request: web.Request) -> web.Response:
         if self.draining:

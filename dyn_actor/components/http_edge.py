@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-OPEN_ROUTES = frozenset({"/health", "/version"})
+OPEN_ROUTES = frozenset({"/health", "/ping", "/version"})
 
 
 def is_loopback(host: str) -> bool:
@@ -110,7 +110,7 @@ class EdgePolicy:
         if not self.key_ok(request):
             return 401, "invalid or missing API key", "authentication_error", "invalid_api_key"
         if request.method == "POST":
-            if request.content_type != "application/json":
+            if request.body_exists and request.content_type != "application/json":  # (an empty POST /ping)
                 return 415, "the body must be JSON, sent as Content-Type: application/json", \
                     "invalid_request_error", "unsupported_media_type"
             if request.content_length is not None and request.content_length > self.max_request_bytes:
