@@ -18,7 +18,9 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A constraint on the output's text (vLLM's ``structured_outputs``), exactly one of: ``json``, a
     JSON schema as JSON text; ``json_object``, any JSON object; ``regex``; ``choice``, one of these
     strings; ``grammar``, a grammar in EBNF (xgrammar's GBNF-like dialect, ``root ::= ...`` its start rule)
-    or in Lark (``start: ...``).
+    or in Lark (``start: ...``); ``structural_tag``, vLLM's structural tag as JSON text (free text in
+    which each trigger opens a tagged part held to its schema: ``{"structures": [{"begin", "schema",
+    "end"}], "triggers": [...]}``, or xgrammar's ``{"format": {...}}``).
     The engine masks each step's logits to the tokens that keep the text inside it, and the request
     ends once the text is complete and nothing may follow."""
 
@@ -27,6 +29,7 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
     # JSON (json, json_object) without whitespace between its tokens; by default any is allowed
     disable_any_whitespace: bool = False
     # token ids that the constraint starts after (a reasoning model's end of thinking, "</think>"):
@@ -34,14 +37,14 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     start_after: list[int] = []
 
     def _given(self) -> list[str]:
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
         return given + ["json_object"] if self.json_object else given
 
     def validate(self) -> StructuredOutput:
         given = self._given()
         if len(given) != 1:
-            raise ValueError("a structured output takes exactly one of json, json_object, regex, choice and "
-                             f"grammar, got {', '.join(given) or 'none'}")
+            raise ValueError("a structured output takes exactly one of json, json_object, regex, choice, grammar "
+                             f"and structural_tag, got {', '.join(given) or 'none'}")
         if self.choice is not None:
             if not self.choice:
                 raise ValueError("choice must list at least one string")

@@ -50,6 +50,11 @@ SPECS = {
              lambda t: re.fullmatch(r"\((\d|[1-9]\d)(,(\d|[1-9]\d))?\)", t)),
     "lark": (StructuredOutput(grammar='start: "<" WORD ">"\nWORD: /[a-z]{1,6}/'),
              lambda t: re.fullmatch(r"<[a-z]{1,6}>", t)),
+    # vLLM's structural tag in xgrammar's format: one tagged part, its content held to the schema
+    # (JSON inside a structural tag takes any run of whitespace, as in vLLM: a random model may not end it)
+    "structural-tag": (StructuredOutput(structural_tag=json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<r>", "content": {"type": "regex", "pattern": r"[a-z]{2,5}-\d{3}"}, "end": "</r>"}})),
+        lambda t: re.fullmatch(r"<r>[a-z]{2,5}-\d{3}</r>", t)),
 }
 
 
@@ -306,3 +311,26 @@ def test_the_engine_thread_wakes_when_a_grammar_is_compiled(monkeypatch):
         assert out.finish_reason == "stop"
     finally:
         e.close()
+
+
+def test_structural_tag_with_triggers_holds_each_tagged_part(engine):
+    """vLLM's older structural tag: free text, in which each trigger ("<") opens a part that must be
+    begin + a document of the schema + end. The free text is drawn with "<" made likely, so parts
+    open; every "<" of the output opens a whole part (the last may be cut by max_tokens)."""
+    tag = {"type": "structural_tag", "triggers": ["<"],
+           "structures": [{"begin": "<f>", "schema": {"enum": COLORS}, "end": "</f>"}]}
+    spec = StructuredOutput(structural_tag=json.dumps(tag))
+    lt = engine.tokenizer.encode("<", add_special_tokens=False)[0]
+    prompt = engine.tokenizer.encode("Answer: ")
+    reqs = {f"s{seed}": (prompt, SamplingParams(max_tokens=300, temperature=1.0, seed=seed, structured=spec,
+                                                logit_bias={lt: 3.0}, ignore_eos=True)) for seed in range(4)}
+    whole = re.compile(r'<f>"(?:red|green|blue)"</f>')
+    parts = 0
+    for rid, (toks, _, _) in run_all(engine, reqs).items():
+        text = _text(engine, toks)
+        parts += len(whole.findall(text))
+        rest = whole.sub("", text)
+        if "<" in rest:  # only a part that max_tokens cut, at the very end
+            tail = rest[rest.index("<"):]
+            assert text.endswith(tail) and any(f'<f>"{c}"</f>'.startswith(tail) for c in COLORS), (rid, text)
+    assert parts >= 2

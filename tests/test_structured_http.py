@@ -101,6 +101,33 @@ def test_completions_streamed_with_several_choices(server):
     assert reasons == ["stop"] * 3
 
 
+def test_structural_tags(server):
+    """vLLM's structural tag, as response_format (xgrammar's format) and as structured_outputs'
+    JSON text (the older structures and triggers); in 1p1d the prefill worker draws the first token
+    under it. A tag of the wrong shape, or one that does not compile, is a 400."""
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<r>",
+                                                "content": {"type": "regex", "pattern": "[a-z]{2,5}-[0-9]{3}"},
+                                                "end": "</r>"}}
+    for seed in range(3):
+        r = requests.post(server.base_url + "/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": f"code {seed}"}], "max_tokens": 40, "temperature": 1.0,
+            "seed": seed, "response_format": tag})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert re.fullmatch(r"<r>[a-z]{2,5}-[0-9]{3}</r>", choice["message"]["content"]), choice
+        assert choice["finish_reason"] == "stop"
+    older = {"structures": [{"begin": "<c>", "schema": {"enum": COLORS}, "end": "</c>"}], "triggers": ["<c"]}
+    r = requests.post(server.base_url + "/completions", timeout=60, json={
+        "prompt": "Pick:", "max_tokens": 30, "temperature": 0, "structured_outputs": {"structural_tag": json.dumps(older)}})
+    assert r.status_code == 200, r.text
+    for bad in ({"type": "structural_tag"}, {"type": "structural_tag", "structures": [{"begin": "<a>"}], "triggers": ["<"]},
+                {"type": "structural_tag", "structures": [{"begin": "<a>", "schema": {}, "end": "</a>"}], "triggers": []},
+                {"type": "structural_tag", "format": {"type": "no-such-format"}}):
+        r = requests.post(server.base_url + "/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "response_format": bad})
+        assert r.status_code == 400 and "structural" in r.json()["error"]["message"], (bad, r.text)
+
+
 def test_a_spec_that_does_not_compile_is_a_400_and_serving_goes_on(server):
     url = server.base_url + "/chat/completions"
     msgs = [{"role": "user", "content": "x"}]

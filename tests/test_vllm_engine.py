@@ -162,6 +162,10 @@ def test_structured_outputs_through_vllm(server):
     assert re.fullmatch(r"[a-z]{3}-[0-9]{2}", text) and reason == "stop"
     text, reason = complete(structured_outputs={"grammar": 'root ::= "(" [0-9] ("," [0-9])? ")"'})
     assert re.fullmatch(r"\([0-9](,[0-9])?\)", text) and reason == "stop"
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<r>", "end": "</r>",
+                                                "content": {"type": "regex", "pattern": "[a-z]{2,5}-[0-9]{3}"}}}
+    text, reason = complete(response_format=tag)
+    assert re.fullmatch(r"<r>[a-z]{2,5}-[0-9]{3}</r>", text) and reason == "stop", text
     # (JSON is the same field's path; vLLM 0.32's xgrammar backend lets whitespace run unbounded and
     # takes disable_any_whitespace from its server config only, so the random model may not finish one)
     r = requests.post(server.base_url + "/completions", timeout=60,

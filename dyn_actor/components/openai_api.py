@@ -292,8 +292,11 @@ def parse_structured(req: _Common) -> StructuredOutput | None:
             if not isinstance(js, dict) or "schema" not in js:
                 raise RequestError("response_format json_schema needs json_schema.schema", param="response_format")
             found.append(("response_format", StructuredOutput(json=_schema_text(js["schema"], "response_format"))))
+        elif kind == "structural_tag":
+            found.append(("response_format", StructuredOutput(structural_tag=_structural_tag(rf, "response_format"))))
         elif kind != "text":
-            raise RequestError("response_format.type must be text, json_object or json_schema", param="response_format")
+            raise RequestError("response_format.type must be text, json_object, json_schema or structural_tag",
+                               param="response_format")
     if bytes(req.guided_json) != b"null":
         found.append(("guided_json", StructuredOutput(json=_schema_text(_json_field(req.guided_json, "guided_json"),
                                                                         "guided_json"))))
@@ -328,11 +331,37 @@ def _choices(value: Any, name: str) -> list[str]:
     return value
 
 
-_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _structural_tag(value: Any, name: str) -> str:
+    """A structural tag (an object, or its JSON text, as vLLM's ``structured_outputs`` carries it)
+    checked for its shape: ``structures`` (each a ``begin``, an object ``schema`` and an ``end``) with
+    ``triggers``, or xgrammar's ``format`` object; whether it compiles is the worker's check."""
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except (msgspec.DecodeError, RecursionError):
+            raise RequestError(f"{name}: the structural tag is not valid JSON", param=name) from None
+    if not isinstance(value, dict):
+        raise RequestError(f"{name}: a structural tag is an object", param=name)
+    if "structures" in value:
+        st, trig = value.get("structures"), value.get("triggers")
+        if not isinstance(st, list) or not st or not all(
+                isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                and isinstance(s.get("schema"), dict) for s in st):
+            raise RequestError(f"{name}: a structural tag's structures must be a non-empty list of {{begin, schema, "
+                               "end}} (strings and a JSON schema object)", param=name)
+        if not isinstance(trig, list) or not trig or not all(isinstance(t, str) and t for t in trig):
+            raise RequestError(f"{name}: a structural tag's triggers must be a non-empty list of strings", param=name)
+    elif not isinstance(value.get("format"), dict):
+        raise RequestError(f"{name}: a structural tag has structures and triggers, or a format object", param=name)
+    return msgspec.json.encode(value).decode()
 
 
 def _structured_outputs(value: Any) -> StructuredOutput:
-    """vLLM's ``structured_outputs`` object: one of json, regex, choice, grammar, json_object."""
+    """vLLM's ``structured_outputs`` object: one of json, regex, choice, grammar, json_object,
+    structural_tag."""
     name = "structured_outputs"
     if not isinstance(value, dict):
         raise RequestError(f"{name} must be an object", param=name)
@@ -352,6 +381,8 @@ def _structured_outputs(value: Any) -> StructuredOutput:
             setattr(spec, key, given[key])
     if "choice" in given:
         spec.choice = _choices(given["choice"], f"{name}.choice")
+    if "structural_tag" in given:
+        spec.structural_tag = _structural_tag(given["structural_tag"], f"{name}.structural_tag")
     if "json_object" in given:
         if given["json_object"] is not True:
             raise RequestError(f"{name}.json_object must be true or false", param=name)

@@ -175,6 +175,7 @@ def vllm_sampling_params(p: SamplingParams, kv_transfer_params: dict | None = No
     so = p.structured
     structured = None if so is None else StructuredOutputsParams(
         json=so.json, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object or None,
+        structural_tag=so.structural_tag,
         disable_any_whitespace=so.disable_any_whitespace)
     return VllmParams(
         structured_outputs=structured,

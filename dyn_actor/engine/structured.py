@@ -130,10 +130,12 @@ class Grammars:
             if kind == "choice":
                 alts = " | ".join(json.dumps(s, ensure_ascii=False) for s in spec.choice or [])
                 return c.compile_grammar(f"root ::= {alts}")
+            if kind == "structural_tag":
+                return _compile_structural_tag(c, spec.structural_tag)
             if "::=" not in spec.grammar:  # Lark's rules are "name: ...", EBNF's "name ::= ..."
                 return c.compile_lark(spec.grammar)
             return c.compile_grammar(spec.grammar)
-        except RuntimeError as e:  # xgrammar's parse and conversion errors
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GrammarError(f"the structured output's {kind} does not compile: {_XGR_PREFIX.sub('', first)}") \
                 from None
@@ -162,6 +164,19 @@ class Grammars:
         bits, idx = to_device_many([bitmask.index_select(0, sel), sel], dev)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
         logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+
+
+def _compile_structural_tag(compiler: Any, text: str) -> Any:
+    """vLLM's structural tag: the older form (``structures`` of begin, schema, end, and ``triggers``)
+    through xgrammar's items, as vLLM compiles it; any other (``{"format": ...}``) as xgrammar reads it."""
+    import xgrammar as xgr
+
+    tag = json.loads(text)
+    if "structures" not in tag:
+        return compiler.compile_structural_tag(text)
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+             for s in tag["structures"]]
+    return compiler.compile_structural_tag(items, tag["triggers"])
 
 
 def _whitespace(spec: StructuredOutput) -> dict[str, Any]:
