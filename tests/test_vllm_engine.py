@@ -95,6 +95,30 @@ def test_greedy_tokens_equal_vllm_offline(server, model_dir):
     assert got == [tok.decode(w) for w in want]
 
 
+def test_beam_search_equals_vllms(server, model_dir):
+    """use_beam_search, run by our frontend over vLLM's engine: the beams of vLLM's own offline
+    ``LLM.beam_search`` on the same checkpoint, best first."""
+    from vllm import LLM
+    from vllm.sampling_params import BeamSearchParams
+
+    from dyn_actor.engine.loader import load_tokenizer
+
+    prompt = PROMPTS[2]
+    r = requests.post(server.base_url + "/completions", timeout=300, json={
+        "prompt": prompt, "max_tokens": 8, "n": 3, "temperature": 0, "ignore_eos": True, "use_beam_search": True})
+    assert r.status_code == 200, r.text
+    got = [c["text"] for c in r.json()["choices"]]
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, seed=0,
+              gpu_memory_utilization=cpu_memory_share(1.0))
+    outs = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=3, max_tokens=8,
+                                                                             ignore_eos=True))
+    want = [list(seq.tokens[len(prompt):]) for seq in outs[0].sequences]
+    del llm, outs
+    gc.collect()
+    tok = load_tokenizer(str(model_dir))
+    assert got == [tok.decode(w) for w in want]
+
+
 def test_echo_and_prompt_logprobs_equal_the_native_engines(server, model_dir):
     """Prompt scoring through vLLM (completions' echo with logprobs and max_tokens 0, as lm-eval's
     loglikelihood asks; vLLM's prompt_logprobs) gives the native engine's figures."""

@@ -26,6 +26,7 @@ from aiohttp import web
 from dyn_actor.actor import ActorDeadError, ActorError, ActorRef
 from dyn_actor.aio import wait_for
 from dyn_actor.components import responses as R
+from dyn_actor.components.beam_search import Beam, beam_search
 from dyn_actor.components.disagg_messages import Depth, DisaggPolicyState, QueueDepth, SetDisaggPolicy
 from dyn_actor.components.http_edge import EdgePolicy
 from dyn_actor.components.messages import (
@@ -42,6 +43,7 @@ from dyn_actor.components.openai_api import (
     RerankRequest,
     ScoreRequest,
     TokenizeRequest,
+    check_beam_search,
     check_messages,
     check_supported,
     decode_body,
@@ -355,6 +357,10 @@ class Frontend:
         req: ChatCompletionRequest = decode_body(await request.read(), ChatCompletionRequest)
         job = await self._prepare_chat(req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.use_beam_search:
+            check_beam_search(req, job.params)
+            return await self._beam_response(rid, "chat", [job.prompt_ids], job.params, req.length_penalty,
+                                             job.reading)
         return await self._respond(request, rid, "chat", job.prompt_ids, job.params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage),
                                    show_prompt_logprobs=req.prompt_logprobs is not None,
@@ -543,6 +549,9 @@ class Frontend:
         if len(prompt_ids_list) * req.n > 64:
             raise RequestError("at most 64 completions (prompts x n) per request", param="n")
         rid = f"cmpl-{uuid.uuid4().hex}"
+        if req.use_beam_search:
+            check_beam_search(req, params)
+            return await self._beam_response(rid, "text", prompt_ids_list, params, req.length_penalty)
         return await self._respond(request, rid, "text", prompt_ids_list, params, req.stream,
                                    bool(req.stream_options and req.stream_options.include_usage), echo,
                                    req.prompt_logprobs is not None, token_ids_as_text=req.return_tokens_as_token_ids)
@@ -780,6 +789,56 @@ class Frontend:
         if stream:
             return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading, proc)
         return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading, proc)
+
+    async def _beam_response(self, rid: str, kind: str, prompts: list[list[int]], params: list[SamplingParams],
+                             length_penalty: float, reading: Reading | None = None) -> web.Response:
+        """``use_beam_search``: each prompt's ``n`` best beams (``components/beam_search.py``), each
+        step's one-token requests routed and run like any other; answered whole, not streamed."""
+        p0 = params[0]
+        width = len(params)
+        step_params = SamplingParams(max_tokens=1, temperature=p0.temperature, logprobs=2 * width, ignore_eos=True,
+                                     lora_name=p0.lora_name)
+        eos = frozenset(self.info.eos_token_ids)
+
+        async def search(pi: int, prompt: list[int]) -> list[Beam]:
+            step = 0
+
+            async def expand(beams: list[list[int]]) -> list[list[tuple[int, float]]]:
+                nonlocal step
+                step += 1
+
+                async def one(bi: int, tokens: list[int]) -> list[tuple[int, float]]:
+                    lps = []
+                    async for c in self.generate(f"{rid}-{pi}-{step}-{bi}", prompt + tokens, step_params):
+                        lps.extend(c.logprobs)
+                    alternatives = dict(lps[0].top)
+                    alternatives.setdefault(lps[0].token_id, lps[0].logprob)  # a sampled one beyond the top
+                    return list(alternatives.items())
+
+                return list(await asyncio.gather(*(one(bi, t) for bi, t in enumerate(beams))))
+
+            room = self.processor.max_model_len - len(prompt)  # (max_tokens None: all the context leaves)
+            steps = room if p0.max_tokens is None else min(p0.max_tokens, room)
+            return await beam_search(expand, len(prompt), width, steps, eos, p0.ignore_eos, length_penalty)
+
+        results = await asyncio.gather(*(search(pi, prompt) for pi, prompt in enumerate(prompts)))
+        choices: list = []
+        completion = 0
+        for pi, beams in enumerate(results):
+            for bi, beam in enumerate(beams):
+                tokens = beam.tokens + ([beam.stop_token] if beam.finish_reason == "stop" and
+                                        p0.include_stop_str_in_output else [])
+                completion += len(tokens)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=p0.skip_special_tokens)
+                if kind == "chat":
+                    message, reason = self._chat_message(text, beam.finish_reason, None, reading)
+                    choices.append(R.ChatChoice(bi, message, None, reason))
+                else:
+                    choices.append(R.CompletionChoice(pi * width + bi, text, None, beam.finish_reason))
+        prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return _json(R.CompletionResponse(rid, obj, int(time.time()), p0.lora_name or self.model_name, choices,
+                                          R.usage(prompt_tokens, completion, 0)))
 
     async def _full_response(self, rid, kind, jobs, echo: Echo | None = None, show_prompt_logprobs: bool = False,
                              tools: ToolPlan | None = None, reading: Reading | None = None,

@@ -13,6 +13,7 @@ import msgspec
 from dyn_actor.protocol import MAX_BAD_WORDS, SamplingParams, StructuredOutput
 
 MAX_N = 16
+MAX_BEAM_WIDTH = 10  # 2 x width alternatives a step, within the 20 logprobs a request may ask
 
 
 class RequestError(ValueError):
@@ -91,6 +92,10 @@ class _Common(msgspec.Struct, kw_only=True):
     truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=-1, le=I32)] | None = None
     truncation_side: Side | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens token_id:N
+    # vLLM's beam search (components/beam_search.py): n beams; their rank divides a beam's
+    # log-probability by its length to the power length_penalty
+    use_beam_search: bool = False
+    length_penalty: Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)] = 1.0
     bad_words: Annotated[list[StopString], msgspec.Meta(max_length=MAX_BAD_WORDS)] = []
     # structured outputs (``parse_structured``): OpenAI's response_format, vLLM's guided_* and
     # structured_outputs; checked by hand for messages that name the field
@@ -226,6 +231,18 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_t
 
 
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")  # chat completions take these (components/tools.py)
+
+
+def check_beam_search(req: ChatCompletionRequest | CompletionRequest, params: list[SamplingParams]) -> None:
+    """A 400 for what beam search does not do here: stream, logprobs, echo, structured outputs or
+    forced tool calls; and for more than ``MAX_BEAM_WIDTH`` beams (``n``)."""
+    for given, name in ((req.stream, "stream"), (req.logprobs is not None and req.logprobs is not False, "logprobs"),
+                        (req.prompt_logprobs is not None, "prompt_logprobs"), (getattr(req, "echo", False), "echo"),
+                        (params[0].structured is not None, "structured outputs or forced tool calls")):
+        if given:
+            raise RequestError(f"use_beam_search does not go with {name}", param="use_beam_search")
+    if req.n > MAX_BEAM_WIDTH:
+        raise RequestError(f"use_beam_search takes n (the beam width) up to {MAX_BEAM_WIDTH}, got {req.n}", param="n")
 
 
 def check_supported(req: _Common, chat: bool = False) -> None:
