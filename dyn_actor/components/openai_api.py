@@ -281,16 +281,21 @@ def _json_field(raw: msgspec.Raw, name: str) -> Any:
         raise RequestError(f"{name} is nested too deeply", param=name) from None
 
 
+def _object(value: Any, name: str, what: str) -> dict:
+    """An object given as such or as JSON text of one; a 400 naming ``what`` it must be otherwise."""
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except (msgspec.DecodeError, RecursionError):
+            raise RequestError(f"{name} must be {what}: an object, or JSON text of one", param=name) from None
+    if not isinstance(value, dict):
+        raise RequestError(f"{name} must be {what} (an object), got {type(value).__name__}", param=name)
+    return value
+
+
 def _schema_text(schema: Any, name: str) -> str:
     """A JSON schema given as an object (or as JSON text of one), as JSON text."""
-    if isinstance(schema, str):
-        try:
-            schema = msgspec.json.decode(schema)
-        except (msgspec.DecodeError, RecursionError):
-            raise RequestError(f"{name} must be a JSON schema: an object, or JSON text of one", param=name) from None
-    if not isinstance(schema, dict):
-        raise RequestError(f"{name} must be a JSON schema (an object), got {type(schema).__name__}", param=name)
-    return msgspec.json.encode(schema).decode()
+    return msgspec.json.encode(_object(schema, name, "a JSON schema")).decode()
 
 
 def parse_structured(req: _Common) -> StructuredOutput | None:
@@ -355,13 +360,7 @@ def _structural_tag(value: Any, name: str) -> str:
     """A structural tag (an object, or its JSON text, as vLLM's ``structured_outputs`` carries it)
     checked for its shape: ``structures`` (each a ``begin``, an object ``schema`` and an ``end``) with
     ``triggers``, or xgrammar's ``format`` object; whether it compiles is the worker's check."""
-    if isinstance(value, str):
-        try:
-            value = msgspec.json.decode(value)
-        except (msgspec.DecodeError, RecursionError):
-            raise RequestError(f"{name}: the structural tag is not valid JSON", param=name) from None
-    if not isinstance(value, dict):
-        raise RequestError(f"{name}: a structural tag is an object", param=name)
+    value = _object(value, name, "a structural tag")
     if "structures" in value:
         st, trig = value.get("structures"), value.get("triggers")
         if not isinstance(st, list) or not st or not all(
