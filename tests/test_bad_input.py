@@ -207,6 +207,11 @@ def test_allowed_token_ids_and_bad_words(server):
     for choice in r.json()["choices"]:
         text = choice["message"]["content"]
         assert len(text) == 8 and set(text) <= {"x", "y"}, text
+    # constraints that leave no token: a 400 saying so, streamed or not (nothing was sent yet)
+    for stream in (False, True):
+        r = requests.post(server.base_url + "/completions", timeout=60, json={
+            **body, "stream": stream, "allowed_token_ids": ids[:1], "bad_words": ["x"]})
+        assert r.status_code == 400 and "no token is left" in r.json()["error"]["message"], r.text
 
 
 def test_wrong_method_and_path(server):

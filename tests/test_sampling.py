@@ -363,3 +363,29 @@ def test_bad_allowed_and_bad_words_are_rejected(bad):
     with pytest.raises(ValueError):
         engine.add_request("x", [0, 5, 6], SamplingParams(**bad))
     assert not engine.has_unfinished_requests()
+
+
+def test_constraints_that_leave_no_token_end_the_request_with_a_clear_error():
+    """allowed_token_ids that min_tokens, bad_words or a grammar empty: every logit is -inf, the draw
+    lands on a token the request may not have; the request ends there with an error of the client's
+    input (a 400 over HTTP), its blocks freed, the batch beside it unharmed."""
+    pytest.importorskip("xgrammar")
+    from dyn_actor.protocol import StructuredOutput
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=128))
+    eos = engine.eos_token_ids[0]
+    x = engine.tokenizer.encode("x", add_special_tokens=False)[0]
+    prompt = [0, 5, 6, 7]
+    cases = {
+        "min-tokens": SamplingParams(max_tokens=8, allowed_token_ids=[eos], min_tokens=3),
+        "bad-words": SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=[x], bad_words_ids=[[x]]),
+        "grammar": SamplingParams(max_tokens=8, allowed_token_ids=[x, 0], structured=StructuredOutput(choice=["yes"])),
+    }
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = run_all(engine, {"p": (prompt, plain)})["p"][0]
+    got = run_all(engine, {**{k: (prompt, sp) for k, sp in cases.items()}, "p": (prompt, plain)})
+    for k in cases:
+        toks, reason, outs = got[k]
+        assert reason == "error" and outs[-1].error_type == "ValueError" and "no token is left" in outs[-1].error, k
+    assert got["p"][0] == want
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()

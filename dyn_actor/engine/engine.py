@@ -173,6 +173,22 @@ class EngineStats:
     spec_accepted_tokens: int = 0
 
 
+CONFLICT = ("no token is left to draw: allowed_token_ids, bad_words and the request's other constraints "
+            "(min_tokens, a structured output) rule out every one")
+
+
+def bad_word_bans(req: Request) -> list[int]:
+    """The tokens a request's ``bad_words`` ban at its next token: each word's last, where its output
+    so far ends with the rest of the word (a one-token word: always)."""
+    out = req.output_token_ids
+    banned = []
+    for ids in req.params.bad_words_ids:
+        k = len(ids) - 1
+        if k == 0 or (k <= len(out) and out[len(out) - k:] == ids[:k]):
+            banned.append(ids[k])
+    return banned
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -657,11 +673,18 @@ class LLMEngine:
         self._hit_tokens += max(0, req.num_cached_tokens)
 
     def _emit(self, req: Request, token: int, lp: Logprobs | None) -> RequestOutput:
+        p = req.params
+        # every token masked out (its constraints leave none) draws one it may not have
+        conflict = (p.allowed_token_ids is not None or p.bad_words_ids) and (
+            token in bad_word_bans(req) or (req.allowed is not None and token not in req.allowed))
         req.append_token(token)
         self._generated += 1
         finished = req.check_stop(self.max_model_len)
         error = None
-        if req.grammar is not None and not finished:
+        if conflict:
+            req.finish_reason, finished = "error", True
+            error = CONFLICT, "ValueError"
+        elif req.grammar is not None and not finished:
             error = self._grammar_after(req)
             finished = error is not None or req.finish_reason is not None
         return self._output(req, [token], [lp] if lp is not None else None, finished, error)
@@ -703,8 +726,10 @@ class LLMEngine:
             req.finish_reason = "error"
             return str(e) or type(e).__name__, "ValueError" if isinstance(e, ValueError) else "EngineError"
         if g.broken is not None:
-            log.error("%s: token %d is outside its grammar", req.request_id, g.broken)
             req.finish_reason = "error"
+            if req.params.allowed_token_ids is not None or req.params.bad_words_ids:  # the masks left it nothing
+                return CONFLICT, "ValueError"
+            log.error("%s: token %d is outside its grammar", req.request_id, g.broken)
             return f"the sampled token {g.broken} is outside the request's grammar", "EngineError"
         if g.terminated:
             req.finish_reason, req.stop_reason = "stop", None
@@ -730,12 +755,9 @@ class LLMEngine:
             if p.allowed_token_ids is not None:
                 allowed_rows.append(i)
             if p.bad_words_ids:  # (a request with a longer one never has a token in flight: ``_can_queue``)
-                out = req.output_token_ids
-                for ids in p.bad_words_ids:
-                    k = len(ids) - 1
-                    if k == 0 or (k <= len(out) and out[len(out) - k:] == ids[:k]):
-                        rows.append(i)
-                        cols.append(ids[k])
+                banned = bad_word_bans(req)
+                rows += [i] * len(banned)
+                cols += banned
         if allowed_rows:
             self._keep_allowed(logits, allowed_rows, [samplers[i].params.allowed_token_ids for i in allowed_rows])
         if rows:

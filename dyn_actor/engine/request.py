@@ -46,6 +46,7 @@ class Request:
         "lora_root",
         "pooling",
         "pool_acc",
+        "allowed",
     )
 
     def __init__(
@@ -65,6 +66,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until known
         self.status = RequestStatus.WAITING
         self.generator: torch.Generator | None = make_generator(params.seed)
+        # allowed_token_ids as a set (a drawn token outside it means no token was left: ``engine._emit``)
+        self.allowed = None if params.allowed_token_ids is None else frozenset(params.allowed_token_ids)
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.max_tokens = max_tokens
         self.finish_reason: str | None = None
