@@ -787,8 +787,8 @@ class Frontend:
         if echo is not None:  # the prompt's text of each job
             echo.texts = [echo.texts[pi] for pi in range(len(batches)) for _ in params]
         if stream:
-            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading, proc)
-        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading, proc)
+            return await self._stream_response(request, rid, kind, jobs, include_usage, echo, tools, reading, proc=proc)
+        return await self._full_response(rid, kind, jobs, echo, show_prompt_logprobs, tools, reading, proc=proc)
 
     async def _beam_response(self, rid: str, kind: str, prompts: list[list[int]], params: list[SamplingParams],
                              length_penalty: float, reading: Reading | None = None) -> web.Response:
@@ -842,8 +842,8 @@ class Frontend:
 
     async def _full_response(self, rid, kind, jobs, echo: Echo | None = None, show_prompt_logprobs: bool = False,
                              tools: ToolPlan | None = None, reading: Reading | None = None,
-                             proc: Processor | None = None) -> web.Response:
-        proc = proc or self.processor  # formats the logprobs
+                             *, proc: Processor) -> web.Response:
+        """``proc``: the processor that formats the logprobs (``_respond`` picks it)."""
         async def collect(index, ids, p):
             text, toks, lps, reason, stop_reason, cached, plps = "", [], [], None, None, 0, None
             async for c in self.generate(f"{rid}-{index}", ids, p):
@@ -914,7 +914,7 @@ class Frontend:
 
     async def _stream_response(self, request, rid, kind, jobs, include_usage, echo: Echo | None = None,
                                tools: ToolPlan | None = None, reading: Reading | None = None,
-                               proc: Processor | None = None) -> web.StreamResponse:
+                               *, proc: Processor) -> web.StreamResponse:
         queue: asyncio.Queue = asyncio.Queue()
         stats = {"completion": 0, "cached": 0}
 
@@ -930,7 +930,7 @@ class Frontend:
         tasks = [asyncio.ensure_future(pump(*j)) for j in jobs]
         try:  # however this ends (the client left before the first token, too), the requests end with it
             return await self._write_sse(request, rid, kind, jobs, include_usage, queue, stats, echo, tools, reading,
-                                         proc or self.processor)
+                                         proc=proc)
         except ConnectionResetError:  # the client went away mid-write: nobody to answer
             return stats.get("resp") or web.Response(status=499)
         finally:
@@ -939,8 +939,7 @@ class Frontend:
 
     async def _write_sse(self, request, rid, kind, jobs, include_usage, queue: asyncio.Queue,
                          stats: dict, echo: Echo | None = None, tools: ToolPlan | None = None,
-                         reading: Reading | None = None, proc: Processor | None = None) -> web.StreamResponse:
-        proc = proc or self.processor  # formats the logprobs
+                         reading: Reading | None = None, *, proc: Processor) -> web.StreamResponse:
         # errors before the first byte (no worker, bad input caught by the engine) become normal responses
         first_item = await queue.get()
         if isinstance(first_item[2], BaseException):
